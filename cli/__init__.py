@@ -1,0 +1,1 @@
+"""The `bridge` command: a thin layer over the Python API."""

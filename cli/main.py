@@ -1,0 +1,51 @@
+"""Entry point of the `bridge` command: builds the sub-command parsers and turns BridgeError into one line."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+from bridge.errors import BridgeError
+
+#: Sub-command modules, in the order `bridge --help` lists them. Each module defines
+#: `register(subparsers)` which adds its parser(s) and sets `func=<callable(args) -> int>`.
+COMMAND_MODULES: tuple[str, ...] = (
+    "bridge.cli.convert",
+    "bridge.cli.demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bridge",
+        description="Move LLMs between Hugging Face and Megatron-style parallel training.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args) or 0)
+    except BridgeError as exc:
+        print(f"bridge {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"bridge {args.command}: interrupted; no partial output was left", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
