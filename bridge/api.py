@@ -1,0 +1,197 @@
+"""The Python API every CLI command wraps: import, export, reshard and inspect checkpoints."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig
+
+from bridge.checkpoint import HF_META_DIR, TRANSFORMER_IMPLS, CheckpointMeta, atomic_output_dir, copy_hf_meta
+from bridge.config import DTYPE_NAMES, DTYPES, ModelConfig, megatron_args
+from bridge.converters import engine
+from bridge.converters.hf import SafetensorsReader, parse_size
+from bridge.converters.megatron_legacy import LegacyCheckpointReader
+from bridge.errors import BridgeError
+from bridge.hub import resolve_source
+from bridge.layout import ParallelLayout
+from bridge.mapping import Conversion, expand
+from bridge.models import family
+
+log = logging.getLogger(__name__)
+
+
+def load_hf_config(folder: Path) -> ModelConfig:
+    """Read `config.json` (through transformers, so defaults match) into a ModelConfig."""
+    if not (folder / "config.json").is_file():
+        raise BridgeError(f"{folder} has no config.json; give an HF model folder")
+    try:
+        hf = AutoConfig.from_pretrained(folder)
+    except (ValueError, OSError, KeyError) as exc:
+        raise BridgeError(f"cannot read {folder}/config.json: {str(exc).splitlines()[0]}") from exc
+    architectures = getattr(hf, "architectures", None) or []
+    if len(architectures) != 1:
+        raise BridgeError(f"{folder}/config.json names architectures {architectures}; expected exactly one")
+    return family(architectures[0]).config_from_hf(hf)
+
+
+def conversions(cfg: ModelConfig) -> list[Conversion]:
+    return list(expand(family(cfg.architecture).rows(cfg), cfg.num_layers))
+
+
+def _dtype_name(dtype: str, default: str) -> str:
+    if dtype == "auto":
+        return default
+    if dtype not in DTYPES:
+        raise BridgeError(f"--dtype {dtype} is not one of auto, {', '.join(DTYPES)}")
+    return dtype
+
+
+def _warn_inexpressible(cfg: ModelConfig) -> None:
+    if cfg.rope_scaling and not cfg.rope_scaling.megatron_expressible:
+        log.warning("rope scaling %s cannot be expressed in Megatron-LM's args (it fixes low=1, high=4, "
+                    "original_max_position_embeddings=8192); bridge's own model stays exact, Megatron-LM would not be",
+                    cfg.rope_scaling)
+
+
+def default_out(source: str, layout: ParallelLayout) -> Path:
+    name = Path(source.rstrip("/")).name
+    return Path.cwd() / f"{name}-tp{layout.tp}-pp{layout.pp}"
+
+
+def import_hf(source: str | Path, out: str | Path | None = None, layout: ParallelLayout | None = None, *,
+              dtype: str = "auto", transformer_impl: str = "transformer_engine", revision: str | None = None,
+              token: str | None = None, overwrite: bool = False) -> Path:
+    """HF model (folder or Hub id) -> Megatron legacy checkpoint sharded for `layout`. Returns the folder."""
+    layout = layout or ParallelLayout()
+    if transformer_impl not in TRANSFORMER_IMPLS:
+        raise BridgeError(f"--transformer-impl {transformer_impl} is not one of {', '.join(TRANSFORMER_IMPLS)}")
+    folder = resolve_source(str(source), revision=revision, token=token)
+    cfg = load_hf_config(folder)
+    layout.validate(cfg)
+    _warn_inexpressible(cfg)
+    dtype_name = _dtype_name(dtype, cfg.params_dtype)
+    meta = CheckpointMeta(config=cfg, layout=layout, transformer_impl=transformer_impl, dtype=dtype_name,
+                          source={"id": str(source), "revision": revision, "path": str(folder)})
+    out_path = Path(out) if out else default_out(str(source), layout)
+    convs = conversions(cfg)
+    hf_source = engine.HFSource(SafetensorsReader(folder), cfg, convs, None if dtype == "auto" else DTYPES[dtype_name])
+    with atomic_output_dir(out_path, overwrite) as tmp:
+        sink = engine.MegatronSink(tmp, meta, lambda tp_rank, pp_rank: megatron_args(
+            cfg, padded_vocab_size=meta.padded_vocab_size, tp=layout.tp, pp=layout.pp, vpp=layout.vpp,
+            transformer_impl=transformer_impl, dtype=dtype_name, divisible_by=layout.make_vocab_size_divisible_by))
+        engine.run(hf_source, sink, len(convs), "import")
+        copy_hf_meta(folder, tmp / HF_META_DIR)
+        meta.save(tmp)
+    log.info("wrote %s (%s, %s)", out_path, layout.name, dtype_name)
+    return out_path
+
+
+@dataclass(frozen=True)
+class OpenCheckpoint:
+    """A bridge checkpoint opened for reading: metadata, lazy reader and the mapping."""
+
+    path: Path
+    meta: CheckpointMeta
+    reader: LegacyCheckpointReader
+
+    def source(self) -> engine.MegatronSource:
+        return engine.MegatronSource(self.reader, self.meta, conversions(self.meta.config))
+
+
+def open_checkpoint(path: str | Path, iteration: int | None = None) -> OpenCheckpoint:
+    root = Path(path)
+    if not root.is_dir():
+        raise BridgeError(f"no checkpoint folder {root}")
+    meta = CheckpointMeta.load(root)
+    return OpenCheckpoint(root, meta, LegacyCheckpointReader(root, meta.layout, iteration))
+
+
+def _write_hf_config(ckpt: Path, out: Path, dtype_name: str) -> None:
+    """Source config (dtype updated) plus generation config and tokenizer files from `hf_meta/`."""
+    copy_hf_meta(ckpt / HF_META_DIR, out)
+    config_path = out / "config.json"
+    config: dict[str, Any] = json.loads(config_path.read_text())
+    key = "dtype" if "dtype" in config else "torch_dtype"
+    config[key] = str(DTYPES[dtype_name]).removeprefix("torch.")
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str = "auto", max_shard_size: str = "5GB",
+              overwrite: bool = False, iteration: int | None = None) -> Path:
+    """Megatron checkpoint -> HF folder (safetensors shards + index, config, tokenizer). Returns `out`."""
+    ckpt = open_checkpoint(checkpoint, iteration)
+    dtype_name = _dtype_name(dtype, ckpt.meta.dtype)
+    cap = parse_size(max_shard_size)
+    source = ckpt.source()
+    out_path = Path(out)
+    with atomic_output_dir(out_path, overwrite) as tmp:
+        sink = engine.HFSink(tmp, ckpt.meta.config, source, None if dtype == "auto" else DTYPES[dtype_name], cap)
+        engine.run(source, sink, len(source.conversions), "export")
+        _write_hf_config(ckpt.path, tmp, dtype_name)
+    log.info("wrote %s", out_path)
+    return out_path
+
+
+def reshard(checkpoint: str | Path, out: str | Path, layout: ParallelLayout, *, transformer_impl: str | None = None,
+            dtype: str = "auto", overwrite: bool = False, iteration: int | None = None) -> Path:
+    """Megatron checkpoint -> the same model in another layout (or spec / dtype), without GPUs."""
+    ckpt = open_checkpoint(checkpoint, iteration)
+    cfg = ckpt.meta.config
+    layout.validate(cfg)
+    impl = transformer_impl or ckpt.meta.transformer_impl
+    if impl not in TRANSFORMER_IMPLS:
+        raise BridgeError(f"--transformer-impl {impl} is not one of {', '.join(TRANSFORMER_IMPLS)}")
+    dtype_name = _dtype_name(dtype, ckpt.meta.dtype)
+    meta = CheckpointMeta(config=cfg, layout=layout, transformer_impl=impl, dtype=dtype_name,
+                          source={**ckpt.meta.source, "resharded_from": str(ckpt.path)})
+    source = ckpt.source()
+    cast = None if dtype == "auto" else DTYPES[dtype_name]
+    with atomic_output_dir(Path(out), overwrite) as tmp:
+        sink = engine.MegatronSink(tmp, meta, lambda tp_rank, pp_rank: megatron_args(
+            cfg, padded_vocab_size=meta.padded_vocab_size, tp=layout.tp, pp=layout.pp, vpp=layout.vpp,
+            transformer_impl=impl, dtype=dtype_name, divisible_by=layout.make_vocab_size_divisible_by))
+        engine.run(_Cast(source, cast), sink, len(source.conversions), "reshard")
+        copy_hf_meta(ckpt.path / HF_META_DIR, tmp / HF_META_DIR)
+        meta.save(tmp)
+    return Path(out)
+
+
+class _Cast:
+    """A source wrapper that casts every tensor (reshard with --dtype)."""
+
+    def __init__(self, source: engine.Source, dtype: torch.dtype | None) -> None:
+        self.source, self.dtype = source, dtype
+
+    def tensors(self, meta: bool = False):  # noqa: ANN201
+        for conv, tensor in self.source.tensors(meta):
+            yield conv, tensor if self.dtype is None else tensor.to(self.dtype)
+
+    def finish(self) -> None:
+        self.source.finish()
+
+
+def inspect_checkpoint(checkpoint: str | Path, iteration: int | None = None) -> dict[str, Any]:
+    """A summary of a checkpoint: architecture, layout, parameter count, dtypes, files and sizes."""
+    ckpt = open_checkpoint(checkpoint, iteration)
+    params = 0
+    dtypes: set[str] = set()
+    for conv, tensor in ckpt.source().tensors(meta=True):
+        params += tensor.numel()
+        dtypes.add(DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype)))
+    files = sorted(p for p in ckpt.path.rglob("*.pt"))
+    return {
+        "path": str(ckpt.path),
+        "architecture": ckpt.meta.config.architecture,
+        "layout": ckpt.meta.layout.to_json(),
+        "transformer_impl": ckpt.meta.transformer_impl,
+        "iteration": ckpt.reader.iteration,
+        "parameters": params,
+        "dtypes": sorted(dtypes),
+        "vocab": {"original": ckpt.meta.config.vocab_size, "padded": ckpt.meta.padded_vocab_size},
+        "config": ckpt.meta.config.to_json(),
+        "files": [{"path": str(p.relative_to(ckpt.path)), "bytes": p.stat().st_size} for p in files],
+    }

@@ -1,0 +1,105 @@
+"""`bridge import | export | reshard | inspect`: checkpoint conversion commands."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from bridge import api
+from bridge.layout import ParallelLayout
+
+
+def add_layout_flags(parser: argparse.ArgumentParser) -> None:
+    """Megatron-LM's flag names, short forms first."""
+    parser.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=1, help="tensor parallel size")
+    parser.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=1, help="pipeline parallel size")
+    parser.add_argument("--vpp", "--virtual-pipeline-model-parallel-size", dest="vpp", type=int, default=None,
+                        help="virtual pipeline chunks per stage (interleaved schedule)")
+    parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                        help="pad the vocabulary to a multiple of this times TP (Megatron's default 128)")
+    parser.add_argument("--transformer-impl", choices=["transformer_engine", "local"], default=None,
+                        help="parameter names of Megatron's TE layer spec (default) or its local spec")
+
+
+def layout_from(args: argparse.Namespace) -> ParallelLayout:
+    return ParallelLayout(tp=args.tp, pp=args.pp, vpp=args.vpp, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                        help="dtype of the written weights; auto keeps the source's")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+
+def run_import(args: argparse.Namespace) -> int:
+    layout = layout_from(args)
+    out = api.import_hf(args.source, args.out, layout, dtype=args.dtype,
+                        transformer_impl=args.transformer_impl or "transformer_engine",
+                        revision=args.revision, token=args.token, overwrite=args.overwrite)
+    print(f"imported {args.source} -> {out} ({layout.name})")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    out = api.export_hf(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                        overwrite=args.overwrite, iteration=args.iteration)
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0
+
+
+def run_reshard(args: argparse.Namespace) -> int:
+    layout = layout_from(args)
+    out = api.reshard(args.checkpoint, args.out, layout, transformer_impl=args.transformer_impl,
+                      dtype=args.dtype, overwrite=args.overwrite, iteration=args.iteration)
+    print(f"resharded {args.checkpoint} -> {out} ({layout.name})")
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    info = api.inspect_checkpoint(args.checkpoint, args.iteration)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    layout = info["layout"]
+    total = sum(f["bytes"] for f in info["files"])
+    print(f"{info['path']}\n  architecture  {info['architecture']}\n"
+          f"  layout        tp={layout['tp']} pp={layout['pp']} vpp={layout['vpp']} ({info['transformer_impl']} names)\n"
+          f"  iteration     {info['iteration']}\n  parameters    {info['parameters']:,}\n"
+          f"  dtypes        {', '.join(info['dtypes'])}\n"
+          f"  vocab         {info['vocab']['original']} (padded {info['vocab']['padded']})\n"
+          f"  files         {len(info['files'])}, {total / 2**20:.1f} MiB")
+    for f in info["files"]:
+        print(f"    {f['path']}  {f['bytes'] / 2**20:.1f} MiB")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("import", help="HF model (folder or Hub id) -> sharded Megatron checkpoint")
+    p.add_argument("source", help="local HF folder or Hub id (e.g. meta-llama/Llama-3.2-1B)")
+    p.add_argument("--out", help="output folder (default: <model name>-tp{N}-pp{M})")
+    p.add_argument("--revision", help="Hub branch, tag or commit")
+    p.add_argument("--token", help="Hub token (default: HF_TOKEN or the login cache)")
+    add_layout_flags(p)
+    add_common(p)
+    p.set_defaults(func=run_import)
+
+    p = subparsers.add_parser("export", help="Megatron checkpoint -> HF folder that transformers loads")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--iteration", type=int, help="iteration to export (default: latest)")
+    add_common(p)
+    p.set_defaults(func=run_export)
+
+    p = subparsers.add_parser("reshard", help="Megatron checkpoint -> another TP/PP/VPP layout, no GPUs")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True)
+    p.add_argument("--iteration", type=int, help="iteration to read (default: latest)")
+    add_layout_flags(p)
+    add_common(p)
+    p.set_defaults(func=run_reshard)
+
+    p = subparsers.add_parser("inspect", help="architecture, layout, parameters, dtype and files of a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--iteration", type=int)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run_inspect)

@@ -1,0 +1,1 @@
+"""Checkpoint formats (HF safetensors, Megatron legacy `torch`) and the streaming conversion engine."""

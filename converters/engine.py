@@ -1,0 +1,205 @@
+"""The streaming conversion engine: a source yields global Megatron tensors one at a time, a sink takes them.
+
+HF -> Megatron is `HFSource -> MegatronSink`; export is `MegatronSource -> HFSink`; reshard is
+`MegatronSource -> MegatronSink`. Sources check accounting (every tensor consumed exactly once)
+before the first byte is written and again at the end; sinks check that every target was produced.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Callable, Iterator, Protocol, Sequence
+
+import torch
+from tqdm import tqdm
+
+from bridge.checkpoint import CheckpointMeta
+from bridge.config import ModelConfig
+from bridge.converters.hf import PlannedTensor, SafetensorsReader, StreamingSafetensorsWriter
+from bridge.converters.megatron_legacy import LegacyCheckpointReader, LegacyCheckpointWriter
+from bridge.errors import BridgeError
+from bridge.mapping import Conversion
+from bridge.sharding import TE_EXTRA_STATE_MODULES, LocalKey, gather, localize, rule_for, split
+
+log = logging.getLogger(__name__)
+
+#: HF tensors that are derived buffers, not weights: accepted in a source and not converted.
+DERIVED_HF_SUFFIXES: tuple[str, ...] = ("rotary_emb.inv_freq",)
+TIED_HF_HEAD = "lm_head.weight"
+TIED_HF_EMBEDDING = "model.embed_tokens.weight"
+
+
+def _listing(names: Sequence[str], limit: int = 12) -> str:
+    names = sorted(names)
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+class Source(Protocol):
+    def tensors(self, meta: bool = False) -> Iterator[tuple[Conversion, torch.Tensor]]: ...
+    def finish(self) -> None: ...
+
+
+class Sink(Protocol):
+    def put(self, conv: Conversion, tensor: torch.Tensor) -> None: ...
+    def close(self) -> None: ...
+
+
+class HFSource:
+    """HF safetensors -> global Megatron tensors through the family's mapping rows."""
+
+    def __init__(self, reader: SafetensorsReader, cfg: ModelConfig, conversions: Sequence[Conversion],
+                 dtype: torch.dtype | None) -> None:
+        self.reader, self.cfg, self.conversions, self.dtype = reader, cfg, conversions, dtype
+        self._check_accounting()
+
+    def _check_accounting(self) -> None:
+        needed = {name for conv in self.conversions for name in conv.hf}
+        available = {n for n in self.reader.names() if not n.endswith(DERIVED_HF_SUFFIXES)}
+        if self.cfg.tie_word_embeddings:
+            available.discard(TIED_HF_HEAD)  # checked equal to the embedding in finish()
+        missing, unexpected = needed - available, available - needed
+        if missing or unexpected:
+            parts = [f"missing {len(missing)}: {_listing(missing)}" if missing else "",
+                     f"unexpected {len(unexpected)}: {_listing(unexpected)}" if unexpected else ""]
+            raise BridgeError(f"{self.reader.folder} does not match {self.cfg.architecture}'s mapping: "
+                              + "; ".join(p for p in parts if p) + " (is config.json the one these weights belong to?)")
+
+    def tensors(self, meta: bool = False) -> Iterator[tuple[Conversion, torch.Tensor]]:
+        fetch = self.reader.meta if meta else self.reader.get
+        for conv in self.conversions:
+            tensor = conv.to_megatron([fetch(name) for name in conv.hf], self.cfg)
+            yield conv, tensor if self.dtype is None else tensor.to(self.dtype)
+
+    def finish(self) -> None:
+        if self.cfg.tie_word_embeddings and TIED_HF_HEAD in self.reader.names():
+            if not torch.equal(self.reader.get(TIED_HF_HEAD), self.reader.get(TIED_HF_EMBEDDING)):
+                raise BridgeError("config says tie_word_embeddings but lm_head.weight differs from embed_tokens; "
+                                  "set tie_word_embeddings=false in config.json")
+
+
+class MegatronSource:
+    """Megatron rank files -> global tensors: gather TP shards, map stage-local names to global layers."""
+
+    def __init__(self, reader: LegacyCheckpointReader, meta: CheckpointMeta, conversions: Sequence[Conversion]) -> None:
+        self.reader, self.meta, self.conversions = reader, meta, conversions
+        self._check_accounting()
+
+    def _local(self, key: str) -> LocalKey:
+        return localize(key, self.meta.layout, self.meta.config.num_layers, self.meta.transformer_impl)
+
+    def _check_accounting(self) -> None:
+        expected = {(k.pp_rank, k.chunk, k.name) for k in (self._local(c.megatron) for c in self.conversions)}
+        expected |= set(self._extra_keys())
+        present = {(p, c, n) for t, p, c, n in self.reader.all_keys() if t == 0}
+        missing, unexpected = expected - present, present - expected
+        if missing or unexpected:
+            fmt = lambda keys: _listing([f"pp{p}/chunk{c}:{n}" for p, c, n in keys])  # noqa: E731
+            parts = [f"missing {len(missing)}: {fmt(missing)}" if missing else "",
+                     f"unexpected {len(unexpected)}: {fmt(unexpected)}" if unexpected else ""]
+            raise BridgeError(f"{self.reader.root} does not hold what bridge.json describes: " + "; ".join(p for p in parts if p))
+
+    def _extra_keys(self) -> Iterator[tuple[int, int, str]]:
+        """Keys that carry no weights of their own: TE `_extra_state` and the tied head copy (PP > 1)."""
+        cfg, layout = self.meta.config, self.meta.layout
+        if self.meta.transformer_impl == "transformer_engine":
+            for layer in range(cfg.num_layers):
+                for module in TE_EXTRA_STATE_MODULES:
+                    k = self._local(f"decoder.layers.{layer}.{module}._extra_state")
+                    yield k.pp_rank, k.chunk, k.name
+        if cfg.tie_word_embeddings and layout.pp > 1:
+            yield layout.pp - 1, layout.chunks - 1, "output_layer.weight"
+
+    def tensors(self, meta: bool = False) -> Iterator[tuple[Conversion, torch.Tensor]]:
+        tp, vocab = self.meta.layout.tp, self.meta.config.vocab_size
+        for conv in self.conversions:
+            loc, rule = self._local(conv.megatron), rule_for(conv.megatron)
+            fetch = self.reader.meta if meta else self.reader.get
+            shards = [fetch(r, loc.pp_rank, loc.chunk, loc.name) for r in range(tp)]
+            if meta and rule.name == "REPLICATED":
+                yield conv, shards[0]
+            else:
+                yield conv, gather(shards, rule, vocab)
+
+    def finish(self) -> None:
+        for pp_rank, chunk, name in self._extra_keys():
+            for tp_rank in range(self.meta.layout.tp):
+                if name == "output_layer.weight":
+                    self._check_tied_copy(tp_rank, pp_rank, chunk)
+                self.reader.mark_consumed(tp_rank, pp_rank, chunk, name)
+        left = self.reader.unconsumed()
+        if left:
+            raise BridgeError(f"{len(left)} tensors of the checkpoint were not converted: {_listing(left)}")
+
+    def _check_tied_copy(self, tp_rank: int, pp_rank: int, chunk: int) -> None:
+        head = self.reader.get(tp_rank, pp_rank, chunk, "output_layer.weight")
+        embedding = self.reader.get(tp_rank, 0, 0, "embedding.word_embeddings.weight")
+        if not torch.equal(head, embedding):
+            raise BridgeError(f"tied embeddings: output_layer.weight on the last stage (tp rank {tp_rank}) differs from "
+                              "the embedding; the checkpoint was not kept in sync")
+
+
+class MegatronSink:
+    """Global Megatron tensors -> per-rank shards -> Megatron legacy files."""
+
+    def __init__(self, root: Path, meta: CheckpointMeta, args: Callable[[int, int], argparse.Namespace]) -> None:
+        self.meta = meta
+        self.writer = LegacyCheckpointWriter(root, meta.layout, args)
+        self._layer: int | None = None
+
+    def put(self, conv: Conversion, tensor: torch.Tensor) -> None:
+        if conv.layer != self._layer:
+            self._flush_extra_state()
+            self._layer = conv.layer
+        cfg, layout = self.meta.config, self.meta.layout
+        self._write(conv.megatron, tensor)
+        if conv.megatron == "embedding.word_embeddings.weight" and cfg.tie_word_embeddings and layout.pp > 1:
+            self._write("output_layer.weight", tensor)  # Megatron keeps a copy on the last stage
+
+    def _write(self, key: str, tensor: torch.Tensor) -> None:
+        layout = self.meta.layout
+        loc = localize(key, layout, self.meta.config.num_layers, self.meta.transformer_impl)
+        for tp_rank, shard in enumerate(split(tensor, rule_for(key), layout.tp, self.meta.padded_vocab_size)):
+            self.writer.add(tp_rank, loc.pp_rank, loc.chunk, loc.name, shard)
+
+    def _flush_extra_state(self) -> None:
+        """TE modules store `_extra_state`: an empty uint8 tensor when there is no FP8 metadata (TE 2.x)."""
+        if self._layer is None or self.meta.transformer_impl != "transformer_engine":
+            return
+        for module in TE_EXTRA_STATE_MODULES:
+            key = f"decoder.layers.{self._layer}.{module}._extra_state"
+            loc = localize(key, self.meta.layout, self.meta.config.num_layers, self.meta.transformer_impl)
+            for tp_rank in range(self.meta.layout.tp):
+                self.writer.add(tp_rank, loc.pp_rank, loc.chunk, loc.name, torch.empty(0, dtype=torch.uint8))
+
+    def close(self) -> None:
+        self._flush_extra_state()
+        self.writer.close()
+
+
+class HFSink:
+    """Global Megatron tensors -> HF tensors (inverse mapping) -> streamed safetensors shards."""
+
+    def __init__(self, folder: Path, cfg: ModelConfig, source: Source, dtype: torch.dtype | None, max_shard_size: int) -> None:
+        self.cfg, self.dtype = cfg, dtype
+        plan = [PlannedTensor(name, dtype or t.dtype, tuple(t.shape))
+                for conv, tensor in source.tensors(meta=True)
+                for name, t in zip(conv.hf, conv.to_hf(tensor, cfg))]
+        self.writer = StreamingSafetensorsWriter(folder, plan, max_shard_size)
+
+    def put(self, conv: Conversion, tensor: torch.Tensor) -> None:
+        for name, hf_tensor in zip(conv.hf, conv.to_hf(tensor, self.cfg)):
+            self.writer.write(name, hf_tensor if self.dtype is None else hf_tensor.to(self.dtype))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def run(source: Source, sink: Sink, total: int, description: str) -> None:
+    """Stream every tensor from source to sink; then both sides check that nothing was left over."""
+    for conv, tensor in tqdm(source.tensors(), total=total, desc=description, unit="tensor", leave=False):
+        sink.put(conv, tensor)
+        del tensor
+    source.finish()
+    sink.close()

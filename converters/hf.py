@@ -1,0 +1,203 @@
+"""HF checkpoints: a validated, lazy safetensors reader and a streaming, sharded safetensors writer."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from bridge.errors import BridgeError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+#: safetensors dtype codes (the format's spec) for the dtypes bridge writes.
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def _weight_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> file, from the index when there is one; validates every path stays in `folder`."""
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BridgeError(f"{index} is not a valid safetensors index (needs a 'weight_map' object): {exc}") from exc
+        root = folder.resolve()
+        files: dict[str, Path] = {}
+        for name, rel in weight_map.items():
+            path = (folder / rel).resolve()
+            if root not in path.parents:
+                raise BridgeError(f"{index}: weight_map path {rel!r} for {name} points outside {folder}; refusing to read it")
+            if not path.is_file():
+                raise BridgeError(f"{index} names shard {rel} (for {name}) but the file is missing; re-download the model")
+            files[name] = path
+        return files
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        if list(folder.glob("pytorch_model*.bin")) or list(folder.glob("*.pt")):
+            raise BridgeError(f"{folder} holds only pickled .bin weights; convert them to safetensors first "
+                              "(transformers: model.save_pretrained(out, safe_serialization=True))")
+        raise BridgeError(f"no *.safetensors weights in {folder}")
+    files = {}
+    for shard in shards:
+        for name in _open(shard).keys():
+            files[name] = shard
+    return files
+
+
+def _open(path: Path):  # noqa: ANN202 - safetensors' handle type is private
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BridgeError(f"{path} is not a readable safetensors file ({exc}); it may be truncated or corrupt, re-download it") from exc
+
+
+class SafetensorsReader:
+    """Lazy access to an HF folder's tensors: headers are read up front, data only on `get`."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._files = _weight_files(folder)
+        self._handles = {path: _open(path) for path in set(self._files.values())}
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        """Catch truncated files now: the header's last data offset must fit in the file."""
+        for path, handle in self._handles.items():
+            header_len = int.from_bytes(path.open("rb").read(8), "little")
+            with path.open("rb") as f:
+                f.seek(8)
+                header = json.loads(f.read(header_len))
+            last = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if 8 + header_len + last > os.path.getsize(path):
+                raise BridgeError(f"{path} is truncated ({os.path.getsize(path)} bytes, header needs {8 + header_len + last}); re-download it")
+
+    def names(self) -> set[str]:
+        return set(self._files)
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._handles[self._files[name]].get_tensor(name)
+        except KeyError:
+            raise BridgeError(f"tensor {name} is not in {self.folder}") from None
+        except SafetensorError as exc:
+            raise BridgeError(f"cannot read {name} from {self._files[name]}: {exc}") from exc
+
+    def meta(self, name: str) -> torch.Tensor:
+        """A `meta` tensor with the stored shape and dtype, for planning without reading data."""
+        sl = self._handles[self._files[name]].get_slice(name)
+        dtype = {v: k for k, v in SAFETENSORS_DTYPES.items()}[sl.get_dtype()]
+        return torch.empty(sl.get_shape(), dtype=dtype, device="meta")
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000 (transformers' convention: decimal units, and GiB/MiB binary)."""
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    value = text.strip().upper()
+    for unit, factor in units.items():
+        if value.endswith(unit):
+            try:
+                return int(float(value[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    if value.isdigit():
+        return int(value)
+    raise BridgeError(f"cannot parse size {text!r}; use e.g. 5GB, 500MB or 2GiB")
+
+
+class StreamingSafetensorsWriter:
+    """Write a planned set of tensors into size-capped safetensors shards as they arrive, in any order.
+
+    The safetensors library only writes whole dicts; with the plan known up front (from the source's
+    headers) each shard's header is written first and every tensor's bytes go straight to its offset,
+    so memory never holds more than the tensor being written.
+    """
+
+    def __init__(self, folder: Path, plan: Iterable[PlannedTensor], max_shard_size: int) -> None:
+        self.folder = folder
+        self._plan = {p.name: p for p in plan}
+        shards = self._split(list(self._plan.values()), max_shard_size)
+        self._where: dict[str, tuple[Path, int]] = {}
+        self._files: dict[Path, object] = {}
+        for i, shard in enumerate(shards):
+            fname = SINGLE_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            self._start_shard(folder / fname, shard)
+        self._pending = set(self._plan)
+
+    @staticmethod
+    def _split(plan: list[PlannedTensor], cap: int) -> list[list[PlannedTensor]]:
+        shards: list[list[PlannedTensor]] = [[]]
+        size = 0
+        for p in plan:
+            if shards[-1] and size + p.nbytes > cap:
+                shards.append([])
+                size = 0
+            shards[-1].append(p)
+            size += p.nbytes
+        return shards
+
+    def _start_shard(self, path: Path, shard: list[PlannedTensor]) -> None:
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        offsets = {}
+        for p in shard:
+            header[p.name] = {"dtype": SAFETENSORS_DTYPES[p.dtype], "shape": list(p.shape), "data_offsets": [offset, offset + p.nbytes]}
+            offsets[p.name] = offset
+            offset += p.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        handle = path.open("wb")
+        handle.write(len(raw).to_bytes(8, "little") + raw)
+        handle.truncate(8 + len(raw) + offset)
+        base = 8 + len(raw)
+        for name, off in offsets.items():
+            self._where[name] = (path, base + off)
+        self._files[path] = handle
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        planned = self._plan.get(name)
+        if planned is None or name not in self._pending:
+            raise BridgeError(f"internal: tensor {name} was not planned or was written twice")
+        if tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
+            raise BridgeError(f"internal: {name} is {tuple(tensor.shape)} {tensor.dtype}, planned {planned.shape} {planned.dtype}")
+        path, offset = self._where[name]
+        handle = self._files[path]
+        handle.seek(offset)
+        flat = tensor.detach().contiguous().reshape(-1)
+        if flat.numel():
+            handle.write(flat.view(torch.uint8).numpy().data)
+        self._pending.discard(name)
+
+    def close(self) -> None:
+        """Finish the files and the index; every planned tensor must have been written."""
+        for handle in self._files.values():
+            handle.close()
+        if self._pending:
+            raise BridgeError(f"{len(self._pending)} HF tensors were never produced: {', '.join(sorted(self._pending)[:10])}")
+        if len(self._files) > 1:
+            index = {
+                "metadata": {"total_size": sum(p.nbytes for p in self._plan.values())},
+                "weight_map": {name: path.name for name, (path, _) in sorted(self._where.items())},
+            }
+            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

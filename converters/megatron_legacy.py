@@ -1,0 +1,148 @@
+"""Megatron-LM's legacy `torch` checkpoint format: one `model_optim_rng.pt` per (TP, PP) rank.
+
+Layout (reference/megatron-format.md): `latest_checkpointed_iteration.txt` holds `release` or an
+iteration number; files live in `release/` or `iter_{N:07d}/` under `mp_rank_{tp:02d}[_{pp:03d}]/`.
+Each file is a dict with `args`, `checkpoint_version`, `iteration` and `model` (`model0`, `model1`,
+... with virtual pipeline chunks).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from bridge.errors import BridgeError
+from bridge.layout import ParallelLayout
+from bridge.converters.torch_zip import IncrementalTorchWriter, load_index, read_tensor
+
+TRACKER = "latest_checkpointed_iteration.txt"
+FILE_NAME = "model_optim_rng.pt"
+CHECKPOINT_VERSION = 3.0
+#: Non-tensor globals a Megatron checkpoint may pickle; loaded with weights_only=True and this allow-list.
+SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+
+
+def iteration_dir_name(iteration: int | str) -> str:
+    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+
+
+def read_tracker(root: Path) -> int | str:
+    tracker = root / TRACKER
+    if not tracker.is_file():
+        raise BridgeError(f"{root} has no {TRACKER}; it is not a Megatron legacy checkpoint folder")
+    text = tracker.read_text().strip()
+    if text == "release":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise BridgeError(f"{tracker} holds {text!r}; expected 'release' or an iteration number") from None
+
+
+def model_keys(layout: ParallelLayout) -> list[str]:
+    """`model` without virtual pipeline chunks, else `model0`, `model1`, ..."""
+    return [f"model{v}" for v in range(layout.chunks)] if layout.vpp else ["model"]
+
+
+class LegacyCheckpointWriter:
+    """Stream (rank, chunk, local name, tensor) into every rank's file at once; index and tracker last."""
+
+    def __init__(self, root: Path, layout: ParallelLayout, args: Callable[[int, int], argparse.Namespace],
+                 iteration: int | str = "release", extra: Callable[[int, int], dict[str, Any]] | None = None) -> None:
+        self.root, self.layout, self.iteration = root, layout, iteration
+        self._args, self._extra = args, extra
+        self._writers: dict[tuple[int, int], IncrementalTorchWriter] = {}
+        self._models: dict[tuple[int, int], list[dict[str, Any]]] = {}
+        for tp_rank, pp_rank in layout.ranks():
+            folder = root / iteration_dir_name(iteration) / layout.rank_dir(tp_rank, pp_rank)
+            folder.mkdir(parents=True, exist_ok=True)
+            self._writers[tp_rank, pp_rank] = IncrementalTorchWriter(folder / FILE_NAME)
+            self._models[tp_rank, pp_rank] = [{} for _ in range(layout.chunks)]
+
+    def add(self, tp_rank: int, pp_rank: int, chunk: int, name: str, tensor: torch.Tensor) -> None:
+        model = self._models[tp_rank, pp_rank][chunk]
+        if name in model:
+            raise BridgeError(f"internal: {name} written twice to rank tp={tp_rank} pp={pp_rank}")
+        model[name] = self._writers[tp_rank, pp_rank].tensor(tensor)
+
+    def close(self) -> None:
+        for (tp_rank, pp_rank), writer in self._writers.items():
+            state: dict[str, Any] = {
+                "args": self._args(tp_rank, pp_rank),
+                "checkpoint_version": CHECKPOINT_VERSION,
+                "iteration": 0 if self.iteration == "release" else int(self.iteration),
+            }
+            state.update(zip(model_keys(self.layout), self._models[tp_rank, pp_rank]))
+            if self._extra:
+                state.update(self._extra(tp_rank, pp_rank))
+            writer.close(state)
+        (self.root / TRACKER).write_text(str(self.iteration))
+
+
+class LegacyCheckpointReader:
+    """Lazy reader: indexes every rank file on `meta`, reads a tensor's bytes only when asked."""
+
+    def __init__(self, root: Path, layout: ParallelLayout, iteration: int | str | None = None) -> None:
+        self.root, self.layout = root, layout
+        self.iteration = read_tracker(root) if iteration is None else iteration
+        self._paths: dict[tuple[int, int], Path] = {}
+        self._models: dict[tuple[int, int], list[dict[str, torch.Tensor]]] = {}
+        self._states: dict[tuple[int, int], dict[str, Any]] = {}
+        base = root / iteration_dir_name(self.iteration)
+        for tp_rank, pp_rank in layout.ranks():
+            path = base / layout.rank_dir(tp_rank, pp_rank) / FILE_NAME
+            if not path.is_file():
+                raise BridgeError(f"missing rank file {path.relative_to(root)} for layout {layout.name}; the checkpoint is incomplete")
+            state = load_index(path, SAFE_GLOBALS)
+            keys = model_keys(layout)
+            if not all(k in state for k in keys):
+                raise BridgeError(f"{path} has no {' / '.join(keys)} entries; was it written with a different --vpp?")
+            self._paths[tp_rank, pp_rank] = path
+            self._models[tp_rank, pp_rank] = [state[k] for k in keys]
+            self._states[tp_rank, pp_rank] = state
+        self._consumed: set[tuple[int, int, int, str]] = set()
+
+    def args(self) -> argparse.Namespace | None:
+        return self._states[0, 0].get("args")
+
+    def state(self, tp_rank: int, pp_rank: int) -> dict[str, Any]:
+        """The file's whole object with tensors on `meta` (for non-model entries: optimizer, rng, ...)."""
+        return self._states[tp_rank, pp_rank]
+
+    def names(self, pp_rank: int, chunk: int) -> list[str]:
+        return list(self._models[0, pp_rank][chunk])
+
+    def has(self, pp_rank: int, chunk: int, name: str) -> bool:
+        return name in self._models[0, pp_rank][chunk]
+
+    def meta(self, tp_rank: int, pp_rank: int, chunk: int, name: str) -> torch.Tensor:
+        try:
+            return self._models[tp_rank, pp_rank][chunk][name]
+        except KeyError:
+            raise BridgeError(f"{name} is missing from {self._paths[tp_rank, pp_rank].relative_to(self.root)}") from None
+
+    def get(self, tp_rank: int, pp_rank: int, chunk: int, name: str) -> torch.Tensor:
+        tensor = read_tensor(self._paths[tp_rank, pp_rank], self.meta(tp_rank, pp_rank, chunk, name))
+        self._consumed.add((tp_rank, pp_rank, chunk, name))
+        return tensor
+
+    def mark_consumed(self, tp_rank: int, pp_rank: int, chunk: int, name: str) -> None:
+        self.meta(tp_rank, pp_rank, chunk, name)
+        self._consumed.add((tp_rank, pp_rank, chunk, name))
+
+    def all_keys(self) -> Iterator[tuple[int, int, int, str]]:
+        for (tp_rank, pp_rank), chunks in self._models.items():
+            for chunk, model in enumerate(chunks):
+                for name in model:
+                    yield tp_rank, pp_rank, chunk, name
+
+    def unconsumed(self) -> list[str]:
+        return sorted(f"{self.layout.rank_dir(t, p)}[{c}]:{n}" for t, p, c, n in self.all_keys()
+                      if (t, p, c, n) not in self._consumed)
+
+    def load_rank(self, tp_rank: int, pp_rank: int) -> dict[str, Any]:
+        """One rank's file fully loaded (weights_only, mmap): what a training rank needs."""
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(self._paths[tp_rank, pp_rank], map_location="cpu", weights_only=True, mmap=True)

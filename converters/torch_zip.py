@@ -1,0 +1,111 @@
+"""Incremental writer and lazy reader for torch's zip serialization format (what `torch.save` writes).
+
+`torch.save` needs the whole object in memory. A Megatron rank file of a big model does not fit that
+budget, so tensors are written as zip records the moment they arrive, and the pickled index
+(`data.pkl`, which only references the records) is written last. `torch.load(weights_only=True)`
+reads the result like any other checkpoint. Reading goes the other way: the index is loaded on the
+`meta` device (which records each storage's file offset) and a tensor's bytes are read on demand.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import os
+import pickle
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bridge.errors import BridgeError
+
+
+class _StorageRef:
+    """Stands for a storage already written as record `data/{key}`; pickled as torch's persistent id."""
+
+    def __init__(self, key: str, dtype: torch.dtype, numel: int) -> None:
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _TensorRef:
+    """Pickles exactly like a contiguous CPU tensor whose storage is `storage`."""
+
+    def __init__(self, storage: _StorageRef, shape: tuple[int, ...]) -> None:
+        self.storage, self.shape = storage, shape
+
+    def __reduce_ex__(self, protocol: int) -> tuple[Any, ...]:
+        stride = torch.empty(self.shape, device="meta").stride()
+        return (torch._utils._rebuild_tensor_v2,
+                (self.storage, 0, self.shape, stride, False, collections.OrderedDict()))
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, _StorageRef):
+            storage_type = getattr(torch, torch.storage._dtype_to_storage_type_map()[obj.dtype])
+            return ("storage", storage_type, obj.key, "cpu", obj.numel)
+        return None
+
+
+class IncrementalTorchWriter:
+    """Write `torch.save`-compatible files one tensor at a time; memory holds one tensor at most."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._zip = torch._C.PyTorchFileWriter(str(path))
+        self._count = 0
+
+    def tensor(self, tensor: torch.Tensor) -> _TensorRef:
+        """Write the tensor's bytes now; return a placeholder to put into the object saved by `close`."""
+        tensor = tensor.detach().cpu().contiguous()
+        if tensor.storage_offset() or tensor.untyped_storage().nbytes() != tensor.nbytes:
+            tensor = tensor.clone()
+        key = str(self._count)
+        self._count += 1
+        self._zip.write_record(f"data/{key}", tensor.untyped_storage(), tensor.nbytes)
+        return _TensorRef(_StorageRef(key, tensor.dtype, tensor.numel()), tuple(tensor.shape))
+
+    def close(self, obj: Any) -> None:
+        """Pickle `obj` (holding placeholders from `tensor`) as the file's index, then finish the zip."""
+        buf = io.BytesIO()
+        _Pickler(buf, protocol=2).dump(obj)
+        data = buf.getvalue()
+        self._zip.write_record("data.pkl", data, len(data))
+        # No `.format_version` record: it would promise that records are laid out in the order the
+        # index references them, which incremental writing does not guarantee; torch.load then looks
+        # each record's offset up in the zip directory instead.
+        for name, value in ((".storage_alignment", "64"), ("byteorder", sys.byteorder)):
+            self._zip.write_record(name, value, len(value))
+        self._zip.write_end_of_file()
+
+
+def load_index(path: Path, safe_globals: list[Any]) -> Any:
+    """The file's object with every tensor on `meta` (no data read): shapes, dtypes and file offsets."""
+    try:
+        with torch.serialization.safe_globals(safe_globals):
+            return torch.load(path, map_location="meta", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BridgeError(f"cannot read {path}: {first}; the file is truncated, corrupt or not a torch checkpoint") from exc
+
+
+def read_tensor(path: Path, meta: torch.Tensor) -> torch.Tensor:
+    """Read one tensor's bytes from `path` at the offset recorded in its meta storage."""
+    storage = meta.untyped_storage()
+    offset = getattr(storage, "_checkpoint_offset", None)
+    if offset is None:
+        raise BridgeError(f"{path}: tensor has no file offset; re-save the checkpoint with torch >= 2.4")
+    nbytes = storage.nbytes()
+    with open(path, "rb") as handle:
+        data = bytearray(nbytes)
+        handle.seek(offset)
+        got = handle.readinto(data)
+    if got != nbytes:
+        raise BridgeError(f"{path} is truncated: a tensor needs {nbytes} bytes at offset {offset}, found {got}")
+    flat = torch.frombuffer(data, dtype=meta.dtype) if nbytes else torch.empty(0, dtype=meta.dtype)
+    return flat.as_strided(meta.shape, meta.stride(), meta.storage_offset())
+
+
+def file_size(path: Path) -> int:
+    return os.path.getsize(path)

@@ -1,0 +1,108 @@
+"""Llama family (Llama 2/3/3.1/3.2): HF config -> ModelConfig, and the HF <-> Megatron mapping rows.
+
+Mistral, Qwen2 and Qwen3 share these HF names; their modules only read their configs, and the rows
+below switch on the config's qkv bias / qk-norm flags.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from bridge.config import DTYPE_NAMES, ModelConfig, RopeScaling
+from bridge.errors import BridgeError
+from bridge.mapping import COPY, FUSE_GATE_UP, FUSE_QKV, Row
+
+ATTN = "model.layers.{}.self_attn."
+MLP = "model.layers.{}.mlp."
+M_ATTN = "decoder.layers.{}.self_attention."
+M_MLP = "decoder.layers.{}.mlp."
+
+
+def rows(cfg: ModelConfig) -> list[Row]:
+    """The mapping table. Megatron's TE-spec names; the local spec is a rename applied later."""
+    table = [
+        Row("embedding.word_embeddings.weight", ("model.embed_tokens.weight",)),
+        Row(M_ATTN + "linear_qkv.layer_norm_weight", ("model.layers.{}.input_layernorm.weight",)),
+        Row(M_ATTN + "linear_qkv.weight", (ATTN + "q_proj.weight", ATTN + "k_proj.weight", ATTN + "v_proj.weight"), FUSE_QKV),
+        Row(M_ATTN + "linear_qkv.bias", (ATTN + "q_proj.bias", ATTN + "k_proj.bias", ATTN + "v_proj.bias"), FUSE_QKV),
+        Row(M_ATTN + "q_layernorm.weight", (ATTN + "q_norm.weight",)),
+        Row(M_ATTN + "k_layernorm.weight", (ATTN + "k_norm.weight",)),
+        Row(M_ATTN + "linear_proj.weight", (ATTN + "o_proj.weight",)),
+        Row(M_MLP + "linear_fc1.layer_norm_weight", ("model.layers.{}.post_attention_layernorm.weight",)),
+        Row(M_MLP + "linear_fc1.weight", (MLP + "gate_proj.weight", MLP + "up_proj.weight"), FUSE_GATE_UP),
+        Row(M_MLP + "linear_fc2.weight", (MLP + "down_proj.weight",)),
+        Row("decoder.final_layernorm.weight", ("model.norm.weight",)),
+        Row("output_layer.weight", ("lm_head.weight",), COPY),
+    ]
+    absent = {
+        "linear_qkv.bias": not cfg.add_qkv_bias,
+        "q_layernorm.weight": not cfg.qk_layernorm,
+        "k_layernorm.weight": not cfg.qk_layernorm,
+        "output_layer.weight": cfg.tie_word_embeddings,
+    }
+    return [r for r in table if not any(r.megatron.endswith(tail) and drop for tail, drop in absent.items())]
+
+
+def rope_from_hf(hf: Any) -> tuple[float, RopeScaling | None]:
+    """RoPE base and llama3 scaling from either transformers 5 (`rope_parameters`) or 4 (`rope_theta`/`rope_scaling`)."""
+    params = dict(getattr(hf, "rope_parameters", None) or {})
+    if not params:
+        params = dict(getattr(hf, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(hf, "rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    base = float(params.get("rope_theta", 10000.0))
+    if rope_type in (None, "default"):
+        return base, None
+    if rope_type == "llama3":
+        return base, RopeScaling(
+            factor=float(params["factor"]),
+            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
+        )
+    raise BridgeError(f"rope type {rope_type!r} is not supported for {hf.architectures}; supported: default, llama3")
+
+
+def common_fields(hf: Any) -> dict[str, Any]:
+    """ModelConfig fields every Llama-like HF config spells the same way."""
+    base, scaling = rope_from_hf(hf)
+    heads = hf.num_attention_heads
+    dtype = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None)
+    return dict(
+        architecture=hf.architectures[0],
+        num_layers=hf.num_hidden_layers,
+        hidden_size=hf.hidden_size,
+        ffn_hidden_size=hf.intermediate_size,
+        num_attention_heads=heads,
+        num_query_groups=getattr(hf, "num_key_value_heads", None) or heads,
+        kv_channels=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
+        vocab_size=hf.vocab_size,
+        max_position_embeddings=hf.max_position_embeddings,
+        norm_epsilon=float(hf.rms_norm_eps),
+        rotary_base=base,
+        rope_scaling=scaling,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        params_dtype=DTYPE_NAMES.get(_as_dtype(dtype), "fp32"),
+    )
+
+
+def _as_dtype(value: Any) -> Any:
+    import torch
+
+    return getattr(torch, value) if isinstance(value, str) else value
+
+
+def check_unsupported(hf: Any, flags: dict[str, str]) -> None:
+    """Refuse HF options that would silently change the function if ignored."""
+    for attr, why in flags.items():
+        if getattr(hf, attr, None):
+            raise BridgeError(f"{hf.architectures[0]} with {attr}={getattr(hf, attr)} is not supported: {why}")
+
+
+def config_from_hf(hf: Any) -> ModelConfig:
+    check_unsupported(hf, {
+        "attention_bias": "Megatron has no o_proj bias next to qkv bias",
+        "mlp_bias": "Megatron's SwiGLU MLP has no biases",
+    })
+    if getattr(hf, "hidden_act", "silu") != "silu":
+        raise BridgeError(f"hidden_act {hf.hidden_act} is not supported; Megatron's swiglu needs silu")
+    return ModelConfig(**common_fields(hf))
