@@ -14,6 +14,7 @@ from bridge.errors import BridgeError
 COMMAND_MODULES: tuple[str, ...] = (
     "bridge.cli.convert",
     "bridge.cli.demo",
+    "bridge.cli.data",
 )
 
 
