@@ -54,6 +54,8 @@ def test_round_trip_uint16_and_int32(tmp_path):
         for doc, got in zip(docs, dataset.documents()):
             np.testing.assert_array_equal(got, doc)
         np.testing.assert_array_equal(dataset.get(3, offset=1, length=2), docs[3][1:3])
+        with pytest.raises(IndexError):
+            dataset.get(0, offset=len(docs[0]), length=1)
 
 
 def test_add_documents_matches_add_document(tmp_path):

@@ -108,33 +108,40 @@ def test_special_tokens_and_several_keys(tmp_path, tok_dir, tokenizer):
         assert body.tolist() == tokenizer(record["body"])["input_ids"]
 
 
-def test_compressed_and_parquet_inputs_match_plain_jsonl(tmp_path, tok_dir):
+def _write_gz(path: Path, records) -> None:
+    write_jsonl(path, records, gzip.open)
+
+
+def _write_zst(path: Path, records) -> None:
+    zstandard = pytest.importorskip("zstandard", reason="zstandard not installed (pip install bridge[data])")
+    with zstandard.open(path, "wt", encoding="utf-8") as stream:
+        stream.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def _write_parquet(path: Path, records) -> None:
+    pa = pytest.importorskip("pyarrow", reason="pyarrow not installed (pip install bridge[data])")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"content": [r["content"] for r in records], "other": list(range(len(records)))}), path)
+
+
+@pytest.mark.parametrize("name,writer", [("b.jsonl.gz", _write_gz), ("c.jsonl.zst", _write_zst),
+                                         ("d.parquet", _write_parquet)])
+def test_compressed_and_parquet_inputs_match_plain_jsonl(tmp_path, tok_dir, name, writer):
     records = [{"content": t} for t in TEXTS]
     plain = write_jsonl(tmp_path / "a.jsonl", records)
-    inputs = [write_jsonl(tmp_path / "b.jsonl.gz", records, gzip.open)]
-    try:
-        import zstandard
-
-        with zstandard.open(tmp_path / "c.jsonl.zst", "wt", encoding="utf-8") as stream:
-            stream.writelines(json.dumps(r) + "\n" for r in records)
-        inputs.append(tmp_path / "c.jsonl.zst")
-    except ImportError:
-        pass
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.table({"content": TEXTS, "other": list(range(len(TEXTS)))}), tmp_path / "d.parquet")
-        inputs.append(tmp_path / "d.parquet")
-    except ImportError:
-        pass
+    writer(tmp_path / name, records)
     _, expected = run(tmp_path / "plain", tok_dir, [plain], json_keys=("content",))
-    want = [d.tolist() for d in expected["content"].documents()]
-    for path in inputs:
-        _, got = run(tmp_path / f"out_{path.name}", tok_dir, [path], json_keys=("content",))
-        assert [d.tolist() for d in got["content"].documents()] == want, path.name
-    _, both = run(tmp_path / "both", tok_dir, [plain, *inputs], json_keys=("content",))
-    assert both["content"].num_documents == len(TEXTS) * (1 + len(inputs))
+    _, got = run(tmp_path / "other", tok_dir, [tmp_path / name], json_keys=("content",))
+    assert [d.tolist() for d in got["content"].documents()] == [d.tolist() for d in expected["content"].documents()]
+    _, both = run(tmp_path / "both", tok_dir, [plain, tmp_path / name, plain], json_keys=("content",))
+    assert both["content"].num_documents == 3 * len(TEXTS)
+
+
+def test_parquet_missing_column_is_a_clear_error(tmp_path, tok_dir):
+    _write_parquet(tmp_path / "d.parquet", [{"content": "x"}])
+    with pytest.raises(BridgeError, match=r"d\.parquet: no column text \(columns: content, other\)"):
+        run(tmp_path, tok_dir, [tmp_path / "d.parquet"])
 
 
 def test_malformed_json_stops_with_file_and_line(tmp_path, tok_dir):

@@ -226,6 +226,8 @@ class IndexedDataset:
             raise IndexError(f"sequence {index} out of range for {len(self)} sequences")
         size = int(self.sequence_lengths[index])
         length = size - offset if length is None else length
+        if offset < 0 or length < 0 or offset + length > size:
+            raise IndexError(f"tokens {offset}:{offset + length} out of range for sequence {index} of {size} tokens")
         start = int(self.sequence_pointers[index]) // self.dtype.itemsize + offset
         return self._bin[start : start + length]
 
