@@ -39,8 +39,9 @@ def save_tiny_model(config: Any, out: Path, *, dtype: torch.dtype = torch.float3
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name:
-                param.add_(torch.randn_like(param) * 0.1)  # norms start at 1: make them differ per channel
+            if "norm" in name or name.endswith(".bias"):
+                # Norms start at 1 and biases at 0: random values make layout mistakes visible.
+                param.add_(torch.randn_like(param) * 0.1)
     model = model.to(dtype)
     model.save_pretrained(out, safe_serialization=True)
     return out

@@ -146,12 +146,13 @@ class MegatronSink:
     def __init__(self, root: Path, meta: CheckpointMeta, args: Callable[[int, int], argparse.Namespace]) -> None:
         self.meta = meta
         self.writer = LegacyCheckpointWriter(root, meta.layout, args)
-        self._layer: int | None = None
+        self._module: str | None = None
 
     def put(self, conv: Conversion, tensor: torch.Tensor) -> None:
-        if conv.layer != self._layer:
+        module = conv.megatron.rsplit(".", 1)[0]
+        if module != self._module:
             self._flush_extra_state()
-            self._layer = conv.layer
+            self._module = module
         cfg, layout = self.meta.config, self.meta.layout
         self._write(conv.megatron, tensor)
         if conv.megatron == "embedding.word_embeddings.weight" and cfg.tie_word_embeddings and layout.pp > 1:
@@ -164,11 +165,20 @@ class MegatronSink:
             self.writer.add(tp_rank, loc.pp_rank, loc.chunk, loc.name, shard)
 
     def _flush_extra_state(self) -> None:
-        """TE modules store `_extra_state`: an empty uint8 tensor when there is no FP8 metadata (TE 2.x)."""
-        if self._layer is None or self.meta.transformer_impl != "transformer_engine":
+        """After a TE module's weights: its `_extra_state`, an empty uint8 tensor without FP8 (TE 2.x).
+
+        `core_attention` has no weights; its entry follows `linear_qkv`'s.
+        """
+        if self._module is None or self.meta.transformer_impl != "transformer_engine":
             return
-        for module in TE_EXTRA_STATE_MODULES:
-            key = f"decoder.layers.{self._layer}.{module}._extra_state"
+        prefix, _, module = self._module.partition(".self_attention.")
+        modules = {"linear_qkv": ["linear_qkv", "core_attention"], "linear_proj": ["linear_proj"]}.get(module, [])
+        if not modules:
+            prefix, _, module = self._module.partition(".mlp.")
+            modules = [module] if module in ("linear_fc1", "linear_fc2") else []
+        for name in modules:
+            kind = "self_attention" if name in ("linear_qkv", "core_attention", "linear_proj") else "mlp"
+            key = f"{prefix}.{kind}.{name}._extra_state"
             loc = localize(key, self.meta.layout, self.meta.config.num_layers, self.meta.transformer_impl)
             for tp_rank in range(self.meta.layout.tp):
                 self.writer.add(tp_rank, loc.pp_rank, loc.chunk, loc.name, torch.empty(0, dtype=torch.uint8))

@@ -46,6 +46,18 @@ def model_keys(layout: ParallelLayout) -> list[str]:
     return [f"model{v}" for v in range(layout.chunks)] if layout.vpp else ["model"]
 
 
+def state_dict_position(name: str) -> tuple[int, int]:
+    """Sort key giving Megatron's module order: embedding, layers by index, final norm, output layer.
+
+    Python's sort is stable, so names inside one layer keep the order they were written in.
+    """
+    if name.startswith("embedding."):
+        return 0, 0
+    if name.startswith("decoder.layers."):
+        return 1, int(name.split(".")[2])
+    return (2, 0) if name.startswith("decoder.") else (3, 0)
+
+
 class LegacyCheckpointWriter:
     """Stream (rank, chunk, local name, tensor) into every rank's file at once; index and tracker last."""
 
@@ -74,7 +86,8 @@ class LegacyCheckpointWriter:
                 "checkpoint_version": CHECKPOINT_VERSION,
                 "iteration": 0 if self.iteration == "release" else int(self.iteration),
             }
-            state.update(zip(model_keys(self.layout), self._models[tp_rank, pp_rank]))
+            models = [dict(sorted(m.items(), key=lambda item: state_dict_position(item[0]))) for m in self._models[tp_rank, pp_rank]]
+            state.update(zip(model_keys(self.layout), models))
             if self._extra:
                 state.update(self._extra(tp_rank, pp_rank))
             writer.close(state)
