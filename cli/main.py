@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 from typing import Sequence
 
@@ -14,6 +15,7 @@ from bridge.errors import BridgeError
 COMMAND_MODULES: tuple[str, ...] = (
     "bridge.cli.convert",
     "bridge.cli.demo",
+    "bridge.cli.push",
     "bridge.cli.data",
 )
 
@@ -38,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(message)s",
         stream=sys.stderr,
     )
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args) or 0)
     except BridgeError as exc:
@@ -46,6 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"bridge {args.command}: interrupted; no partial output was left", file=sys.stderr)
         return 130
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so temporary outputs are removed on the way out."""
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
