@@ -64,3 +64,31 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
     with HubServer(tokens={TOKEN: USER, OTHER_TOKEN: OTHER_USER}) as server:
         point_hub_client_at(server.url, tmp_path / "hf_home", monkeypatch)
         yield server
+
+
+def save_tiny_llama(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer random Llama saved with `save_pretrained` (safetensors): what a Hub repo holds."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def logits_of(folder: str | Path):
+    """fp32 logits of the model in `folder` on a fixed batch, loaded with transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.arange(24).reshape(2, 12) % 128).logits
+
+
+@pytest.fixture
+def tiny_llama(tmp_path: Path) -> Path:
+    """An HF folder with a tiny random Llama."""
+    return save_tiny_llama(tmp_path / "tiny-llama")
