@@ -256,7 +256,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         out = []
         for entry in body.get("files", []):
             path, existing = entry["path"], files.get(entry["path"])
-            lfs = wants_lfs(path, entry["size"], base64.b64decode(entry.get("sample", "")))
+            lfs = self.server.lfs and wants_lfs(path, entry["size"], base64.b64decode(entry.get("sample", "")))
             oid = existing.upload_oid if existing is not None and existing.lfs == lfs else None
             out.append({"path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid})
         self._send_json({"files": out})
@@ -322,6 +322,7 @@ class _HubHTTPServer(ThreadingHTTPServer):
     state: HubState
     base_url: str
     faults: list[_Fault]
+    lfs: bool
 
     def should_drop(self, kind: str) -> bool:
         with self.state.lock:
@@ -329,13 +330,20 @@ class _HubHTTPServer(ThreadingHTTPServer):
 
 
 class HubServer:
-    """The test Hub on 127.0.0.1: `with HubServer(tokens={"tok": "me"}) as hub: ... hub.url ...`."""
+    """The test Hub on 127.0.0.1: `with HubServer(tokens={"tok": "me"}) as hub: ... hub.url ...`.
 
-    def __init__(self, tokens: dict[str, str] | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+    `lfs=False` makes every upload "regular" (inline in the commit): for a client that would send LFS
+    files through Xet, i.e. one not started with `HF_HUB_DISABLE_XET=1` (this server does not speak Xet).
+    """
+
+    def __init__(
+        self, tokens: dict[str, str] | None = None, host: str = "127.0.0.1", port: int = 0, *, lfs: bool = True
+    ) -> None:
         self.state = HubState(tokens)
         self._httpd = _HubHTTPServer((host, port), HubRequestHandler)
         self._httpd.state = self.state
         self._httpd.faults = []
+        self._httpd.lfs = lfs
         self.url = f"http://{host}:{self._httpd.server_address[1]}"
         self._httpd.base_url = self.url
         self._thread: threading.Thread | None = None

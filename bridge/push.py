@@ -1,0 +1,175 @@
+"""`bridge push`: upload an HF folder, or a Megatron checkpoint exported on the fly, to the Hub with a model card.
+
+The whole upload is ONE commit (weights, config, tokenizer, README.md, loss curve), so the repo has
+either all of it or none of it. Transient failures (dropped connections, 5xx) retry the whole push:
+LFS files already uploaded are skipped by the Hub and unchanged files are dropped from the commit by
+huggingface_hub, so a retry (or a re-push of the same content) costs little and, when the content is
+already there, makes no commit at all.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bridge.errors import BridgeError
+from bridge.hub import hub_error_message
+from bridge.model_card import build_model_card
+
+logger = logging.getLogger(__name__)
+
+#: Seconds to wait before each retry of a push that failed on a transient error.
+RETRY_WAITS_S: tuple[float, ...] = (2.0, 10.0)
+#: Weight files of an earlier push that the new commit deletes when it does not bring them again,
+#: so the repo never mixes shards of two models.
+STALE_WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+#: Local files never uploaded.
+SKIP_NAMES: frozenset[str] = frozenset({".git", ".cache", "__pycache__", ".DS_Store"})
+_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def push_to_hub(
+    source: str | Path,
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str | None = None,
+    endpoint: str | None = None,
+) -> str:
+    """Push `source` (HF folder, or bridge checkpoint folder with `bridge.json`) to `repo_id`; return the commit URL.
+
+    The URL ends with the commit oid. `revision` is a branch, created from `main` if missing. `token=None`
+    lets huggingface_hub find one (`HF_TOKEN`, then the login cache). `endpoint` overrides `HF_ENDPOINT`.
+    `private` applies when the repo is created; an existing repo keeps its visibility.
+    """
+    src = Path(source).expanduser()
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise BridgeError(f"{repo_id!r} is not a repo id; give it as <user or org>/<name>, e.g. me/my-llama")
+    if (src / "bridge.json").is_file():
+        return _push_checkpoint(src, repo_id, revision, private, token, commit_message, endpoint)
+    if (src / "config.json").is_file():
+        card = build_model_card(src, repo_id, revision=revision)
+        message = commit_message or f"Upload {src.name} with bridge"
+        return _push_with_retries(src, card, repo_id, revision, private, token, message, endpoint)
+    if src.is_dir():
+        raise BridgeError(f"{src} holds neither config.json (an HF folder) nor bridge.json (a bridge checkpoint)")
+    raise BridgeError(f"no folder {src}; give an HF folder or a bridge checkpoint folder")
+
+
+def _push_checkpoint(ckpt: Path, repo_id: str, revision, private, token, commit_message, endpoint) -> str:
+    """Export the checkpoint into a temporary folder beside it (streamed, bounded memory), push, clean up."""
+    from bridge.api import export_hf
+
+    with tempfile.TemporaryDirectory(prefix=f".{ckpt.name}.push-", dir=ckpt.parent) as tmp:
+        logger.info("exporting %s to Hugging Face format for the push", ckpt)
+        hf_folder = Path(export_hf(ckpt, Path(tmp) / "hf"))
+        card = build_model_card(hf_folder, repo_id, checkpoint=ckpt, revision=revision)
+        message = commit_message or f"Export {ckpt.name} with bridge"
+        return _push_with_retries(hf_folder, card, repo_id, revision, private, token, message, endpoint)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """A dropped connection, a timeout or a 5xx/429 anywhere in the exception's cause chain."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:  # huggingface_hub 2.x talks through httpx2; older releases through requests
+        from httpx2 import TransportError as transport_errors
+    except ImportError:
+        from requests.exceptions import ConnectionError as transport_errors  # type: ignore[no-redef]
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, transport_errors):
+            return True
+        if isinstance(seen, HfHubHTTPError) and seen.response is not None:
+            return seen.response.status_code in _TRANSIENT_STATUS
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _push_with_retries(folder: Path, card, repo_id, revision, private, token, message, endpoint) -> str:
+    """Run `_push_once`, retrying it on transient errors; every other Hub error becomes one BridgeError line."""
+    attempts = len(RETRY_WAITS_S) + 1
+    for attempt in range(1, attempts + 1):
+        try:
+            return _push_once(folder, card, repo_id, revision, private, token, message, endpoint)
+        except BridgeError:
+            raise
+        except Exception as exc:  # huggingface_hub and httpx raise many kinds
+            if _is_transient(exc) and attempt < attempts:
+                wait = RETRY_WAITS_S[attempt - 1]
+                logger.warning("push to %s failed (%s); retry %d/%d in %.0fs", repo_id, type(exc).__name__,
+                               attempt, attempts - 1, wait)
+                time.sleep(wait)
+                continue
+            reason = hub_error_message(exc, repo_id, revision, token_given=token is not None)
+            if reason is None and _is_transient(exc):
+                reason = (f"push to {repo_id} failed {attempts} times ({type(exc).__name__}); the repo holds the "
+                          "whole commit or none of it: run the same command again to finish")
+            raise BridgeError(reason or f"push to {repo_id} failed: {type(exc).__name__}: {exc}") from exc
+    raise AssertionError("unreachable")
+
+
+def _push_once(folder: Path, card, repo_id, revision, private, token, message, endpoint) -> str:
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=endpoint, token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision and revision != "main":
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    operations = _operations(api, folder, card, repo_id, revision)
+    logger.info("pushing %d files from %s to %s@%s", len(operations), folder, repo_id, revision or "main")
+    info = api.create_commit(repo_id, operations=operations, commit_message=message, revision=revision)
+    logger.info("pushed: %s", info.commit_url)
+    return info.commit_url
+
+
+def _operations(api, folder: Path, card, repo_id: str, revision: str | None) -> list:
+    """Adds for every local file (README.md and assets from `card`), deletes for stale remote weights."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    generated = {"README.md": card.text.encode(), **card.assets}
+    adds = [
+        CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path))
+        for rel, path in _local_files(folder) if rel not in generated
+    ]
+    adds += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in generated.items()]
+    uploading = {op.path_in_repo for op in adds}
+    remote = api.list_repo_files(repo_id, revision=revision)
+    stale = sorted(p for p in remote if p.endswith(STALE_WEIGHT_SUFFIXES) and p not in uploading)
+    if stale:
+        logger.info("deleting %d weight files of an earlier push: %s", len(stale), ", ".join(stale))
+    return adds + [CommitOperationDelete(path_in_repo=p) for p in stale]
+
+
+def _local_files(folder: Path) -> list[tuple[str, Path]]:
+    """(path in repo, local path) of every file under `folder`, sorted, without VCS/cache folders."""
+    out = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if path.is_file() and not SKIP_NAMES.intersection(rel.parts):
+            out.append((rel.as_posix(), path))
+    return out
+
+
+def demo_push(folder: str | Path, repo_id: str = "demo/tiny-llama") -> str:
+    """For `bridge demo`: push `folder` to a throw-away local Hub and say so in one line.
+
+    The local Hub (`tests/hub_server.py`) exists only in a source checkout, which is where the demo
+    runs from; without it, the line says how to push for real instead.
+    """
+    how = f"to publish it: bridge push {folder} <user>/<name> (token from HF_TOKEN, --token or `hf auth login`)"
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "tests" / "hub_server.py").is_file():
+        return how
+    if str(root) not in sys.path:
+        sys.path.append(str(root))  # `tests` is not an installed package
+    from tests.hub_server import HubServer
+
+    user = repo_id.split("/")[0]
+    with HubServer(tokens={"demo-token": user}, lfs=False) as hub:  # lfs=False: the demo's client may use Xet
+        url = push_to_hub(folder, repo_id, token="demo-token", endpoint=hub.url)
+    return f"pushed to a local test Hub (stopped now): {url}; {how}"

@@ -1,0 +1,143 @@
+"""`bridge push` against the local test Hub: round trip with same logits, branches, auth, retries, atomicity."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import HfApi, snapshot_download
+
+from bridge.errors import BridgeError
+from bridge.push import push_to_hub
+from tests.hub_fixture import OTHER_TOKEN, TOKEN, USER, logits_of
+
+REPO = f"{USER}/tiny-llama"
+
+
+def _head(repo: str = REPO, revision: str = "main") -> str:
+    return HfApi(token=TOKEN).repo_info(repo, revision=revision).sha
+
+
+def test_push_hf_folder_round_trip_same_logits(hub, tiny_llama):
+    url = push_to_hub(tiny_llama, REPO, token=TOKEN, commit_message="first push")
+    assert url.endswith("/commit/" + _head())
+    local = Path(snapshot_download(REPO, token=TOKEN))
+    assert torch.equal(logits_of(local), logits_of(tiny_llama))
+    card = (local / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: transformers" in card and "- llama" in card
+    assert "base_model" not in card and "license" not in card  # nothing known about either: left out
+    assert "## Training" not in card and "## Verification" not in card
+    assert [c.title for c in HfApi(token=TOKEN).list_repo_commits(REPO)] == ["first push", "initial commit"]
+
+
+def test_re_push_of_same_content_makes_no_commit(hub, tiny_llama):
+    first = push_to_hub(tiny_llama, REPO, token=TOKEN)
+    again = push_to_hub(tiny_llama, REPO, token=TOKEN)
+    assert again == first
+    assert len(HfApi(token=TOKEN).list_repo_commits(REPO)) == 2
+
+
+def test_push_to_a_branch_leaves_main_alone(hub, tiny_llama):
+    push_to_hub(tiny_llama, REPO, token=TOKEN)
+    main_head = _head()
+    url = push_to_hub(tiny_llama, REPO, token=TOKEN, revision="exp-3", commit_message="2k steps on corpus v2")
+    assert _head() == main_head and url.endswith(_head(revision="exp-3"))
+    assert HfApi(token=TOKEN).list_repo_commits(REPO, revision="exp-3")[0].title == "2k steps on corpus v2"
+    local = Path(snapshot_download(REPO, revision="exp-3", token=TOKEN))
+    assert 'revision="exp-3"' in (local / "README.md").read_text()
+
+
+def test_new_weights_replace_stale_shards(hub, tiny_llama):
+    api = HfApi(token=TOKEN)
+    api.create_repo(REPO)
+    api.upload_file(path_or_fileobj=b"old", path_in_repo="model-00002-of-00002.safetensors", repo_id=REPO)
+    push_to_hub(tiny_llama, REPO, token=TOKEN)
+    assert sorted(api.list_repo_files(REPO)) == [".gitattributes", "README.md", "config.json",
+                                                 "generation_config.json", "model.safetensors"]
+
+
+def test_private_repo_and_wrong_token(hub, tiny_llama, caplog):
+    caplog.set_level(logging.DEBUG)
+    push_to_hub(tiny_llama, REPO, token=TOKEN, private=True)
+    assert hub.state.repos[REPO].private
+    with pytest.raises(BridgeError, match="rejected the token") as err:
+        push_to_hub(tiny_llama, REPO, token="hf_wrong_token")
+    assert "\n" not in str(err.value)
+    with pytest.raises(BridgeError, match=f"may not write to {USER}/other"):
+        push_to_hub(tiny_llama, f"{USER}/other", token=OTHER_TOKEN)
+    with pytest.raises(BridgeError, match="pass --token, set HF_TOKEN"):
+        push_to_hub(tiny_llama, REPO)  # no token anywhere (the fixture clears HF_TOKEN and the login cache)
+    assert TOKEN not in caplog.text and "hf_wrong_token" not in caplog.text
+
+
+def test_token_from_hf_token_env(hub, tiny_llama, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    assert push_to_hub(tiny_llama, REPO).endswith(_head())
+
+
+def test_dropped_connection_mid_upload_is_retried(hub, tiny_llama):
+    hub.drop_connection("lfs_put", nth=1)
+    push_to_hub(tiny_llama, REPO, token=TOKEN)
+    assert hub.count("PUT", r"^/lfs-upload/") == 2
+    local = Path(snapshot_download(REPO, token=TOKEN))
+    assert torch.equal(logits_of(local), logits_of(tiny_llama))
+
+
+def test_dropped_commit_is_retried_by_bridge(hub, tiny_llama, monkeypatch):
+    monkeypatch.setattr("bridge.push.RETRY_WAITS_S", (0.0, 0.0))
+    hub.drop_connection("commit", nth=1)
+    push_to_hub(tiny_llama, REPO, token=TOKEN)
+    assert hub.count("POST", r"/commit/main$") == 2
+    assert len(HfApi(token=TOKEN).list_repo_commits(REPO)) == 2  # one commit, not two
+
+
+def test_push_that_keeps_failing_leaves_no_half_commit(hub, tiny_llama, monkeypatch):
+    monkeypatch.setattr("bridge.push.RETRY_WAITS_S", (0.0, 0.0))
+    HfApi(token=TOKEN).create_repo(REPO)
+    before = _head()
+    hub.drop_connection("commit", nth=1, times=100)
+    with pytest.raises(BridgeError, match="failed 3 times.*run the same command again"):
+        push_to_hub(tiny_llama, REPO, token=TOKEN)
+    assert _head() == before and HfApi(token=TOKEN).list_repo_files(REPO) == [".gitattributes"]
+    hub.clear_faults()
+    push_to_hub(tiny_llama, REPO, token=TOKEN)  # the re-run finishes the push; LFS objects are not re-sent
+    assert hub.count("PUT", r"^/lfs-upload/") == 1
+
+
+def test_push_from_megatron_checkpoint(hub, tiny_llama, tmp_path):
+    from bridge.api import import_hf
+    from bridge.layout import ParallelLayout
+
+    ckpt = import_hf(str(tiny_llama), tmp_path / "runs" / "r1", ParallelLayout(tp=2))
+    (ckpt / "train_summary.json").write_text(json.dumps({
+        "iterations": 20, "tokens": 40960, "final_train_loss": 4.5, "final_valid_loss": 4.75,
+        "loss_curve": [[i, 5.0 - i / 40] for i in range(1, 21)]}))
+    url = push_to_hub(ckpt, REPO, token=TOKEN, private=True)
+    assert url.endswith(_head())
+    assert [p.name for p in ckpt.parent.iterdir()] == ["r1"]  # the temporary export is gone
+    local = Path(snapshot_download(REPO, token=TOKEN))
+    assert torch.equal(logits_of(local), logits_of(tiny_llama))
+    card = (local / "README.md").read_text()
+    assert "TP=2, PP=1" in card and "| Iterations | 20 |" in card and "| Tokens | 40,960 |" in card
+    assert "| Final validation loss | 4.75 |" in card and "![training loss](loss_curve.png)" in card
+    assert (local / "loss_curve.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_cli_push_prints_commit_url_and_one_line_errors(hub, tiny_llama, capsys):
+    from bridge.cli.main import main
+
+    assert main(["push", str(tiny_llama), REPO, "--token", TOKEN, "--commit-message", "via cli"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip().endswith("/commit/" + _head()) and TOKEN not in out + err
+    assert main(["push", str(tiny_llama), "not-a-repo-id", "--token", TOKEN]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bridge push: error:") and "<user or org>/<name>" in err and "\n" not in err
+
+
+def test_demo_push_uses_a_local_hub(tiny_llama):
+    from bridge.push import demo_push
+
+    line = demo_push(tiny_llama)
+    assert "pushed to a local test Hub" in line and "/commit/" in line and "bridge push" in line
