@@ -95,8 +95,10 @@ class EncodedChunk:
 class Encoder:
     """Turns a Chunk of raw records into token arrays; picklable, so it can be sent to workers.
 
-    Plain mode calls the fast tokenizer's Rust backend once per document (`encode`, one thread,
-    the same ids as `tokenizer(text)["input_ids"]`); slow tokenizers go through `tokenizer(...)`.
+    Plain mode calls the fast tokenizer's Rust backend once per chunk (`encode_batch`: the same ids
+    as `tokenizer(text)["input_ids"]` without transformers' per-call overhead); slow tokenizers go
+    through `tokenizer(...)`. Pool workers set TOKENIZERS_PARALLELISM=false, so each is one thread;
+    with workers=1 the Rust tokenizer follows the caller's TOKENIZERS_PARALLELISM.
     """
 
     def __init__(self, tokenizer: Any, *, keys: tuple[str, ...], dtype: np.dtype, eod: int | None,
@@ -157,8 +159,8 @@ class Encoder:
     def _encode_text(self, texts: list[str]) -> list[tuple[list[int], None]]:
         backend = getattr(self.tokenizer, "backend_tokenizer", None) if self.tokenizer.is_fast else None
         if backend is not None:
-            return [(backend.encode(t, add_special_tokens=self.add_special_tokens).ids if t else [], None)
-                    for t in texts]
+            encodings = backend.encode_batch(texts, add_special_tokens=self.add_special_tokens)
+            return [(enc.ids if text else [], None) for enc, text in zip(encodings, texts)]
         ids = self.tokenizer(texts, add_special_tokens=self.add_special_tokens)["input_ids"] if texts else []
         return [(doc if text else [], None) for doc, text in zip(ids, texts)]
 
