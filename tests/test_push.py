@@ -141,3 +141,78 @@ def test_demo_push_uses_a_local_hub(tiny_llama):
 
     line = demo_push(tiny_llama)
     assert "pushed to a local test Hub" in line and "/commit/" in line and "bridge push" in line
+
+
+def _fake_checkpoint(tmp_path: Path, **files: object) -> Path:
+    """A folder with the metadata files a bridge checkpoint may hold (no weights: the card reads only these)."""
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "hf_meta").mkdir(parents=True)
+    for name, content in files.items():
+        path = ckpt / name.replace("__", "/")
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return ckpt
+
+
+def test_model_card_carries_source_license_layout_and_verify_table(tiny_llama, tmp_path):
+    from bridge.model_card import build_model_card
+
+    sha = "a" * 40
+    ckpt = _fake_checkpoint(
+        tmp_path,
+        **{"bridge.json": {"format": "torch", "architecture": "LlamaForCausalLM", "layout": {"tp": 2, "pp": 2, "vpp": None},
+                           "source": {"id": "meta-llama/Llama-3.2-1B", "revision": None,
+                                      "path": f"/cache/models--meta-llama--Llama-3.2-1B/snapshots/{sha}"}},
+           "hf_meta__README.md": "---\nlicense: llama3.2\nlanguage: en\n---\n# upstream card\n",
+           "verify.json": {"pass": True, "max_abs_diff": 1.5e-06,
+                           "rows": [{"layout": "tp2-pp2", "max_abs_diff": 1.5e-06, "pass": True}]}},
+    )
+    card = build_model_card(tiny_llama, f"{USER}/x", checkpoint=ckpt)
+    meta = card.text.split("---")[1]
+    assert "base_model: meta-llama/Llama-3.2-1B" in meta and "license: llama3.2" in meta
+    assert "library_name: transformers" in meta and "- megatron-lm" in meta and "language" not in meta
+    assert f"meta-llama/Llama-3.2-1B) at commit `{sha}`" in card.text and "TP=2, PP=2" in card.text
+    assert "VPP" not in card.text  # vpp None: left out
+    assert "| layout | max_abs_diff | pass |" in card.text and "| tp2-pp2 | 1.5e-06 | yes |" in card.text
+    assert "## Training" not in card.text and card.assets == {}
+
+
+@pytest.mark.parametrize("verify", ["not json at all", "[1, 2]", '{"rows": "x"}', "[{\"a\": 1}]", "null"])
+def test_model_card_survives_odd_verify_files(tiny_llama, tmp_path, verify):
+    from bridge.model_card import build_model_card
+
+    ckpt = _fake_checkpoint(tmp_path, **{"verify.json": verify})
+    card = build_model_card(tiny_llama, f"{USER}/x", checkpoint=ckpt)
+    assert card.text.startswith("---\n") and "## Use" in card.text
+    assert ("| a |" in card.text) == (verify == '[{"a": 1}]')
+
+
+def test_model_card_training_section_has_only_known_fields(tiny_llama, tmp_path):
+    from bridge.model_card import build_model_card
+
+    ckpt = _fake_checkpoint(tmp_path, **{"train_summary.json": {"iterations": 7, "final_train_loss": 3.25}})
+    card = build_model_card(tiny_llama, f"{USER}/x", checkpoint=ckpt)
+    assert "| Iterations | 7 |" in card.text and "| Final train loss | 3.25 |" in card.text
+    assert "Tokens" not in card.text and "validation" not in card.text and card.assets == {}
+
+
+def test_loss_curve_png_is_a_valid_deterministic_image():
+    import struct
+    import zlib
+
+    from bridge.model_card import loss_curve_png
+
+    points = [(float(i), 6.0 / (1 + i / 10)) for i in range(0, 200, 5)]
+    png = loss_curve_png(points, width=320, height=200)
+    assert png == loss_curve_png(points, width=320, height=200)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(png):
+        (length,) = struct.unpack(">I", png[pos : pos + 4])
+        kind, data = png[pos + 4 : pos + 8], png[pos + 8 : pos + 8 + length]
+        assert struct.unpack(">I", png[pos + 8 + length : pos + 12 + length])[0] == zlib.crc32(kind + data)
+        chunks[kind], pos = data, pos + 12 + length
+    assert struct.unpack(">II", chunks[b"IHDR"][:8]) == (320, 200)
+    raw = zlib.decompress(chunks[b"IDAT"])
+    assert len(raw) == 200 * 321
+    dark = sum(1 for b in raw if b == 0)  # filter bytes are 0 too: 200 of them
+    assert dark > 200 + 300  # axes and curve drawn
