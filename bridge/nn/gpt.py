@@ -1,0 +1,184 @@
+"""`GPTModel`: one virtual pipeline chunk of one rank, with Megatron Core's state-dict names.
+
+A rank's `state_dict()` is exactly its shard in a Megatron checkpoint (`model` / `model{v}` of
+`model_optim_rng.pt`), so loading is `load_state_dict(strict=True)` and saving needs no mapping.
+
+Outputs of the last stage: the logits are this TP rank's vocabulary shard, [s, b, V_pad/tp],
+untrimmed (padded rows included; gather over TP and cut at `cfg.vocab_size` to compare with HF).
+With `labels` the model returns the per-token loss [b, s] from vocab-parallel cross entropy; the
+padded vocabulary rows take part in the softmax as in Megatron-LM unless `mask_padded_vocab`.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bridge.config import ModelConfig
+from bridge.errors import BridgeError
+from bridge.nn.cross_entropy import vocab_parallel_cross_entropy
+from bridge.nn.layers import ColumnParallelLinear, RMSNorm, VocabParallelEmbedding
+from bridge.nn.rope import RotaryEmbedding
+from bridge.nn.transformer import TRANSFORMER_IMPLS, TransformerLayer
+from bridge.parallel.state import ParallelState
+
+log = logging.getLogger(__name__)
+
+
+class LanguageModelEmbedding(nn.Module):
+    """Megatron's `embedding` module: just `word_embeddings` (RoPE models have no position table)."""
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, *, sequence_parallel: bool, dtype: torch.dtype,
+                 device: torch.device | None) -> None:
+        super().__init__()
+        self.word_embeddings = VocabParallelEmbedding(
+            ps.layout.padded_vocab_size(cfg.vocab_size), cfg.hidden_size, tp=ps.tp, tp_rank=ps.tp_rank,
+            group=ps.tp_group, sequence_parallel=sequence_parallel, dtype=dtype, device=device)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.word_embeddings(tokens)  # [b, s] -> [s(/tp), b, h]
+
+
+class TransformerBlock(nn.Module):
+    """Megatron's `decoder`: this chunk's layers (local indices 0..n-1) and, on the last chunk, the final norm."""
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, num_layers: int, *, post_process: bool,
+                 transformer_impl: str, sequence_parallel: bool, dtype: torch.dtype, device: torch.device | None) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            TransformerLayer(cfg, ps, transformer_impl=transformer_impl, sequence_parallel=sequence_parallel,
+                             dtype=dtype, device=device) for _ in range(num_layers))
+        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype=dtype, device=device) if post_process else None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, rope)
+        return x if self.final_layernorm is None else self.final_layernorm(x)
+
+
+class GPTModel(nn.Module):
+    """One virtual chunk (`chunk`) of one pipeline stage; `pre_process`/`post_process` follow from the layout."""
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, *, chunk: int = 0, transformer_impl: str = "transformer_engine",
+                 sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None, mask_padded_vocab: bool = False) -> None:
+        super().__init__()
+        if transformer_impl not in TRANSFORMER_IMPLS:
+            raise BridgeError(f"transformer_impl {transformer_impl} is not one of {', '.join(TRANSFORMER_IMPLS)}")
+        if not 0 <= chunk < ps.layout.chunks:
+            raise BridgeError(f"chunk {chunk} is outside the layout's {ps.layout.chunks} virtual chunks")
+        if sequence_parallel and ps.tp == 1:
+            sequence_parallel = False  # nothing to split; Megatron likewise turns it off at TP=1
+        ps.layout.validate(cfg)
+        self.cfg, self.ps, self.chunk = cfg, ps, chunk
+        self.sequence_parallel, self.mask_padded_vocab = sequence_parallel, mask_padded_vocab
+        self.pre_process, self.post_process = ps.pre_process(chunk), ps.post_process(chunk)
+        self.share_embeddings_and_output_weights = cfg.tie_word_embeddings
+        kw = dict(sequence_parallel=sequence_parallel, dtype=params_dtype, device=device)
+        self.embedding = LanguageModelEmbedding(cfg, ps, **kw) if self.pre_process else None
+        self.rotary_pos_emb = RotaryEmbedding(cfg, device=torch.device(device) if device else None)
+        self.layer_numbers = ps.layout.chunk_layers(ps.pp_rank, chunk, cfg.num_layers)
+        self.decoder = TransformerBlock(cfg, ps, len(self.layer_numbers), post_process=self.post_process,
+                                        transformer_impl=transformer_impl, **kw)
+        self.output_layer = None
+        if self.post_process:
+            tied_here = cfg.tie_word_embeddings and self.pre_process  # PP=1: the head *is* the embedding
+            self.output_layer = ColumnParallelLinear(
+                cfg.hidden_size, ps.layout.padded_vocab_size(cfg.vocab_size), tp=ps.tp, group=ps.tp_group,
+                skip_weight=tied_here, **kw)
+        self.vocab_start = self.ps.tp_rank * ps.layout.padded_vocab_size(cfg.vocab_size) // ps.tp
+
+    def shared_embedding_or_output_weight(self) -> torch.Tensor | None:
+        """The tensor tied embeddings share on this chunk: the embedding on the first, the head on the last."""
+        if self.pre_process:
+            return self.embedding.word_embeddings.weight
+        if self.post_process:
+            return self.output_layer.weight
+        return None
+
+    def forward(self, tokens_or_hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [b, s] (first chunk) or hidden [s(/tp), b, h] -> hidden, logits [s, b, V_pad/tp] or loss [b, s]."""
+        if self.pre_process:
+            b, s = tokens_or_hidden.shape
+            hidden = self.embedding(tokens_or_hidden)  # [s(/tp), b, h]
+        else:
+            hidden = tokens_or_hidden
+            s = hidden.shape[0] * (self.ps.tp if self.sequence_parallel else 1)
+            b = hidden.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(s, device=hidden.device).unsqueeze(0).expand(b, s)
+        rope = self.rotary_pos_emb(position_ids, hidden.dtype)  # cos, sin: [s, b, 1, d]
+        hidden = self.decoder(hidden, rope)
+        if not self.post_process:
+            return hidden
+        weight = self.embedding.word_embeddings.weight if self.output_layer.weight is None else None
+        logits = self.output_layer(hidden, weight)  # [s, b, V_pad/tp]
+        if labels is None:
+            return logits
+        vocab = self.cfg.vocab_size if self.mask_padded_vocab else None
+        loss = vocab_parallel_cross_entropy(logits, labels.t(), self.ps.tp_group, self.vocab_start, vocab)
+        return loss.t()  # [b, s]
+
+
+def build_model_chunks(cfg: ModelConfig, ps: ParallelState, **kwargs: Any) -> list[GPTModel]:
+    """Every virtual chunk of this rank's stage, in chunk order (`model0`, `model1`, ...)."""
+    return [GPTModel(cfg, ps, chunk=v, **kwargs) for v in range(ps.layout.chunks)]
+
+
+def _state_key(state: dict[str, Any], chunk: int, chunks: int) -> str:
+    if chunks == 1 and "model" in state:
+        return "model"
+    key = f"model{chunk}"
+    if key not in state:
+        present = sorted(k for k in state if k.startswith("model"))
+        raise BridgeError(f"rank file has {present}, not {key}; was it written for another --vpp?")
+    return key
+
+
+def load_rank_checkpoint(chunks: Sequence[GPTModel], state: dict[str, Any]) -> None:
+    """Load one rank's `model_optim_rng.pt` dict (`model` or `model0..`) into its chunks, strictly."""
+    for v, model in enumerate(chunks):
+        shard = state[_state_key(state, v, len(chunks))]
+        expected = set(model.state_dict())
+        missing, unexpected = sorted(expected - set(shard)), sorted(set(shard) - expected)
+        if missing or unexpected:
+            raise BridgeError(f"chunk {v} of rank tp={model.ps.tp_rank} pp={model.ps.pp_rank} does not match the model: "
+                              f"missing {missing[:8]}, unexpected {unexpected[:8]}; is the checkpoint for this config and "
+                              "--transformer-impl?")
+        try:
+            model.load_state_dict(shard, strict=True)
+        except RuntimeError as exc:
+            raise BridgeError(f"cannot load chunk {v}: {str(exc).splitlines()[-1].strip()}") from exc
+
+
+def _tied_weight(chunks: Sequence[GPTModel]) -> torch.Tensor | None:
+    """The tied tensor this rank holds: first stage's embedding or last stage's head copy (PP > 1 only)."""
+    model = chunks[0]
+    if not model.cfg.tie_word_embeddings or model.ps.pp == 1:
+        return None
+    if model.ps.is_first_stage:
+        return chunks[0].shared_embedding_or_output_weight()
+    if model.ps.is_last_stage:
+        return chunks[-1].shared_embedding_or_output_weight()
+    return None
+
+
+def sync_tied_embeddings(chunks: Sequence[GPTModel]) -> None:
+    """Copy the first stage's embedding into the last stage's head (at init, before training)."""
+    weight = _tied_weight(chunks)
+    ps = chunks[0].ps
+    if weight is not None and ps.embedding_group is not None:
+        with torch.no_grad():
+            dist.broadcast(weight.data, src=ps.embedding_ranks[0], group=ps.embedding_group)
+
+
+def allreduce_tied_embedding_grads(chunks: Sequence[GPTModel]) -> None:
+    """Sum the tied weight's gradient over the first and last stage, so both copies take the same step."""
+    weight = _tied_weight(chunks)
+    ps = chunks[0].ps
+    if weight is not None and weight.grad is not None and ps.embedding_group is not None:
+        dist.all_reduce(weight.grad, group=ps.embedding_group)

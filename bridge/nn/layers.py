@@ -1,0 +1,138 @@
+"""Tensor-parallel building blocks whose parameter names are Megatron Core's (TE and local spec).
+
+Shapes follow Megatron: activations are [s, b, h]; with sequence parallelism the sequence
+dimension of everything outside the TP regions is split, [s/tp, b, h].
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bridge.parallel import collectives as C
+from bridge.parallel.collectives import Group
+
+
+class TEExtraState:
+    """Mixin for modules that Transformer Engine gives an `_extra_state` entry (FP8 metadata).
+
+    Without FP8 TE 2.x stores an empty uint8 tensor; we emit the same and accept whatever is
+    loaded (tensor, None or an older TE's BytesIO), so a strict load of a TE-spec file succeeds.
+    """
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.empty(0, dtype=torch.uint8)
+
+    def set_extra_state(self, state: Any) -> None:
+        del state  # no FP8 metadata to restore
+
+
+class RMSNorm(nn.Module):
+    """HF's and TE's RMSNorm: normalise in fp32, cast back, then scale (bit-compatible with transformers)."""
+
+    def __init__(self, size: int, eps: float, *, dtype: torch.dtype, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T (+ b) with W split by rows over TP: [s, b, in] -> [s, b, out/tp].
+
+    With `norm_eps` set, an RMSNorm with weight `layer_norm_weight` is applied first (TE's
+    LayerNormColumnParallelLinear). With sequence parallelism the input is [s/tp, b, in] and is
+    all-gathered along the sequence after the norm.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, tp: int, group: Group, bias: bool = False,
+                 norm_eps: float | None = None, sequence_parallel: bool = False, skip_weight: bool = False,
+                 dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> None:
+        super().__init__()
+        if out_features % tp:
+            raise ValueError(f"output size {out_features} is not divisible by tp {tp}")
+        self.group, self.sequence_parallel, self.norm_eps = group, sequence_parallel, norm_eps
+        # skip_weight: the weight lives elsewhere and comes with forward() (tied output layer on one stage)
+        self.weight = None if skip_weight else nn.Parameter(
+            torch.empty(out_features // tp, in_features, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features // tp, dtype=dtype, device=device)) if bias else None
+        if norm_eps is not None:
+            self.layer_norm_weight = nn.Parameter(torch.ones(in_features, dtype=dtype, device=device))
+        if self.weight is not None:
+            nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        if self.norm_eps is not None:
+            x = rms_norm(x, self.layer_norm_weight, self.norm_eps)
+        if self.sequence_parallel:
+            x = C.gather_from_sp(x, self.group)  # [s/tp, b, in] -> [s, b, in]
+        else:
+            x = C.copy_to_tp(x, self.group)
+        return F.linear(x, self.weight if weight is None else weight, self.bias)  # [s, b, out/tp]
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T (+ b) with W split by columns over TP: [s, b, in/tp] -> [s, b, out], summed over TP.
+
+    With sequence parallelism the sum is a reduce-scatter and the output is [s/tp, b, out]. The
+    bias (replicated) is added after the reduction.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, tp: int, group: Group, bias: bool = False,
+                 sequence_parallel: bool = False, dtype: torch.dtype = torch.float32,
+                 device: torch.device | None = None) -> None:
+        super().__init__()
+        if in_features % tp:
+            raise ValueError(f"input size {in_features} is not divisible by tp {tp}")
+        self.group, self.sequence_parallel = group, sequence_parallel
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // tp, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        partial = F.linear(x, self.weight)  # [s, b, out], this rank's share of the sum
+        out = C.reduce_scatter_to_sp(partial, self.group) if self.sequence_parallel else C.reduce_from_tp(partial, self.group)
+        return out if self.bias is None else out + self.bias
+
+
+class TEColumnParallelLinear(TEExtraState, ColumnParallelLinear):
+    """TE spec's `TELayerNormColumnParallelLinear` / `TEColumnParallelLinear`: same maths, plus `_extra_state`."""
+
+
+class TERowParallelLinear(TEExtraState, RowParallelLinear):
+    """TE spec's `TERowParallelLinear`."""
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding whose (padded) vocabulary rows are split over TP: tokens [b, s] -> [s, b, h].
+
+    Each rank looks up the tokens in its row range, zeroes the others and the ranks sum (or
+    reduce-scatter along the sequence with sequence parallelism).
+    """
+
+    def __init__(self, padded_vocab: int, hidden: int, *, tp: int, tp_rank: int, group: Group,
+                 sequence_parallel: bool = False, dtype: torch.dtype = torch.float32,
+                 device: torch.device | None = None) -> None:
+        super().__init__()
+        self.group, self.sequence_parallel = group, sequence_parallel
+        per_rank = padded_vocab // tp
+        self.start, self.end = tp_rank * per_rank, (tp_rank + 1) * per_rank
+        self.weight = nn.Parameter(torch.empty(per_rank, hidden, dtype=dtype, device=device))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        outside = (tokens < self.start) | (tokens >= self.end)
+        local = (tokens - self.start).masked_fill(outside, 0)
+        emb = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)  # [b, s, h]
+        emb = emb.transpose(0, 1).contiguous()  # [s, b, h]
+        return C.reduce_scatter_to_sp(emb, self.group) if self.sequence_parallel else C.reduce_from_tp(emb, self.group)

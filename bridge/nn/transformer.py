@@ -1,0 +1,118 @@
+"""One transformer layer (attention + SwiGLU MLP) under Megatron Core's module names, TE or local spec.
+
+TE spec: the pre-attention / pre-MLP RMSNorms are fused into `linear_qkv` / `linear_fc1`
+(`layer_norm_weight`) and the TE modules carry `_extra_state`. Local spec: separate
+`input_layernorm` / `pre_mlp_layernorm`, no extra state (megatron/core/models/gpt/gpt_layer_specs.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bridge.config import ModelConfig
+from bridge.nn.layers import (ColumnParallelLinear, RMSNorm, RowParallelLinear, TEColumnParallelLinear,
+                              TEExtraState, TERowParallelLinear)
+from bridge.nn.rope import apply_rope
+from bridge.parallel.state import ParallelState
+
+TRANSFORMER_IMPLS = ("transformer_engine", "local")
+
+
+class CoreAttention(nn.Module):
+    """Causal scaled-dot-product attention with GQA (SDPA picks flash attention on CUDA in bf16/fp16)."""
+
+    def __init__(self, sliding_window: int | None) -> None:
+        super().__init__()
+        self.sliding_window = sliding_window
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: [s, b, nq, d]; k, v: [s, b, ng, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
+        s = q.shape[2]
+        if self.sliding_window is not None and s > self.sliding_window:
+            i = torch.arange(s, device=q.device)
+            dist = i[:, None] - i[None, :]
+            mask = (dist >= 0) & (dist < self.sliding_window)  # transformers' window: q - kv < W
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return out.permute(2, 0, 1, 3)  # [s, b, nq, d]
+
+
+class TECoreAttention(TEExtraState, CoreAttention):
+    """TE spec's `TEDotProductAttention`: no parameters, one `_extra_state`."""
+
+
+class SelfAttention(nn.Module):
+    """linear_qkv (query-group-interleaved fused QKV) -> q/k norm -> RoPE -> attention -> linear_proj."""
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, *, te: bool, sequence_parallel: bool,
+                 dtype: torch.dtype, device: torch.device | None) -> None:
+        super().__init__()
+        tp = ps.tp
+        self.heads_per_group, self.groups, self.d = cfg.heads_per_group, cfg.num_query_groups // tp, cfg.kv_channels
+        common = dict(tp=tp, group=ps.tp_group, sequence_parallel=sequence_parallel, dtype=dtype, device=device)
+        column, row = (TEColumnParallelLinear, TERowParallelLinear) if te else (ColumnParallelLinear, RowParallelLinear)
+        self.linear_qkv = column(cfg.hidden_size, cfg.qkv_rows, bias=cfg.add_qkv_bias,
+                                 norm_eps=cfg.norm_epsilon if te else None, **common)
+        self.core_attention = (TECoreAttention if te else CoreAttention)(cfg.sliding_window)
+        self.linear_proj = row(cfg.num_attention_heads * cfg.kv_channels, cfg.hidden_size, **common)
+        if cfg.qk_layernorm:
+            self.q_layernorm = RMSNorm(cfg.kv_channels, cfg.norm_epsilon, dtype=dtype, device=device)
+            self.k_layernorm = RMSNorm(cfg.kv_channels, cfg.norm_epsilon, dtype=dtype, device=device)
+        else:
+            self.q_layernorm = self.k_layernorm = None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        qkv = self.linear_qkv(x)  # [s, b, ng/tp * (hpg + 2) * d]
+        s, b = qkv.shape[:2]
+        qkv = qkv.view(s, b, self.groups, (self.heads_per_group + 2) * self.d)
+        q, k, v = qkv.split([self.heads_per_group * self.d, self.d, self.d], dim=-1)
+        q = q.reshape(s, b, self.groups * self.heads_per_group, self.d)  # [s, b, nq/tp, d]
+        if self.q_layernorm is not None:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = self.core_attention(q, k, v)  # [s, b, nq/tp, d]
+        return self.linear_proj(out.reshape(s, b, -1))  # [s(/tp), b, h]
+
+
+class MLP(nn.Module):
+    """SwiGLU: linear_fc1 holds [gate_r; up_r] for this TP rank; silu(gate) * up -> linear_fc2."""
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, *, te: bool, sequence_parallel: bool,
+                 dtype: torch.dtype, device: torch.device | None) -> None:
+        super().__init__()
+        common = dict(tp=ps.tp, group=ps.tp_group, sequence_parallel=sequence_parallel, dtype=dtype, device=device)
+        column, row = (TEColumnParallelLinear, TERowParallelLinear) if te else (ColumnParallelLinear, RowParallelLinear)
+        self.linear_fc1 = column(cfg.hidden_size, 2 * cfg.ffn_hidden_size, norm_eps=cfg.norm_epsilon if te else None, **common)
+        self.linear_fc2 = row(cfg.ffn_hidden_size, cfg.hidden_size, **common)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.linear_fc1(x).chunk(2, dim=-1)  # [s, b, F/tp] each
+        return self.linear_fc2(F.silu(gate) * up)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm residual block. `forward` is a pure function of (hidden, rope), so activation
+    recomputation can wrap it (torch.utils.checkpoint) without knowing its insides."""
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, *, transformer_impl: str, sequence_parallel: bool,
+                 dtype: torch.dtype, device: torch.device | None) -> None:
+        super().__init__()
+        te = transformer_impl == "transformer_engine"
+        if not te:
+            self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype=dtype, device=device)
+        kwargs = dict(te=te, sequence_parallel=sequence_parallel, dtype=dtype, device=device)
+        self.self_attention = SelfAttention(cfg, ps, **kwargs)
+        if not te:
+            self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype=dtype, device=device)
+        self.mlp = MLP(cfg, ps, **kwargs)
+        self.te = te
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        # x: [s(/tp), b, h]
+        h = x if self.te else self.input_layernorm(x)
+        x = x + self.self_attention(h, rope)
+        h = x if self.te else self.pre_mlp_layernorm(x)
+        return x + self.mlp(h)

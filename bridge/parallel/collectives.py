@@ -1,0 +1,181 @@
+"""Autograd-aware tensor/sequence-parallel collectives (Megatron's mappings.py, on torch.distributed).
+
+Each op is the identity when its group is None or has one rank, so single-process models run the
+same code. The last dimension is the TP dimension of activations; dimension 0 is the sequence
+dimension (Megatron's [s, b, h] layout) for the sequence-parallel ops. Gloo has no reduce-scatter
+and no tensor all-gather, so those are emulated there with all_reduce / list all_gather.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+Group = dist.ProcessGroup | None
+
+
+def _size(group: Group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _is_gloo(group: Group) -> bool:
+    return dist.get_backend(group) == "gloo"
+
+
+def all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
+    if _size(group) == 1:
+        return x
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def all_gather(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
+    """Concatenate every rank's `x` along `dim`, in group-rank order."""
+    size = _size(group)
+    if size == 1:
+        return x
+    x = x.contiguous()
+    if _is_gloo(group) or dim != 0:
+        parts = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(parts, x, group=group)
+        return torch.cat(parts, dim=dim)
+    out = x.new_empty((size * x.shape[0], *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x, group=group)
+    return out
+
+
+def split(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
+    """This rank's contiguous slice of `x` along `dim`."""
+    size = _size(group)
+    if size == 1:
+        return x
+    if x.shape[dim] % size:
+        raise ValueError(f"dimension {dim} of size {x.shape[dim]} is not divisible by the group size {size}")
+    return x.chunk(size, dim=dim)[dist.get_rank(group)].contiguous()
+
+
+def reduce_scatter(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Sum over ranks, then keep this rank's slice of dimension 0."""
+    size = _size(group)
+    if size == 1:
+        return x
+    if _is_gloo(group):
+        return split(all_reduce(x.clone(), group), group, 0)
+    x = x.contiguous()
+    out = x.new_empty((x.shape[0] // size, *x.shape[1:]))
+    dist.reduce_scatter_tensor(out, x, group=group)
+    return out
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:  # noqa: ANN001
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        return all_reduce(grad.clone(), ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:  # noqa: ANN001
+        return all_reduce(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        return grad, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:  # noqa: ANN001
+        ctx.group = group
+        return all_gather(x, group, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        return split(grad, ctx.group, -1), None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:  # noqa: ANN001
+        ctx.group = group
+        return split(x, group, -1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        return all_gather(grad, ctx.group, dim=-1), None
+
+
+class _ScatterToSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:  # noqa: ANN001
+        ctx.group = group
+        return split(x, group, 0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        return all_gather(grad, ctx.group, dim=0), None
+
+
+class _GatherFromSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Group, tp_output_grad: bool) -> torch.Tensor:  # noqa: ANN001
+        ctx.group, ctx.tp_output_grad = group, tp_output_grad
+        return all_gather(x, group, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        if ctx.tp_output_grad:  # the consumer is tensor-parallel: every rank holds a partial gradient
+            return reduce_scatter(grad, ctx.group), None, None
+        return split(grad, ctx.group, 0), None, None
+
+
+class _ReduceScatterToSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:  # noqa: ANN001
+        ctx.group = group
+        return reduce_scatter(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        return all_gather(grad, ctx.group, dim=0), None
+
+
+def copy_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Forward identity, backward all-reduce: the input of a column-parallel linear."""
+    return x if _size(group) == 1 else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Forward all-reduce, backward identity: the output of a row-parallel linear."""
+    return x if _size(group) == 1 else _ReduceFromTP.apply(x, group)
+
+
+def gather_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Forward all-gather of the last dimension, backward split."""
+    return x if _size(group) == 1 else _GatherFromTP.apply(x, group)
+
+
+def scatter_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Forward split of the last dimension, backward all-gather."""
+    return x if _size(group) == 1 else _ScatterToTP.apply(x, group)
+
+
+def scatter_to_sp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Forward split of the sequence dimension (0), backward all-gather."""
+    return x if _size(group) == 1 else _ScatterToSP.apply(x, group)
+
+
+def gather_from_sp(x: torch.Tensor, group: Group, tensor_parallel_output_grad: bool = True) -> torch.Tensor:
+    """Forward all-gather of the sequence dimension; backward reduce-scatter (or split when the consumer
+    is not tensor-parallel, e.g. gathering outputs for a loss)."""
+    return x if _size(group) == 1 else _GatherFromSP.apply(x, group, tensor_parallel_output_grad)
+
+
+def reduce_scatter_to_sp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Forward reduce-scatter along the sequence dimension, backward all-gather: row-parallel output with SP."""
+    return x if _size(group) == 1 else _ReduceScatterToSP.apply(x, group)

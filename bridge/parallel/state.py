@@ -1,0 +1,161 @@
+"""`ParallelState`: one rank's place in a TP x DP x PP grid, validated once, with its process groups.
+
+Rank order (Megatron Core's default `tp-cp-ep-dp-pp` with cp = ep = 1): TP is fastest, then DP,
+then PP, i.e. `rank = (pp_rank * dp + dp_rank) * tp + tp_rank`. So a TP group is a block of
+consecutive ranks (one NVLink island on a node) and the stages of one pipeline are `tp * dp` apart.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+from bridge.errors import BridgeError
+from bridge.layout import ParallelLayout
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("gloo", "nccl")
+
+
+class ParallelState:
+    """Coordinates and process groups of one rank.
+
+    Groups are created only when `torch.distributed` is initialised and `create_groups` is true;
+    otherwise they are None and the object still answers every coordinate question (handy for
+    building one rank's model shapes in a single process, e.g. to check state-dict keys).
+    Every rank must construct its ParallelState in the same order, since `new_group` is collective.
+    """
+
+    def __init__(self, layout: ParallelLayout, world_size: int, rank: int, *, create_groups: bool = True) -> None:
+        model_parallel = layout.tp * layout.pp
+        if world_size < 1 or world_size % model_parallel:
+            raise BridgeError(f"world size {world_size} is not a multiple of tp*pp = {layout.tp}*{layout.pp}; "
+                              f"start a multiple of {model_parallel} processes")
+        if not 0 <= rank < world_size:
+            raise BridgeError(f"rank {rank} is outside the world of {world_size} processes")
+        self.layout, self.world_size, self.rank = layout, world_size, rank
+        self.tp, self.pp, self.dp = layout.tp, layout.pp, world_size // model_parallel
+        self.tp_rank, self.dp_rank, self.pp_rank = self.coords(rank)
+        self.tp_group: dist.ProcessGroup | None = None
+        self.pp_group: dist.ProcessGroup | None = None
+        self.dp_group: dist.ProcessGroup | None = None
+        self.embedding_group: dist.ProcessGroup | None = None
+        if create_groups and dist.is_available() and dist.is_initialized():
+            if dist.get_world_size() != world_size:
+                raise BridgeError(f"torch.distributed has {dist.get_world_size()} ranks but the layout was given "
+                                  f"world size {world_size}; pass the launched world size")
+            self._create_groups()
+
+    # ---- rank arithmetic -------------------------------------------------------------------
+    def rank_of(self, tp_rank: int, dp_rank: int, pp_rank: int) -> int:
+        return (pp_rank * self.dp + dp_rank) * self.tp + tp_rank
+
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """Global rank -> (tp_rank, dp_rank, pp_rank)."""
+        block, tp_rank = divmod(rank, self.tp)
+        pp_rank, dp_rank = divmod(block, self.dp)
+        return tp_rank, dp_rank, pp_rank
+
+    @property
+    def tp_ranks(self) -> list[int]:
+        return [self.rank_of(t, self.dp_rank, self.pp_rank) for t in range(self.tp)]
+
+    @property
+    def pp_ranks(self) -> list[int]:
+        """Global ranks of this rank's pipeline, in stage order."""
+        return [self.rank_of(self.tp_rank, self.dp_rank, p) for p in range(self.pp)]
+
+    @property
+    def dp_ranks(self) -> list[int]:
+        return [self.rank_of(self.tp_rank, d, self.pp_rank) for d in range(self.dp)]
+
+    @property
+    def embedding_ranks(self) -> list[int]:
+        """First and last stage of this pipeline: they share the tied word embeddings."""
+        ranks = self.pp_ranks
+        return sorted({ranks[0], ranks[-1]})
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    def pre_process(self, chunk: int) -> bool:
+        """Whether virtual chunk `chunk` of this stage holds the embedding (the model's first layers)."""
+        return self.is_first_stage and chunk == 0
+
+    def post_process(self, chunk: int) -> bool:
+        """Whether virtual chunk `chunk` of this stage holds the final norm and output layer."""
+        return self.is_last_stage and chunk == self.layout.chunks - 1
+
+    @property
+    def next_rank(self) -> int:
+        """Where activations go: the next stage (the last stage wraps to stage 0's next virtual chunk)."""
+        return self.pp_ranks[(self.pp_rank + 1) % self.pp]
+
+    @property
+    def prev_rank(self) -> int:
+        return self.pp_ranks[(self.pp_rank - 1) % self.pp]
+
+    # ---- groups ------------------------------------------------------------------------------
+    def _create_groups(self) -> None:
+        """Every rank walks every group in the same order (new_group is collective) and keeps its own."""
+        grid = [[[self.rank_of(t, d, p) for t in range(self.tp)] for d in range(self.dp)] for p in range(self.pp)]
+        for p in range(self.pp):
+            for d in range(self.dp):
+                group = dist.new_group(grid[p][d])
+                if self.rank in grid[p][d]:
+                    self.tp_group = group
+        for p in range(self.pp):
+            for t in range(self.tp):
+                ranks = [grid[p][d][t] for d in range(self.dp)]
+                group = dist.new_group(ranks)
+                if self.rank in ranks:
+                    self.dp_group = group
+        for d in range(self.dp):
+            for t in range(self.tp):
+                ranks = [grid[p][d][t] for p in range(self.pp)]
+                group = dist.new_group(ranks)
+                if self.rank in ranks:
+                    self.pp_group = group
+                emb = sorted({ranks[0], ranks[-1]})
+                group = dist.new_group(emb)
+                if self.rank in emb:
+                    self.embedding_group = group
+        log.debug("rank %d: tp %d/%d dp %d/%d pp %d/%d", self.rank, self.tp_rank, self.tp,
+                  self.dp_rank, self.dp, self.pp_rank, self.pp)
+
+    def __repr__(self) -> str:
+        return (f"ParallelState(rank={self.rank}/{self.world_size}, tp={self.tp_rank}/{self.tp}, "
+                f"dp={self.dp_rank}/{self.dp}, pp={self.pp_rank}/{self.pp}, vpp={self.layout.vpp})")
+
+
+def init_distributed(backend: str | None = None, *, timeout_s: float = 600.0) -> tuple[int, int]:
+    """Initialise torch.distributed from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
+
+    NCCL ranks are pinned to `cuda:LOCAL_RANK` first, so each process owns one GPU. Returns
+    (rank, world_size). Without the variables it starts a one-rank world on a free local port.
+    """
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend not in BACKENDS:
+        raise BridgeError(f"backend {backend} is not one of {', '.join(BACKENDS)}")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if "RANK" not in os.environ:
+        from bridge.launch import free_port
+
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise BridgeError("backend nccl needs CUDA GPUs; use --device cpu (gloo) on this machine")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    return rank, world
