@@ -51,7 +51,9 @@ def _source_info(meta: dict) -> dict[str, str]:
     source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
     given, path = source.get("repo_id") or source.get("id"), source.get("path")
     info = {k: str(source[k]) for k in ("revision", "path") if source.get(k)}
-    if given and re.fullmatch(r"[\w.-]+/[\w.-]+", str(given)) and (source.get("repo_id") or Path(str(path)) != Path(str(given))):
+    # `bridge import` resolves a local folder to itself and a Hub id to a snapshot folder elsewhere
+    resolved_elsewhere = bool(given) and Path(str(path or given)) != Path(str(given))
+    if source.get("repo_id") or (given and re.fullmatch(r"[\w.-]+/[\w.-]+", str(given)) and resolved_elsewhere):
         info["repo_id"] = str(given)
         commit = re.search(r"/snapshots/([0-9a-f]{40})/?$", str(path or ""))
         if commit:

@@ -12,11 +12,14 @@ import logging
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bridge.errors import BridgeError
 from bridge.hub import hub_error_message
-from bridge.model_card import build_model_card
+from bridge.model_card import ModelCard, build_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +31,17 @@ STALE_WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".bin", ".safetensors.
 #: Local files never uploaded.
 SKIP_NAMES: frozenset[str] = frozenset({".git", ".cache", "__pycache__", ".DS_Store"})
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where a push goes and as whom; the token stays out of repr so it never reaches a log."""
+
+    repo_id: str
+    revision: str | None
+    private: bool
+    token: str | None = field(repr=False)
+    endpoint: str | None
 
 
 def push_to_hub(
@@ -49,27 +63,29 @@ def push_to_hub(
     src = Path(source).expanduser()
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise BridgeError(f"{repo_id!r} is not a repo id; give it as <user or org>/<name>, e.g. me/my-llama")
+    target = _Target(repo_id, revision, private, token, endpoint)
+    with _as_hf_folder(src) as (folder, checkpoint):
+        card = build_model_card(folder, repo_id, checkpoint=checkpoint, revision=revision)
+        message = commit_message or f"{'Export' if checkpoint else 'Upload'} {src.name} with bridge"
+        return _push_with_retries(folder, card, message, target)
+
+
+@contextmanager
+def _as_hf_folder(src: Path) -> Iterator[tuple[Path, Path | None]]:
+    """(HF folder to upload, checkpoint it came from). A checkpoint is exported into a temporary folder
+    beside it (streamed, memory bounded by export), removed when the push is over."""
     if (src / "bridge.json").is_file():
-        return _push_checkpoint(src, repo_id, revision, private, token, commit_message, endpoint)
-    if (src / "config.json").is_file():
-        card = build_model_card(src, repo_id, revision=revision)
-        message = commit_message or f"Upload {src.name} with bridge"
-        return _push_with_retries(src, card, repo_id, revision, private, token, message, endpoint)
-    if src.is_dir():
+        from bridge.api import export_hf
+
+        with tempfile.TemporaryDirectory(prefix=f".{src.name}.push-", dir=src.parent) as tmp:
+            logger.info("exporting %s to Hugging Face format for the push", src)
+            yield Path(export_hf(src, Path(tmp) / "hf")), src
+    elif (src / "config.json").is_file():
+        yield src, None
+    elif src.is_dir():
         raise BridgeError(f"{src} holds neither config.json (an HF folder) nor bridge.json (a bridge checkpoint)")
-    raise BridgeError(f"no folder {src}; give an HF folder or a bridge checkpoint folder")
-
-
-def _push_checkpoint(ckpt: Path, repo_id: str, revision, private, token, commit_message, endpoint) -> str:
-    """Export the checkpoint into a temporary folder beside it (streamed, bounded memory), push, clean up."""
-    from bridge.api import export_hf
-
-    with tempfile.TemporaryDirectory(prefix=f".{ckpt.name}.push-", dir=ckpt.parent) as tmp:
-        logger.info("exporting %s to Hugging Face format for the push", ckpt)
-        hf_folder = Path(export_hf(ckpt, Path(tmp) / "hf"))
-        card = build_model_card(hf_folder, repo_id, checkpoint=ckpt, revision=revision)
-        message = commit_message or f"Export {ckpt.name} with bridge"
-        return _push_with_retries(hf_folder, card, repo_id, revision, private, token, message, endpoint)
+    else:
+        raise BridgeError(f"no folder {src}; give an HF folder or a bridge checkpoint folder")
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -90,12 +106,12 @@ def _is_transient(exc: BaseException) -> bool:
     return False
 
 
-def _push_with_retries(folder: Path, card, repo_id, revision, private, token, message, endpoint) -> str:
+def _push_with_retries(folder: Path, card: ModelCard, message: str, target: _Target) -> str:
     """Run `_push_once`, retrying it on transient errors; every other Hub error becomes one BridgeError line."""
-    attempts = len(RETRY_WAITS_S) + 1
+    attempts, repo_id = len(RETRY_WAITS_S) + 1, target.repo_id
     for attempt in range(1, attempts + 1):
         try:
-            return _push_once(folder, card, repo_id, revision, private, token, message, endpoint)
+            return _push_once(folder, card, message, target)
         except BridgeError:
             raise
         except Exception as exc:  # huggingface_hub and httpx raise many kinds
@@ -105,7 +121,7 @@ def _push_with_retries(folder: Path, card, repo_id, revision, private, token, me
                                attempt, attempts - 1, wait)
                 time.sleep(wait)
                 continue
-            reason = hub_error_message(exc, repo_id, revision, token_given=token is not None)
+            reason = hub_error_message(exc, repo_id, target.revision, token_given=target.token is not None)
             if reason is None and _is_transient(exc):
                 reason = (f"push to {repo_id} failed {attempts} times ({type(exc).__name__}); the repo holds the "
                           "whole commit or none of it: run the same command again to finish")
@@ -113,11 +129,12 @@ def _push_with_retries(folder: Path, card, repo_id, revision, private, token, me
     raise AssertionError("unreachable")
 
 
-def _push_once(folder: Path, card, repo_id, revision, private, token, message, endpoint) -> str:
+def _push_once(folder: Path, card: ModelCard, message: str, target: _Target) -> str:
     from huggingface_hub import HfApi
 
-    api = HfApi(endpoint=endpoint, token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
+    api = HfApi(endpoint=target.endpoint, token=target.token)
+    repo_id, revision = target.repo_id, target.revision
+    api.create_repo(repo_id, private=target.private, exist_ok=True)
     if revision and revision != "main":
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     operations = _operations(api, folder, card, repo_id, revision)
@@ -127,7 +144,7 @@ def _push_once(folder: Path, card, repo_id, revision, private, token, message, e
     return info.commit_url
 
 
-def _operations(api, folder: Path, card, repo_id: str, revision: str | None) -> list:
+def _operations(api, folder: Path, card: ModelCard, repo_id: str, revision: str | None) -> list:
     """Adds for every local file (README.md and assets from `card`), deletes for stale remote weights."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 

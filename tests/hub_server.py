@@ -302,8 +302,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         stored = commit.files.get(path)
         if stored is None:
             raise HubHTTPError(404, "EntryNotFound", f"{path} does not exist at {rev}")
-        if r.gated and self._user() not in {r.owner, *r.granted}:
-            status = 401 if self._user() is None else 403
+        user = self._user()
+        if r.gated and user not in {r.owner, *r.granted}:
+            status = 401 if user is None else 403
             raise HubHTTPError(status, "GatedRepo", f"Access to model {repo} is restricted")
         headers = {"X-Repo-Commit": commit.oid, "ETag": f'"{stored.upload_oid}"', "Accept-Ranges": "bytes"}
         if stored.lfs:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import HfApi, constants
+from huggingface_hub import HfApi, constants, hf_hub_download
 
 from bridge.errors import BridgeError
 from bridge.hub import resolve_source
@@ -108,3 +108,17 @@ def test_local_sources_need_no_hub(tmp_path):
     assert resolve_source(str(tmp_path)) == tmp_path
     with pytest.raises(BridgeError, match="give a local HF folder or a Hub id"):
         resolve_source("no/such/folder")
+
+
+def test_import_from_hub_branch_and_push_back(hub, published, tmp_path):
+    """`bridge import me/x --revision exp-3 --tp 2`, export, push: same logits; the card names its base."""
+    from bridge.api import export_hf, import_hf
+    from bridge.layout import ParallelLayout
+
+    push_to_hub(published, REPO, token=TOKEN, revision="exp-3")
+    commit = HfApi(token=TOKEN).repo_info(REPO, revision="exp-3").sha
+    ckpt = import_hf(REPO, tmp_path / "r1", ParallelLayout(tp=2), revision="exp-3", token=TOKEN)
+    assert torch.equal(logits_of(export_hf(ckpt, tmp_path / "r1-hf")), logits_of(published))
+    push_to_hub(ckpt, f"{USER}/finetuned", token=TOKEN)
+    text = Path(hf_hub_download(f"{USER}/finetuned", "README.md", token=TOKEN)).read_text()
+    assert f"base_model: {REPO}" in text and f"at revision `exp-3`, commit `{commit}`" in text

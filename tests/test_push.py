@@ -120,6 +120,7 @@ def test_push_from_megatron_checkpoint(hub, tiny_llama, tmp_path):
     local = Path(snapshot_download(REPO, token=TOKEN))
     assert torch.equal(logits_of(local), logits_of(tiny_llama))
     card = (local / "README.md").read_text()
+    assert "Source: a local folder (`tiny-llama`)" in card and "base_model" not in card
     assert "TP=2, PP=1" in card and "| Iterations | 20 |" in card and "| Tokens | 40,960 |" in card
     assert "| Final validation loss | 4.75 |" in card and "![training loss](loss_curve.png)" in card
     assert (local / "loss_curve.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
