@@ -17,6 +17,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "bridge.cli.demo",
     "bridge.cli.push",
     "bridge.cli.data",
+    "bridge.cli.verify",
 )
 
 

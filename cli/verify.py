@@ -1,0 +1,28 @@
+"""`bridge verify HF_SRC CKPT`: same logits as transformers? Prints the table; exit 1 on failure."""
+from __future__ import annotations
+
+import argparse
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from bridge.verify import read_prompts, verify
+
+    result = verify(args.hf_src, args.checkpoint, prompts=read_prompts(args.prompts), dtype=args.dtype,
+                    device=args.device, sequence_parallel=args.sequence_parallel, write_json=not args.no_json)
+    print(result.table())
+    return 0 if result.passed else 1
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("verify", help="compare a checkpoint's logits with transformers' (table + exit code)")
+    p.add_argument("hf_src", help="the HF model the checkpoint was imported from (folder or Hub id)")
+    p.add_argument("checkpoint", help="bridge checkpoint folder")
+    p.add_argument("--prompts", help="text file, one prompt per line (default: a built-in set of 4)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="compute dtype of both models; fp32 checks max |diff| <= 1e-4 x logit scale, bf16 top-1 >= 99%%")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cpu: one gloo process per rank; cuda: one GPU per rank with NCCL")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="run the sharded model with sequence parallelism (prompts cut to a multiple of TP)")
+    p.add_argument("--no-json", action="store_true", help="do not write verify.json into the checkpoint")
+    p.set_defaults(func=run_verify)
