@@ -20,7 +20,7 @@ from bridge.converters.hf import PlannedTensor, SafetensorsReader, StreamingSafe
 from bridge.converters.megatron_legacy import LegacyCheckpointReader, LegacyCheckpointWriter
 from bridge.errors import BridgeError
 from bridge.mapping import Conversion
-from bridge.sharding import TE_EXTRA_STATE_MODULES, LocalKey, gather, localize, rule_for, split
+from bridge.sharding import TE_EXTRA_STATE_MODULES, LocalKey, Split, gather, localize, rule_for, split
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +115,30 @@ class MegatronSource:
         tp, vocab = self.meta.layout.tp, self.meta.config.vocab_size
         for conv in self.conversions:
             loc, rule = self._local(conv.megatron), rule_for(conv.megatron)
-            fetch = self.reader.meta if meta else self.reader.get
-            shards = [fetch(r, loc.pp_rank, loc.chunk, loc.name) for r in range(tp)]
-            if meta and rule.name == "REPLICATED":
-                yield conv, shards[0]
+            if meta:
+                shards = [self.reader.meta(r, loc.pp_rank, loc.chunk, loc.name) for r in range(tp)]
+                yield conv, shards[0] if rule is Split.REPLICATED else gather(shards, rule, vocab)
+            elif rule in (Split.COLUMN, Split.VOCAB, Split.GATED_COLUMN):
+                yield conv, self._gather_in_place(loc, rule)[:vocab] if rule is Split.VOCAB else self._gather_in_place(loc, rule)
             else:
-                yield conv, gather(shards, rule, vocab)
+                yield conv, gather([self.reader.get(r, loc.pp_rank, loc.chunk, loc.name) for r in range(tp)], rule, vocab)
+
+    def _gather_in_place(self, loc: LocalKey, rule: Split) -> torch.Tensor:
+        """Dim-0 splits: read every shard straight into its rows of the global tensor (no read + cat)."""
+        metas = [self.reader.meta(r, loc.pp_rank, loc.chunk, loc.name) for r in range(self.meta.layout.tp)]
+        rows = metas[0].shape[0]
+        out = torch.empty(rows * len(metas), *metas[0].shape[1:], dtype=metas[0].dtype)
+        if rule is not Split.GATED_COLUMN:
+            for r in range(len(metas)):
+                self.reader.get_into(r, loc.pp_rank, loc.chunk, loc.name, out[r * rows:(r + 1) * rows])
+            return out
+        half, total_half = rows // 2, rows * len(metas) // 2  # each shard is [gate_r; up_r]
+        per_row = metas[0][0].numel()
+        for r in range(len(metas)):
+            self.reader.get_into(r, loc.pp_rank, loc.chunk, loc.name, out[r * half:(r + 1) * half])
+            self.reader.get_into(r, loc.pp_rank, loc.chunk, loc.name, out[total_half + r * half:total_half + (r + 1) * half],
+                                 first=half * per_row)
+        return out
 
     def finish(self) -> None:
         for pp_rank, chunk, name in self._extra_keys():

@@ -73,7 +73,7 @@ class SafetensorsReader:
 
     def _check_sizes(self) -> None:
         """Catch truncated files now: the header's last data offset must fit in the file."""
-        for path, handle in self._handles.items():
+        for path in self._handles:
             header_len = int.from_bytes(path.open("rb").read(8), "little")
             with path.open("rb") as f:
                 f.seek(8)
@@ -86,8 +86,11 @@ class SafetensorsReader:
         return set(self._files)
 
     def get(self, name: str) -> torch.Tensor:
+        """Read one tensor. The file is mapped only for this read: a handle kept open would keep every
+        page read so far resident (file-backed RSS grows to the model's size)."""
         try:
-            return self._handles[self._files[name]].get_tensor(name)
+            with safe_open(str(self._files[name]), framework="pt") as handle:
+                return handle.get_tensor(name)
         except KeyError:
             raise BridgeError(f"tensor {name} is not in {self.folder}") from None
         except SafetensorError as exc:

@@ -15,7 +15,7 @@ import torch
 
 from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
-from bridge.converters.torch_zip import IncrementalTorchWriter, load_index, read_tensor
+from bridge.converters.torch_zip import IncrementalTorchWriter, load_index, read_into, read_tensor
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FILE_NAME = "model_optim_rng.pt"
@@ -140,6 +140,11 @@ class LegacyCheckpointReader:
         tensor = read_tensor(self._paths[tp_rank, pp_rank], self.meta(tp_rank, pp_rank, chunk, name))
         self._consumed.add((tp_rank, pp_rank, chunk, name))
         return tensor
+
+    def get_into(self, tp_rank: int, pp_rank: int, chunk: int, name: str, out: torch.Tensor, first: int = 0) -> None:
+        """Read (part of) a tensor straight into `out`; marks it consumed."""
+        read_into(self._paths[tp_rank, pp_rank], self.meta(tp_rank, pp_rank, chunk, name), out, first)
+        self._consumed.add((tp_rank, pp_rank, chunk, name))
 
     def mark_consumed(self, tp_rank: int, pp_rank: int, chunk: int, name: str) -> None:
         self.meta(tp_rank, pp_rank, chunk, name)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import io
-import os
 import pickle
 import sys
 from pathlib import Path
@@ -107,5 +106,20 @@ def read_tensor(path: Path, meta: torch.Tensor) -> torch.Tensor:
     return flat.as_strided(meta.shape, meta.stride(), meta.storage_offset())
 
 
-def file_size(path: Path) -> int:
-    return os.path.getsize(path)
+def read_into(path: Path, meta: torch.Tensor, out: torch.Tensor, first: int = 0) -> None:
+    """Read `out.numel()` elements of a stored contiguous tensor, from element `first`, straight into `out`.
+
+    Used to assemble a TP-gathered tensor in place: one copy from the file instead of read + cat.
+    """
+    storage = meta.untyped_storage()
+    if not (meta.is_contiguous() and out.is_contiguous() and out.dtype == meta.dtype):
+        raise ValueError("read_into needs contiguous tensors of the stored dtype")
+    start = storage._checkpoint_offset + (meta.storage_offset() + first) * meta.element_size()
+    view = out.view(-1).view(torch.uint8).numpy() if out.numel() else None
+    if view is None:
+        return
+    with open(path, "rb", buffering=0) as handle:
+        handle.seek(start)
+        got = handle.readinto(view)
+    if got != out.nbytes:
+        raise BridgeError(f"{path} is truncated: expected {out.nbytes} bytes at offset {start}, found {got}")
