@@ -9,6 +9,7 @@ number of workers.
 from __future__ import annotations
 
 import collections
+from contextlib import closing
 import logging
 import multiprocessing
 import os
@@ -211,8 +212,10 @@ def prepare(config: PrepareConfig) -> PrepareResult:
     try:
         chunks = iter_chunks(paths, config.json_keys, config.chunk_size)
         total = count_records(paths) if config.progress else None
-        with tqdm(total=total, unit="doc", disable=not config.progress, dynamic_ncols=True) as bar:
-            for encoded in _encode_all(encoder, chunks, config.workers):
+        # closing(): a stop in the loop shuts the pool down now, not when the generator is collected
+        with closing(_encode_all(encoder, chunks, config.workers)) as encoded_chunks, \
+                tqdm(total=total, unit="doc", disable=not config.progress, dynamic_ncols=True) as bar:
+            for encoded in encoded_chunks:
                 _consume(encoded, writers, result, config)
                 _update_progress(bar, encoded, result, start)
         if result.documents == 0:

@@ -86,18 +86,25 @@ def open_text(path: str, compression: str | None) -> TextIO:
     return open(path, "r", encoding="utf-8")
 
 
-def iter_chunks(paths: Iterable[str], keys: Sequence[str], chunk_size: int = 256) -> Iterator[Chunk]:
-    """Yield the records of all `paths` in order, `chunk_size` at a time."""
+#: A chunk also ends at this many bytes of raw text: chunks of similar cost keep the workers evenly
+#: busy to the end (a few huge chunks would leave one worker finishing alone).
+CHUNK_BYTES = 128 * 1024
+
+
+def iter_chunks(paths: Iterable[str], keys: Sequence[str], chunk_size: int = 256,
+                chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
+    """Yield the records of all `paths` in order, at most `chunk_size` records or about
+    `chunk_bytes` of jsonl text at a time."""
     for path in paths:
         kind, compression = input_format(path)
         logger.debug("reading %s (%s%s)", path, kind, f", {compression}" if compression else "")
         if kind == "parquet":
             yield from _parquet_chunks(path, keys, chunk_size)
         else:
-            yield from _jsonl_chunks(path, compression, chunk_size)
+            yield from _jsonl_chunks(path, compression, chunk_size, chunk_bytes)
 
 
-def _jsonl_chunks(path: str, compression: str | None, chunk_size: int) -> Iterator[Chunk]:
+def _jsonl_chunks(path: str, compression: str | None, chunk_size: int, chunk_bytes: int) -> Iterator[Chunk]:
     items: list[tuple[int, str | dict[str, Any]]] = []
     nbytes = 0
     try:
@@ -107,7 +114,7 @@ def _jsonl_chunks(path: str, compression: str | None, chunk_size: int) -> Iterat
                     continue  # blank lines (a trailing newline, say) carry no record
                 items.append((number, line))
                 nbytes += len(line)
-                if len(items) >= chunk_size:
+                if len(items) >= chunk_size or nbytes >= chunk_bytes:
                     yield Chunk(path, items, "line", nbytes)
                     items, nbytes = [], 0
     except (OSError, EOFError, UnicodeDecodeError) as exc:
