@@ -52,7 +52,7 @@ def _worker(rank: int, world: int, backend: str, rendezvous: str, threads: int |
         torch.save({"ok": True, "result": result}, out)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises
         torch.save({"ok": False, "error": f"{type(exc).__name__}: {exc}", "is_bridge": isinstance(exc, BridgeError),
-                    "traceback": traceback.format_exc()}, out)
+                    "traceback": traceback.format_exc(), "time": time.time()}, out)
         raise SystemExit(1) from None
     finally:
         if dist.is_initialized():
@@ -124,8 +124,8 @@ def _collect(folder: Path, world_size: int) -> list[Any]:
             errors.append((rank, data))
             results.append(None)
     if errors:
-        real = [e for e in errors if e[1]["traceback"]] or errors
-        rank, data = real[0]
+        # the first failure in time is the cause; later ones are peers seeing the connection drop
+        rank, data = min(errors, key=lambda e: e[1].get("time", float("inf")))
         log.debug("rank %d traceback:\n%s", rank, data["traceback"])
         if data["is_bridge"]:
             raise BridgeError(data["error"].removeprefix("BridgeError: "))

@@ -90,6 +90,19 @@ class GPTModel(nn.Module):
                 cfg.hidden_size, ps.layout.padded_vocab_size(cfg.vocab_size), tp=ps.tp, group=ps.tp_group,
                 skip_weight=tied_here, **kw)
         self.vocab_start = self.ps.tp_rank * ps.layout.padded_vocab_size(cfg.vocab_size) // ps.tp
+        self._mark_tp_partial_grads()
+
+    def _mark_tp_partial_grads(self) -> None:
+        """Flag replicated parameters whose gradient each TP rank sees only part of (Megatron's finalize_model_grads):
+        with SP, norms and row-parallel biases outside the TP regions (local sequence shard only); always, the q/k
+        norms (each rank normalises only its own heads). The trainer sums these over TP before the optimizer step."""
+        if self.ps.tp == 1:
+            return
+        for name, param in self.named_parameters():
+            qk_norm = "q_layernorm" in name or "k_layernorm" in name
+            sp_region = ("layernorm" in name or "layer_norm" in name or name.endswith(("linear_proj.bias", "linear_fc2.bias")))
+            param.sequence_parallel = self.sequence_parallel and sp_region and not qk_norm  # Megatron's attribute
+            param.allreduce_over_tp = qk_norm or param.sequence_parallel
 
     def shared_embedding_or_output_weight(self) -> torch.Tensor | None:
         """The tensor tied embeddings share on this chunk: the embedding on the first, the head on the last."""
@@ -104,6 +117,9 @@ class GPTModel(nn.Module):
         """tokens [b, s] (first chunk) or hidden [s(/tp), b, h] -> hidden, logits [s, b, V_pad/tp] or loss [b, s]."""
         if self.pre_process:
             b, s = tokens_or_hidden.shape
+            if self.sequence_parallel and s % self.ps.tp:
+                raise BridgeError(f"sequence parallelism splits the sequence over tp={self.ps.tp}: length {s} is not "
+                                  "divisible; pad or cut the sequences")
             hidden = self.embedding(tokens_or_hidden)  # [s(/tp), b, h]
         else:
             hidden = tokens_or_hidden
@@ -174,6 +190,17 @@ def sync_tied_embeddings(chunks: Sequence[GPTModel]) -> None:
     if weight is not None and ps.embedding_group is not None:
         with torch.no_grad():
             dist.broadcast(weight.data, src=ps.embedding_ranks[0], group=ps.embedding_group)
+
+
+def allreduce_tp_partial_grads(chunks: Sequence[GPTModel]) -> None:
+    """Sum over TP the gradients of replicated parameters flagged `allreduce_over_tp` (SP norms, q/k norms)."""
+    for model in chunks:
+        group = model.ps.tp_group
+        if group is None or model.ps.tp == 1:
+            continue
+        for param in model.parameters():
+            if getattr(param, "allreduce_over_tp", False) and param.grad is not None:
+                dist.all_reduce(param.grad, group=group)
 
 
 def allreduce_tied_embedding_grads(chunks: Sequence[GPTModel]) -> None:

@@ -1,0 +1,115 @@
+"""bridge.nn.GPTModel: state-dict names/shapes equal every rank file's, strict loading, and TP=1 parity with HF."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bridge.api import import_hf
+from bridge.checkpoint import CheckpointMeta
+from bridge.converters.megatron_legacy import LegacyCheckpointReader
+from bridge.errors import BridgeError
+from bridge.layout import ParallelLayout
+from bridge.nn import build_model_chunks, load_rank_checkpoint
+from bridge.parallel.state import ParallelState
+from bridge.tiny import save_tiny_model, tiny_config
+
+CONFIGS = Path(__file__).resolve().parents[1].parent / "shared" / "configs"
+ARCHS = {
+    "llama-tied": "meta-llama--Llama-3.2-1B",   # tied embeddings, llama3 RoPE scaling
+    "llama-untied": "meta-llama--Llama-3.1-8B",
+    "mistral": "mistralai--Mistral-7B-v0.3",
+    "qwen2": "Qwen--Qwen2.5-7B",                 # qkv bias
+    "qwen3": "Qwen--Qwen3-0.6B",                 # qk-norm, head_dim != hidden/heads, tied
+}
+LAYOUTS = [ParallelLayout(), ParallelLayout(tp=2), ParallelLayout(pp=2), ParallelLayout(tp=2, pp=2),
+           ParallelLayout(pp=2, vpp=2)]
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf")
+    return {k: save_tiny_model(tiny_config(CONFIGS / v / "config.json"), root / k) for k, v in ARCHS.items()}
+
+
+def _chunks(ckpt: Path, tp_rank: int, pp_rank: int, **kwargs):  # noqa: ANN202
+    meta = CheckpointMeta.load(ckpt)
+    ps = ParallelState(meta.layout, meta.layout.tp * meta.layout.pp, pp_rank * meta.layout.tp + tp_rank,
+                       create_groups=False)
+    return meta, build_model_chunks(meta.config, ps, transformer_impl=meta.transformer_impl, **kwargs)
+
+
+@pytest.mark.parametrize("impl", ["transformer_engine", "local"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: layout.name)
+def test_state_dict_is_exactly_each_rank_file(hf_models: dict[str, Path], tmp_path: Path, layout: ParallelLayout,
+                                               impl: str) -> None:
+    """Every rank's chunks have the same keys, shapes and dtypes as its `model`/`model{v}` entries."""
+    for arch in ("llama-tied", "qwen2", "qwen3"):
+        ckpt = import_hf(hf_models[arch], tmp_path / arch, layout, transformer_impl=impl)
+        reader = LegacyCheckpointReader(ckpt, layout)
+        for tp_rank, pp_rank in layout.ranks():
+            _, chunks = _chunks(ckpt, tp_rank, pp_rank)
+            state = reader.state(tp_rank, pp_rank)
+            keys = ["model"] if layout.vpp is None else [f"model{v}" for v in range(layout.chunks)]
+            for model, key in zip(chunks, keys, strict=True):
+                ours = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+                theirs = {k: (tuple(v.shape), v.dtype) for k, v in state[key].items()}
+                assert ours == theirs, f"{arch} {layout.name} tp{tp_rank} pp{pp_rank} {key}"
+
+
+def test_te_extra_state_round_trips_empty_uint8(hf_models: dict[str, Path], tmp_path: Path) -> None:
+    ckpt = import_hf(hf_models["qwen3"], tmp_path / "q", ParallelLayout())
+    _, (model,) = _chunks(ckpt, 0, 0)
+    extra = {k: v for k, v in model.state_dict().items() if k.endswith("_extra_state")}
+    assert len(extra) == 5 * 4  # 5 TE modules per layer (bridge.sharding.TE_EXTRA_STATE_MODULES) x 4 layers
+    assert all(v.dtype == torch.uint8 and v.numel() == 0 for v in extra.values())
+    state = dict(model.state_dict())
+    state.update({k: None for k in extra})  # an older TE writes None / BytesIO: still a strict load
+    model.load_state_dict(state, strict=True)
+
+
+@pytest.mark.parametrize("impl", ["transformer_engine", "local"])
+def test_tp1_logits_and_loss_are_bit_exact_with_transformers(hf_models: dict[str, Path], tmp_path: Path, impl: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    tokens = torch.randint(0, 300, (2, 19), generator=torch.Generator().manual_seed(0))
+    for arch, hf in hf_models.items():
+        ckpt = import_hf(hf, tmp_path / arch, ParallelLayout(), transformer_impl=impl)
+        meta, chunks = _chunks(ckpt, 0, 0, mask_padded_vocab=True)
+        load_rank_checkpoint(chunks, LegacyCheckpointReader(ckpt, meta.layout).load_rank(0, 0))
+        with torch.no_grad():
+            ref = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)(tokens).logits  # [b, s, V]
+            logits = chunks[0](tokens)  # [s, b, V_pad]
+            loss = chunks[0](tokens[:, :-1], labels=tokens[:, 1:])  # [b, s-1]
+        assert logits.shape == (19, 2, meta.padded_vocab_size)
+        assert torch.equal(logits.transpose(0, 1)[..., :300], ref), arch
+        ref_loss = F.cross_entropy(ref[:, :-1].reshape(-1, 300), tokens[:, 1:].reshape(-1), reduction="none")
+        torch.testing.assert_close(loss.reshape(-1), ref_loss, rtol=0, atol=2e-6)
+
+
+def test_loading_the_wrong_spec_names_missing_and_unexpected(hf_models: dict[str, Path], tmp_path: Path) -> None:
+    ckpt = import_hf(hf_models["llama-untied"], tmp_path / "l", ParallelLayout(), transformer_impl="local")
+    meta = CheckpointMeta.load(ckpt)
+    chunks = build_model_chunks(meta.config, ParallelState(meta.layout, 1, 0), transformer_impl="transformer_engine")
+    with pytest.raises(BridgeError, match=r"missing \[.*layer_norm_weight.*unexpected \[.*input_layernorm"):
+        load_rank_checkpoint(chunks, LegacyCheckpointReader(ckpt, meta.layout).load_rank(0, 0))
+
+
+def test_full_size_llama_shapes_on_meta_device() -> None:
+    """A Llama-3.1-70B rank at TP=8 PP=4 VPP=2 builds on `meta` without allocating, with Megatron's shard shapes."""
+    from transformers import AutoConfig
+
+    from bridge.models import family
+
+    hf = AutoConfig.from_pretrained(CONFIGS / "meta-llama--Llama-3.1-70B")
+    cfg = family("LlamaForCausalLM").config_from_hf(hf)
+    layout = ParallelLayout(tp=8, pp=4, vpp=2)
+    ps = ParallelState(layout, 32, 31, create_groups=False)  # tp 7, last stage
+    chunks = build_model_chunks(cfg, ps, device="meta")
+    state = chunks[1].state_dict()
+    assert state["output_layer.weight"].shape == (129024 // 8, 8192)  # 128256 padded to a multiple of 128 * 8
+    assert state["decoder.layers.0.self_attention.linear_qkv.weight"].shape == ((64 + 2 * 8) * 128 // 8, 8192)
+    assert state["decoder.layers.0.mlp.linear_fc1.weight"].shape == (2 * 28672 // 8, 8192)
+    assert len(chunks[0].decoder.layers) == 80 // 8 and list(chunks[1].layer_numbers) == list(range(70, 80))

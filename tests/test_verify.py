@@ -1,0 +1,135 @@
+"""Logit parity of bridge.nn against transformers over spawned gloo ranks, and `bridge verify` failing when it must.
+
+One spawned group per layout checks every architecture at once (start-up dominates the cost).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bridge.api import import_hf
+from bridge.cli.main import main
+from bridge.converters.megatron_legacy import SAFE_GLOBALS
+from bridge.errors import BridgeError
+from bridge.layout import ParallelLayout
+from bridge.tiny import save_tiny_model, tiny_config
+from bridge.verify import DEFAULT_PROMPTS, compare, encode, hf_logits, read_prompts, sharded_logits, verify
+
+CONFIGS = Path(__file__).resolve().parents[1].parent / "shared" / "configs"
+ARCHS = {
+    "llama-tied": "meta-llama--Llama-3.2-1B",   # tied embeddings, llama3 RoPE scaling
+    "llama-untied": "meta-llama--Llama-3.1-8B",  # untied, llama3 RoPE scaling
+    "mistral": "mistralai--Mistral-7B-v0.3",
+    "qwen2": "Qwen--Qwen2.5-7B",                 # qkv bias
+    "qwen3": "Qwen--Qwen3-0.6B",                 # qk-norm, head_dim != hidden/heads, tied
+}
+LAYOUTS = [ParallelLayout(), ParallelLayout(tp=2), ParallelLayout(pp=2), ParallelLayout(tp=2, pp=2),
+           ParallelLayout(pp=2, vpp=2)]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list[torch.Tensor]]]:
+    """Tiny HF models and their fp32 reference logits on the default prompts."""
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for key, name in ARCHS.items():
+        folder = save_tiny_model(tiny_config(CONFIGS / name / "config.json"), root / key)
+        out[key] = (folder, hf_logits(folder, TOKENS, "fp32", "cpu"))
+    return out
+
+
+TOKENS = encode(Path("/nonexistent"), DEFAULT_PROMPTS, 300)
+
+
+def _swap_qk_rows(ckpt: Path, rank_dir: str) -> None:
+    """Break one rank: swap the q rows of head 0 with the k rows of group 0 in layer 1's linear_qkv."""
+    path = ckpt / "release" / rank_dir / "model_optim_rng.pt"
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        state = torch.load(path, weights_only=True)
+    key = next(k for k in state["model"] if k.endswith("1.self_attention.linear_qkv.weight"))
+    w = state["model"][key]
+    hpg = 2  # tiny models: 8 heads, 4 query groups; a TP=2 shard holds 2 groups of (hpg + 2) * d rows
+    d = w.shape[0] // (2 * (hpg + 2))
+    q0, k0 = w[:d].clone(), w[hpg * d:(hpg + 1) * d].clone()
+    w[:d], w[hpg * d:(hpg + 1) * d] = k0, q0
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: layout.name)
+def test_logits_match_transformers_fp32(models: dict, tmp_path: Path, layout: ParallelLayout) -> None:
+    ckpts = {key: import_hf(folder, tmp_path / key, layout) for key, (folder, _) in models.items()}
+    if layout.tp == 2 and layout.pp == 2:  # the local spec too
+        for key in ("llama-tied", "qwen2"):
+            ckpts[f"{key}-local"] = import_hf(models[key][0], tmp_path / f"{key}-local", layout, transformer_impl="local")
+    if layout.tp == 2 and layout.pp == 1:  # and a broken one, to see the check can fail
+        ckpts["broken"] = import_hf(models["llama-untied"][0], tmp_path / "broken", layout)
+        _swap_qk_rows(ckpts["broken"], "mp_rank_01")
+    ours = dict(zip(ckpts, sharded_logits(list(ckpts.values()), TOKENS)))
+    for key, logits in ours.items():
+        ref = models[key.removesuffix("-local") if key != "broken" else "llama-untied"][1]
+        _, overall, passed, criterion = compare(DEFAULT_PROMPTS, ref, logits, "fp32")
+        print(f"{layout.name:14} {key:14} max abs {overall.max_abs:.3e} mean abs {overall.mean_abs:.3e} "
+              f"top-1 {overall.top1:.1%} {'PASS' if passed else 'FAIL'}")
+        assert passed == (key != "broken"), f"{key} at {layout.name}: {criterion}"
+
+
+def test_sequence_parallel_logits_match(models: dict, tmp_path: Path) -> None:
+    layout = ParallelLayout(tp=2, pp=2)
+    keys = ("llama-untied", "qwen3")
+    ckpts = [import_hf(models[k][0], tmp_path / k, layout) for k in keys]
+    tokens = [t[: len(t) // 2 * 2] for t in TOKENS]
+    for key, logits in zip(keys, sharded_logits(ckpts, tokens, sequence_parallel=True)):
+        ref = [r[: len(t)] for r, t in zip(models[key][1], tokens)]
+        _, overall, passed, criterion = compare(DEFAULT_PROMPTS, ref, logits, "fp32")
+        print(f"tp2-pp2 (SP)   {key:14} max abs {overall.max_abs:.3e}")
+        assert passed, criterion
+
+
+def test_cli_passes_and_writes_verify_json(models: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ckpt = import_hf(models["qwen2"][0], tmp_path / "ok", ParallelLayout())
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello world\n\nsecond prompt here\n")
+    assert main(["verify", str(models["qwen2"][0]), str(ckpt), "--prompts", str(prompts)]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "second prompt here" in out
+    report = json.loads((ckpt / "verify.json").read_text())
+    assert report["passed"] is True and len(report["prompts"]) == 2 and report["max_abs_diff"] < 1e-6
+
+
+def test_cli_fails_on_gate_up_swapped_on_one_rank(models: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ckpt = import_hf(models["qwen3"][0], tmp_path / "bad", ParallelLayout(tp=2))
+    path = ckpt / "release" / "mp_rank_01" / "model_optim_rng.pt"
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        state = torch.load(path, weights_only=True)
+    fc1 = state["model"]["decoder.layers.2.mlp.linear_fc1.weight"]
+    gate, up = fc1.chunk(2)
+    state["model"]["decoder.layers.2.mlp.linear_fc1.weight"] = torch.cat([up, gate])
+    torch.save(state, path)
+    assert main(["verify", str(models["qwen3"][0]), str(ckpt)]) == 1
+    assert "FAIL" in capsys.readouterr().out
+    assert json.loads((ckpt / "verify.json").read_text())["passed"] is False
+
+
+def test_user_errors_before_any_process_starts(models: dict, tmp_path: Path) -> None:
+    ckpt = import_hf(models["qwen2"][0], tmp_path / "q", ParallelLayout())
+    with pytest.raises(BridgeError, match="is not the model of"):
+        verify(models["llama-tied"][0], ckpt)
+    with pytest.raises(BridgeError, match="--dtype"):
+        verify(models["qwen2"][0], ckpt, dtype="fp8")
+    if not torch.cuda.is_available():
+        with pytest.raises(BridgeError, match="no CUDA GPU"):
+            verify(models["qwen2"][0], ckpt, device="cuda")
+    with pytest.raises(BridgeError, match="prompts file"):
+        read_prompts(tmp_path / "none.txt")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_verify_nccl_bf16_tp2(models: dict, tmp_path: Path) -> None:
+    ckpt = import_hf(models["llama-tied"][0], tmp_path / "g", ParallelLayout(tp=2), dtype="bf16")
+    result = verify(models["llama-tied"][0], ckpt, dtype="bf16", device="cuda")
+    assert result.overall.cosine > 0.999, result.table()
