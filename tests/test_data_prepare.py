@@ -260,6 +260,15 @@ def test_chat_loss_mask_keeps_only_assistant_tokens(tmp_path, tok_dir, tokenizer
         assert mask[0] == 0  # the user's identical "answer" in record 1 is not trained on
 
 
+def test_chat_with_append_eod_masks_the_eod(tmp_path, tok_dir, tokenizer):
+    data = write_jsonl(tmp_path / "chats.jsonl", CHATS)
+    result, _ = run(tmp_path, tok_dir, [data], chat=True, json_keys=("messages",), append_eod=True)
+    tokens, mask = SFTDataset(result.prefixes["messages"])[1]
+    assert tokens[-1] == tokenizer.eos_token_id and mask[-1] == 0
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert mask[np.flatnonzero(np.asarray(tokens) == im_end)[-1]] == 1  # the assistant's end of turn is trained
+
+
 def test_chat_without_assistant_is_a_bad_record(tmp_path, tok_dir):
     data = write_jsonl(tmp_path / "c.jsonl", [CHATS[1], {"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(BridgeError, match=r"c\.jsonl:2: no assistant message"):

@@ -320,12 +320,13 @@ def _update_progress(bar: tqdm, encoded: EncodedChunk, result: PrepareResult, st
 
 
 def _log_summary(result: PrepareResult) -> None:
+    """Details at DEBUG (the CLI prints its own summary); skipped records at WARNING."""
     for key, prefix in result.prefixes.items():
-        logger.info("wrote %s.{bin,idx}: %d documents, %d tokens (%s)", prefix, result.documents,
-                    result.tokens[key], result.dtype)
+        logger.debug("wrote %s.{bin,idx}: %d documents, %d tokens (%s)", prefix, result.documents,
+                     result.tokens[key], result.dtype)
     if result.skipped_bad:
         logger.warning("skipped %d bad records", result.skipped_bad)
     if result.skipped_empty:
         logger.warning("skipped %d empty documents", result.skipped_empty)
-    logger.info("%d records in %.1f s: %.0f docs/s, %.0f tokens/s", result.records, result.seconds,
-                result.records / max(result.seconds, 1e-9), result.tokens_per_second)
+    logger.debug("%d records in %.1f s: %.0f docs/s, %.0f tokens/s", result.records, result.seconds,
+                 result.records / max(result.seconds, 1e-9), result.tokens_per_second)

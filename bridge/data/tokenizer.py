@@ -60,7 +60,10 @@ def resolve_tokenizer_dir(source: str, revision: str | None = None, token: str |
         )
     except Exception as exc:  # huggingface_hub raises many kinds; give one line
         first = str(exc).splitlines()[0] if str(exc) else ""
-        raise BridgeError(f"could not download the tokenizer of {source}: {type(exc).__name__}: {first}") from exc
+        raise BridgeError(
+            f"could not download the tokenizer of {source} ({type(exc).__name__}: {first}); "
+            "check the id, your network and HF_TOKEN, or give a local folder"
+        ) from exc
 
 
 def load_tokenizer(source: str, revision: str | None = None, token: str | None = None) -> Any:
