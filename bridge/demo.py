@@ -63,27 +63,35 @@ def logits(folder: Path, text: str) -> torch.Tensor:
 
 
 def run(workdir: str | None = None, keep: bool = False, say: Callable[[str], None] = print) -> int:
-    """Run every step, printing what happens; returns the exit code (0 when logits match)."""
+    """Run every step, printing what happens; returns the exit code (0 when every check passed)."""
+    from bridge.push import demo_push
+    from bridge.verify import verify
+
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="bridge-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
-        say(f"[1/4] building a tiny Llama and a BPE tokenizer in {root / 'tiny-llama'}")
+        say(f"[1/5] building a tiny Llama and a BPE tokenizer in {root / 'tiny-llama'}")
         hf = build_model(root / "tiny-llama")
-        say(f"[2/4] bridge import {hf} --tp {DEMO_LAYOUT.tp} --pp {DEMO_LAYOUT.pp}")
+        say(f"[2/5] bridge import {hf.name} --tp {DEMO_LAYOUT.tp} --pp {DEMO_LAYOUT.pp}")
         ckpt = api.import_hf(hf, root / "tiny-llama-tp2-pp2", DEMO_LAYOUT, overwrite=True)
         info = api.inspect_checkpoint(ckpt)
         say(f"      {len(info['files'])} rank files, {info['parameters']:,} parameters, vocab padded "
             f"{info['vocab']['original']} -> {info['vocab']['padded']}")
-        say(f"[3/4] bridge export {ckpt.name} --out tiny-llama-exported")
+        say(f"[3/5] bridge verify {hf.name} {ckpt.name}  (4 spawned ranks, gloo)")
+        result = verify(hf, ckpt)
+        say("      " + result.table().replace("\n", "\n      "))
+        say(f"[4/5] bridge export {ckpt.name} --out tiny-llama-exported")
         out = api.export_hf(ckpt, root / "tiny-llama-exported", overwrite=True)
-        say("[4/4] loading both folders with transformers and comparing logits")
         prompt = CORPUS.splitlines()[0]
         before, after = logits(hf, prompt), logits(out, prompt)
         same = torch.equal(before, after)
-        say(f"      {before.shape[1]} tokens, max |diff| = {(before - after).abs().max().item():.3g}: "
-            f"{'identical' if same else 'DIFFERENT'}")
-        say("demo passed" if same else "demo FAILED")
-        return 0 if same else 1
+        say(f"      transformers on both folders, {before.shape[1]} tokens: max |diff| = "
+            f"{(before - after).abs().max().item():.3g} ({'identical' if same else 'DIFFERENT'})")
+        say("[5/5] bridge push tiny-llama-exported demo/tiny-llama")
+        say("      " + demo_push(out))
+        ok = same and result.passed
+        say("demo passed" if ok else "demo FAILED")
+        return 0 if ok else 1
     finally:
         if not keep and not workdir:
             shutil.rmtree(root, ignore_errors=True)

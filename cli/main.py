@@ -41,6 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(message)s",
         stream=sys.stderr,
     )
+    for noisy in ("httpx", "httpcore", "huggingface_hub"):  # one line per HTTP request is not for users
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args) or 0)
