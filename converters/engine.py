@@ -161,9 +161,11 @@ class MegatronSource:
 class MegatronSink:
     """Global Megatron tensors -> per-rank shards -> Megatron legacy files."""
 
-    def __init__(self, root: Path, meta: CheckpointMeta, args: Callable[[int, int], argparse.Namespace]) -> None:
+    def __init__(self, root: Path, meta: CheckpointMeta, args: Callable[[int, int], argparse.Namespace],
+                 writer: LegacyCheckpointWriter | None = None) -> None:
+        """`writer` replaces the rank files (e.g. torch_dist's in-memory collector of one rank's shard)."""
         self.meta = meta
-        self.writer = LegacyCheckpointWriter(root, meta.layout, args)
+        self.writer = writer or LegacyCheckpointWriter(root, meta.layout, args)
         self._module: str | None = None
 
     def put(self, conv: Conversion, tensor: torch.Tensor) -> None:
