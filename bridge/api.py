@@ -1,20 +1,20 @@
 """The Python API every CLI command wraps: import, export, reshard and inspect checkpoints."""
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig
 
-from bridge.checkpoint import HF_META_DIR, TRANSFORMER_IMPLS, CheckpointMeta, atomic_output_dir, copy_hf_meta
+from bridge.checkpoint import (HF_META_DIR, TRANSFORMER_IMPLS, CheckpointMeta, atomic_output_dir, copy_hf_meta,
+                               set_config_dtype)
 from bridge.config import DTYPE_NAMES, DTYPES, ModelConfig, megatron_args
 from bridge.converters import engine
 from bridge.converters.hf import SafetensorsReader, parse_size
 from bridge.converters.megatron_legacy import LegacyCheckpointReader
+from bridge.converters.torch_dist import FORMATS, TorchDistReader, TorchDistSink, TorchDistSource, checkpoint_format
 from bridge.errors import BridgeError
 from bridge.hub import resolve_source
 from bridge.layout import ParallelLayout
@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 def load_hf_config(folder: Path) -> ModelConfig:
     """Read `config.json` (through transformers, so defaults match) into a ModelConfig."""
+    from transformers import AutoConfig  # imported here: transformers takes seconds to import
+
     if not (folder / "config.json").is_file():
         raise BridgeError(f"{folder} has no config.json; give an HF model folder")
     try:
@@ -64,9 +66,10 @@ def default_out(source: str, layout: ParallelLayout) -> Path:
 
 def import_hf(source: str | Path, out: str | Path | None = None, layout: ParallelLayout | None = None, *,
               dtype: str = "auto", transformer_impl: str = "transformer_engine", revision: str | None = None,
-              token: str | None = None, overwrite: bool = False) -> Path:
-    """HF model (folder or Hub id) -> Megatron legacy checkpoint sharded for `layout`. Returns the folder."""
+              token: str | None = None, overwrite: bool = False, format: str = "torch") -> Path:
+    """HF model (folder or Hub id) -> Megatron checkpoint (`torch` sharded for `layout`, or `torch_dist`)."""
     layout = layout or ParallelLayout()
+    _check_format(format)
     if transformer_impl not in TRANSFORMER_IMPLS:
         raise BridgeError(f"--transformer-impl {transformer_impl} is not one of {', '.join(TRANSFORMER_IMPLS)}")
     folder = resolve_source(str(source), revision=revision, token=token)
@@ -74,31 +77,46 @@ def import_hf(source: str | Path, out: str | Path | None = None, layout: Paralle
     layout.validate(cfg)
     _warn_inexpressible(cfg)
     dtype_name = _dtype_name(dtype, cfg.params_dtype)
-    meta = CheckpointMeta(config=cfg, layout=layout, transformer_impl=transformer_impl, dtype=dtype_name,
+    meta = CheckpointMeta(config=cfg, layout=layout, transformer_impl=transformer_impl, dtype=dtype_name, format=format,
                           source={"id": str(source), "revision": revision, "path": str(folder)})
     out_path = Path(out) if out else default_out(str(source), layout)
     convs = conversions(cfg)
     hf_source = engine.HFSource(SafetensorsReader(folder), cfg, convs, None if dtype == "auto" else DTYPES[dtype_name])
     with atomic_output_dir(out_path, overwrite) as tmp:
-        sink = engine.MegatronSink(tmp, meta, lambda tp_rank, pp_rank: megatron_args(
-            cfg, padded_vocab_size=meta.padded_vocab_size, tp=layout.tp, pp=layout.pp, vpp=layout.vpp,
-            transformer_impl=transformer_impl, dtype=dtype_name, divisible_by=layout.make_vocab_size_divisible_by))
-        engine.run(hf_source, sink, len(convs), "import")
+        engine.run(hf_source, _megatron_sink(tmp, meta), len(convs), "import")
         copy_hf_meta(folder, tmp / HF_META_DIR)
         meta.save(tmp)
-    log.info("wrote %s (%s, %s)", out_path, layout.name, dtype_name)
+    log.info("wrote %s (%s, %s, %s)", out_path, format, layout.name, dtype_name)
     return out_path
+
+
+def _check_format(format: str) -> None:
+    if format not in FORMATS:
+        raise BridgeError(f"--format {format} is not one of {', '.join(FORMATS)} (Megatron-LM's --ckpt-format)")
+
+
+def _megatron_sink(tmp: Path, meta: CheckpointMeta) -> engine.Sink:
+    """The sink for `meta.format`, with the `args` Megatron-LM stores (and checks) in the checkpoint."""
+    cfg, layout = meta.config, meta.layout
+    args = lambda tp_rank=0, pp_rank=0: megatron_args(  # noqa: E731
+        cfg, padded_vocab_size=meta.padded_vocab_size, tp=layout.tp, pp=layout.pp, vpp=layout.vpp,
+        transformer_impl=meta.transformer_impl, dtype=meta.dtype, divisible_by=layout.make_vocab_size_divisible_by)
+    if meta.format == "torch_dist":
+        return TorchDistSink(tmp, meta, args())
+    return engine.MegatronSink(tmp, meta, args)
 
 
 @dataclass(frozen=True)
 class OpenCheckpoint:
-    """A bridge checkpoint opened for reading: metadata, lazy reader and the mapping."""
+    """A bridge checkpoint opened for reading: metadata, lazy reader (either format) and the mapping."""
 
     path: Path
     meta: CheckpointMeta
-    reader: LegacyCheckpointReader
+    reader: LegacyCheckpointReader | TorchDistReader
 
-    def source(self) -> engine.MegatronSource:
+    def source(self) -> engine.MegatronSource | TorchDistSource:
+        if isinstance(self.reader, TorchDistReader):
+            return TorchDistSource(self.reader, self.meta, conversions(self.meta.config))
         return engine.MegatronSource(self.reader, self.meta, conversions(self.meta.config))
 
 
@@ -107,17 +125,17 @@ def open_checkpoint(path: str | Path, iteration: int | None = None) -> OpenCheck
     if not root.is_dir():
         raise BridgeError(f"no checkpoint folder {root}")
     meta = CheckpointMeta.load(root)
+    fmt = checkpoint_format(root, iteration)  # from the folder (metadata.json): Megatron-LM may have re-saved it
+    meta = replace(meta, format=fmt)
+    if fmt == "torch_dist":
+        return OpenCheckpoint(root, meta, TorchDistReader(root, meta, iteration))
     return OpenCheckpoint(root, meta, LegacyCheckpointReader(root, meta.layout, iteration))
 
 
 def _write_hf_config(ckpt: Path, out: Path, dtype_name: str) -> None:
     """Source config (dtype updated) plus generation config and tokenizer files from `hf_meta/`."""
     copy_hf_meta(ckpt / HF_META_DIR, out)
-    config_path = out / "config.json"
-    config: dict[str, Any] = json.loads(config_path.read_text())
-    key = "dtype" if "dtype" in config else "torch_dtype"
-    config[key] = str(DTYPES[dtype_name]).removeprefix("torch.")
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    set_config_dtype(out / "config.json", DTYPES[dtype_name])
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str = "auto", max_shard_size: str = "5GB",
@@ -137,8 +155,8 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str = "auto", m
 
 
 def reshard(checkpoint: str | Path, out: str | Path, layout: ParallelLayout, *, transformer_impl: str | None = None,
-            dtype: str = "auto", overwrite: bool = False, iteration: int | None = None) -> Path:
-    """Megatron checkpoint -> the same model in another layout (or spec / dtype), without GPUs."""
+            dtype: str = "auto", overwrite: bool = False, iteration: int | None = None, format: str | None = None) -> Path:
+    """Megatron checkpoint -> the same model in another layout, spec, dtype or format (torch <-> torch_dist)."""
     ckpt = open_checkpoint(checkpoint, iteration)
     cfg = ckpt.meta.config
     layout.validate(cfg)
@@ -146,15 +164,14 @@ def reshard(checkpoint: str | Path, out: str | Path, layout: ParallelLayout, *, 
     if impl not in TRANSFORMER_IMPLS:
         raise BridgeError(f"--transformer-impl {impl} is not one of {', '.join(TRANSFORMER_IMPLS)}")
     dtype_name = _dtype_name(dtype, ckpt.meta.dtype)
-    meta = CheckpointMeta(config=cfg, layout=layout, transformer_impl=impl, dtype=dtype_name,
+    format = format or ckpt.meta.format
+    _check_format(format)
+    meta = CheckpointMeta(config=cfg, layout=layout, transformer_impl=impl, dtype=dtype_name, format=format,
                           source={**ckpt.meta.source, "resharded_from": str(ckpt.path)})
     source = ckpt.source()
     cast = None if dtype == "auto" else DTYPES[dtype_name]
     with atomic_output_dir(Path(out), overwrite) as tmp:
-        sink = engine.MegatronSink(tmp, meta, lambda tp_rank, pp_rank: megatron_args(
-            cfg, padded_vocab_size=meta.padded_vocab_size, tp=layout.tp, pp=layout.pp, vpp=layout.vpp,
-            transformer_impl=impl, dtype=dtype_name, divisible_by=layout.make_vocab_size_divisible_by))
-        engine.run(_Cast(source, cast), sink, len(source.conversions), "reshard")
+        engine.run(_Cast(source, cast), _megatron_sink(tmp, meta), len(source.conversions), "reshard")
         copy_hf_meta(ckpt.path / HF_META_DIR, tmp / HF_META_DIR)
         meta.save(tmp)
     return Path(out)
@@ -182,12 +199,13 @@ def inspect_checkpoint(checkpoint: str | Path, iteration: int | None = None) -> 
     for conv, tensor in ckpt.source().tensors(meta=True):
         params += tensor.numel()
         dtypes.add(DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype)))
-    files = sorted(p for p in ckpt.path.rglob("*.pt"))
+    files = sorted(p for pattern in ("*.pt", "*.distcp", ".metadata") for p in ckpt.path.rglob(pattern))
     return {
         "path": str(ckpt.path),
         "architecture": ckpt.meta.config.architecture,
         "layout": ckpt.meta.layout.to_json(),
         "transformer_impl": ckpt.meta.transformer_impl,
+        "format": ckpt.meta.format,
         "iteration": ckpt.reader.iteration,
         "parameters": params,
         "dtypes": sorted(dtypes),

@@ -1,0 +1,221 @@
+"""torch.distributed.checkpoint (DCP) files without a process group: chunk-wise writer, region reader.
+
+`dcp.save` wants the whole state dict at once; a stacked `[L, ...]` tensor of a big model does not fit
+bridge's memory budget. DCP's on-disk format is simple, so it is written directly: every chunk of a
+global tensor is one `torch.save`d tensor appended to a `.distcp` file, and `.metadata` (a pickled
+`torch.distributed.checkpoint.metadata.Metadata`, written last) lists each tensor's global shape,
+its chunks (`ChunkStorageMetadata`: offsets, sizes) and where each chunk's bytes are
+(`_StorageInfo`: file, offset, length). `FileSystemReader` and Megatron Core read the result like any
+DCP checkpoint. Reading goes the other way: `.metadata` gives the chunks overlapping a requested region,
+and only those chunks' bytes are read.
+"""
+from __future__ import annotations
+
+import io
+import pickle
+import uuid
+from pathlib import Path
+from typing import IO, Any, Sequence
+
+import torch
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex,
+                                                   StorageMeta, TensorProperties, TensorStorageMetadata)
+
+from bridge.converters.torch_zip import read_into
+from bridge.errors import BridgeError
+
+METADATA_FILE = ".metadata"
+DCP_VERSION = "1.0.0"  # torch.distributed.checkpoint.filesystem.CURRENT_DCP_VERSION
+
+
+class DcpWriter:
+    """Append chunks of global tensors (and byte blobs) to one `.distcp` file; `.metadata` on close."""
+
+    def __init__(self, folder: Path, file_name: str = "__0_0.distcp") -> None:
+        self.folder, self.file_name = folder, file_name
+        self._stream: IO[bytes] = open(folder / file_name, "wb")
+        self._tensors: dict[str, TensorStorageMetadata] = {}
+        self._bytes: dict[str, BytesStorageMetadata] = {}
+        self._storage: dict[MetadataIndex, _StorageInfo] = {}
+
+    def add_chunk(self, key: str, global_shape: Sequence[int], offsets: Sequence[int], tensor: torch.Tensor) -> None:
+        """Write `tensor` as the chunk of global tensor `key` that starts at `offsets`."""
+        if len(offsets) != len(global_shape) or tensor.dim() != len(global_shape):
+            raise ValueError(f"{key}: chunk of rank {tensor.dim()} at {tuple(offsets)} for a global shape {tuple(global_shape)}")
+        if any(o + s > g for o, s, g in zip(offsets, tensor.shape, global_shape)):
+            raise ValueError(f"{key}: chunk {tuple(tensor.shape)} at {tuple(offsets)} exceeds global shape {tuple(global_shape)}")
+        entry = self._tensors.setdefault(key, TensorStorageMetadata(
+            properties=TensorProperties(dtype=tensor.dtype), size=torch.Size(global_shape), chunks=[]))
+        if entry.size != torch.Size(global_shape) or entry.properties.dtype != tensor.dtype:
+            raise ValueError(f"{key}: chunk {tensor.dtype} for {tuple(global_shape)} but earlier chunks were "
+                             f"{entry.properties.dtype} for {tuple(entry.size)}")
+        entry.chunks.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(tensor.shape)))
+        tensor = tensor.detach().cpu().contiguous()
+        if tensor.storage_offset() or tensor.untyped_storage().nbytes() != tensor.nbytes:
+            tensor = tensor.clone()  # torch.save writes the whole storage of a view
+        self._storage[MetadataIndex(key, torch.Size(offsets))] = self._append(lambda s: torch.save(tensor, s))
+
+    def add_bytes(self, key: str, data: bytes) -> None:
+        """A byte blob (what DCP stores for `io.BytesIO` values; Megatron's ShardedObjects)."""
+        if key in self._bytes:
+            raise ValueError(f"{key} written twice")
+        self._bytes[key] = BytesStorageMetadata()
+        self._storage[MetadataIndex(key)] = self._append(lambda s: s.write(data))
+
+    def _append(self, write: Any) -> _StorageInfo:
+        offset = self._stream.tell()
+        write(self._stream)
+        return _StorageInfo(relative_path=self.file_name, offset=offset, length=self._stream.tell() - offset)
+
+    def close(self) -> None:
+        """Check every tensor is covered exactly by its chunks, then write `.metadata`."""
+        self._stream.close()
+        for key, entry in self._tensors.items():
+            covered = sum(torch.Size(c.sizes).numel() for c in entry.chunks)
+            if covered != entry.size.numel():
+                raise ValueError(f"{key}: chunks cover {covered} of {entry.size.numel()} elements")
+        metadata = Metadata(state_dict_metadata={**self._tensors, **self._bytes}, planner_data=None,
+                            storage_data=self._storage, version=DCP_VERSION,
+                            storage_meta=StorageMeta(checkpoint_id=None, save_id=str(uuid.uuid4()), load_id=None))
+        with open(self.folder / METADATA_FILE, "wb") as handle:
+            pickle.dump(metadata, handle)
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """`.metadata` is a pickle from a user's folder: allow only DCP's dataclasses and torch value types."""
+
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+               ("builtins", "set"), ("builtins", "frozenset")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))
+        if module.startswith("torch.distributed.checkpoint.") or dtype or (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+class _FileView(io.RawIOBase):
+    """A read-only window [offset, offset + length) of an open file: one chunk's `torch.save` zip."""
+
+    def __init__(self, handle: IO[bytes], offset: int, length: int) -> None:
+        super().__init__()
+        self.handle, self.offset, self.length, self.pos = handle, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = pos if whence == 0 else self.pos + pos if whence == 1 else self.length + pos
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        size = max(0, min(len(buffer), self.length - self.pos))
+        self.handle.seek(self.offset + self.pos)
+        got = self.handle.readinto(memoryview(buffer)[:size])
+        self.pos += got
+        return got
+
+
+class DcpReader:
+    """Lazy DCP reader: `.metadata` on open; a region of a global tensor reads only the chunks it overlaps."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        path = folder / METADATA_FILE
+        if not path.is_file():
+            raise BridgeError(f"{folder} has no {METADATA_FILE}; the torch_dist checkpoint is incomplete (interrupted save?)")
+        try:
+            with open(path, "rb") as handle:
+                self.metadata: Metadata = _SafeUnpickler(handle).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as exc:
+            raise BridgeError(f"cannot read {path}: {exc}; the file is corrupt or not DCP metadata") from exc
+        if not isinstance(self.metadata, Metadata) or self.metadata.storage_data is None:
+            raise BridgeError(f"{path} is not torch.distributed.checkpoint metadata")
+        for info in self.metadata.storage_data.values():
+            if not (folder / info.relative_path).is_file():
+                raise BridgeError(f"{folder / info.relative_path} is missing; the torch_dist checkpoint is incomplete")
+            if getattr(info, "transform_descriptors", None):
+                raise BridgeError(f"{folder}: chunks stored with transforms {info.transform_descriptors} are not supported")
+
+    def tensor_keys(self) -> list[str]:
+        return [k for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)]
+
+    def byte_keys(self) -> list[str]:
+        return [k for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
+
+    def tensor_meta(self, key: str) -> TensorStorageMetadata:
+        entry = self.metadata.state_dict_metadata.get(key)
+        if not isinstance(entry, TensorStorageMetadata):
+            raise BridgeError(f"{self.folder} holds no tensor {key}")
+        return entry
+
+    def read_bytes(self, key: str) -> bytes:
+        info = self.metadata.storage_data[MetadataIndex(key)]
+        with open(self.folder / info.relative_path, "rb") as handle:
+            handle.seek(info.offset)
+            data = handle.read(info.length)
+        if len(data) != info.length:
+            raise BridgeError(f"{self.folder / info.relative_path} is truncated: {key} needs {info.length} bytes")
+        return data
+
+    def read(self, key: str, offsets: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:
+        """The region [offsets, offsets + sizes) of global tensor `key`, assembled from the chunks it overlaps."""
+        entry = self.tensor_meta(key)
+        if len(offsets) != len(entry.size) or any(o < 0 or o + s > g for o, s, g in zip(offsets, sizes, entry.size)):
+            raise BridgeError(f"{self.folder}: region {tuple(offsets)}+{tuple(sizes)} is outside {key} {tuple(entry.size)}")
+        out = torch.empty(tuple(sizes), dtype=entry.properties.dtype)
+        filled = 0
+        for chunk in entry.chunks:
+            lo = [max(o, c) for o, c in zip(offsets, chunk.offsets)]
+            hi = [min(o + s, c + n) for o, s, c, n in zip(offsets, sizes, chunk.offsets, chunk.sizes)]
+            if any(h <= low for low, h in zip(lo, hi)):
+                continue
+            target = out
+            for dim, (low, h) in enumerate(zip(lo, hi)):
+                target = target.narrow(dim, low - offsets[dim], h - low)
+            if list(chunk.offsets) == lo and list(chunk.sizes) == [h - low for low, h in zip(lo, hi)] and target.is_contiguous():
+                self._read_chunk(key, chunk, into=target)  # the chunk is exactly the target: no extra copy
+            else:
+                source = self._read_chunk(key, chunk)
+                for dim, (low, h) in enumerate(zip(lo, hi)):
+                    source = source.narrow(dim, low - chunk.offsets[dim], h - low)
+                target.copy_(source)
+            filled += target.numel()
+        if filled != out.numel():
+            raise BridgeError(f"{self.folder}: the chunks of {key} cover {filled} of the {out.numel()} elements asked for")
+        return out
+
+    def _read_chunk(self, key: str, chunk: ChunkStorageMetadata, into: torch.Tensor | None = None) -> torch.Tensor:
+        info = self.metadata.storage_data.get(MetadataIndex(key, torch.Size(chunk.offsets)))
+        if info is None:
+            raise BridgeError(f"{self.folder}/.metadata lists a chunk of {key} at {tuple(chunk.offsets)} with no storage entry")
+        path = self.folder / info.relative_path
+        meta = self._load_chunk(path, info, key, chunk, "meta")
+        if tuple(meta.shape) != tuple(chunk.sizes) or meta.dtype != self.tensor_meta(key).properties.dtype:
+            raise BridgeError(f"{path}: chunk of {key} is {meta.dtype} {tuple(meta.shape)}, .metadata says {tuple(chunk.sizes)}")
+        if not meta.is_contiguous():  # rare (a strided tensor saved as is): load it whole
+            data = self._load_chunk(path, info, key, chunk, "cpu")
+            return into.copy_(data) if into is not None else data
+        out = into if into is not None else torch.empty(tuple(meta.shape), dtype=meta.dtype)
+        if meta.numel():
+            meta.untyped_storage()._checkpoint_offset += info.offset  # offsets in the view are chunk-relative
+            read_into(path, meta, out)
+        return out
+
+    @staticmethod
+    def _load_chunk(path: Path, info: _StorageInfo, key: str, chunk: ChunkStorageMetadata, device: str) -> torch.Tensor:
+        """torch.load of one chunk's zip: on `meta` it reads only the index (shape, dtype, data offset)."""
+        with open(path, "rb") as handle:
+            try:
+                return torch.load(_FileView(handle, info.offset, info.length), map_location=device, weights_only=True)
+            except (RuntimeError, pickle.UnpicklingError, EOFError) as exc:
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise BridgeError(f"cannot read chunk {tuple(chunk.offsets)} of {key} from {path}: {first}; "
+                                  "the file is truncated or corrupt") from exc

@@ -1,0 +1,282 @@
+"""Megatron-LM's `torch_dist` checkpoint format: global, layout-independent keys in DCP files.
+
+Facts (megatron/core/dist_checkpointing, checked against megatron-core 0.16.1's own `save`):
+- The iteration folder (`release/` or `iter_{N:07d}/`) holds DCP files (`__{rank}_{n}.distcp`, `.metadata`),
+  `common.pt` (the non-sharded state: `args`, `checkpoint_version`, `iteration`) and `metadata.json`
+  (`sharded_backend: torch_dist`, version 1; `common_backend: torch`, version 1).
+- Keys are the TE-spec names without the layer index; homogeneous layers are stacked on a leading
+  layer axis: `decoder.layers.self_attention.linear_qkv.weight` `[L, (nq+2ng)d, h]`. The local spec maps
+  its norms to the same keys (`sharded_state_dict_keys_map`), so one folder serves both specs.
+- fc1 is the global `[gate_full; up_full]`; the embedding and output layer keep the vocab padding.
+- Tied embeddings store no `output_layer.weight`.
+- `_extra_state` of linear_qkv, linear_proj, linear_fc1 and linear_fc2 are ShardedObjects, one per layer:
+  byte blobs `{key}/shard_{layer}_{L}` holding `torch.save([state])`. TEDotProductAttention
+  (core_attention) contributes none.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from bridge.checkpoint import CheckpointMeta
+from bridge.converters import engine
+from bridge.converters.dcp import DcpReader, DcpWriter
+from bridge.converters.megatron_legacy import (CHECKPOINT_VERSION, SAFE_GLOBALS, TRACKER, iteration_dir_name,
+                                               model_keys, read_tracker, state_dict_position)
+from bridge.errors import BridgeError
+from bridge.layout import ParallelLayout
+from bridge.mapping import Conversion, expand
+from bridge.models import family
+from bridge.sharding import Split, localize, rule_for, split
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("torch", "torch_dist")
+CONFIG_FILE = "metadata.json"
+COMMON_FILE = "common.pt"
+BACKEND_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                  "common_backend": "torch", "common_backend_version": 1}
+#: Modules whose `_extra_state` Megatron Core puts in the sharded state dict (both layer specs).
+EXTRA_STATE_MODULES: tuple[str, ...] = ("self_attention.linear_qkv", "self_attention.linear_proj",
+                                        "mlp.linear_fc1", "mlp.linear_fc2")
+#: Top-level DCP keys of training state that carry no model weights.
+NON_MODEL_PREFIXES: tuple[str, ...] = ("optimizer.", "rng_state", "rerun_state_machine")
+#: Key prefixes under which a Megatron-LM version may nest the model (tools/checkpoint/dist_checkpoint_io.py).
+MODEL_PREFIXES: tuple[str, ...] = ("", "model.", "model.module.", "model.module.module.")
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+
+
+def dcp_key(key: str) -> tuple[str, int | None]:
+    """Global Megatron key -> (stacked DCP key, layer index) for layer weights, (key, None) otherwise."""
+    match = _LAYER.match(key)
+    return (f"decoder.layers.{match.group(2)}", int(match.group(1))) if match else (key, None)
+
+
+def extra_state_key(module: str, layer: int, num_layers: int) -> str:
+    """Megatron's ShardedObject unique key: `{key}/shard_{offset}_{global shape}`."""
+    return f"decoder.layers.{module}._extra_state/shard_{layer}_{num_layers}"
+
+
+def extra_state_blob(transformer_impl: str) -> bytes:
+    """What Megatron stores per module: torch.save of the list of ShardedObject payloads on that rank.
+
+    TE modules without FP8 hold an empty uint8 tensor (TE 2.x); the local spec's modules hold None.
+    """
+    buf = io.BytesIO()
+    torch.save([torch.empty(0, dtype=torch.uint8) if transformer_impl == "transformer_engine" else None], buf)
+    return buf.getvalue()
+
+
+def checkpoint_format(root: Path, iteration: int | str | None = None) -> str:
+    """`torch_dist` when the iteration folder has Megatron's `metadata.json`, else legacy `torch`."""
+    folder = root / iteration_dir_name(read_tracker(root) if iteration is None else iteration)
+    config = folder / CONFIG_FILE
+    if not config.is_file():
+        return "torch"
+    try:
+        backend = json.loads(config.read_text()).get("sharded_backend")
+    except (ValueError, AttributeError) as exc:
+        raise BridgeError(f"{config} is damaged ({exc}); it should name the sharded backend") from exc
+    if backend != "torch_dist":
+        raise BridgeError(f"{folder} is a {backend!r} distributed checkpoint; bridge reads torch_dist (and legacy torch)")
+    return "torch_dist"
+
+
+class TorchDistSink:
+    """Global Megatron tensors -> stacked DCP chunks (one per layer), then extra state, common state, config."""
+
+    def __init__(self, root: Path, meta: CheckpointMeta, args: argparse.Namespace, iteration: int | str = "release") -> None:
+        self.root, self.meta, self.iteration = root, meta, iteration
+        self.folder = root / iteration_dir_name(iteration)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.args = argparse.Namespace(**{**vars(args), "ckpt_format": "torch_dist"})
+        self.writer = DcpWriter(self.folder)
+
+    def put(self, conv: Conversion, tensor: torch.Tensor) -> None:
+        if rule_for(conv.megatron) is Split.VOCAB:
+            tensor = split(tensor, Split.VOCAB, 1, self.meta.padded_vocab_size)[0]
+        key, layer = dcp_key(conv.megatron)
+        if layer is None:
+            self.writer.add_chunk(key, tensor.shape, (0,) * tensor.dim(), tensor)
+        else:  # one chunk [1, ...] of the stacked [L, ...] tensor: never materialised whole
+            self.writer.add_chunk(key, (self.meta.config.num_layers, *tensor.shape), (layer,) + (0,) * tensor.dim(),
+                                  tensor.unsqueeze(0))
+
+    def close(self) -> None:
+        num_layers = self.meta.config.num_layers
+        blob = extra_state_blob(self.meta.transformer_impl)
+        for layer in range(num_layers):
+            for module in EXTRA_STATE_MODULES:
+                self.writer.add_bytes(extra_state_key(module, layer, num_layers), blob)
+        self.writer.close()
+        iteration = 0 if self.iteration == "release" else int(self.iteration)
+        torch.save({"args": self.args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration},
+                   self.folder / COMMON_FILE)
+        (self.folder / CONFIG_FILE).write_text(json.dumps(BACKEND_CONFIG))  # last: marks the folder complete
+        (self.root / TRACKER).write_text(str(self.iteration))
+
+
+class TorchDistReader:
+    """Lazy reader of a torch_dist iteration folder in terms of bridge's global Megatron keys."""
+
+    def __init__(self, root: Path, meta: CheckpointMeta, iteration: int | str | None = None) -> None:
+        self.root, self.ckpt_meta = root, meta
+        self.iteration = read_tracker(root) if iteration is None else iteration
+        self.folder = root / iteration_dir_name(self.iteration)
+        if not (self.folder / CONFIG_FILE).is_file():
+            raise BridgeError(f"{self.folder} has no {CONFIG_FILE}; the torch_dist checkpoint is incomplete (interrupted save?)")
+        self.dcp = DcpReader(self.folder)
+        keys = self.dcp.tensor_keys()
+        self.prefix = next((p for p in MODEL_PREFIXES if f"{p}embedding.word_embeddings.weight" in keys), "")
+        self._consumed: set[tuple[str, int | None]] = set()
+
+    def model_keys(self) -> list[str]:
+        """DCP tensor keys of model weights (prefix stripped); optimizer / rng state left out."""
+        bare = [k[len(self.prefix):] for k in self.dcp.tensor_keys() if k.startswith(self.prefix)]
+        return [k for k in bare if not k.startswith(NON_MODEL_PREFIXES)]
+
+    def args(self) -> argparse.Namespace | None:
+        path = self.folder / COMMON_FILE
+        if not path.is_file():
+            return None
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True).get("args")
+
+    def _locate(self, key: str) -> tuple[str, int | None]:
+        """Stacked key and layer, or a per-layer key (non-homogeneous models store `decoder.layers.{g}.`)."""
+        stacked, layer = dcp_key(key)
+        keys = self.dcp.metadata.state_dict_metadata
+        return (stacked, layer) if layer is None or self.prefix + stacked in keys else (key, None)
+
+    def meta(self, key: str) -> torch.Tensor:
+        """Shape and dtype of one global tensor (one layer of a stacked one), on `meta`."""
+        stacked, layer = self._locate(key)
+        entry = self.dcp.tensor_meta(self.prefix + stacked)
+        shape = tuple(entry.size)[1:] if layer is not None else tuple(entry.size)
+        return torch.empty(shape, dtype=entry.properties.dtype, device="meta")
+
+    def get(self, key: str, rows: int | None = None) -> torch.Tensor:
+        """One global tensor (one layer slice of a stacked one), optionally only its first `rows` rows."""
+        stacked, layer = self._locate(key)
+        entry = self.dcp.tensor_meta(self.prefix + stacked)
+        size = list(entry.size)
+        if layer is not None:
+            if layer >= size[0]:
+                raise BridgeError(f"{self.folder}: {stacked} stacks {size[0]} layers, layer {layer} was asked for")
+            offsets, sizes = [layer] + [0] * (len(size) - 1), [1] + size[1:]
+        else:
+            offsets, sizes = [0] * len(size), size
+        row_dim = 1 if layer is not None else 0
+        if rows is not None:
+            sizes[row_dim] = rows
+        tensor = self.dcp.read(self.prefix + stacked, offsets, sizes)
+        self._consumed.add((stacked, layer))
+        return tensor[0] if layer is not None else tensor
+
+    def unconsumed(self) -> list[str]:
+        left = []
+        for key in self.model_keys():
+            layers = range(self.dcp.tensor_meta(self.prefix + key).size[0]) if key.startswith("decoder.layers.") \
+                and not key.split(".")[2].isdigit() else [None]
+            left += [f"{key}[{layer}]" if layer is not None else key for layer in layers if (key, layer) not in self._consumed]
+        return sorted(left)
+
+    def load_rank(self, tp_rank: int, pp_rank: int, layout: ParallelLayout | None = None) -> dict[str, Any]:
+        """One rank's state as a legacy rank file holds it (`args`, `model`/`model{v}`), for any `layout`.
+
+        torch_dist is layout-independent, so a training or verify rank of any TP/PP reads its shard here:
+        each global tensor of its stage is read (one at a time) and split with the usual sharding rules.
+        """
+        meta = replace(self.ckpt_meta, layout=layout or self.ckpt_meta.layout)
+        source = TorchDistSource(self, meta, _conversions(meta))
+        collector = _RankCollector(meta.layout, tp_rank, pp_rank)
+        sink = engine.MegatronSink(self.root, meta, lambda t, p: argparse.Namespace(), writer=collector)
+        last, tied_copy = meta.layout.pp - 1, meta.config.tie_word_embeddings and meta.layout.pp > 1
+        wanted = [c for c in source.conversions
+                  if localize(c.megatron, meta.layout, meta.config.num_layers, meta.transformer_impl).pp_rank == pp_rank
+                  or (tied_copy and pp_rank == last and c.megatron == "embedding.word_embeddings.weight")]
+        for conv, tensor in source.tensors(only=wanted):
+            sink.put(conv, tensor)
+        sink.close()
+        state: dict[str, Any] = {"args": self.args(), "checkpoint_version": CHECKPOINT_VERSION,
+                                 "iteration": 0 if self.iteration == "release" else int(self.iteration)}
+        state.update(zip(model_keys(meta.layout), collector.models()))
+        return state
+
+
+def _conversions(meta: CheckpointMeta) -> list[Conversion]:
+    return list(expand(family(meta.config.architecture).rows(meta.config), meta.config.num_layers))
+
+
+class _RankCollector:
+    """Stands in for LegacyCheckpointWriter: keeps one rank's (chunk, local name, shard) in memory."""
+
+    def __init__(self, layout: ParallelLayout, tp_rank: int, pp_rank: int) -> None:
+        self.tp_rank, self.pp_rank = tp_rank, pp_rank
+        self._models: list[dict[str, torch.Tensor]] = [{} for _ in range(layout.chunks)]
+
+    def add(self, tp_rank: int, pp_rank: int, chunk: int, name: str, tensor: torch.Tensor) -> None:
+        if (tp_rank, pp_rank) == (self.tp_rank, self.pp_rank):
+            self._models[chunk][name] = tensor.clone() if tensor.storage_offset() or not tensor.is_contiguous() else tensor
+
+    def close(self) -> None:
+        pass
+
+    def models(self) -> list[dict[str, torch.Tensor]]:
+        return [dict(sorted(m.items(), key=lambda item: state_dict_position(item[0]))) for m in self._models]
+
+
+class TorchDistSource:
+    """torch_dist DCP -> global Megatron tensors, one layer slice at a time; all-in/all-out accounting."""
+
+    def __init__(self, reader: TorchDistReader, meta: CheckpointMeta, conversions: Sequence[Conversion]) -> None:
+        self.reader, self.meta, self.conversions = reader, meta, conversions
+        self._check_accounting()
+
+    def _check_accounting(self) -> None:
+        expected = {self.reader._locate(c.megatron)[0] for c in self.conversions}
+        present = set(self.reader.model_keys())
+        missing, unexpected = expected - present, present - expected
+        if missing or unexpected:
+            parts = [f"missing {len(missing)}: {engine._listing(missing)}" if missing else "",
+                     f"unexpected {len(unexpected)}: {engine._listing(unexpected)}" if unexpected else ""]
+            raise BridgeError(f"{self.reader.folder} does not hold what bridge.json describes: " + "; ".join(p for p in parts if p))
+        for key in expected:
+            size = self.reader.dcp.tensor_meta(self.reader.prefix + key).size
+            if key.startswith("decoder.layers.") and not key.split(".")[2].isdigit() and size[0] != self.meta.config.num_layers:
+                raise BridgeError(f"{self.reader.folder}: {key} stacks {size[0]} layers, the config has {self.meta.config.num_layers}")
+
+    def tensors(self, meta: bool = False, only: Sequence[Conversion] | None = None) -> Iterator[tuple[Conversion, torch.Tensor]]:
+        vocab = self.meta.config.vocab_size
+        for conv in self.conversions if only is None else only:
+            is_vocab = rule_for(conv.megatron) is Split.VOCAB
+            if meta:
+                tensor = self.reader.meta(conv.megatron)
+                yield conv, tensor[:vocab] if is_vocab else tensor
+                continue
+            if is_vocab and self.reader.meta(conv.megatron).shape[0] < vocab:
+                raise BridgeError(f"{conv.megatron} has {self.reader.meta(conv.megatron).shape[0]} rows, fewer than the vocabulary ({vocab})")
+            yield conv, self.reader.get(conv.megatron, rows=vocab if is_vocab else None)
+
+    def finish(self) -> None:
+        left = self.reader.unconsumed()
+        if left:
+            raise BridgeError(f"{len(left)} tensors of the checkpoint were not converted: {engine._listing(left)}")
+
+
+def open_rank_reader(root: Path, meta: CheckpointMeta, iteration: int | str | None = None) -> Any:
+    """The reader whose `load_rank(tp_rank, pp_rank)` serves `bridge verify` / training, for either format."""
+    from bridge.converters.megatron_legacy import LegacyCheckpointReader
+
+    if checkpoint_format(root, iteration) == "torch_dist":
+        return TorchDistReader(root, meta, iteration)
+    return LegacyCheckpointReader(root, meta.layout, iteration)
+
