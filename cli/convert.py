@@ -20,6 +20,13 @@ def add_layout_flags(parser: argparse.ArgumentParser) -> None:
                         help="parameter names of Megatron's TE layer spec (default) or its local spec")
 
 
+def add_format_flag(parser: argparse.ArgumentParser, default: str | None) -> None:
+    """`--format` / Megatron-LM's `--ckpt-format`: legacy per-rank `torch` files or `torch_dist` (DCP)."""
+    parser.add_argument("--format", "--ckpt-format", dest="format", choices=["torch", "torch_dist"], default=default,
+                        help="Megatron checkpoint format: torch (per-rank files) or torch_dist (distributed, any TP/PP on load)"
+                        + ("" if default else "; default: the source's"))
+
+
 def layout_from(args: argparse.Namespace) -> ParallelLayout:
     return ParallelLayout(tp=args.tp, pp=args.pp, vpp=args.vpp, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
 
@@ -34,8 +41,8 @@ def run_import(args: argparse.Namespace) -> int:
     layout = layout_from(args)
     out = api.import_hf(args.source, args.out, layout, dtype=args.dtype,
                         transformer_impl=args.transformer_impl or "transformer_engine",
-                        revision=args.revision, token=args.token, overwrite=args.overwrite)
-    print(f"imported {args.source} -> {out} ({layout.name})")
+                        revision=args.revision, token=args.token, overwrite=args.overwrite, format=args.format)
+    print(f"imported {args.source} -> {out} ({args.format}, {layout.name})")
     return 0
 
 
@@ -49,7 +56,7 @@ def run_export(args: argparse.Namespace) -> int:
 def run_reshard(args: argparse.Namespace) -> int:
     layout = layout_from(args)
     out = api.reshard(args.checkpoint, args.out, layout, transformer_impl=args.transformer_impl,
-                      dtype=args.dtype, overwrite=args.overwrite, iteration=args.iteration)
+                      dtype=args.dtype, overwrite=args.overwrite, iteration=args.iteration, format=args.format)
     print(f"resharded {args.checkpoint} -> {out} ({layout.name})")
     return 0
 
@@ -63,6 +70,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     total = sum(f["bytes"] for f in info["files"])
     print(f"{info['path']}\n  architecture  {info['architecture']}\n"
           f"  layout        tp={layout['tp']} pp={layout['pp']} vpp={layout['vpp']} ({info['transformer_impl']} names)\n"
+          f"  format        {info['format']}\n"
           f"  iteration     {info['iteration']}\n  parameters    {info['parameters']:,}\n"
           f"  dtypes        {', '.join(info['dtypes'])}\n"
           f"  vocab         {info['vocab']['original']} (padded {info['vocab']['padded']})\n"
@@ -79,6 +87,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--revision", help="Hub branch, tag or commit")
     p.add_argument("--token", help="Hub token (default: HF_TOKEN or the login cache)")
     add_layout_flags(p)
+    add_format_flag(p, "torch")
     add_common(p)
     p.set_defaults(func=run_import)
 
@@ -95,6 +104,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--iteration", type=int, help="iteration to read (default: latest)")
     add_layout_flags(p)
+    add_format_flag(p, None)
     add_common(p)
     p.set_defaults(func=run_reshard)
 
