@@ -125,7 +125,7 @@ def open_checkpoint(path: str | Path, iteration: int | None = None) -> OpenCheck
     if not root.is_dir():
         raise BridgeError(f"no checkpoint folder {root}")
     meta = CheckpointMeta.load(root)
-    fmt = checkpoint_format(root, iteration)  # from the folder (metadata.json): Megatron-LM may have re-saved it
+    fmt = checkpoint_format(root, iteration, meta.format)  # from the folder: Megatron-LM may have re-saved it
     meta = replace(meta, format=fmt)
     if fmt == "torch_dist":
         return OpenCheckpoint(root, meta, TorchDistReader(root, meta, iteration))

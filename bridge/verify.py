@@ -150,7 +150,7 @@ def rank_logits(checkpoints: Sequence[str], token_lists: Sequence[Sequence[int]]
     """
     import torch.distributed as dist
 
-    from bridge.converters.megatron_legacy import LegacyCheckpointReader
+    from bridge.converters.torch_dist import open_rank_reader
     from bridge.nn import build_model_chunks, load_rank_checkpoint
     from bridge.parallel.collectives import gather_from_tp
     from bridge.parallel.pipeline import forward_only
@@ -163,7 +163,7 @@ def rank_logits(checkpoints: Sequence[str], token_lists: Sequence[Sequence[int]]
         ps = ParallelState(meta.layout, dist.get_world_size(), dist.get_rank())
         chunks = build_model_chunks(meta.config, ps, transformer_impl=meta.transformer_impl,
                                     sequence_parallel=sequence_parallel, params_dtype=DTYPES[dtype], device=dev)
-        load_rank_checkpoint(chunks, LegacyCheckpointReader(Path(ckpt), meta.layout).load_rank(ps.tp_rank, ps.pp_rank))
+        load_rank_checkpoint(chunks, open_rank_reader(Path(ckpt), meta).load_rank(ps.tp_rank, ps.pp_rank))  # torch or torch_dist
         for chunk in chunks:
             chunk.eval()
         batches = [torch.tensor([list(ids)], device=dev) for ids in token_lists]

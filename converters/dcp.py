@@ -138,11 +138,18 @@ class DcpReader:
             raise BridgeError(f"cannot read {path}: {exc}; the file is corrupt or not DCP metadata") from exc
         if not isinstance(self.metadata, Metadata) or self.metadata.storage_data is None:
             raise BridgeError(f"{path} is not torch.distributed.checkpoint metadata")
+        needed: dict[str, int] = {}
         for info in self.metadata.storage_data.values():
-            if not (folder / info.relative_path).is_file():
-                raise BridgeError(f"{folder / info.relative_path} is missing; the torch_dist checkpoint is incomplete")
             if getattr(info, "transform_descriptors", None):
                 raise BridgeError(f"{folder}: chunks stored with transforms {info.transform_descriptors} are not supported")
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+        for name, size in needed.items():  # a partial copy shows here, before any conversion starts
+            path = folder / name
+            if not path.is_file():
+                raise BridgeError(f"{path} is missing; the torch_dist checkpoint is incomplete (copy the whole folder)")
+            if path.stat().st_size < size:
+                raise BridgeError(f"{path} is truncated ({path.stat().st_size} bytes, .metadata needs {size}); "
+                                  "copy or save the checkpoint again")
 
     def tensor_keys(self) -> list[str]:
         return [k for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)]
@@ -216,6 +223,6 @@ class DcpReader:
             try:
                 return torch.load(_FileView(handle, info.offset, info.length), map_location=device, weights_only=True)
             except (RuntimeError, pickle.UnpicklingError, EOFError) as exc:
-                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                first = str(exc).splitlines()[0].split(". ")[0] if str(exc) else type(exc).__name__
                 raise BridgeError(f"cannot read chunk {tuple(chunk.offsets)} of {key} from {path}: {first}; "
                                   "the file is truncated or corrupt") from exc

@@ -75,11 +75,17 @@ def extra_state_blob(transformer_impl: str) -> bytes:
     return buf.getvalue()
 
 
-def checkpoint_format(root: Path, iteration: int | str | None = None) -> str:
-    """`torch_dist` when the iteration folder has Megatron's `metadata.json`, else legacy `torch`."""
+def checkpoint_format(root: Path, iteration: int | str | None = None, recorded: str = "torch") -> str:
+    """`torch_dist` when the iteration folder has Megatron's `metadata.json`, else legacy `torch`.
+
+    `recorded` is what bridge.json says; a torch_dist folder without metadata.json and without rank
+    folders is a save that did not finish (Megatron writes metadata.json last), not a legacy checkpoint.
+    """
     folder = root / iteration_dir_name(read_tracker(root) if iteration is None else iteration)
     config = folder / CONFIG_FILE
     if not config.is_file():
+        if recorded == "torch_dist" and not any(folder.glob("mp_rank_*")):
+            raise BridgeError(f"{folder} has no {CONFIG_FILE}; the torch_dist checkpoint is incomplete (interrupted save?)")
         return "torch"
     try:
         backend = json.loads(config.read_text()).get("sharded_backend")
@@ -154,7 +160,7 @@ class TorchDistReader:
         """Stacked key and layer, or a per-layer key (non-homogeneous models store `decoder.layers.{g}.`)."""
         stacked, layer = dcp_key(key)
         keys = self.dcp.metadata.state_dict_metadata
-        return (stacked, layer) if layer is None or self.prefix + stacked in keys else (key, None)
+        return (key, None) if layer is not None and self.prefix + key in keys else (stacked, layer)
 
     def meta(self, key: str) -> torch.Tensor:
         """Shape and dtype of one global tensor (one layer of a stacked one), on `meta`."""
