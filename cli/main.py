@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "bridge.cli.push",
     "bridge.cli.data",
     "bridge.cli.verify",
+    "bridge.cli.train",
 )
 
 

@@ -1,0 +1,123 @@
+"""`TrainConfig`: every `bridge train` setting in one typed object, validated before any process starts.
+
+Field names are Megatron-LM's flag names with `-` -> `_` where they mean the same thing, so a
+recipe written for `bridge train --config recipe.yaml` reads like a Megatron launch script.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bridge.errors import BridgeError
+
+LR_DECAY_STYLES = ("cosine", "linear", "constant")
+RECOMPUTE = ("full", "selective")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """One training run. Paths are strings so the object pickles into spawned workers unchanged."""
+
+    # model source: a bridge checkpoint (import or training) or an HF config.json for random init
+    load: str | None = None
+    model_config: str | None = None
+    """HF `config.json` (or its folder): train from random initialisation (benchmarks, from-scratch runs)."""
+    finetune: bool = False
+    """Load only the weights of a training checkpoint: iteration 0, fresh optimizer (Megatron's --finetune)."""
+    # data
+    data_path: list[str] = field(default_factory=list)
+    """Indexed dataset prefixes (`PREFIX.bin/.idx`) or `.jsonl` files with a `text_key` field."""
+    mock_data: bool = False
+    split: str = "969,30,1"
+    text_key: str = "text"
+    tokenizer: str | None = None
+    """Tokenizer for `.jsonl` data; default: the checkpoint's `hf_meta/`."""
+    # parallelism
+    nproc: int | None = None
+    tp: int = 1
+    pp: int = 1
+    vpp: int | None = None
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    ddp_bucket_size: int = 40_000_000
+    """Elements per gradient bucket; a full bucket starts its all-reduce while backward goes on."""
+    # batch
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    seq_length: int = 2048
+    # optimisation
+    train_iters: int = 100
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    lr_decay_style: str = "cosine"
+    lr_warmup_iters: int = 0
+    lr_decay_iters: int | None = None
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    bf16: bool = False
+    accumulate_allreduce_grads_in_fp32: bool = False
+    recompute: str | None = None
+    compile: bool = False
+    """torch.compile each transformer layer (CUDA runs; the first steps pay the compilation)."""
+    # checkpoints and evaluation
+    save: str | None = None
+    save_interval: int | None = None
+    keep_last_checkpoints: int | None = None
+    exit_interval: int | None = None
+    eval_interval: int = 1000
+    eval_iters: int = 10
+    seed: int = 1234
+    # logging
+    log_interval: int = 1
+    tensorboard_dir: str | None = None
+    progress: bool = True
+    peak_tflops: float | None = None
+    """Peak bf16 TFLOP/s of one device, for MFU; default from the device name (H100/H200: 989)."""
+    device: str | None = None
+    """cpu or cuda; default cuda when a GPU is visible."""
+
+    @property
+    def layout_key(self) -> tuple[int, int, int | None]:
+        return self.tp, self.pp, self.vpp
+
+    def resolved_device(self) -> str:
+        if self.device:
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+
+def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML recipe -> {field: value}; keys may be spelled as flags (`micro-batch-size`) or fields."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise BridgeError(f"recipe {file} does not exist; give a YAML file of flag: value pairs")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise BridgeError(f"recipe {file} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict):
+        raise BridgeError(f"recipe {file} must be a mapping of flag: value, got {type(data).__name__}")
+    out = {str(k).lstrip("-").replace("-", "_"): v for k, v in data.items()}
+    aliases = {"data": "data_path", "tensor_model_parallel_size": "tp", "pipeline_model_parallel_size": "pp",
+               "recompute_granularity": "recompute"}
+    out = {aliases.get(k, k): v for k, v in out.items()}
+    unknown = sorted(set(out) - TrainConfig.field_names())
+    if unknown:
+        raise BridgeError(f"recipe {file} has unknown keys {unknown}; use `bridge train --help` flag names")
+    if isinstance(out.get("data_path"), str):
+        out["data_path"] = out["data_path"].split()
+    return out

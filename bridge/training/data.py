@@ -1,0 +1,174 @@
+"""Training batches: documents packed into fixed-length samples with EOD between them, shuffled by seed.
+
+The token stream is the documents of a split in a seeded order, epoch after epoch (a new order per
+epoch); sample k is the window [k*s, k*s + s + 1) of that stream (inputs and shifted labels), and
+samples are shuffled within blocks of about one epoch. Everything is a pure function of (seed, k),
+so the data position of a run is one integer (consumed samples) and a resumed or re-laid-out run
+sees exactly the same batches. Memory is O(documents), whatever the corpus size.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from bridge.data.indexed import IndexedDataset, has_loss_mask, loss_mask_prefix, strip_suffix
+from bridge.errors import BridgeError
+
+log = logging.getLogger(__name__)
+
+
+class Documents:
+    """Documents from indexed datasets and/or jsonl files, as (tokens, loss mask or None) by number."""
+
+    def __init__(self, paths: Sequence[str], *, text_key: str = "text", tokenizer: Any = None) -> None:
+        self._parts: list[tuple[Any, Any]] = []  # (token source, mask source) with .document(i) or list
+        counts = []
+        for path in paths:
+            if path.endswith(".jsonl"):
+                docs = _tokenize_jsonl(Path(path), text_key, tokenizer)
+                self._parts.append((docs, None))
+                counts.append(len(docs))
+            else:
+                prefix = strip_suffix(path)
+                tokens = IndexedDataset(prefix)
+                mask = IndexedDataset(loss_mask_prefix(prefix)) if has_loss_mask(prefix) else None
+                self._parts.append((tokens, mask))
+                counts.append(tokens.num_documents)
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.has_mask = any(m is not None for _, m in self._parts)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def get(self, doc: int) -> tuple[np.ndarray, np.ndarray | None]:
+        part = int(np.searchsorted(self._starts, doc, side="right")) - 1
+        tokens, mask = self._parts[part]
+        local = doc - int(self._starts[part])
+        if isinstance(tokens, list):
+            return tokens[local], None
+        return tokens.document(local), None if mask is None else mask.document(local)
+
+
+def _tokenize_jsonl(path: Path, key: str, tokenizer: Any) -> list[np.ndarray]:
+    if tokenizer is None:
+        raise BridgeError(f"{path} is text; training on .jsonl needs a tokenizer (the checkpoint's hf_meta/ or --tokenizer)")
+    texts = []
+    with path.open() as stream:
+        for number, line in enumerate(stream, 1):
+            if not line.strip():
+                continue
+            try:
+                texts.append(json.loads(line)[key])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise BridgeError(f"{path}:{number} is not a JSON object with a {key!r} field; fix it or pass --text-key") from None
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
+    log.info("tokenized %d documents from %s", len(ids), path)
+    return [np.asarray(t, dtype=np.int64) for t in ids if len(t)]
+
+
+def split_documents(n: int, split: str) -> list[np.ndarray]:
+    """Megatron's --split "969,30,1": contiguous document ranges for train / valid / test."""
+    weights = np.array([float(w) for w in split.replace("/", ",").split(",")] + [0.0, 0.0])[:3]
+    bounds = np.round(np.cumsum(weights / weights.sum()) * n).astype(np.int64)
+    bounds = np.concatenate([[0], bounds])
+    bounds[-1] = n
+    return [np.arange(bounds[i], bounds[i + 1], dtype=np.int64) for i in range(3)]
+
+
+@dataclass
+class _Epoch:
+    order: np.ndarray  # documents of the split in this epoch's order
+    ends: np.ndarray   # cumulative token ends (EOD included) in that order
+
+
+class PackedDataset:
+    """Samples of `seq_length + 1` tokens (and label loss masks) from documents, EOD between documents."""
+
+    def __init__(self, docs: Documents, doc_ids: np.ndarray, seq_length: int, seed: int, eod: int) -> None:
+        if doc_ids.size == 0:
+            raise BridgeError("a data split has no documents; give more documents or change --split")
+        self.docs, self.doc_ids, self.seq_length, self.seed, self.eod = docs, doc_ids, seq_length, seed, eod
+        lengths = np.array([self._doc_len(int(d)) for d in doc_ids], dtype=np.int64)
+        self.tokens_per_epoch = int(lengths.sum())
+        self._lengths = dict(zip(doc_ids.tolist(), lengths.tolist()))
+        self.block = max(1, self.tokens_per_epoch // seq_length)
+        self._epochs: dict[int, _Epoch] = {}
+
+    def _doc_len(self, doc: int) -> int:
+        """Tokens of the document plus the EOD the packer appends when it does not end with one."""
+        tokens, _ = self.docs.get(doc)
+        return tokens.size + (0 if tokens.size and int(tokens[-1]) == self.eod else 1)
+
+    def _epoch(self, e: int) -> _Epoch:
+        if e not in self._epochs:
+            if len(self._epochs) > 4:
+                self._epochs.clear()
+            order = np.random.default_rng([self.seed, 0, e]).permutation(self.doc_ids)
+            ends = np.cumsum([self._lengths[int(d)] for d in order]).astype(np.int64)
+            self._epochs[e] = _Epoch(order, ends)
+        return self._epochs[e]
+
+    def _stream(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens and loss masks of stream positions [start, start + count)."""
+        tokens, masks, pos = [], [], start
+        while pos < start + count:
+            e, within = divmod(pos, self.tokens_per_epoch)
+            epoch = self._epoch(e)
+            i = int(np.searchsorted(epoch.ends, within, side="right"))
+            doc_start = int(epoch.ends[i - 1]) if i else 0
+            t, m = self.docs.get(int(epoch.order[i]))
+            t = np.asarray(t, dtype=np.int64)
+            m = np.ones(t.size, np.int64) if m is None else np.asarray(m, dtype=np.int64)
+            if t.size == 0 or int(t[-1]) != self.eod:
+                t = np.append(t, self.eod)
+                m = np.append(m, 0 if self.docs.has_mask else 1)
+            take = min(t.size - (within - doc_start), start + count - pos)
+            offset = within - doc_start
+            tokens.append(t[offset:offset + take])
+            masks.append(m[offset:offset + take])
+            pos += take
+        return np.concatenate(tokens), np.concatenate(masks)
+
+    def sample(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sample k: tokens [s+1] and the loss mask of each token [s+1]."""
+        block, index = divmod(k, self.block)
+        j = int(np.random.default_rng([self.seed, 1, block]).permutation(self.block)[index])
+        return self._stream((block * self.block + j) * self.seq_length, self.seq_length + 1)
+
+
+class MockDataset:
+    """Uniform random tokens (Megatron's --mock-data): benchmarks and smoke tests without a corpus."""
+
+    def __init__(self, vocab_size: int, seq_length: int, seed: int) -> None:
+        self.vocab_size, self.seq_length, self.seed = vocab_size, seq_length, seed
+
+    def sample(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        tokens = np.random.default_rng([self.seed, 2, k]).integers(0, self.vocab_size, self.seq_length + 1)
+        return tokens, np.ones_like(tokens)
+
+
+def micro_batch(dataset: PackedDataset | MockDataset, first: int, size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Samples first..first+size-1 -> tokens/labels/loss_mask [b, s] on `device`."""
+    pairs = [dataset.sample(k) for k in range(first, first + size)]
+    tokens = torch.from_numpy(np.stack([t for t, _ in pairs]))
+    mask = torch.from_numpy(np.stack([m for _, m in pairs]))
+    return {"tokens": tokens[:, :-1].to(device), "labels": tokens[:, 1:].to(device),
+            "loss_mask": mask[:, 1:].float().to(device)}
+
+
+def step_micro_batches(dataset: PackedDataset | MockDataset, consumed: int, global_batch: int, micro: int, dp: int,
+                       dp_rank: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """This DP rank's micro-batches of the global batch that starts at sample `consumed`.
+
+    DP rank d takes the d-th slice of the global batch, in micro-batches of `micro`, so the set of
+    micro-batches of a step is the same for every DP size.
+    """
+    per_rank = global_batch // dp
+    base = consumed + dp_rank * per_rank
+    return [micro_batch(dataset, base + j * micro, micro, device) for j in range(per_rank // micro)]

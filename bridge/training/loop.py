@@ -1,0 +1,180 @@
+"""The training loop of one rank: schedule -> gradient sync -> optimizer step -> metrics, eval, checkpoints."""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from bridge.parallel.pipeline import activation_shape, forward_only
+from bridge.parallel.schedules import forward_backward
+from bridge.parallel.state import ParallelState
+from bridge.training import checkpointing as ckpt
+from bridge.training.config import TrainConfig
+from bridge.training.metrics import MetricsLog, flops_per_token, peak_memory_gib, peak_tflops
+from bridge.training.plan import Plan
+from bridge.training.state import RankSetup, setup_rank
+
+log = logging.getLogger(__name__)
+
+
+class _StopFlag:
+    """Set by SIGTERM; checked (and agreed on over all ranks) at the end of every step."""
+
+    def __init__(self) -> None:
+        self.set = False
+        try:
+            signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not the main thread (e.g. inside a test harness)
+            pass
+
+    def _handler(self, signum: int, frame: object) -> None:
+        self.set = True
+
+
+def train_step(rs: RankSetup, micro_batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """Forward and backward of one global batch on this rank; returns the last stage's micro-batch losses."""
+    plan, ps, chunks = rs.plan, rs.ps, rs.chunks
+    losses: list[torch.Tensor] = []
+
+    def forward_step(c: int, x: torch.Tensor | None, m: int) -> torch.Tensor:
+        mb, model = micro_batches[m], chunks[c]
+        out = model(mb["tokens"] if model.pre_process else x, labels=mb["labels"] if model.post_process else None)
+        if not model.post_process:
+            return out
+        mask = mb["loss_mask"]
+        loss = (out.float() * mask).sum() / mask.sum().clamp(min=1.0)  # [b, s] -> mean over trained tokens
+        losses.append(loss.detach())
+        return loss / plan.global_microbatches
+
+    shape = activation_shape(micro_batches[0]["tokens"], plan.model.hidden_size, ps.tp, chunks[0].sequence_parallel)
+    forward_backward(chunks, ps, len(micro_batches), forward_step, rs.buffer.enable_sync, activation_shape=shape,
+                     dtype=rs.buffer.param_data.dtype, device=rs.device)
+    rs.buffer.finish()
+    return losses
+
+
+def _reduce(held: list[float], ps: ParallelState, flags: list[float] = ()) -> list[float]:
+    """Sum over the world: `held` counts only on TP rank 0 of the last stage (whose DP ranks hold different
+    micro-batches), `flags` (e.g. SIGTERM seen) on every rank."""
+    holder = ps.is_last_stage and ps.tp_rank == 0
+    data = torch.tensor([v if holder else 0.0 for v in held] + list(flags), dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(data)
+    return data.tolist()
+
+
+@torch.no_grad()
+def evaluate(rs: RankSetup) -> float | None:
+    """Mean loss over --eval-iters global batches of the validation split (the same batches every time)."""
+    if rs.valid is None:
+        return None
+    cfg, ps = rs.cfg, rs.ps
+    for chunk in rs.chunks:
+        chunk.eval()
+    total = 0.0
+    for i in range(cfg.eval_iters):
+        mbs = rs.micro_batches(rs.valid, i * cfg.global_batch_size)
+        outs = forward_only(rs.chunks, ps, mbs)
+        total += sum(float((o.float() * mb["loss_mask"]).sum() / mb["loss_mask"].sum().clamp(min=1.0))
+                     for o, mb in zip(outs, mbs))
+    for chunk in rs.chunks:
+        chunk.train()
+    return _reduce([total], ps)[0] / (cfg.eval_iters * rs.plan.global_microbatches)
+
+
+class Trainer:
+    """Runs iterations until --train-iters, --exit-interval or SIGTERM; owns metrics and checkpoints."""
+
+    def __init__(self, rs: RankSetup) -> None:
+        self.rs, self.cfg, self.ps = rs, rs.cfg, rs.ps
+        self.stop = _StopFlag()
+        self.tokens_per_step = self.cfg.global_batch_size * self.cfg.seq_length
+        self.flops_per_step = flops_per_token(rs.plan.model, self.cfg.seq_length) * self.tokens_per_step
+        self.peak = peak_tflops(self.cfg.peak_tflops)
+        is_logger = self.ps.rank == 0
+        save = Path(self.cfg.save) if self.cfg.save else None
+        self.log = MetricsLog(save / "train_log.jsonl" if save and is_logger else None,
+                              Path(self.cfg.tensorboard_dir) if self.cfg.tensorboard_dir and is_logger else None)
+        self.bar = None
+        if is_logger and self.cfg.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.cfg.train_iters, initial=rs.iteration, desc="train", unit="it")
+
+    def run(self) -> dict[str, Any]:
+        rs, cfg = self.rs, self.cfg
+        stopped_by = "train-iters"
+        while rs.iteration < cfg.train_iters:
+            record = self.step()
+            stop = record.pop("_stop")
+            self.after_step(record)
+            if stop:
+                stopped_by = "SIGTERM"
+            elif cfg.exit_interval and rs.iteration % cfg.exit_interval == 0:
+                stopped_by = "exit-interval"
+            if stopped_by != "train-iters":
+                break
+        if stopped_by == "train-iters" and rs.valid is not None and (
+                not rs.valid_curve or rs.valid_curve[-1][0] != rs.iteration):
+            rs.valid_curve.append([rs.iteration, evaluate(rs)])
+        if cfg.save and rs.saved_at != rs.iteration:
+            self.save()
+        if self.bar:
+            self.bar.close()
+        self.log.close()
+        return {**rs.summary(), "stopped_by": stopped_by}
+
+    def step(self) -> dict[str, Any]:
+        rs = self.rs
+        start = time.perf_counter()
+        mbs = rs.micro_batches(rs.train, rs.consumed)
+        losses = train_step(rs, mbs)
+        lr = rs.schedule(rs.iteration + 1)
+        grad_norm = rs.optimizer.step(lr)
+        rs.buffer.zero_grads()
+        loss_sum, stop = _reduce([float(sum(losses)) if losses else 0.0], self.ps, [float(self.stop.set)])
+        if rs.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        rs.iteration += 1
+        rs.consumed += self.cfg.global_batch_size
+        loss = loss_sum / rs.plan.global_microbatches
+        rs.loss_curve.append([rs.iteration, loss])
+        tflops = self.flops_per_step / elapsed / 1e12 / rs.plan.world_size
+        return {"iteration": rs.iteration, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_s": self.tokens_per_step / elapsed, "tflops_per_gpu": tflops,
+                "mfu": tflops / self.peak if self.peak else None, "step_s": elapsed,
+                "peak_mem_gib": peak_memory_gib(), "_stop": stop > 0}
+
+    def after_step(self, record: dict[str, Any]) -> None:
+        rs, cfg = self.rs, self.cfg
+        if cfg.eval_interval and rs.iteration % cfg.eval_interval == 0:
+            record["valid_loss"] = evaluate(rs)
+            rs.valid_curve.append([rs.iteration, record["valid_loss"]])
+        if rs.iteration % cfg.log_interval == 0 or "valid_loss" in record:
+            self.log.write({k: v for k, v in record.items() if not k.startswith("_")})
+            log.debug("it %d loss %.6f lr %.3e grad norm %.3f", rs.iteration, record["loss"], record["lr"], record["grad_norm"])
+        if self.bar:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 tok_s=f"{record['tokens_per_s']:.0f}")
+            self.bar.update(1)
+        if cfg.save and cfg.save_interval and rs.iteration % cfg.save_interval == 0:
+            self.save()
+
+    def save(self) -> None:
+        rs = self.rs
+        ckpt.save_checkpoint(Path(self.cfg.save), rs.iteration, self.ps, rs.chunks, rs.optimizer, rs.entries(),
+                             keep_last=self.cfg.keep_last_checkpoints, summary=rs.summary())
+        rs.saved_at = rs.iteration
+
+
+def train_rank(cfg: TrainConfig, plan: Plan) -> dict[str, Any] | None:
+    """Runs on every rank (torch.distributed initialised); rank 0 returns the run summary."""
+    rs = setup_rank(cfg, plan)
+    result = Trainer(rs).run()
+    return result if rs.ps.rank == 0 else None

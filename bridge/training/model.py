@@ -1,0 +1,69 @@
+"""Build one rank's model for training: chunks, weights (checkpoint or random init), recomputation, compile."""
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from bridge.converters.megatron_legacy import LegacyCheckpointReader
+from bridge.errors import BridgeError
+from bridge.nn import build_model_chunks, load_rank_checkpoint, sync_tied_embeddings
+from bridge.parallel.state import ParallelState
+from bridge.training.config import TrainConfig
+from bridge.training.plan import Plan
+
+log = logging.getLogger(__name__)
+
+
+def build_chunks(cfg: TrainConfig, plan: Plan, ps: ParallelState, device: torch.device) -> tuple[list[nn.Module], dict[str, Any] | None]:
+    """fp32 chunks with the checkpoint's (or seeded random) weights; returns the rank file's dict when loaded.
+
+    Chunks are built in fp32 even for bf16 training: the optimizer takes its fp32 master weights from
+    them before the parameter buffer casts to bf16, so nothing is lost from an fp32 checkpoint.
+    """
+    torch.manual_seed(cfg.seed + 1000 * ps.pp_rank + ps.tp_rank)  # random init: distinct shards per rank
+    chunks = build_model_chunks(plan.model, ps, transformer_impl=plan.transformer_impl,
+                                sequence_parallel=cfg.sequence_parallel, params_dtype=torch.float32, device=device,
+                                mask_padded_vocab=True)
+    state = None
+    if cfg.load is not None:
+        reader = LegacyCheckpointReader(Path(cfg.load), ps.layout)
+        state = reader.load_rank(ps.tp_rank, ps.pp_rank)
+        load_rank_checkpoint(chunks, state)
+    sync_tied_embeddings(chunks)
+    if cfg.recompute:
+        apply_recompute(chunks, cfg.recompute)
+    if cfg.compile:
+        for chunk in chunks:
+            for layer in chunk.decoder.layers:
+                layer.compile()
+    return chunks, state
+
+
+def _checkpointed(forward: Any, *args: Any) -> torch.Tensor:
+    return checkpoint(forward, *args, use_reentrant=False)
+
+
+def apply_recompute(chunks: Sequence[nn.Module], granularity: str) -> None:
+    """full: recompute every transformer layer in backward; selective: only core attention (Megatron's split).
+
+    The wrapper replaces the instance's `forward`, so module names (and the checkpoint) are unchanged.
+    """
+    for chunk in chunks:
+        for layer in chunk.decoder.layers:
+            target = layer if granularity == "full" else layer.self_attention.core_attention
+            target.forward = functools.partial(_checkpointed, target.forward)
+
+
+def resume_state(state: dict[str, Any] | None, cfg: TrainConfig) -> dict[str, Any] | None:
+    """The rank file's training entries when `--load` is a training checkpoint to resume, else None."""
+    if state is None or "optimizer" not in state or cfg.finetune:
+        return None
+    if state["optimizer"] is None:
+        raise BridgeError(f"{cfg.load} has an empty optimizer entry; pass --finetune to start a fresh optimizer")
+    return state

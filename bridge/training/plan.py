@@ -1,0 +1,142 @@
+"""Check a `TrainConfig` against the model, the data and the world size before any process starts.
+
+`make_plan` raises a one-line BridgeError for every bad combination the workers would otherwise hit
+minutes later inside a collective (or worse, train with silently wrong batches).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from bridge.checkpoint import CheckpointMeta
+from bridge.config import ModelConfig
+from bridge.errors import BridgeError
+from bridge.layout import ParallelLayout
+from bridge.training.config import LR_DECAY_STYLES, RECOMPUTE, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """What the workers need beyond the config: the model, the layout, the batch arithmetic."""
+
+    model: ModelConfig
+    layout: ParallelLayout
+    world_size: int
+    dp: int
+    num_microbatches: int
+    """Micro-batches per DP rank per step."""
+    transformer_impl: str = "transformer_engine"
+    load_meta: CheckpointMeta | None = None
+
+    @property
+    def global_microbatches(self) -> int:
+        return self.num_microbatches * self.dp
+
+
+def world_size(cfg: TrainConfig) -> int:
+    """--nproc, else torchrun's WORLD_SIZE, else 1."""
+    if cfg.nproc is not None:
+        return cfg.nproc
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _model(cfg: TrainConfig) -> tuple[ModelConfig, CheckpointMeta | None, str]:
+    if (cfg.load is None) == (cfg.model_config is None):
+        raise BridgeError("give exactly one of --load CHECKPOINT (a bridge checkpoint) or --model-config config.json "
+                          "(random initialisation)")
+    if cfg.load is not None:
+        meta = CheckpointMeta.load(Path(cfg.load))
+        return meta.config, meta, meta.transformer_impl
+    from bridge.api import load_hf_config
+
+    path = Path(cfg.model_config)
+    folder = path if path.is_dir() else path.parent
+    if not (folder / "config.json").is_file():
+        raise BridgeError(f"--model-config {path} is not an HF config.json (or a folder holding one)")
+    return load_hf_config(folder), None, "transformer_engine"
+
+
+def _check_data(cfg: TrainConfig) -> None:
+    if cfg.mock_data:
+        return
+    if not cfg.data_path:
+        raise BridgeError("no training data: give --data PREFIX (from `bridge data prepare`) or FILE.jsonl, or --mock-data")
+    for item in cfg.data_path:
+        if item.endswith(".jsonl"):
+            if not Path(item).is_file():
+                raise BridgeError(f"data file {item} does not exist")
+            continue
+        prefix = item[:-4] if item.endswith((".bin", ".idx")) else item
+        missing = [p for p in (f"{prefix}.bin", f"{prefix}.idx") if not Path(p).is_file()]
+        if missing:
+            raise BridgeError(f"data files {', '.join(missing)} do not exist; give the prefix `bridge data prepare` "
+                              "printed, or a .jsonl file")
+
+
+def _check_numbers(cfg: TrainConfig) -> None:
+    positive = ("micro_batch_size", "global_batch_size", "seq_length", "train_iters", "eval_iters", "log_interval")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise BridgeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.lr_decay_style not in LR_DECAY_STYLES:
+        raise BridgeError(f"--lr-decay-style {cfg.lr_decay_style} is not one of {', '.join(LR_DECAY_STYLES)}")
+    if cfg.recompute is not None and cfg.recompute not in RECOMPUTE:
+        raise BridgeError(f"--recompute {cfg.recompute} is not one of {', '.join(RECOMPUTE)}")
+    if cfg.min_lr > cfg.lr:
+        raise BridgeError(f"--min-lr {cfg.min_lr} is above --lr {cfg.lr}")
+    if cfg.lr_warmup_iters < 0 or cfg.lr_warmup_iters > (cfg.lr_decay_iters or cfg.train_iters):
+        raise BridgeError(f"--lr-warmup-iters {cfg.lr_warmup_iters} must be between 0 and the decay iterations")
+    if cfg.save_interval is not None and cfg.save is None:
+        raise BridgeError("--save-interval needs --save DIR")
+    if cfg.device not in (None, "cpu", "cuda"):
+        raise BridgeError(f"--device {cfg.device} is not cpu or cuda")
+    if cfg.split:
+        parts = cfg.split.replace("/", ",").split(",")
+        try:
+            weights = [float(p) for p in parts]
+        except ValueError:
+            raise BridgeError(f"--split {cfg.split!r} is not comma-separated numbers like 969,30,1") from None
+        if not weights or any(w < 0 for w in weights) or weights[0] <= 0:
+            raise BridgeError(f"--split {cfg.split!r} needs a positive training share")
+
+
+def make_plan(cfg: TrainConfig) -> Plan:
+    """Validate everything checkable without starting a process; BridgeError on the first problem."""
+    _check_numbers(cfg)
+    model, meta, impl = _model(cfg)
+    layout = ParallelLayout(tp=cfg.tp, pp=cfg.pp, vpp=cfg.vpp)
+    layout.validate(model)
+    world = world_size(cfg)
+    if world < 1 or world % (cfg.tp * cfg.pp):
+        raise BridgeError(f"world size {world} is not divisible by tp*pp = {cfg.tp}*{cfg.pp}; "
+                          f"start a multiple of {cfg.tp * cfg.pp} processes")
+    dp = world // (cfg.tp * cfg.pp)
+    per_step = cfg.micro_batch_size * dp
+    if cfg.global_batch_size % per_step:
+        raise BridgeError(f"--global-batch-size {cfg.global_batch_size} is not a multiple of micro-batch-size x DP = "
+                          f"{cfg.micro_batch_size} x {dp} = {per_step}")
+    microbatches = cfg.global_batch_size // per_step
+    if cfg.seq_length > model.max_position_embeddings:
+        raise BridgeError(f"--seq-length {cfg.seq_length} is above the model's limit of {model.max_position_embeddings} "
+                          "positions (max_position_embeddings); use a shorter sequence")
+    if cfg.sequence_parallel and cfg.seq_length % cfg.tp:
+        raise BridgeError(f"--sequence-parallel splits the sequence over tp={cfg.tp}: --seq-length {cfg.seq_length} "
+                          "is not divisible")
+    if layout.chunks > 1 and microbatches % cfg.pp:
+        raise BridgeError(f"the interleaved schedule needs the micro-batches per DP rank ({microbatches}) to be a multiple "
+                          f"of --pp {cfg.pp}; raise --global-batch-size or lower --micro-batch-size")
+    if cfg.bf16 is False and cfg.accumulate_allreduce_grads_in_fp32:
+        log.info("--accumulate-allreduce-grads-in-fp32 has no effect in fp32 training")
+    if cfg.resolved_device() == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < (cfg.nproc or 1):
+            raise BridgeError(f"--nproc {cfg.nproc} needs {cfg.nproc} GPUs, found {torch.cuda.device_count()}; "
+                              "use fewer ranks or --device cpu")
+    _check_data(cfg)
+    return Plan(model=model, layout=layout, world_size=world, dp=dp, num_microbatches=microbatches,
+                transformer_impl=impl, load_meta=meta)

@@ -1,0 +1,84 @@
+"""Entry points of `bridge train`: validate, reshard the load if needed, then run the ranks.
+
+Two ways in, one code path per rank: `--nproc N` spawns N local workers with torchrun's environment
+(bridge.launch), and under `torchrun ... -m bridge.cli train` every process is already a rank.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from bridge.converters.megatron_legacy import LegacyCheckpointReader, read_tracker
+from bridge.errors import BridgeError
+from bridge.training.config import TrainConfig
+from bridge.training.plan import Plan, make_plan
+
+log = logging.getLogger(__name__)
+
+
+def _needs_reshard(cfg: TrainConfig, plan: Plan) -> bool:
+    return plan.load_meta is not None and plan.load_meta.layout != plan.layout
+
+
+def reshard_target(cfg: TrainConfig, plan: Plan) -> Path:
+    base = Path(cfg.save) if cfg.save else Path(tempfile.gettempdir()) / f"bridge-train-{os.getuid()}"
+    return base / f".load-{Path(cfg.load).resolve().name}-{plan.layout.name}"
+
+
+def resolve_load(cfg: TrainConfig, plan: Plan, *, do_reshard: bool = True) -> TrainConfig:
+    """If --load is in another TP/PP/VPP layout, reshard its weights to the requested one (CPU, streaming).
+
+    A training checkpoint's optimizer state is laid out per rank and is not resharded: resuming it in
+    another layout is refused with the two ways out.
+    """
+    if not _needs_reshard(cfg, plan):
+        return cfg
+    old = plan.load_meta.layout
+    iteration = read_tracker(Path(cfg.load))
+    has_optimizer = "optimizer" in LegacyCheckpointReader(Path(cfg.load), old).state(0, 0)
+    if has_optimizer and not cfg.finetune:
+        raise BridgeError(f"{cfg.load} is a training checkpoint at {old.name}; resume it with --tp {old.tp} --pp {old.pp}"
+                          f"{f' --vpp {old.vpp}' if old.vpp else ''}, or pass --finetune to load only its weights "
+                          f"(resharded to {plan.layout.name}) with a fresh optimizer")
+    target = reshard_target(cfg, plan)
+    if do_reshard:
+        from bridge.api import reshard
+
+        log.info("resharding %s (%s) to %s in %s", cfg.load, old.name, plan.layout.name, target)
+        reshard(cfg.load, target, plan.layout, iteration=None if iteration == "release" else int(iteration), overwrite=True)
+    return dataclasses.replace(cfg, load=str(target))
+
+
+def _rank_main(cfg: TrainConfig, plan: Plan) -> dict[str, Any] | None:
+    from bridge.training.loop import train_rank
+
+    logging.basicConfig(level=logging.INFO if dist.get_rank() == 0 else logging.WARNING, format="%(message)s")
+    return train_rank(cfg, plan)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Validate, then train on `--nproc` spawned ranks or as this torchrun rank; rank 0's summary."""
+    plan = make_plan(cfg)
+    backend = "nccl" if cfg.resolved_device() == "cuda" else "gloo"
+    if cfg.nproc is not None:
+        cfg = resolve_load(cfg, plan)
+        from bridge.launch import launch
+
+        log.info("starting %d ranks (%s): %s, dp=%d, %d micro-batches per rank per step", plan.world_size, backend,
+                 plan.layout.name, plan.dp, plan.num_microbatches)
+        return launch(_rank_main, plan.world_size, cfg, plan, backend=backend)[0]
+    from bridge.parallel.state import init_distributed
+
+    init_distributed(backend, timeout_s=3600.0)
+    try:
+        cfg = resolve_load(cfg, plan, do_reshard=dist.get_rank() == 0)
+        dist.barrier()
+        return _rank_main(cfg, plan)
+    finally:
+        dist.destroy_process_group()

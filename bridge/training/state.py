@@ -1,0 +1,157 @@
+"""Everything one rank trains with, set up once: model chunks, buffers, optimizer, schedule, data, position."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from bridge.checkpoint import HF_META_DIR, CheckpointMeta
+from bridge.config import megatron_args
+from bridge.errors import BridgeError
+from bridge.parallel.state import ParallelState
+from bridge.training import checkpointing as ckpt
+from bridge.training.config import TrainConfig
+from bridge.training.data import Documents, MockDataset, PackedDataset, split_documents, step_micro_batches
+from bridge.training.grads import ParamAndGradBuffer
+from bridge.training.lr import LRSchedule
+from bridge.training.model import build_chunks, resume_state
+from bridge.training.optimizer import AdamConfig, MixedPrecisionAdamW
+from bridge.training.plan import Plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RankSetup:
+    cfg: TrainConfig
+    plan: Plan
+    ps: ParallelState
+    device: torch.device
+    chunks: list[Any]
+    buffer: ParamAndGradBuffer
+    optimizer: MixedPrecisionAdamW
+    schedule: LRSchedule
+    train: Any
+    valid: Any
+    iteration: int = 0
+    consumed: int = 0
+    loss_curve: list[list[float]] = field(default_factory=list)
+    valid_curve: list[list[Any]] = field(default_factory=list)
+    saved_at: int | None = None
+
+    def micro_batches(self, dataset: Any, first: int) -> list[dict[str, torch.Tensor]]:
+        return step_micro_batches(dataset, first, self.cfg.global_batch_size, self.cfg.micro_batch_size, self.plan.dp,
+                                  self.ps.dp_rank, self.device)
+
+    def entries(self) -> dict[str, Any]:
+        """Non-model checkpoint entries (plain values; the optimizer's state is added by the saver)."""
+        layout = self.ps.layout
+        base = megatron_args(self.plan.model, padded_vocab_size=layout.padded_vocab_size(self.plan.model.vocab_size),
+                             tp=layout.tp, pp=layout.pp, vpp=layout.vpp, transformer_impl=self.plan.transformer_impl,
+                             dtype="bf16" if self.cfg.bf16 else "fp32", divisible_by=layout.make_vocab_size_divisible_by)
+        return {"args": ckpt.megatron_training_args(base, self.cfg, self.iteration),
+                "opt_param_scheduler": {**self.schedule.state_dict(), "num_steps": self.iteration * self.cfg.global_batch_size},
+                "train_state": {"iteration": self.iteration, "consumed_train_samples": self.consumed,
+                                "seed": self.cfg.seed, "loss_curve": self.loss_curve, "valid_curve": self.valid_curve}}
+
+    def summary(self) -> dict[str, Any]:
+        valid = [v for v in self.valid_curve if v[1] is not None]
+        return {"iterations": self.iteration, "tokens": self.consumed * self.cfg.seq_length,
+                "final_train_loss": self.loss_curve[-1][1] if self.loss_curve else None,
+                "final_valid_loss": valid[-1][1] if valid else None,
+                "loss_curve": self.loss_curve, "valid_curve": valid}
+
+
+def _hf_meta_folder(cfg: TrainConfig) -> Path | None:
+    if cfg.load is not None:
+        return Path(cfg.load) / HF_META_DIR
+    path = Path(cfg.model_config)
+    return path if path.is_dir() else path.parent
+
+
+def _eod(cfg: TrainConfig, tokenizer: Any) -> int:
+    folder = _hf_meta_folder(cfg)
+    config = folder / "config.json" if folder else None
+    if config is not None and config.is_file():
+        eos = json.loads(config.read_text()).get("eos_token_id")
+        if isinstance(eos, list) and eos:
+            eos = eos[0]
+        if isinstance(eos, int):
+            return eos
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        return int(tokenizer.eos_token_id)
+    raise BridgeError("cannot tell the end-of-document token: the model config has no eos_token_id; add it to config.json")
+
+
+def build_datasets(cfg: TrainConfig, plan: Plan) -> tuple[Any, Any]:
+    """(train, valid or None): packed documents split by --split, or mock data."""
+    if cfg.mock_data:
+        return (MockDataset(plan.model.vocab_size, cfg.seq_length, cfg.seed),
+                MockDataset(plan.model.vocab_size, cfg.seq_length, cfg.seed + 1))
+    tokenizer = None
+    if any(p.endswith(".jsonl") for p in cfg.data_path):
+        from bridge.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(str(cfg.tokenizer or _hf_meta_folder(cfg)))
+    docs = Documents(cfg.data_path, text_key=cfg.text_key, tokenizer=tokenizer)
+    train_ids, valid_ids, _ = split_documents(len(docs), cfg.split)
+    eod = _eod(cfg, tokenizer)
+    train = PackedDataset(docs, train_ids, cfg.seq_length, cfg.seed, eod)
+    valid = PackedDataset(docs, valid_ids, cfg.seq_length, cfg.seed + 1, eod) if valid_ids.size else None
+    return train, valid
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    if cfg.resolved_device() == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def setup_rank(cfg: TrainConfig, plan: Plan) -> RankSetup:
+    """Build this rank's model, buffers and optimizer; load and resume from --load; open the data."""
+    device = _device(cfg)
+    ps = ParallelState(plan.layout, dist.get_world_size(), dist.get_rank())
+    chunks, state = build_chunks(cfg, plan, ps, device)
+    grad_dtype = torch.float32 if (not cfg.bf16 or cfg.accumulate_allreduce_grads_in_fp32) else torch.bfloat16
+    buffer = ParamAndGradBuffer(chunks, ps, param_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
+                                grad_dtype=grad_dtype, bucket_size=cfg.ddp_bucket_size,
+                                distributed=cfg.use_distributed_optimizer, sequence_parallel=cfg.sequence_parallel)
+    optimizer = MixedPrecisionAdamW(buffer, ps, AdamConfig(
+        lr=cfg.lr, weight_decay=cfg.weight_decay, beta1=cfg.adam_beta1, beta2=cfg.adam_beta2, eps=cfg.adam_eps,
+        clip_grad=cfg.clip_grad))
+    schedule = LRSchedule(lr=cfg.lr, min_lr=cfg.min_lr, warmup_iters=cfg.lr_warmup_iters,
+                          decay_iters=cfg.lr_decay_iters or cfg.train_iters, style=cfg.lr_decay_style)
+    train, valid = build_datasets(cfg, plan)
+    rs = RankSetup(cfg, plan, ps, device, chunks, buffer, optimizer, schedule, train, valid)
+    resume = resume_state(state, cfg)
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        ts = resume["train_state"]
+        rs.iteration, rs.consumed = int(ts["iteration"]), int(ts["consumed_train_samples"])
+        rs.loss_curve, rs.valid_curve = [list(x) for x in ts["loss_curve"]], [list(x) for x in ts["valid_curve"]]
+        ckpt.set_rng_state(resume["rng_state"])
+        rs.saved_at = rs.iteration
+        log.info("resuming at iteration %d (%d samples consumed)", rs.iteration, rs.consumed)
+    else:
+        torch.manual_seed(cfg.seed)
+    del state
+    if cfg.save and ps.rank == 0:
+        _prepare_save(cfg, plan)
+    return rs
+
+
+def _prepare_save(cfg: TrainConfig, plan: Plan) -> None:
+    save = Path(cfg.save)
+    if save.is_dir():
+        ckpt.remove_partial(save)
+    source = {"trained_from": cfg.load or cfg.model_config}
+    if plan.load_meta is not None:
+        source = {**plan.load_meta.source, **source}
+    meta = CheckpointMeta(config=plan.model, layout=plan.layout, transformer_impl=plan.transformer_impl,
+                          dtype="bf16" if cfg.bf16 else "fp32", source=source)
+    ckpt.write_meta(save, meta, _hf_meta_folder(cfg))

@@ -1,0 +1,104 @@
+"""`bridge train`: the built-in parallel trainer (flags follow Megatron-LM's names; `--config recipe.yaml`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import signal
+import sys
+
+from bridge.errors import BridgeError
+
+#: (flag(s), kwargs) for every TrainConfig field that has a flag; `dest` is the field name.
+_FLAGS: list[tuple[tuple[str, ...], dict]] = [
+    (("--load",), dict(help="bridge checkpoint to start from (import or training checkpoint; training ones resume)")),
+    (("--model-config",), dict(help="HF config.json (or its folder): random initialisation instead of --load")),
+    (("--finetune",), dict(action="store_true", help="load only the weights of a training checkpoint (iteration 0)")),
+    (("--data", "--data-path"), dict(dest="data_path", nargs="+", help="indexed dataset PREFIX(es) or .jsonl file(s)")),
+    (("--mock-data",), dict(action="store_true", help="random tokens instead of a corpus (benchmarks)")),
+    (("--split",), dict(help="train,valid,test document shares (default 969,30,1)")),
+    (("--text-key",), dict(help="JSON field of .jsonl documents (default text)")),
+    (("--tokenizer",), dict(help="tokenizer for .jsonl data (default: the checkpoint's hf_meta/)")),
+    (("--nproc",), dict(type=int, help="spawn N local ranks (omit under torchrun)")),
+    (("--tp", "--tensor-model-parallel-size"), dict(dest="tp", type=int)),
+    (("--pp", "--pipeline-model-parallel-size"), dict(dest="pp", type=int)),
+    (("--vpp",), dict(type=int, help="virtual pipeline chunks per stage (interleaved 1F1B)")),
+    (("--sequence-parallel",), dict(action="store_true")),
+    (("--use-distributed-optimizer",), dict(action="store_true", help="shard fp32 masters and Adam state over DP")),
+    (("--ddp-bucket-size",), dict(type=int)),
+    (("--micro-batch-size",), dict(type=int)),
+    (("--global-batch-size",), dict(type=int)),
+    (("--seq-length",), dict(type=int)),
+    (("--train-iters",), dict(type=int)),
+    (("--lr",), dict(type=float)),
+    (("--min-lr",), dict(type=float)),
+    (("--lr-decay-style",), dict(choices=["cosine", "linear", "constant"])),
+    (("--lr-warmup-iters",), dict(type=int)),
+    (("--lr-decay-iters",), dict(type=int)),
+    (("--weight-decay",), dict(type=float)),
+    (("--clip-grad",), dict(type=float)),
+    (("--adam-beta1",), dict(type=float)),
+    (("--adam-beta2",), dict(type=float)),
+    (("--adam-eps",), dict(type=float)),
+    (("--bf16",), dict(action="store_true", help="bf16 parameters and compute, fp32 master weights (fp32 without)")),
+    (("--accumulate-allreduce-grads-in-fp32",), dict(action="store_true")),
+    (("--recompute", "--recompute-granularity"), dict(dest="recompute", choices=["full", "selective"])),
+    (("--compile",), dict(action="store_true", help="torch.compile every transformer layer")),
+    (("--save",), dict(help="folder for training checkpoints (exportable with `bridge export`)")),
+    (("--save-interval",), dict(type=int)),
+    (("--keep-last-checkpoints",), dict(type=int, help="keep only the newest K iteration folders")),
+    (("--exit-interval",), dict(type=int, help="stop (and save) when the iteration is a multiple of this")),
+    (("--eval-interval",), dict(type=int)),
+    (("--eval-iters",), dict(type=int)),
+    (("--seed",), dict(type=int)),
+    (("--log-interval",), dict(type=int)),
+    (("--tensorboard-dir",), dict()),
+    (("--no-progress",), dict(dest="progress", action="store_false")),
+    (("--peak-tflops",), dict(type=float, help="per-device peak for MFU (default from the GPU name)")),
+    (("--device",), dict(choices=["cpu", "cuda"])),
+]
+
+
+def config_from_args(args: argparse.Namespace) -> "TrainConfig":  # noqa: F821
+    """Recipe values first, then every flag given on the command line."""
+    from bridge.training.config import TrainConfig, load_recipe
+
+    values = load_recipe(args.config) if getattr(args, "config", None) else {}
+    given = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names()}
+    try:
+        return TrainConfig(**{**values, **given})
+    except TypeError as exc:
+        raise BridgeError(f"bad training settings: {exc}") from None
+
+
+def _forward_sigterm(signum: int, frame: object) -> None:
+    """--nproc: let the ranks finish their step, save and exit (they handle SIGTERM themselves)."""
+    for child in multiprocessing.active_children():
+        os.kill(child.pid, signal.SIGTERM)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from bridge.training import train
+
+    cfg = config_from_args(args)
+    if cfg.nproc is not None:
+        signal.signal(signal.SIGTERM, _forward_sigterm)
+    else:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the rank's own handler takes over in the loop
+    summary = train(cfg)
+    if summary is not None:
+        brief = {k: summary[k] for k in ("iterations", "tokens", "final_train_loss", "final_valid_loss", "stopped_by")}
+        print(json.dumps(brief), file=sys.stdout)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", argument_default=argparse.SUPPRESS,
+                              help="train with TP/SP/PP/DP (+ distributed optimizer); Megatron-LM flag names",
+                              description="Defaults are TrainConfig's (Megatron-LM's where it has the flag); "
+                                          "--config recipe.yaml sets flags from a file, the command line wins.")
+    p.add_argument("--config", help="YAML recipe: flag: value pairs")
+    for flags, kwargs in _FLAGS:
+        p.add_argument(*flags, **kwargs)
+    p.set_defaults(func=run_train)
