@@ -7,7 +7,10 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    import torch
 
 from bridge.config import ModelConfig
 from bridge.errors import BridgeError
@@ -86,6 +89,13 @@ def copy_hf_meta(src: Path, dst: Path) -> None:
         for path in src.glob(pattern):
             if path.is_file():
                 shutil.copy2(path, dst / path.name)
+
+
+def set_config_dtype(config_path: Path, dtype: "torch.dtype") -> None:
+    """Record the weights' dtype in an HF config.json (`dtype` in transformers 5, `torch_dtype` before)."""
+    config: dict[str, Any] = json.loads(config_path.read_text())
+    config["dtype" if "dtype" in config else "torch_dtype"] = str(dtype).removeprefix("torch.")
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import socket
 import tempfile
 import time
@@ -49,14 +50,21 @@ def _worker(rank: int, world: int, backend: str, rendezvous: str, threads: int |
         else:
             init_distributed(backend)
         result = fn(*args)
-        torch.save({"ok": True, "result": result}, out)
+        _report(out, {"ok": True, "result": result})
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises
-        torch.save({"ok": False, "error": f"{type(exc).__name__}: {exc}", "is_bridge": isinstance(exc, BridgeError),
-                    "traceback": traceback.format_exc(), "time": time.time()}, out)
+        _report(out, {"ok": False, "error": f"{type(exc).__name__}: {exc}", "is_bridge": isinstance(exc, BridgeError),
+                      "traceback": traceback.format_exc(), "time": time.time()})
         raise SystemExit(1) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _report(path: Path, data: dict[str, Any]) -> None:
+    """A rank's result for the parent. Plain pickle: this is inter-process messaging between our own
+    processes through a private temporary folder, not a checkpoint (those go through weights_only loads)."""
+    with path.open("wb") as f:
+        pickle.dump(data, f)
 
 
 def launch(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo", rendezvous: str = "tcp",
@@ -117,7 +125,8 @@ def _collect(folder: Path, world_size: int) -> list[Any]:
                                   "is_bridge": False, "traceback": ""}))
             results.append(None)
             continue
-        data = torch.load(path, weights_only=False)
+        with path.open("rb") as f:
+            data = pickle.load(f)  # written by our own rank process into our private temp folder
         if data["ok"]:
             results.append(data["result"])
         else:

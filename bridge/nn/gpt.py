@@ -73,7 +73,7 @@ class GPTModel(nn.Module):
         if sequence_parallel and ps.tp == 1:
             sequence_parallel = False  # nothing to split; Megatron likewise turns it off at TP=1
         ps.layout.validate(cfg)
-        self.cfg, self.ps, self.chunk = cfg, ps, chunk
+        self.cfg, self.ps, self.chunk, self.transformer_impl = cfg, ps, chunk, transformer_impl
         self.sequence_parallel, self.mask_padded_vocab = sequence_parallel, mask_padded_vocab
         self.pre_process, self.post_process = ps.pre_process(chunk), ps.post_process(chunk)
         self.share_embeddings_and_output_weights = cfg.tie_word_embeddings
