@@ -100,6 +100,7 @@ class Trainer:
         save = Path(self.cfg.save) if self.cfg.save else None
         self.log = MetricsLog(save / "train_log.jsonl" if save and is_logger else None,
                               Path(self.cfg.tensorboard_dir) if self.cfg.tensorboard_dir and is_logger else None)
+        self.records: list[dict[str, Any]] = []
         self.bar = None
         if is_logger and self.cfg.progress:
             from tqdm import tqdm
@@ -127,7 +128,7 @@ class Trainer:
         if self.bar:
             self.bar.close()
         self.log.close()
-        return {**rs.summary(), "stopped_by": stopped_by}
+        return {**rs.summary(), "stopped_by": stopped_by, "records": self.records}
 
     def step(self) -> dict[str, Any]:
         rs = self.rs
@@ -156,6 +157,7 @@ class Trainer:
         if cfg.eval_interval and rs.iteration % cfg.eval_interval == 0:
             record["valid_loss"] = evaluate(rs)
             rs.valid_curve.append([rs.iteration, record["valid_loss"]])
+        self.records.append(record)
         if rs.iteration % cfg.log_interval == 0 or "valid_loss" in record:
             self.log.write({k: v for k, v in record.items() if not k.startswith("_")})
             log.debug("it %d loss %.6f lr %.3e grad norm %.3f", rs.iteration, record["loss"], record["lr"], record["grad_norm"])
