@@ -1,0 +1,152 @@
+"""bridge train's pure parts: LR schedule, packing, splits, recipes, FLOPs, event files, and the checks that run
+before any process starts (bad configs fail in the parent with one line)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bridge.cli.main import main
+from bridge.data.indexed import IndexedDatasetWriter
+from bridge.errors import BridgeError
+from bridge.training.config import TrainConfig, load_recipe
+from bridge.training.data import Documents, PackedDataset, split_documents
+from bridge.training.lr import LRSchedule
+from bridge.training.metrics import EventWriter, crc32c, flops_per_token, matmul_params, read_events
+from bridge.training.plan import make_plan
+
+CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "configs"
+
+
+def test_lr_schedule_warmup_cosine_linear_constant() -> None:
+    cos = LRSchedule(lr=1.0, min_lr=0.1, warmup_iters=10, decay_iters=110, style="cosine")
+    assert cos(5) == pytest.approx(0.5) and cos(10) == pytest.approx(1.0)
+    assert cos(60) == pytest.approx(0.55) and cos(110) == pytest.approx(0.1) and cos(500) == pytest.approx(0.1)
+    lin = LRSchedule(lr=1.0, min_lr=0.0, warmup_iters=0, decay_iters=100, style="linear")
+    assert lin(25) == pytest.approx(0.75)
+    assert LRSchedule(lr=2.0, min_lr=0.0, warmup_iters=2, decay_iters=9, style="constant")(7) == 2.0
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> tuple[str, list[np.ndarray]]:
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(3, 100, int(n)).astype(np.uint16) for n in rng.integers(1, 30, 40)]
+    with IndexedDatasetWriter(tmp_path / "c", np.uint16) as w:
+        for d in docs:
+            w.add_document(d)
+    return str(tmp_path / "c"), docs
+
+
+def test_packing_puts_eod_between_documents_and_covers_every_token(corpus: tuple[str, list[np.ndarray]]) -> None:
+    prefix, docs = corpus
+    ds = PackedDataset(Documents([prefix]), np.arange(len(docs)), seq_length=16, seed=3, eod=2)
+    per_epoch = ds.tokens_per_epoch
+    assert per_epoch == sum(d.size + 1 for d in docs)
+    samples = [ds.sample(k)[0] for k in range(per_epoch // 16)]
+    assert all(s.size == 17 for s in samples)
+    stream = np.concatenate([s[:-1] for s in samples])
+    assert (stream == 2).sum() >= len(docs) - 2  # one EOD per document (the tail window may cut the last)
+    again = PackedDataset(Documents([prefix]), np.arange(len(docs)), seq_length=16, seed=3, eod=2)
+    assert all(np.array_equal(again.sample(k)[0], samples[k]) for k in range(len(samples)))
+    other = PackedDataset(Documents([prefix]), np.arange(len(docs)), seq_length=16, seed=4, eod=2)
+    assert not all(np.array_equal(other.sample(k)[0], samples[k]) for k in range(len(samples)))
+
+
+def test_packed_stream_is_the_permuted_documents_with_eod(corpus: tuple[str, list[np.ndarray]]) -> None:
+    prefix, docs = corpus
+    ds = PackedDataset(Documents([prefix]), np.arange(len(docs)), seq_length=8, seed=0, eod=2)
+    n = ds.tokens_per_epoch // 8
+    windows = np.concatenate([ds._stream(k * 8, 8)[0] for k in range(n)])  # unshuffled windows, epoch 0
+    order = ds._epoch(0).order
+    assert sorted(order.tolist()) == list(range(len(docs)))  # a permutation of the split's documents
+    expected = np.concatenate([np.append(docs[d], 2) for d in order])[: n * 8]
+    assert np.array_equal(windows, expected)  # the stream is the documents in that order, EOD after each
+
+
+def test_split_documents() -> None:
+    train, valid, test = split_documents(100, "969,30,1")
+    assert (train.size, valid.size, test.size) == (97, 3, 0)
+    assert split_documents(10, "8,2")[1].tolist() == [8, 9]
+
+
+def test_recipe_keys_as_flags_and_unknown_key(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("micro-batch-size: 4\n--global-batch-size: 64\ndata: a b\nrecompute-granularity: full\n")
+    assert load_recipe(recipe) == {"micro_batch_size": 4, "global_batch_size": 64, "data_path": ["a", "b"],
+                                   "recompute": "full"}
+    recipe.write_text("micro-batch: 4\n")
+    with pytest.raises(BridgeError, match="unknown keys"):
+        load_recipe(recipe)
+
+
+def test_flops_formula_llama_3_2_1b() -> None:
+    from bridge.api import load_hf_config
+
+    cfg = load_hf_config(CONFIGS / "meta-llama--Llama-3.2-1B")
+    # per layer: qkv 2048x3072, proj 2048x2048, fc1 2048x16384, fc2 8192x2048; output 2048x128256
+    per_layer = 2048 * 3072 + 2048 * 2048 + 2048 * 16384 + 8192 * 2048
+    assert matmul_params(cfg) == 16 * per_layer + 2048 * 128256
+    assert flops_per_token(cfg, 2048) == 6 * matmul_params(cfg) + 12 * 16 * 2048 * 2048
+
+
+def test_event_file_round_trip(tmp_path: Path) -> None:
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    writer = EventWriter(tmp_path)
+    writer.scalars({"loss": 2.5, "lr": 0.001}, 7)
+    writer.close()
+    events = read_events(writer.path)
+    assert [(s, t) for s, t, _ in events] == [(7, "loss"), (7, "lr")]
+    assert events[0][2] == 2.5 and events[1][2] == pytest.approx(0.001)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from bridge.api import import_hf
+    from bridge.tiny import save_tiny_model, tiny_config
+
+    root = tmp_path_factory.mktemp("plan")
+    hf = save_tiny_model(tiny_config(CONFIGS / "meta-llama--Llama-3.2-1B" / "config.json"), root / "hf")
+    return import_hf(hf, root / "ckpt")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--nproc", "3", "--tp", "2"], "world size 3 is not divisible by tp*pp = 2*1"),
+    (["--nproc", "2", "--global-batch-size", "6", "--micro-batch-size", "2"],
+     "--global-batch-size 6 is not a multiple of micro-batch-size x DP = 2 x 2 = 4"),
+    (["--seq-length", "4096"], "--seq-length 4096 is above the model's limit of 256"),
+    (["--tp", "3", "--nproc", "3"], "is not divisible by --tp = 3"),
+    (["--pp", "2", "--vpp", "2", "--nproc", "2", "--global-batch-size", "3", "--micro-batch-size", "1"],
+     "multiple of --pp 2"),
+])
+def test_bad_configs_fail_before_any_process(tiny_ckpt: Path, tmp_path: Path, flags: list[str], message: str,
+                                             capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "d"
+    with IndexedDatasetWriter(data, np.uint16) as w:
+        w.add_document(np.arange(10))
+    code = main(["train", "--load", str(tiny_ckpt), "--data", str(data), "--seq-length", "32", *flags])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_data_files(tiny_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["train", "--load", str(tiny_ckpt), "--data", str(tmp_path / "nope"), "--seq-length", "32"])
+    assert code == 1 and "nope.bin" in capsys.readouterr().err
+    with pytest.raises(BridgeError, match="data file .*missing.jsonl does not exist"):
+        make_plan(TrainConfig(load=str(tiny_ckpt), data_path=[str(tmp_path / "missing.jsonl")], seq_length=32))
+
+
+def test_cli_surface() -> None:
+    """Megatron-LM flag names the issue promises (a renamed flag breaks recipes)."""
+    from bridge.cli.main import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["train"]
+    flags = {s for a in sub._actions for s in a.option_strings}
+    for flag in ("--micro-batch-size", "--global-batch-size", "--seq-length", "--lr", "--min-lr", "--lr-decay-style",
+                 "--lr-warmup-iters", "--train-iters", "--weight-decay", "--clip-grad", "--adam-beta1", "--adam-beta2",
+                 "--adam-eps", "--bf16", "--sequence-parallel", "--use-distributed-optimizer", "--recompute",
+                 "--recompute-granularity", "--save", "--load", "--save-interval", "--eval-interval", "--eval-iters",
+                 "--seed", "--tensorboard-dir", "--data-path", "--data", "--split", "--config", "--nproc", "--tp", "--pp"):
+        assert flag in flags, flag
+    assert json.dumps(TrainConfig().clip_grad) == "1.0"
