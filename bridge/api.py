@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from bridge.checkpoint import (HF_META_DIR, TRANSFORMER_IMPLS, CheckpointMeta, atomic_output_dir, copy_hf_meta,
+from bridge.checkpoint import (HF_META_DIR, META_FILE, TRANSFORMER_IMPLS, CheckpointMeta, atomic_output_dir, copy_hf_meta,
                                set_config_dtype)
 from bridge.config import DTYPE_NAMES, DTYPES, ModelConfig, megatron_args
 from bridge.converters import engine
@@ -108,11 +108,13 @@ def _megatron_sink(tmp: Path, meta: CheckpointMeta) -> engine.Sink:
 
 @dataclass(frozen=True)
 class OpenCheckpoint:
-    """A bridge checkpoint opened for reading: metadata, lazy reader (either format) and the mapping."""
+    """A checkpoint opened for reading: metadata, lazy reader (either format), the mapping, and where
+    its HF config and tokenizer files are (`hf_meta/`, or the --hf-config folder)."""
 
     path: Path
     meta: CheckpointMeta
     reader: LegacyCheckpointReader | TorchDistReader
+    hf_meta: Path
 
     def source(self) -> engine.MegatronSource | TorchDistSource:
         if isinstance(self.reader, TorchDistReader):
@@ -120,28 +122,38 @@ class OpenCheckpoint:
         return engine.MegatronSource(self.reader, self.meta, conversions(self.meta.config))
 
 
-def open_checkpoint(path: str | Path, iteration: int | None = None) -> OpenCheckpoint:
+def open_checkpoint(path: str | Path, iteration: int | None = None, hf_config: str | None = None) -> OpenCheckpoint:
+    """Open a bridge checkpoint, or a Megatron-LM one (no bridge.json) together with its HF model's config."""
     root = Path(path)
     if not root.is_dir():
         raise BridgeError(f"no checkpoint folder {root}")
-    meta = CheckpointMeta.load(root)
+    if (root / META_FILE).is_file():
+        meta, hf_meta = CheckpointMeta.load(root), root / HF_META_DIR
+    elif hf_config:
+        from bridge.foreign import meta_from_megatron
+
+        hf_meta = resolve_source(hf_config)
+        meta = meta_from_megatron(root, load_hf_config(hf_meta), iteration)
+    else:
+        raise BridgeError(f"{root} is not a bridge checkpoint (no {META_FILE}); for a Megatron-LM checkpoint pass "
+                          "--hf-config with the HF model it started from")
     fmt = checkpoint_format(root, iteration, meta.format)  # from the folder: Megatron-LM may have re-saved it
     meta = replace(meta, format=fmt)
     if fmt == "torch_dist":
-        return OpenCheckpoint(root, meta, TorchDistReader(root, meta, iteration))
-    return OpenCheckpoint(root, meta, LegacyCheckpointReader(root, meta.layout, iteration))
+        return OpenCheckpoint(root, meta, TorchDistReader(root, meta, iteration), hf_meta)
+    return OpenCheckpoint(root, meta, LegacyCheckpointReader(root, meta.layout, iteration), hf_meta)
 
 
-def _write_hf_config(ckpt: Path, out: Path, dtype_name: str) -> None:
-    """Source config (dtype updated) plus generation config and tokenizer files from `hf_meta/`."""
-    copy_hf_meta(ckpt / HF_META_DIR, out)
+def _write_hf_config(hf_meta: Path, out: Path, dtype_name: str) -> None:
+    """Source config (dtype updated) plus generation config and tokenizer files."""
+    copy_hf_meta(hf_meta, out)
     set_config_dtype(out / "config.json", DTYPES[dtype_name])
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str = "auto", max_shard_size: str = "5GB",
-              overwrite: bool = False, iteration: int | None = None) -> Path:
+              overwrite: bool = False, iteration: int | None = None, hf_config: str | None = None) -> Path:
     """Megatron checkpoint -> HF folder (safetensors shards + index, config, tokenizer). Returns `out`."""
-    ckpt = open_checkpoint(checkpoint, iteration)
+    ckpt = open_checkpoint(checkpoint, iteration, hf_config)
     dtype_name = _dtype_name(dtype, ckpt.meta.dtype)
     cap = parse_size(max_shard_size)
     source = ckpt.source()
@@ -149,15 +161,15 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str = "auto", m
     with atomic_output_dir(out_path, overwrite) as tmp:
         sink = engine.HFSink(tmp, ckpt.meta.config, source, None if dtype == "auto" else DTYPES[dtype_name], cap)
         engine.run(source, sink, len(source.conversions), "export")
-        _write_hf_config(ckpt.path, tmp, dtype_name)
+        _write_hf_config(ckpt.hf_meta, tmp, dtype_name)
     log.info("wrote %s", out_path)
     return out_path
 
 
 def reshard(checkpoint: str | Path, out: str | Path, layout: ParallelLayout, *, transformer_impl: str | None = None,
-            dtype: str = "auto", overwrite: bool = False, iteration: int | None = None, format: str | None = None) -> Path:
+            dtype: str = "auto", overwrite: bool = False, iteration: int | None = None, format: str | None = None, hf_config: str | None = None) -> Path:
     """Megatron checkpoint -> the same model in another layout, spec, dtype or format (torch <-> torch_dist)."""
-    ckpt = open_checkpoint(checkpoint, iteration)
+    ckpt = open_checkpoint(checkpoint, iteration, hf_config)
     cfg = ckpt.meta.config
     layout.validate(cfg)
     impl = transformer_impl or ckpt.meta.transformer_impl
@@ -172,7 +184,7 @@ def reshard(checkpoint: str | Path, out: str | Path, layout: ParallelLayout, *, 
     cast = None if dtype == "auto" else DTYPES[dtype_name]
     with atomic_output_dir(Path(out), overwrite) as tmp:
         engine.run(_Cast(source, cast), _megatron_sink(tmp, meta), len(source.conversions), "reshard")
-        copy_hf_meta(ckpt.path / HF_META_DIR, tmp / HF_META_DIR)
+        copy_hf_meta(ckpt.hf_meta, tmp / HF_META_DIR)
         meta.save(tmp)
     return Path(out)
 
@@ -191,9 +203,9 @@ class _Cast:
         self.source.finish()
 
 
-def inspect_checkpoint(checkpoint: str | Path, iteration: int | None = None) -> dict[str, Any]:
+def inspect_checkpoint(checkpoint: str | Path, iteration: int | None = None, hf_config: str | None = None) -> dict[str, Any]:
     """A summary of a checkpoint: architecture, layout, parameter count, dtypes, files and sizes."""
-    ckpt = open_checkpoint(checkpoint, iteration)
+    ckpt = open_checkpoint(checkpoint, iteration, hf_config)
     params = 0
     dtypes: set[str] = set()
     for conv, tensor in ckpt.source().tensors(meta=True):

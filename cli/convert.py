@@ -27,6 +27,11 @@ def add_format_flag(parser: argparse.ArgumentParser, default: str | None) -> Non
                         + ("" if default else "; default: the source's"))
 
 
+def add_hf_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hf-config", help="for a Megatron-LM checkpoint without bridge.json: the HF model (folder "
+                        "or Hub id) it started from; gives the architecture, config and tokenizer")
+
+
 def layout_from(args: argparse.Namespace) -> ParallelLayout:
     return ParallelLayout(tp=args.tp, pp=args.pp, vpp=args.vpp, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
 
@@ -48,7 +53,7 @@ def run_import(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     out = api.export_hf(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                        overwrite=args.overwrite, iteration=args.iteration)
+                        overwrite=args.overwrite, iteration=args.iteration, hf_config=args.hf_config)
     print(f"exported {args.checkpoint} -> {out}")
     return 0
 
@@ -56,13 +61,14 @@ def run_export(args: argparse.Namespace) -> int:
 def run_reshard(args: argparse.Namespace) -> int:
     layout = layout_from(args)
     out = api.reshard(args.checkpoint, args.out, layout, transformer_impl=args.transformer_impl,
-                      dtype=args.dtype, overwrite=args.overwrite, iteration=args.iteration, format=args.format)
+                      dtype=args.dtype, overwrite=args.overwrite, iteration=args.iteration, format=args.format,
+                      hf_config=args.hf_config)
     print(f"resharded {args.checkpoint} -> {out} ({layout.name})")
     return 0
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    info = api.inspect_checkpoint(args.checkpoint, args.iteration)
+    info = api.inspect_checkpoint(args.checkpoint, args.iteration, args.hf_config)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -96,6 +102,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.add_argument("--iteration", type=int, help="iteration to export (default: latest)")
+    add_hf_config(p)
     add_common(p)
     p.set_defaults(func=run_export)
 
@@ -103,6 +110,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True)
     p.add_argument("--iteration", type=int, help="iteration to read (default: latest)")
+    add_hf_config(p)
     add_layout_flags(p)
     add_format_flag(p, None)
     add_common(p)
@@ -111,5 +119,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("inspect", help="architecture, layout, parameters, dtype and files of a checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("--iteration", type=int)
+    add_hf_config(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run_inspect)
