@@ -58,11 +58,11 @@ def train_step(rs: RankSetup, micro_batches: list[dict[str, torch.Tensor]]) -> l
     return losses
 
 
-def _reduce(held: list[float], ps: ParallelState, flags: list[float] = ()) -> list[float]:
+def _reduce(held: list[float], ps: ParallelState, device: torch.device, flags: list[float] = ()) -> list[float]:
     """Sum over the world: `held` counts only on TP rank 0 of the last stage (whose DP ranks hold different
     micro-batches), `flags` (e.g. SIGTERM seen) on every rank."""
     holder = ps.is_last_stage and ps.tp_rank == 0
-    data = torch.tensor([v if holder else 0.0 for v in held] + list(flags), dtype=torch.float64)
+    data = torch.tensor([v if holder else 0.0 for v in held] + list(flags), dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(data)
     return data.tolist()
@@ -84,7 +84,7 @@ def evaluate(rs: RankSetup) -> float | None:
                      for o, mb in zip(outs, mbs))
     for chunk in rs.chunks:
         chunk.train()
-    return _reduce([total], ps)[0] / (cfg.eval_iters * rs.plan.global_microbatches)
+    return _reduce([total], ps, rs.device)[0] / (cfg.eval_iters * rs.plan.global_microbatches)
 
 
 class Trainer:
@@ -138,7 +138,7 @@ class Trainer:
         lr = rs.schedule(rs.iteration + 1)
         grad_norm = rs.optimizer.step(lr)
         rs.buffer.zero_grads()
-        loss_sum, stop = _reduce([float(sum(losses)) if losses else 0.0], self.ps, [float(self.stop.set)])
+        loss_sum, stop = _reduce([float(sum(losses)) if losses else 0.0], self.ps, rs.device, [float(self.stop.set)])
         if rs.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
