@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from bridge.converters.megatron_legacy import LegacyCheckpointReader
+from bridge.checkpoint import CheckpointMeta
+from bridge.converters.torch_dist import open_rank_reader
 from bridge.errors import BridgeError
 from bridge.nn import build_model_chunks, load_rank_checkpoint, sync_tied_embeddings
 from bridge.parallel.state import ParallelState
@@ -32,7 +33,7 @@ def build_chunks(cfg: TrainConfig, plan: Plan, ps: ParallelState, device: torch.
                                 mask_padded_vocab=True)
     state = None
     if cfg.load is not None:
-        reader = LegacyCheckpointReader(Path(cfg.load), ps.layout)
+        reader = open_rank_reader(Path(cfg.load), CheckpointMeta.load(Path(cfg.load)))  # torch or torch_dist
         state = reader.load_rank(ps.tp_rank, ps.pp_rank)
         load_rank_checkpoint(chunks, state)
     sync_tied_embeddings(chunks)

@@ -41,7 +41,7 @@ def resolve_load(cfg: TrainConfig, plan: Plan, *, do_reshard: bool = True) -> Tr
         return cfg
     old = plan.load_meta.layout
     iteration = read_tracker(Path(cfg.load))
-    has_optimizer = "optimizer" in LegacyCheckpointReader(Path(cfg.load), old).state(0, 0)
+    has_optimizer = plan.load_meta.format == "torch" and "optimizer" in LegacyCheckpointReader(Path(cfg.load), old).state(0, 0)
     if has_optimizer and not cfg.finetune:
         raise BridgeError(f"{cfg.load} is a training checkpoint at {old.name}; resume it with --tp {old.tp} --pp {old.pp}"
                           f"{f' --vpp {old.vpp}' if old.vpp else ''}, or pass --finetune to load only its weights "
