@@ -41,7 +41,16 @@ def load_hf_config(folder: Path) -> ModelConfig:
 
 
 def conversions(cfg: ModelConfig) -> list[Conversion]:
-    return list(expand(family(cfg.architecture).rows(cfg), cfg.num_layers))
+    return list(expand(family(cfg.architecture).rows(cfg), cfg.num_layers, cfg.moe))
+
+
+def _check_spec(cfg: ModelConfig, impl: str, layout: ParallelLayout, format: str) -> None:
+    """Model/spec/format combinations bridge cannot write faithfully: refuse them with the reason."""
+    if cfg.mla and impl == "local":
+        raise BridgeError("MLA models need --transformer-impl transformer_engine: Megatron's local spec splits the "
+                          "MLA down-projections over TP, which bridge does not write")
+    if format == "torch_dist" and (cfg.moe or cfg.mla):
+        raise BridgeError("--format torch_dist does not support MoE/MLA models yet; use --format torch")
 
 
 def _dtype_name(dtype: str, default: str) -> str:
@@ -75,13 +84,15 @@ def import_hf(source: str | Path, out: str | Path | None = None, layout: Paralle
     folder = resolve_source(str(source), revision=revision, token=token)
     cfg = load_hf_config(folder)
     layout.validate(cfg)
+    _check_spec(cfg, transformer_impl, layout, format)
     _warn_inexpressible(cfg)
     dtype_name = _dtype_name(dtype, cfg.params_dtype)
     meta = CheckpointMeta(config=cfg, layout=layout, transformer_impl=transformer_impl, dtype=dtype_name, format=format,
                           source={"id": str(source), "revision": revision, "path": str(folder)})
     out_path = Path(out) if out else default_out(str(source), layout)
     convs = conversions(cfg)
-    hf_source = engine.HFSource(SafetensorsReader(folder), cfg, convs, None if dtype == "auto" else DTYPES[dtype_name])
+    hf_source = engine.HFSource(SafetensorsReader(folder), cfg, convs, None if dtype == "auto" else DTYPES[dtype_name],
+                                skip_prefixes=family(cfg.architecture).hf_skip(cfg))
     with atomic_output_dir(out_path, overwrite) as tmp:
         engine.run(hf_source, _megatron_sink(tmp, meta), len(convs), "import")
         copy_hf_meta(folder, tmp / HF_META_DIR)
@@ -100,7 +111,8 @@ def _megatron_sink(tmp: Path, meta: CheckpointMeta) -> engine.Sink:
     cfg, layout = meta.config, meta.layout
     args = lambda tp_rank=0, pp_rank=0: megatron_args(  # noqa: E731
         cfg, padded_vocab_size=meta.padded_vocab_size, tp=layout.tp, pp=layout.pp, vpp=layout.vpp,
-        transformer_impl=meta.transformer_impl, dtype=meta.dtype, divisible_by=layout.make_vocab_size_divisible_by)
+        transformer_impl=meta.transformer_impl, dtype=meta.dtype, divisible_by=layout.make_vocab_size_divisible_by,
+        ep=layout.ep, etp=layout.etp, moe_grouped_gemm=layout.moe_grouped_gemm)
     if meta.format == "torch_dist":
         return TorchDistSink(tmp, meta, args())
     return engine.MegatronSink(tmp, meta, args)
@@ -177,6 +189,7 @@ def reshard(checkpoint: str | Path, out: str | Path, layout: ParallelLayout, *, 
         raise BridgeError(f"--transformer-impl {impl} is not one of {', '.join(TRANSFORMER_IMPLS)}")
     dtype_name = _dtype_name(dtype, ckpt.meta.dtype)
     format = format or ckpt.meta.format
+    _check_spec(cfg, impl, layout, format)
     _check_format(format)
     meta = CheckpointMeta(config=cfg, layout=layout, transformer_impl=impl, dtype=dtype_name, format=format,
                           source={**ckpt.meta.source, "resharded_from": str(ckpt.path)})

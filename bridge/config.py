@@ -30,6 +30,60 @@ class RopeScaling:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """Mixture-of-Experts hyper-parameters (Megatron's `--num-experts`, `--moe-*` flags)."""
+
+    num_experts: int
+    router_topk: int
+    moe_ffn_hidden_size: int
+    moe_layers: tuple[int, ...]
+    """Global indices of the MoE layers; the others are dense (DeepSeek's first_k_dense_replace, Qwen's mlp_only_layers)."""
+    shared_expert_ffn_hidden_size: int | None = None
+    """Total FFN width of the shared expert(s) (DeepSeek: n_shared_experts x moe_intermediate_size)."""
+    shared_expert_gate: bool = False
+    """Qwen2-MoE's sigmoid gate `[1, h]` on the shared expert output."""
+    score_function: str = "softmax"
+    """`softmax` (Mixtral, Qwen) or `sigmoid` (DeepSeek-V3)."""
+    pre_softmax: bool = False
+    """True: softmax over all experts, then top-k (no renormalisation; Qwen2-MoE's norm_topk_prob=false)."""
+    normalize_topk: bool = True
+    """Sigmoid routers: divide the top-k scores by their sum (DeepSeek's norm_topk_prob)."""
+    expert_bias: bool = False
+    """DeepSeek-V3's score-correction bias `[E]` (added for selection only)."""
+    topk_scaling_factor: float | None = None
+    num_groups: int | None = None
+    group_topk: int | None = None
+    aux_loss_coeff: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "moe_layers", tuple(int(i) for i in self.moe_layers))
+        if not 0 < self.router_topk <= self.num_experts:
+            raise BridgeError(f"num_experts_per_tok {self.router_topk} must be in 1..{self.num_experts}")
+        if self.score_function not in ("softmax", "sigmoid"):
+            raise BridgeError(f"router scoring {self.score_function!r} is not supported; supported: softmax, sigmoid")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3) with YaRN RoPE on the `qk_rope_head_dim` part."""
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_head_dim: int
+    """Per-head non-positional q/k width (HF qk_nope_head_dim)."""
+    qk_pos_emb_head_dim: int
+    v_head_dim: int
+    rope_type: str = "rope"
+    """`rope` or `yarn`; YaRN fields below are used only for `yarn`."""
+    rotary_scaling_factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """A dense decoder-only transformer, described once for every format."""
 
@@ -55,6 +109,8 @@ class ModelConfig:
     sliding_window: int | None = None
     params_dtype: str = "fp32"
     """Source dtype name (`fp32|bf16|fp16`)."""
+    moe: MoEConfig | None = None
+    mla: MLAConfig | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -85,14 +141,22 @@ class ModelConfig:
         data = dict(data)
         if data.get("rope_scaling"):
             data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
+        if data.get("moe"):
+            data["moe"] = MoEConfig(**data["moe"])
+        if data.get("mla"):
+            data["mla"] = MLAConfig(**data["mla"])
         return cls(**data)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and layer in self.moe.moe_layers
 
 
 def megatron_args(cfg: ModelConfig, *, padded_vocab_size: int, tp: int, pp: int, vpp: int | None,
-                  transformer_impl: str, dtype: str, divisible_by: int) -> argparse.Namespace:
+                  transformer_impl: str, dtype: str, divisible_by: int, ep: int = 1, etp: int | None = None,
+                  moe_grouped_gemm: bool = False) -> argparse.Namespace:
     """The `args` namespace Megatron-LM stores in (and checks against) every checkpoint file."""
     scaling = cfg.rope_scaling
-    return argparse.Namespace(
+    args = argparse.Namespace(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
         ffn_hidden_size=cfg.ffn_hidden_size,
@@ -132,4 +196,52 @@ def megatron_args(cfg: ModelConfig, *, padded_vocab_size: int, tp: int, pp: int,
         iteration=0,
         consumed_train_samples=0,
         consumed_valid_samples=0,
+    )
+    args.expert_model_parallel_size = ep
+    args.expert_tensor_parallel_size = etp or tp
+    if cfg.moe:
+        vars(args).update(_moe_args(cfg, cfg.moe, moe_grouped_gemm))
+    if cfg.mla:
+        vars(args).update(_mla_args(cfg.mla))
+    return args
+
+
+def _moe_args(cfg: ModelConfig, moe: MoEConfig, grouped_gemm: bool) -> dict[str, Any]:
+    """Megatron-LM's `--num-experts`/`--moe-*` arguments (names as in megatron/training/arguments.py)."""
+    return dict(
+        num_experts=moe.num_experts,
+        moe_router_topk=moe.router_topk,
+        moe_ffn_hidden_size=moe.moe_ffn_hidden_size,
+        moe_layer_freq=[int(cfg.is_moe_layer(i)) for i in range(cfg.num_layers)],
+        moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
+        moe_shared_expert_gate=moe.shared_expert_gate,
+        moe_router_score_function=moe.score_function,
+        moe_router_pre_softmax=moe.pre_softmax,
+        moe_router_enable_expert_bias=moe.expert_bias,
+        moe_router_topk_scaling_factor=moe.topk_scaling_factor,
+        moe_router_num_groups=moe.num_groups,
+        moe_router_group_topk=moe.group_topk,
+        moe_router_load_balancing_type="seq_aux_loss" if moe.expert_bias else "aux_loss",
+        moe_aux_loss_coeff=moe.aux_loss_coeff,
+        moe_grouped_gemm=grouped_gemm,
+        moe_token_dispatcher_type="alltoall",
+    )
+
+
+def _mla_args(mla: MLAConfig) -> dict[str, Any]:
+    return dict(
+        multi_latent_attention=True,
+        q_lora_rank=mla.q_lora_rank,
+        kv_lora_rank=mla.kv_lora_rank,
+        qk_head_dim=mla.qk_head_dim,
+        qk_pos_emb_head_dim=mla.qk_pos_emb_head_dim,
+        v_head_dim=mla.v_head_dim,
+        qk_layernorm=True,
+        rope_type=mla.rope_type,
+        rotary_scaling_factor=mla.rotary_scaling_factor,
+        original_max_position_embeddings=mla.original_max_position_embeddings,
+        beta_fast=mla.beta_fast,
+        beta_slow=mla.beta_slow,
+        mscale=mla.mscale,
+        mscale_all_dim=mla.mscale_all_dim,
     )

@@ -27,7 +27,7 @@ DESTINATIONS = ("all", "rank0")
 
 def _conversions(model: GPTModel) -> list[Conversion]:
     cfg = model.cfg
-    return list(expand(family(cfg.architecture).rows(cfg), cfg.num_layers))
+    return list(expand(family(cfg.architecture).rows(cfg), cfg.num_layers, cfg.moe))
 
 
 def _local_tensor(chunks: Sequence[GPTModel], chunk: int, name: str) -> torch.Tensor:

@@ -1,13 +1,15 @@
 """Declarative HF <-> Megatron mapping rows; each family lists its rows, both directions come from them."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
 
 from bridge import transforms
-from bridge.config import ModelConfig
+from bridge.config import ModelConfig, MoEConfig
+from bridge.errors import BridgeError
 
 ToMegatron = Callable[..., torch.Tensor]
 ToHF = Callable[[torch.Tensor, ModelConfig], list[torch.Tensor]]
@@ -25,6 +27,9 @@ class Transform:
 COPY = Transform("copy", lambda t, cfg: transforms.copy(t, cfg), transforms.uncopy)
 FUSE_QKV = Transform("fuse_qkv", transforms.fuse_qkv, transforms.split_qkv)
 FUSE_GATE_UP = Transform("fuse_gate_up", transforms.fuse_gate_up, transforms.split_gate_up)
+#: Per-expert HF tensors -> one routed expert's Megatron fc1/fc2 (rows with `experts=True` and `{e}` in names).
+EXPERT_GATE_UP = Transform("experts", transforms.fuse_gate_up, transforms.split_gate_up)
+EXPERT_COPY = Transform("experts", COPY.to_megatron, COPY.to_hf)
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,10 @@ class Row:
     megatron: str
     hf: tuple[str, ...]
     transform: Transform = COPY
+    layers: str = "all"
+    """Which layers have this weight: `all`, `dense` (non-MoE layers) or `moe`."""
+    experts: bool = False
+    """One conversion per routed expert: `{e}` in the names is the global expert index."""
 
     @property
     def per_layer(self) -> bool:
@@ -48,6 +57,7 @@ class Conversion:
     hf: tuple[str, ...]
     transform: Transform
     layer: int | None
+    expert: int | None = None
 
     def to_megatron(self, hf_tensors: Sequence[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
         return self.transform.to_megatron(*hf_tensors, cfg)
@@ -56,14 +66,25 @@ class Conversion:
         return self.transform.to_hf(tensor, cfg)
 
 
-def expand(rows: Sequence[Row], num_layers: int) -> Iterator[Conversion]:
-    """Bind rows to layers in Megatron's state-dict order: embedding, layer 0 rows, layer 1 rows, ..., head."""
+def expand(rows: Sequence[Row], num_layers: int, moe: MoEConfig | None = None) -> Iterator[Conversion]:
+    """Bind rows to layers in Megatron's state-dict order: embedding, layer 0 rows, layer 1 rows, ..., head.
+
+    Per-expert rows are emitted expert by expert (e0 fc1, e0 fc2, e1 fc1, ...), one tensor at a time.
+    """
     pre = [r for r in rows if not r.per_layer and r.megatron.startswith("embedding.")]
     post = [r for r in rows if not r.per_layer and not r.megatron.startswith("embedding.")]
+    if moe is None and any(r.layers != "all" or r.experts for r in rows):
+        raise BridgeError("internal: MoE mapping rows need the model's MoE config")
     for row in pre:
         yield Conversion(row.megatron, row.hf, row.transform, None)
     for layer in range(num_layers):
-        for row in (r for r in rows if r.per_layer):
-            yield Conversion(row.megatron.format(layer), tuple(n.format(layer) for n in row.hf), row.transform, layer)
+        kind = "moe" if moe is not None and layer in moe.moe_layers else "dense"
+        present = [r for r in rows if r.per_layer and r.layers in ("all", kind)]
+        for is_expert, group in itertools.groupby(present, key=lambda r: r.experts):
+            block = list(group)
+            for expert in range(moe.num_experts) if is_expert and moe else [None]:
+                for row in block:
+                    yield Conversion(row.megatron.format(layer, e=expert), tuple(n.format(layer, e=expert) for n in row.hf),
+                                     row.transform, layer, expert)
     for row in post:
         yield Conversion(row.megatron, row.hf, row.transform, None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
+from typing import Collection
 
 import torch
 
@@ -33,6 +34,17 @@ RULES: dict[str, Split] = {
     "q_layernorm.weight": Split.REPLICATED,
     "k_layernorm.weight": Split.REPLICATED,
     "final_layernorm.weight": Split.REPLICATED,
+    # MoE: the router and the shared-expert gate are replicated; expert fc1/fc2 use the fc1/fc2 rules
+    # above, split over the expert-TP group (`etp`) instead of TP.
+    "router.weight": Split.REPLICATED,
+    "router.expert_bias": Split.REPLICATED,
+    "shared_experts.gate_weight": Split.REPLICATED,
+    # MLA (TE spec): down-projections are duplicated TELinear; up-projections column parallel.
+    "linear_q_proj.weight": Split.COLUMN,
+    "linear_q_down_proj.weight": Split.REPLICATED,
+    "linear_kv_down_proj.weight": Split.REPLICATED,
+    "linear_q_up_proj.weight": Split.COLUMN,
+    "linear_kv_up_proj.weight": Split.COLUMN,
 }
 
 
@@ -105,38 +117,100 @@ TE_EXTRA_STATE_MODULES: tuple[str, ...] = (
 )
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+#: Global expert keys use SequentialMLP's names with the *global* expert index (like the global layer index).
+_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.(weight|bias|_extra_state)$")
+_GROUPED = re.compile(r"^mlp\.experts\.(linear_fc[12])\.(weight|bias)(\d+)$")
+_LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.*)$")
 
 
 @dataclass(frozen=True)
 class LocalKey:
-    """Where a global Megatron key lands: pipeline stage, virtual chunk, and the stage-local name."""
+    """Where a global Megatron key lands: pipeline stage, virtual chunk, the stage-local name, and the
+    EP rank for expert weights (None: the key is in every EP rank's file)."""
 
     pp_rank: int
     chunk: int
     name: str
+    ep_rank: int | None = None
 
 
-def localize(key: str, layout: ParallelLayout, num_layers: int, transformer_impl: str) -> LocalKey:
-    """Global key (global layer index, TE names) -> stage, chunk and the name written in that file."""
+def is_expert_key(key: str) -> bool:
+    """A routed expert's weight: split over the expert-TP group and placed on one EP rank."""
+    return ".mlp.experts.local_experts." in key
+
+
+def localize(key: str, layout: ParallelLayout, num_layers: int, transformer_impl: str, num_experts: int = 0) -> LocalKey:
+    """Global key (global layer/expert index, TE names) -> stage, chunk, EP rank and the name written in that file."""
     match = _LAYER.match(key)
     if match:
         layer, rest = int(match.group(1)), match.group(2)
+        ep_rank = None
         if transformer_impl == "local":
             rest = LOCAL_SPEC_RENAMES.get(rest, rest)
+        expert = _EXPERT.match(rest)
+        if expert:
+            if num_experts <= 0:
+                raise BridgeError(f"internal: expert key {key} localized without the number of experts")
+            ep_rank, local = layout.expert_place(int(expert.group(1)), num_experts)
+            module, kind = expert.group(2), expert.group(3)
+            rest = (f"mlp.experts.{module}.{kind}{local}" if layout.moe_grouped_gemm and kind != "_extra_state"
+                    else f"mlp.experts.{module}._extra_state" if layout.moe_grouped_gemm
+                    else f"mlp.experts.local_experts.{local}.{module}.{kind}")
         place = layout.place(layer, num_layers)
-        return LocalKey(place.pp_rank, place.chunk, f"decoder.layers.{place.local_index}.{rest}")
+        return LocalKey(place.pp_rank, place.chunk, f"decoder.layers.{place.local_index}.{rest}", ep_rank)
     if key.startswith("embedding."):
         return LocalKey(0, 0, key)
     return LocalKey(layout.pp - 1, layout.chunks - 1, key)
 
 
-def globalize(name: str, pp_rank: int, chunk: int, layout: ParallelLayout, num_layers: int) -> str:
-    """Inverse of `localize`: a stage-local name (either spec) -> the global TE-spec key."""
+def globalize(name: str, pp_rank: int, chunk: int, layout: ParallelLayout, num_layers: int, *, ep_rank: int = 0,
+              num_experts: int = 0, moe_layers: Collection[int] = ()) -> str:
+    """Inverse of `localize`: a stage-local name (either spec, either expert naming) -> the global TE-spec key."""
     match = _LAYER.match(name)
     if not match:
         return name
     local, rest = int(match.group(1)), match.group(2)
+    layer = layout.global_layer(pp_rank, chunk, local, num_layers)
     for te_name, local_name in LOCAL_SPEC_RENAMES.items():
-        if rest == local_name:
+        if rest == local_name and layer not in moe_layers:  # MoE layers have their own pre_mlp_layernorm
             rest = te_name
-    return f"decoder.layers.{layout.global_layer(pp_rank, chunk, local, num_layers)}.{rest}"
+    grouped, sequential = _GROUPED.match(rest), _LOCAL_EXPERT.match(rest)
+    if grouped or sequential:
+        j = int((grouped or sequential).group(3 if grouped else 1))
+        e = layout.global_expert(ep_rank, j, num_experts)
+        tail = f"{grouped.group(1)}.{grouped.group(2)}" if grouped else sequential.group(2)
+        rest = f"mlp.experts.local_experts.{e}.{tail}"
+    return f"decoder.layers.{layer}.{rest}"
+
+
+#: TE modules (relative to a layer) whose weights are followed by `_extra_state` entries: module -> entries.
+_TE_EXTRA_AFTER: dict[str, tuple[str, ...]] = {
+    "self_attention.linear_qkv": ("self_attention.linear_qkv", "self_attention.core_attention"),
+    "self_attention.linear_proj": ("self_attention.linear_proj",),
+    "mlp.linear_fc1": ("mlp.linear_fc1",),
+    "mlp.linear_fc2": ("mlp.linear_fc2",),
+    "input_layernorm": ("input_layernorm",),          # TENorm: MLA layers
+    "pre_mlp_layernorm": ("pre_mlp_layernorm",),      # TENorm: MoE layers
+    "mlp.shared_experts.linear_fc1": ("mlp.shared_experts.linear_fc1",),
+    "mlp.shared_experts.linear_fc2": ("mlp.shared_experts.linear_fc2",),
+    "self_attention.linear_q_proj": ("self_attention.linear_q_proj",),
+    "self_attention.linear_q_down_proj": ("self_attention.linear_q_down_proj",),
+    "self_attention.linear_q_up_proj": ("self_attention.linear_q_up_proj",),
+    "self_attention.linear_kv_down_proj": ("self_attention.linear_kv_down_proj",),
+    "self_attention.linear_kv_up_proj": ("self_attention.linear_kv_up_proj", "self_attention.core_attention"),
+}
+
+
+def extra_state_keys(module: str, layout: ParallelLayout, num_experts: int = 0) -> list[str]:
+    """Global `_extra_state` keys that follow the weights of `module` (e.g. `decoder.layers.3.mlp.linear_fc1`)
+    in the TE spec. Grouped experts have one entry per EP rank's module: emitted with local expert 0."""
+    match = _LAYER.match(module)
+    if not match:
+        return []
+    prefix, rest = f"decoder.layers.{match.group(1)}", match.group(2)
+    expert = _LOCAL_EXPERT.match(rest)
+    if expert:
+        if layout.moe_grouped_gemm and layout.expert_place(int(expert.group(1)), num_experts)[1] != 0:
+            return []
+        return [f"{module}._extra_state"]
+    return [f"{prefix}.{entry}._extra_state" for entry in _TE_EXTRA_AFTER.get(rest, ())]

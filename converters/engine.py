@@ -16,11 +16,12 @@ from tqdm import tqdm
 
 from bridge.checkpoint import CheckpointMeta
 from bridge.config import ModelConfig
+from bridge.converters import fp8
 from bridge.converters.hf import PlannedTensor, SafetensorsReader, StreamingSafetensorsWriter
 from bridge.converters.megatron_legacy import LegacyCheckpointReader, LegacyCheckpointWriter
 from bridge.errors import BridgeError
 from bridge.mapping import Conversion
-from bridge.sharding import TE_EXTRA_STATE_MODULES, LocalKey, Split, gather, localize, rule_for, split
+from bridge.sharding import LocalKey, Split, extra_state_keys, gather, is_expert_key, localize, rule_for, split
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +51,19 @@ class HFSource:
     """HF safetensors -> global Megatron tensors through the family's mapping rows."""
 
     def __init__(self, reader: SafetensorsReader, cfg: ModelConfig, conversions: Sequence[Conversion],
-                 dtype: torch.dtype | None) -> None:
+                 dtype: torch.dtype | None, skip_prefixes: Sequence[str] = ()) -> None:
+        """`skip_prefixes`: HF tensors deliberately not converted (e.g. DeepSeek's MTP layer); logged, counted."""
         self.reader, self.cfg, self.conversions, self.dtype = reader, cfg, conversions, dtype
+        self.skipped = sorted(n for n in reader.names() if skip_prefixes and n.startswith(tuple(skip_prefixes)))
+        if self.skipped:
+            log.info("not converting %d HF tensors under %s (no Megatron counterpart)", len(self.skipped), ", ".join(skip_prefixes))
+        self._scales = fp8.scale_names(reader.names(), {n for conv in conversions for n in conv.hf})
         self._check_accounting()
 
     def _check_accounting(self) -> None:
         needed = {name for conv in self.conversions for name in conv.hf}
         available = {n for n in self.reader.names() if not n.endswith(DERIVED_HF_SUFFIXES)}
+        available -= set(self.skipped) | set(self._scales.values())
         if self.cfg.tie_word_embeddings:
             available.discard(TIED_HF_HEAD)  # checked equal to the embedding in finish()
         missing, unexpected = needed - available, available - needed
@@ -67,10 +74,20 @@ class HFSource:
                               + "; ".join(p for p in parts if p) + " (is config.json the one these weights belong to?)")
 
     def tensors(self, meta: bool = False) -> Iterator[tuple[Conversion, torch.Tensor]]:
-        fetch = self.reader.meta if meta else self.reader.get
+        fetch = self._meta if meta else self._get
         for conv in self.conversions:
             tensor = conv.to_megatron([fetch(name) for name in conv.hf], self.cfg)
             yield conv, tensor if self.dtype is None else tensor.to(self.dtype)
+
+    def _get(self, name: str) -> torch.Tensor:
+        """One HF tensor; FP8 block-quantised weights come back dequantised (bf16), one tensor at a time."""
+        if name in self._scales:
+            return fp8.dequantize(self.reader.get(name), self.reader.get(self._scales[name]), self.cfg.extra.get("fp8_block"))
+        return self.reader.get(name)
+
+    def _meta(self, name: str) -> torch.Tensor:
+        tensor = self.reader.meta(name)
+        return torch.empty(tensor.shape, dtype=torch.bfloat16, device="meta") if name in self._scales else tensor
 
     def finish(self) -> None:
         if self.cfg.tie_word_embeddings and TIED_HF_HEAD in self.reader.names():
@@ -87,65 +104,89 @@ class MegatronSource:
         self._check_accounting()
 
     def _local(self, key: str) -> LocalKey:
-        return localize(key, self.meta.layout, self.meta.config.num_layers, self.meta.transformer_impl)
+        moe = self.meta.config.moe
+        return localize(key, self.meta.layout, self.meta.config.num_layers, self.meta.transformer_impl,
+                        moe.num_experts if moe else 0)
+
+    def _ep_ranks(self, loc: LocalKey) -> range:
+        """EP ranks whose files hold a key: its own for an expert, every one for a dense weight."""
+        return range(loc.ep_rank, loc.ep_rank + 1) if loc.ep_rank is not None else range(self.meta.layout.ep)
 
     def _check_accounting(self) -> None:
-        expected = {(k.pp_rank, k.chunk, k.name) for k in (self._local(c.megatron) for c in self.conversions)}
-        expected |= set(self._extra_keys())
-        present = {(p, c, n) for t, p, c, n in self.reader.all_keys() if t == 0}
+        locs = [self._local(c.megatron) for c in self.conversions] + list(self._extra_keys())
+        expected = {(k.pp_rank, e, k.chunk, k.name) for k in locs for e in self._ep_ranks(k)}
+        present = {(p, e, c, n) for t, p, e, c, n in self.reader.entries() if t == 0}
         missing, unexpected = expected - present, present - expected
         if missing or unexpected:
-            fmt = lambda keys: _listing([f"pp{p}/chunk{c}:{n}" for p, c, n in keys])  # noqa: E731
+            fmt = lambda keys: _listing([f"pp{p}/ep{e}/chunk{c}:{n}" for p, e, c, n in keys])  # noqa: E731
             parts = [f"missing {len(missing)}: {fmt(missing)}" if missing else "",
                      f"unexpected {len(unexpected)}: {fmt(unexpected)}" if unexpected else ""]
             raise BridgeError(f"{self.reader.root} does not hold what bridge.json describes: " + "; ".join(p for p in parts if p))
 
-    def _extra_keys(self) -> Iterator[tuple[int, int, str]]:
+    def _extra_keys(self) -> Iterator[LocalKey]:
         """Keys that carry no weights of their own: TE `_extra_state` and the tied head copy (PP > 1)."""
         cfg, layout = self.meta.config, self.meta.layout
         if self.meta.transformer_impl == "transformer_engine":
-            for layer in range(cfg.num_layers):
-                for module in TE_EXTRA_STATE_MODULES:
-                    k = self._local(f"decoder.layers.{layer}.{module}._extra_state")
-                    yield k.pp_rank, k.chunk, k.name
+            modules = dict.fromkeys(c.megatron.rsplit(".", 1)[0] for c in self.conversions)
+            for module in modules:
+                for key in extra_state_keys(module, layout, cfg.moe.num_experts if cfg.moe else 0):
+                    yield self._local(key)
         if cfg.tie_word_embeddings and layout.pp > 1:
-            yield layout.pp - 1, layout.chunks - 1, "output_layer.weight"
+            yield LocalKey(layout.pp - 1, layout.chunks - 1, "output_layer.weight")
+
+    def _shards(self, key: str, loc: LocalKey) -> tuple[int, int]:
+        """(EP rank, number of TP shards) to read a key from: experts split over ETP, the rest over TP."""
+        if is_expert_key(key):
+            return loc.ep_rank or 0, self.meta.layout.expert_tp
+        return 0, self.meta.layout.tp
 
     def tensors(self, meta: bool = False) -> Iterator[tuple[Conversion, torch.Tensor]]:
-        tp, vocab = self.meta.layout.tp, self.meta.config.vocab_size
+        vocab = self.meta.config.vocab_size
         for conv in self.conversions:
             loc, rule = self._local(conv.megatron), rule_for(conv.megatron)
+            ep_rank, n = self._shards(conv.megatron, loc)
             if meta:
-                shards = [self.reader.meta(r, loc.pp_rank, loc.chunk, loc.name) for r in range(tp)]
+                shards = [self.reader.meta(r, loc.pp_rank, loc.chunk, loc.name, ep_rank) for r in range(n)]
                 yield conv, shards[0] if rule is Split.REPLICATED else gather(shards, rule, vocab)
-            elif rule in (Split.COLUMN, Split.VOCAB, Split.GATED_COLUMN):
-                yield conv, self._gather_in_place(loc, rule)[:vocab] if rule is Split.VOCAB else self._gather_in_place(loc, rule)
+                continue
+            if rule in (Split.COLUMN, Split.VOCAB, Split.GATED_COLUMN):
+                out = self._gather_in_place(loc, rule, ep_rank, n)
+                yield conv, out[:vocab] if rule is Split.VOCAB else out
             else:
-                yield conv, gather([self.reader.get(r, loc.pp_rank, loc.chunk, loc.name) for r in range(tp)], rule, vocab)
+                yield conv, gather([self.reader.get(r, loc.pp_rank, loc.chunk, loc.name, ep_rank) for r in range(n)], rule, vocab)
+            self._mark_copies(loc, ep_rank, n)
 
-    def _gather_in_place(self, loc: LocalKey, rule: Split) -> torch.Tensor:
+    def _mark_copies(self, loc: LocalKey, ep_rank: int, n: int) -> None:
+        """The copies a layout repeats (dense weights in every EP rank's file, expert shards when ETP < TP)."""
+        for e in self._ep_ranks(loc):
+            for t in range(self.meta.layout.tp):
+                if e != ep_rank or t >= n:  # not one of the n shards read from `ep_rank`
+                    self.reader.mark_consumed(t, loc.pp_rank, loc.chunk, loc.name, e)
+
+    def _gather_in_place(self, loc: LocalKey, rule: Split, ep_rank: int, n: int) -> torch.Tensor:
         """Dim-0 splits: read every shard straight into its rows of the global tensor (no read + cat)."""
-        metas = [self.reader.meta(r, loc.pp_rank, loc.chunk, loc.name) for r in range(self.meta.layout.tp)]
+        metas = [self.reader.meta(r, loc.pp_rank, loc.chunk, loc.name, ep_rank) for r in range(n)]
         rows = metas[0].shape[0]
         out = torch.empty(rows * len(metas), *metas[0].shape[1:], dtype=metas[0].dtype)
         if rule is not Split.GATED_COLUMN:
             for r in range(len(metas)):
-                self.reader.get_into(r, loc.pp_rank, loc.chunk, loc.name, out[r * rows:(r + 1) * rows])
+                self.reader.get_into(r, loc.pp_rank, loc.chunk, loc.name, out[r * rows:(r + 1) * rows], ep_rank=ep_rank)
             return out
         half, total_half = rows // 2, rows * len(metas) // 2  # each shard is [gate_r; up_r]
         per_row = metas[0][0].numel()
         for r in range(len(metas)):
-            self.reader.get_into(r, loc.pp_rank, loc.chunk, loc.name, out[r * half:(r + 1) * half])
+            self.reader.get_into(r, loc.pp_rank, loc.chunk, loc.name, out[r * half:(r + 1) * half], ep_rank=ep_rank)
             self.reader.get_into(r, loc.pp_rank, loc.chunk, loc.name, out[total_half + r * half:total_half + (r + 1) * half],
-                                 first=half * per_row)
+                                 first=half * per_row, ep_rank=ep_rank)
         return out
 
     def finish(self) -> None:
-        for pp_rank, chunk, name in self._extra_keys():
-            for tp_rank in range(self.meta.layout.tp):
-                if name == "output_layer.weight":
-                    self._check_tied_copy(tp_rank, pp_rank, chunk)
-                self.reader.mark_consumed(tp_rank, pp_rank, chunk, name)
+        for loc in self._extra_keys():
+            for e in self._ep_ranks(loc):
+                for tp_rank in range(self.meta.layout.tp):
+                    if loc.name == "output_layer.weight" and e == 0:
+                        self._check_tied_copy(tp_rank, loc.pp_rank, loc.chunk)
+                    self.reader.mark_consumed(tp_rank, loc.pp_rank, loc.chunk, loc.name, e)
         left = self.reader.unconsumed()
         if left:
             raise BridgeError(f"{len(left)} tensors of the checkpoint were not converted: {_listing(left)}")
@@ -178,30 +219,44 @@ class MegatronSink:
         if conv.megatron == "embedding.word_embeddings.weight" and cfg.tie_word_embeddings and layout.pp > 1:
             self._write("output_layer.weight", tensor)  # Megatron keeps a copy on the last stage
 
+    def _local(self, key: str) -> LocalKey:
+        moe = self.meta.config.moe
+        return localize(key, self.meta.layout, self.meta.config.num_layers, self.meta.transformer_impl,
+                        moe.num_experts if moe else 0)
+
+    def _add(self, tp_rank: int, loc: LocalKey, ep_rank: int, tensor: torch.Tensor) -> None:
+        if self.meta.layout.ep > 1:  # keyword only when needed: single-rank writers (torch_dist) take (tp, pp, ...)
+            self.writer.add(tp_rank, loc.pp_rank, loc.chunk, loc.name, tensor, ep_rank=ep_rank)
+        else:
+            self.writer.add(tp_rank, loc.pp_rank, loc.chunk, loc.name, tensor)
+
     def _write(self, key: str, tensor: torch.Tensor) -> None:
-        layout = self.meta.layout
-        loc = localize(key, layout, self.meta.config.num_layers, self.meta.transformer_impl)
-        for tp_rank, shard in enumerate(split(tensor, rule_for(key), layout.tp, self.meta.padded_vocab_size)):
-            self.writer.add(tp_rank, loc.pp_rank, loc.chunk, loc.name, shard)
+        """Experts: ETP shards into their EP rank's files (TP rank t holds shard t % ETP); the rest: TP
+        shards into every EP rank's files."""
+        layout, loc = self.meta.layout, self._local(key)
+        if is_expert_key(key):
+            shards = split(tensor, rule_for(key), layout.expert_tp, self.meta.padded_vocab_size)
+            for tp_rank in range(layout.tp):
+                self._add(tp_rank, loc, loc.ep_rank or 0, shards[tp_rank % layout.expert_tp])
+            return
+        shards = split(tensor, rule_for(key), layout.tp, self.meta.padded_vocab_size)
+        for ep_rank in range(layout.ep):
+            for tp_rank, shard in enumerate(shards):
+                self._add(tp_rank, loc, ep_rank, shard)
 
     def _flush_extra_state(self) -> None:
         """After a TE module's weights: its `_extra_state`, an empty uint8 tensor without FP8 (TE 2.x).
 
-        `core_attention` has no weights; its entry follows `linear_qkv`'s.
+        `core_attention` has no weights; its entry follows `linear_qkv`'s (or MLA's `linear_kv_up_proj`'s).
         """
         if self._module is None or self.meta.transformer_impl != "transformer_engine":
             return
-        prefix, _, module = self._module.partition(".self_attention.")
-        modules = {"linear_qkv": ["linear_qkv", "core_attention"], "linear_proj": ["linear_proj"]}.get(module, [])
-        if not modules:
-            prefix, _, module = self._module.partition(".mlp.")
-            modules = [module] if module in ("linear_fc1", "linear_fc2") else []
-        for name in modules:
-            kind = "self_attention" if name in ("linear_qkv", "core_attention", "linear_proj") else "mlp"
-            key = f"{prefix}.{kind}.{name}._extra_state"
-            loc = localize(key, self.meta.layout, self.meta.config.num_layers, self.meta.transformer_impl)
-            for tp_rank in range(self.meta.layout.tp):
-                self.writer.add(tp_rank, loc.pp_rank, loc.chunk, loc.name, torch.empty(0, dtype=torch.uint8))
+        moe = self.meta.config.moe
+        for key in extra_state_keys(self._module, self.meta.layout, moe.num_experts if moe else 0):
+            loc = self._local(key)
+            for ep_rank in ([loc.ep_rank] if loc.ep_rank is not None else range(self.meta.layout.ep)):
+                for tp_rank in range(self.meta.layout.tp):
+                    self._add(tp_rank, loc, ep_rank, torch.empty(0, dtype=torch.uint8))
 
     def close(self) -> None:
         self._flush_extra_state()

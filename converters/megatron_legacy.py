@@ -1,7 +1,8 @@
-"""Megatron-LM's legacy `torch` checkpoint format: one `model_optim_rng.pt` per (TP, PP) rank.
+"""Megatron-LM's legacy `torch` checkpoint format: one `model_optim_rng.pt` per (TP, PP, EP) rank.
 
 Layout (reference/megatron-format.md): `latest_checkpointed_iteration.txt` holds `release` or an
-iteration number; files live in `release/` or `iter_{N:07d}/` under `mp_rank_{tp:02d}[_{pp:03d}]/`.
+iteration number; files live in `release/` or `iter_{N:07d}/` under `mp_rank_{tp:02d}[_{pp:03d}][_{ep:03d}]/`
+(every EP rank's file also holds the dense weights of its TP rank).
 Each file is a dict with `args`, `checkpoint_version`, `iteration` and `model` (`model0`, `model1`,
 ... with virtual pipeline chunks).
 """
@@ -65,28 +66,29 @@ class LegacyCheckpointWriter:
                  iteration: int | str = "release", extra: Callable[[int, int], dict[str, Any]] | None = None) -> None:
         self.root, self.layout, self.iteration = root, layout, iteration
         self._args, self._extra = args, extra
-        self._writers: dict[tuple[int, int], IncrementalTorchWriter] = {}
-        self._models: dict[tuple[int, int], list[dict[str, Any]]] = {}
-        for tp_rank, pp_rank in layout.ranks():
-            folder = root / iteration_dir_name(iteration) / layout.rank_dir(tp_rank, pp_rank)
+        self._writers: dict[tuple[int, int, int], IncrementalTorchWriter] = {}
+        self._models: dict[tuple[int, int, int], list[dict[str, Any]]] = {}
+        for tp_rank, pp_rank, ep_rank in layout.files():
+            folder = root / iteration_dir_name(iteration) / layout.rank_dir(tp_rank, pp_rank, ep_rank)
             folder.mkdir(parents=True, exist_ok=True)
-            self._writers[tp_rank, pp_rank] = IncrementalTorchWriter(folder / FILE_NAME)
-            self._models[tp_rank, pp_rank] = [{} for _ in range(layout.chunks)]
+            self._writers[tp_rank, pp_rank, ep_rank] = IncrementalTorchWriter(folder / FILE_NAME)
+            self._models[tp_rank, pp_rank, ep_rank] = [{} for _ in range(layout.chunks)]
 
-    def add(self, tp_rank: int, pp_rank: int, chunk: int, name: str, tensor: torch.Tensor) -> None:
-        model = self._models[tp_rank, pp_rank][chunk]
+    def add(self, tp_rank: int, pp_rank: int, chunk: int, name: str, tensor: torch.Tensor, ep_rank: int = 0) -> None:
+        model = self._models[tp_rank, pp_rank, ep_rank][chunk]
         if name in model:
-            raise BridgeError(f"internal: {name} written twice to rank tp={tp_rank} pp={pp_rank}")
-        model[name] = self._writers[tp_rank, pp_rank].tensor(tensor)
+            raise BridgeError(f"internal: {name} written twice to rank tp={tp_rank} pp={pp_rank} ep={ep_rank}")
+        model[name] = self._writers[tp_rank, pp_rank, ep_rank].tensor(tensor)
 
     def close(self) -> None:
-        for (tp_rank, pp_rank), writer in self._writers.items():
+        for (tp_rank, pp_rank, ep_rank), writer in self._writers.items():
             state: dict[str, Any] = {
                 "args": self._args(tp_rank, pp_rank),
                 "checkpoint_version": CHECKPOINT_VERSION,
                 "iteration": 0 if self.iteration == "release" else int(self.iteration),
             }
-            models = [dict(sorted(m.items(), key=lambda item: state_dict_position(item[0]))) for m in self._models[tp_rank, pp_rank]]
+            models = [dict(sorted(m.items(), key=lambda item: state_dict_position(item[0])))
+                      for m in self._models[tp_rank, pp_rank, ep_rank]]
             state.update(zip(model_keys(self.layout), models))
             if self._extra:
                 state.update(self._extra(tp_rank, pp_rank))
@@ -100,67 +102,76 @@ class LegacyCheckpointReader:
     def __init__(self, root: Path, layout: ParallelLayout, iteration: int | str | None = None) -> None:
         self.root, self.layout = root, layout
         self.iteration = read_tracker(root) if iteration is None else iteration
-        self._paths: dict[tuple[int, int], Path] = {}
-        self._models: dict[tuple[int, int], list[dict[str, torch.Tensor]]] = {}
-        self._states: dict[tuple[int, int], dict[str, Any]] = {}
+        self._paths: dict[tuple[int, int, int], Path] = {}
+        self._models: dict[tuple[int, int, int], list[dict[str, torch.Tensor]]] = {}
+        self._states: dict[tuple[int, int, int], dict[str, Any]] = {}
         base = root / iteration_dir_name(self.iteration)
-        for tp_rank, pp_rank in layout.ranks():
-            path = base / layout.rank_dir(tp_rank, pp_rank) / FILE_NAME
+        for tp_rank, pp_rank, ep_rank in layout.files():
+            path = base / layout.rank_dir(tp_rank, pp_rank, ep_rank) / FILE_NAME
             if not path.is_file():
                 raise BridgeError(f"missing rank file {path.relative_to(root)} for layout {layout.name}; the checkpoint is incomplete")
             state = load_index(path, SAFE_GLOBALS)
             keys = model_keys(layout)
             if not all(k in state for k in keys):
                 raise BridgeError(f"{path} has no {' / '.join(keys)} entries; was it written with a different --vpp?")
-            self._paths[tp_rank, pp_rank] = path
-            self._models[tp_rank, pp_rank] = [state[k] for k in keys]
-            self._states[tp_rank, pp_rank] = state
-        self._consumed: set[tuple[int, int, int, str]] = set()
+            self._paths[tp_rank, pp_rank, ep_rank] = path
+            self._models[tp_rank, pp_rank, ep_rank] = [state[k] for k in keys]
+            self._states[tp_rank, pp_rank, ep_rank] = state
+        self._consumed: set[tuple[int, int, int, int, str]] = set()
 
     def args(self) -> argparse.Namespace | None:
-        return self._states[0, 0].get("args")
+        return self._states[0, 0, 0].get("args")
 
-    def state(self, tp_rank: int, pp_rank: int) -> dict[str, Any]:
+    def state(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> dict[str, Any]:
         """The file's whole object with tensors on `meta` (for non-model entries: optimizer, rng, ...)."""
-        return self._states[tp_rank, pp_rank]
+        return self._states[tp_rank, pp_rank, ep_rank]
 
-    def names(self, pp_rank: int, chunk: int) -> list[str]:
-        return list(self._models[0, pp_rank][chunk])
+    def names(self, pp_rank: int, chunk: int, ep_rank: int = 0) -> list[str]:
+        return list(self._models[0, pp_rank, ep_rank][chunk])
 
-    def has(self, pp_rank: int, chunk: int, name: str) -> bool:
-        return name in self._models[0, pp_rank][chunk]
+    def has(self, pp_rank: int, chunk: int, name: str, ep_rank: int = 0) -> bool:
+        return name in self._models[0, pp_rank, ep_rank][chunk]
 
-    def meta(self, tp_rank: int, pp_rank: int, chunk: int, name: str) -> torch.Tensor:
+    def meta(self, tp_rank: int, pp_rank: int, chunk: int, name: str, ep_rank: int = 0) -> torch.Tensor:
         try:
-            return self._models[tp_rank, pp_rank][chunk][name]
+            return self._models[tp_rank, pp_rank, ep_rank][chunk][name]
         except KeyError:
-            raise BridgeError(f"{name} is missing from {self._paths[tp_rank, pp_rank].relative_to(self.root)}") from None
+            path = self._paths[tp_rank, pp_rank, ep_rank].relative_to(self.root)
+            raise BridgeError(f"{name} is missing from {path}") from None
 
-    def get(self, tp_rank: int, pp_rank: int, chunk: int, name: str) -> torch.Tensor:
-        tensor = read_tensor(self._paths[tp_rank, pp_rank], self.meta(tp_rank, pp_rank, chunk, name))
-        self._consumed.add((tp_rank, pp_rank, chunk, name))
+    def get(self, tp_rank: int, pp_rank: int, chunk: int, name: str, ep_rank: int = 0) -> torch.Tensor:
+        tensor = read_tensor(self._paths[tp_rank, pp_rank, ep_rank], self.meta(tp_rank, pp_rank, chunk, name, ep_rank))
+        self._consumed.add((tp_rank, pp_rank, ep_rank, chunk, name))
         return tensor
 
-    def get_into(self, tp_rank: int, pp_rank: int, chunk: int, name: str, out: torch.Tensor, first: int = 0) -> None:
+    def get_into(self, tp_rank: int, pp_rank: int, chunk: int, name: str, out: torch.Tensor, first: int = 0,
+                 ep_rank: int = 0) -> None:
         """Read (part of) a tensor straight into `out`; marks it consumed."""
-        read_into(self._paths[tp_rank, pp_rank], self.meta(tp_rank, pp_rank, chunk, name), out, first)
-        self._consumed.add((tp_rank, pp_rank, chunk, name))
+        read_into(self._paths[tp_rank, pp_rank, ep_rank], self.meta(tp_rank, pp_rank, chunk, name, ep_rank), out, first)
+        self._consumed.add((tp_rank, pp_rank, ep_rank, chunk, name))
 
-    def mark_consumed(self, tp_rank: int, pp_rank: int, chunk: int, name: str) -> None:
-        self.meta(tp_rank, pp_rank, chunk, name)
-        self._consumed.add((tp_rank, pp_rank, chunk, name))
+    def mark_consumed(self, tp_rank: int, pp_rank: int, chunk: int, name: str, ep_rank: int = 0) -> None:
+        self.meta(tp_rank, pp_rank, chunk, name, ep_rank)
+        self._consumed.add((tp_rank, pp_rank, ep_rank, chunk, name))
 
-    def all_keys(self) -> Iterator[tuple[int, int, int, str]]:
-        for (tp_rank, pp_rank), chunks in self._models.items():
+    def entries(self) -> Iterator[tuple[int, int, int, int, str]]:
+        """Every (tp_rank, pp_rank, ep_rank, chunk, name) in every rank file."""
+        for (tp_rank, pp_rank, ep_rank), chunks in self._models.items():
             for chunk, model in enumerate(chunks):
                 for name in model:
-                    yield tp_rank, pp_rank, chunk, name
+                    yield tp_rank, pp_rank, ep_rank, chunk, name
+
+    def all_keys(self) -> Iterator[tuple[int, int, int, str]]:
+        """(tp_rank, pp_rank, chunk, name) of the EP-rank-0 files (all files without expert parallelism)."""
+        for tp_rank, pp_rank, ep_rank, chunk, name in self.entries():
+            if ep_rank == 0:
+                yield tp_rank, pp_rank, chunk, name
 
     def unconsumed(self) -> list[str]:
-        return sorted(f"{self.layout.rank_dir(t, p)}[{c}]:{n}" for t, p, c, n in self.all_keys()
-                      if (t, p, c, n) not in self._consumed)
+        return sorted(f"{self.layout.rank_dir(t, p, e)}[{c}]:{n}" for t, p, e, c, n in self.entries()
+                      if (t, p, e, c, n) not in self._consumed)
 
-    def load_rank(self, tp_rank: int, pp_rank: int) -> dict[str, Any]:
+    def load_rank(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> dict[str, Any]:
         """One rank's file fully loaded (weights_only, mmap): what a training rank needs."""
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(self._paths[tp_rank, pp_rank], map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(self._paths[tp_rank, pp_rank, ep_rank], map_location="cpu", weights_only=True, mmap=True)

@@ -7,7 +7,7 @@ from typing import Any, Callable
 from bridge.config import ModelConfig
 from bridge.errors import BridgeError
 from bridge.mapping import Row
-from bridge.models import llama, mistral, qwen
+from bridge.models import deepseek, llama, mistral, mixtral, qwen, qwen_moe
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,8 @@ class Family:
     architecture: str
     config_from_hf: Callable[[Any], ModelConfig]
     rows: Callable[[ModelConfig], list[Row]]
+    hf_skip: Callable[[ModelConfig], tuple[str, ...]] = lambda cfg: ()
+    """Prefixes of HF tensors import deliberately does not convert (logged and accounted for)."""
 
 
 FAMILIES: dict[str, Family] = {
@@ -24,6 +26,10 @@ FAMILIES: dict[str, Family] = {
     "MistralForCausalLM": Family("MistralForCausalLM", mistral.config_from_hf, llama.rows),
     "Qwen2ForCausalLM": Family("Qwen2ForCausalLM", qwen.qwen2_config_from_hf, llama.rows),
     "Qwen3ForCausalLM": Family("Qwen3ForCausalLM", qwen.qwen3_config_from_hf, llama.rows),
+    "MixtralForCausalLM": Family("MixtralForCausalLM", mixtral.config_from_hf, mixtral.rows),
+    "Qwen2MoeForCausalLM": Family("Qwen2MoeForCausalLM", qwen_moe.qwen2_moe_config_from_hf, qwen_moe.rows),
+    "Qwen3MoeForCausalLM": Family("Qwen3MoeForCausalLM", qwen_moe.qwen3_moe_config_from_hf, qwen_moe.rows),
+    "DeepseekV3ForCausalLM": Family("DeepseekV3ForCausalLM", deepseek.config_from_hf, deepseek.rows, deepseek.hf_skip),
 }
 
 

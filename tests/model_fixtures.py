@@ -24,12 +24,35 @@ DENSE_MODELS: dict[str, str] = {
 }
 
 
+#: The MoE architectures of the MoE issue.
+MOE_MODELS: dict[str, str] = {
+    "mixtral": "mistralai--Mixtral-8x7B-v0.1",
+    "qwen3-moe": "Qwen--Qwen3-30B-A3B",
+    "qwen2-moe": "Qwen--Qwen1.5-MoE-A2.7B",           # qkv bias, gated shared expert
+    "deepseek-v3": "deepseek-ai--DeepSeek-V3",        # MLA, sigmoid router + bias, groups, shared expert, dense first layer
+}
+
+_TINY_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
+
 #: Per-model overrides on top of bridge.tiny's scaled-down shapes.
-MODEL_OVERRIDES: dict[str, dict[str, Any]] = {"llama2": {"num_key_value_heads": 8}}  # keep Llama 2's MHA
+MODEL_OVERRIDES: dict[str, dict[str, Any]] = {
+    "llama2": {"num_key_value_heads": 8},  # keep Llama 2's MHA
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 32},
+    "qwen3-moe": {**_TINY_MOE, "decoder_sparse_step": 2},              # dense and MoE layers alternate
+    "qwen2-moe": {**_TINY_MOE, "shared_expert_intermediate_size": 48, "mlp_only_layers": [2]},
+    "deepseek-v3": {
+        "n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
+        "first_k_dense_replace": 1, "n_group": 4, "topk_group": 2, "num_key_value_heads": 8,
+        "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16,
+        "quantization_config": None, "num_nextn_predict_layers": 0,
+        "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32,
+                         "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+    },
+}
 
 
 def real_config(name: str) -> Path:
-    return CONFIGS / DENSE_MODELS.get(name, name) / "config.json"
+    return CONFIGS / {**DENSE_MODELS, **MOE_MODELS}.get(name, name) / "config.json"
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,8 @@ def test_unknown_architecture_lists_supported(tiny_hf, tmp_path, capsys) -> None
     config["architectures"] = ["FalconForCausalLM"]
     config["model_type"] = "llama"
     (src / "config.json").write_text(json.dumps(config))
-    expect_error(capsys, tmp_path, "supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM",
+    expect_error(capsys, tmp_path, "supported: DeepseekV3ForCausalLM, LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, "
+                 "Qwen2ForCausalLM, Qwen2MoeForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM",
                  "import", str(src))
 
 
