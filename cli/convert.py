@@ -14,6 +14,12 @@ def add_layout_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=1, help="pipeline parallel size")
     parser.add_argument("--vpp", "--virtual-pipeline-model-parallel-size", dest="vpp", type=int, default=None,
                         help="virtual pipeline chunks per stage (interleaved schedule)")
+    parser.add_argument("--ep", "--expert-model-parallel-size", dest="ep", type=int, default=1,
+                        help="expert parallel size (MoE): experts split into contiguous groups per EP rank")
+    parser.add_argument("--etp", "--expert-tensor-parallel-size", dest="etp", type=int, default=None,
+                        help="tensor parallel size inside each expert (default: --tp; must divide --tp)")
+    parser.add_argument("--moe-grouped-gemm", action="store_true",
+                        help="write experts as TEGroupedMLP (linear_fc1.weight{j}) instead of SequentialMLP (local_experts.{j})")
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                         help="pad the vocabulary to a multiple of this times TP (Megatron's default 128)")
     parser.add_argument("--transformer-impl", choices=["transformer_engine", "local"], default=None,
@@ -33,7 +39,8 @@ def add_hf_config(parser: argparse.ArgumentParser) -> None:
 
 
 def layout_from(args: argparse.Namespace) -> ParallelLayout:
-    return ParallelLayout(tp=args.tp, pp=args.pp, vpp=args.vpp, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+    return ParallelLayout(tp=args.tp, pp=args.pp, vpp=args.vpp, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                          ep=args.ep, etp=args.etp, moe_grouped_gemm=args.moe_grouped_gemm)
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:

@@ -161,3 +161,16 @@ def test_fp8_scale_with_wrong_shape_is_refused(tiny_hf, tmp_path: Path) -> None:
     (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
     with pytest.raises(BridgeError, match="weight_scale_inv has shape"):
         api.import_hf(tmp_path / "fp8", tmp_path / "m")
+
+
+def test_cli_ep_flags(tiny_hf, tmp_path: Path) -> None:
+    from bridge.cli.main import main
+
+    src, out = tiny_hf("qwen2-moe"), tmp_path / "m"
+    assert main(["import", str(src), "--out", str(out), "--tp", "2", "--ep", "2", "--etp", "1", "--moe-grouped-gemm"]) == 0
+    layout = json.loads((out / "bridge.json").read_text())["layout"]
+    assert (layout["ep"], layout["etp"], layout["moe_grouped_gemm"]) == (2, 1, True)
+    assert sorted(p.name for p in (out / "release").iterdir()) == ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
+    assert main(["reshard", str(out), "--out", str(tmp_path / "r"), "--ep", "4"]) == 0
+    assert main(["export", str(tmp_path / "r"), "--out", str(tmp_path / "hf")]) == 0
+    assert_identical(src, tmp_path / "hf")
