@@ -65,31 +65,36 @@ def logits(folder: Path, text: str) -> torch.Tensor:
 def run(workdir: str | None = None, keep: bool = False, say: Callable[[str], None] = print) -> int:
     """Run every step, printing what happens; returns the exit code (0 when every check passed)."""
     from bridge.push import demo_push
+    from bridge.training.demo import demo_train
     from bridge.verify import verify
 
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="bridge-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
-        say(f"[1/5] building a tiny Llama and a BPE tokenizer in {root / 'tiny-llama'}")
+        say(f"[1/6] building a tiny Llama and a BPE tokenizer in {root / 'tiny-llama'}")
         hf = build_model(root / "tiny-llama")
-        say(f"[2/5] bridge import {hf.name} --tp {DEMO_LAYOUT.tp} --pp {DEMO_LAYOUT.pp}")
+        say(f"[2/6] bridge import {hf.name} --tp {DEMO_LAYOUT.tp} --pp {DEMO_LAYOUT.pp}, then export it straight back")
         ckpt = api.import_hf(hf, root / "tiny-llama-tp2-pp2", DEMO_LAYOUT, overwrite=True)
         info = api.inspect_checkpoint(ckpt)
         say(f"      {len(info['files'])} rank files, {info['parameters']:,} parameters, vocab padded "
             f"{info['vocab']['original']} -> {info['vocab']['padded']}")
-        say(f"[3/5] bridge verify {hf.name} {ckpt.name}  (4 spawned ranks, gloo)")
-        result = verify(hf, ckpt)
-        say("      " + result.table().replace("\n", "\n      "))
-        say(f"[4/5] bridge export {ckpt.name} --out tiny-llama-exported")
-        out = api.export_hf(ckpt, root / "tiny-llama-exported", overwrite=True)
+        back = api.export_hf(ckpt, root / "round-trip", overwrite=True)
         prompt = CORPUS.splitlines()[0]
-        before, after = logits(hf, prompt), logits(out, prompt)
-        same = torch.equal(before, after)
-        say(f"      transformers on both folders, {before.shape[1]} tokens: max |diff| = "
-            f"{(before - after).abs().max().item():.3g} ({'identical' if same else 'DIFFERENT'})")
-        say("[5/5] bridge push tiny-llama-exported demo/tiny-llama")
-        say("      " + demo_push(out))
-        ok = same and result.passed
+        same = torch.equal(logits(hf, prompt), logits(back, prompt))
+        say(f"      transformers on the source and the round trip: {'identical logits' if same else 'DIFFERENT logits'}")
+        say(f"[3/6] bridge verify {hf.name} {ckpt.name}  (4 spawned ranks, gloo)")
+        before = verify(hf, ckpt)
+        say("      " + before.table().replace("\n", "\n      "))
+        say("[4/6] bridge train --load tiny-llama-tp2-pp2 --nproc 4 --tp 2 --pp 2 on the built-in corpus")
+        losses, run_dir = demo_train(ckpt, CORPUS, root)
+        say(f"      loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
+        say("[5/6] bridge export train --out tiny-llama-trained; bridge verify tiny-llama-trained train")
+        out = api.export_hf(run_dir, root / "tiny-llama-trained", overwrite=True)
+        after = verify(out, run_dir)
+        say(f"      the exported model computes what the trained checkpoint computes: {after.criterion}")
+        say("[6/6] bridge push train demo/tiny-llama   (model card with the training summary)")
+        say("      " + demo_push(run_dir))
+        ok = same and before.passed and after.passed and losses[-1] < losses[0]
         say("demo passed" if ok else "demo FAILED")
         return 0 if ok else 1
     finally:

@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("httpx", "httpcore", "huggingface_hub"):  # one line per HTTP request is not for users
+    for noisy in ("httpx", "httpcore", "httpx2", "httpcore2", "huggingface_hub"):  # not one line per HTTP request
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     signal.signal(signal.SIGTERM, _terminate)
     try:
