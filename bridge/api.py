@@ -49,6 +49,9 @@ def _check_spec(cfg: ModelConfig, impl: str, layout: ParallelLayout, format: str
     if cfg.mla and impl == "local":
         raise BridgeError("MLA models need --transformer-impl transformer_engine: Megatron's local spec splits the "
                           "MLA down-projections over TP, which bridge does not write")
+    if layout.moe_grouped_gemm and impl == "local":
+        raise BridgeError("--moe-grouped-gemm needs --transformer-impl transformer_engine (TEGroupedMLP's weight{j} names); "
+                          "the local spec's legacy GroupedMLP stores weight1/weight2, which bridge does not write")
     if format == "torch_dist" and (cfg.moe or cfg.mla):
         raise BridgeError("--format torch_dist does not support MoE/MLA models yet; use --format torch")
 

@@ -163,7 +163,8 @@ def rank_logits(checkpoints: Sequence[str], token_lists: Sequence[Sequence[int]]
         ps = ParallelState(meta.layout, dist.get_world_size(), dist.get_rank())
         chunks = build_model_chunks(meta.config, ps, transformer_impl=meta.transformer_impl,
                                     sequence_parallel=sequence_parallel, params_dtype=DTYPES[dtype], device=dev)
-        load_rank_checkpoint(chunks, open_rank_reader(Path(ckpt), meta).load_rank(ps.tp_rank, ps.pp_rank))  # torch or torch_dist
+        ep = {"ep_rank": ps.ep_rank} if meta.layout.ep > 1 else {}  # EP ranks are DP replicas holding other experts
+        load_rank_checkpoint(chunks, open_rank_reader(Path(ckpt), meta).load_rank(ps.tp_rank, ps.pp_rank, **ep))  # torch or torch_dist
         for chunk in chunks:
             chunk.eval()
         batches = [torch.tensor([list(ids)], device=dev) for ids in token_lists]
@@ -181,12 +182,12 @@ def sharded_logits(checkpoints: Sequence[Path], token_lists: Sequence[Sequence[i
     if len(layouts) != 1:
         raise BridgeError(f"checkpoints verified together must share one layout, got {sorted(l.name for l in layouts)}")
     layout = layouts.pop()
-    world = layout.tp * layout.pp
+    world = layout.tp * layout.pp * layout.ep  # dp = ep: each EP rank runs the same prompts on its experts
     backend = "nccl" if device == "cuda" else "gloo"
     log.info("starting %d ranks (%s) for layout %s", world, backend, layout.name)
     per_rank = launch(rank_logits, world, [str(c) for c in checkpoints], [list(t) for t in token_lists], dtype, device,
                       sequence_parallel, backend=backend)
-    return per_rank[(layout.pp - 1) * layout.tp]  # rank of tp 0, dp 0, last stage (ParallelState order)
+    return per_rank[(layout.pp - 1) * layout.ep * layout.tp]  # rank of tp 0, dp 0, last stage (ParallelState order)
 
 
 def _metrics(name: str, ref: torch.Tensor, ours: torch.Tensor) -> Metrics:

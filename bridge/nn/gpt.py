@@ -46,11 +46,12 @@ class TransformerBlock(nn.Module):
     """Megatron's `decoder`: this chunk's layers (local indices 0..n-1) and, on the last chunk, the final norm."""
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState, num_layers: int, *, post_process: bool,
-                 transformer_impl: str, sequence_parallel: bool, dtype: torch.dtype, device: torch.device | None) -> None:
+                 transformer_impl: str, sequence_parallel: bool, dtype: torch.dtype, device: torch.device | None,
+                 first_layer: int = 0) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
             TransformerLayer(cfg, ps, transformer_impl=transformer_impl, sequence_parallel=sequence_parallel,
-                             dtype=dtype, device=device) for _ in range(num_layers))
+                             dtype=dtype, device=device, layer=first_layer + i) for i in range(num_layers))
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype=dtype, device=device) if post_process else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -82,7 +83,7 @@ class GPTModel(nn.Module):
         self.rotary_pos_emb = RotaryEmbedding(cfg, device=torch.device(device) if device else None)
         self.layer_numbers = ps.layout.chunk_layers(ps.pp_rank, chunk, cfg.num_layers)
         self.decoder = TransformerBlock(cfg, ps, len(self.layer_numbers), post_process=self.post_process,
-                                        transformer_impl=transformer_impl, **kw)
+                                        transformer_impl=transformer_impl, first_layer=self.layer_numbers.start, **kw)
         self.output_layer = None
         if self.post_process:
             tied_here = cfg.tie_word_embeddings and self.pre_process  # PP=1: the head *is* the embedding

@@ -35,14 +35,42 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, cfg: ModelConfig, device: torch.device | None = None) -> None:
         super().__init__()
-        inv_freq = inv_frequencies(cfg.kv_channels, cfg.rotary_base, cfg.rope_scaling)
+        self.attention_scaling = 1.0
+        if cfg.mla is not None:  # MLA: RoPE on the qk_pos_emb_head_dim part only, YaRN-scaled
+            inv_freq, self.attention_scaling = yarn_frequencies(cfg)
+        else:
+            inv_freq = inv_frequencies(cfg.kv_channels, cfg.rotary_base, cfg.rope_scaling)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # position_ids: [b, s]
         freqs = position_ids.t().float().unsqueeze(-1) * self.inv_freq.float()  # [s, b, d/2]
         emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(2)  # [s, b, 1, d]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+
+def yarn_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """inv_freq and the cos/sin factor for MLA's rope dims (transformers' `_compute_yarn_parameters`)."""
+    mla, dim, base = cfg.mla, cfg.mla.qk_pos_emb_head_dim, cfg.rotary_base
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    if mla.rope_type != "yarn":
+        return 1.0 / pos_freqs, 1.0
+    factor, old_len = mla.rotary_scaling_factor, mla.original_max_position_embeddings
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(old_len / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(mla.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(mla.beta_slow)), dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / ((high - low) or 0.001)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    scaling = (mscale(factor, mla.mscale) / mscale(factor, mla.mscale_all_dim)
+               if mla.mscale and mla.mscale_all_dim else mscale(factor))
+    return inv_freq, scaling
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bridge.config import ModelConfig
+from bridge.errors import BridgeError
 from bridge.nn.layers import (ColumnParallelLinear, RMSNorm, RowParallelLinear, TEColumnParallelLinear,
                               TEExtraState, TERowParallelLinear)
 from bridge.nn.rope import apply_rope
@@ -93,26 +94,49 @@ class MLP(nn.Module):
         return self.linear_fc2(F.silu(gate) * up)
 
 
+class TENorm(TEExtraState, RMSNorm):
+    """TE spec's stand-alone `TENorm` (MoE layers' pre_mlp_layernorm, MLA's input_layernorm): has `_extra_state`."""
+
+
 class TransformerLayer(nn.Module):
     """Pre-norm residual block. `forward` is a pure function of (hidden, rope), so activation
-    recomputation can wrap it (torch.utils.checkpoint) without knowing its insides."""
+    recomputation can wrap it (torch.utils.checkpoint) without knowing its insides.
+
+    `layer` (global index) picks MoE vs dense MLP; MLA models use MLASelfAttention with a separate input norm.
+    """
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState, *, transformer_impl: str, sequence_parallel: bool,
-                 dtype: torch.dtype, device: torch.device | None) -> None:
+                 dtype: torch.dtype, device: torch.device | None, layer: int = 0) -> None:
         super().__init__()
         te = transformer_impl == "transformer_engine"
-        if not te:
-            self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype=dtype, device=device)
+        moe, mla = cfg.is_moe_layer(layer), cfg.mla is not None
+        if (moe or mla) and sequence_parallel:
+            raise BridgeError("sequence parallelism is not supported with MoE/MLA layers yet; drop --sequence-parallel")
+        norm = lambda: (TENorm if te else RMSNorm)(cfg.hidden_size, cfg.norm_epsilon, dtype=dtype, device=device)  # noqa: E731
+        self.input_norm_separate = not te or mla
+        if self.input_norm_separate:
+            self.input_layernorm = norm()
         kwargs = dict(te=te, sequence_parallel=sequence_parallel, dtype=dtype, device=device)
-        self.self_attention = SelfAttention(cfg, ps, **kwargs)
-        if not te:
-            self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype=dtype, device=device)
-        self.mlp = MLP(cfg, ps, **kwargs)
+        if mla:
+            from bridge.nn.mla import MLASelfAttention
+
+            self.self_attention = MLASelfAttention(cfg, ps, te=te, dtype=dtype, device=device)
+        else:
+            self.self_attention = SelfAttention(cfg, ps, **kwargs)
+        self.pre_norm_separate = not te or moe
+        if self.pre_norm_separate:
+            self.pre_mlp_layernorm = norm()
+        if moe:
+            from bridge.nn.moe import MoELayer
+
+            self.mlp = MoELayer(cfg, ps, te=te, dtype=dtype, device=device)
+        else:
+            self.mlp = MLP(cfg, ps, **kwargs)
         self.te = te
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         # x: [s(/tp), b, h]
-        h = x if self.te else self.input_layernorm(x)
+        h = self.input_layernorm(x) if self.input_norm_separate else x
         x = x + self.self_attention(h, rope)
-        h = x if self.te else self.pre_mlp_layernorm(x)
+        h = self.pre_mlp_layernorm(x) if self.pre_norm_separate else x
         return x + self.mlp(h)

@@ -40,6 +40,15 @@ class ParallelState:
         self.layout, self.world_size, self.rank = layout, world_size, rank
         self.tp, self.pp, self.dp = layout.tp, layout.pp, world_size // model_parallel
         self.tp_rank, self.dp_rank, self.pp_rank = self.coords(rank)
+        self.ep = layout.ep
+        if self.ep > 1 and (self.dp % self.ep or layout.expert_tp != layout.tp):
+            raise BridgeError(f"expert parallelism {self.ep} must divide the data-parallel size {self.dp} (Megatron's rule "
+                              f"ep | dp x tp with etp = tp; etp {layout.expert_tp}); start tp*pp*ep processes or more")
+        self.ep_rank = self.dp_rank % self.ep
+        self.ep_group: dist.ProcessGroup | None = None
+        """Ranks sharing tp/pp rank and dp_rank // ep: they split the experts (tokens travel by all-to-all)."""
+        self.expert_dp_group: dist.ProcessGroup | None = None
+        """Ranks holding the same experts (same ep_rank): expert gradients are averaged over this group."""
         self.tp_group: dist.ProcessGroup | None = None
         self.pp_group: dist.ProcessGroup | None = None
         self.dp_group: dist.ProcessGroup | None = None
@@ -129,8 +138,27 @@ class ParallelState:
                 group = dist.new_group(emb)
                 if self.rank in emb:
                     self.embedding_group = group
+        self._create_expert_groups()
         log.debug("rank %d: tp %d/%d dp %d/%d pp %d/%d", self.rank, self.tp_rank, self.tp,
                   self.dp_rank, self.dp, self.pp_rank, self.pp)
+
+    def _create_expert_groups(self) -> None:
+        """EP groups: consecutive runs of `ep` DP ranks; expert-DP groups: DP ranks with equal dp_rank % ep."""
+        if self.ep == 1:
+            self.expert_dp_group = self.dp_group
+            return
+        for p in range(self.pp):
+            for t in range(self.tp):
+                for block in range(self.dp // self.ep):
+                    ranks = [self.rank_of(t, block * self.ep + e, p) for e in range(self.ep)]
+                    group = dist.new_group(ranks)
+                    if self.rank in ranks:
+                        self.ep_group = group
+                for e in range(self.ep):
+                    ranks = [self.rank_of(t, d, p) for d in range(e, self.dp, self.ep)]
+                    group = dist.new_group(ranks)
+                    if self.rank in ranks:
+                        self.expert_dp_group = group
 
     def __repr__(self) -> str:
         return (f"ParallelState(rank={self.rank}/{self.world_size}, tp={self.tp_rank}/{self.tp}, "

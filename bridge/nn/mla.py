@@ -1,0 +1,90 @@
+"""Multi-head latent attention (DeepSeek-V2/V3) under Megatron Core's MLASelfAttention names (TE spec).
+
+q = q_up(norm(q_down(x))) per head [nope | rope]; kv = kv_up(norm(kv_down(x)[:kv_lora])) per head [k_nope | v];
+the shared k_rope = kv_down(x)[kv_lora:]. RoPE acts on the rope parts after de-interleaving them
+(`x[..., 0::2] ++ x[..., 1::2]`), as both transformers (rope_interleave) and Megatron Core (MLA) do.
+Down-projections are replicated over TP; up-projections are column parallel (whole heads per rank).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bridge.config import MLAConfig, ModelConfig
+from bridge.nn.layers import ColumnParallelLinear, RowParallelLinear, TEColumnParallelLinear, TEExtraState, TERowParallelLinear
+from bridge.nn.rope import apply_rope
+from bridge.parallel import collectives as C
+from bridge.parallel.state import ParallelState
+
+
+class TELinear(TEExtraState, nn.Module):
+    """TE's duplicated `TELinear`: a full (replicated) weight plus `_extra_state`."""
+
+    def __init__(self, in_features: int, out_features: int, *, dtype: torch.dtype, device: torch.device | None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class TEDotProductAttentionState(TEExtraState, nn.Module):
+    """`core_attention`: no parameters, one `_extra_state`."""
+
+
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def softmax_scale(mla: MLAConfig) -> float:
+    scale = 1.0 / math.sqrt(mla.qk_head_dim + mla.qk_pos_emb_head_dim)
+    if mla.rope_type == "yarn" and mla.mscale_all_dim:
+        scale *= yarn_get_mscale(mla.rotary_scaling_factor, mla.mscale_all_dim) ** 2
+    return scale
+
+
+def deinterleave(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
+
+
+class MLASelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, *, te: bool, dtype: torch.dtype, device: torch.device | None) -> None:
+        super().__init__()
+        mla, tp = cfg.mla, ps.tp
+        self.mla, self.tp_group, self.heads = mla, ps.tp_group, cfg.num_attention_heads // tp
+        qd = mla.qk_head_dim + mla.qk_pos_emb_head_dim
+        common = dict(tp=tp, group=ps.tp_group, dtype=dtype, device=device)
+        column, row = (TEColumnParallelLinear, TERowParallelLinear) if te else (ColumnParallelLinear, RowParallelLinear)
+        if mla.q_lora_rank is None:
+            self.linear_q_proj = column(cfg.hidden_size, cfg.num_attention_heads * qd, **common)
+        else:
+            self.linear_q_down_proj = TELinear(cfg.hidden_size, mla.q_lora_rank, dtype=dtype, device=device)
+            self.linear_q_up_proj = column(mla.q_lora_rank, cfg.num_attention_heads * qd, norm_eps=cfg.norm_epsilon, **common)
+        self.linear_kv_down_proj = TELinear(cfg.hidden_size, mla.kv_lora_rank + mla.qk_pos_emb_head_dim, dtype=dtype, device=device)
+        self.linear_kv_up_proj = column(mla.kv_lora_rank, cfg.num_attention_heads * (mla.qk_head_dim + mla.v_head_dim),
+                                        norm_eps=cfg.norm_epsilon, **common)
+        self.core_attention = TEDotProductAttentionState()
+        self.linear_proj = row(cfg.num_attention_heads * mla.v_head_dim, cfg.hidden_size, **common)
+        self.scale = softmax_scale(mla)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        s, b, _ = x.shape  # [s, b, h]
+        mla, n = self.mla, self.heads
+        q = self.linear_q_proj(x) if mla.q_lora_rank is None else self.linear_q_up_proj(self.linear_q_down_proj(x))
+        q = q.view(s, b, n, mla.qk_head_dim + mla.qk_pos_emb_head_dim)
+        q_nope, q_pe = q.split([mla.qk_head_dim, mla.qk_pos_emb_head_dim], dim=-1)
+        kv_a = self.linear_kv_down_proj(x)  # [s, b, kv_lora + d_rope]
+        k_pass, k_pe = kv_a.split([mla.kv_lora_rank, mla.qk_pos_emb_head_dim], dim=-1)
+        k_pe = C.copy_to_tp(k_pe, self.tp_group)  # shared by this rank's heads only: sum its grad over TP
+        kv = self.linear_kv_up_proj(k_pass).view(s, b, n, mla.qk_head_dim + mla.v_head_dim)
+        k_nope, v = kv.split([mla.qk_head_dim, mla.v_head_dim], dim=-1)
+        q_pe = apply_rope(deinterleave(q_pe), *rope)
+        k_pe = apply_rope(deinterleave(k_pe.unsqueeze(2)), *rope).expand(s, b, n, mla.qk_pos_emb_head_dim)
+        q, k = torch.cat([q_nope, q_pe], -1), torch.cat([k_nope, k_pe], -1)  # [s, b, n, qd]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, n, s, d]
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # [b, n, s, dv]
+        return self.linear_proj(out.permute(2, 0, 1, 3).reshape(s, b, n * mla.v_head_dim))

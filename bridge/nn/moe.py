@@ -1,0 +1,219 @@
+"""Mixture-of-Experts layer under Megatron Core's names: `router`, `experts` (SequentialMLP or TEGroupedMLP
+names), `shared_experts`. Dropless top-k routing, EP all-to-all dispatch, experts as one batched GEMM.
+
+Routing (Megatron's TopKRouter, matching transformers for each family):
+- softmax, `pre_softmax=False`: top-k of the logits, softmax over those k (= renormalised; Mixtral, Qwen3-MoE);
+- softmax, `pre_softmax=True`: softmax over all, then top-k (Qwen2-MoE with norm_topk_prob=false);
+- sigmoid (DeepSeek-V3): scores + `expert_bias` choose (group-limited: best groups by the sum of their top-2
+  scores, as transformers' DeepseekV3TopkRouter), weights are the unbiased scores, optionally renormalised,
+  times `topk_scaling_factor`.
+Expert tensor parallelism equals TP here (each rank holds [gate_r; up_r] / fc2 columns of every local
+expert); expert outputs are summed over TP before they are weighted, so router gradients are complete.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bridge.config import ModelConfig, MoEConfig
+from bridge.nn.layers import ColumnParallelLinear, RowParallelLinear, TEExtraState
+from bridge.parallel import collectives as C
+from bridge.parallel.moe_dispatch import Dispatch
+from bridge.parallel.state import ParallelState
+
+
+class Router(nn.Module):
+    """`weight` [E, h]; `expert_bias` [E] (fp32 buffer, DeepSeek's score correction, updated outside autograd)."""
+
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, *, dtype: torch.dtype, device: torch.device | None) -> None:
+        super().__init__()
+        self.moe = moe
+        self.weight = nn.Parameter(torch.empty(moe.num_experts, cfg.hidden_size, dtype=dtype, device=device))
+        nn.init.normal_(self.weight, std=0.02)
+        if moe.expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(moe.num_experts, dtype=torch.float32, device=device))
+            self.register_buffer("local_tokens_per_expert", torch.zeros(moe.num_experts, device=device), persistent=False)
+        else:
+            self.expert_bias = None
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """tokens [T, h] -> (weights [T, k], experts [T, k], logits [T, E])."""
+        logits = F.linear(tokens, self.weight)  # [T, E]
+        moe, k = self.moe, self.moe.router_topk
+        if moe.score_function == "softmax":
+            if moe.pre_softmax:
+                weights, experts = torch.softmax(logits.float(), dim=-1).topk(k, dim=-1)
+            else:
+                top, experts = logits.topk(k, dim=-1)
+                weights = torch.softmax(top.float(), dim=-1)
+        else:
+            scores = torch.sigmoid(logits.float())
+            choice = scores if self.expert_bias is None else scores + self.expert_bias
+            if moe.num_groups and moe.group_topk:
+                choice = _group_limited(choice, moe.num_groups, moe.group_topk)
+            experts = choice.topk(k, dim=-1).indices
+            weights = scores.gather(1, experts)
+            if moe.normalize_topk:
+                weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        if moe.topk_scaling_factor:
+            weights = weights * moe.topk_scaling_factor
+        return weights.to(tokens.dtype), experts, logits
+
+
+def _group_limited(choice: torch.Tensor, groups: int, keep: int) -> torch.Tensor:
+    """Mask all experts outside the `keep` groups with the best top-2 sums."""
+    t, e = choice.shape
+    group_scores = choice.view(t, groups, e // groups).topk(min(2, e // groups), dim=-1).values.sum(-1)  # [T, G]
+    best = group_scores.topk(keep, dim=-1).indices
+    mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+    return choice.masked_fill(~mask.repeat_interleave(e // groups, dim=1), float("-inf"))
+
+
+class _ExpertLinear(nn.Module):
+    def __init__(self, rows: int, cols: int, te: bool, dtype: torch.dtype, device: torch.device | None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(rows, cols, dtype=dtype, device=device))
+        nn.init.normal_(self.weight, std=0.02)
+
+
+class _TEExpertLinear(TEExtraState, _ExpertLinear):
+    pass
+
+
+class _ExpertMLP(nn.Module):
+    def __init__(self, h: int, f: int, te: bool, dtype: torch.dtype, device: torch.device | None) -> None:
+        super().__init__()
+        linear = _TEExpertLinear if te else _ExpertLinear
+        self.linear_fc1, self.linear_fc2 = linear(2 * f, h, te, dtype, device), linear(h, f, te, dtype, device)
+
+
+class _GroupedLinear(TEExtraState, nn.Module):
+    """TEGroupedLinear's names: `weight0`, `weight1`, ... plus one `_extra_state`."""
+
+    def __init__(self, n: int, rows: int, cols: int, dtype: torch.dtype, device: torch.device | None) -> None:
+        super().__init__()
+        self.n = n
+        for j in range(n):
+            self.register_parameter(f"weight{j}", nn.Parameter(torch.randn(rows, cols, dtype=dtype, device=device) * 0.02))
+
+    def stacked(self) -> torch.Tensor:
+        return torch.stack([getattr(self, f"weight{j}") for j in range(self.n)])
+
+
+class Experts(nn.Module):
+    """This rank's E/EP experts (FFN split over TP): rows grouped by local expert -> one padded batched GEMM pair."""
+
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, ps: ParallelState, *, te: bool, grouped: bool,
+                 dtype: torch.dtype, device: torch.device | None) -> None:
+        super().__init__()
+        n, h, f = moe.num_experts // ps.layout.ep, cfg.hidden_size, moe.moe_ffn_hidden_size // ps.tp
+        self.grouped = grouped
+        if grouped:
+            self.linear_fc1 = _GroupedLinear(n, 2 * f, h, dtype, device)
+            self.linear_fc2 = _GroupedLinear(n, h, f, dtype, device)
+        else:
+            self.local_experts = nn.ModuleList(_ExpertMLP(h, f, te, dtype, device) for _ in range(n))
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.grouped:
+            return self.linear_fc1.stacked(), self.linear_fc2.stacked()
+        return (torch.stack([e.linear_fc1.weight for e in self.local_experts]),
+                torch.stack([e.linear_fc2.weight for e in self.local_experts]))
+
+    def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """rows [N, h] grouped by local expert, counts [n] -> [N, h] (this TP rank's partial sum)."""
+        fc1, fc2 = self.weights()  # [n, 2F/tp, h], [n, h, F/tp]
+        n, cap = fc1.shape[0], int(counts.max()) if counts.numel() else 0
+        expert = torch.repeat_interleave(torch.arange(n, device=rows.device), counts)  # [N]
+        slot = torch.arange(rows.shape[0], device=rows.device) - (torch.cumsum(counts, 0) - counts)[expert]
+        padded = rows.new_zeros(n, max(cap, 1), rows.shape[1])
+        padded = padded.index_put((expert, slot), rows)  # [n, cap, h]
+        gate, up = torch.bmm(padded, fc1.transpose(1, 2)).chunk(2, dim=-1)  # [n, cap, F/tp] each
+        out = torch.bmm(F.silu(gate) * up, fc2.transpose(1, 2))  # [n, cap, h]
+        return out[expert, slot]
+
+
+class SharedExperts(nn.Module):
+    """An always-on SwiGLU MLP next to the routed experts; Qwen2-MoE gates it with sigmoid(x . gate_weight)."""
+
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, ps: ParallelState, *, te: bool, dtype: torch.dtype,
+                 device: torch.device | None) -> None:
+        super().__init__()
+        from bridge.nn.layers import TEColumnParallelLinear, TERowParallelLinear
+
+        column, row = (TEColumnParallelLinear, TERowParallelLinear) if te else (ColumnParallelLinear, RowParallelLinear)
+        common = dict(tp=ps.tp, group=ps.tp_group, dtype=dtype, device=device)
+        self.linear_fc1 = column(cfg.hidden_size, 2 * moe.shared_expert_ffn_hidden_size, **common)
+        self.linear_fc2 = row(moe.shared_expert_ffn_hidden_size, cfg.hidden_size, **common)
+        self.gate_weight = nn.Parameter(torch.zeros(1, cfg.hidden_size, dtype=dtype, device=device)) if moe.shared_expert_gate else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.linear_fc1(x).chunk(2, dim=-1)
+        out = self.linear_fc2(F.silu(gate) * up)
+        return out if self.gate_weight is None else torch.sigmoid(F.linear(x, self.gate_weight)) * out
+
+
+class MoELayer(nn.Module):
+    """Megatron's `MoELayer` (the layer's `mlp`): router -> dispatch -> experts -> combine (+ shared experts)."""
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, *, te: bool, dtype: torch.dtype, device: torch.device | None) -> None:
+        super().__init__()
+        moe = cfg.moe
+        self.moe, self.ps = moe, ps
+        self.router = Router(cfg, moe, dtype=dtype, device=device)
+        self.experts = Experts(cfg, moe, ps, te=te, grouped=ps.layout.moe_grouped_gemm, dtype=dtype, device=device)
+        self.shared_experts = SharedExperts(cfg, moe, ps, te=te, dtype=dtype, device=device) if moe.shared_expert_ffn_hidden_size else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s, b, h = x.shape  # [s, b, h]
+        tokens = x.reshape(-1, h)
+        weights, experts, logits = self.router(tokens)
+        if self.training and torch.is_grad_enabled():
+            weights = self._aux_loss(weights, experts, logits)
+        plan = Dispatch(experts, self.moe.num_experts, self.ps.layout.ep, getattr(self.ps, "ep_group", None))
+        rows = plan.forward(C.copy_to_tp(tokens, self.ps.tp_group), self.moe.router_topk)
+        out = plan.backward(self.experts(rows, plan.local_counts))  # [T*k, h] partial over TP
+        out = C.reduce_from_tp(out, self.ps.tp_group).view(-1, self.moe.router_topk, h)
+        y = (out * weights.unsqueeze(-1)).sum(1).view(s, b, h)
+        return y if self.shared_experts is None else y + self.shared_experts(x)
+
+    def _aux_loss(self, weights: torch.Tensor, experts: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Switch-style load-balancing loss (coeff * E * sum f_i P_i), injected into the backward pass."""
+        counts = torch.bincount(experts.reshape(-1), minlength=self.moe.num_experts).float()
+        if self.router.expert_bias is not None:
+            self.router.local_tokens_per_expert += counts.detach()
+        if not self.moe.aux_loss_coeff:
+            return weights
+        probs = torch.softmax(logits.float(), -1) if self.moe.score_function == "softmax" else torch.sigmoid(logits.float())
+        f = counts / experts.numel()
+        aux = self.moe.aux_loss_coeff * self.moe.num_experts * (f * probs.mean(0)).sum()
+        return _AuxLoss.apply(weights, aux)
+
+
+class _AuxLoss(torch.autograd.Function):
+    """Identity on `x`; backward adds d(aux)/d(params) with grad 1 (Megatron's MoEAuxLossAutoScaler)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(aux)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN205
+        (aux,) = ctx.saved_tensors
+        return grad, torch.ones_like(aux)
+
+
+@torch.no_grad()
+def update_expert_bias(model: nn.Module, rate: float = 1e-3, group=None) -> None:  # noqa: ANN001
+    """DeepSeek's auxiliary-loss-free balancing: bias += rate * sign(mean load - load), then reset the counts."""
+    import torch.distributed as dist
+
+    for module in model.modules():
+        if isinstance(module, Router) and module.expert_bias is not None:
+            load = module.local_tokens_per_expert
+            if group is not None:
+                dist.all_reduce(load, group=group)
+            module.expert_bias += rate * torch.sign(load.mean() - load)
+            load.zero_()
