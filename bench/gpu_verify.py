@@ -2,7 +2,7 @@
 
     python bench/gpu_verify.py [--workdir DIR] [--device cuda] [--also-fp32] [--scale-config ...]
 
-Builds the HF model locally from ../shared/configs/meta-llama--Llama-3.2-1B/config.json with random
+Builds the HF model locally from bench/configs/meta-llama--Llama-3.2-1B.json (a copy of the real config) with random
 weights (no download), imports it with `bridge import --tp 2`, runs `bridge verify --dtype bf16
 --device cuda` (2 ranks, NCCL) and prints the table; exit code 0 only if every verify passed.
 
@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT.parent / "shared" / "configs" / "meta-llama--Llama-3.2-1B" / "config.json"
+#: A copy of the real config.json (../shared is not on the device machines).
+CONFIG = ROOT / "bench" / "configs" / "meta-llama--Llama-3.2-1B.json"
 
 
 def build_model(out: Path, config_path: Path, overrides: dict, embed_std: float, seed: int = 0) -> Path:
