@@ -20,6 +20,7 @@ from bridge.converters import fp8
 from bridge.converters.hf import PlannedTensor, SafetensorsReader, StreamingSafetensorsWriter
 from bridge.converters.megatron_legacy import LegacyCheckpointReader, LegacyCheckpointWriter
 from bridge.errors import BridgeError
+from bridge.memory import return_large_buffers_to_os
 from bridge.mapping import Conversion
 from bridge.sharding import LocalKey, Split, extra_state_keys, gather, is_expert_key, localize, rule_for, split
 
@@ -283,6 +284,7 @@ class HFSink:
 
 def run(source: Source, sink: Sink, total: int, description: str) -> None:
     """Stream every tensor from source to sink; then both sides check that nothing was left over."""
+    return_large_buffers_to_os()
     for conv, tensor in tqdm(source.tensors(), total=total, desc=description, unit="tensor", leave=False):
         sink.put(conv, tensor)
         del tensor
