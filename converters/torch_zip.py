@@ -58,11 +58,11 @@ class IncrementalTorchWriter:
     def tensor(self, tensor: torch.Tensor) -> _TensorRef:
         """Write the tensor's bytes now; return a placeholder to put into the object saved by `close`."""
         tensor = tensor.detach().cpu().contiguous()
-        if tensor.storage_offset() or tensor.untyped_storage().nbytes() != tensor.nbytes:
-            tensor = tensor.clone()
         key = str(self._count)
         self._count += 1
-        self._zip.write_record(f"data/{key}", tensor.untyped_storage(), tensor.nbytes)
+        # A contiguous view (a TP shard of a bigger tensor) is written from its own bytes: no clone.
+        data = tensor.data_ptr() if tensor.nbytes else b""
+        self._zip.write_record(f"data/{key}", data, tensor.nbytes)
         return _TensorRef(_StorageRef(key, tensor.dtype, tensor.numel()), tuple(tensor.shape))
 
     def close(self, obj: Any) -> None:
