@@ -24,6 +24,8 @@ _FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--tp", "--tensor-model-parallel-size"), dict(dest="tp", type=int)),
     (("--pp", "--pipeline-model-parallel-size"), dict(dest="pp", type=int)),
     (("--vpp",), dict(type=int, help="virtual pipeline chunks per stage (interleaved 1F1B)")),
+    (("--cp", "--context-parallel-size"), dict(dest="cp", type=int,
+                                                help="context parallelism: split each sequence over CP ranks")),
     (("--sequence-parallel",), dict(action="store_true")),
     (("--use-distributed-optimizer",), dict(action="store_true", help="shard fp32 masters and Adam state over DP")),
     (("--ddp-bucket-size",), dict(type=int)),

@@ -23,6 +23,7 @@ from bridge.nn.cross_entropy import vocab_parallel_cross_entropy
 from bridge.nn.layers import ColumnParallelLinear, RMSNorm, VocabParallelEmbedding
 from bridge.nn.rope import RotaryEmbedding
 from bridge.nn.transformer import TRANSFORMER_IMPLS, TransformerLayer
+from bridge.parallel.context import local_positions
 from bridge.parallel.state import ParallelState
 
 log = logging.getLogger(__name__)
@@ -126,8 +127,10 @@ class GPTModel(nn.Module):
             hidden = tokens_or_hidden
             s = hidden.shape[0] * (self.ps.tp if self.sequence_parallel else 1)
             b = hidden.shape[1]
-        if position_ids is None:
-            position_ids = torch.arange(s, device=hidden.device).unsqueeze(0).expand(b, s)
+        if position_ids is None:  # with CP, `s` tokens are this rank's two chunks of a cp * s sequence
+            positions = (local_positions(s * self.ps.cp, self.ps.cp, self.ps.cp_rank, hidden.device) if self.ps.cp > 1
+                         else torch.arange(s, device=hidden.device))
+            position_ids = positions.unsqueeze(0).expand(b, s)
         rope = self.rotary_pos_emb(position_ids, hidden.dtype)  # cos, sin: [s, b, 1, d]
         hidden = self.decoder(hidden, rope)
         if not self.post_process:

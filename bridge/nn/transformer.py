@@ -15,23 +15,33 @@ from bridge.errors import BridgeError
 from bridge.nn.layers import (ColumnParallelLinear, RMSNorm, RowParallelLinear, TEColumnParallelLinear,
                               TEExtraState, TERowParallelLinear)
 from bridge.nn.rope import apply_rope
+from bridge.parallel.collectives import Group
+from bridge.parallel.context import cp_attention
 from bridge.parallel.state import ParallelState
 
 TRANSFORMER_IMPLS = ("transformer_engine", "local")
 
 
 class CoreAttention(nn.Module):
-    """Causal scaled-dot-product attention with GQA (SDPA picks flash attention on CUDA in bf16/fp16)."""
+    """Causal scaled-dot-product attention with GQA (SDPA picks flash attention on CUDA in bf16/fp16).
 
-    def __init__(self, sliding_window: int | None) -> None:
+    With context parallelism (`cp` > 1) the sequence here is this rank's two load-balanced chunks and
+    K/V come from the whole CP group (bridge.parallel.context).
+    """
+
+    def __init__(self, sliding_window: int | None, *, cp: int = 1, cp_rank: int = 0, cp_group: Group = None) -> None:
         super().__init__()
         self.sliding_window = sliding_window
+        self.cp, self.cp_rank, self.cp_group = cp, cp_rank, cp_group
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [s, b, nq, d]; k, v: [s, b, ng, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
         s = q.shape[2]
-        if self.sliding_window is not None and s > self.sliding_window:
+        if self.cp > 1:
+            out = cp_attention(q, k, v, group=self.cp_group, cp=self.cp, cp_rank=self.cp_rank,
+                               sliding_window=self.sliding_window)
+        elif self.sliding_window is not None and s > self.sliding_window:
             i = torch.arange(s, device=q.device)
             dist = i[:, None] - i[None, :]
             mask = (dist >= 0) & (dist < self.sliding_window)  # transformers' window: q - kv < W
@@ -57,7 +67,8 @@ class SelfAttention(nn.Module):
         column, row = (TEColumnParallelLinear, TERowParallelLinear) if te else (ColumnParallelLinear, RowParallelLinear)
         self.linear_qkv = column(cfg.hidden_size, cfg.qkv_rows, bias=cfg.add_qkv_bias,
                                  norm_eps=cfg.norm_epsilon if te else None, **common)
-        self.core_attention = (TECoreAttention if te else CoreAttention)(cfg.sliding_window)
+        self.core_attention = (TECoreAttention if te else CoreAttention)(
+            cfg.sliding_window, cp=ps.cp, cp_rank=ps.cp_rank, cp_group=ps.cp_group)
         self.linear_proj = row(cfg.num_attention_heads * cfg.kv_channels, cfg.hidden_size, **common)
         if cfg.qk_layernorm:
             self.q_layernorm = RMSNorm(cfg.kv_channels, cfg.norm_epsilon, dtype=dtype, device=device)
@@ -112,6 +123,8 @@ class TransformerLayer(nn.Module):
         moe, mla = cfg.is_moe_layer(layer), cfg.mla is not None
         if (moe or mla) and sequence_parallel:
             raise BridgeError("sequence parallelism is not supported with MoE/MLA layers yet; drop --sequence-parallel")
+        if (moe or mla) and ps.cp > 1:
+            raise BridgeError("context parallelism is not supported with MoE/MLA layers yet; drop --cp")
         norm = lambda: (TENorm if te else RMSNorm)(cfg.hidden_size, cfg.norm_epsilon, dtype=dtype, device=device)  # noqa: E731
         self.input_norm_separate = not te or mla
         if self.input_norm_separate:

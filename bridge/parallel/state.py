@@ -1,8 +1,10 @@
-"""`ParallelState`: one rank's place in a TP x DP x PP grid, validated once, with its process groups.
+"""`ParallelState`: one rank's place in a TP x CP x DP x PP grid, validated once, with its process groups.
 
-Rank order (Megatron Core's default `tp-cp-ep-dp-pp` with cp = ep = 1): TP is fastest, then DP,
-then PP, i.e. `rank = (pp_rank * dp + dp_rank) * tp + tp_rank`. So a TP group is a block of
-consecutive ranks (one NVLink island on a node) and the stages of one pipeline are `tp * dp` apart.
+Rank order (Megatron Core's default `tp-cp-ep-dp-pp`, EP carved out of DP): TP is fastest, then CP,
+then DP, then PP, i.e. `rank = ((pp_rank * dp + dp_rank) * cp + cp_rank) * tp + tp_rank`. So a TP group
+is a block of consecutive ranks (one NVLink island on a node), a CP group (which exchanges K/V every
+layer) comes next, and the stages of one pipeline are `tp * cp * dp` apart. Context parallelism does
+not change the checkpoint layout (weights are replicated over CP), so `cp` is not part of ParallelLayout.
 """
 from __future__ import annotations
 
@@ -30,17 +32,24 @@ class ParallelState:
     Every rank must construct its ParallelState in the same order, since `new_group` is collective.
     """
 
-    def __init__(self, layout: ParallelLayout, world_size: int, rank: int, *, create_groups: bool = True) -> None:
-        model_parallel = layout.tp * layout.pp
+    def __init__(self, layout: ParallelLayout, world_size: int, rank: int, *, cp: int = 1,
+                 create_groups: bool = True) -> None:
+        if cp < 1:
+            raise BridgeError(f"--cp must be >= 1, got {cp}")
+        model_parallel = layout.tp * layout.pp * cp
         if world_size < 1 or world_size % model_parallel:
-            raise BridgeError(f"world size {world_size} is not a multiple of tp*pp = {layout.tp}*{layout.pp}; "
+            what = "tp*pp" if cp == 1 else "tp*cp*pp"
+            raise BridgeError(f"world size {world_size} is not a multiple of {what} = {model_parallel}; "
                               f"start a multiple of {model_parallel} processes")
         if not 0 <= rank < world_size:
             raise BridgeError(f"rank {rank} is outside the world of {world_size} processes")
         self.layout, self.world_size, self.rank = layout, world_size, rank
-        self.tp, self.pp, self.dp = layout.tp, layout.pp, world_size // model_parallel
+        self.tp, self.pp, self.cp, self.dp = layout.tp, layout.pp, cp, world_size // model_parallel
         self.tp_rank, self.dp_rank, self.pp_rank = self.coords(rank)
+        self.cp_rank = rank // self.tp % cp
         self.ep = layout.ep
+        if cp > 1 and self.ep > 1:
+            raise BridgeError("context parallelism with expert parallelism is not supported yet; drop --cp or --ep")
         if self.ep > 1 and (self.dp % self.ep or layout.expert_tp != layout.tp):
             raise BridgeError(f"expert parallelism {self.ep} must divide the data-parallel size {self.dp} (Megatron's rule "
                               f"ep | dp x tp with etp = tp; etp {layout.expert_tp}); start tp*pp*ep processes or more")
@@ -50,6 +59,10 @@ class ParallelState:
         self.expert_dp_group: dist.ProcessGroup | None = None
         """Ranks holding the same experts (same ep_rank): expert gradients are averaged over this group."""
         self.tp_group: dist.ProcessGroup | None = None
+        self.cp_group: dist.ProcessGroup | None = None
+        """Ranks holding the other chunks of the same sequences: they exchange K/V in attention."""
+        self.dp_cp_group: dist.ProcessGroup | None = None
+        """DP x CP: ranks with the same weights; gradients (each a partial sum over tokens) are summed here."""
         self.pp_group: dist.ProcessGroup | None = None
         self.dp_group: dist.ProcessGroup | None = None
         self.embedding_group: dist.ProcessGroup | None = None
@@ -60,18 +73,33 @@ class ParallelState:
             self._create_groups()
 
     # ---- rank arithmetic -------------------------------------------------------------------
-    def rank_of(self, tp_rank: int, dp_rank: int, pp_rank: int) -> int:
-        return (pp_rank * self.dp + dp_rank) * self.tp + tp_rank
+    def rank_of(self, tp_rank: int, dp_rank: int, pp_rank: int, cp_rank: int | None = None) -> int:
+        """(tp, dp, pp[, cp]) -> global rank; cp defaults to this rank's own CP rank."""
+        cp_rank = self.cp_rank if cp_rank is None else cp_rank
+        return ((pp_rank * self.dp + dp_rank) * self.cp + cp_rank) * self.tp + tp_rank
 
     def coords(self, rank: int) -> tuple[int, int, int]:
-        """Global rank -> (tp_rank, dp_rank, pp_rank)."""
+        """Global rank -> (tp_rank, dp_rank, pp_rank) (the CP rank is `rank // tp % cp`)."""
         block, tp_rank = divmod(rank, self.tp)
-        pp_rank, dp_rank = divmod(block, self.dp)
+        pp_rank, dp_rank = divmod(block // self.cp, self.dp)
         return tp_rank, dp_rank, pp_rank
+
+    @property
+    def dp_cp(self) -> int:
+        return self.dp * self.cp
+
+    @property
+    def dp_cp_rank(self) -> int:
+        """This rank's index in its DP x CP group (group ranks are ordered (dp, cp))."""
+        return self.dp_rank * self.cp + self.cp_rank
 
     @property
     def tp_ranks(self) -> list[int]:
         return [self.rank_of(t, self.dp_rank, self.pp_rank) for t in range(self.tp)]
+
+    @property
+    def cp_ranks(self) -> list[int]:
+        return [self.rank_of(self.tp_rank, self.dp_rank, self.pp_rank, c) for c in range(self.cp)]
 
     @property
     def pp_ranks(self) -> list[int]:
@@ -114,30 +142,38 @@ class ParallelState:
         return self.pp_ranks[(self.pp_rank - 1) % self.pp]
 
     # ---- groups ------------------------------------------------------------------------------
+    def _new_group(self, ranks: list[int]) -> dist.ProcessGroup | None:
+        """Collective on every rank; returns the group when this rank is in it."""
+        group = dist.new_group(ranks)
+        return group if self.rank in ranks else None
+
     def _create_groups(self) -> None:
         """Every rank walks every group in the same order (new_group is collective) and keeps its own."""
-        grid = [[[self.rank_of(t, d, p) for t in range(self.tp)] for d in range(self.dp)] for p in range(self.pp)]
-        for p in range(self.pp):
-            for d in range(self.dp):
-                group = dist.new_group(grid[p][d])
-                if self.rank in grid[p][d]:
-                    self.tp_group = group
-        for p in range(self.pp):
-            for t in range(self.tp):
-                ranks = [grid[p][d][t] for d in range(self.dp)]
-                group = dist.new_group(ranks)
-                if self.rank in ranks:
-                    self.dp_group = group
-        for d in range(self.dp):
-            for t in range(self.tp):
-                ranks = [grid[p][d][t] for p in range(self.pp)]
-                group = dist.new_group(ranks)
-                if self.rank in ranks:
-                    self.pp_group = group
-                emb = sorted({ranks[0], ranks[-1]})
-                group = dist.new_group(emb)
-                if self.rank in emb:
-                    self.embedding_group = group
+        tp, cp, dp, pp, at = range(self.tp), range(self.cp), range(self.dp), range(self.pp), self.rank_of
+        for p in pp:
+            for d in dp:
+                for c in cp:
+                    self.tp_group = self._new_group([at(t, d, p, c) for t in tp]) or self.tp_group
+        for p in pp:
+            for t in tp:
+                for c in cp:
+                    self.dp_group = self._new_group([at(t, d, p, c) for d in dp]) or self.dp_group
+        self.dp_cp_group = self.dp_group
+        if self.cp > 1:  # at CP=1 the CP group is None (collectives: identity) and DP x CP is DP
+            for p in pp:
+                for d in dp:
+                    for t in tp:
+                        self.cp_group = self._new_group([at(t, d, p, c) for c in cp]) or self.cp_group
+            for p in pp:
+                for t in tp:
+                    ranks = sorted(at(t, d, p, c) for d in dp for c in cp)
+                    self.dp_cp_group = self._new_group(ranks) or self.dp_cp_group
+        for d in dp:
+            for t in tp:
+                for c in cp:
+                    ranks = [at(t, d, p, c) for p in pp]
+                    self.pp_group = self._new_group(ranks) or self.pp_group
+                    self.embedding_group = self._new_group(sorted({ranks[0], ranks[-1]})) or self.embedding_group
         self._create_expert_groups()
         log.debug("rank %d: tp %d/%d dp %d/%d pp %d/%d", self.rank, self.tp_rank, self.tp,
                   self.dp_rank, self.dp, self.pp_rank, self.pp)
@@ -162,7 +198,8 @@ class ParallelState:
 
     def __repr__(self) -> str:
         return (f"ParallelState(rank={self.rank}/{self.world_size}, tp={self.tp_rank}/{self.tp}, "
-                f"dp={self.dp_rank}/{self.dp}, pp={self.pp_rank}/{self.pp}, vpp={self.layout.vpp})")
+                f"cp={self.cp_rank}/{self.cp}, dp={self.dp_rank}/{self.dp}, pp={self.pp_rank}/{self.pp}, "
+                f"vpp={self.layout.vpp})")
 
 
 def init_distributed(backend: str | None = None, *, timeout_s: float = 600.0) -> tuple[int, int]:

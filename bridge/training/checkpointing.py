@@ -80,7 +80,7 @@ def save_checkpoint(save: Path, iteration: int, ps: ParallelState, chunks: Seque
     if ps.rank == 0 and tmp.exists():
         shutil.rmtree(tmp)
     _barrier()
-    if ps.dp_rank == 0:
+    if ps.dp_cp_rank == 0:  # DP and CP ranks hold copies of the same shard
         state: dict[str, Any] = {"args": entries["args"], "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration}
         state.update(model_entries(chunks, ps.layout))
         state.update(optimizer=opt_state, opt_param_scheduler=entries["opt_param_scheduler"], rng_state=rng_state(),

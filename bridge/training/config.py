@@ -40,6 +40,9 @@ class TrainConfig:
     tp: int = 1
     pp: int = 1
     vpp: int | None = None
+    cp: int = 1
+    """Context parallelism (Megatron's --context-parallel-size): each sequence is split over CP ranks in 2*cp
+    load-balanced chunks; world = tp x cp x pp x dp. Weights are replicated over CP, checkpoints unchanged."""
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
     ddp_bucket_size: int = 40_000_000
@@ -113,6 +116,7 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
         raise BridgeError(f"recipe {file} must be a mapping of flag: value, got {type(data).__name__}")
     out = {str(k).lstrip("-").replace("-", "_"): v for k, v in data.items()}
     aliases = {"data": "data_path", "tensor_model_parallel_size": "tp", "pipeline_model_parallel_size": "pp",
+               "context_parallel_size": "cp",
                "recompute_granularity": "recompute"}
     out = {aliases.get(k, k): v for k, v in out.items()}
     unknown = sorted(set(out) - TrainConfig.field_names())

@@ -153,22 +153,33 @@ class MockDataset:
         return tokens, np.ones_like(tokens)
 
 
-def micro_batch(dataset: PackedDataset | MockDataset, first: int, size: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Samples first..first+size-1 -> tokens/labels/loss_mask [b, s] on `device`."""
+def micro_batch(dataset: PackedDataset | MockDataset, first: int, size: int, device: torch.device, *, cp: int = 1,
+                cp_rank: int = 0) -> dict[str, torch.Tensor]:
+    """Samples first..first+size-1 -> tokens/labels/loss_mask [b, s/cp] on `device`, and `loss_tokens` (a scalar).
+
+    With context parallelism a rank gets its two load-balanced chunks of every sequence (chunks cp_rank and
+    2*cp-1-cp_rank of 2*cp); `loss_tokens` counts the trained tokens of the whole micro-batch, so each CP
+    rank's partial loss sum / loss_tokens adds up over CP to the micro-batch's mean loss.
+    """
+    from bridge.parallel.context import split_sequence
+
     pairs = [dataset.sample(k) for k in range(first, first + size)]
     tokens = torch.from_numpy(np.stack([t for t, _ in pairs]))
-    mask = torch.from_numpy(np.stack([m for _, m in pairs]))
-    return {"tokens": tokens[:, :-1].to(device), "labels": tokens[:, 1:].to(device),
-            "loss_mask": mask[:, 1:].float().to(device)}
+    mask = torch.from_numpy(np.stack([m for _, m in pairs]))[:, 1:].float()
+    local = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask}
+    out = {k: split_sequence(v, cp, cp_rank, dim=1).to(device) for k, v in local.items()}
+    out["loss_tokens"] = mask.sum().to(device)
+    return out
 
 
 def step_micro_batches(dataset: PackedDataset | MockDataset, consumed: int, global_batch: int, micro: int, dp: int,
-                       dp_rank: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """This DP rank's micro-batches of the global batch that starts at sample `consumed`.
+                       dp_rank: int, device: torch.device, *, cp: int = 1,
+                       cp_rank: int = 0) -> list[dict[str, torch.Tensor]]:
+    """This DP rank's micro-batches of the global batch that starts at sample `consumed` (its CP chunks of them).
 
     DP rank d takes the d-th slice of the global batch, in micro-batches of `micro`, so the set of
-    micro-batches of a step is the same for every DP size.
+    micro-batches of a step is the same for every DP size; CP ranks of one DP rank share the samples.
     """
     per_rank = global_batch // dp
     base = consumed + dp_rank * per_rank
-    return [micro_batch(dataset, base + j * micro, micro, device) for j in range(per_rank // micro)]
+    return [micro_batch(dataset, base + j * micro, micro, device, cp=cp, cp_rank=cp_rank) for j in range(per_rank // micro)]

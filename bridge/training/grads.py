@@ -76,7 +76,8 @@ class ParamAndGradBuffer:
 
     def __init__(self, chunks: Sequence[nn.Module], ps: ParallelState, *, param_dtype: torch.dtype,
                  grad_dtype: torch.dtype, bucket_size: int, distributed: bool, sequence_parallel: bool) -> None:
-        self.ps, self.distributed, self.dp = ps, distributed, ps.dp
+        # gradients are summed (and ZeRO-1 sharded) over DP x CP: CP ranks hold the same weights, other tokens
+        self.ps, self.distributed, self.dp = ps, distributed, ps.dp_cp
         self.nccl = ps.dp_group is not None and dist.get_backend(ps.dp_group) == "nccl"
         self.entries: list[Entry] = []
         self.buckets: list[Bucket] = []
@@ -150,7 +151,7 @@ class ParamAndGradBuffer:
         if not self.distributed:
             return bucket.start, bucket.end
         size = (bucket.end - bucket.start) // self.dp
-        lo = bucket.start + self.ps.dp_rank * size
+        lo = bucket.start + self.ps.dp_cp_rank * size
         return lo, lo + size
 
     def _launch(self, bucket: Bucket) -> None:
@@ -160,9 +161,9 @@ class ParamAndGradBuffer:
         data = self.grad_data[bucket.start:bucket.end]
         if self.distributed and self.nccl:
             lo, hi = self.shard(bucket)
-            bucket.handle = dist.reduce_scatter_tensor(self.grad_data[lo:hi], data, group=self.ps.dp_group, async_op=True)
+            bucket.handle = dist.reduce_scatter_tensor(self.grad_data[lo:hi], data, group=self.ps.dp_cp_group, async_op=True)
         else:  # gloo has no reduce-scatter: the all-reduce leaves the shard (and more) summed
-            bucket.handle = dist.all_reduce(data, group=self.ps.dp_group, async_op=True)
+            bucket.handle = dist.all_reduce(data, group=self.ps.dp_cp_group, async_op=True)
 
     def enable_sync(self, chunk: int) -> None:
         """Called by the schedule before the last micro-batch's backward of `chunk`."""
@@ -199,7 +200,7 @@ class ParamAndGradBuffer:
             data = self.param_data[bucket.start:bucket.end]
             lo, hi = self.shard(bucket)
             if self.nccl:
-                dist.all_gather_into_tensor(data, self.param_data[lo:hi], group=self.ps.dp_group)
+                dist.all_gather_into_tensor(data, self.param_data[lo:hi], group=self.ps.dp_cp_group)
             else:
-                dist.all_gather(list(data.chunk(self.dp)), self.param_data[lo:hi].clone(), group=self.ps.dp_group)
+                dist.all_gather(list(data.chunk(self.dp)), self.param_data[lo:hi].clone(), group=self.ps.dp_cp_group)
 

@@ -46,8 +46,8 @@ def train_step(rs: RankSetup, micro_batches: list[dict[str, torch.Tensor]]) -> l
         out = model(mb["tokens"] if model.pre_process else x, labels=mb["labels"] if model.post_process else None)
         if not model.post_process:
             return out
-        mask = mb["loss_mask"]
-        loss = (out.float() * mask).sum() / mask.sum().clamp(min=1.0)  # [b, s] -> mean over trained tokens
+        # [b, s] -> mean over the micro-batch's trained tokens (with CP a partial sum: the CP ranks' parts add up)
+        loss = (out.float() * mb["loss_mask"]).sum() / mb["loss_tokens"].clamp(min=1.0)
         losses.append(loss.detach())
         return loss / plan.global_microbatches
 
@@ -60,7 +60,7 @@ def train_step(rs: RankSetup, micro_batches: list[dict[str, torch.Tensor]]) -> l
 
 def _reduce(held: list[float], ps: ParallelState, device: torch.device, flags: list[float] = ()) -> list[float]:
     """Sum over the world: `held` counts only on TP rank 0 of the last stage (whose DP ranks hold different
-    micro-batches), `flags` (e.g. SIGTERM seen) on every rank."""
+    micro-batches and CP ranks partial sums of the same ones), `flags` (e.g. SIGTERM seen) on every rank."""
     holder = ps.is_last_stage and ps.tp_rank == 0
     data = torch.tensor([v if holder else 0.0 for v in held] + list(flags), dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -80,7 +80,7 @@ def evaluate(rs: RankSetup) -> float | None:
     for i in range(cfg.eval_iters):
         mbs = rs.micro_batches(rs.valid, i * cfg.global_batch_size)
         outs = forward_only(rs.chunks, ps, mbs)
-        total += sum(float((o.float() * mb["loss_mask"]).sum() / mb["loss_mask"].sum().clamp(min=1.0))
+        total += sum(float((o.float() * mb["loss_mask"]).sum() / mb["loss_tokens"].clamp(min=1.0))
                      for o, mb in zip(outs, mbs))
     for chunk in rs.chunks:
         chunk.train()

@@ -91,7 +91,7 @@ class MixedPrecisionAdamW:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(total)
             if not self.buffer.distributed:  # every DP replica counted the same gradients
-                total = total / self.ps.dp
+                total = total / self.ps.dp_cp
         return math.sqrt(total.item())
 
     def step(self, lr: float) -> float:
@@ -131,10 +131,10 @@ class MixedPrecisionAdamW:
             for n in names[1:]:
                 if n in state:
                     flat[n][p.lo:p.hi] = state[n]
-        if self.buffer.distributed and self.ps.dp > 1:
+        if self.buffer.distributed and self.ps.dp_cp > 1:
             for tensor in flat.values():  # disjoint shards: the sum is the concatenation
-                dist.all_reduce(tensor, group=self.ps.dp_group)
-        if self.ps.dp_rank != 0:
+                dist.all_reduce(tensor, group=self.ps.dp_cp_group)
+        if self.ps.dp_cp_rank != 0:
             return None
         flat = {n: t.cpu() for n, t in flat.items()}
         params = {state_key(self.chunks, e): {n: flat[n][e.start:e.start + e.numel].view(e.param.shape) for n in names}

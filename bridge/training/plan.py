@@ -30,6 +30,8 @@ class Plan:
     num_microbatches: int
     """Micro-batches per DP rank per step."""
     transformer_impl: str = "transformer_engine"
+    cp: int = 1
+    """Context-parallel size: CP ranks share micro-batches (each holds 2 of the 2*cp chunks of every sequence)."""
     load_meta: CheckpointMeta | None = None
 
     @property
@@ -111,10 +113,12 @@ def make_plan(cfg: TrainConfig) -> Plan:
     layout = ParallelLayout(tp=cfg.tp, pp=cfg.pp, vpp=cfg.vpp)
     layout.validate(model)
     world = world_size(cfg)
-    if world < 1 or world % (cfg.tp * cfg.pp):
-        raise BridgeError(f"world size {world} is not divisible by tp*pp = {cfg.tp}*{cfg.pp}; "
-                          f"start a multiple of {cfg.tp * cfg.pp} processes")
-    dp = world // (cfg.tp * cfg.pp)
+    model_parallel = cfg.tp * cfg.cp * cfg.pp
+    if world < 1 or world % model_parallel:
+        raise BridgeError(f"world size {world} is not divisible by tp*cp*pp = {cfg.tp}*{cfg.cp}*{cfg.pp}; "
+                          f"start a multiple of {model_parallel} processes")
+    dp = world // model_parallel
+    _check_context_parallel(cfg, model)
     per_step = cfg.micro_batch_size * dp
     if cfg.global_batch_size % per_step:
         raise BridgeError(f"--global-batch-size {cfg.global_batch_size} is not a multiple of micro-batch-size x DP = "
@@ -123,9 +127,9 @@ def make_plan(cfg: TrainConfig) -> Plan:
     if cfg.seq_length > model.max_position_embeddings:
         raise BridgeError(f"--seq-length {cfg.seq_length} is above the model's limit of {model.max_position_embeddings} "
                           "positions (max_position_embeddings); use a shorter sequence")
-    if cfg.sequence_parallel and cfg.seq_length % cfg.tp:
-        raise BridgeError(f"--sequence-parallel splits the sequence over tp={cfg.tp}: --seq-length {cfg.seq_length} "
-                          "is not divisible")
+    if cfg.sequence_parallel and (cfg.seq_length // cfg.cp) % cfg.tp:
+        raise BridgeError(f"--sequence-parallel splits each rank's {cfg.seq_length // cfg.cp} tokens over tp={cfg.tp}: "
+                          f"--seq-length {cfg.seq_length} / cp {cfg.cp} is not divisible")
     if layout.chunks > 1 and microbatches % cfg.pp:
         raise BridgeError(f"the interleaved schedule needs the micro-batches per DP rank ({microbatches}) to be a multiple "
                           f"of --pp {cfg.pp}; raise --global-batch-size or lower --micro-batch-size")
@@ -139,4 +143,18 @@ def make_plan(cfg: TrainConfig) -> Plan:
                               "use fewer ranks or --device cpu")
     _check_data(cfg)
     return Plan(model=model, layout=layout, world_size=world, dp=dp, num_microbatches=microbatches,
-                transformer_impl=impl, load_meta=meta)
+                transformer_impl=impl, cp=cfg.cp, load_meta=meta)
+
+
+def _check_context_parallel(cfg: TrainConfig, model: ModelConfig) -> None:
+    """--cp: a positive degree, 2*cp equal chunks per sequence, dense attention layers only (for now)."""
+    if cfg.cp < 1:
+        raise BridgeError(f"--cp must be >= 1, got {cfg.cp}")
+    if cfg.cp == 1:
+        return
+    from bridge.parallel.context import check_seq_length
+
+    check_seq_length(cfg.seq_length, cfg.cp)
+    if model.moe is not None or model.mla is not None:
+        raise BridgeError(f"--cp {cfg.cp}: context parallelism supports dense attention models only so far; "
+                          f"{model.architecture} has MoE/MLA layers")

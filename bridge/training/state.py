@@ -46,7 +46,7 @@ class RankSetup:
 
     def micro_batches(self, dataset: Any, first: int) -> list[dict[str, torch.Tensor]]:
         return step_micro_batches(dataset, first, self.cfg.global_batch_size, self.cfg.micro_batch_size, self.plan.dp,
-                                  self.ps.dp_rank, self.device)
+                                  self.ps.dp_rank, self.device, cp=self.ps.cp, cp_rank=self.ps.cp_rank)
 
     def entries(self) -> dict[str, Any]:
         """Non-model checkpoint entries (plain values; the optimizer's state is added by the saver)."""
@@ -115,7 +115,7 @@ def _device(cfg: TrainConfig) -> torch.device:
 def setup_rank(cfg: TrainConfig, plan: Plan) -> RankSetup:
     """Build this rank's model, buffers and optimizer; load and resume from --load; open the data."""
     device = _device(cfg)
-    ps = ParallelState(plan.layout, dist.get_world_size(), dist.get_rank())
+    ps = ParallelState(plan.layout, dist.get_world_size(), dist.get_rank(), cp=plan.cp)
     chunks, state = build_chunks(cfg, plan, ps, device)
     grad_dtype = torch.float32 if (not cfg.bf16 or cfg.accumulate_allreduce_grads_in_fp32) else torch.bfloat16
     buffer = ParamAndGradBuffer(chunks, ps, param_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
