@@ -6,28 +6,18 @@ the local spec differs from them only by the norm renames in bridge.sharding.LOC
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
-import pytest
 
 from bridge.api import import_hf
 from bridge.launch import launch
 from bridge.layout import ParallelLayout
 from bridge.tiny import save_tiny_model, tiny_config
 from bridge.verify import DEFAULT_PROMPTS, compare, encode, hf_logits
+from tests.interop.common import CONFIGS, DENSE_MODELS, MEGATRON_CORE_MARKS
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None,
-                       reason="megatron-core not installed (pip install -r .ci/requirements-interop.txt)"),
-    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Megatron Core's GPTModel needs triton importable"),
-]
-
-CONFIGS = Path(__file__).resolve().parents[2].parent / "shared" / "configs"
-#: Llama-3.2-1B: tied embeddings + llama3 RoPE scaling with the values Megatron can express; Qwen2: qkv bias;
-#: Qwen3: qk-norm and head_dim != hidden/heads.
-MODELS = ("meta-llama--Llama-3.2-1B", "Qwen--Qwen2.5-7B", "Qwen--Qwen3-0.6B")
+pytestmark = MEGATRON_CORE_MARKS
+MODELS = DENSE_MODELS
 
 
 def test_megatron_core_gpt_matches_hf(tmp_path: Path) -> None:

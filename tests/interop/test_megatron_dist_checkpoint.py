@@ -9,7 +9,6 @@ Skipped when megatron-core or triton is absent (install .ci/requirements-interop
 """
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -20,18 +19,11 @@ from bridge.launch import launch
 from bridge.layout import ParallelLayout
 from bridge.tiny import save_tiny_model, tiny_config
 from bridge.verify import DEFAULT_PROMPTS, compare, encode, hf_logits
+from tests.interop.common import CONFIGS, DENSE_MODELS, MEGATRON_CORE_MARKS
 from tests.test_convert_roundtrip import assert_identical
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None,
-                       reason="megatron-core not installed (pip install -r .ci/requirements-interop.txt)"),
-    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Megatron Core's GPTModel needs triton importable"),
-]
-
-CONFIGS = Path(__file__).resolve().parents[2].parent / "shared" / "configs"
-#: Llama-3.2-1B: tied embeddings + llama3 RoPE; Qwen2.5: qkv bias, untied; Qwen3: qk-norm, head_dim != hidden/heads.
-MODELS = ("meta-llama--Llama-3.2-1B", "Qwen--Qwen2.5-7B", "Qwen--Qwen3-0.6B")
+pytestmark = MEGATRON_CORE_MARKS
+MODELS = DENSE_MODELS
 
 
 @pytest.fixture(scope="module")
