@@ -115,7 +115,8 @@ def make_plan(cfg: TrainConfig) -> Plan:
     world = world_size(cfg)
     model_parallel = cfg.tp * cfg.cp * cfg.pp
     if world < 1 or world % model_parallel:
-        raise BridgeError(f"world size {world} is not divisible by tp*cp*pp = {cfg.tp}*{cfg.cp}*{cfg.pp}; "
+        what = f"tp*pp = {cfg.tp}*{cfg.pp}" if cfg.cp == 1 else f"tp*cp*pp = {cfg.tp}*{cfg.cp}*{cfg.pp}"
+        raise BridgeError(f"world size {world} is not divisible by {what}; "
                           f"start a multiple of {model_parallel} processes")
     dp = world // model_parallel
     _check_context_parallel(cfg, model)
