@@ -142,17 +142,19 @@ def hf_logits(folder: Path, token_lists: Sequence[Sequence[int]], dtype: str, de
 
 
 def rank_logits(checkpoints: Sequence[str], token_lists: Sequence[Sequence[int]], dtype: str, device: str,
-                sequence_parallel: bool) -> list[list[torch.Tensor] | None]:
+                sequence_parallel: bool, cp: int = 1) -> list[list[torch.Tensor] | None]:
     """Runs on every rank: load this rank's shard of each checkpoint and run the prompts through the pipeline.
 
-    Returns, on the rank holding TP rank 0 of the last stage, per checkpoint the full logits [s, V]
-    per prompt; None elsewhere.
+    With context parallelism each CP rank runs its two chunks of every prompt and the logits are gathered
+    back into sequence order. Returns, on the rank holding TP rank 0 and CP rank 0 of the last stage, per
+    checkpoint the full logits [s, V] per prompt; None elsewhere.
     """
     import torch.distributed as dist
 
     from bridge.converters.torch_dist import open_rank_reader
     from bridge.nn import build_model_chunks, load_rank_checkpoint
     from bridge.parallel.collectives import gather_from_tp
+    from bridge.parallel.context import gather_sequence, split_sequence
     from bridge.parallel.pipeline import forward_only
     from bridge.parallel.state import ParallelState
 
@@ -160,34 +162,36 @@ def rank_logits(checkpoints: Sequence[str], token_lists: Sequence[Sequence[int]]
     results: list[list[torch.Tensor] | None] = []
     for ckpt in checkpoints:
         meta = CheckpointMeta.load(Path(ckpt))
-        ps = ParallelState(meta.layout, dist.get_world_size(), dist.get_rank())
+        ps = ParallelState(meta.layout, dist.get_world_size(), dist.get_rank(), cp=cp)
         chunks = build_model_chunks(meta.config, ps, transformer_impl=meta.transformer_impl,
                                     sequence_parallel=sequence_parallel, params_dtype=DTYPES[dtype], device=dev)
         ep = {"ep_rank": ps.ep_rank} if meta.layout.ep > 1 else {}  # EP ranks are DP replicas holding other experts
         load_rank_checkpoint(chunks, open_rank_reader(Path(ckpt), meta).load_rank(ps.tp_rank, ps.pp_rank, **ep))  # torch or torch_dist
         for chunk in chunks:
             chunk.eval()
-        batches = [torch.tensor([list(ids)], device=dev) for ids in token_lists]
-        outs = forward_only(chunks, ps, batches)  # last stage: [s, 1, V_pad/tp] each
-        full = [gather_from_tp(o, ps.tp_group)[:, 0, : meta.config.vocab_size].float().cpu() for o in outs]
-        results.append(full if ps.is_last_stage and ps.tp_rank == 0 and ps.dp_rank == 0 else None)
+        batches = [split_sequence(torch.tensor([list(ids)], device=dev), cp, ps.cp_rank, dim=1) for ids in token_lists]
+        outs = forward_only(chunks, ps, batches)  # last stage: [s/cp, 1, V_pad/tp] each
+        full = [gather_sequence(gather_from_tp(o, ps.tp_group), ps.cp_group, cp)[:, 0, : meta.config.vocab_size]
+                .float().cpu() for o in outs]
+        holder = ps.is_last_stage and ps.tp_rank == 0 and ps.dp_rank == 0 and ps.cp_rank == 0
+        results.append(full if holder else None)
         del chunks
     return results
 
 
 def sharded_logits(checkpoints: Sequence[Path], token_lists: Sequence[Sequence[int]], *, dtype: str = "fp32",
-                   device: str = "cpu", sequence_parallel: bool = False) -> list[list[torch.Tensor]]:
+                   device: str = "cpu", sequence_parallel: bool = False, cp: int = 1) -> list[list[torch.Tensor]]:
     """Start the ranks once for several checkpoints of one layout; per checkpoint, logits [s, V] per prompt."""
     layouts = {CheckpointMeta.load(Path(c)).layout for c in checkpoints}
     if len(layouts) != 1:
         raise BridgeError(f"checkpoints verified together must share one layout, got {sorted(l.name for l in layouts)}")
     layout = layouts.pop()
-    world = layout.tp * layout.pp * layout.ep  # dp = ep: each EP rank runs the same prompts on its experts
+    world = layout.tp * layout.pp * layout.ep * cp  # dp = ep: each EP rank runs the same prompts on its experts
     backend = "nccl" if device == "cuda" else "gloo"
     log.info("starting %d ranks (%s) for layout %s", world, backend, layout.name)
     per_rank = launch(rank_logits, world, [str(c) for c in checkpoints], [list(t) for t in token_lists], dtype, device,
-                      sequence_parallel, backend=backend)
-    return per_rank[(layout.pp - 1) * layout.ep * layout.tp]  # rank of tp 0, dp 0, last stage (ParallelState order)
+                      sequence_parallel, cp, backend=backend)
+    return per_rank[(layout.pp - 1) * layout.ep * cp * layout.tp]  # tp 0, cp 0, dp 0, last stage (ParallelState order)
 
 
 def _metrics(name: str, ref: torch.Tensor, ours: torch.Tensor) -> Metrics:
@@ -214,7 +218,7 @@ def compare(prompts: Sequence[str], ref: Sequence[torch.Tensor], ours: Sequence[
 
 
 def verify(hf_src: str | Path, checkpoint: str | Path, *, prompts: Sequence[str] | None = None, dtype: str = "fp32",
-           device: str = "cpu", sequence_parallel: bool = False, write_json: bool = True) -> VerifyResult:
+           device: str = "cpu", sequence_parallel: bool = False, cp: int = 1, write_json: bool = True) -> VerifyResult:
     """Compare the checkpoint's logits with transformers' on `prompts`; write `verify.json` into the checkpoint."""
     from bridge.api import load_hf_config
     from bridge.hub import resolve_source
@@ -235,15 +239,16 @@ def verify(hf_src: str | Path, checkpoint: str | Path, *, prompts: Sequence[str]
                           f"({meta.config.architecture}, {meta.config.num_layers} layers); give the HF source it was imported from")
     texts = list(prompts or DEFAULT_PROMPTS)
     tokens = encode(folder, texts, meta.config.vocab_size)
-    if sequence_parallel:  # the sequence is split over TP: cut each prompt to a multiple of tp
-        tokens = [t[: len(t) // meta.layout.tp * meta.layout.tp] for t in tokens]
+    multiple = (meta.layout.tp if sequence_parallel else 1) * (2 * cp if cp > 1 else 1)
+    if multiple > 1:  # SP splits the sequence over TP, CP into 2*cp chunks: cut each prompt to a multiple
+        tokens = [t[: len(t) // multiple * multiple] for t in tokens]
     if any(not t for t in tokens):
-        raise BridgeError("a prompt encodes to no tokens; give non-empty prompts")
+        raise BridgeError("a prompt encodes to no tokens (or fewer than the 2 x cp chunks --cp needs); give longer prompts")
     ref = hf_logits(folder, tokens, dtype, device)
-    ours = sharded_logits([ckpt], tokens, dtype=dtype, device=device, sequence_parallel=sequence_parallel)[0]
+    ours = sharded_logits([ckpt], tokens, dtype=dtype, device=device, sequence_parallel=sequence_parallel, cp=cp)[0]
     rows, overall, ok, criterion = compare(texts, ref, ours, dtype)
     result = VerifyResult(checkpoint=str(ckpt), hf_source=str(hf_src), dtype=dtype, device=device,
-                          layout=meta.layout.to_json(), transformer_impl=meta.transformer_impl, prompts=rows,
+                          layout={**meta.layout.to_json(), **({"cp": cp} if cp > 1 else {})}, transformer_impl=meta.transformer_impl, prompts=rows,
                           overall=overall, passed=ok, criterion=criterion)
     if write_json:
         (ckpt / VERIFY_FILE).write_text(json.dumps(result.to_json(), indent=2) + "\n")

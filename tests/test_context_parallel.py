@@ -73,7 +73,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     with IndexedDatasetWriter(root / "corpus", np.uint16) as w:
         for n in rng.integers(5, 40, 80):  # short documents: several EODs inside every 8-token chunk run
             w.add_document(rng.integers(3, 300, int(n)))
-    return {"root": root, "ckpt": import_hf(hf, root / "ckpt"), "data": root / "corpus"}
+    return {"root": root, "hf": hf, "ckpt": import_hf(hf, root / "ckpt"), "data": root / "corpus"}
 
 
 def _config(setup: dict[str, Path], name: str, **kw: object):  # noqa: ANN202
@@ -116,3 +116,13 @@ def test_cp_sequence_length_must_split_into_2cp_chunks(setup: dict[str, Path]) -
         make_plan(_config(setup, "bad", cp=2, nproc=2, seq_length=30))
     with pytest.raises(BridgeError, match="tp\\*cp\\*pp"):
         make_plan(_config(setup, "bad", cp=2, tp=2, nproc=2))
+
+
+@pytest.mark.slow
+def test_verify_at_cp2_matches_transformers(setup: dict[str, Path]) -> None:
+    """`bridge verify --cp 2`: each prompt split over 2 ranks (4 chunks), logits gathered back in order."""
+    from bridge.verify import verify
+
+    result = verify(setup["hf"], setup["ckpt"], cp=2, write_json=False)
+    assert result.passed and result.layout["cp"] == 2, result.table()
+    assert all(m.tokens % 4 == 0 for m in result.prompts)
