@@ -114,6 +114,8 @@ class Experts(nn.Module):
             self.linear_fc2 = _GroupedLinear(n, h, f, dtype, device)
         else:
             self.local_experts = nn.ModuleList(_ExpertMLP(h, f, te, dtype, device) for _ in range(n))
+        for param in self.parameters():
+            param.allreduce = False  # Megatron's mark: reduced over the expert-data-parallel group, not DP
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.grouped:
@@ -164,6 +166,11 @@ class MoELayer(nn.Module):
         self.router = Router(cfg, moe, dtype=dtype, device=device)
         self.experts = Experts(cfg, moe, ps, te=te, grouped=ps.layout.moe_grouped_gemm, dtype=dtype, device=device)
         self.shared_experts = SharedExperts(cfg, moe, ps, te=te, dtype=dtype, device=device) if moe.shared_expert_ffn_hidden_size else None
+        self.aux_loss_scale = 1.0
+        """Gradient scale of the aux loss (Megatron's MoEAuxLossAutoScaler): the trainer sets 1/micro-batches per
+        global batch, so the aux loss is averaged like the language-model loss."""
+        self.aux_loss_sum: torch.Tensor | float = 0.0
+        """Sum of this layer's coefficient-weighted aux losses (unscaled) since the trainer last read it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, b, h = x.shape  # [s, b, h]
@@ -188,7 +195,8 @@ class MoELayer(nn.Module):
         probs = torch.softmax(logits.float(), -1) if self.moe.score_function == "softmax" else torch.sigmoid(logits.float())
         f = counts / experts.numel()
         aux = self.moe.aux_loss_coeff * self.moe.num_experts * (f * probs.mean(0)).sum()
-        return _AuxLoss.apply(weights, aux)
+        self.aux_loss_sum = self.aux_loss_sum + aux.detach()  # a tensor: no device sync per layer
+        return _AuxLoss.apply(weights, aux * self.aux_loss_scale)
 
 
 class _AuxLoss(torch.autograd.Function):

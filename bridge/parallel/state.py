@@ -117,6 +117,20 @@ class ParallelState:
         return sorted({ranks[0], ranks[-1]})
 
     @property
+    def expert_dp(self) -> int:
+        """Size of the expert-data-parallel group: dp*tp/(ep*etp) in Megatron's terms, dp/ep here (etp = tp)."""
+        return self.dp // self.ep
+
+    @property
+    def expert_dp_rank(self) -> int:
+        return self.dp_rank // self.ep
+
+    @property
+    def writes_checkpoint(self) -> bool:
+        """The first replica of every distinct shard writes its file: DP rank 0, or with EP each EP rank's first copy."""
+        return self.expert_dp_rank == 0 and self.cp_rank == 0  # CP ranks hold the same weights
+
+    @property
     def is_first_stage(self) -> bool:
         return self.pp_rank == 0
 

@@ -1,7 +1,7 @@
 """Training checkpoints in Megatron's legacy layout, written atomically, and their loading for exact resume.
 
     SAVE/bridge.json, SAVE/hf_meta/              what `bridge export` needs (written once)
-    SAVE/iter_0000500/mp_rank_00[_000]/model_optim_rng.pt
+    SAVE/iter_0000500/mp_rank_00[_000][_000]/model_optim_rng.pt     (_EEE: the EP rank, when EP > 1)
     SAVE/latest_checkpointed_iteration.txt        updated last
     SAVE/train_summary.json                       iterations, tokens, losses (for `bridge push`'s card)
 
@@ -80,12 +80,12 @@ def save_checkpoint(save: Path, iteration: int, ps: ParallelState, chunks: Seque
     if ps.rank == 0 and tmp.exists():
         shutil.rmtree(tmp)
     _barrier()
-    if ps.dp_cp_rank == 0:  # DP and CP ranks hold copies of the same shard
+    if ps.writes_checkpoint:  # DP rank 0, or with EP the first copy of each EP rank (its own experts)
         state: dict[str, Any] = {"args": entries["args"], "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration}
         state.update(model_entries(chunks, ps.layout))
         state.update(optimizer=opt_state, opt_param_scheduler=entries["opt_param_scheduler"], rng_state=rng_state(),
                      train_state=entries["train_state"])
-        folder = tmp / ps.layout.rank_dir(ps.tp_rank, ps.pp_rank)
+        folder = tmp / ps.layout.rank_dir(ps.tp_rank, ps.pp_rank, ps.ep_rank)
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(state, folder / FILE_NAME)
     _barrier()

@@ -40,6 +40,9 @@ class TrainConfig:
     tp: int = 1
     pp: int = 1
     vpp: int | None = None
+    ep: int = 1
+    """Expert parallelism (Megatron's --expert-model-parallel-size): splits each MoE layer's experts over EP ranks
+    carved out of DP, so it must divide the data-parallel size; expert gradients are reduced over the dp/ep replicas."""
     cp: int = 1
     """Context parallelism (Megatron's --context-parallel-size): each sequence is split over CP ranks in 2*cp
     load-balanced chunks; world = tp x cp x pp x dp. Weights are replicated over CP, checkpoints unchanged."""
@@ -64,7 +67,12 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     bf16: bool = False
+    fp8: str | None = None
+    """FP8 matrix products in the transformer's linear layers (tensorwise | rowwise, torchao); needs --bf16 and an
+    FP8 GPU (H100). Weights, optimizer state and checkpoints stay bf16/fp32 in Megatron layout."""
     accumulate_allreduce_grads_in_fp32: bool = False
+    moe_router_bias_update_rate: float = 1e-3
+    """DeepSeek-V3's expert-bias step after every optimizer step (Megatron's default); routers without a bias ignore it."""
     recompute: str | None = None
     compile: bool = False
     """torch.compile each transformer layer (CUDA runs; the first steps pay the compilation)."""
@@ -86,8 +94,8 @@ class TrainConfig:
     """cpu or cuda; default cuda when a GPU is visible."""
 
     @property
-    def layout_key(self) -> tuple[int, int, int | None]:
-        return self.tp, self.pp, self.vpp
+    def layout_key(self) -> tuple[int, int, int | None, int]:
+        return self.tp, self.pp, self.vpp, self.ep
 
     def resolved_device(self) -> str:
         if self.device:
@@ -117,6 +125,7 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     out = {str(k).lstrip("-").replace("-", "_"): v for k, v in data.items()}
     aliases = {"data": "data_path", "tensor_model_parallel_size": "tp", "pipeline_model_parallel_size": "pp",
                "context_parallel_size": "cp",
+               "expert_model_parallel_size": "ep",
                "recompute_granularity": "recompute"}
     out = {aliases.get(k, k): v for k, v in out.items()}
     unknown = sorted(set(out) - TrainConfig.field_names())

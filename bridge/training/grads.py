@@ -11,6 +11,11 @@ per chunk: replicated weights that see only part of the data on each TP rank (no
 parallelism, q/k norms, which see only this rank's heads) are summed over TP, and the tied
 embedding / output-layer copies are summed over the first and last stage. Both sums are linear, so
 doing them before the DP sum gives the same result and keeps the sharded (ZeRO-1) case simple.
+
+Expert weights (marked `allreduce = False`, as Megatron does) live in buckets of their own, reduced
+(and, with the distributed optimizer, sharded) over the expert-data-parallel group: the ranks holding
+the same experts. Their gradients already hold every token of the EP group (the all-to-all's backward
+brings them home), so summing over expert-DP completes them as the DP sum completes dense ones.
 """
 from __future__ import annotations
 
@@ -27,7 +32,8 @@ from bridge.parallel.state import ParallelState
 log = logging.getLogger(__name__)
 
 _REPLICATED_TAILS = ("layer_norm_weight", "layernorm.weight", "final_layernorm.weight", "linear_proj.bias",
-                     "linear_fc2.bias")
+                     "linear_fc2.bias", "mlp.router.weight", "shared_experts.gate_weight", "linear_q_down_proj.weight",
+                     "linear_kv_down_proj.weight")
 _HEAD_NORMS = ("q_layernorm.weight", "k_layernorm.weight")
 
 
@@ -57,6 +63,8 @@ class Entry:
     no_decay: bool
     sum_over: str | None = None
     """"tp" or "embedding": the group this gradient is summed over before the DP reduction."""
+    expert: bool = False
+    """An expert weight: reduced over the expert-data-parallel group instead of DP."""
 
 
 @dataclass
@@ -66,6 +74,7 @@ class Bucket:
     end: int
     entries: list[Entry] = field(default_factory=list)
     deferred: bool = False
+    expert: bool = False
     ready: int = 0
     handle: dist.Work | None = None
     launched: bool = False
@@ -76,7 +85,7 @@ class ParamAndGradBuffer:
 
     def __init__(self, chunks: Sequence[nn.Module], ps: ParallelState, *, param_dtype: torch.dtype,
                  grad_dtype: torch.dtype, bucket_size: int, distributed: bool, sequence_parallel: bool) -> None:
-        # gradients are summed (and ZeRO-1 sharded) over DP x CP: CP ranks hold the same weights, other tokens
+        # dense gradients are summed (and ZeRO-1 sharded) over DP x CP: CP ranks hold the same weights, other tokens
         self.ps, self.distributed, self.dp = ps, distributed, ps.dp_cp
         self.nccl = ps.dp_group is not None and dist.get_backend(ps.dp_group) == "nccl"
         self.entries: list[Entry] = []
@@ -86,13 +95,16 @@ class ParamAndGradBuffer:
                 if c.cfg.tie_word_embeddings and ps.pp > 1 and c.shared_embedding_or_output_weight() is not None}
         offset = 0
         for v, chunk in enumerate(chunks):
-            regular, deferred = [], []
+            regular, experts, deferred = [], [], []
             for name, p in reversed(list(chunk.named_parameters())):
                 is_tied = id(p) in tied
                 dup = (tp_replicated(name) and ps.tp_rank != 0) or (is_tied and not ps.is_first_stage)
                 sum_over = "embedding" if is_tied else "tp" if tp_partial(name, sequence_parallel, ps.tp) else None
-                (deferred if sum_over else regular).append(Entry(v, name, p, 0, p.numel(), dup, p.ndim == 1, sum_over))
+                expert = not getattr(p, "allreduce", True)
+                entry = Entry(v, name, p, 0, p.numel(), dup, p.ndim == 1, sum_over, expert)
+                (deferred if sum_over else experts if expert else regular).append(entry)
             offset = self._fill(v, regular, offset, bucket_size, deferred=False)
+            offset = self._fill(v, experts, offset, bucket_size, deferred=False, expert=True)
             offset = self._fill(v, deferred, offset, None, deferred=True)
         device = next(chunks[0].parameters()).device
         self.fp32_init = torch.zeros(offset, dtype=torch.float32, device=device)
@@ -107,11 +119,12 @@ class ParamAndGradBuffer:
         self._register_hooks()
         log.debug("grad buffer: %d parameters, %d buckets, %s grads", offset, len(self.buckets), grad_dtype)
 
-    def _fill(self, chunk: int, entries: list[Entry], offset: int, bucket_size: int | None, *, deferred: bool) -> int:
+    def _fill(self, chunk: int, entries: list[Entry], offset: int, bucket_size: int | None, *, deferred: bool,
+              expert: bool = False) -> int:
         bucket: Bucket | None = None
         for e in entries:
             if bucket is None:
-                bucket = Bucket(chunk, offset, offset, deferred=deferred)
+                bucket = Bucket(chunk, offset, offset, deferred=deferred, expert=expert)
             e.start = offset
             offset += e.numel
             bucket.entries.append(e)
@@ -146,24 +159,32 @@ class ParamAndGradBuffer:
         return hook
 
     # ---- synchronisation ---------------------------------------------------------------------
+    def group(self, bucket: Bucket) -> tuple[dist.ProcessGroup | None, int, int]:
+        """(group, size, this rank's index) the bucket is reduced and sharded over: DP, or expert-DP for experts."""
+        if bucket.expert:
+            return self.ps.expert_dp_group, self.ps.expert_dp, self.ps.expert_dp_rank
+        return self.ps.dp_cp_group, self.dp, self.ps.dp_cp_rank
+
     def shard(self, bucket: Bucket) -> tuple[int, int]:
-        """This DP rank's range of a bucket (the whole bucket without the distributed optimizer)."""
+        """This rank's range of a bucket (the whole bucket without the distributed optimizer)."""
         if not self.distributed:
             return bucket.start, bucket.end
-        size = (bucket.end - bucket.start) // self.dp
-        lo = bucket.start + self.ps.dp_cp_rank * size
+        _, n, rank = self.group(bucket)
+        size = (bucket.end - bucket.start) // n
+        lo = bucket.start + rank * size
         return lo, lo + size
 
     def _launch(self, bucket: Bucket) -> None:
         bucket.launched = True
-        if self.dp == 1:
+        group, n, _ = self.group(bucket)
+        if n == 1:
             return
         data = self.grad_data[bucket.start:bucket.end]
         if self.distributed and self.nccl:
             lo, hi = self.shard(bucket)
-            bucket.handle = dist.reduce_scatter_tensor(self.grad_data[lo:hi], data, group=self.ps.dp_cp_group, async_op=True)
+            bucket.handle = dist.reduce_scatter_tensor(self.grad_data[lo:hi], data, group=group, async_op=True)
         else:  # gloo has no reduce-scatter: the all-reduce leaves the shard (and more) summed
-            bucket.handle = dist.all_reduce(data, group=self.ps.dp_cp_group, async_op=True)
+            bucket.handle = dist.all_reduce(data, group=group, async_op=True)
 
     def enable_sync(self, chunk: int) -> None:
         """Called by the schedule before the last micro-batch's backward of `chunk`."""
@@ -197,10 +218,13 @@ class ParamAndGradBuffer:
         if not self.distributed or self.dp == 1:
             return
         for bucket in self.buckets:
+            group, n, _ = self.group(bucket)
+            if n == 1:
+                continue
             data = self.param_data[bucket.start:bucket.end]
             lo, hi = self.shard(bucket)
             if self.nccl:
-                dist.all_gather_into_tensor(data, self.param_data[lo:hi], group=self.ps.dp_cp_group)
+                dist.all_gather_into_tensor(data, self.param_data[lo:hi], group=group)
             else:
-                dist.all_gather(list(data.chunk(self.dp)), self.param_data[lo:hi].clone(), group=self.ps.dp_cp_group)
+                dist.all_gather(list(data.chunk(n)), self.param_data[lo:hi].clone(), group=group)
 

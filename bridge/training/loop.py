@@ -17,7 +17,8 @@ from bridge.training import checkpointing as ckpt
 from bridge.training.config import TrainConfig
 from bridge.training.metrics import MetricsLog, flops_per_token, peak_memory_gib, peak_tflops
 from bridge.training.plan import Plan
-from bridge.training.state import RankSetup, setup_rank
+from bridge.nn.moe import update_expert_bias
+from bridge.training.state import RankSetup, moe_layers, setup_rank
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class Trainer:
         self.log = MetricsLog(save / "train_log.jsonl" if save and is_logger else None,
                               Path(self.cfg.tensorboard_dir) if self.cfg.tensorboard_dir and is_logger else None)
         self.records: list[dict[str, Any]] = []
+        self.moe_layers = moe_layers(rs.chunks)
         self.bar = None
         if is_logger and self.cfg.progress:
             from tqdm import tqdm
@@ -138,7 +140,9 @@ class Trainer:
         lr = rs.schedule(rs.iteration + 1)
         grad_norm = rs.optimizer.step(lr)
         rs.buffer.zero_grads()
-        loss_sum, stop = _reduce([float(sum(losses)) if losses else 0.0], self.ps, rs.device, [float(self.stop.set)])
+        aux = self.moe_step()
+        loss_sum, stop, aux_sum = _reduce([float(sum(losses)) if losses else 0.0], self.ps, rs.device,
+                                          [float(self.stop.set), aux])
         if rs.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
@@ -147,10 +151,25 @@ class Trainer:
         loss = loss_sum / rs.plan.global_microbatches
         rs.loss_curve.append([rs.iteration, loss])
         tflops = self.flops_per_step / elapsed / 1e12 / rs.plan.world_size
-        return {"iteration": rs.iteration, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+        moe = {"moe_aux_loss": aux_sum / rs.plan.global_microbatches} if self.moe_layers else {}
+        return {"iteration": rs.iteration, "loss": loss, **moe, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_s": self.tokens_per_step / elapsed, "tflops_per_gpu": tflops,
                 "mfu": tflops / self.peak if self.peak else None, "step_s": elapsed,
                 "peak_mem_gib": peak_memory_gib(), "_stop": stop > 0}
+
+    def moe_step(self) -> float:
+        """After the optimizer step: DeepSeek's expert-bias update (loads summed over DP, as Megatron's
+        finalize_model_grads does) and this rank's aux losses of the step (counted on TP rank 0 only)."""
+        if not self.moe_layers:
+            return 0.0
+        if self.cfg.moe_router_bias_update_rate:
+            for chunk in self.rs.chunks:
+                update_expert_bias(chunk, self.cfg.moe_router_bias_update_rate, self.ps.dp_group)
+        aux = 0.0
+        for layer in self.moe_layers:
+            aux += float(layer.aux_loss_sum)
+            layer.aux_loss_sum = 0.0
+        return aux if self.ps.tp_rank == 0 else 0.0
 
     def after_step(self, record: dict[str, Any]) -> None:
         rs, cfg = self.rs, self.cfg

@@ -34,9 +34,16 @@ def build_chunks(cfg: TrainConfig, plan: Plan, ps: ParallelState, device: torch.
     state = None
     if cfg.load is not None:
         reader = open_rank_reader(Path(cfg.load), CheckpointMeta.load(Path(cfg.load)))  # torch or torch_dist
-        state = reader.load_rank(ps.tp_rank, ps.pp_rank)
+        ep = {"ep_rank": ps.ep_rank} if ps.ep > 1 else {}  # EP rank file: mp_rank_TT[_PPP]_EEE
+        state = reader.load_rank(ps.tp_rank, ps.pp_rank, **ep)
         load_rank_checkpoint(chunks, state)
+    elif ps.ep > 1:
+        _distinct_expert_init(chunks, cfg.seed + 1000 * ps.pp_rank + ps.tp_rank, ps.ep_rank)
     sync_tied_embeddings(chunks)
+    if cfg.fp8:  # FP8 compute only: parameters, state dicts and checkpoints are unchanged
+        from bridge.nn.fp8 import apply_fp8
+
+        apply_fp8(chunks, cfg.fp8)
     if cfg.recompute:
         apply_recompute(chunks, cfg.recompute)
     if cfg.compile:
@@ -44,6 +51,17 @@ def build_chunks(cfg: TrainConfig, plan: Plan, ps: ParallelState, device: torch.
             for layer in chunk.decoder.layers:
                 layer.compile()
     return chunks, state
+
+
+def _distinct_expert_init(chunks: Sequence[nn.Module], seed: int, ep_rank: int) -> None:
+    """Random init at EP: the per-(pp, tp) seed gives every EP rank the same draws, i.e. copies of the same
+    experts; redraw the expert weights from a seed of their own so each EP rank starts with different experts."""
+    generator = torch.Generator().manual_seed(seed * 7919 + ep_rank + 1)
+    with torch.no_grad():
+        for chunk in chunks:
+            for param in chunk.parameters():
+                if not getattr(param, "allreduce", True):
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
 
 
 def _checkpointed(forward: Any, *args: Any) -> torch.Tensor:

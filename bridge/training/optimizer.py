@@ -83,16 +83,21 @@ class MixedPrecisionAdamW:
             p.master.grad = grad if fp32 else grad.float()
 
     def grad_norm(self) -> float:
-        """Global L2 norm over every distinct weight of the model (each element counted once)."""
-        squares = [p.master.grad.pow(2).sum() for p in self.pieces if not p.entry.tp_duplicate]
+        """Global L2 norm over every distinct weight of the model (each element counted once).
+
+        Without sharding every replica counts its gradients: dense ones DP times, expert ones
+        expert-DP times (EP ranks hold different experts), so the two sums are divided separately.
+        """
         device = self.buffer.grad_data.device
-        total = torch.stack(squares).sum() if squares else torch.zeros((), device=device)
-        total = total.to(torch.float64)
+        totals = torch.zeros(2, dtype=torch.float64, device=device)  # [dense, expert]
+        for p in self.pieces:
+            if not p.entry.tp_duplicate:
+                totals[int(p.entry.expert)] += p.master.grad.double().pow(2).sum()
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(total)
-            if not self.buffer.distributed:  # every DP replica counted the same gradients
-                total = total / self.ps.dp_cp
-        return math.sqrt(total.item())
+            dist.all_reduce(totals)
+            if not self.buffer.distributed:
+                totals = totals / torch.tensor([self.ps.dp_cp, self.ps.expert_dp], dtype=torch.float64, device=device)
+        return math.sqrt(totals.sum().item())
 
     def step(self, lr: float) -> float:
         """Clip, update and write back; returns the gradient norm before clipping."""
@@ -121,7 +126,7 @@ class MixedPrecisionAdamW:
         return 0
 
     def state_dict(self) -> dict[str, Any] | None:
-        """Whole fp32 master / exp_avg / exp_avg_sq per weight name, gathered to DP rank 0 (None elsewhere)."""
+        """Whole fp32 master / exp_avg / exp_avg_sq per weight name, gathered to the ranks that write files."""
         names = ("master", "exp_avg", "exp_avg_sq")
         flat = {n: torch.zeros(self.buffer.param_data.numel(), dtype=torch.float32,
                                device=self.buffer.param_data.device) for n in names}
@@ -132,9 +137,12 @@ class MixedPrecisionAdamW:
                 if n in state:
                     flat[n][p.lo:p.hi] = state[n]
         if self.buffer.distributed and self.ps.dp_cp > 1:
-            for tensor in flat.values():  # disjoint shards: the sum is the concatenation
-                dist.all_reduce(tensor, group=self.ps.dp_cp_group)
-        if self.ps.dp_cp_rank != 0:
+            for bucket in self.buffer.buckets:  # disjoint shards: the sum over the bucket's group is the concatenation
+                group, n, _ = self.buffer.group(bucket)
+                for tensor in flat.values():
+                    if n > 1:
+                        dist.all_reduce(tensor[bucket.start:bucket.end], group=group)
+        if not self.ps.writes_checkpoint:
             return None
         flat = {n: t.cpu() for n, t in flat.items()}
         params = {state_key(self.chunks, e): {n: flat[n][e.start:e.start + e.numel].view(e.param.shape) for n in names}

@@ -106,11 +106,26 @@ def _check_numbers(cfg: TrainConfig) -> None:
             raise BridgeError(f"--split {cfg.split!r} needs a positive training share")
 
 
+def _check_expert_parallel(cfg: TrainConfig, dp: int, meta: CheckpointMeta | None) -> None:
+    """EP ranks are carved out of DP (Megatron: expert-DP = dp*tp/(ep*etp), with etp = tp here), so ep | dp."""
+    if cfg.ep < 1:
+        raise BridgeError(f"--ep must be >= 1, got {cfg.ep}")
+    if cfg.ep == 1:
+        return
+    if dp % cfg.ep:
+        raise BridgeError(f"--ep {cfg.ep} must divide the data-parallel size world/(tp*pp) = {dp}; start "
+                          f"--nproc {cfg.tp * cfg.pp * cfg.ep} (tp*pp*ep) or a multiple of it")
+    if meta is not None and meta.format == "torch_dist" and meta.layout.ep == cfg.ep:
+        raise BridgeError(f"{cfg.load} is a torch_dist checkpoint; training at --ep {cfg.ep} reads legacy EP rank "
+                          "files: `bridge reshard` it with --format torch first")
+
+
 def make_plan(cfg: TrainConfig) -> Plan:
     """Validate everything checkable without starting a process; BridgeError on the first problem."""
     _check_numbers(cfg)
     model, meta, impl = _model(cfg)
-    layout = ParallelLayout(tp=cfg.tp, pp=cfg.pp, vpp=cfg.vpp)
+    grouped = meta.layout.moe_grouped_gemm if meta is not None else False  # keep the checkpoint's expert names
+    layout = ParallelLayout(tp=cfg.tp, pp=cfg.pp, vpp=cfg.vpp, ep=cfg.ep, moe_grouped_gemm=grouped)
     layout.validate(model)
     world = world_size(cfg)
     model_parallel = cfg.tp * cfg.cp * cfg.pp
@@ -120,6 +135,7 @@ def make_plan(cfg: TrainConfig) -> Plan:
                           f"start a multiple of {model_parallel} processes")
     dp = world // model_parallel
     _check_context_parallel(cfg, model)
+    _check_expert_parallel(cfg, dp, meta)
     per_step = cfg.micro_batch_size * dp
     if cfg.global_batch_size % per_step:
         raise BridgeError(f"--global-batch-size {cfg.global_batch_size} is not a multiple of micro-batch-size x DP = "
@@ -142,9 +158,23 @@ def make_plan(cfg: TrainConfig) -> Plan:
         if torch.cuda.device_count() < (cfg.nproc or 1):
             raise BridgeError(f"--nproc {cfg.nproc} needs {cfg.nproc} GPUs, found {torch.cuda.device_count()}; "
                               "use fewer ranks or --device cpu")
+    _check_fp8(cfg)
     _check_data(cfg)
     return Plan(model=model, layout=layout, world_size=world, dp=dp, num_microbatches=microbatches,
                 transformer_impl=impl, cp=cfg.cp, load_meta=meta)
+
+
+def _check_fp8(cfg: TrainConfig) -> None:
+    """--fp8: a known recipe, bf16 weights (FP8 casts from them), an FP8-capable GPU and torchao."""
+    if cfg.fp8 is None:
+        return
+    from bridge.nn.fp8 import FP8_RECIPES, check_fp8_device
+
+    if cfg.fp8 not in FP8_RECIPES:
+        raise BridgeError(f"--fp8 {cfg.fp8} is not one of {', '.join(FP8_RECIPES)}")
+    if not cfg.bf16:
+        raise BridgeError("--fp8 casts bf16 weights and activations to FP8 for the matrix products: add --bf16")
+    check_fp8_device(cfg.resolved_device())
 
 
 def _check_context_parallel(cfg: TrainConfig, model: ModelConfig) -> None:

@@ -53,7 +53,8 @@ class RankSetup:
         layout = self.ps.layout
         base = megatron_args(self.plan.model, padded_vocab_size=layout.padded_vocab_size(self.plan.model.vocab_size),
                              tp=layout.tp, pp=layout.pp, vpp=layout.vpp, transformer_impl=self.plan.transformer_impl,
-                             dtype="bf16" if self.cfg.bf16 else "fp32", divisible_by=layout.make_vocab_size_divisible_by)
+                             dtype="bf16" if self.cfg.bf16 else "fp32", divisible_by=layout.make_vocab_size_divisible_by,
+                             ep=layout.ep, etp=layout.etp, moe_grouped_gemm=layout.moe_grouped_gemm)
         return {"args": ckpt.megatron_training_args(base, self.cfg, self.iteration),
                 "opt_param_scheduler": {**self.schedule.state_dict(), "num_steps": self.iteration * self.cfg.global_batch_size},
                 "train_state": {"iteration": self.iteration, "consumed_train_samples": self.consumed,
@@ -65,6 +66,17 @@ class RankSetup:
                 "final_train_loss": self.loss_curve[-1][1] if self.loss_curve else None,
                 "final_valid_loss": valid[-1][1] if valid else None,
                 "loss_curve": self.loss_curve, "valid_curve": valid}
+
+
+def moe_layers(chunks: list[Any], *, aux_loss_scale: float | None = None) -> list[Any]:
+    """This rank's MoE layers; sets their aux-loss gradient scale (the LM loss's 1/micro-batches per global batch)."""
+    from bridge.nn.moe import MoELayer
+
+    layers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, MoELayer)]
+    if aux_loss_scale is not None:
+        for layer in layers:
+            layer.aux_loss_scale = aux_loss_scale
+    return layers
 
 
 def _hf_meta_folder(cfg: TrainConfig) -> Path | None:
@@ -128,6 +140,7 @@ def setup_rank(cfg: TrainConfig, plan: Plan) -> RankSetup:
                           decay_iters=cfg.lr_decay_iters or cfg.train_iters, style=cfg.lr_decay_style)
     train, valid = build_datasets(cfg, plan)
     rs = RankSetup(cfg, plan, ps, device, chunks, buffer, optimizer, schedule, train, valid)
+    moe_layers(chunks, aux_loss_scale=1.0 / plan.global_microbatches)
     resume = resume_state(state, cfg)
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])

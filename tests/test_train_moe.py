@@ -1,0 +1,137 @@
+"""CPU/gloo acceptance for MoE training: 10 fp32 steps at EP=2, EP=2 x TP=2 (and with the distributed optimizer)
+give the single-process losses (1e-5 relative) for tiny Mixtral, Qwen3-MoE and DeepSeek-V3; checkpoints are saved
+per EP rank in Megatron's names and `bridge export` of them gives the single-process weights; the aux loss is
+trained and reported; DeepSeek's expert bias moves after every step; bad EP settings fail before any spawn."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bridge.api import export_hf, import_hf
+from bridge.cli.main import main
+from bridge.data.indexed import IndexedDatasetWriter
+from bridge.errors import BridgeError
+from bridge.training import TrainConfig, train
+from bridge.training.plan import make_plan
+
+pytestmark = pytest.mark.slow
+
+#: (architecture, layout name) -> TrainConfig overrides; every run is compared with its architecture's single run.
+RUNS = {
+    ("mixtral", "ep2"): dict(nproc=2, ep=2),
+    ("mixtral", "ep2-tp2"): dict(nproc=4, ep=2, tp=2),
+    ("qwen3-moe", "ep2-tp2-distopt"): dict(nproc=4, ep=2, tp=2, use_distributed_optimizer=True),
+    ("deepseek-v3", "ep2"): dict(nproc=2, ep=2),
+}
+RANK_DIRS = {"ep2": ["mp_rank_00_000", "mp_rank_00_001"],
+             "ep2-tp2": ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]}
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_hf, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("train-moe")
+    paths = {"root": root, "data": root / "corpus"}
+    for arch in sorted({a for a, _ in RUNS}):
+        paths[arch] = import_hf(tiny_hf(arch), root / f"ckpt-{arch}")  # EP=1: the trainer reshards to its EP
+    rng = np.random.default_rng(0)
+    with IndexedDatasetWriter(paths["data"], np.uint16) as w:
+        for n in rng.integers(5, 80, 80):
+            w.add_document(rng.integers(3, 300, int(n)))
+    return paths
+
+
+def config(setup: dict[str, Path], arch: str, name: str, **kw: object) -> TrainConfig:
+    base = dict(load=str(setup[arch]), data_path=[str(setup["data"])], micro_batch_size=2, global_batch_size=8,
+                seq_length=32, train_iters=10, lr=1e-3, lr_warmup_iters=2, eval_interval=5, eval_iters=1,
+                progress=False, save=str(setup["root"] / "runs" / f"{arch}-{name}"), device="cpu")
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def references(setup: dict[str, Path]) -> dict[str, dict]:
+    out = {}
+    for arch in sorted({a for a, _ in RUNS}):
+        out[arch] = train(config(setup, arch, "single", nproc=1))
+        export_hf(setup["root"] / "runs" / f"{arch}-single", setup["root"] / f"hf-{arch}-single")
+    return out
+
+
+def _rank_file(run: Path, rank_dir: str) -> dict:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(run / "iter_0000010" / rank_dir / "model_optim_rng.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("arch, name", list(RUNS))
+def test_ep_layout_matches_single_process(setup: dict[str, Path], references: dict, arch: str, name: str) -> None:
+    reference = references[arch]
+    summary = train(config(setup, arch, name, **RUNS[arch, name]))
+    ref, got = ([loss for _, loss in s["loss_curve"]] for s in (reference, summary))
+    assert len(got) == 10
+    rel = max(abs(a - b) / abs(b) for a, b in zip(got, ref))
+    print(f"{arch} {name}: max relative loss difference over 10 steps {rel:.2e}")
+    assert rel <= 1e-5, (arch, name, got, ref)
+    assert summary["final_valid_loss"] == pytest.approx(reference["final_valid_loss"], rel=1e-5)
+    aux, ref_aux = ([r["moe_aux_loss"] for r in s["records"]] for s in (summary, reference))
+    assert aux == pytest.approx(ref_aux, rel=1e-5, abs=1e-9)
+    run = setup["root"] / "runs" / f"{arch}-{name}"
+    expected = RANK_DIRS["ep2-tp2" if "tp2" in name else "ep2"]
+    assert sorted(p.name for p in (run / "iter_0000010").iterdir()) == expected
+    state = _rank_file(run, expected[-1])
+    assert state["args"].expert_model_parallel_size == 2 and state["iteration"] == 10
+    assert set(state["optimizer"]["params"]) == {f"model.{k}" for k, v in state["model"].items() if "_extra_state" not in k
+                                                 and not k.endswith("expert_bias")}
+    out = export_hf(run, setup["root"] / f"hf-{arch}-{name}")
+    ours, theirs = load_file(out / "model.safetensors"), load_file(setup["root"] / f"hf-{arch}-single" / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    worst = max((ours[k] - theirs[k]).abs().max().item() for k in theirs)
+    print(f"{arch} {name}: max |weight difference| after export {worst:.2e}")
+    assert worst <= 1e-5
+
+
+def test_aux_loss_is_trained_and_reported(references: dict) -> None:
+    """Mixtral (coefficient 0.02) and Qwen3-MoE (0.001) report their load-balancing loss; DeepSeek has none."""
+    for arch in ("mixtral", "qwen3-moe"):
+        aux = [r["moe_aux_loss"] for r in references[arch]["records"]]
+        assert all(a > 0 for a in aux) and len(set(aux)) > 1, (arch, aux)
+    assert all(r["moe_aux_loss"] == 0.0 for r in references["deepseek-v3"]["records"])
+
+
+def test_deepseek_expert_bias_moves_and_is_saved(setup: dict[str, Path], references: dict) -> None:
+    """Auxiliary-loss-free balancing: after 10 steps every MoE router's bias is nonzero, the same in every EP file."""
+    single = _rank_file(setup["root"] / "runs" / "deepseek-v3-single", "mp_rank_00")["model"]
+    biases = {k: v for k, v in single.items() if k.endswith("router.expert_bias")}
+    assert biases and all(v.abs().max() > 0 for v in biases.values())
+    for rank_dir in RANK_DIRS["ep2"]:
+        model = _rank_file(setup["root"] / "runs" / "deepseek-v3-ep2", rank_dir)["model"]
+        for k, v in biases.items():
+            torch.testing.assert_close(model[k], v, rtol=0, atol=0)
+
+
+def test_bad_expert_parallel_configs_fail_before_spawn(setup: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    common = ["train", "--load", str(setup["mixtral"]), "--data", str(setup["data"]), "--seq-length", "32"]
+    cases = [(["--nproc", "3", "--ep", "3"], "num_experts = 4 is not divisible by --ep = 3"),
+             (["--nproc", "2", "--tp", "2", "--ep", "2"], "--ep 2 must divide the data-parallel size world/(tp*pp) = 1"),
+             (["--nproc", "3", "--ep", "2"], "--ep 2 must divide the data-parallel size world/(tp*pp) = 3")]
+    for flags, message in cases:
+        assert main([*common, *flags]) == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(BridgeError, match="need a Mixture-of-Experts model"):
+        dense = import_hf_dense(setup)
+        make_plan(TrainConfig(load=str(dense), mock_data=True, seq_length=32, ep=2, nproc=2))
+
+
+def import_hf_dense(setup: dict[str, Path]) -> Path:
+    from bridge.tiny import save_tiny_model, tiny_config
+    from tests.model_fixtures import real_config
+
+    root = setup["root"]
+    if not (root / "dense-ckpt").exists():
+        hf = save_tiny_model(tiny_config(real_config("llama32-tied")), root / "dense-hf")
+        import_hf(hf, root / "dense-ckpt")
+    return root / "dense-ckpt"
