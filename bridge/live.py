@@ -20,7 +20,7 @@ from bridge.errors import BridgeError
 from bridge.mapping import Conversion, expand
 from bridge.models import family
 from bridge.nn.gpt import GPTModel
-from bridge.sharding import Split, gather, localize, rule_for, split
+from bridge.sharding import LocalKey, Split, gather, localize, rule_for, split
 
 DESTINATIONS = ("all", "rank0")
 
@@ -28,6 +28,17 @@ DESTINATIONS = ("all", "rank0")
 def _conversions(model: GPTModel) -> list[Conversion]:
     cfg = model.cfg
     return list(expand(family(cfg.architecture).rows(cfg), cfg.num_layers, cfg.moe))
+
+
+def _locate(key: str, model: GPTModel) -> LocalKey:
+    """Stage, chunk, EP rank (experts only) and local name of a global Megatron key in this model."""
+    cfg = model.cfg
+    return localize(key, model.ps.layout, cfg.num_layers, model.transformer_impl, cfg.moe.num_experts if cfg.moe else 0)
+
+
+def _owns(loc: LocalKey, ps: object) -> bool:
+    """Whether this rank holds (its TP shard of) the key: right stage, and right EP rank for an expert."""
+    return loc.pp_rank == ps.pp_rank and (loc.ep_rank is None or loc.ep_rank == getattr(ps, "ep_rank", 0))
 
 
 def _local_tensor(chunks: Sequence[GPTModel], chunk: int, name: str) -> torch.Tensor:
@@ -49,8 +60,8 @@ def load_hf_weights(chunks: Sequence[GPTModel], folder: Path) -> None:
     padded = layout.padded_vocab_size(cfg.vocab_size)
 
     def put(key: str, tensor: torch.Tensor) -> None:
-        loc = localize(key, layout, cfg.num_layers, model.transformer_impl)
-        if loc.pp_rank != ps.pp_rank:
+        loc = _locate(key, model)
+        if not _owns(loc, ps):
             return
         shard = split(tensor, rule_for(key), ps.tp, padded)[ps.tp_rank]
         with torch.no_grad():
@@ -58,10 +69,10 @@ def load_hf_weights(chunks: Sequence[GPTModel], folder: Path) -> None:
         written.add((loc.chunk, loc.name))
 
     for conv in convs:
-        loc = localize(conv.megatron, layout, cfg.num_layers, model.transformer_impl)
+        loc = _locate(conv.megatron, model)
         tied_head = conv.megatron == "embedding.word_embeddings.weight" and cfg.tie_word_embeddings and ps.pp > 1
-        if loc.pp_rank != ps.pp_rank and not (tied_head and ps.is_last_stage):
-            continue  # another stage's tensor: not even read
+        if not _owns(loc, ps) and not (tied_head and ps.is_last_stage):
+            continue  # another stage's (or EP rank's) tensor: not even read
         tensor = conv.to_megatron([reader.get(n) for n in conv.hf], cfg)
         put(conv.megatron, tensor)
         if tied_head:
@@ -96,19 +107,30 @@ def _gather_tp(local: torch.Tensor, rule: Split, model: GPTModel) -> torch.Tenso
     return gather(parts, rule, model.cfg.vocab_size)
 
 
-def _from_stage(tensor: torch.Tensor | None, owner_stage: int, model: GPTModel) -> torch.Tensor:
-    """Broadcast a tensor from the pipeline stage that owns it to every stage of this pipeline."""
-    ps = model.ps
-    if ps.pp == 1:
-        return tensor
-    src = ps.pp_ranks[owner_stage]
+def _broadcast(tensor: torch.Tensor | None, src: int, group: object, model: GPTModel) -> torch.Tensor:
+    """Broadcast from global rank `src`; receivers learn the shape and dtype first."""
     meta = [(tuple(tensor.shape), tensor.dtype) if tensor is not None else None]
-    dist.broadcast_object_list(meta, src=src, group=ps.pp_group)
+    dist.broadcast_object_list(meta, src=src, group=group)
     shape, dtype = meta[0]
     if tensor is None:
         tensor = torch.empty(shape, dtype=dtype, device=next(model.parameters()).device)
-    dist.broadcast(tensor, src=src, group=ps.pp_group)
+    dist.broadcast(tensor.contiguous(), src=src, group=group)
     return tensor
+
+
+def _from_stage(tensor: torch.Tensor | None, owner_stage: int, model: GPTModel) -> torch.Tensor:
+    """Move a tensor from the pipeline stage that owns it to every stage of this pipeline."""
+    ps = model.ps
+    return tensor if ps.pp == 1 else _broadcast(tensor, ps.pp_ranks[owner_stage], ps.pp_group, model)
+
+
+def _from_ep_rank(tensor: torch.Tensor | None, owner: int, model: GPTModel) -> torch.Tensor:
+    """Move an expert's full tensor from the EP rank that holds the expert to the rest of its EP group."""
+    ps = model.ps
+    if ps.layout.ep == 1:
+        return tensor
+    src = ps.rank_of(ps.tp_rank, (ps.dp_rank // ps.ep) * ps.ep + owner, ps.pp_rank)
+    return _broadcast(tensor, src, ps.ep_group, model)
 
 
 def export_hf_weights(chunks: Sequence[GPTModel], *, names: Collection[str] | None = None,
@@ -133,10 +155,12 @@ def export_hf_weights(chunks: Sequence[GPTModel], *, names: Collection[str] | No
     for conv in convs:
         if wanted is not None and not wanted.intersection(conv.hf):
             continue
-        loc = localize(conv.megatron, ps.layout, cfg.num_layers, model.transformer_impl)
+        loc = _locate(conv.megatron, model)
         full = None
-        if loc.pp_rank == ps.pp_rank:
+        if _owns(loc, ps):
             full = _gather_tp(_local_tensor(chunks, loc.chunk, loc.name), rule_for(conv.megatron), model)
+        if loc.ep_rank is not None and loc.pp_rank == ps.pp_rank:
+            full = _from_ep_rank(full, loc.ep_rank, model)
         full = _from_stage(full, loc.pp_rank, model)
         if receive:
             yield from _hf_pieces(conv, full, cfg, wanted, dtype)

@@ -100,3 +100,25 @@ def test_repr_and_config(tiny_hf) -> None:
     b = AutoBridge.from_hf(tiny_hf("qwen2"))
     assert b.architecture == "Qwen2ForCausalLM" and b.config.add_qkv_bias
     assert "Qwen2ForCausalLM" in repr(b)
+
+
+def stream_moe(folder: str, layout: ParallelLayout) -> tuple[list[str], list[str]]:
+    bridge = AutoBridge.from_hf(folder)
+    chunks = bridge.build_model(layout)
+    ref = load_file(Path(folder) / "model.safetensors")
+    seen, mismatched = [], []
+    for name, tensor in bridge.export_hf_weights(chunks):
+        seen.append(name)
+        if not torch.equal(tensor, ref[name]):
+            mismatched.append(name)
+    return seen, mismatched
+
+
+def test_expert_parallel_model_streams_every_expert(tiny_hf) -> None:
+    """TP=2 x EP=2 (4 ranks): each EP rank loads only its experts; every rank receives all of them back."""
+    folder = tiny_hf("qwen2-moe")  # routed experts + gated shared expert, one dense layer
+    ref = sorted(load_file(folder / "model.safetensors"))
+    for seen, mismatched in launch(stream_moe, 4, str(folder), ParallelLayout(tp=2, ep=2), threads=1):
+        assert mismatched == []
+        assert sorted(seen) == ref and len(seen) == len(set(seen))
+        assert any(".mlp.experts.3." in name for name in seen)
