@@ -41,6 +41,16 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fp8: Any = None) -> torch.Tensor:
+    """F.linear, or with `fp8` (a torchao Float8LinearConfig set by bridge.nn.fp8.apply_fp8) an FP8 matmul."""
+    if fp8 is None:
+        return F.linear(x, weight, bias)
+    from bridge.nn.fp8 import fp8_linear
+
+    out = fp8_linear(x, weight, fp8)
+    return out if bias is None else out + bias.to(out.dtype)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
@@ -62,6 +72,7 @@ class ColumnParallelLinear(nn.Module):
         if out_features % tp:
             raise ValueError(f"output size {out_features} is not divisible by tp {tp}")
         self.group, self.sequence_parallel, self.norm_eps = group, sequence_parallel, norm_eps
+        self.fp8: Any = None  # a torchao Float8LinearConfig when FP8 training converts this layer
         # skip_weight: the weight lives elsewhere and comes with forward() (tied output layer on one stage)
         self.weight = None if skip_weight else nn.Parameter(
             torch.empty(out_features // tp, in_features, dtype=dtype, device=device))
@@ -78,7 +89,7 @@ class ColumnParallelLinear(nn.Module):
             x = C.gather_from_sp(x, self.group)  # [s/tp, b, in] -> [s, b, in]
         else:
             x = C.copy_to_tp(x, self.group)
-        return F.linear(x, self.weight if weight is None else weight, self.bias)  # [s, b, out/tp]
+        return linear(x, self.weight if weight is None else weight, self.bias, self.fp8)  # [s, b, out/tp]
 
 
 class RowParallelLinear(nn.Module):
@@ -95,12 +106,13 @@ class RowParallelLinear(nn.Module):
         if in_features % tp:
             raise ValueError(f"input size {in_features} is not divisible by tp {tp}")
         self.group, self.sequence_parallel = group, sequence_parallel
+        self.fp8: Any = None  # a torchao Float8LinearConfig when FP8 training converts this layer
         self.weight = nn.Parameter(torch.empty(out_features, in_features // tp, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = F.linear(x, self.weight)  # [s, b, out], this rank's share of the sum
+        partial = linear(x, self.weight, None, self.fp8)  # [s, b, out], this rank's share of the sum
         out = C.reduce_scatter_to_sp(partial, self.group) if self.sequence_parallel else C.reduce_from_tp(partial, self.group)
         return out if self.bias is None else out + self.bias
 

@@ -1,0 +1,98 @@
+"""FP8 training of the transformer's linear layers through torchao's float8 matmul (`--fp8 tensorwise|rowwise`).
+
+torchao's `convert_to_float8_training` swaps `nn.Linear` modules, but bridge's column/row-parallel linears
+are its own modules (Megatron names, TP collectives around the matmul), so instead each converted layer
+calls torchao's autograd function `matmul_with_hp_or_float8_args` on its local shard: the input and the
+weight are cast to float8 with dynamic scales (per tensor, or per row for `rowwise`) in forward, and the
+output gradient likewise in backward. The parameters stay what they were (bf16 weights in the flat
+buffer, fp32 masters in the optimizer), so the state dict, the checkpoint and `bridge export` do not change.
+
+Which layers: linear_qkv, linear_proj, linear_fc1 and linear_fc2 of every dense transformer layer whose
+local shard has both dimensions divisible by 16 (the FP8 GEMM's alignment). The output layer (vocab
+projection) and MoE experts stay in bf16, as in torchtitan's and Megatron's default FP8 recipes.
+
+Transformer Engine's `fp8_autocast` only changes TE modules; bridge's runtime does not build TE modules
+(TE is not installable on these machines), so the torchao path is the one implemented.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from bridge.errors import BridgeError
+
+log = logging.getLogger(__name__)
+
+FP8_RECIPES = ("tensorwise", "rowwise")
+FP8_LAYERS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+_ALIGN = 16
+
+
+def _torchao() -> Any:
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        raise BridgeError("--fp8 needs torchao (pip install torchao); it provides the float8 training matmuls") from None
+    import torchao
+
+    return torchao
+
+
+def check_fp8_device(device: str) -> None:
+    """One-line error unless FP8 GEMMs can run: a CUDA GPU of compute capability 8.9+ (Ada, Hopper) and torchao."""
+    if device != "cuda" or not torch.cuda.is_available():
+        raise BridgeError("--fp8 trains with FP8 matrix products, which need a CUDA GPU with FP8 tensor cores "
+                          "(Hopper H100/H200 or Ada); run on such a GPU or drop --fp8")
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        raise BridgeError(f"--fp8 needs FP8 tensor cores (compute capability 8.9+, e.g. H100); "
+                          f"{torch.cuda.get_device_name()} is {major}.{minor}; drop --fp8")
+    _torchao()
+
+
+def fp8_config(recipe: str, *, emulate: bool = False) -> Any:
+    """torchao's Float8LinearConfig for a recipe name; `emulate` runs the casts and GEMMs in high precision (CPU tests)."""
+    if recipe not in FP8_RECIPES:
+        raise BridgeError(f"--fp8 {recipe} is not one of {', '.join(FP8_RECIPES)}")
+    _torchao()
+    from torchao.float8.config import Float8LinearConfig
+
+    config = Float8LinearConfig.from_recipe_name(recipe)
+    return dataclasses.replace(config, emulate=True) if emulate else config
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, config: Any) -> torch.Tensor:
+    """x [..., in] @ weight[out, in]^T in FP8 (torchao's dynamic scaling); output in x's dtype."""
+    from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
+    from torchao.float8.float8_training_tensor import LinearMMConfig
+
+    lead = x.shape[:-1]
+    out = matmul_with_hp_or_float8_args.apply(x.reshape(-1, x.shape[-1]), weight.t(), LinearMMConfig(), config)
+    return out.reshape(*lead, weight.shape[0])  # [..., out]
+
+
+def _convertible(name: str, module: nn.Module) -> bool:
+    if not name.endswith(FP8_LAYERS) or ".experts." in name or getattr(module, "weight", None) is None:
+        return False
+    out_features, in_features = module.weight.shape
+    return out_features % _ALIGN == 0 and in_features % _ALIGN == 0
+
+
+def apply_fp8(chunks: Iterable[nn.Module], recipe: str, *, emulate: bool = False) -> list[str]:
+    """Switch the eligible linear layers of `chunks` to FP8 matmuls; returns their names (chunk-prefixed).
+
+    Only the modules' compute changes (their `fp8` attribute); parameters and state dicts are untouched.
+    """
+    config = fp8_config(recipe, emulate=emulate)
+    converted: list[str] = []
+    for v, chunk in enumerate(chunks):
+        for name, module in chunk.named_modules():
+            if hasattr(module, "fp8") and _convertible(name, module):
+                module.fp8 = config
+                converted.append(f"{v}.{name}")
+    log.info("fp8 (%s): %d linear layers use FP8 matrix products", recipe, len(converted))
+    return converted

@@ -1,0 +1,80 @@
+"""FP8 training (torchao float8, emulated on CPU): which layers convert, the loss stays close to bf16, gradients flow,
+the state dict (the checkpoint) is unchanged, and --fp8 fails cleanly where FP8 GEMMs cannot run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bridge.errors import BridgeError
+
+CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "configs"
+pytest.importorskip("torchao.float8")
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from bridge.tiny import save_tiny_model, tiny_config
+
+    return save_tiny_model(tiny_config(CONFIGS / "meta-llama--Llama-3.2-1B" / "config.json"), tmp_path_factory.mktemp("fp8"))
+
+
+def _model(hf: Path):  # noqa: ANN202
+    from bridge.api import load_hf_config
+    from bridge.layout import ParallelLayout
+    from bridge.nn import GPTModel
+    from bridge.parallel.state import ParallelState
+
+    torch.manual_seed(0)
+    ps = ParallelState(ParallelLayout(), 1, 0, create_groups=False)
+    return GPTModel(load_hf_config(hf), ps, params_dtype=torch.bfloat16, mask_padded_vocab=True)
+
+
+def test_fp8_converts_the_transformer_linears_and_keeps_the_state_dict(hf: Path) -> None:
+    from bridge.nn.fp8 import apply_fp8
+
+    ref, model = _model(hf), _model(hf)
+    before = {k: (v.dtype, v.shape) for k, v in model.state_dict().items()}
+    converted = apply_fp8([model], "tensorwise", emulate=True)
+    layers = model.cfg.num_layers
+    assert sorted(converted) == sorted(f"0.decoder.layers.{i}.{m}" for i in range(layers) for m in
+                                       ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1",
+                                        "mlp.linear_fc2"))
+    assert model.output_layer is None or model.output_layer.fp8 is None  # the vocab projection stays bf16
+    assert {k: (v.dtype, v.shape) for k, v in model.state_dict().items()} == before  # checkpoint layout unchanged
+    tokens = torch.randint(0, 300, (2, 33), generator=torch.Generator().manual_seed(0))
+    loss_bf16 = ref(tokens[:, :-1], labels=tokens[:, 1:]).mean()
+    loss_fp8 = model(tokens[:, :-1], labels=tokens[:, 1:]).mean()
+    assert abs(loss_fp8.item() - loss_bf16.item()) / loss_bf16.item() < 0.01, (loss_fp8, loss_bf16)
+    loss_fp8.backward()
+    grad = model.decoder.layers[0].mlp.linear_fc1.weight.grad
+    assert grad is not None and grad.dtype == torch.bfloat16 and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("recipe", ["rowwise"])
+def test_rowwise_recipe_runs(hf: Path, recipe: str) -> None:
+    from bridge.nn.fp8 import apply_fp8
+
+    model = _model(hf)
+    apply_fp8([model], recipe, emulate=True)
+    tokens = torch.randint(0, 300, (1, 17), generator=torch.Generator().manual_seed(1))
+    model(tokens[:, :-1], labels=tokens[:, 1:]).mean().backward()
+    assert model.decoder.layers[-1].self_attention.linear_qkv.weight.grad is not None
+
+
+def test_fp8_plan_errors(hf: Path) -> None:
+    from bridge.nn.fp8 import fp8_config
+    from bridge.training import TrainConfig
+    from bridge.training.plan import make_plan
+
+    base = dict(model_config=str(hf), mock_data=True, seq_length=32, global_batch_size=2, nproc=1)
+    with pytest.raises(BridgeError, match="add --bf16"):
+        make_plan(TrainConfig(**base, fp8="tensorwise", device="cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(BridgeError, match="FP8 tensor cores"):
+            make_plan(TrainConfig(**base, fp8="tensorwise", bf16=True, device="cpu"))
+    with pytest.raises(BridgeError, match="not one of tensorwise, rowwise"):
+        make_plan(TrainConfig(**base, fp8="e4m3", bf16=True, device="cpu"))
+    with pytest.raises(BridgeError, match="not one of"):
+        fp8_config("delayed")
