@@ -1,0 +1,150 @@
+"""Context parallel and FP8 benchmarks of `bridge train` (issue 9): tokens/s and peak memory, losses side by side.
+
+CP sweep, 1B shape at seq 32768 on 4 GPUs (CP=1 is DP=4: the same per-GPU memory as one GPU):
+    python bench/cp_fp8.py cp --model llama-3.2-1b --seq-length 32768 --nproc 4 --cps 1,2,4
+FP8 vs bf16 on one GPU, on real text (this repository's docs and code, byte-level BPE trained on them):
+    python bench/cp_fp8.py fp8 --model llama-8b-8l --seq-length 4096 --steps 200 --recipes tensorwise,rowwise
+CPU smoke test (tiny model, CP=2 over 2 gloo ranks, real-text data path, bf16 only):
+    python bench/cp_fp8.py --smoke
+
+Every run is a fresh `bridge train` (spawned ranks); a run that fails (e.g. out of memory) is reported as
+such with its error line instead of stopping the sweep. Tokens/s is the median after --warmup steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train import _device_name, write_config  # noqa: E402 - bench/train.py's model shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def text_corpus(out: Path, vocab_size: int = 8192) -> tuple[Path, Path, int]:
+    """(jsonl of this repository's .md/.py files, tokenizer folder, eos id): real text that needs no network."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    files = sorted(p for pat in ("*.md", "*.py") for p in ROOT.rglob(pat) if ".git" not in p.parts)
+    texts = [p.read_text(errors="ignore") for p in files]
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / "corpus.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts if t.strip()))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+    fast.save_pretrained(out / "tokenizer")
+    return data, out / "tokenizer", int(fast.eos_token_id)
+
+
+def run(config_dir: Path, args: argparse.Namespace, *, cp: int = 1, fp8: str | None = None,
+        data: Path | None = None, tokenizer: Path | None = None) -> dict:
+    """One bridge train run -> tokens/s, peak memory, loss curve (or the error that stopped it)."""
+    from bridge.training import TrainConfig, train
+
+    dp = args.nproc // cp
+    cfg = TrainConfig(model_config=str(config_dir), mock_data=data is None, data_path=[str(data)] if data else [],
+                      tokenizer=str(tokenizer) if tokenizer else None, split="100,0,0", nproc=args.nproc, cp=cp,
+                      micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size * dp,
+                      seq_length=args.seq_length, train_iters=args.warmup + args.steps, lr=args.lr,
+                      lr_warmup_iters=min(20, args.steps // 4), bf16=True, fp8=fp8, recompute=args.recompute,
+                      compile=args.compile, eval_interval=0, progress=False, device=args.device)
+    try:
+        summary = train(cfg)
+    except Exception as exc:  # noqa: BLE001 - a sweep point that does not fit is a result, not a crash
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[-1][:300] if str(exc) else ''}"}
+    records = summary["records"][args.warmup:]
+    step = statistics.median(r["step_s"] for r in records)
+    mem = [r["peak_mem_gib"] for r in records if r["peak_mem_gib"] is not None]
+    return {"tokens_per_s": cfg.global_batch_size * cfg.seq_length / step, "peak_mem_gib": max(mem) if mem else None,
+            "losses": [r["loss"] for r in summary["records"]]}
+
+
+def cp_sweep(config_dir: Path, args: argparse.Namespace) -> dict:
+    out = {}
+    for cp in [int(c) for c in args.cps.split(",")]:
+        r = run(config_dir, args, cp=cp)
+        r.pop("losses", None)
+        out[f"cp{cp}"] = r
+        print(f"cp={cp}: {_fmt(r)}", flush=True)
+    return out
+
+
+def fp8_compare(config_dir: Path, args: argparse.Namespace, data: Path, tokenizer: Path) -> dict:
+    base = run(config_dir, args, data=data, tokenizer=tokenizer)
+    print(f"bf16: {_fmt(base)}", flush=True)
+    out = {"bf16": base}
+    for recipe in [r for r in args.recipes.split(",") if r]:
+        r = run(config_dir, args, fp8=recipe, data=data, tokenizer=tokenizer)
+        if "error" not in r and "error" not in base:
+            r["speedup_vs_bf16"] = r["tokens_per_s"] / base["tokens_per_s"]
+            r["max_rel_loss_diff"] = max(abs(a - b) / b for a, b in zip(r["losses"], base["losses"]))
+            tail = slice(-min(20, len(r["losses"])), None)  # the end of the curve, averaged over 20 steps
+            r["final_rel_loss_diff"] = abs(statistics.mean(r["losses"][tail]) / statistics.mean(base["losses"][tail]) - 1)
+        out[f"fp8-{recipe}"] = r
+        print(f"fp8 {recipe}: {_fmt(r)}", flush=True)
+    return out
+
+
+def _fmt(r: dict) -> str:
+    if "error" in r:
+        return f"FAILED ({r['error']})"
+    extra = "".join(f"  {k} {r[k]:.3f}" for k in ("speedup_vs_bf16", "max_rel_loss_diff", "final_rel_loss_diff") if k in r)
+    mem = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f} GiB"
+    return f"{r['tokens_per_s']:.0f} tokens/s, peak {mem}{extra}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from train import MODELS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", nargs="?", choices=["cp", "fp8"], default="cp")
+    p.add_argument("--model", choices=sorted(MODELS), default="llama-3.2-1b")
+    p.add_argument("--seq-length", type=int, default=32768)
+    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--global-batch-size", type=int, default=1, help="per DP rank")
+    p.add_argument("--nproc", type=int, default=1)
+    p.add_argument("--cps", default="1,2,4")
+    p.add_argument("--recipes", default="tensorwise,rowwise")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--recompute", choices=["full", "selective"])
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="tiny model on CPU: CP=1,2 and the real-text data path")
+    p.add_argument("--json", help="also write the results to this file")
+    args = p.parse_args(argv)
+    args.device = None
+    if args.smoke:
+        args.model, args.seq_length, args.nproc, args.cps, args.steps, args.warmup = "tiny", 64, 2, "1,2", 2, 1
+        args.device, args.global_batch_size, args.micro_batch_size = "cpu", 2, 1
+    results: dict = {"what": args.what, "model": args.model, "seq_length": args.seq_length, "device": _device_name()}
+    with tempfile.TemporaryDirectory() as tmp:
+        config_dir = write_config(args.model, Path(tmp) / "config")
+        if args.what == "cp" or args.smoke:
+            results["cp"] = cp_sweep(config_dir, args)
+        if args.what == "fp8" or args.smoke:
+            data, tokenizer, eos = text_corpus(Path(tmp) / "text", min(8192, MODELS[args.model]["vocab_size"]))
+            config = json.loads((config_dir / "config.json").read_text())
+            (config_dir / "config.json").write_text(json.dumps({**config, "eos_token_id": eos}))
+            if args.smoke:
+                args.recipes, args.nproc = "", 1  # FP8 needs an H100: the smoke run checks the bf16 side
+            results["fp8"] = fp8_compare(config_dir, args, data, tokenizer)
+    for part in results.get("fp8", {}).values():
+        part.pop("losses", None) if not args.json else None
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in results.items()}, default=str)[:4000])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
