@@ -135,3 +135,13 @@ def import_hf_dense(setup: dict[str, Path]) -> Path:
         hf = save_tiny_model(tiny_config(real_config("llama32-tied")), root / "dense-hf")
         import_hf(hf, root / "dense-ckpt")
     return root / "dense-ckpt"
+
+
+def test_mfu_counts_active_expert_parameters() -> None:
+    """Mixtral-8x7B multiplies each token through ~12.9B weights (top-2 of 8 experts), 12.75B without the input
+    embedding: MFU must not count all 46.7B, nor only one expert."""
+    from bridge.api import load_hf_config
+    from bridge.training.metrics import matmul_params
+    from tests.model_fixtures import real_config
+
+    assert matmul_params(load_hf_config(real_config("mixtral").parent)) == pytest.approx(12.75e9, rel=1e-3)

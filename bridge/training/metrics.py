@@ -33,9 +33,19 @@ PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.0, "A10G
 
 
 def matmul_params(cfg: ModelConfig) -> int:
+    """Weights one token multiplies through: MoE layers count only the router, top-k experts and shared expert."""
     h, d = cfg.hidden_size, cfg.kv_channels
-    per_layer = h * cfg.qkv_rows + cfg.num_attention_heads * d * h + h * 2 * cfg.ffn_hidden_size + cfg.ffn_hidden_size * h
-    return cfg.num_layers * per_layer + h * cfg.vocab_size
+    attention = h * cfg.qkv_rows + cfg.num_attention_heads * d * h
+    total = 0
+    for layer in range(cfg.num_layers):
+        if cfg.is_moe_layer(layer):
+            moe = cfg.moe
+            mlp = 3 * h * (moe.router_topk * moe.moe_ffn_hidden_size + (moe.shared_expert_ffn_hidden_size or 0))
+            mlp += h * moe.num_experts
+        else:
+            mlp = 3 * h * cfg.ffn_hidden_size
+        total += attention + mlp
+    return total + h * cfg.vocab_size
 
 
 def flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
