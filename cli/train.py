@@ -19,6 +19,8 @@ _FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--mock-data",), dict(action="store_true", help="random tokens instead of a corpus (benchmarks)")),
     (("--split",), dict(help="train,valid,test document shares (default 969,30,1)")),
     (("--text-key",), dict(help="JSON field of .jsonl documents (default text)")),
+    (("--sft",), dict(action="store_true", help="use the loss mask of `bridge data prepare --chat` data: "
+                                                  "train on assistant tokens only")),
     (("--tokenizer",), dict(help="tokenizer for .jsonl data (default: the checkpoint's hf_meta/)")),
     (("--nproc",), dict(type=int, help="spawn N local ranks (omit under torchrun)")),
     (("--tp", "--tensor-model-parallel-size"), dict(dest="tp", type=int)),

@@ -150,3 +150,30 @@ def test_cli_surface() -> None:
                  "--seed", "--tensorboard-dir", "--data-path", "--data", "--split", "--config", "--nproc", "--tp", "--pp"):
         assert flag in flags, flag
     assert json.dumps(TrainConfig().clip_grad) == "1.0"
+
+
+def test_sft_loss_mask_is_used_only_with_sft(tmp_path: Path) -> None:
+    """The mask written by `bridge data prepare --chat` shapes the loss only when --sft asks for it."""
+    docs = [np.array([5, 6, 7, 8], np.uint16), np.array([9, 10, 11], np.uint16)]
+    masks = [np.array([0, 0, 1, 1], np.uint8), np.array([0, 1, 1], np.uint8)]
+    prefix = tmp_path / "sft_text_document"
+    from bridge.data.indexed import loss_mask_prefix
+
+    for target, rows in ((prefix, docs), (Path(loss_mask_prefix(prefix)), masks)):
+        with IndexedDatasetWriter(target, rows[0].dtype) as w:
+            for row in rows:
+                w.add_document(row)
+    order = np.arange(2)
+    sft = PackedDataset(Documents([str(prefix)], use_loss_mask=True), order, seq_length=8, seed=0, eod=2)
+    plain = PackedDataset(Documents([str(prefix)]), order, seq_length=8, seed=0, eod=2)
+    tokens, mask = sft._stream(0, 9)
+    assert tokens.tolist() == [5, 6, 7, 8, 2, 9, 10, 11, 2]
+    assert mask.tolist() == [0, 0, 1, 1, 0, 0, 1, 1, 0]  # EOD after a masked document is not trained on
+    assert plain._stream(0, 9)[1].tolist() == [1] * 9
+
+
+def test_sft_without_a_mask_is_refused(tiny_ckpt: Path, corpus: tuple[str, list[np.ndarray]], tmp_path: Path,
+                                       capsys: pytest.CaptureFixture) -> None:
+    code = main(["train", "--load", str(tiny_ckpt), "--data", corpus[0], "--sft", "--micro-batch-size", "1",
+                 "--global-batch-size", "1", "--seq-length", "16", "--train-iters", "1", "--save", str(tmp_path / "r")])
+    assert code == 1 and "--sft needs a loss mask" in capsys.readouterr().err

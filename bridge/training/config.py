@@ -33,6 +33,8 @@ class TrainConfig:
     mock_data: bool = False
     split: str = "969,30,1"
     text_key: str = "text"
+    sft: bool = False
+    """Train only on the tokens the SFT loss mask keeps (`bridge data prepare --chat` writes it)."""
     tokenizer: str | None = None
     """Tokenizer for `.jsonl` data; default: the checkpoint's `hf_meta/`."""
     # parallelism

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 class Documents:
     """Documents from indexed datasets and/or jsonl files, as (tokens, loss mask or None) by number."""
 
-    def __init__(self, paths: Sequence[str], *, text_key: str = "text", tokenizer: Any = None) -> None:
+    def __init__(self, paths: Sequence[str], *, text_key: str = "text", tokenizer: Any = None,
+                 use_loss_mask: bool = False) -> None:
         self._parts: list[tuple[Any, Any]] = []  # (token source, mask source) with .document(i) or list
         counts = []
         for path in paths:
@@ -37,7 +38,7 @@ class Documents:
             else:
                 prefix = strip_suffix(path)
                 tokens = IndexedDataset(prefix)
-                mask = IndexedDataset(loss_mask_prefix(prefix)) if has_loss_mask(prefix) else None
+                mask = IndexedDataset(loss_mask_prefix(prefix)) if use_loss_mask and has_loss_mask(prefix) else None
                 self._parts.append((tokens, mask))
                 counts.append(tokens.num_documents)
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from bridge.checkpoint import CheckpointMeta
 from bridge.config import ModelConfig
+from bridge.data.indexed import has_loss_mask
 from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
 from bridge.training.config import LR_DECAY_STYLES, RECOMPUTE, TrainConfig
@@ -77,6 +78,11 @@ def _check_data(cfg: TrainConfig) -> None:
         if missing:
             raise BridgeError(f"data files {', '.join(missing)} do not exist; give the prefix `bridge data prepare` "
                               "printed, or a .jsonl file")
+        if cfg.sft and not has_loss_mask(prefix):
+            raise BridgeError(f"--sft needs a loss mask next to {prefix} (from `bridge data prepare --chat`); "
+                              "prepare the data with --chat or drop --sft")
+    if cfg.sft and any(item.endswith(".jsonl") for item in cfg.data_path):
+        raise BridgeError("--sft trains on prepared chat data; run `bridge data prepare --chat` on the .jsonl first")
 
 
 def _check_numbers(cfg: TrainConfig) -> None:

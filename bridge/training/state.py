@@ -110,7 +110,7 @@ def build_datasets(cfg: TrainConfig, plan: Plan) -> tuple[Any, Any]:
         from bridge.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(str(cfg.tokenizer or _hf_meta_folder(cfg)))
-    docs = Documents(cfg.data_path, text_key=cfg.text_key, tokenizer=tokenizer)
+    docs = Documents(cfg.data_path, text_key=cfg.text_key, tokenizer=tokenizer, use_loss_mask=cfg.sft)
     train_ids, valid_ids, _ = split_documents(len(docs), cfg.split)
     eod = _eod(cfg, tokenizer)
     train = PackedDataset(docs, train_ids, cfg.seq_length, cfg.seed, eod)
