@@ -14,7 +14,7 @@ from typing import Any
 from bridge.config import DTYPE_NAMES, MLAConfig, ModelConfig, MoEConfig
 from bridge.errors import BridgeError
 from bridge.mapping import EXPERT_COPY, EXPERT_GATE_UP, FUSE_GATE_UP, Row
-from bridge.models.llama import M_ATTN, M_MLP, MLP, _as_dtype
+from bridge.models.llama import swiglu_mlp_rows, M_ATTN, M_MLP, MLP, _as_dtype
 
 ATTN = "model.layers.{}.self_attn."
 
@@ -34,9 +34,7 @@ def rows(cfg: ModelConfig) -> list[Row]:
         Row(M_ATTN + "linear_kv_up_proj.layer_norm_weight", (ATTN + "kv_a_layernorm.weight",)),
         Row(M_ATTN + "linear_kv_up_proj.weight", (ATTN + "kv_b_proj.weight",)),
         Row(M_ATTN + "linear_proj.weight", (ATTN + "o_proj.weight",)),
-        Row(M_MLP + "linear_fc1.layer_norm_weight", ("model.layers.{}.post_attention_layernorm.weight",), layers="dense"),
-        Row(M_MLP + "linear_fc1.weight", (MLP + "gate_proj.weight", MLP + "up_proj.weight"), FUSE_GATE_UP, layers="dense"),
-        Row(M_MLP + "linear_fc2.weight", (MLP + "down_proj.weight",), layers="dense"),
+        *swiglu_mlp_rows(layers="dense"),
         Row("decoder.layers.{}.pre_mlp_layernorm.weight", ("model.layers.{}.post_attention_layernorm.weight",), layers="moe"),
         Row(M_MLP + "router.weight", (MLP + "gate.weight",), layers="moe"),
         Row(M_MLP + "router.expert_bias", (MLP + "gate.e_score_correction_bias",), layers="moe"),

@@ -27,9 +27,7 @@ def rows(cfg: ModelConfig) -> list[Row]:
         Row(M_ATTN + "q_layernorm.weight", (ATTN + "q_norm.weight",)),
         Row(M_ATTN + "k_layernorm.weight", (ATTN + "k_norm.weight",)),
         Row(M_ATTN + "linear_proj.weight", (ATTN + "o_proj.weight",)),
-        Row(M_MLP + "linear_fc1.layer_norm_weight", ("model.layers.{}.post_attention_layernorm.weight",)),
-        Row(M_MLP + "linear_fc1.weight", (MLP + "gate_proj.weight", MLP + "up_proj.weight"), FUSE_GATE_UP),
-        Row(M_MLP + "linear_fc2.weight", (MLP + "down_proj.weight",)),
+        *swiglu_mlp_rows(),
         Row("decoder.final_layernorm.weight", ("model.norm.weight",)),
         Row("output_layer.weight", ("lm_head.weight",), COPY),
     ]
@@ -40,6 +38,15 @@ def rows(cfg: ModelConfig) -> list[Row]:
         "output_layer.weight": cfg.tie_word_embeddings,
     }
     return [r for r in table if not any(r.megatron.endswith(tail) and drop for tail, drop in absent.items())]
+
+
+def swiglu_mlp_rows(layers: str = "all") -> list[Row]:
+    """The dense SwiGLU MLP with its fused pre-MLP norm: HF's gate/up/down under `mlp.` (Llama, Qwen, DeepSeek)."""
+    return [
+        Row(M_MLP + "linear_fc1.layer_norm_weight", ("model.layers.{}.post_attention_layernorm.weight",), layers=layers),
+        Row(M_MLP + "linear_fc1.weight", (MLP + "gate_proj.weight", MLP + "up_proj.weight"), FUSE_GATE_UP, layers=layers),
+        Row(M_MLP + "linear_fc2.weight", (MLP + "down_proj.weight",), layers=layers),
+    ]
 
 
 def rope_from_hf(hf: Any) -> tuple[float, RopeScaling | None]:

@@ -5,7 +5,7 @@ from typing import Any
 
 from bridge.config import ModelConfig, MoEConfig
 from bridge.mapping import EXPERT_COPY, EXPERT_GATE_UP, FUSE_GATE_UP, FUSE_QKV, Row
-from bridge.models.llama import ATTN, M_ATTN, M_MLP, MLP, check_unsupported, common_fields
+from bridge.models.llama import swiglu_mlp_rows, ATTN, M_ATTN, M_MLP, MLP, check_unsupported, common_fields
 from bridge.models.qwen import _window
 
 
@@ -21,9 +21,7 @@ def rows(cfg: ModelConfig) -> list[Row]:
           if cfg.qk_layernorm else []),
         Row(M_ATTN + "linear_proj.weight", (ATTN + "o_proj.weight",)),
         # dense layers
-        Row(M_MLP + "linear_fc1.layer_norm_weight", ("model.layers.{}.post_attention_layernorm.weight",), layers="dense"),
-        Row(M_MLP + "linear_fc1.weight", (MLP + "gate_proj.weight", MLP + "up_proj.weight"), FUSE_GATE_UP, layers="dense"),
-        Row(M_MLP + "linear_fc2.weight", (MLP + "down_proj.weight",), layers="dense"),
+        *swiglu_mlp_rows(layers="dense"),
         # MoE layers
         Row("decoder.layers.{}.pre_mlp_layernorm.weight", ("model.layers.{}.post_attention_layernorm.weight",), layers="moe"),
         Row(M_MLP + "router.weight", (MLP + "gate.weight",), layers="moe"),
