@@ -83,8 +83,8 @@ def test_bf16_params_with_fp32_masters(setup: dict[str, Path], reference: dict) 
     fp32 = [loss for _, loss in reference["loss_curve"]][:6]
     assert all(abs(a - b) / b < 1e-2 for a, b in zip(losses, fp32)), (losses, fp32)
     with torch.serialization.safe_globals(SAFE_GLOBALS):
-        state = torch.load(setup["root"] / "runs" / "bf16" / "iter_0000006" / "mp_rank_00" / "model_optim_rng.pt",
-                           weights_only=True)
+        rank_file = setup["root"] / "runs" / "bf16" / "iter_0000006" / "mp_rank_00" / "model_optim_rng.pt"
+        state = torch.load(rank_file, weights_only=True)
     weight = state["model"]["decoder.layers.0.mlp.linear_fc1.weight"]
     master = state["optimizer"]["params"]["model.decoder.layers.0.mlp.linear_fc1.weight"]["master"]
     assert weight.dtype == torch.bfloat16 and master.dtype == torch.float32
