@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from tests.interop.megatron_worker import _transformer_config
+from tests.interop.megatron_worker import _transformer_config, full_logits
 
 
 def _moe_config(cfg, layout):  # noqa: ANN001, ANN202
@@ -41,7 +41,6 @@ def megatron_moe_logits(checkpoints: Sequence[str], token_lists: Sequence[Sequen
 
     from bridge.checkpoint import CheckpointMeta
     from bridge.converters.megatron_legacy import LegacyCheckpointReader
-    from bridge.parallel.collectives import gather_from_tp
 
     results: list[list[torch.Tensor] | None] = []
     for ckpt in checkpoints:
@@ -60,15 +59,6 @@ def megatron_moe_logits(checkpoints: Sequence[str], token_lists: Sequence[Sequen
         state = LegacyCheckpointReader(Path(ckpt), layout).load_rank(parallel_state.get_tensor_model_parallel_rank(), 0,
                                                                       ep_rank)
         model.load_state_dict(state["model"], strict=True)
-        model.eval()
-        outs = []
-        with torch.no_grad():
-            for ids in token_lists:
-                tokens, s = torch.tensor([list(ids)]), len(ids)
-                pos = torch.arange(s).unsqueeze(0)
-                mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), diagonal=1)  # True = masked (Megatron)
-                logits = model(tokens, pos, attention_mask=mask)  # [b, s, V_pad/tp]
-                full = gather_from_tp(logits.contiguous(), parallel_state.get_tensor_model_parallel_group())
-                outs.append(full[0, :, : cfg.vocab_size].float())
+        outs = full_logits(model, token_lists, cfg.vocab_size)
         results.append(outs if dist.get_rank() == 0 else None)
     return results

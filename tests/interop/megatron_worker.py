@@ -26,6 +26,28 @@ def _transformer_config(cfg, layout):  # noqa: ANN001, ANN202
         apply_rope_fusion=False, gradient_accumulation_fusion=False, sequence_parallel=False)
 
 
+def full_logits(model, token_lists: Sequence[Sequence[int]], vocab_size: int) -> list[torch.Tensor]:  # noqa: ANN001
+    """A loaded Megatron Core GPTModel's logits per prompt, gathered over TP and trimmed to the HF vocabulary.
+
+    The causal mask is explicit: Megatron's default one is created on `cuda`.
+    """
+    from megatron.core import parallel_state
+
+    from bridge.parallel.collectives import gather_from_tp
+
+    model.eval()
+    outs = []
+    with torch.no_grad():
+        for ids in token_lists:
+            tokens, s = torch.tensor([list(ids)]), len(ids)
+            pos = torch.arange(s).unsqueeze(0)
+            mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), diagonal=1)  # True = masked (Megatron)
+            logits = model(tokens, pos, attention_mask=mask)  # [b, s, V_pad/tp]
+            full = gather_from_tp(logits.contiguous(), parallel_state.get_tensor_model_parallel_group())
+            outs.append(full[0, :, :vocab_size].float())
+    return outs
+
+
 def megatron_logits(checkpoints: Sequence[str], token_lists: Sequence[Sequence[int]]) -> list[list[torch.Tensor] | None]:
     """Per checkpoint (TP only, PP=1): full logits [s, V] per prompt on rank 0, None elsewhere."""
     torch.cuda.current_device = lambda: "cpu"  # Megatron Core asks for the device in many places
@@ -37,7 +59,6 @@ def megatron_logits(checkpoints: Sequence[str], token_lists: Sequence[Sequence[i
 
     from bridge.checkpoint import CheckpointMeta
     from bridge.converters.megatron_legacy import LegacyCheckpointReader
-    from bridge.parallel.collectives import gather_from_tp
 
     results: list[list[torch.Tensor] | None] = []
     for ckpt in checkpoints:
@@ -56,16 +77,6 @@ def megatron_logits(checkpoints: Sequence[str], token_lists: Sequence[Sequence[i
             rope_scaling_factor=scaling.factor if scaling else 8.0)
         state = LegacyCheckpointReader(Path(ckpt), layout).load_rank(parallel_state.get_tensor_model_parallel_rank(), 0)
         model.load_state_dict(state["model"], strict=True)
-        model.eval()
-        outs = []
-        with torch.no_grad():
-            for ids in token_lists:
-                tokens = torch.tensor([list(ids)])
-                pos = torch.arange(len(ids)).unsqueeze(0)
-                s = len(ids)
-                mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), diagonal=1)  # True = masked (Megatron)
-                logits = model(tokens, pos, attention_mask=mask)  # [b, s, V_pad/tp]
-                full = gather_from_tp(logits.contiguous(), parallel_state.get_tensor_model_parallel_group())
-                outs.append(full[0, :, : cfg.vocab_size].float())
+        outs = full_logits(model, token_lists, cfg.vocab_size)
         results.append(outs if dist.get_rank() == 0 else None)
     return results
