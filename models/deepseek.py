@@ -13,8 +13,8 @@ from typing import Any
 
 from bridge.config import DTYPE_NAMES, MLAConfig, ModelConfig, MoEConfig
 from bridge.errors import BridgeError
-from bridge.mapping import EXPERT_COPY, EXPERT_GATE_UP, FUSE_GATE_UP, Row
-from bridge.models.llama import swiglu_mlp_rows, M_ATTN, M_MLP, MLP, _as_dtype
+from bridge.mapping import FUSE_GATE_UP, Row
+from bridge.models.llama import routed_expert_rows, swiglu_mlp_rows, M_ATTN, M_MLP, MLP, _as_dtype
 
 ATTN = "model.layers.{}.self_attn."
 
@@ -41,10 +41,7 @@ def rows(cfg: ModelConfig) -> list[Row]:
         Row(M_MLP + "shared_experts.linear_fc1.weight",
             (MLP + "shared_experts.gate_proj.weight", MLP + "shared_experts.up_proj.weight"), FUSE_GATE_UP, layers="moe"),
         Row(M_MLP + "shared_experts.linear_fc2.weight", (MLP + "shared_experts.down_proj.weight",), layers="moe"),
-        Row(M_MLP + "experts.local_experts.{e}.linear_fc1.weight",
-            (MLP + "experts.{e}.gate_proj.weight", MLP + "experts.{e}.up_proj.weight"), EXPERT_GATE_UP, layers="moe", experts=True),
-        Row(M_MLP + "experts.local_experts.{e}.linear_fc2.weight", (MLP + "experts.{e}.down_proj.weight",), EXPERT_COPY,
-            layers="moe", experts=True),
+        *routed_expert_rows(),
         Row("decoder.final_layernorm.weight", ("model.norm.weight",)),
         *([] if cfg.tie_word_embeddings else [Row("output_layer.weight", ("lm_head.weight",))]),
     ]

@@ -9,7 +9,7 @@ from typing import Any
 
 from bridge.config import DTYPE_NAMES, ModelConfig, RopeScaling
 from bridge.errors import BridgeError
-from bridge.mapping import COPY, FUSE_GATE_UP, FUSE_QKV, Row
+from bridge.mapping import COPY, EXPERT_COPY, EXPERT_GATE_UP, FUSE_GATE_UP, FUSE_QKV, Row
 
 ATTN = "model.layers.{}.self_attn."
 MLP = "model.layers.{}.mlp."
@@ -46,6 +46,17 @@ def swiglu_mlp_rows(layers: str = "all") -> list[Row]:
         Row(M_MLP + "linear_fc1.layer_norm_weight", ("model.layers.{}.post_attention_layernorm.weight",), layers=layers),
         Row(M_MLP + "linear_fc1.weight", (MLP + "gate_proj.weight", MLP + "up_proj.weight"), FUSE_GATE_UP, layers=layers),
         Row(M_MLP + "linear_fc2.weight", (MLP + "down_proj.weight",), layers=layers),
+    ]
+
+
+def routed_expert_rows() -> list[Row]:
+    """Routed experts named like the dense MLP (`mlp.experts.{e}.gate_proj` ...): Qwen-MoE and DeepSeek."""
+    return [
+        Row(M_MLP + "experts.local_experts.{e}.linear_fc1.weight",
+            (MLP + "experts.{e}.gate_proj.weight", MLP + "experts.{e}.up_proj.weight"), EXPERT_GATE_UP, layers="moe",
+            experts=True),
+        Row(M_MLP + "experts.local_experts.{e}.linear_fc2.weight", (MLP + "experts.{e}.down_proj.weight",), EXPERT_COPY,
+            layers="moe", experts=True),
     ]
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 from typing import Any
 
 from bridge.config import ModelConfig, MoEConfig
-from bridge.mapping import EXPERT_COPY, EXPERT_GATE_UP, FUSE_GATE_UP, FUSE_QKV, Row
-from bridge.models.llama import swiglu_mlp_rows, ATTN, M_ATTN, M_MLP, MLP, check_unsupported, common_fields
+from bridge.mapping import FUSE_GATE_UP, FUSE_QKV, Row
+from bridge.models.llama import routed_expert_rows, swiglu_mlp_rows, ATTN, M_ATTN, M_MLP, MLP, check_unsupported, common_fields
 from bridge.models.qwen import _window
 
 
@@ -25,10 +25,7 @@ def rows(cfg: ModelConfig) -> list[Row]:
         # MoE layers
         Row("decoder.layers.{}.pre_mlp_layernorm.weight", ("model.layers.{}.post_attention_layernorm.weight",), layers="moe"),
         Row(M_MLP + "router.weight", (MLP + "gate.weight",), layers="moe"),
-        Row(M_MLP + "experts.local_experts.{e}.linear_fc1.weight",
-            (MLP + "experts.{e}.gate_proj.weight", MLP + "experts.{e}.up_proj.weight"), EXPERT_GATE_UP, layers="moe", experts=True),
-        Row(M_MLP + "experts.local_experts.{e}.linear_fc2.weight", (MLP + "experts.{e}.down_proj.weight",), EXPERT_COPY,
-            layers="moe", experts=True),
+        *routed_expert_rows(),
         Row("decoder.final_layernorm.weight", ("model.norm.weight",)),
         *([] if cfg.tie_word_embeddings else [Row("output_layer.weight", ("lm_head.weight",))]),
     ]
