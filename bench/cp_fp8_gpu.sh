@@ -8,15 +8,16 @@ set -u
 stage=${1:?usage: bench/cp_fp8_gpu.sh cp|fp8-1b|fp8-8b}
 OUT=${OUT:-/tmp/bench-out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1
+[ -d /tmp/site/torchao ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 case "$stage" in
   cp) python3 bench/cp_fp8.py cp --model llama-3.2-1b --seq-length 32768 --nproc 4 --cps 1,2,4 \
         --steps 5 --warmup 2 --json "$OUT/cp.json" ;;
   fp8-1b) python3 bench/cp_fp8.py fp8 --model llama-3.2-1b --seq-length 4096 --micro-batch-size 2 \
-        --global-batch-size 4 --steps 200 --warmup 5 --json "$OUT/fp8-1b.json" ;;
+        --global-batch-size 4 --steps 200 --warmup 5 --compile --json "$OUT/fp8-1b.json" ;;
   fp8-8b) python3 bench/cp_fp8.py fp8 --model llama-8b-8l --seq-length 4096 --micro-batch-size 1 \
-        --global-batch-size 2 --steps 200 --warmup 5 --json "$OUT/fp8-8b.json" ;;
+        --global-batch-size 2 --steps 200 --warmup 5 --compile --json "$OUT/fp8-8b.json" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

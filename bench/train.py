@@ -92,14 +92,16 @@ def run_hf(config_dir: Path, args: argparse.Namespace) -> dict:
 def run_bridge(config_dir: Path, args: argparse.Namespace, layout: str) -> dict:
     from bridge.training import TrainConfig, train
 
-    tp, pp, vpp, distopt = parse_layout(layout)
+    tp, pp, vpp, distopt, sp = parse_layout(layout)
     nproc = args.nproc
     cfg = TrainConfig(model_config=str(config_dir), mock_data=True, nproc=nproc, tp=tp, pp=pp, vpp=vpp,
-                      use_distributed_optimizer=distopt, sequence_parallel=tp > 1 and args.sequence_parallel,
+                      use_distributed_optimizer=distopt, sequence_parallel=tp > 1 and (sp or args.sequence_parallel),
                       micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size * (nproc // (tp * pp)),
                       seq_length=args.seq_length, train_iters=args.warmup + args.steps, lr=1e-4, bf16=args.bf16,
                       compile=args.compile, recompute=args.recompute, eval_interval=0, progress=False,
-                      device=args.device)
+                      device=args.device, attention_backend=args.attention_backend,
+                      profile=args.profile is not None, profile_step_start=args.warmup + 1,
+                      profile_step_end=args.warmup + 3, tensorboard_dir=args.profile)
     summary = train(cfg)
     records = summary["records"][args.warmup:]
     return {"step_s": [r["step_s"] for r in records], "peak_mem_gib": max(r["peak_mem_gib"] for r in records),
@@ -107,15 +109,15 @@ def run_bridge(config_dir: Path, args: argparse.Namespace, layout: str) -> dict:
             "global_batch_size": cfg.global_batch_size}
 
 
-def parse_layout(text: str) -> tuple[int, int, int | None, bool]:
-    """'tp2pp2', 'tp4', 'dp4-distopt', 'pp2vpp2' -> (tp, pp, vpp, distributed optimizer)."""
+def parse_layout(text: str) -> tuple[int, int, int | None, bool, bool]:
+    """'tp2pp2', 'tp4-sp', 'dp4-distopt', 'pp2vpp2' -> (tp, pp, vpp, distributed optimizer, sequence parallel)."""
     import re
 
     def num(key: str, default: int | None) -> int | None:
         m = re.search(key + r"(\d+)", text)
         return int(m.group(1)) if m else default
 
-    return num("tp", 1), num("(?<!v)pp", 1), num("vpp", None), "distopt" in text
+    return num("tp", 1), num("(?<!v)pp", 1), num("vpp", None), "distopt" in text, "sp" in text.split("-")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layouts", default="tp1", help="comma-separated bridge layouts, e.g. tp4,tp2pp2,dp4-distopt")
     p.add_argument("--recompute", choices=["full", "selective"])
     p.add_argument("--sequence-parallel", action="store_true")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "flash", "fused", "unfused"])
+    p.add_argument("--profile", metavar="DIR", help="profile two bridge steps after the warm-up into DIR")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager mode on both sides")
     p.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the HF run (multi-GPU layouts)")
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU, 2 steps: checks the script runs")

@@ -70,3 +70,24 @@ def test_collectives_are_identities_without_a_group() -> None:
     for op in (C.copy_to_tp, C.reduce_from_tp, C.gather_from_tp, C.scatter_to_tp, C.scatter_to_sp,
                C.gather_from_sp, C.reduce_scatter_to_sp):
         assert op(x, None) is x
+
+
+def test_cross_entropy_with_weighted_tokens_and_bf16_logits_matches_torch() -> None:
+    """Per-token loss weights (a loss mask) and bf16 logits: the recomputing backward gives torch's gradient."""
+    from bridge.nn.cross_entropy import vocab_parallel_cross_entropy
+
+    torch.manual_seed(1)
+    logits = (3 * torch.randn(6, 2, 40)).to(torch.bfloat16)  # [s, b, V_pad], V = 37
+    target = torch.randint(0, 37, (6, 2))
+    weight = torch.rand(6, 2) * (torch.rand(6, 2) > 0.3)
+    ref_logits = logits.float().requires_grad_()
+    masked = ref_logits.masked_fill(torch.arange(40) >= 37, float("-inf"))
+    ref = F.cross_entropy(masked.reshape(-1, 40), target.reshape(-1), reduction="none").view(6, 2)
+    (ref * weight).sum().backward()
+    mine = logits.clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(mine, target, None, 0, 37)
+    (loss * weight).sum().backward()
+    assert loss.dtype == torch.float32 and mine.grad.dtype == torch.bfloat16
+    assert (loss - ref).abs().max().item() < 1e-5
+    assert (mine.grad.float() - ref_logits.grad).abs().max().item() < 1e-2  # bf16 rounding of the gradient
+    assert mine.grad[..., 37:].abs().max().item() == 0.0  # padded rows get no gradient

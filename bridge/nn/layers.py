@@ -57,6 +57,45 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
+class _ColumnParallelMatmul(torch.autograd.Function):
+    """x W^T (+ b) for a column-parallel weight, with the backward's collectives overlapped (Megatron's
+    LinearWithGradAccumulationAndAsyncCommunication).
+
+    The input's gradient is a partial sum on each TP rank; its all-reduce (reduce-scatter under
+    sequence parallelism) runs while the weight gradient is computed, which needs only local data.
+    Under sequence parallelism the forward all-gathers the sequence and keeps only the local shard;
+    the backward gathers it again while it computes the input's gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: Group,  # noqa: ANN001
+                sequence_parallel: bool) -> torch.Tensor:
+        ctx.group, ctx.sequence_parallel, ctx.has_bias = group, sequence_parallel, bias is not None
+        ctx.save_for_backward(x, weight)
+        total = C.all_gather(x, group, 0) if sequence_parallel else x
+        return F.linear(total, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        x, weight = ctx.saved_tensors
+        gather = C.all_gather_async(x, ctx.group) if ctx.sequence_parallel else None
+        grad_input = grad.matmul(weight)  # [s, b, in]: this rank's partial sum
+        total = gather.wait() if gather is not None else x
+        reduce = (C.reduce_scatter_async(grad_input, ctx.group) if ctx.sequence_parallel
+                  else C.all_reduce_async(grad_input, ctx.group))
+        grad_2d = grad.reshape(-1, grad.shape[-1])
+        grad_weight = grad_2d.t().matmul(total.reshape(-1, total.shape[-1]))
+        grad_bias = grad_2d.sum(0) if ctx.has_bias else None
+        return reduce.wait(), grad_weight, grad_bias, None, None
+
+
+@torch.compiler.disable
+def column_parallel_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: Group,
+                           sequence_parallel: bool) -> torch.Tensor:
+    """[s(/tp), b, in] -> [s, b, out/tp]; kept out of torch.compile graphs (it holds asynchronous collectives)."""
+    return _ColumnParallelMatmul.apply(x, weight, bias, group, sequence_parallel)
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T (+ b) with W split by rows over TP: [s, b, in] -> [s, b, out/tp].
 
@@ -85,11 +124,14 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         if self.norm_eps is not None:
             x = rms_norm(x, self.layer_norm_weight, self.norm_eps)
+        weight = self.weight if weight is None else weight
+        if self.fp8 is None and C.group_size(self.group) > 1:
+            return column_parallel_matmul(x, weight, self.bias, self.group, self.sequence_parallel)
         if self.sequence_parallel:
             x = C.gather_from_sp(x, self.group)  # [s/tp, b, in] -> [s, b, in]
         else:
             x = C.copy_to_tp(x, self.group)
-        return linear(x, self.weight if weight is None else weight, self.bias, self.fp8)  # [s, b, out/tp]
+        return linear(x, weight, self.bias, self.fp8)  # [s, b, out/tp]
 
 
 class RowParallelLinear(nn.Module):

@@ -12,6 +12,7 @@ from torch import nn
 
 from bridge.config import ModelConfig
 from bridge.errors import BridgeError
+from bridge.nn.attention import sdpa
 from bridge.nn.layers import (ColumnParallelLinear, RMSNorm, RowParallelLinear, TEColumnParallelLinear,
                               TEExtraState, TERowParallelLinear)
 from bridge.nn.rope import apply_rope
@@ -45,9 +46,9 @@ class CoreAttention(nn.Module):
             i = torch.arange(s, device=q.device)
             dist = i[:, None] - i[None, :]
             mask = (dist >= 0) & (dist < self.sliding_window)  # transformers' window: q - kv < W
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            out = sdpa(q, k, v, attn_mask=mask)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            out = sdpa(q, k, v, is_causal=True)
         return out.permute(2, 0, 1, 3)  # [s, b, nq, d]
 
 

@@ -13,8 +13,10 @@ import torch.distributed as dist
 Group = dist.ProcessGroup | None
 
 
-def _size(group: Group) -> int:
+def group_size(group: Group) -> int:
+    """Ranks in `group`; 1 for None (no parallelism)."""
     return 1 if group is None else dist.get_world_size(group)
+
 
 
 def _is_gloo(group: Group) -> bool:
@@ -22,7 +24,7 @@ def _is_gloo(group: Group) -> bool:
 
 
 def all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
-    if _size(group) == 1:
+    if group_size(group) == 1:
         return x
     x = x.contiguous()
     dist.all_reduce(x, group=group)
@@ -31,7 +33,7 @@ def all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
 
 def all_gather(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
     """Concatenate every rank's `x` along `dim`, in group-rank order."""
-    size = _size(group)
+    size = group_size(group)
     if size == 1:
         return x
     x = x.contiguous()
@@ -46,7 +48,7 @@ def all_gather(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
 
 def split(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
     """This rank's contiguous slice of `x` along `dim`."""
-    size = _size(group)
+    size = group_size(group)
     if size == 1:
         return x
     if x.shape[dim] % size:
@@ -56,7 +58,7 @@ def split(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
 
 def reduce_scatter(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Sum over ranks, then keep this rank's slice of dimension 0."""
-    size = _size(group)
+    size = group_size(group)
     if size == 1:
         return x
     if _is_gloo(group):
@@ -65,6 +67,53 @@ def reduce_scatter(x: torch.Tensor, group: Group) -> torch.Tensor:
     out = x.new_empty((x.shape[0] // size, *x.shape[1:]))
     dist.reduce_scatter_tensor(out, x, group=group)
     return out
+
+
+class Pending:
+    """An asynchronous collective in flight; `wait()` returns its result (finishing gloo's emulations)."""
+
+    def __init__(self, work: dist.Work | None, result: torch.Tensor, finish=None) -> None:  # noqa: ANN001
+        self.work, self.result, self.finish = work, result, finish
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+        return self.finish(self.result) if self.finish else self.result
+
+
+def all_reduce_async(x: torch.Tensor, group: Group) -> Pending:
+    """Start summing `x` (in place) over `group`."""
+    if group_size(group) == 1:
+        return Pending(None, x)
+    x = x.contiguous()
+    return Pending(dist.all_reduce(x, group=group, async_op=True), x)
+
+
+def all_gather_async(x: torch.Tensor, group: Group) -> Pending:
+    """Start concatenating every rank's `x` along dimension 0."""
+    size = group_size(group)
+    if size == 1:
+        return Pending(None, x)
+    x = x.contiguous()
+    if _is_gloo(group):
+        parts = [torch.empty_like(x) for _ in range(size)]
+        return Pending(dist.all_gather(parts, x, group=group, async_op=True), parts, lambda p: torch.cat(p, 0))
+    out = x.new_empty((size * x.shape[0], *x.shape[1:]))
+    return Pending(dist.all_gather_into_tensor(out, x, group=group, async_op=True), out)
+
+
+def reduce_scatter_async(x: torch.Tensor, group: Group) -> Pending:
+    """Start summing `x` over `group`, keeping this rank's slice of dimension 0."""
+    size = group_size(group)
+    if size == 1:
+        return Pending(None, x)
+    x = x.contiguous()
+    if _is_gloo(group):  # no reduce-scatter in gloo: all-reduce a copy, then slice
+        total = x.clone()
+        return Pending(dist.all_reduce(total, group=group, async_op=True), total,
+                       lambda t: t.chunk(size, 0)[dist.get_rank(group)].contiguous())
+    out = x.new_empty((x.shape[0] // size, *x.shape[1:]))
+    return Pending(dist.reduce_scatter_tensor(out, x, group=group, async_op=True), out)
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -147,35 +196,35 @@ class _ReduceScatterToSP(torch.autograd.Function):
 
 def copy_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Forward identity, backward all-reduce: the input of a column-parallel linear."""
-    return x if _size(group) == 1 else _CopyToTP.apply(x, group)
+    return x if group_size(group) == 1 else _CopyToTP.apply(x, group)
 
 
 def reduce_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Forward all-reduce, backward identity: the output of a row-parallel linear."""
-    return x if _size(group) == 1 else _ReduceFromTP.apply(x, group)
+    return x if group_size(group) == 1 else _ReduceFromTP.apply(x, group)
 
 
 def gather_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Forward all-gather of the last dimension, backward split."""
-    return x if _size(group) == 1 else _GatherFromTP.apply(x, group)
+    return x if group_size(group) == 1 else _GatherFromTP.apply(x, group)
 
 
 def scatter_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Forward split of the last dimension, backward all-gather."""
-    return x if _size(group) == 1 else _ScatterToTP.apply(x, group)
+    return x if group_size(group) == 1 else _ScatterToTP.apply(x, group)
 
 
 def scatter_to_sp(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Forward split of the sequence dimension (0), backward all-gather."""
-    return x if _size(group) == 1 else _ScatterToSP.apply(x, group)
+    return x if group_size(group) == 1 else _ScatterToSP.apply(x, group)
 
 
 def gather_from_sp(x: torch.Tensor, group: Group, tensor_parallel_output_grad: bool = True) -> torch.Tensor:
     """Forward all-gather of the sequence dimension; backward reduce-scatter (or split when the consumer
     is not tensor-parallel, e.g. gathering outputs for a loss)."""
-    return x if _size(group) == 1 else _GatherFromSP.apply(x, group, tensor_parallel_output_grad)
+    return x if group_size(group) == 1 else _GatherFromSP.apply(x, group, tensor_parallel_output_grad)
 
 
 def reduce_scatter_to_sp(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Forward reduce-scatter along the sequence dimension, backward all-gather: row-parallel output with SP."""
-    return x if _size(group) == 1 else _ReduceScatterToSP.apply(x, group)
+    return x if group_size(group) == 1 else _ReduceScatterToSP.apply(x, group)

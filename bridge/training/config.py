@@ -76,6 +76,8 @@ class TrainConfig:
     moe_router_bias_update_rate: float = 1e-3
     """DeepSeek-V3's expert-bias step after every optimizer step (Megatron's default); routers without a bias ignore it."""
     recompute: str | None = None
+    attention_backend: str = "auto"
+    """SDPA kernel on CUDA: auto | flash | fused (cuDNN) | unfused (Megatron-LM's --attention-backend names)."""
     compile: bool = False
     """torch.compile each transformer layer (CUDA runs; the first steps pay the compilation)."""
     # checkpoints and evaluation
@@ -89,6 +91,12 @@ class TrainConfig:
     # logging
     log_interval: int = 1
     tensorboard_dir: str | None = None
+    profile: bool = False
+    """PyTorch profiler over iterations [profile_step_start, profile_step_end): a Chrome trace and a table of the
+    kernels that took the most time, per profiled rank (bridge.training.profiling)."""
+    profile_step_start: int = 10
+    profile_step_end: int = 12
+    profile_ranks: list[int] = field(default_factory=lambda: [0])
     progress: bool = True
     peak_tflops: float | None = None
     """Peak bf16 TFLOP/s of one device, for MFU; default from the device name (H100/H200: 989)."""

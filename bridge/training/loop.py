@@ -17,6 +17,7 @@ from bridge.training import checkpointing as ckpt
 from bridge.training.config import TrainConfig
 from bridge.training.metrics import MetricsLog, flops_per_token, peak_memory_gib, peak_tflops
 from bridge.training.plan import Plan
+from bridge.training.profiling import StepProfiler
 from bridge.nn.moe import update_expert_bias
 from bridge.training.state import RankSetup, moe_layers, setup_rank
 
@@ -103,6 +104,7 @@ class Trainer:
                               Path(self.cfg.tensorboard_dir) if self.cfg.tensorboard_dir and is_logger else None)
         self.records: list[dict[str, Any]] = []
         self.moe_layers = moe_layers(rs.chunks)
+        self.profiler = StepProfiler(self.cfg, self.ps.rank, rs.device)
         self.bar = None
         if is_logger and self.cfg.progress:
             from tqdm import tqdm
@@ -113,7 +115,9 @@ class Trainer:
         rs, cfg = self.rs, self.cfg
         stopped_by = "train-iters"
         while rs.iteration < cfg.train_iters:
+            self.profiler.before_step(rs.iteration + 1)
             record = self.step()
+            self.profiler.after_step(rs.iteration)
             stop = record.pop("_stop")
             self.after_step(record)
             if stop:

@@ -90,9 +90,10 @@ class MixedPrecisionAdamW:
         """
         device = self.buffer.grad_data.device
         totals = torch.zeros(2, dtype=torch.float64, device=device)  # [dense, expert]
-        for p in self.pieces:
-            if not p.entry.tp_duplicate:
-                totals[int(p.entry.expert)] += p.master.grad.double().pow(2).sum()
+        for kind in (0, 1):  # one fused multi-tensor kernel per kind; the squares add up in fp64
+            grads = [p.master.grad for p in self.pieces if not p.entry.tp_duplicate and int(p.entry.expert) == kind]
+            if grads:
+                totals[kind] = torch.stack(torch._foreach_norm(grads)).double().pow(2).sum()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(totals)
             if not self.buffer.distributed:
@@ -113,8 +114,8 @@ class MixedPrecisionAdamW:
             self.adam.step()
         else:
             log.warning("gradient norm is %s; skipping this update", norm)
+        torch._foreach_copy_([self.buffer.param_data[p.lo:p.hi] for p in self.pieces], [p.master for p in self.pieces])
         for p in self.pieces:
-            self.buffer.param_data[p.lo:p.hi].copy_(p.master)
             p.master.grad = None
         self.buffer.gather_params()
         return norm

@@ -15,6 +15,7 @@ from bridge.config import ModelConfig
 from bridge.data.indexed import has_loss_mask
 from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
+from bridge.nn.attention import ATTENTION_BACKENDS
 from bridge.training.config import LR_DECAY_STYLES, RECOMPUTE, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,11 @@ def _check_numbers(cfg: TrainConfig) -> None:
         raise BridgeError(f"--min-lr {cfg.min_lr} is above --lr {cfg.lr}")
     if cfg.lr_warmup_iters < 0 or cfg.lr_warmup_iters > (cfg.lr_decay_iters or cfg.train_iters):
         raise BridgeError(f"--lr-warmup-iters {cfg.lr_warmup_iters} must be between 0 and the decay iterations")
+    if cfg.attention_backend not in ATTENTION_BACKENDS:
+        raise BridgeError(f"--attention-backend {cfg.attention_backend} is not one of {', '.join(ATTENTION_BACKENDS)}")
+    if cfg.profile and not 1 <= cfg.profile_step_start < cfg.profile_step_end:
+        raise BridgeError(f"--profile-step-start {cfg.profile_step_start} must be >= 1 and below --profile-step-end "
+                          f"{cfg.profile_step_end}")
     if cfg.save_interval is not None and cfg.save is None:
         raise BridgeError("--save-interval needs --save DIR")
     if cfg.device not in (None, "cpu", "cuda"):

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from bridge.checkpoint import HF_META_DIR, CheckpointMeta
 from bridge.config import megatron_args
 from bridge.errors import BridgeError
+from bridge.nn.attention import set_attention_backend
 from bridge.parallel.state import ParallelState
 from bridge.training import checkpointing as ckpt
 from bridge.training.config import TrainConfig
@@ -127,6 +128,8 @@ def _device(cfg: TrainConfig) -> torch.device:
 def setup_rank(cfg: TrainConfig, plan: Plan) -> RankSetup:
     """Build this rank's model, buffers and optimizer; load and resume from --load; open the data."""
     device = _device(cfg)
+    if device.type == "cuda":
+        set_attention_backend(cfg.attention_backend)  # before torch.compile fixes the kernel in its graphs
     ps = ParallelState(plan.layout, dist.get_world_size(), dist.get_rank(), cp=plan.cp)
     chunks, state = build_chunks(cfg, plan, ps, device)
     grad_dtype = torch.float32 if (not cfg.bf16 or cfg.accumulate_allreduce_grads_in_fp32) else torch.bfloat16
