@@ -25,13 +25,22 @@ from train import _device_name, write_config  # noqa: E402 - bench/train.py's mo
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def text_corpus(out: Path, vocab_size: int = 8192) -> tuple[Path, Path, int]:
-    """(jsonl of this repository's .md/.py files, tokenizer folder, eos id): real text that needs no network."""
+def text_corpus(out: Path, vocab_size: int = 8192, extra: Path | None = None,
+                max_bytes: int = 24_000_000) -> tuple[Path, Path, int]:
+    """(jsonl of real text, tokenizer folder, eos id): this repository's .md/.py files, then those of `extra`
+    (e.g. Python's standard library, ~30 MB on any machine) up to `max_bytes`: text that needs no network."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    files = sorted(p for pat in ("*.md", "*.py") for p in ROOT.rglob(pat) if ".git" not in p.parts)
-    texts = [p.read_text(errors="ignore") for p in files]
+    roots = [ROOT] + ([extra] if extra else [])
+    files = [p for root in roots for p in sorted(p for pat in ("*.md", "*.py") for p in root.rglob(pat))
+             if ".git" not in p.parts and p.is_file()]
+    texts, size = [], 0
+    for p in files:
+        if size >= max_bytes:
+            break
+        texts.append(p.read_text(errors="ignore"))
+        size += len(texts[-1])
     out.mkdir(parents=True, exist_ok=True)
     data = out / "corpus.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts if t.strip()))
@@ -46,7 +55,7 @@ def text_corpus(out: Path, vocab_size: int = 8192) -> tuple[Path, Path, int]:
 
 
 def run(config_dir: Path, args: argparse.Namespace, *, cp: int = 1, fp8: str | None = None,
-        data: Path | None = None, tokenizer: Path | None = None) -> dict:
+        data: Path | None = None, tokenizer: Path | None = None, seed: int = 1234) -> dict:
     """One bridge train run -> tokens/s, peak memory, loss curve (or the error that stopped it)."""
     from bridge.training import TrainConfig, train
 
@@ -55,7 +64,8 @@ def run(config_dir: Path, args: argparse.Namespace, *, cp: int = 1, fp8: str | N
                       tokenizer=str(tokenizer) if tokenizer else None, split="100,0,0", nproc=args.nproc, cp=cp,
                       micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size * dp,
                       seq_length=args.seq_length, train_iters=args.warmup + args.steps, lr=args.lr,
-                      lr_warmup_iters=min(20, args.steps // 4), bf16=True, fp8=fp8, recompute=args.recompute,
+                      min_lr=args.lr / 10, lr_warmup_iters=args.steps // 4, seed=seed, bf16=True, fp8=fp8,
+                      recompute=args.recompute,
                       compile=args.compile, eval_interval=0, progress=False, device=args.device)
     try:
         summary = train(cfg)
@@ -79,25 +89,37 @@ def cp_sweep(config_dir: Path, args: argparse.Namespace) -> dict:
 
 
 def fp8_compare(config_dir: Path, args: argparse.Namespace, data: Path, tokenizer: Path) -> dict:
+    """bf16, then each FP8 recipe from the same seed; with --noise-seed also bf16 from another seed, whose
+    distance to the first bf16 run is the run-to-run spread the FP8 differences should be read against."""
     base = run(config_dir, args, data=data, tokenizer=tokenizer)
     print(f"bf16: {_fmt(base)}", flush=True)
     out = {"bf16": base}
-    for recipe in [r for r in args.recipes.split(",") if r]:
-        r = run(config_dir, args, fp8=recipe, data=data, tokenizer=tokenizer)
+    variants = [(f"fp8-{r}", dict(fp8=r)) for r in args.recipes.split(",") if r]
+    if args.noise_seed is not None:
+        variants.append((f"bf16-seed{args.noise_seed}", dict(seed=args.noise_seed)))
+    for name, kw in variants:
+        r = run(config_dir, args, data=data, tokenizer=tokenizer, **kw)
         if "error" not in r and "error" not in base:
             r["speedup_vs_bf16"] = r["tokens_per_s"] / base["tokens_per_s"]
             r["max_rel_loss_diff"] = max(abs(a - b) / b for a, b in zip(r["losses"], base["losses"]))
             tail = slice(-min(20, len(r["losses"])), None)  # the end of the curve, averaged over 20 steps
             r["final_rel_loss_diff"] = abs(statistics.mean(r["losses"][tail]) / statistics.mean(base["losses"][tail]) - 1)
-        out[f"fp8-{recipe}"] = r
-        print(f"fp8 {recipe}: {_fmt(r)}", flush=True)
+            r["smoothed_max_rel_loss_diff"] = max(abs(a / b - 1) for a, b in zip(_smooth(r["losses"]), _smooth(base["losses"])))
+        out[name] = r
+        print(f"{name}: {_fmt(r)}", flush=True)
     return out
+
+
+def _smooth(losses: list[float], window: int = 20) -> list[float]:
+    """Moving average over `window` steps (the loss curve as a plot shows it), from step `window` on."""
+    return [statistics.mean(losses[i - window:i]) for i in range(window, len(losses) + 1)]
 
 
 def _fmt(r: dict) -> str:
     if "error" in r:
         return f"FAILED ({r['error']})"
-    extra = "".join(f"  {k} {r[k]:.3f}" for k in ("speedup_vs_bf16", "max_rel_loss_diff", "final_rel_loss_diff") if k in r)
+    extra = "".join(f"  {k} {r[k]:.3f}" for k in ("speedup_vs_bf16", "max_rel_loss_diff", "smoothed_max_rel_loss_diff",
+                                                     "final_rel_loss_diff") if k in r)
     mem = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f} GiB"
     return f"{r['tokens_per_s']:.0f} tokens/s, peak {mem}{extra}"
 
@@ -114,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--cps", default="1,2,4")
     p.add_argument("--recipes", default="tensorwise,rowwise")
+    p.add_argument("--noise-seed", type=int, help="also train bf16 from this seed: the run-to-run loss spread")
+    p.add_argument("--extra-text", type=Path, help="more real text (.py/.md) for the FP8 runs, e.g. Python's stdlib")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -132,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.what == "cp" or args.smoke:
             results["cp"] = cp_sweep(config_dir, args)
         if args.what == "fp8" or args.smoke:
-            data, tokenizer, eos = text_corpus(Path(tmp) / "text", min(8192, MODELS[args.model]["vocab_size"]))
+            data, tokenizer, eos = text_corpus(Path(tmp) / "text", min(8192, MODELS[args.model]["vocab_size"]),
+                                               args.extra_text)
             config = json.loads((config_dir / "config.json").read_text())
             (config_dir / "config.json").write_text(json.dumps({**config, "eos_token_id": eos}))
             if args.smoke:

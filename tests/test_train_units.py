@@ -119,6 +119,8 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (["--tp", "3", "--nproc", "3"], "is not divisible by --tp = 3"),
     (["--pp", "2", "--vpp", "2", "--nproc", "2", "--global-batch-size", "3", "--micro-batch-size", "1"],
      "multiple of --pp 2"),
+    (["--profile", "--profile-step-start", "5", "--profile-step-end", "5"],
+     "--profile-step-start 5 must be >= 1 and below --profile-step-end 5"),
 ])
 def test_bad_configs_fail_before_any_process(tiny_ckpt: Path, tmp_path: Path, flags: list[str], message: str,
                                              capsys: pytest.CaptureFixture) -> None:
@@ -147,9 +149,22 @@ def test_cli_surface() -> None:
                  "--lr-warmup-iters", "--train-iters", "--weight-decay", "--clip-grad", "--adam-beta1", "--adam-beta2",
                  "--adam-eps", "--bf16", "--sequence-parallel", "--use-distributed-optimizer", "--recompute",
                  "--recompute-granularity", "--save", "--load", "--save-interval", "--eval-interval", "--eval-iters",
-                 "--seed", "--tensorboard-dir", "--data-path", "--data", "--split", "--config", "--nproc", "--tp", "--pp"):
+                 "--seed", "--tensorboard-dir", "--data-path", "--data", "--split", "--config", "--nproc", "--tp", "--pp",
+                 "--attention-backend", "--profile", "--profile-step-start", "--profile-step-end", "--profile-ranks"):
         assert flag in flags, flag
     assert json.dumps(TrainConfig().clip_grad) == "1.0"
+
+
+def test_profile_writes_a_trace_and_a_kernel_table(tiny_ckpt: Path, tmp_path: Path) -> None:
+    from bridge.training import train
+
+    out = tmp_path / "tb"
+    train(TrainConfig(load=str(tiny_ckpt), mock_data=True, seq_length=32, global_batch_size=2, train_iters=3,
+                      eval_interval=0, progress=False, device="cpu", profile=True, profile_step_start=2,
+                      profile_step_end=3, tensorboard_dir=str(out)))
+    table = (out / "profile_rank0.txt").read_text()
+    assert "aten::mm" in table and "Self CPU" in table
+    assert json.loads((out / "profile_rank0.json").read_text())["traceEvents"]
 
 
 def test_sft_loss_mask_is_used_only_with_sft(tmp_path: Path) -> None:

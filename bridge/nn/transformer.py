@@ -12,7 +12,6 @@ from torch import nn
 
 from bridge.config import ModelConfig
 from bridge.errors import BridgeError
-from bridge.nn.attention import sdpa
 from bridge.nn.layers import (ColumnParallelLinear, RMSNorm, RowParallelLinear, TEColumnParallelLinear,
                               TEExtraState, TERowParallelLinear)
 from bridge.nn.rope import apply_rope
@@ -46,9 +45,9 @@ class CoreAttention(nn.Module):
             i = torch.arange(s, device=q.device)
             dist = i[:, None] - i[None, :]
             mask = (dist >= 0) & (dist < self.sliding_window)  # transformers' window: q - kv < W
-            out = sdpa(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         else:
-            out = sdpa(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return out.permute(2, 0, 1, 3)  # [s, b, nq, d]
 
 
