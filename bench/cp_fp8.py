@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def text_corpus(out: Path, vocab_size: int = 8192, extra: Path | None = None,
-                max_bytes: int = 24_000_000) -> tuple[Path, Path, int]:
+                max_bytes: int = 12_000_000) -> tuple[Path, Path, int]:
     """(jsonl of real text, tokenizer folder, eos id): this repository's .md/.py files, then those of `extra`
     (e.g. Python's standard library, ~30 MB on any machine) up to `max_bytes`: text that needs no network."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
