@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device-tool call on a 4-GPU machine: the one-GPU 1B benchmark per attention backend side by side (one per GPU)
 # with a profile of the default, then TP=4 on the 8B-shaped model, then the context-parallel sweeps.
-#   run(kind="nvidia-h100-x4", command="OUT=$OUT bash bench/gpu_round2.sh")
+#   run(kind="nvidia-h100-x4", carry=[".whl"], command="OUT=$OUT bash bench/gpu_round2.sh")
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -9,7 +9,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.log" 2
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1
 one_gpu() {  # GPU, log name, command...
   local gpu=$1 name=$2; shift 2
-  ( export CUDA_VISIBLE_DEVICES=$gpu; timeout 170 "$@" > "/tmp/$name.log" 2>&1; echo "$name exit $?" >> "/tmp/$name.log" ) &
+  ( export CUDA_VISIBLE_DEVICES=$gpu; timeout 120 "$@" > "/tmp/$name.log" 2>&1; echo "$name exit $?" >> "/tmp/$name.log" ) &
 }
 B1="python3 bench/train.py --model llama-3.2-1b --seq-length 2048 --steps 12 --micro-batch-size 4 --global-batch-size 8 --no-baseline"
 one_gpu 0 auto $B1 --profile /tmp/prof
@@ -20,9 +20,9 @@ for f in auto flash fused; do echo "== 1B, one GPU, --attention-backend $f"; gre
 head -48 /tmp/prof/profile_rank0.txt | cut -c1-160
 echo "== 8B-shaped, 8 layers, seq 4096, four GPUs"
 B4="python3 bench/train.py --model llama-8b-8l --seq-length 4096 --nproc 4 --no-baseline --steps 8 --warmup 4 --global-batch-size 8"
-for mbs in 1 2; do timeout 120 $B4 --micro-batch-size $mbs --layouts tp4 2>&1 | grep -E "^bridge|Error" | sed "s/^/mbs $mbs /"; done
+for mbs in 1 2; do timeout 100 $B4 --micro-batch-size $mbs --layouts tp4 2>&1 | grep -E "^bridge|Error" | sed "s/^/mbs $mbs /"; done
 echo "== context parallel, 1B shape"
-timeout 150 env OUT="$OUT" bash bench/cp_fp8_gpu.sh cp > "$OUT/cp.log" 2>&1; echo "cp exit $?"
+timeout 140 env OUT="$OUT" bash bench/cp_fp8_gpu.sh cp > "$OUT/cp.log" 2>&1; echo "cp exit $?"
 grep -E "^cp=|Error" "$OUT/cp.log"
-timeout 120 env OUT="$OUT" bash bench/cp_fp8_gpu.sh cp-long > "$OUT/cp-long.log" 2>&1; echo "cp-long exit $?"
+timeout 110 env OUT="$OUT" bash bench/cp_fp8_gpu.sh cp-long > "$OUT/cp-long.log" 2>&1; echo "cp-long exit $?"
 grep -E "^cp=|Error" "$OUT/cp-long.log"
