@@ -2,12 +2,7 @@
 # Device-tool call on one H100 (the card the issues' goals name): the 1B-shape benchmark against HF + torch.compile,
 # then FP8 tensorwise vs bf16 on the 8B shape (8 layers) at global batch 8.
 #   run(kind="nvidia-h100-x1", carry=[".whl"], command="OUT=$OUT bash bench/gpu_h100.sh")
-set -u
-OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; exit 1; }
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >> "$OUT/pip.log" 2>&1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source bench/gpu_setup.sh
 echo "== 1B shape, seq 2048, mbs 4, global batch 8: bridge vs HF + torch.compile + fused AdamW"
 timeout 200 python3 bench/train.py --model llama-3.2-1b --seq-length 2048 --micro-batch-size 4 --global-batch-size 8 \
     --steps 15 --json "$OUT/bench1-h100.json" 2>&1 | grep -E "^bridge|^HF|Error"

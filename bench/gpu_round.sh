@@ -2,16 +2,7 @@
 # One device-tool call on a 4-GPU machine: independent one-GPU measurements side by side (one per GPU; they
 # share nothing but the host). Logs and JSON land in $OUT.
 #   run(kind="nvidia-h100-x4", carry=[".whl"], command="OUT=$OUT bash bench/gpu_round.sh")
-set -u
-OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; exit 1; }
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >> "$OUT/pip.log" 2>&1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-one_gpu() {  # GPU, log name, command...
-  local gpu=$1 name=$2; shift 2
-  ( export CUDA_VISIBLE_DEVICES=$gpu; timeout "${LIMIT:-330}" "$@" > "$OUT/$name.log" 2>&1; echo "$name exit $?" >> "$OUT/$name.log" ) &
-}
+source bench/gpu_setup.sh
 B1="python3 bench/train.py --model llama-3.2-1b --seq-length 2048 --steps 15"
 LIMIT=540 one_gpu 0 fp8-8b env OUT="$OUT" bash bench/cp_fp8_gpu.sh fp8-8b
 LIMIT=540 one_gpu 1 fp8-1b env OUT="$OUT" bash bench/cp_fp8_gpu.sh fp8-1b

@@ -2,15 +2,8 @@
 # Device-tool call on a 4-GPU machine: the one-GPU 1B benchmark per attention backend side by side (one per GPU)
 # with a profile of the default, then TP=4 on the 8B-shaped model, then the context-parallel sweeps.
 #   run(kind="nvidia-h100-x4", carry=[".whl"], command="OUT=$OUT bash bench/gpu_round2.sh")
-set -u
-OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; exit 1; }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1
-one_gpu() {  # GPU, log name, command...
-  local gpu=$1 name=$2; shift 2
-  ( export CUDA_VISIBLE_DEVICES=$gpu; timeout 120 "$@" > "/tmp/$name.log" 2>&1; echo "$name exit $?" >> "/tmp/$name.log" ) &
-}
+LOGS=/tmp; LIMIT=120  # logs stay on the machine: only 8 files come back from a call
+source bench/gpu_setup.sh
 B1="python3 bench/train.py --model llama-3.2-1b --seq-length 2048 --steps 12 --micro-batch-size 4 --global-batch-size 8 --no-baseline"
 one_gpu 0 auto $B1 --profile /tmp/prof
 one_gpu 1 flash $B1 --attention-backend flash

@@ -2,11 +2,8 @@
 # One device-tool call on a 2-GPU machine: `bridge verify` over 2 GPUs with NCCL (bf16, then fp32) and
 # the 1-GPU training benchmark against HF transformers + torch.compile + fused AdamW.
 #   run: bash bench/gpu_session.sh        (logs and JSON land in $OUT, or ./gpu-out)
-set -u
-out="${OUT:-gpu-out}"; mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/pip.log" 2>&1 || { cat "$out/pip.log"; exit 1; }
-nvidia-smi -L
+source bench/gpu_setup.sh
+out=$OUT
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'gpus', torch.cuda.device_count())"
 echo "== bridge verify, Llama-3.2-1B shape, TP=2 over 2 GPUs (NCCL)"
 timeout 240 python3 bench/gpu_verify.py --also-fp32 > "$out/verify.log" 2>&1; echo "verify exit $?"
