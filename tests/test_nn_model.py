@@ -113,3 +113,23 @@ def test_full_size_llama_shapes_on_meta_device() -> None:
     assert state["decoder.layers.0.self_attention.linear_qkv.weight"].shape == ((64 + 2 * 8) * 128 // 8, 8192)
     assert state["decoder.layers.0.mlp.linear_fc1.weight"].shape == (2 * 28672 // 8, 8192)
     assert len(chunks[0].decoder.layers) == 80 // 8 and list(chunks[1].layer_numbers) == list(range(70, 80))
+
+
+def test_attention_backend_choice_is_replaceable_and_keeps_the_maths() -> None:
+    """--attention-backend sets a process-wide SDPA kernel order; choosing again replaces the earlier choice."""
+    import torch.nn.functional as F
+
+    from bridge.nn.attention import set_attention_backend
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    scores = q @ k.repeat_interleave(2, 1).transpose(-1, -2) / 8 ** 0.5
+    scores = scores.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
+    expected = scores.softmax(-1) @ v.repeat_interleave(2, 1)
+    try:
+        for name in ("unfused", "auto", "unfused"):
+            set_attention_backend(name)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            assert (out - expected).abs().max().item() < 1e-5, name
+    finally:
+        set_attention_backend("auto")
