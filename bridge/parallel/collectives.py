@@ -7,6 +7,8 @@ and no tensor all-gather, so those are emulated there with all_reduce / list all
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 import torch.distributed as dist
 
@@ -72,7 +74,8 @@ def reduce_scatter(x: torch.Tensor, group: Group) -> torch.Tensor:
 class Pending:
     """An asynchronous collective in flight; `wait()` returns its result (finishing gloo's emulations)."""
 
-    def __init__(self, work: dist.Work | None, result: torch.Tensor, finish=None) -> None:  # noqa: ANN001
+    def __init__(self, work: dist.Work | None, result: Any,
+                 finish: Callable[[Any], torch.Tensor] | None = None) -> None:
         self.work, self.result, self.finish = work, result, finish
 
     def wait(self) -> torch.Tensor:
