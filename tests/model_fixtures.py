@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,6 +50,18 @@ MODEL_OVERRIDES: dict[str, dict[str, Any]] = {
                          "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
     },
 }
+
+
+def write_random_corpus(prefix: Path, *, seed: int, documents: int, max_length: int = 80) -> Path:
+    """An indexed dataset of `documents` random documents of 5..max_length-1 tokens (ids 3..299, clear of the tiny
+    models' special tokens): the training tests' corpus."""
+    from bridge.data.indexed import IndexedDatasetWriter
+
+    rng = np.random.default_rng(seed)
+    with IndexedDatasetWriter(prefix, np.uint16) as w:
+        for n in rng.integers(5, max_length, documents):
+            w.add_document(rng.integers(3, 300, int(n)))
+    return prefix
 
 
 def real_config(name: str) -> Path:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from bridge.errors import BridgeError
 from bridge.launch import launch
 from bridge.parallel.context import _global_order, check_seq_length, chunk_ids, local_positions, split_sequence
+from tests.model_fixtures import write_random_corpus
 
 
 def test_chunks_are_load_balanced_and_gather_back_in_order() -> None:
@@ -64,16 +65,13 @@ EOD = 2  # the tiny Llama's eos_token_id
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from bridge.api import import_hf
-    from bridge.data.indexed import IndexedDatasetWriter
     from bridge.tiny import save_tiny_model, tiny_config
 
     root = tmp_path_factory.mktemp("cp")
     hf = save_tiny_model(tiny_config(CONFIGS / "meta-llama--Llama-3.2-1B" / "config.json"), root / "hf")
-    rng = np.random.default_rng(0)
-    with IndexedDatasetWriter(root / "corpus", np.uint16) as w:
-        for n in rng.integers(5, 40, 80):  # short documents: several EODs inside every 8-token chunk run
-            w.add_document(rng.integers(3, 300, int(n)))
-    return {"root": root, "hf": hf, "ckpt": import_hf(hf, root / "ckpt"), "data": root / "corpus"}
+    # short documents: several EODs inside every 8-token chunk run
+    data = write_random_corpus(root / "corpus", seed=0, documents=80, max_length=40)
+    return {"root": root, "hf": hf, "ckpt": import_hf(hf, root / "ckpt"), "data": data}
 
 
 def _config(setup: dict[str, Path], name: str, **kw: object):  # noqa: ANN202

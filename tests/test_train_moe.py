@@ -7,17 +7,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from bridge.api import export_hf, import_hf
 from bridge.cli.main import main
-from bridge.data.indexed import IndexedDatasetWriter
 from bridge.errors import BridgeError
 from bridge.training import TrainConfig, train
 from bridge.training.plan import make_plan
+from tests.model_fixtures import write_random_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -38,10 +37,7 @@ def setup(tiny_hf, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     paths = {"root": root, "data": root / "corpus"}
     for arch in sorted({a for a, _ in RUNS}):
         paths[arch] = import_hf(tiny_hf(arch), root / f"ckpt-{arch}")  # EP=1: the trainer reshards to its EP
-    rng = np.random.default_rng(0)
-    with IndexedDatasetWriter(paths["data"], np.uint16) as w:
-        for n in rng.integers(5, 80, 80):
-            w.add_document(rng.integers(3, 300, int(n)))
+    write_random_corpus(paths["data"], seed=0, documents=80)
     return paths
 
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from bridge.api import export_hf, import_hf
-from bridge.data.indexed import IndexedDatasetWriter
 from bridge.tiny import save_tiny_model, tiny_config
 from bridge.training import TrainConfig, train
+from tests.model_fixtures import write_random_corpus
 
 CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "configs"
 pytestmark = pytest.mark.slow
@@ -32,11 +31,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("train")
     hf = save_tiny_model(tiny_config(CONFIGS / "meta-llama--Llama-3.2-1B" / "config.json"), root / "hf")  # tied
     ckpt = import_hf(hf, root / "ckpt")
-    rng = np.random.default_rng(0)
-    with IndexedDatasetWriter(root / "corpus", np.uint16) as w:
-        for n in rng.integers(5, 80, 80):
-            w.add_document(rng.integers(3, 300, int(n)))
-    return {"root": root, "ckpt": ckpt, "data": root / "corpus"}
+    return {"root": root, "ckpt": ckpt, "data": write_random_corpus(root / "corpus", seed=0, documents=80)}
 
 
 def config(setup: dict[str, Path], name: str, **kw: object) -> TrainConfig:

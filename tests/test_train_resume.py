@@ -15,10 +15,10 @@ import torch
 
 from bridge.api import export_hf, import_hf
 from bridge.converters.megatron_legacy import SAFE_GLOBALS, TRACKER, read_tracker
-from bridge.data.indexed import IndexedDatasetWriter
 from bridge.launch import launch
 from bridge.tiny import save_tiny_model, tiny_config
 from bridge.training import TrainConfig, train
+from tests.model_fixtures import write_random_corpus
 
 CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "configs"
 pytestmark = pytest.mark.slow
@@ -29,11 +29,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("resume")
     hf = save_tiny_model(tiny_config(CONFIGS / "meta-llama--Llama-3.1-8B" / "config.json"), root / "hf")  # untied
     ckpt = import_hf(hf, root / "ckpt")
-    rng = np.random.default_rng(1)
-    with IndexedDatasetWriter(root / "corpus", np.uint16) as w:
-        for n in rng.integers(5, 80, 60):
-            w.add_document(rng.integers(3, 300, int(n)))
-    return {"root": root, "ckpt": ckpt, "data": root / "corpus", "hf": hf}
+    return {"root": root, "ckpt": ckpt, "data": write_random_corpus(root / "corpus", seed=1, documents=60), "hf": hf}
 
 
 def config(setup: dict[str, Path], save: str, **kw: object) -> TrainConfig:
