@@ -20,13 +20,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from bridge.parallel.collectives import Group
-
-
-def _all_reduce(x: torch.Tensor, group: Group, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(x, op=op, group=group)
-    return x
+from bridge.parallel.collectives import Group, all_reduce
 
 
 def _masked(logits: torch.Tensor, vocab_start: int, vocab_size: int | None) -> torch.Tensor:
@@ -83,10 +77,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, group: Group, vocab_start: int,  # noqa: ANN001
                 vocab_size: int | None) -> torch.Tensor:
-        logits_max = _kernel(local_max, logits.device)(logits, vocab_start, vocab_size)
-        _all_reduce(logits_max, group, dist.ReduceOp.MAX)
+        logits_max = all_reduce(_kernel(local_max, logits.device)(logits, vocab_start, vocab_size), group,
+                                dist.ReduceOp.MAX)
         sum_exp, predicted = _kernel(local_terms, logits.device)(logits, logits_max, target, vocab_start, vocab_size)
-        sums = _all_reduce(torch.stack([sum_exp, predicted]), group)  # one collective for both
+        sums = all_reduce(torch.stack([sum_exp, predicted]), group)  # one collective for both
         sum_exp, predicted = sums[0], sums[1]
         ctx.vocab_start, ctx.vocab_size = vocab_start, vocab_size
         ctx.save_for_backward(logits, logits_max, sum_exp, target)

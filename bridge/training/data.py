@@ -100,6 +100,7 @@ class PackedDataset:
         self._lengths = dict(zip(doc_ids.tolist(), lengths.tolist()))
         self.block = max(1, self.tokens_per_epoch // seq_length)
         self._epochs: dict[int, _Epoch] = {}
+        self._block_orders: dict[int, np.ndarray] = {}
 
     def _doc_len(self, doc: int) -> int:
         """Tokens of the document plus the EOD the packer appends when it does not end with one."""
@@ -136,10 +137,18 @@ class PackedDataset:
             pos += take
         return np.concatenate(tokens), np.concatenate(masks)
 
+    def _block_order(self, block: int) -> np.ndarray:
+        """The seeded sample order within `block`, drawn once: every sample of a step reads it."""
+        if block not in self._block_orders:
+            if len(self._block_orders) > 2:
+                self._block_orders.clear()
+            self._block_orders[block] = np.random.default_rng([self.seed, 1, block]).permutation(self.block)
+        return self._block_orders[block]
+
     def sample(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Sample k: tokens [s+1] and the loss mask of each token [s+1]."""
         block, index = divmod(k, self.block)
-        j = int(np.random.default_rng([self.seed, 1, block]).permutation(self.block)[index])
+        j = int(self._block_order(block)[index])
         return self._stream((block * self.block + j) * self.seq_length, self.seq_length + 1)
 
 

@@ -38,6 +38,12 @@ class _StopFlag:
         self.set = True
 
 
+def masked_mean(loss: torch.Tensor, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-token loss [b, s] -> mean over the micro-batch's trained tokens (with CP a partial sum: the CP ranks'
+    parts add up)."""
+    return (loss.float() * mb["loss_mask"]).sum() / mb["loss_tokens"].clamp(min=1.0)
+
+
 def train_step(rs: RankSetup, micro_batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
     """Forward and backward of one global batch on this rank; returns the last stage's micro-batch losses."""
     plan, ps, chunks = rs.plan, rs.ps, rs.chunks
@@ -48,8 +54,7 @@ def train_step(rs: RankSetup, micro_batches: list[dict[str, torch.Tensor]]) -> l
         out = model(mb["tokens"] if model.pre_process else x, labels=mb["labels"] if model.post_process else None)
         if not model.post_process:
             return out
-        # [b, s] -> mean over the micro-batch's trained tokens (with CP a partial sum: the CP ranks' parts add up)
-        loss = (out.float() * mb["loss_mask"]).sum() / mb["loss_tokens"].clamp(min=1.0)
+        loss = masked_mean(out, mb)
         losses.append(loss.detach())
         return loss / plan.global_microbatches
 
@@ -82,8 +87,7 @@ def evaluate(rs: RankSetup) -> float | None:
     for i in range(cfg.eval_iters):
         mbs = rs.micro_batches(rs.valid, i * cfg.global_batch_size)
         outs = forward_only(rs.chunks, ps, mbs)
-        total += sum(float((o.float() * mb["loss_mask"]).sum() / mb["loss_tokens"].clamp(min=1.0))
-                     for o, mb in zip(outs, mbs))
+        total += sum(float(masked_mean(o, mb)) for o, mb in zip(outs, mbs))
     for chunk in rs.chunks:
         chunk.train()
     return _reduce([total], ps, rs.device)[0] / (cfg.eval_iters * rs.plan.global_microbatches)
@@ -169,9 +173,8 @@ class Trainer:
         if self.cfg.moe_router_bias_update_rate:
             for chunk in self.rs.chunks:
                 update_expert_bias(chunk, self.cfg.moe_router_bias_update_rate, self.ps.dp_group)
-        aux = 0.0
+        aux = float(sum(layer.aux_loss_sum for layer in self.moe_layers))  # one device sync, not one per layer
         for layer in self.moe_layers:
-            aux += float(layer.aux_loss_sum)
             layer.aux_loss_sum = 0.0
         return aux if self.ps.tp_rank == 0 else 0.0
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bridge.checkpoint import CheckpointMeta
 from bridge.config import ModelConfig
-from bridge.data.indexed import has_loss_mask
+from bridge.data.indexed import has_loss_mask, strip_suffix
 from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
 from bridge.nn.attention import ATTENTION_BACKENDS
@@ -74,7 +74,7 @@ def _check_data(cfg: TrainConfig) -> None:
             if not Path(item).is_file():
                 raise BridgeError(f"data file {item} does not exist")
             continue
-        prefix = item[:-4] if item.endswith((".bin", ".idx")) else item
+        prefix = strip_suffix(item)
         missing = [p for p in (f"{prefix}.bin", f"{prefix}.idx") if not Path(p).is_file()]
         if missing:
             raise BridgeError(f"data files {', '.join(missing)} do not exist; give the prefix `bridge data prepare` "
