@@ -18,8 +18,7 @@ from bridge.converters.torch_dist import FORMATS, TorchDistReader, TorchDistSink
 from bridge.errors import BridgeError
 from bridge.hub import resolve_source
 from bridge.layout import ParallelLayout
-from bridge.mapping import Conversion, expand
-from bridge.models import family
+from bridge.models import conversions, family
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +37,6 @@ def load_hf_config(folder: Path) -> ModelConfig:
     if len(architectures) != 1:
         raise BridgeError(f"{folder}/config.json names architectures {architectures}; expected exactly one")
     return family(architectures[0]).config_from_hf(hf)
-
-
-def conversions(cfg: ModelConfig) -> list[Conversion]:
-    return list(expand(family(cfg.architecture).rows(cfg), cfg.num_layers, cfg.moe))
 
 
 def _check_spec(cfg: ModelConfig, impl: str, layout: ParallelLayout, format: str) -> None:

@@ -17,17 +17,12 @@ from bridge.config import ModelConfig
 from bridge.converters.engine import HFSource
 from bridge.converters.hf import SafetensorsReader
 from bridge.errors import BridgeError
-from bridge.mapping import Conversion, expand
-from bridge.models import family
+from bridge.mapping import Conversion
+from bridge.models import conversions
 from bridge.nn.gpt import GPTModel
 from bridge.sharding import LocalKey, Split, gather, localize, rule_for, split
 
 DESTINATIONS = ("all", "rank0")
-
-
-def _conversions(model: GPTModel) -> list[Conversion]:
-    cfg = model.cfg
-    return list(expand(family(cfg.architecture).rows(cfg), cfg.num_layers, cfg.moe))
 
 
 def _locate(key: str, model: GPTModel) -> LocalKey:
@@ -41,8 +36,13 @@ def _owns(loc: LocalKey, ps: object) -> bool:
     return loc.pp_rank == ps.pp_rank and (loc.ep_rank is None or loc.ep_rank == getattr(ps, "ep_rank", 0))
 
 
-def _local_tensor(chunks: Sequence[GPTModel], chunk: int, name: str) -> torch.Tensor:
-    state = chunks[chunk].state_dict(keep_vars=True)
+def _chunk_states(chunks: Sequence[GPTModel]) -> list[dict[str, torch.Tensor]]:
+    """Each chunk's parameters by local name, taken once per call (a state_dict walks every module)."""
+    return [chunk.state_dict(keep_vars=True) for chunk in chunks]
+
+
+def _local_tensor(states: Sequence[dict[str, torch.Tensor]], chunk: int, name: str) -> torch.Tensor:
+    state = states[chunk]
     if name not in state:
         raise BridgeError(f"chunk {chunk} has no parameter {name}; was the model built with another transformer_impl?")
     return state[name]
@@ -53,11 +53,12 @@ def load_hf_weights(chunks: Sequence[GPTModel], folder: Path) -> None:
     every parameter is written exactly once, or the error lists the ones that were not."""
     model = chunks[0]
     cfg, ps, layout = model.cfg, model.ps, model.ps.layout
-    convs = _conversions(model)
+    convs = conversions(model.cfg)
     reader = SafetensorsReader(folder)
     source = HFSource(reader, cfg, convs, dtype=None)  # checks the folder against the mapping first
     written: set[tuple[int, str]] = set()
     padded = layout.padded_vocab_size(cfg.vocab_size)
+    states = _chunk_states(chunks)
 
     def put(key: str, tensor: torch.Tensor) -> None:
         loc = _locate(key, model)
@@ -65,7 +66,7 @@ def load_hf_weights(chunks: Sequence[GPTModel], folder: Path) -> None:
             return
         shard = split(tensor, rule_for(key), ps.tp, padded)[ps.tp_rank]
         with torch.no_grad():
-            _local_tensor(chunks, loc.chunk, loc.name).copy_(shard)
+            _local_tensor(states, loc.chunk, loc.name).copy_(shard)
         written.add((loc.chunk, loc.name))
 
     for conv in convs:
@@ -145,20 +146,21 @@ def export_hf_weights(chunks: Sequence[GPTModel], *, names: Collection[str] | No
         raise BridgeError(f"to={to!r} is not one of {', '.join(DESTINATIONS)}")
     model = chunks[0]
     cfg, ps = model.cfg, model.ps
-    convs = _conversions(model)
+    convs = conversions(model.cfg)
     wanted = set(names) if names is not None else None
     if wanted is not None:
         unknown = wanted - {n for c in convs for n in c.hf}
         if unknown:
             raise BridgeError(f"unknown HF weight names: {', '.join(sorted(unknown)[:10])}")
     receive = to == "all" or ps.rank == 0
+    states = _chunk_states(chunks)
     for conv in convs:
         if wanted is not None and not wanted.intersection(conv.hf):
             continue
         loc = _locate(conv.megatron, model)
         full = None
         if _owns(loc, ps):
-            full = _gather_tp(_local_tensor(chunks, loc.chunk, loc.name), rule_for(conv.megatron), model)
+            full = _gather_tp(_local_tensor(states, loc.chunk, loc.name), rule_for(conv.megatron), model)
         if loc.ep_rank is not None and loc.pp_rank == ps.pp_rank:
             full = _from_ep_rank(full, loc.ep_rank, model)
         full = _from_stage(full, loc.pp_rank, model)
@@ -186,7 +188,7 @@ def _hf_plan(model: GPTModel, hf_folder: Path, dtype: torch.dtype | None) -> lis
         hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf_folder))
     shapes = {name: tuple(t.shape) for name, t in hf.state_dict().items()}
     param_dtype = next(model.parameters()).dtype
-    return [PlannedTensor(name, dtype or param_dtype, shapes[name]) for conv in _conversions(model) for name in conv.hf]
+    return [PlannedTensor(name, dtype or param_dtype, shapes[name]) for conv in conversions(model.cfg) for name in conv.hf]
 
 
 def save_hf(chunks: Sequence[GPTModel], hf_folder: Path, out: Path, *, dtype: torch.dtype | None,

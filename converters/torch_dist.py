@@ -33,8 +33,8 @@ from bridge.converters.megatron_legacy import (CHECKPOINT_VERSION, SAFE_GLOBALS,
                                                model_keys, read_tracker, state_dict_position)
 from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
-from bridge.mapping import Conversion, expand
-from bridge.models import family
+from bridge.mapping import Conversion
+from bridge.models import conversions
 from bridge.sharding import Split, localize, rule_for, split
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ class TorchDistReader:
         each global tensor of its stage is read (one at a time) and split with the usual sharding rules.
         """
         meta = replace(self.ckpt_meta, layout=layout or self.ckpt_meta.layout)
-        source = TorchDistSource(self, meta, _conversions(meta))
+        source = TorchDistSource(self, meta, conversions(meta.config))
         collector = _RankCollector(meta.layout, tp_rank, pp_rank)
         sink = engine.MegatronSink(self.root, meta, lambda t, p: argparse.Namespace(), writer=collector)
         last, tied_copy = meta.layout.pp - 1, meta.config.tie_word_embeddings and meta.layout.pp > 1
@@ -216,10 +216,6 @@ class TorchDistReader:
                                  "iteration": 0 if self.iteration == "release" else int(self.iteration)}
         state.update(zip(model_keys(meta.layout), collector.models()))
         return state
-
-
-def _conversions(meta: CheckpointMeta) -> list[Conversion]:
-    return list(expand(family(meta.config.architecture).rows(meta.config), meta.config.num_layers))
 
 
 class _RankCollector:

@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 from bridge.config import ModelConfig
 from bridge.errors import BridgeError
-from bridge.mapping import Row
+from bridge.mapping import Conversion, Row, expand
 from bridge.models import deepseek, llama, mistral, mixtral, qwen, qwen_moe
 
 
@@ -39,3 +39,8 @@ def family(architecture: str) -> Family:
     except KeyError:
         supported = ", ".join(sorted(FAMILIES))
         raise BridgeError(f"architecture {architecture} is not supported; supported: {supported}") from None
+
+
+def conversions(cfg: ModelConfig) -> list[Conversion]:
+    """Every tensor conversion of a model: its family's rows expanded over layers (and experts)."""
+    return list(expand(family(cfg.architecture).rows(cfg), cfg.num_layers, cfg.moe))
