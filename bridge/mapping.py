@@ -27,9 +27,6 @@ class Transform:
 COPY = Transform("copy", lambda t, cfg: transforms.copy(t, cfg), transforms.uncopy)
 FUSE_QKV = Transform("fuse_qkv", transforms.fuse_qkv, transforms.split_qkv)
 FUSE_GATE_UP = Transform("fuse_gate_up", transforms.fuse_gate_up, transforms.split_gate_up)
-#: Per-expert HF tensors -> one routed expert's Megatron fc1/fc2 (rows with `experts=True` and `{e}` in names).
-EXPERT_GATE_UP = Transform("experts", transforms.fuse_gate_up, transforms.split_gate_up)
-EXPERT_COPY = Transform("experts", COPY.to_megatron, COPY.to_hf)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-from typing import Collection
 
 import torch
 
@@ -89,37 +88,15 @@ def gather(shards: list[torch.Tensor], rule: Split, vocab_size: int) -> torch.Te
     return torch.cat(shards, dim=0 if rule is Split.COLUMN else 1)
 
 
-def shard_shape(shape: torch.Size, rule: Split, tp: int, padded_vocab: int) -> tuple[int, ...]:
-    """Shape of one rank's shard, without touching data."""
-    dims = list(shape)
-    if rule is Split.VOCAB:
-        dims[0] = padded_vocab // tp
-    elif rule in (Split.COLUMN, Split.GATED_COLUMN):
-        dims[0] //= tp
-    elif rule is Split.ROW:
-        dims[1] //= tp
-    return tuple(dims)
-
-
 #: TE-spec names that the local spec spells differently (megatron/core/models/gpt/gpt_layer_specs.py).
 LOCAL_SPEC_RENAMES: dict[str, str] = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
 }
 
-#: Transformer Engine modules that carry an `_extra_state` entry in the TE spec (empty uint8 without FP8).
-TE_EXTRA_STATE_MODULES: tuple[str, ...] = (
-    "self_attention.linear_qkv",
-    "self_attention.core_attention",
-    "self_attention.linear_proj",
-    "mlp.linear_fc1",
-    "mlp.linear_fc2",
-)
-
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 #: Global expert keys use SequentialMLP's names with the *global* expert index (like the global layer index).
 _EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.(weight|bias|_extra_state)$")
-_GROUPED = re.compile(r"^mlp\.experts\.(linear_fc[12])\.(weight|bias)(\d+)$")
 _LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.*)$")
 
 
@@ -161,26 +138,6 @@ def localize(key: str, layout: ParallelLayout, num_layers: int, transformer_impl
     if key.startswith("embedding."):
         return LocalKey(0, 0, key)
     return LocalKey(layout.pp - 1, layout.chunks - 1, key)
-
-
-def globalize(name: str, pp_rank: int, chunk: int, layout: ParallelLayout, num_layers: int, *, ep_rank: int = 0,
-              num_experts: int = 0, moe_layers: Collection[int] = ()) -> str:
-    """Inverse of `localize`: a stage-local name (either spec, either expert naming) -> the global TE-spec key."""
-    match = _LAYER.match(name)
-    if not match:
-        return name
-    local, rest = int(match.group(1)), match.group(2)
-    layer = layout.global_layer(pp_rank, chunk, local, num_layers)
-    for te_name, local_name in LOCAL_SPEC_RENAMES.items():
-        if rest == local_name and layer not in moe_layers:  # MoE layers have their own pre_mlp_layernorm
-            rest = te_name
-    grouped, sequential = _GROUPED.match(rest), _LOCAL_EXPERT.match(rest)
-    if grouped or sequential:
-        j = int((grouped or sequential).group(3 if grouped else 1))
-        e = layout.global_expert(ep_rank, j, num_experts)
-        tail = f"{grouped.group(1)}.{grouped.group(2)}" if grouped else sequential.group(2)
-        rest = f"mlp.experts.local_experts.{e}.{tail}"
-    return f"decoder.layers.{layer}.{rest}"
 
 
 #: TE modules (relative to a layer) whose weights are followed by `_extra_state` entries: module -> entries.

@@ -154,23 +154,11 @@ class DcpReader:
     def tensor_keys(self) -> list[str]:
         return [k for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)]
 
-    def byte_keys(self) -> list[str]:
-        return [k for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
-
     def tensor_meta(self, key: str) -> TensorStorageMetadata:
         entry = self.metadata.state_dict_metadata.get(key)
         if not isinstance(entry, TensorStorageMetadata):
             raise BridgeError(f"{self.folder} holds no tensor {key}")
         return entry
-
-    def read_bytes(self, key: str) -> bytes:
-        info = self.metadata.storage_data[MetadataIndex(key)]
-        with open(self.folder / info.relative_path, "rb") as handle:
-            handle.seek(info.offset)
-            data = handle.read(info.length)
-        if len(data) != info.length:
-            raise BridgeError(f"{self.folder / info.relative_path} is truncated: {key} needs {info.length} bytes")
-        return data
 
     def read(self, key: str, offsets: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:
         """The region [offsets, offsets + sizes) of global tensor `key`, assembled from the chunks it overlaps."""

@@ -119,18 +119,9 @@ class LegacyCheckpointReader:
             self._states[tp_rank, pp_rank, ep_rank] = state
         self._consumed: set[tuple[int, int, int, int, str]] = set()
 
-    def args(self) -> argparse.Namespace | None:
-        return self._states[0, 0, 0].get("args")
-
     def state(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> dict[str, Any]:
         """The file's whole object with tensors on `meta` (for non-model entries: optimizer, rng, ...)."""
         return self._states[tp_rank, pp_rank, ep_rank]
-
-    def names(self, pp_rank: int, chunk: int, ep_rank: int = 0) -> list[str]:
-        return list(self._models[0, pp_rank, ep_rank][chunk])
-
-    def has(self, pp_rank: int, chunk: int, name: str, ep_rank: int = 0) -> bool:
-        return name in self._models[0, pp_rank, ep_rank][chunk]
 
     def meta(self, tp_rank: int, pp_rank: int, chunk: int, name: str, ep_rank: int = 0) -> torch.Tensor:
         try:
@@ -160,12 +151,6 @@ class LegacyCheckpointReader:
             for chunk, model in enumerate(chunks):
                 for name in model:
                     yield tp_rank, pp_rank, ep_rank, chunk, name
-
-    def all_keys(self) -> Iterator[tuple[int, int, int, str]]:
-        """(tp_rank, pp_rank, chunk, name) of the EP-rank-0 files (all files without expert parallelism)."""
-        for tp_rank, pp_rank, ep_rank, chunk, name in self.entries():
-            if ep_rank == 0:
-                yield tp_rank, pp_rank, chunk, name
 
     def unconsumed(self) -> list[str]:
         return sorted(f"{self.layout.rank_dir(t, p, e)}[{c}]:{n}" for t, p, e, c, n in self.entries()

@@ -9,7 +9,7 @@ from typing import Any
 
 from bridge.config import DTYPE_NAMES, ModelConfig, RopeScaling
 from bridge.errors import BridgeError
-from bridge.mapping import COPY, EXPERT_COPY, EXPERT_GATE_UP, FUSE_GATE_UP, FUSE_QKV, Row
+from bridge.mapping import COPY, FUSE_GATE_UP, FUSE_QKV, Row
 
 ATTN = "model.layers.{}.self_attn."
 MLP = "model.layers.{}.mlp."
@@ -53,9 +53,9 @@ def routed_expert_rows() -> list[Row]:
     """Routed experts named like the dense MLP (`mlp.experts.{e}.gate_proj` ...): Qwen-MoE and DeepSeek."""
     return [
         Row(M_MLP + "experts.local_experts.{e}.linear_fc1.weight",
-            (MLP + "experts.{e}.gate_proj.weight", MLP + "experts.{e}.up_proj.weight"), EXPERT_GATE_UP, layers="moe",
+            (MLP + "experts.{e}.gate_proj.weight", MLP + "experts.{e}.up_proj.weight"), FUSE_GATE_UP, layers="moe",
             experts=True),
-        Row(M_MLP + "experts.local_experts.{e}.linear_fc2.weight", (MLP + "experts.{e}.down_proj.weight",), EXPERT_COPY,
+        Row(M_MLP + "experts.local_experts.{e}.linear_fc2.weight", (MLP + "experts.{e}.down_proj.weight",), COPY,
             layers="moe", experts=True),
     ]
 

@@ -5,7 +5,7 @@ from typing import Any
 
 from bridge.config import ModelConfig, MoEConfig
 from bridge.errors import BridgeError
-from bridge.mapping import EXPERT_COPY, EXPERT_GATE_UP, FUSE_QKV, Row
+from bridge.mapping import COPY, FUSE_GATE_UP, FUSE_QKV, Row
 from bridge.models.llama import ATTN, M_ATTN, M_MLP, check_unsupported, common_fields
 
 MOE = "model.layers.{}.block_sparse_moe."
@@ -21,8 +21,8 @@ def rows(cfg: ModelConfig) -> list[Row]:
         Row("decoder.layers.{}.pre_mlp_layernorm.weight", ("model.layers.{}.post_attention_layernorm.weight",), layers="moe"),
         Row(M_MLP + "router.weight", (MOE + "gate.weight",), layers="moe"),
         Row(M_MLP + "experts.local_experts.{e}.linear_fc1.weight", (MOE + "experts.{e}.w1.weight", MOE + "experts.{e}.w3.weight"),
-            EXPERT_GATE_UP, layers="moe", experts=True),
-        Row(M_MLP + "experts.local_experts.{e}.linear_fc2.weight", (MOE + "experts.{e}.w2.weight",), EXPERT_COPY,
+            FUSE_GATE_UP, layers="moe", experts=True),
+        Row(M_MLP + "experts.local_experts.{e}.linear_fc2.weight", (MOE + "experts.{e}.w2.weight",), COPY,
             layers="moe", experts=True),
         Row("decoder.final_layernorm.weight", ("model.norm.weight",)),
         *([] if cfg.tie_word_embeddings else [Row("output_layer.weight", ("lm_head.weight",))]),

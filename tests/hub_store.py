@@ -111,9 +111,6 @@ class Repo:
                 return out
             commit = self.commits[commit.parent]
 
-    def head(self, branch: str = "main") -> str | None:
-        return self.branches.get(branch)
-
 
 class HubState:
     """Everything the server knows. All mutations take `lock`, so each commit is atomic."""

@@ -63,7 +63,7 @@ def test_te_extra_state_round_trips_empty_uint8(hf_models: dict[str, Path], tmp_
     ckpt = import_hf(hf_models["qwen3"], tmp_path / "q", ParallelLayout())
     _, (model,) = _chunks(ckpt, 0, 0)
     extra = {k: v for k, v in model.state_dict().items() if k.endswith("_extra_state")}
-    assert len(extra) == 5 * 4  # 5 TE modules per layer (bridge.sharding.TE_EXTRA_STATE_MODULES) x 4 layers
+    assert len(extra) == 5 * 4  # qkv, core_attention, proj, fc1, fc2 per layer x 4 layers
     assert all(v.dtype == torch.uint8 and v.numel() == 0 for v in extra.values())
     state = dict(model.state_dict())
     state.update({k: None for k in extra})  # an older TE writes None / BytesIO: still a strict load

@@ -33,7 +33,6 @@ class Chunk:
     items: list[tuple[int, str | dict[str, Any]]]
     #: "line" for jsonl, "row" for parquet: how a location is spelled in messages.
     unit: str = "line"
-    nbytes: int = 0
 
     def where(self, number: int) -> str:
         return f"{self.source}:{number}" if self.unit == "line" else f"{self.source}:row {number}"
@@ -115,12 +114,12 @@ def _jsonl_chunks(path: str, compression: str | None, chunk_size: int, chunk_byt
                 items.append((number, line))
                 nbytes += len(line)
                 if len(items) >= chunk_size or nbytes >= chunk_bytes:
-                    yield Chunk(path, items, "line", nbytes)
+                    yield Chunk(path, items, "line")
                     items, nbytes = [], 0
     except (OSError, EOFError, UnicodeDecodeError) as exc:
         raise BridgeError(f"{path}: cannot read ({type(exc).__name__}: {exc}); is the file complete and UTF-8?") from exc
     if items:
-        yield Chunk(path, items, "line", nbytes)
+        yield Chunk(path, items, "line")
 
 
 def _parquet_chunks(path: str, keys: Sequence[str], chunk_size: int) -> Iterator[Chunk]:
@@ -141,7 +140,7 @@ def _parquet_chunks(path: str, keys: Sequence[str], chunk_size: int) -> Iterator
         records = batch.to_pylist()
         items = [(row + i + 1, record) for i, record in enumerate(records)]
         row += len(records)
-        yield Chunk(path, items, "row", batch.nbytes)
+        yield Chunk(path, items, "row")
 
 
 def parse_record(payload: str | dict[str, Any]) -> dict[str, Any]:

@@ -71,7 +71,7 @@ def _group_limited(choice: torch.Tensor, groups: int, keep: int) -> torch.Tensor
 
 
 class _ExpertLinear(nn.Module):
-    def __init__(self, rows: int, cols: int, te: bool, dtype: torch.dtype, device: torch.device | None) -> None:
+    def __init__(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device | None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(rows, cols, dtype=dtype, device=device))
         nn.init.normal_(self.weight, std=0.02)
@@ -85,7 +85,7 @@ class _ExpertMLP(nn.Module):
     def __init__(self, h: int, f: int, te: bool, dtype: torch.dtype, device: torch.device | None) -> None:
         super().__init__()
         linear = _TEExpertLinear if te else _ExpertLinear
-        self.linear_fc1, self.linear_fc2 = linear(2 * f, h, te, dtype, device), linear(h, f, te, dtype, device)
+        self.linear_fc1, self.linear_fc2 = linear(2 * f, h, dtype, device), linear(h, f, dtype, device)
 
 
 class _GroupedLinear(TEExtraState, nn.Module):

@@ -145,7 +145,6 @@ class TransformerLayer(nn.Module):
             self.mlp = MoELayer(cfg, ps, te=te, dtype=dtype, device=device)
         else:
             self.mlp = MLP(cfg, ps, **kwargs)
-        self.te = te
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         # x: [s(/tp), b, h]

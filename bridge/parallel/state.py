@@ -98,10 +98,6 @@ class ParallelState:
         return [self.rank_of(t, self.dp_rank, self.pp_rank) for t in range(self.tp)]
 
     @property
-    def cp_ranks(self) -> list[int]:
-        return [self.rank_of(self.tp_rank, self.dp_rank, self.pp_rank, c) for c in range(self.cp)]
-
-    @property
     def pp_ranks(self) -> list[int]:
         """Global ranks of this rank's pipeline, in stage order."""
         return [self.rank_of(self.tp_rank, self.dp_rank, p) for p in range(self.pp)]

@@ -103,10 +103,6 @@ class TrainConfig:
     device: str | None = None
     """cpu or cuda; default cuda when a GPU is visible."""
 
-    @property
-    def layout_key(self) -> tuple[int, int, int | None, int]:
-        return self.tp, self.pp, self.vpp, self.ep
-
     def resolved_device(self) -> str:
         if self.device:
             return self.device

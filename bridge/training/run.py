@@ -22,7 +22,7 @@ from bridge.training.plan import Plan, make_plan
 log = logging.getLogger(__name__)
 
 
-def _needs_reshard(cfg: TrainConfig, plan: Plan) -> bool:
+def _needs_reshard(plan: Plan) -> bool:
     return plan.load_meta is not None and plan.load_meta.layout != plan.layout
 
 
@@ -37,7 +37,7 @@ def resolve_load(cfg: TrainConfig, plan: Plan, *, do_reshard: bool = True) -> Tr
     A training checkpoint's optimizer state is laid out per rank and is not resharded: resuming it in
     another layout is refused with the two ways out.
     """
-    if not _needs_reshard(cfg, plan):
+    if not _needs_reshard(plan):
         return cfg
     old = plan.load_meta.layout
     iteration = read_tracker(Path(cfg.load))
