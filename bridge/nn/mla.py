@@ -15,7 +15,7 @@ from torch import nn
 
 from bridge.config import MLAConfig, ModelConfig
 from bridge.nn.layers import ColumnParallelLinear, RowParallelLinear, TEColumnParallelLinear, TEExtraState, TERowParallelLinear
-from bridge.nn.rope import apply_rope
+from bridge.nn.rope import apply_rope, yarn_mscale
 from bridge.parallel import collectives as C
 from bridge.parallel.state import ParallelState
 
@@ -36,14 +36,10 @@ class TEDotProductAttentionState(TEExtraState, nn.Module):
     """`core_attention`: no parameters, one `_extra_state`."""
 
 
-def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
 def softmax_scale(mla: MLAConfig) -> float:
     scale = 1.0 / math.sqrt(mla.qk_head_dim + mla.qk_pos_emb_head_dim)
     if mla.rope_type == "yarn" and mla.mscale_all_dim:
-        scale *= yarn_get_mscale(mla.rotary_scaling_factor, mla.mscale_all_dim) ** 2
+        scale *= yarn_mscale(mla.rotary_scaling_factor, mla.mscale_all_dim) ** 2
     return scale
 
 

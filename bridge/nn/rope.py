@@ -49,6 +49,11 @@ class RotaryEmbedding(nn.Module):
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
 
 
+def yarn_mscale(scale: float, m: float = 1.0) -> float:
+    """YaRN's attention-magnitude factor for a context `scale`-times longer (transformers' `get_mscale`)."""
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+
 def yarn_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     """inv_freq and the cos/sin factor for MLA's rope dims (transformers' `_compute_yarn_parameters`)."""
     mla, dim, base = cfg.mla, cfg.mla.qk_pos_emb_head_dim, cfg.rotary_base
@@ -56,9 +61,6 @@ def yarn_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     if mla.rope_type != "yarn":
         return 1.0 / pos_freqs, 1.0
     factor, old_len = mla.rotary_scaling_factor, mla.original_max_position_embeddings
-
-    def mscale(scale: float, m: float = 1.0) -> float:
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
     def correction_dim(rotations: float) -> float:
         return (dim * math.log(old_len / (rotations * 2 * math.pi))) / (2 * math.log(base))
@@ -68,8 +70,8 @@ def yarn_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / ((high - low) or 0.001)).clamp(0, 1)
     extrapolation = 1 - ramp
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
-    scaling = (mscale(factor, mla.mscale) / mscale(factor, mla.mscale_all_dim)
-               if mla.mscale and mla.mscale_all_dim else mscale(factor))
+    scaling = (yarn_mscale(factor, mla.mscale) / yarn_mscale(factor, mla.mscale_all_dim)
+               if mla.mscale and mla.mscale_all_dim else yarn_mscale(factor))
     return inv_freq, scaling
 
 

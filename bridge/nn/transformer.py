@@ -16,7 +16,7 @@ from bridge.nn.layers import (ColumnParallelLinear, RMSNorm, RowParallelLinear, 
                               TEExtraState, TERowParallelLinear)
 from bridge.nn.rope import apply_rope
 from bridge.parallel.collectives import Group
-from bridge.parallel.context import cp_attention
+from bridge.parallel.context import cp_attention, window_mask
 from bridge.parallel.state import ParallelState
 
 TRANSFORMER_IMPLS = ("transformer_engine", "local")
@@ -42,9 +42,7 @@ class CoreAttention(nn.Module):
             out = cp_attention(q, k, v, group=self.cp_group, cp=self.cp, cp_rank=self.cp_rank,
                                sliding_window=self.sliding_window)
         elif self.sliding_window is not None and s > self.sliding_window:
-            i = torch.arange(s, device=q.device)
-            dist = i[:, None] - i[None, :]
-            mask = (dist >= 0) & (dist < self.sliding_window)  # transformers' window: q - kv < W
+            mask = window_mask(torch.arange(s, device=q.device), s, self.sliding_window)  # transformers' q - kv < W
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)

@@ -113,8 +113,7 @@ def reduce_scatter_async(x: torch.Tensor, group: Group) -> Pending:
     x = x.contiguous()
     if _is_gloo(group):  # no reduce-scatter in gloo: all-reduce a copy, then slice
         total = x.clone()
-        return Pending(dist.all_reduce(total, group=group, async_op=True), total,
-                       lambda t: t.chunk(size, 0)[dist.get_rank(group)].contiguous())
+        return Pending(dist.all_reduce(total, group=group, async_op=True), total, lambda t: split(t, group, 0))
     out = x.new_empty((x.shape[0] // size, *x.shape[1:]))
     return Pending(dist.reduce_scatter_tensor(out, x, group=group, async_op=True), out)
 

@@ -72,7 +72,7 @@ def gather_sequence(x: torch.Tensor, group: Group, cp: int) -> torch.Tensor:
     return blocks.index_select(0, index).reshape(cp * x.shape[0], *x.shape[1:])
 
 
-def _window_mask(q_pos: torch.Tensor, k_len: int, window: int | None) -> torch.Tensor:
+def window_mask(q_pos: torch.Tensor, k_len: int, window: int | None) -> torch.Tensor:
     """Boolean [Lq, Lk] mask: causal by global position, and within the sliding window when given."""
     dist = q_pos[:, None] - torch.arange(k_len, device=q_pos.device)[None, :]
     mask = dist >= 0
@@ -94,7 +94,7 @@ def cp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Gr
         k_c, v_c = k[:, :, :end], v[:, :, :end]
         if sliding_window is not None and end > sliding_window:
             q_pos = torch.arange(c * size, end, device=q.device)
-            mask = _window_mask(q_pos, end, sliding_window)
+            mask = window_mask(q_pos, end, sliding_window)
         else:
             mask = causal_lower_right(size, end)
         outs.append(F.scaled_dot_product_attention(q_c, k_c, v_c, attn_mask=mask, enable_gqa=True))

@@ -197,14 +197,10 @@ class ParallelState:
             for t in range(self.tp):
                 for block in range(self.dp // self.ep):
                     ranks = [self.rank_of(t, block * self.ep + e, p) for e in range(self.ep)]
-                    group = dist.new_group(ranks)
-                    if self.rank in ranks:
-                        self.ep_group = group
+                    self.ep_group = self._new_group(ranks) or self.ep_group
                 for e in range(self.ep):
                     ranks = [self.rank_of(t, d, p) for d in range(e, self.dp, self.ep)]
-                    group = dist.new_group(ranks)
-                    if self.rank in ranks:
-                        self.expert_dp_group = group
+                    self.expert_dp_group = self._new_group(ranks) or self.expert_dp_group
 
     def __repr__(self) -> str:
         return (f"ParallelState(rank={self.rank}/{self.world_size}, tp={self.tp_rank}/{self.tp}, "
