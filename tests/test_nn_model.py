@@ -133,3 +133,19 @@ def test_attention_backend_choice_is_replaceable_and_keeps_the_maths() -> None:
             assert (out - expected).abs().max().item() < 1e-5, name
     finally:
         set_attention_backend("auto")
+
+
+def test_sliding_window_attention_sees_only_the_last_w_positions() -> None:
+    """CoreAttention with a window shorter than the sequence: query i attends to keys i-W+1..i (transformers' rule)."""
+    from bridge.nn.transformer import CoreAttention
+
+    torch.manual_seed(0)
+    s, window = 7, 3
+    q, k, v = torch.randn(s, 1, 4, 8), torch.randn(s, 1, 2, 8), torch.randn(s, 1, 2, 8)  # [s, b, heads, d]
+    out = CoreAttention(window)(q, k, v)  # [s, b, 4, d]
+    i = torch.arange(s)
+    allowed = (i[:, None] - i[None, :] >= 0) & (i[:, None] - i[None, :] < window)
+    qh, kh, vh = q[:, 0].transpose(0, 1), k[:, 0].repeat_interleave(2, 1).transpose(0, 1), v[:, 0].repeat_interleave(2, 1).transpose(0, 1)
+    scores = (qh @ kh.transpose(-1, -2) / 8 ** 0.5).masked_fill(~allowed, float("-inf"))
+    expected = (scores.softmax(-1) @ vh).transpose(0, 1)  # [s, 4, d]
+    assert (out[:, 0] - expected).abs().max().item() < 1e-5
