@@ -29,6 +29,26 @@ from bridge.parallel.state import ParallelState
 log = logging.getLogger(__name__)
 
 
+_REPLICATED_TAILS = ("layer_norm_weight", "layernorm.weight", "final_layernorm.weight", "linear_proj.bias",
+                     "linear_fc2.bias", "mlp.router.weight", "shared_experts.gate_weight", "linear_q_down_proj.weight",
+                     "linear_kv_down_proj.weight")
+_HEAD_NORMS = ("q_layernorm.weight", "k_layernorm.weight")
+
+
+def tp_replicated(name: str) -> bool:
+    """Same tensor on every TP rank (norms, row-parallel biases): counted once in the gradient norm."""
+    return name.endswith(_REPLICATED_TAILS) or name.endswith(_HEAD_NORMS)
+
+
+def tp_partial(name: str, sequence_parallel: bool, tp: int) -> bool:
+    """A replicated weight whose gradient on one TP rank covers only part of the data and must be summed over TP
+    (Megatron's finalize_model_grads): with SP, norms and row-parallel biases outside the TP regions (each rank
+    sees its sequence shard only); always, the q/k norms (each rank normalises only its own heads)."""
+    if tp == 1:
+        return False
+    return name.endswith(_HEAD_NORMS) or (sequence_parallel and tp_replicated(name))
+
+
 class LanguageModelEmbedding(nn.Module):
     """Megatron's `embedding` module: just `word_embeddings` (RoPE models have no position table)."""
 
@@ -92,19 +112,6 @@ class GPTModel(nn.Module):
                 cfg.hidden_size, ps.layout.padded_vocab_size(cfg.vocab_size), tp=ps.tp, group=ps.tp_group,
                 skip_weight=tied_here, **kw)
         self.vocab_start = self.ps.tp_rank * ps.layout.padded_vocab_size(cfg.vocab_size) // ps.tp
-        self._mark_tp_partial_grads()
-
-    def _mark_tp_partial_grads(self) -> None:
-        """Flag replicated parameters whose gradient each TP rank sees only part of (Megatron's finalize_model_grads):
-        with SP, norms and row-parallel biases outside the TP regions (local sequence shard only); always, the q/k
-        norms (each rank normalises only its own heads). The trainer sums these over TP before the optimizer step."""
-        if self.ps.tp == 1:
-            return
-        for name, param in self.named_parameters():
-            qk_norm = "q_layernorm" in name or "k_layernorm" in name
-            sp_region = ("layernorm" in name or "layer_norm" in name or name.endswith(("linear_proj.bias", "linear_fc2.bias")))
-            param.sequence_parallel = self.sequence_parallel and sp_region and not qk_norm  # Megatron's attribute
-            param.allreduce_over_tp = qk_norm or param.sequence_parallel
 
     def shared_embedding_or_output_weight(self) -> torch.Tensor | None:
         """The tensor tied embeddings share on this chunk: the embedding on the first, the head on the last."""
@@ -197,13 +204,14 @@ def sync_tied_embeddings(chunks: Sequence[GPTModel]) -> None:
 
 
 def allreduce_tp_partial_grads(chunks: Sequence[GPTModel]) -> None:
-    """Sum over TP the gradients of replicated parameters flagged `allreduce_over_tp` (SP norms, q/k norms)."""
+    """Sum over TP the gradients of the replicated parameters `tp_partial` names (SP norms, q/k norms); the trainer's
+    gradient buffer does the same sums in its deferred buckets."""
     for model in chunks:
         group = model.ps.tp_group
         if group is None or model.ps.tp == 1:
             continue
-        for param in model.parameters():
-            if getattr(param, "allreduce_over_tp", False) and param.grad is not None:
+        for name, param in model.named_parameters():
+            if tp_partial(name, model.sequence_parallel, model.ps.tp) and param.grad is not None:
                 dist.all_reduce(param.grad, group=group)
 
 

@@ -27,27 +27,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bridge.nn.gpt import tp_partial, tp_replicated
 from bridge.parallel.state import ParallelState
 
 log = logging.getLogger(__name__)
-
-_REPLICATED_TAILS = ("layer_norm_weight", "layernorm.weight", "final_layernorm.weight", "linear_proj.bias",
-                     "linear_fc2.bias", "mlp.router.weight", "shared_experts.gate_weight", "linear_q_down_proj.weight",
-                     "linear_kv_down_proj.weight")
-_HEAD_NORMS = ("q_layernorm.weight", "k_layernorm.weight")
-
-
-def tp_replicated(name: str) -> bool:
-    """Same tensor on every TP rank (norms, row-parallel biases): counted once in the gradient norm."""
-    return name.endswith(_REPLICATED_TAILS) or name.endswith(_HEAD_NORMS)
-
-
-def tp_partial(name: str, sequence_parallel: bool, tp: int) -> bool:
-    """A replicated weight whose gradient on one TP rank covers only part of the data and must be summed over TP."""
-    if tp == 1:
-        return False
-    return name.endswith(_HEAD_NORMS) or (sequence_parallel and tp_replicated(name))
-
 
 @dataclass
 class Entry:
