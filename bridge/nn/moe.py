@@ -176,24 +176,26 @@ class MoELayer(nn.Module):
         s, b, h = x.shape  # [s, b, h]
         tokens = x.reshape(-1, h)
         weights, experts, logits = self.router(tokens)
+        plan = Dispatch(experts, self.moe.num_experts, self.ps.layout.ep, self.ps.ep_group)
         if self.training and torch.is_grad_enabled():
-            weights = self._aux_loss(weights, experts, logits)
-        plan = Dispatch(experts, self.moe.num_experts, self.ps.layout.ep, getattr(self.ps, "ep_group", None))
+            weights = self._aux_loss(weights, plan.counts, experts.numel(), logits)
         rows = plan.forward(C.copy_to_tp(tokens, self.ps.tp_group), self.moe.router_topk)
         out = plan.backward(self.experts(rows, plan.local_counts))  # [T*k, h] partial over TP
         out = C.reduce_from_tp(out, self.ps.tp_group).view(-1, self.moe.router_topk, h)
         y = (out * weights.unsqueeze(-1)).sum(1).view(s, b, h)
         return y if self.shared_experts is None else y + self.shared_experts(x)
 
-    def _aux_loss(self, weights: torch.Tensor, experts: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Switch-style load-balancing loss (coeff * E * sum f_i P_i), injected into the backward pass."""
-        counts = torch.bincount(experts.reshape(-1), minlength=self.moe.num_experts).float()
+    def _aux_loss(self, weights: torch.Tensor, counts: torch.Tensor, assignments: int,
+                  logits: torch.Tensor) -> torch.Tensor:
+        """Switch-style load-balancing loss (coeff * E * sum f_i P_i), injected into the backward pass.
+        `counts` [E]: this rank's tokens per expert (the dispatch plan's); `assignments`: tokens x top-k."""
+        counts = counts.float()
         if self.router.expert_bias is not None:
             self.router.local_tokens_per_expert += counts.detach()
         if not self.moe.aux_loss_coeff:
             return weights
         probs = torch.softmax(logits.float(), -1) if self.moe.score_function == "softmax" else torch.sigmoid(logits.float())
-        f = counts / experts.numel()
+        f = counts / assignments
         aux = self.moe.aux_loss_coeff * self.moe.num_experts * (f * probs.mean(0)).sum()
         self.aux_loss_sum = self.aux_loss_sum + aux.detach()  # a tensor: no device sync per layer
         return _AuxLoss.apply(weights, aux * self.aux_loss_scale)

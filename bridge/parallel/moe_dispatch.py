@@ -41,6 +41,8 @@ class Dispatch:
         flat = experts.reshape(-1)  # [T*k]
         self.order = torch.argsort(flat, stable=True)  # (token, slot) pairs sorted by global expert
         counts = torch.bincount(flat, minlength=num_experts)  # [E]
+        self.counts = counts
+        """Tokens routed to each global expert by this rank (before the exchange)."""
         if ep == 1:
             self.local_counts = counts
             return
