@@ -29,8 +29,7 @@ def text_corpus(out: Path, vocab_size: int = 8192, extra: Path | None = None,
                 max_bytes: int = 12_000_000) -> tuple[Path, Path, int]:
     """(jsonl of real text, tokenizer folder, eos id): this repository's .md/.py files, then those of `extra`
     (e.g. Python's standard library, ~30 MB on any machine) up to `max_bytes`: text that needs no network."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from bridge.demo import build_tokenizer
 
     roots = [ROOT] + ([extra] if extra else [])
     files = [p for root in roots for p in sorted(p for pat in ("*.md", "*.py") for p in root.rglob(pat))
@@ -44,13 +43,7 @@ def text_corpus(out: Path, vocab_size: int = 8192, extra: Path | None = None,
     out.mkdir(parents=True, exist_ok=True)
     data = out / "corpus.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts if t.strip()))
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
-    fast.save_pretrained(out / "tokenizer")
+    fast = build_tokenizer(out / "tokenizer", vocab_size, texts)
     return data, out / "tokenizer", int(fast.eos_token_id)
 
 

@@ -5,7 +5,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -26,8 +26,9 @@ DEMO_CONFIG = dict(
 DEMO_LAYOUT = ParallelLayout(tp=2, pp=2)
 
 
-def build_tokenizer(out: Path, vocab_size: int = 400):  # noqa: ANN201 - PreTrainedTokenizerFast
-    """A byte-level BPE trained on the built-in corpus, saved in HF format."""
+def build_tokenizer(out: Path, vocab_size: int = 400, texts: Iterable[str] | None = None):  # noqa: ANN201
+    """A byte-level BPE (PreTrainedTokenizerFast) trained on `texts` (default: the built-in corpus), saved in HF
+    format."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -36,7 +37,7 @@ def build_tokenizer(out: Path, vocab_size: int = 400):  # noqa: ANN201 - PreTrai
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS.splitlines(), trainer)
+    tok.train_from_iterator(CORPUS.splitlines() if texts is None else texts, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
     fast.save_pretrained(out)
     return fast
@@ -54,19 +55,13 @@ def build_model(out: Path) -> Path:
     return out
 
 
-def logits(folder: Path, text: str) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    ids = AutoTokenizer.from_pretrained(folder)(text, return_tensors="pt").input_ids
-    with torch.no_grad():
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(ids).logits
-
-
 def run(workdir: str | None = None, keep: bool = False, say: Callable[[str], None] = print) -> int:
     """Run every step, printing what happens; returns the exit code (0 when every check passed)."""
+    from transformers import AutoTokenizer
+
     from bridge.push import demo_push
     from bridge.training.demo import demo_train
-    from bridge.verify import verify
+    from bridge.verify import hf_logits, verify
 
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="bridge-demo-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -79,8 +74,8 @@ def run(workdir: str | None = None, keep: bool = False, say: Callable[[str], Non
         say(f"      {len(info['files'])} rank files, {info['parameters']:,} parameters, vocab padded "
             f"{info['vocab']['original']} -> {info['vocab']['padded']}")
         back = api.export_hf(ckpt, root / "round-trip", overwrite=True)
-        prompt = CORPUS.splitlines()[0]
-        same = torch.equal(logits(hf, prompt), logits(back, prompt))
+        ids = AutoTokenizer.from_pretrained(hf)(CORPUS.splitlines()[0]).input_ids
+        same = torch.equal(*(hf_logits(folder, [ids], "fp32", "cpu")[0] for folder in (hf, back)))
         say(f"      transformers on the source and the round trip: {'identical logits' if same else 'DIFFERENT logits'}")
         say(f"[3/6] bridge verify {hf.name} {ckpt.name}  (4 spawned ranks, gloo)")
         before = verify(hf, ckpt)

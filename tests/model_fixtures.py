@@ -64,6 +64,14 @@ def write_random_corpus(prefix: Path, *, seed: int, documents: int, max_length: 
     return prefix
 
 
+def load_pt(path: Path) -> dict[str, Any]:
+    """A Megatron `.pt` file as the tests read it: weights_only, with the argparse `args` allowed."""
+    from bridge.converters.megatron_legacy import SAFE_GLOBALS
+
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        return torch.load(path, weights_only=True)
+
+
 def real_config(name: str) -> Path:
     return CONFIGS / {**DENSE_MODELS, **MOE_MODELS}.get(name, name) / "config.json"
 

@@ -1,7 +1,6 @@
 """HF -> Megatron -> HF and Megatron -> reshard -> HF are bit-exact for every dense architecture."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ from safetensors import safe_open
 
 from bridge import api
 from bridge.layout import ParallelLayout
-from tests.model_fixtures import DENSE_MODELS
+from tests.model_fixtures import DENSE_MODELS, load_pt
 
 LAYOUTS = {
     "tp1": ParallelLayout(),
@@ -60,8 +59,7 @@ def test_reshard_chain_is_bit_exact(arch: str, tiny_hf, tmp_path: Path) -> None:
     direct = api.import_hf(src, tmp_path / "direct-tp2pp2", ParallelLayout(tp=2, pp=2), transformer_impl="local")
     for rank_file in sorted(direct.rglob("model_optim_rng.pt")):
         twin = a / rank_file.relative_to(direct)
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            left, right = (torch.load(p, weights_only=True)["model"] for p in (rank_file, twin))
+        left, right = (load_pt(p)["model"] for p in (rank_file, twin))
         assert list(left) == list(right)
         assert all(torch.equal(left[k], right[k]) for k in left)
 

@@ -1,7 +1,6 @@
 """What `bridge import` writes is Megatron's legacy layout, checked against hand-built expectations."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -9,13 +8,9 @@ from safetensors.torch import load_file
 
 from bridge import api
 from bridge.layout import ParallelLayout
+from tests.model_fixtures import load_pt
 
 H, F, NQ, NG, D, V, L = 64, 128, 8, 4, 16, 300, 4  # tiny Llama-3.2-1B shape (head_dim 16)
-
-
-def load(path: Path) -> dict:
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, weights_only=True)
 
 
 def te_layer_keys(i: int) -> list[str]:
@@ -35,8 +30,8 @@ def test_tree_keys_shapes_and_contents_tp2_pp2(tiny_hf, tmp_path: Path) -> None:
     files = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*.pt"))
     assert files == [f"release/mp_rank_0{t}_00{p}/model_optim_rng.pt" for t in (0, 1) for p in (0, 1)]
 
-    first = load(ckpt / "release/mp_rank_01_000/model_optim_rng.pt")
-    last = load(ckpt / "release/mp_rank_01_001/model_optim_rng.pt")
+    first = load_pt(ckpt / "release/mp_rank_01_000/model_optim_rng.pt")
+    last = load_pt(ckpt / "release/mp_rank_01_001/model_optim_rng.pt")
     assert first["checkpoint_version"] == 3.0 and first["iteration"] == 0
     args = first["args"]
     assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.padded_vocab_size) == (2, 2, 512)
@@ -75,7 +70,7 @@ def test_local_spec_names_and_virtual_chunks(tiny_hf, tmp_path: Path) -> None:
     ckpt = api.import_hf(src, tmp_path / "ck", ParallelLayout(pp=2, vpp=2), transformer_impl="local")
     files = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*.pt"))
     assert files == ["release/mp_rank_00_000/model_optim_rng.pt", "release/mp_rank_00_001/model_optim_rng.pt"]
-    stage0 = load(ckpt / files[0])
+    stage0 = load_pt(ckpt / files[0])
     assert "model" not in stage0 and set(k for k in stage0 if k.startswith("model")) == {"model0", "model1"}
     keys = list(stage0["model0"])
     assert keys[0] == "embedding.word_embeddings.weight"
@@ -85,7 +80,7 @@ def test_local_spec_names_and_virtual_chunks(tiny_hf, tmp_path: Path) -> None:
     # model1 on stage 0 holds global layers 4,5 as local 0,1; untied head only on the last stage's last chunk.
     hf = load_file(src / "model.safetensors")
     assert torch.equal(stage0["model1"]["decoder.layers.1.self_attention.linear_proj.weight"], hf["model.layers.5.self_attn.o_proj.weight"])
-    stage1 = load(ckpt / files[1])
+    stage1 = load_pt(ckpt / files[1])
     assert "output_layer.weight" in stage1["model1"] and "output_layer.weight" not in stage1["model0"]
 
 
@@ -93,7 +88,7 @@ def test_qwen2_qkv_bias_is_grouped_and_split(tiny_hf, tmp_path: Path) -> None:
     src = tiny_hf("qwen2")
     hf = load_file(src / "model.safetensors")
     ckpt = api.import_hf(src, tmp_path / "ck", ParallelLayout(tp=2))
-    rank0 = load(ckpt / "release/mp_rank_00/model_optim_rng.pt")["model"]
+    rank0 = load_pt(ckpt / "release/mp_rank_00/model_optim_rng.pt")["model"]
     q, k, v = (hf[f"model.layers.3.self_attn.{n}_proj.bias"] for n in "qkv")
     d = H // NQ  # Qwen2 has no head_dim field: hidden / heads
     per_group = NQ // NG * d

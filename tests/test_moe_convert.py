@@ -1,7 +1,6 @@
 """MoE conversion: bit-exact HF -> Megatron -> HF at EP/ETP/TP/PP layouts, EP reshards, experts by name, FP8, MTP skip."""
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -14,7 +13,7 @@ from bridge import api
 from bridge.converters import fp8
 from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
-from tests.model_fixtures import MOE_MODELS
+from tests.model_fixtures import MOE_MODELS, load_pt
 from tests.test_convert_roundtrip import assert_identical, read_all
 
 LAYOUTS = {
@@ -26,11 +25,6 @@ LAYOUTS = {
     "pp2-ep2": ParallelLayout(pp=2, ep=2),
     "pp2-ep4-grouped": ParallelLayout(pp=2, ep=4, moe_grouped_gemm=True),
 }
-
-
-def load_file(path: Path) -> dict:
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, weights_only=True)
 
 
 @pytest.mark.parametrize("arch", sorted(MOE_MODELS))
@@ -52,7 +46,7 @@ def test_experts_accounted_for_by_name(tiny_hf, tmp_path: Path) -> None:
     for tp in range(2):
         for pp in range(2):
             for ep in range(2):
-                state = load_file(ckpt / "release" / f"mp_rank_{tp:02d}_{pp:03d}_{ep:03d}" / "model_optim_rng.pt")
+                state = load_pt(ckpt / "release" / f"mp_rank_{tp:02d}_{pp:03d}_{ep:03d}" / "model_optim_rng.pt")
                 model = state["model"]
                 assert state["args"].expert_model_parallel_size == 2 and state["args"].num_experts == 4
                 assert "decoder.layers.0.self_attention.linear_qkv.weight" in model
@@ -72,7 +66,7 @@ def test_experts_accounted_for_by_name(tiny_hf, tmp_path: Path) -> None:
 
 def test_grouped_gemm_names(tiny_hf, tmp_path: Path) -> None:
     ckpt = api.import_hf(tiny_hf("qwen3-moe"), tmp_path / "g", ParallelLayout(ep=2, moe_grouped_gemm=True))
-    model = load_file(ckpt / "release" / "mp_rank_00_001" / "model_optim_rng.pt")["model"]
+    model = load_pt(ckpt / "release" / "mp_rank_00_001" / "model_optim_rng.pt")["model"]
     moe = sorted(k for k in model if k.startswith("decoder.layers.1.mlp."))
     assert moe == ["decoder.layers.1.mlp.experts.linear_fc1._extra_state", "decoder.layers.1.mlp.experts.linear_fc1.weight0",
                    "decoder.layers.1.mlp.experts.linear_fc1.weight1", "decoder.layers.1.mlp.experts.linear_fc2._extra_state",
@@ -90,14 +84,14 @@ def test_reshard_between_ep_layouts_is_bit_exact(tiny_hf, tmp_path: Path) -> Non
     assert_identical(src, api.export_hf(d, tmp_path / "hf"))
     direct = api.import_hf(src, tmp_path / "direct", ParallelLayout(tp=2, ep=2, moe_grouped_gemm=True))
     for rank_file in sorted(direct.rglob("model_optim_rng.pt")):
-        left, right = load_file(rank_file)["model"], load_file(b / rank_file.relative_to(direct))["model"]
+        left, right = load_pt(rank_file)["model"], load_pt(b / rank_file.relative_to(direct))["model"]
         assert list(left) == list(right) and all(torch.equal(left[k], right[k]) for k in left)
 
 
 def test_missing_expert_file_entry_is_refused(tiny_hf, tmp_path: Path) -> None:
     ckpt = api.import_hf(tiny_hf("mixtral"), tmp_path / "c", ParallelLayout(ep=2))
     path = ckpt / "release" / "mp_rank_00_001" / "model_optim_rng.pt"
-    state = load_file(path)
+    state = load_pt(path)
     del state["model"]["decoder.layers.2.mlp.experts.local_experts.1.linear_fc2.weight"]
     torch.save(state, path)
     with pytest.raises(BridgeError, match=r"missing 1: pp0/ep1/chunk0:decoder.layers.2.mlp.experts.local_experts.1.linear_fc2"):

@@ -8,14 +8,13 @@ import pytest
 import torch
 
 from bridge.api import import_hf
-from bridge.converters.megatron_legacy import SAFE_GLOBALS
 from bridge.converters.megatron_legacy import LegacyCheckpointReader
 from bridge.checkpoint import CheckpointMeta
 from bridge.layout import ParallelLayout
 from bridge.nn import build_model_chunks, load_rank_checkpoint
 from bridge.parallel.state import ParallelState
 from bridge.verify import DEFAULT_PROMPTS, compare, encode, hf_logits, sharded_logits
-from tests.model_fixtures import MOE_MODELS
+from tests.model_fixtures import MOE_MODELS, load_pt
 
 TOKENS = encode(Path("/nonexistent"), DEFAULT_PROMPTS, 300)
 LAYOUTS = {"ep2": ParallelLayout(ep=2), "ep2-tp2": ParallelLayout(ep=2, tp=2, moe_grouped_gemm=True),
@@ -30,8 +29,7 @@ def references(tiny_hf) -> dict[str, tuple[Path, list[torch.Tensor]]]:
 def _swap_experts(ckpt: Path, rank_dir: str) -> None:
     """Swap local experts 0 and 1 of layer 1 (same file, so it still loads strictly)."""
     path = ckpt / "release" / rank_dir / "model_optim_rng.pt"
-    with torch.serialization.safe_globals(SAFE_GLOBALS):
-        state = torch.load(path, weights_only=True)
+    state = load_pt(path)
     model = state["model"]
     for fc in ("linear_fc1", "linear_fc2"):
         a, b = (f"decoder.layers.1.mlp.experts.local_experts.{j}.{fc}.weight" for j in (0, 1))

@@ -1,7 +1,6 @@
 """torch_dist: bit-exact round trips, Megatron's on-disk facts, rank shards equal to the legacy files, lazy reads."""
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from bridge.converters import dcp as bridge_dcp
 from bridge.converters.megatron_legacy import LegacyCheckpointReader
 from bridge.converters.torch_dist import BACKEND_CONFIG, TorchDistReader, open_rank_reader
 from bridge.layout import ParallelLayout
-from tests.model_fixtures import DENSE_MODELS
+from tests.model_fixtures import DENSE_MODELS, load_pt
 from tests.test_convert_roundtrip import assert_identical
 
 LEGACY_LAYOUTS = [ParallelLayout(tp=2, pp=2), ParallelLayout(pp=2, vpp=2), ParallelLayout(tp=4)]
@@ -84,8 +83,7 @@ def test_megatron_on_disk_facts(tiny_hf, tmp_path: Path) -> None:
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "release"
     assert json.loads((folder / "metadata.json").read_text()) == BACKEND_CONFIG
     assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp", "common.pt", "metadata.json"]
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        common = torch.load(folder / "common.pt", weights_only=True)
+    common = load_pt(folder / "common.pt")
     assert common["checkpoint_version"] == 3.0 and common["iteration"] == 0 and common["args"].tensor_model_parallel_size == 2
     md = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
     L, h = 4, 64

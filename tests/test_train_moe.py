@@ -4,7 +4,6 @@ per EP rank in Megatron's names and `bridge export` of them gives the single-pro
 trained and reported; DeepSeek's expert bias moves after every step; bad EP settings fail before any spawn."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from bridge.cli.main import main
 from bridge.errors import BridgeError
 from bridge.training import TrainConfig, train
 from bridge.training.plan import make_plan
-from tests.model_fixtures import write_random_corpus
+from tests.model_fixtures import load_pt, write_random_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -58,8 +57,7 @@ def references(setup: dict[str, Path]) -> dict[str, dict]:
 
 
 def _rank_file(run: Path, rank_dir: str) -> dict:
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(run / "iter_0000010" / rank_dir / "model_optim_rng.pt", weights_only=True)
+    return load_pt(run / "iter_0000010" / rank_dir / "model_optim_rng.pt")
 
 
 @pytest.mark.parametrize("arch, name", list(RUNS))

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from bridge.api import export_hf, import_hf
 from bridge.tiny import save_tiny_model, tiny_config
 from bridge.training import TrainConfig, train
-from tests.model_fixtures import write_random_corpus
+from tests.model_fixtures import load_pt, write_random_corpus
 
 CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "configs"
 pytestmark = pytest.mark.slow
@@ -70,16 +70,12 @@ def test_layout_matches_single_process(setup: dict[str, Path], reference: dict, 
 
 def test_bf16_params_with_fp32_masters(setup: dict[str, Path], reference: dict) -> None:
     """bf16 training (CPU): the fp32 run's losses to bf16 precision; bf16 model and fp32 masters in the checkpoint."""
-    from bridge.converters.megatron_legacy import SAFE_GLOBALS
-
     summary = train(config(setup, "bf16", nproc=2, tp=2, bf16=True, accumulate_allreduce_grads_in_fp32=True,
                            exit_interval=6, eval_interval=0))
     losses = [loss for _, loss in summary["loss_curve"]]
     fp32 = [loss for _, loss in reference["loss_curve"]][:6]
     assert all(abs(a - b) / b < 1e-2 for a, b in zip(losses, fp32)), (losses, fp32)
-    with torch.serialization.safe_globals(SAFE_GLOBALS):
-        rank_file = setup["root"] / "runs" / "bf16" / "iter_0000006" / "mp_rank_00" / "model_optim_rng.pt"
-        state = torch.load(rank_file, weights_only=True)
+    state = load_pt(setup["root"] / "runs" / "bf16" / "iter_0000006" / "mp_rank_00" / "model_optim_rng.pt")
     weight = state["model"]["decoder.layers.0.mlp.linear_fc1.weight"]
     master = state["optimizer"]["params"]["model.decoder.layers.0.mlp.linear_fc1.weight"]["master"]
     assert weight.dtype == torch.bfloat16 and master.dtype == torch.float32

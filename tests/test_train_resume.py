@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from bridge.api import export_hf, import_hf
-from bridge.converters.megatron_legacy import SAFE_GLOBALS, TRACKER, read_tracker
+from bridge.converters.megatron_legacy import TRACKER, read_tracker
 from bridge.launch import launch
 from bridge.tiny import save_tiny_model, tiny_config
 from bridge.training import TrainConfig, train
-from tests.model_fixtures import write_random_corpus
+from tests.model_fixtures import load_pt, write_random_corpus
 
 CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "configs"
 pytestmark = pytest.mark.slow
@@ -40,8 +40,7 @@ def config(setup: dict[str, Path], save: str, **kw: object) -> TrainConfig:
 
 
 def rank_file(run: Path, iteration: int, rank: str) -> dict:
-    with torch.serialization.safe_globals(SAFE_GLOBALS):
-        return torch.load(run / f"iter_{iteration:07d}" / rank / "model_optim_rng.pt", weights_only=True)
+    return load_pt(run / f"iter_{iteration:07d}" / rank / "model_optim_rng.pt")
 
 
 def test_stop_at_6_and_resume_is_bitwise_identical(setup: dict[str, Path]) -> None:

@@ -12,11 +12,11 @@ import torch
 
 from bridge.api import import_hf
 from bridge.cli.main import main
-from bridge.converters.megatron_legacy import SAFE_GLOBALS
 from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
 from bridge.tiny import save_tiny_model, tiny_config
 from bridge.verify import DEFAULT_PROMPTS, compare, encode, hf_logits, read_prompts, sharded_logits, verify
+from tests.model_fixtures import load_pt
 
 CONFIGS = Path(__file__).resolve().parents[1].parent / "shared" / "configs"
 ARCHS = {
@@ -48,8 +48,7 @@ TOKENS = encode(Path("/nonexistent"), DEFAULT_PROMPTS, 300)
 def _swap_qk_rows(ckpt: Path, rank_dir: str) -> None:
     """Break one rank: swap the q rows of head 0 with the k rows of group 0 in layer 1's linear_qkv."""
     path = ckpt / "release" / rank_dir / "model_optim_rng.pt"
-    with torch.serialization.safe_globals(SAFE_GLOBALS):
-        state = torch.load(path, weights_only=True)
+    state = load_pt(path)
     key = next(k for k in state["model"] if k.endswith("1.self_attention.linear_qkv.weight"))
     w = state["model"][key]
     hpg = 2  # tiny models: 8 heads, 4 query groups; a TP=2 shard holds 2 groups of (hpg + 2) * d rows
@@ -103,8 +102,7 @@ def test_cli_passes_and_writes_verify_json(models: dict, tmp_path: Path, capsys:
 def test_cli_fails_on_gate_up_swapped_on_one_rank(models: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     ckpt = import_hf(models["qwen3"][0], tmp_path / "bad", ParallelLayout(tp=2))
     path = ckpt / "release" / "mp_rank_01" / "model_optim_rng.pt"
-    with torch.serialization.safe_globals(SAFE_GLOBALS):
-        state = torch.load(path, weights_only=True)
+    state = load_pt(path)
     fc1 = state["model"]["decoder.layers.2.mlp.linear_fc1.weight"]
     gate, up = fc1.chunk(2)
     state["model"]["decoder.layers.2.mlp.linear_fc1.weight"] = torch.cat([up, gate])
