@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from bridge.layout import ParallelLayout
 from bridge.tiny import save_tiny_model, tiny_config
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -32,6 +33,18 @@ MOE_MODELS: dict[str, str] = {
     "qwen2-moe": "Qwen--Qwen1.5-MoE-A2.7B",           # qkv bias, gated shared expert
     "deepseek-v3": "deepseek-ai--DeepSeek-V3",        # MLA, sigmoid router + bias, groups, shared expert, dense first layer
 }
+
+#: The dense models of the logit-parity tests (model and verify), under their test ids -> DENSE_MODELS keys.
+PARITY_MODELS: dict[str, str] = {
+    "llama-tied": "llama32-tied",     # tied embeddings, llama3 RoPE scaling
+    "llama-untied": "llama31",        # untied, llama3 RoPE scaling
+    "mistral": "mistral",
+    "qwen2": "qwen2",                 # qkv bias
+    "qwen3": "qwen3-tied",            # qk-norm, head_dim != hidden/heads, tied
+}
+#: The layouts those tests shard them into.
+PARITY_LAYOUTS = [ParallelLayout(), ParallelLayout(tp=2), ParallelLayout(pp=2), ParallelLayout(tp=2, pp=2),
+                  ParallelLayout(pp=2, vpp=2)]
 
 _TINY_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
 

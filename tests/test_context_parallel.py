@@ -58,17 +58,15 @@ def test_cp_attention_equals_full_causal_attention(window: int | None) -> None:
 
 
 # ---- the trainer ---------------------------------------------------------------------------------------------
-CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "configs"
 EOD = 2  # the tiny Llama's eos_token_id
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def setup(tiny_hf, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from bridge.api import import_hf
-    from bridge.tiny import save_tiny_model, tiny_config
 
     root = tmp_path_factory.mktemp("cp")
-    hf = save_tiny_model(tiny_config(CONFIGS / "meta-llama--Llama-3.2-1B" / "config.json"), root / "hf")
+    hf = tiny_hf("llama32-tied")
     # short documents: several EODs inside every 8-token chunk run
     data = write_random_corpus(root / "corpus", seed=0, documents=80, max_length=40)
     return {"root": root, "hf": hf, "ckpt": import_hf(hf, root / "ckpt"), "data": data}

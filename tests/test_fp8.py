@@ -9,15 +9,12 @@ import torch
 
 from bridge.errors import BridgeError
 
-CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "configs"
 pytest.importorskip("torchao.float8")
 
 
 @pytest.fixture(scope="module")
-def hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from bridge.tiny import save_tiny_model, tiny_config
-
-    return save_tiny_model(tiny_config(CONFIGS / "meta-llama--Llama-3.2-1B" / "config.json"), tmp_path_factory.mktemp("fp8"))
+def hf(tiny_hf) -> Path:
+    return tiny_hf("llama32-tied")
 
 
 def _model(hf: Path):  # noqa: ANN202

@@ -14,24 +14,14 @@ from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
 from bridge.nn import build_model_chunks, load_rank_checkpoint
 from bridge.parallel.state import ParallelState
-from bridge.tiny import save_tiny_model, tiny_config
+from tests.model_fixtures import CONFIGS, PARITY_LAYOUTS, PARITY_MODELS
 
-CONFIGS = Path(__file__).resolve().parents[1].parent / "shared" / "configs"
-ARCHS = {
-    "llama-tied": "meta-llama--Llama-3.2-1B",   # tied embeddings, llama3 RoPE scaling
-    "llama-untied": "meta-llama--Llama-3.1-8B",
-    "mistral": "mistralai--Mistral-7B-v0.3",
-    "qwen2": "Qwen--Qwen2.5-7B",                 # qkv bias
-    "qwen3": "Qwen--Qwen3-0.6B",                 # qk-norm, head_dim != hidden/heads, tied
-}
-LAYOUTS = [ParallelLayout(), ParallelLayout(tp=2), ParallelLayout(pp=2), ParallelLayout(tp=2, pp=2),
-           ParallelLayout(pp=2, vpp=2)]
+LAYOUTS = PARITY_LAYOUTS
 
 
 @pytest.fixture(scope="module")
-def hf_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("hf")
-    return {k: save_tiny_model(tiny_config(CONFIGS / v / "config.json"), root / k) for k, v in ARCHS.items()}
+def hf_models(tiny_hf) -> dict[str, Path]:
+    return {k: tiny_hf(v) for k, v in PARITY_MODELS.items()}
 
 
 def _chunks(ckpt: Path, tp_rank: int, pp_rank: int, **kwargs):  # noqa: ANN202

@@ -13,9 +13,7 @@ import torch
 from bridge.api import import_hf
 from bridge.launch import launch
 from bridge.layout import ParallelLayout
-from bridge.tiny import save_tiny_model, tiny_config
 
-CONFIGS = Path(__file__).resolve().parents[1].parent / "shared" / "configs"
 pytestmark = pytest.mark.slow
 
 
@@ -68,10 +66,10 @@ def _pair_grads(ckpt_tp1: str, ckpt_tp2: str) -> dict[str, float]:
     return errors
 
 
-def test_tp2_gradients_equal_tp1_gradients(tmp_path: Path) -> None:
+def test_tp2_gradients_equal_tp1_gradients(tiny_hf, tmp_path: Path) -> None:
     pairs = []
     for name in ("Qwen--Qwen2.5-7B", "Qwen--Qwen3-0.6B"):  # qkv bias, untied; qk-norm, tied
-        hf = save_tiny_model(tiny_config(CONFIGS / name / "config.json"), tmp_path / name)
+        hf = tiny_hf(name)
         pairs.append((str(import_hf(hf, tmp_path / f"{name}-tp1", ParallelLayout())),
                       str(import_hf(hf, tmp_path / f"{name}-tp2", ParallelLayout(tp=2)))))
     for rank, errors in enumerate(launch(_grads, 2, pairs)):
@@ -97,8 +95,8 @@ def _tied(ckpt: str) -> list[float]:
     return [(other[0] - other[1]).abs().max().item(), (weight.grad - 3.0).abs().max().item()]
 
 
-def test_tied_embedding_copies_synced_across_first_and_last_stage(tmp_path: Path) -> None:
-    hf = save_tiny_model(tiny_config(CONFIGS / "meta-llama--Llama-3.2-1B" / "config.json"), tmp_path / "hf")
+def test_tied_embedding_copies_synced_across_first_and_last_stage(tiny_hf, tmp_path: Path) -> None:
+    hf = tiny_hf("llama32-tied")
     ckpt = import_hf(hf, tmp_path / "pp2", ParallelLayout(pp=2, vpp=2))
     for weights_diff, grad_diff in launch(_tied, 2, str(ckpt)):
         assert weights_diff == 0.0 and grad_diff == 0.0

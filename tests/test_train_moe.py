@@ -106,7 +106,8 @@ def test_deepseek_expert_bias_moves_and_is_saved(setup: dict[str, Path], referen
             torch.testing.assert_close(model[k], v, rtol=0, atol=0)
 
 
-def test_bad_expert_parallel_configs_fail_before_spawn(setup: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+def test_bad_expert_parallel_configs_fail_before_spawn(setup: dict[str, Path], tiny_hf,
+                                                       capsys: pytest.CaptureFixture) -> None:
     common = ["train", "--load", str(setup["mixtral"]), "--data", str(setup["data"]), "--seq-length", "32"]
     cases = [(["--nproc", "3", "--ep", "3"], "num_experts = 4 is not divisible by --ep = 3"),
              (["--nproc", "2", "--tp", "2", "--ep", "2"], "--ep 2 must divide the data-parallel size world/(tp*pp) = 1"),
@@ -115,20 +116,9 @@ def test_bad_expert_parallel_configs_fail_before_spawn(setup: dict[str, Path], c
         assert main([*common, *flags]) == 1
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+    dense = import_hf(tiny_hf("llama32-tied"), setup["root"] / "dense-ckpt")
     with pytest.raises(BridgeError, match="need a Mixture-of-Experts model"):
-        dense = import_hf_dense(setup)
         make_plan(TrainConfig(load=str(dense), mock_data=True, seq_length=32, ep=2, nproc=2))
-
-
-def import_hf_dense(setup: dict[str, Path]) -> Path:
-    from bridge.tiny import save_tiny_model, tiny_config
-    from tests.model_fixtures import real_config
-
-    root = setup["root"]
-    if not (root / "dense-ckpt").exists():
-        hf = save_tiny_model(tiny_config(real_config("llama32-tied")), root / "dense-hf")
-        import_hf(hf, root / "dense-ckpt")
-    return root / "dense-ckpt"
 
 
 def test_mfu_counts_active_expert_parameters() -> None:

@@ -9,11 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from bridge.api import export_hf, import_hf
-from bridge.tiny import save_tiny_model, tiny_config
 from bridge.training import TrainConfig, train
 from tests.model_fixtures import load_pt, write_random_corpus
 
-CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "configs"
 pytestmark = pytest.mark.slow
 
 LAYOUTS = {
@@ -27,9 +25,9 @@ LAYOUTS = {
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def setup(tiny_hf, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("train")
-    hf = save_tiny_model(tiny_config(CONFIGS / "meta-llama--Llama-3.2-1B" / "config.json"), root / "hf")  # tied
+    hf = tiny_hf("llama32-tied")
     ckpt = import_hf(hf, root / "ckpt")
     return {"root": root, "ckpt": ckpt, "data": write_random_corpus(root / "corpus", seed=0, documents=80)}
 

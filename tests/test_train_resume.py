@@ -16,18 +16,16 @@ import torch
 from bridge.api import export_hf, import_hf
 from bridge.converters.megatron_legacy import TRACKER, read_tracker
 from bridge.launch import launch
-from bridge.tiny import save_tiny_model, tiny_config
 from bridge.training import TrainConfig, train
 from tests.model_fixtures import load_pt, write_random_corpus
 
-CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "configs"
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def setup(tiny_hf, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("resume")
-    hf = save_tiny_model(tiny_config(CONFIGS / "meta-llama--Llama-3.1-8B" / "config.json"), root / "hf")  # untied
+    hf = tiny_hf("llama31")  # untied
     ckpt = import_hf(hf, root / "ckpt")
     return {"root": root, "ckpt": ckpt, "data": write_random_corpus(root / "corpus", seed=1, documents=60), "hf": hf}
 

@@ -16,8 +16,8 @@ from bridge.training.data import Documents, PackedDataset, split_documents
 from bridge.training.lr import LRSchedule
 from bridge.training.metrics import EventWriter, crc32c, flops_per_token, matmul_params, read_events
 from bridge.training.plan import make_plan
+from tests.model_fixtures import CONFIGS
 
-CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "configs"
 
 
 def test_lr_schedule_warmup_cosine_linear_constant() -> None:
@@ -102,13 +102,10 @@ def test_event_file_round_trip(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_ckpt(tiny_hf, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from bridge.api import import_hf
-    from bridge.tiny import save_tiny_model, tiny_config
 
-    root = tmp_path_factory.mktemp("plan")
-    hf = save_tiny_model(tiny_config(CONFIGS / "meta-llama--Llama-3.2-1B" / "config.json"), root / "hf")
-    return import_hf(hf, root / "ckpt")
+    return import_hf(tiny_hf("llama32-tied"), tmp_path_factory.mktemp("plan") / "ckpt")
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -14,32 +14,17 @@ from bridge.api import import_hf
 from bridge.cli.main import main
 from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
-from bridge.tiny import save_tiny_model, tiny_config
 from bridge.verify import DEFAULT_PROMPTS, compare, encode, hf_logits, read_prompts, sharded_logits, verify
-from tests.model_fixtures import load_pt
+from tests.model_fixtures import PARITY_LAYOUTS, PARITY_MODELS, load_pt
 
-CONFIGS = Path(__file__).resolve().parents[1].parent / "shared" / "configs"
-ARCHS = {
-    "llama-tied": "meta-llama--Llama-3.2-1B",   # tied embeddings, llama3 RoPE scaling
-    "llama-untied": "meta-llama--Llama-3.1-8B",  # untied, llama3 RoPE scaling
-    "mistral": "mistralai--Mistral-7B-v0.3",
-    "qwen2": "Qwen--Qwen2.5-7B",                 # qkv bias
-    "qwen3": "Qwen--Qwen3-0.6B",                 # qk-norm, head_dim != hidden/heads, tied
-}
-LAYOUTS = [ParallelLayout(), ParallelLayout(tp=2), ParallelLayout(pp=2), ParallelLayout(tp=2, pp=2),
-           ParallelLayout(pp=2, vpp=2)]
+LAYOUTS = PARITY_LAYOUTS
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list[torch.Tensor]]]:
+def models(tiny_hf) -> dict[str, tuple[Path, list[torch.Tensor]]]:
     """Tiny HF models and their fp32 reference logits on the default prompts."""
-    root = tmp_path_factory.mktemp("hf")
-    out = {}
-    for key, name in ARCHS.items():
-        folder = save_tiny_model(tiny_config(CONFIGS / name / "config.json"), root / key)
-        out[key] = (folder, hf_logits(folder, TOKENS, "fp32", "cpu"))
-    return out
+    return {key: (tiny_hf(name), hf_logits(tiny_hf(name), TOKENS, "fp32", "cpu")) for key, name in PARITY_MODELS.items()}
 
 
 TOKENS = encode(Path("/nonexistent"), DEFAULT_PROMPTS, 300)

@@ -12,20 +12,19 @@ from pathlib import Path
 from bridge.api import import_hf
 from bridge.launch import launch
 from bridge.layout import ParallelLayout
-from bridge.tiny import save_tiny_model, tiny_config
 from bridge.verify import DEFAULT_PROMPTS, compare, encode, hf_logits
-from tests.interop.common import CONFIGS, DENSE_MODELS, MEGATRON_CORE_MARKS
+from tests.interop.common import DENSE_MODELS, MEGATRON_CORE_MARKS
 
 pytestmark = MEGATRON_CORE_MARKS
 MODELS = DENSE_MODELS
 
 
-def test_megatron_core_gpt_matches_hf(tmp_path: Path) -> None:
+def test_megatron_core_gpt_matches_hf(tiny_hf, tmp_path: Path) -> None:
     from tests.interop.megatron_worker import megatron_logits
 
     hf_dirs, ckpts = [], []
     for name in MODELS:
-        hf = save_tiny_model(tiny_config(CONFIGS / name / "config.json"), tmp_path / name)
+        hf = tiny_hf(name)
         hf_dirs.append(hf)
         ckpts.append(str(import_hf(hf, tmp_path / f"{name}-tp2", ParallelLayout(tp=2), transformer_impl="local")))
     tokens = encode(hf_dirs[0], DEFAULT_PROMPTS, 300)

@@ -17,9 +17,8 @@ import pytest
 from bridge.api import export_hf, import_hf
 from bridge.launch import launch
 from bridge.layout import ParallelLayout
-from bridge.tiny import save_tiny_model, tiny_config
 from bridge.verify import DEFAULT_PROMPTS, compare, encode, hf_logits
-from tests.interop.common import CONFIGS, DENSE_MODELS, MEGATRON_CORE_MARKS
+from tests.interop.common import DENSE_MODELS, MEGATRON_CORE_MARKS
 from tests.test_convert_roundtrip import assert_identical
 
 pytestmark = MEGATRON_CORE_MARKS
@@ -27,9 +26,9 @@ MODELS = DENSE_MODELS
 
 
 @pytest.fixture(scope="module")
-def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path], list[str]]:
+def written(tiny_hf, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path], list[str]]:
     tmp = tmp_path_factory.mktemp("dist-interop")
-    hf_dirs = [save_tiny_model(tiny_config(CONFIGS / name / "config.json"), tmp / name) for name in MODELS]
+    hf_dirs = [tiny_hf(name) for name in MODELS]
     ckpts = [str(import_hf(hf, tmp / f"{name}-dist", ParallelLayout(), format="torch_dist")) for name, hf in zip(MODELS, hf_dirs)]
     return tmp, hf_dirs, ckpts
 
