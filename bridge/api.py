@@ -77,8 +77,7 @@ def import_hf(source: str | Path, out: str | Path | None = None, layout: Paralle
     """HF model (folder or Hub id) -> Megatron checkpoint (`torch` sharded for `layout`, or `torch_dist`)."""
     layout = layout or ParallelLayout()
     _check_format(format)
-    if transformer_impl not in TRANSFORMER_IMPLS:
-        raise BridgeError(f"--transformer-impl {transformer_impl} is not one of {', '.join(TRANSFORMER_IMPLS)}")
+    _check_impl(transformer_impl)
     folder = resolve_source(str(source), revision=revision, token=token)
     cfg = load_hf_config(folder)
     layout.validate(cfg)
@@ -97,6 +96,11 @@ def import_hf(source: str | Path, out: str | Path | None = None, layout: Paralle
         meta.save(tmp)
     log.info("wrote %s (%s, %s, %s)", out_path, format, layout.name, dtype_name)
     return out_path
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in TRANSFORMER_IMPLS:
+        raise BridgeError(f"--transformer-impl {impl} is not one of {', '.join(TRANSFORMER_IMPLS)}")
 
 
 def _check_format(format: str) -> None:
@@ -183,8 +187,7 @@ def reshard(checkpoint: str | Path, out: str | Path, layout: ParallelLayout, *, 
     cfg = ckpt.meta.config
     layout.validate(cfg)
     impl = transformer_impl or ckpt.meta.transformer_impl
-    if impl not in TRANSFORMER_IMPLS:
-        raise BridgeError(f"--transformer-impl {impl} is not one of {', '.join(TRANSFORMER_IMPLS)}")
+    _check_impl(impl)
     dtype_name = _dtype_name(dtype, ckpt.meta.dtype)
     format = format or ckpt.meta.format
     _check_spec(cfg, impl, layout, format)

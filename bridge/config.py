@@ -121,6 +121,11 @@ class ModelConfig:
             )
 
     @property
+    def num_experts(self) -> int:
+        """Routed experts per MoE layer; 0 for a dense model."""
+        return self.moe.num_experts if self.moe else 0
+
+    @property
     def heads_per_group(self) -> int:
         return self.num_attention_heads // self.num_query_groups
 

@@ -28,7 +28,7 @@ DESTINATIONS = ("all", "rank0")
 def _locate(key: str, model: GPTModel) -> LocalKey:
     """Stage, chunk, EP rank (experts only) and local name of a global Megatron key in this model."""
     cfg = model.cfg
-    return localize(key, model.ps.layout, cfg.num_layers, model.transformer_impl, cfg.moe.num_experts if cfg.moe else 0)
+    return localize(key, model.ps.layout, cfg.num_layers, model.transformer_impl, cfg.num_experts)
 
 
 def _owns(loc: LocalKey, ps: object) -> bool:

@@ -47,8 +47,12 @@ RULES: dict[str, Split] = {
 }
 
 
+#: RULES' tails, longest first, so that a specific tail wins over a shorter one it ends with.
+_TAILS = sorted(RULES, key=len, reverse=True)
+
+
 def rule_for(key: str) -> Split:
-    for tail in sorted(RULES, key=len, reverse=True):
+    for tail in _TAILS:
         if key.endswith(tail):
             return RULES[tail]
     raise BridgeError(f"no sharding rule for Megatron parameter {key}; bridge does not know how TP splits it")

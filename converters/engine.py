@@ -20,6 +20,7 @@ from bridge.converters import fp8
 from bridge.converters.hf import PlannedTensor, SafetensorsReader, StreamingSafetensorsWriter
 from bridge.converters.megatron_legacy import LegacyCheckpointReader, LegacyCheckpointWriter
 from bridge.errors import BridgeError
+from bridge.layout import ParallelLayout
 from bridge.memory import return_large_buffers_to_os
 from bridge.mapping import Conversion
 from bridge.sharding import LocalKey, Split, extra_state_keys, gather, is_expert_key, localize, rule_for, split
@@ -97,6 +98,16 @@ class HFSource:
                                   "set tie_word_embeddings=false in config.json")
 
 
+def _localize(meta: CheckpointMeta, key: str) -> LocalKey:
+    """Stage, chunk, EP rank and stage-local name of a global key in the checkpoint `meta` describes."""
+    return localize(key, meta.layout, meta.config.num_layers, meta.transformer_impl, meta.config.num_experts)
+
+
+def _ep_ranks(loc: LocalKey, layout: ParallelLayout) -> range:
+    """EP ranks whose files hold a key: its own for an expert, every one for a dense weight."""
+    return range(loc.ep_rank, loc.ep_rank + 1) if loc.ep_rank is not None else range(layout.ep)
+
+
 class MegatronSource:
     """Megatron rank files -> global tensors: gather TP shards, map stage-local names to global layers."""
 
@@ -105,17 +116,11 @@ class MegatronSource:
         self._check_accounting()
 
     def _local(self, key: str) -> LocalKey:
-        moe = self.meta.config.moe
-        return localize(key, self.meta.layout, self.meta.config.num_layers, self.meta.transformer_impl,
-                        moe.num_experts if moe else 0)
-
-    def _ep_ranks(self, loc: LocalKey) -> range:
-        """EP ranks whose files hold a key: its own for an expert, every one for a dense weight."""
-        return range(loc.ep_rank, loc.ep_rank + 1) if loc.ep_rank is not None else range(self.meta.layout.ep)
+        return _localize(self.meta, key)
 
     def _check_accounting(self) -> None:
         locs = [self._local(c.megatron) for c in self.conversions] + list(self._extra_keys())
-        expected = {(k.pp_rank, e, k.chunk, k.name) for k in locs for e in self._ep_ranks(k)}
+        expected = {(k.pp_rank, e, k.chunk, k.name) for k in locs for e in _ep_ranks(k, self.meta.layout)}
         present = {(p, e, c, n) for t, p, e, c, n in self.reader.entries() if t == 0}
         missing, unexpected = expected - present, present - expected
         if missing or unexpected:
@@ -130,7 +135,7 @@ class MegatronSource:
         if self.meta.transformer_impl == "transformer_engine":
             modules = dict.fromkeys(c.megatron.rsplit(".", 1)[0] for c in self.conversions)
             for module in modules:
-                for key in extra_state_keys(module, layout, cfg.moe.num_experts if cfg.moe else 0):
+                for key in extra_state_keys(module, layout, cfg.num_experts):
                     yield self._local(key)
         if cfg.tie_word_embeddings and layout.pp > 1:
             yield LocalKey(layout.pp - 1, layout.chunks - 1, "output_layer.weight")
@@ -159,7 +164,7 @@ class MegatronSource:
 
     def _mark_copies(self, loc: LocalKey, ep_rank: int, n: int) -> None:
         """The copies a layout repeats (dense weights in every EP rank's file, expert shards when ETP < TP)."""
-        for e in self._ep_ranks(loc):
+        for e in _ep_ranks(loc, self.meta.layout):
             for t in range(self.meta.layout.tp):
                 if e != ep_rank or t >= n:  # not one of the n shards read from `ep_rank`
                     self.reader.mark_consumed(t, loc.pp_rank, loc.chunk, loc.name, e)
@@ -183,7 +188,7 @@ class MegatronSource:
 
     def finish(self) -> None:
         for loc in self._extra_keys():
-            for e in self._ep_ranks(loc):
+            for e in _ep_ranks(loc, self.meta.layout):
                 for tp_rank in range(self.meta.layout.tp):
                     if loc.name == "output_layer.weight" and e == 0:
                         self._check_tied_copy(tp_rank, loc.pp_rank, loc.chunk)
@@ -221,15 +226,10 @@ class MegatronSink:
             self._write("output_layer.weight", tensor)  # Megatron keeps a copy on the last stage
 
     def _local(self, key: str) -> LocalKey:
-        moe = self.meta.config.moe
-        return localize(key, self.meta.layout, self.meta.config.num_layers, self.meta.transformer_impl,
-                        moe.num_experts if moe else 0)
+        return _localize(self.meta, key)
 
     def _add(self, tp_rank: int, loc: LocalKey, ep_rank: int, tensor: torch.Tensor) -> None:
-        if self.meta.layout.ep > 1:  # keyword only when needed: single-rank writers (torch_dist) take (tp, pp, ...)
-            self.writer.add(tp_rank, loc.pp_rank, loc.chunk, loc.name, tensor, ep_rank=ep_rank)
-        else:
-            self.writer.add(tp_rank, loc.pp_rank, loc.chunk, loc.name, tensor)
+        self.writer.add(tp_rank, loc.pp_rank, loc.chunk, loc.name, tensor, ep_rank=ep_rank)
 
     def _write(self, key: str, tensor: torch.Tensor) -> None:
         """Experts: ETP shards into their EP rank's files (TP rank t holds shard t % ETP); the rest: TP
@@ -252,10 +252,9 @@ class MegatronSink:
         """
         if self._module is None or self.meta.transformer_impl != "transformer_engine":
             return
-        moe = self.meta.config.moe
-        for key in extra_state_keys(self._module, self.meta.layout, moe.num_experts if moe else 0):
+        for key in extra_state_keys(self._module, self.meta.layout, self.meta.config.num_experts):
             loc = self._local(key)
-            for ep_rank in ([loc.ep_rank] if loc.ep_rank is not None else range(self.meta.layout.ep)):
+            for ep_rank in _ep_ranks(loc, self.meta.layout):
                 for tp_rank in range(self.meta.layout.tp):
                     self._add(tp_rank, loc, ep_rank, torch.empty(0, dtype=torch.uint8))
 

@@ -225,7 +225,8 @@ class _RankCollector:
         self.tp_rank, self.pp_rank = tp_rank, pp_rank
         self._models: list[dict[str, torch.Tensor]] = [{} for _ in range(layout.chunks)]
 
-    def add(self, tp_rank: int, pp_rank: int, chunk: int, name: str, tensor: torch.Tensor) -> None:
+    def add(self, tp_rank: int, pp_rank: int, chunk: int, name: str, tensor: torch.Tensor, ep_rank: int = 0) -> None:
+        """Keep this rank's tensors (torch_dist has no expert parallelism: `ep_rank` is always 0)."""
         if (tp_rank, pp_rank) == (self.tp_rank, self.pp_rank):
             self._models[chunk][name] = tensor.clone() if tensor.storage_offset() or not tensor.is_contiguous() else tensor
 

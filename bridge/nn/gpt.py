@@ -17,12 +17,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bridge.checkpoint import TRANSFORMER_IMPLS
 from bridge.config import ModelConfig
 from bridge.errors import BridgeError
 from bridge.nn.cross_entropy import vocab_parallel_cross_entropy
 from bridge.nn.layers import ColumnParallelLinear, RMSNorm, VocabParallelEmbedding
 from bridge.nn.rope import RotaryEmbedding
-from bridge.nn.transformer import TRANSFORMER_IMPLS, TransformerLayer
+from bridge.nn.transformer import TransformerLayer
 from bridge.parallel.context import local_positions
 from bridge.parallel.state import ParallelState
 

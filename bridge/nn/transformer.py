@@ -19,7 +19,6 @@ from bridge.parallel.collectives import Group
 from bridge.parallel.context import cp_attention, window_mask
 from bridge.parallel.state import ParallelState
 
-TRANSFORMER_IMPLS = ("transformer_engine", "local")
 
 
 class CoreAttention(nn.Module):
