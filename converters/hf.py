@@ -62,6 +62,9 @@ def _open(path: Path):  # noqa: ANN202 - safetensors' handle type is private
         raise BridgeError(f"{path} is not a readable safetensors file ({exc}); it may be truncated or corrupt, re-download it") from exc
 
 
+_TORCH_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}  # safetensors' dtype names -> torch dtypes
+
+
 class SafetensorsReader:
     """Lazy access to an HF folder's tensors: headers are read up front, data only on `get`."""
 
@@ -74,9 +77,8 @@ class SafetensorsReader:
     def _check_sizes(self) -> None:
         """Catch truncated files now: the header's last data offset must fit in the file."""
         for path in self._handles:
-            header_len = int.from_bytes(path.open("rb").read(8), "little")
             with path.open("rb") as f:
-                f.seek(8)
+                header_len = int.from_bytes(f.read(8), "little")
                 header = json.loads(f.read(header_len))
             last = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
             if 8 + header_len + last > os.path.getsize(path):
@@ -99,7 +101,7 @@ class SafetensorsReader:
     def meta(self, name: str) -> torch.Tensor:
         """A `meta` tensor with the stored shape and dtype, for planning without reading data."""
         sl = self._handles[self._files[name]].get_slice(name)
-        dtype = {v: k for k, v in SAFETENSORS_DTYPES.items()}[sl.get_dtype()]
+        dtype = _TORCH_DTYPES[sl.get_dtype()]
         return torch.empty(sl.get_shape(), dtype=dtype, device="meta")
 
 
