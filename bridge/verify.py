@@ -191,7 +191,10 @@ def sharded_logits(checkpoints: Sequence[Path], token_lists: Sequence[Sequence[i
     log.info("starting %d ranks (%s) for layout %s", world, backend, layout.name)
     per_rank = launch(rank_logits, world, [str(c) for c in checkpoints], [list(t) for t in token_lists], dtype, device,
                       sequence_parallel, cp, backend=backend)
-    return per_rank[(layout.pp - 1) * layout.ep * cp * layout.tp]  # tp 0, cp 0, dp 0, last stage (ParallelState order)
+    from bridge.parallel.state import ParallelState
+
+    order = ParallelState(layout, world, 0, cp=cp, create_groups=False)
+    return per_rank[order.rank_of(0, 0, layout.pp - 1, 0)]  # the last stage's tp 0, dp 0, cp 0
 
 
 def _metrics(name: str, ref: torch.Tensor, ours: torch.Tensor) -> Metrics:
