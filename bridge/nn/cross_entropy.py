@@ -15,11 +15,10 @@ is unchanged: every exponential and sum is taken in fp32.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.distributed as dist
 
+from bridge.fused import fused
 from bridge.parallel.collectives import Group, all_reduce
 
 
@@ -61,25 +60,13 @@ def logits_grad(logits: torch.Tensor, logits_max: torch.Tensor, sum_exp: torch.T
     return ((softmax - one_hot.float()) * grad_loss.float().unsqueeze(-1)).to(logits.dtype)
 
 
-_COMPILED: dict[Callable, Callable] = {}
-
-
-def _kernel(fn: Callable, device: torch.device) -> Callable:
-    """`fn` compiled into fused kernels on CUDA (once per function); eager elsewhere."""
-    if device.type != "cuda":
-        return fn
-    if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, dynamic=False)
-    return _COMPILED[fn]
-
-
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, group: Group, vocab_start: int,  # noqa: ANN001
                 vocab_size: int | None) -> torch.Tensor:
-        logits_max = all_reduce(_kernel(local_max, logits.device)(logits, vocab_start, vocab_size), group,
+        logits_max = all_reduce(fused(local_max, logits.device)(logits, vocab_start, vocab_size), group,
                                 dist.ReduceOp.MAX)
-        sum_exp, predicted = _kernel(local_terms, logits.device)(logits, logits_max, target, vocab_start, vocab_size)
+        sum_exp, predicted = fused(local_terms, logits.device)(logits, logits_max, target, vocab_start, vocab_size)
         sums = all_reduce(torch.stack([sum_exp, predicted]), group)  # one collective for both
         sum_exp, predicted = sums[0], sums[1]
         ctx.vocab_start, ctx.vocab_size = vocab_start, vocab_size
@@ -89,7 +76,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):  # noqa: ANN001, ANN205
         logits, logits_max, sum_exp, target = ctx.saved_tensors
-        grad = _kernel(logits_grad, logits.device)(logits, logits_max, sum_exp, target, grad_loss,
+        grad = fused(logits_grad, logits.device)(logits, logits_max, sum_exp, target, grad_loss,
                                                    ctx.vocab_start, ctx.vocab_size)
         return grad, None, None, None, None
 

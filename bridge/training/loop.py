@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import time
 from pathlib import Path
@@ -154,6 +155,9 @@ class Trainer:
         if rs.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
+        grad_norm = float(grad_norm)  # the device tensor is ready: the step has finished
+        if not math.isfinite(grad_norm):
+            log.warning("gradient norm is %s at iteration %d; the update was skipped", grad_norm, rs.iteration + 1)
         rs.iteration += 1
         rs.consumed += self.cfg.global_batch_size
         loss = loss_sum / rs.plan.global_microbatches

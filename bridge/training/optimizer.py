@@ -1,11 +1,20 @@
 """AdamW on fp32 master weights, optionally sharded over data-parallel ranks (ZeRO-1, distributed optimizer).
 
 The model keeps its parameters in the training dtype (bf16 or fp32) inside `ParamAndGradBuffer`;
-the optimizer owns fp32 master copies of the pieces of that buffer it is responsible for: all of
-them, or with `--use-distributed-optimizer` this DP rank's 1/DP of every bucket, so master weights
-and Adam moments cost 12/DP bytes per parameter. A step: gradients of the owned pieces (fp32) ->
-global norm and clipping -> AdamW (fused where available) -> cast back into the parameter buffer ->
-all-gather of the updated shards.
+the optimizer owns fp32 master copies of the ranges of that buffer it is responsible for: all of
+it, or with `--use-distributed-optimizer` this DP rank's 1/DP of every bucket, so master weights
+and Adam moments cost 12/DP bytes per parameter.
+
+A step is two passes over the owned ranges, with no host synchronisation:
+1. the global gradient norm, read straight from the (bf16) gradient buffer and summed over ranks
+   on the device; the clipping factor and "is the norm finite" stay device tensors;
+2. one elementwise update per contiguous range (`adamw_update`): it reads the gradient, the master
+   weight and both moments once, applies clipping, weight decay and Adam, and writes the moments,
+   the master and the parameter's bf16 copy. On CUDA it is one torch.compile'd kernel.
+A non-finite norm leaves weights, moments and the step count unchanged (the update is masked on
+the device, so the host never waits for the norm). Compared with torch's fused AdamW preceded by
+an fp32 copy of the gradients, a clipping pass and a copy back into the parameters, this moves
+about half the bytes (29 instead of ~52 per parameter with bf16 gradients).
 
 The checkpointed state is keyed by parameter name and holds whole tensors (gathered over DP), so it
 does not depend on DP, on the bucket layout or on whether the optimizer was sharded.
@@ -13,13 +22,13 @@ does not depend on DP, on the bucket layout or on whether the optimizer was shar
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from bridge.fused import fused
 from bridge.parallel.state import ParallelState
 from bridge.training.grads import Entry, ParamAndGradBuffer
 
@@ -27,13 +36,30 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class Span:
+    """A contiguous range [lo, hi) of the flat buffers that this rank updates, with its fp32 optimizer state."""
+
+    lo: int
+    hi: int
+    master: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    decay: torch.Tensor
+    """bool per element: weight decay applies (matrices yes; norms, biases and bucket padding no)."""
+
+
+@dataclass
 class Piece:
-    """The part [lo, hi) of the flat buffers, inside one parameter, that this rank's optimizer updates."""
+    """One parameter's part [lo, hi) of a span: the names the checkpoint uses for the span's state."""
 
     entry: Entry
     lo: int
     hi: int
-    master: torch.Tensor
+    span: Span
+
+    def state(self, name: str) -> torch.Tensor:
+        """View of `master`, `exp_avg` or `exp_avg_sq` for this piece."""
+        return getattr(self.span, name)[self.lo - self.span.lo:self.hi - self.span.lo]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,97 +72,115 @@ class AdamConfig:
     clip_grad: float
 
 
+STATE_NAMES = ("master", "exp_avg", "exp_avg_sq")
+
+
 def state_key(chunks: int, entry: Entry) -> str:
     """`model.<name>` or `model<v>.<name>`: the name of the weight in the checkpoint."""
     return f"model.{entry.name}" if chunks == 1 else f"model{entry.chunk}.{entry.name}"
 
 
+def adamw_update(master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor,
+                 decay: torch.Tensor, param: torch.Tensor, scalars: torch.Tensor, beta1: float, beta2: float,
+                 eps: float, weight_decay: float) -> None:
+    """One AdamW step of a flat range, in place (torch.optim.AdamW's formula, decoupled weight decay).
+
+    `scalars` (fp32 device tensor): lr, 1 - beta1^t, sqrt(1 - beta2^t), gradient scale (clipping), apply (1/0).
+    """
+    lr, correction1, correction2_sqrt, scale, apply = scalars.unbind()
+    g = grad.float() * scale
+    m = exp_avg + (g - exp_avg) * (1 - beta1)
+    v = exp_avg_sq * beta2 + g * g * (1 - beta2)
+    w = master * torch.where(decay, 1 - lr * weight_decay, 1.0)
+    w = w - (lr / correction1) * m / (v.sqrt() / correction2_sqrt + eps)
+    keep = apply == 0
+    w, m, v = torch.where(keep, master, w), torch.where(keep, exp_avg, m), torch.where(keep, exp_avg_sq, v)
+    master.copy_(w)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    param.copy_(w)
+
+
 class MixedPrecisionAdamW:
-    """AdamW over this rank's pieces of the flat buffers, with global-norm clipping."""
+    """AdamW over this rank's ranges of the flat buffers, with global-norm clipping."""
 
     def __init__(self, buffer: ParamAndGradBuffer, ps: ParallelState, cfg: AdamConfig) -> None:
         self.buffer, self.ps, self.cfg = buffer, ps, cfg
         self.chunks = len(buffer.sync_enabled)
+        self.device = buffer.param_data.device
+        self.spans = [self._span(lo, hi) for lo, hi in self._owned_ranges()]
         self.pieces: list[Piece] = []
-        for bucket in buffer.buckets:
-            lo, hi = buffer.shard(bucket)
-            for e in bucket.entries:
-                a, b = max(lo, e.start), min(hi, e.start + e.numel)
+        for span in self.spans:
+            for e in buffer.entries:
+                a, b = max(span.lo, e.start), min(span.hi, e.start + e.numel)
                 if a < b:
-                    self.pieces.append(Piece(e, a, b, buffer.fp32_init[a:b].clone()))
+                    self.pieces.append(Piece(e, a, b, span))
+                    span.decay[a - span.lo:b - span.lo] = not e.no_decay
         buffer.fp32_init = None  # the masters hold what they need; free the fp32 copy
-        groups = [{"params": [p.master for p in self.pieces if not p.entry.no_decay], "weight_decay": cfg.weight_decay},
-                  {"params": [p.master for p in self.pieces if p.entry.no_decay], "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]
-        kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-        try:
-            self.adam = torch.optim.AdamW(groups, fused=True, **kwargs)
-        except (RuntimeError, ValueError) as exc:  # fused needs a supported device and dtype
-            log.info("fused AdamW unavailable (%s); using the foreach implementation", exc)
-            self.adam = torch.optim.AdamW(groups, foreach=True, **kwargs)
+        self.step_count = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._update = fused(adamw_update, self.device, dynamic=True)
+
+    def _owned_ranges(self) -> list[tuple[int, int]]:
+        """This rank's shard of every bucket, adjacent ones merged (without sharding: the whole buffer)."""
+        ranges: list[tuple[int, int]] = []
+        for bucket in self.buffer.buckets:
+            lo, hi = self.buffer.shard(bucket)
+            if ranges and ranges[-1][1] == lo:
+                ranges[-1] = (ranges[-1][0], hi)
+            else:
+                ranges.append((lo, hi))
+        return ranges
+
+    def _span(self, lo: int, hi: int) -> Span:
+        zeros = lambda: torch.zeros(hi - lo, dtype=torch.float32, device=self.device)  # noqa: E731
+        return Span(lo, hi, self.buffer.fp32_init[lo:hi].clone(), zeros(), zeros(),
+                    torch.zeros(hi - lo, dtype=torch.bool, device=self.device))
 
     # ---- one step --------------------------------------------------------------------------
-    def _attach_grads(self) -> None:
-        fp32 = self.buffer.grad_data.dtype == torch.float32
-        for p in self.pieces:
-            grad = self.buffer.grad_data[p.lo:p.hi]
-            p.master.grad = grad if fp32 else grad.float()
-
-    def grad_norm(self) -> float:
-        """Global L2 norm over every distinct weight of the model (each element counted once).
+    def grad_norm(self) -> torch.Tensor:
+        """Global L2 norm (a device tensor) over every distinct weight of the model (each element counted once).
 
         Without sharding every replica counts its gradients: dense ones DP times, expert ones
         expert-DP times (EP ranks hold different experts), so the two sums are divided separately.
         """
-        device = self.buffer.grad_data.device
-        totals = torch.zeros(2, dtype=torch.float64, device=device)  # [dense, expert]
+        grads = self.buffer.grad_data
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # [dense, expert]
         for kind in (0, 1):  # one fused multi-tensor kernel per kind; the squares add up in fp64
-            grads = [p.master.grad for p in self.pieces if not p.entry.tp_duplicate and int(p.entry.expert) == kind]
-            if grads:
-                totals[kind] = torch.stack(torch._foreach_norm(grads)).double().pow(2).sum()
+            views = [grads[p.lo:p.hi] for p in self.pieces if not p.entry.tp_duplicate and int(p.entry.expert) == kind]
+            if views:
+                totals[kind] = torch.stack(torch._foreach_norm(views, 2, dtype=torch.float32)).double().pow(2).sum()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(totals)
             if not self.buffer.distributed:
-                totals = totals / torch.tensor([self.ps.dp_cp, self.ps.expert_dp], dtype=torch.float64, device=device)
-        return math.sqrt(totals.sum().item())
+                totals = totals / torch.tensor([self.ps.dp_cp, self.ps.expert_dp], dtype=torch.float64, device=self.device)
+        return totals.sum().sqrt()
 
-    def step(self, lr: float) -> float:
-        """Clip, update and write back; returns the gradient norm before clipping."""
-        self._attach_grads()
-        norm = self.grad_norm()
-        if self.cfg.clip_grad > 0 and math.isfinite(norm):
-            coef = self.cfg.clip_grad / (norm + 1e-6)
-            if coef < 1.0:
-                torch._foreach_mul_([p.master.grad for p in self.pieces], coef)
-        for group in self.adam.param_groups:
-            group["lr"] = lr
-        if math.isfinite(norm):
-            self.adam.step()
-        else:
-            log.warning("gradient norm is %s; skipping this update", norm)
-        torch._foreach_copy_([self.buffer.param_data[p.lo:p.hi] for p in self.pieces], [p.master for p in self.pieces])
-        for p in self.pieces:
-            p.master.grad = None
+    def step(self, lr: float) -> torch.Tensor:
+        """Clip, update and write back; returns the gradient norm before clipping (a device tensor: reading it
+        waits for the step). A non-finite norm skips the update."""
+        norm = self.grad_norm().float()
+        finite = torch.isfinite(norm)
+        scale = torch.ones_like(norm)
+        if self.cfg.clip_grad > 0:
+            scale = torch.where(finite, (self.cfg.clip_grad / (norm + 1e-6)).clamp(max=1.0), scale)
+        self.step_count += finite.float()
+        scalars = torch.stack([torch.full_like(norm, lr), 1 - self.cfg.beta1 ** self.step_count,
+                               (1 - self.cfg.beta2 ** self.step_count).sqrt(), scale, finite.float()])
+        for span in self.spans:
+            self._update(span.master, span.exp_avg, span.exp_avg_sq, self.buffer.grad_data[span.lo:span.hi],
+                         span.decay, self.buffer.param_data[span.lo:span.hi], scalars,
+                         self.cfg.beta1, self.cfg.beta2, self.cfg.eps, self.cfg.weight_decay)
         self.buffer.gather_params()
         return norm
 
     # ---- checkpoint state --------------------------------------------------------------------
-    def _step_count(self) -> int:
-        for state in self.adam.state.values():
-            return int(state["step"].item())
-        return 0
-
     def state_dict(self) -> dict[str, Any] | None:
         """Whole fp32 master / exp_avg / exp_avg_sq per weight name, gathered to the ranks that write files."""
-        names = ("master", "exp_avg", "exp_avg_sq")
-        flat = {n: torch.zeros(self.buffer.param_data.numel(), dtype=torch.float32,
-                               device=self.buffer.param_data.device) for n in names}
-        for p in self.pieces:
-            state = self.adam.state.get(p.master, {})
-            flat["master"][p.lo:p.hi] = p.master
-            for n in names[1:]:
-                if n in state:
-                    flat[n][p.lo:p.hi] = state[n]
+        flat = {n: torch.zeros(self.buffer.param_data.numel(), dtype=torch.float32, device=self.device)
+                for n in STATE_NAMES}
+        for span in self.spans:
+            for n in STATE_NAMES:
+                flat[n][span.lo:span.hi] = getattr(span, n)
         if self.buffer.distributed and self.ps.dp_cp > 1:
             for bucket in self.buffer.buckets:  # disjoint shards: the sum over the bucket's group is the concatenation
                 group, n, _ = self.buffer.group(bucket)
@@ -146,9 +190,10 @@ class MixedPrecisionAdamW:
         if not self.ps.writes_checkpoint:
             return None
         flat = {n: t.cpu() for n, t in flat.items()}
-        params = {state_key(self.chunks, e): {n: flat[n][e.start:e.start + e.numel].view(e.param.shape) for n in names}
+        params = {state_key(self.chunks, e): {n: flat[n][e.start:e.start + e.numel].view(e.param.shape)
+                                              for n in STATE_NAMES}
                   for e in self.buffer.entries}
-        return {"kind": "bridge.MixedPrecisionAdamW", "step": self._step_count(), "params": params,
+        return {"kind": "bridge.MixedPrecisionAdamW", "step": int(self.step_count.item()), "params": params,
                 "hyper": {"betas": [self.cfg.beta1, self.cfg.beta2], "eps": self.cfg.eps,
                           "weight_decay": self.cfg.weight_decay}}
 
@@ -160,21 +205,12 @@ class MixedPrecisionAdamW:
             from bridge.errors import BridgeError
 
             raise BridgeError(f"the checkpoint's optimizer state lacks {missing[:4]}; was it saved for another layout?")
-        step = int(state["step"])
-        for p in self.pieces:
-            saved = params[state_key(self.chunks, p.entry)]
-            a, b = p.lo - p.entry.start, p.hi - p.entry.start
-            with torch.no_grad():
-                p.master.copy_(saved["master"].reshape(-1)[a:b])
-                self.buffer.param_data[p.lo:p.hi].copy_(p.master)
-            if step > 0:
-                self.adam.state[p.master] = {
-                    "step": torch.tensor(float(step), dtype=torch.float32, device=_step_device(self.adam, p.master)),
-                    "exp_avg": saved["exp_avg"].reshape(-1)[a:b].to(p.master.device).clone(),
-                    "exp_avg_sq": saved["exp_avg_sq"].reshape(-1)[a:b].to(p.master.device).clone()}
+        with torch.no_grad():
+            for p in self.pieces:
+                saved = params[state_key(self.chunks, p.entry)]
+                a, b = p.lo - p.entry.start, p.hi - p.entry.start
+                for n in STATE_NAMES:
+                    p.state(n).copy_(saved[n].reshape(-1)[a:b])
+                self.buffer.param_data[p.lo:p.hi].copy_(p.state("master"))
+            self.step_count.fill_(float(state["step"]))
         self.buffer.gather_params()
-
-
-def _step_device(adam: torch.optim.Optimizer, master: torch.Tensor) -> torch.device:
-    """Fused AdamW keeps `step` on the parameter's device; the foreach one on the CPU."""
-    return master.device if adam.defaults.get("fused") else torch.device("cpu")

@@ -1,0 +1,122 @@
+"""bridge's flat AdamW (one elementwise update per buffer range, clipping and skip decided on the device) against
+torch.optim.AdamW with torch's gradient clipping: same weights after several steps, weight decay on matrices only,
+non-finite gradients skip the step, and the optimizer state survives a state_dict round trip."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from bridge.layout import ParallelLayout
+from bridge.parallel.state import ParallelState
+from bridge.training.grads import ParamAndGradBuffer
+from bridge.training.optimizer import AdamConfig, MixedPrecisionAdamW
+
+CFG = AdamConfig(lr=1e-2, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, clip_grad=1.0)
+
+
+class TinyChunk(nn.Module):
+    """Two matrices (decayed) and a norm weight (not decayed), as the buffer sees a model chunk."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cfg = SimpleNamespace(tie_word_embeddings=False)
+        self.up = nn.Parameter(torch.randn(24, 8))
+        self.norm = nn.Parameter(torch.ones(24))
+        self.down = nn.Parameter(torch.randn(8, 24))
+
+    def shared_embedding_or_output_weight(self) -> None:
+        return None
+
+
+def setup(dtype: torch.dtype, bucket_size: int) -> tuple[TinyChunk, ParamAndGradBuffer, MixedPrecisionAdamW]:
+    torch.manual_seed(0)
+    chunk = TinyChunk()
+    ps = ParallelState(ParallelLayout(), 1, 0, create_groups=False)
+    buffer = ParamAndGradBuffer([chunk], ps, param_dtype=dtype, grad_dtype=dtype, bucket_size=bucket_size,
+                                distributed=False, sequence_parallel=False)
+    return chunk, buffer, MixedPrecisionAdamW(buffer, ps, CFG)
+
+
+def reference(grads: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    chunk = TinyChunk()
+    params = dict(chunk.named_parameters())
+    adam = torch.optim.AdamW([{"params": [params["up"], params["down"]], "weight_decay": CFG.weight_decay},
+                              {"params": [params["norm"]], "weight_decay": 0.0}],
+                             lr=CFG.lr, betas=(CFG.beta1, CFG.beta2), eps=CFG.eps)
+    for g in grads:
+        for name, p in params.items():
+            p.grad = g[name].clone()
+        norm = torch.nn.utils.clip_grad_norm_(chunk.parameters(), CFG.clip_grad)
+        if math.isfinite(norm):
+            adam.step()
+    return {n: p.detach() for n, p in params.items()}
+
+
+def random_grads(steps: int, scale: float) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    shapes = {"up": (24, 8), "norm": (24,), "down": (8, 24)}
+    return [{n: torch.randn(s, generator=gen) * scale for n, s in shapes.items()} for _ in range(steps)]
+
+
+def train(chunk: TinyChunk, buffer: ParamAndGradBuffer, opt: MixedPrecisionAdamW,
+          grads: list[dict[str, torch.Tensor]]) -> list[float]:
+    norms = []
+    for g in grads:
+        for name, p in chunk.named_parameters():
+            p.main_grad.copy_(g[name])
+        norms.append(float(opt.step(CFG.lr)))
+        buffer.zero_grads()
+    return norms
+
+
+@pytest.mark.parametrize("bucket_size", [10_000, 100], ids=["one-range", "many-buckets"])
+@pytest.mark.parametrize("scale", [0.01, 10.0], ids=["unclipped", "clipped"])
+def test_matches_torch_adamw_with_clipping(bucket_size: int, scale: float) -> None:
+    grads = random_grads(5, scale)
+    chunk, buffer, opt = setup(torch.float32, bucket_size)
+    norms = train(chunk, buffer, opt, grads)
+    expected = reference(grads)
+    for name, p in chunk.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[name], rtol=1e-5, atol=1e-6)
+    first = torch.cat([g.reshape(-1) for g in grads[0].values()]).norm()
+    assert norms[0] == pytest.approx(float(first), rel=1e-6)
+    assert (norms[0] > CFG.clip_grad) == (scale > 1)
+
+
+def test_non_finite_gradient_skips_the_step() -> None:
+    grads = random_grads(4, 1.0)
+    grads[1]["up"][0, 0] = float("nan")
+    chunk, buffer, opt = setup(torch.float32, 10_000)
+    norms = train(chunk, buffer, opt, grads)
+    assert math.isnan(norms[1])
+    assert int(opt.step_count) == 3
+    expected = reference(grads)  # torch's loop skips the same step
+    for name, p in chunk.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_parameters_take_the_rounded_fp32_master() -> None:
+    chunk, buffer, opt = setup(torch.bfloat16, 100)
+    train(chunk, buffer, opt, random_grads(3, 1.0))
+    for piece in opt.pieces:
+        assert torch.equal(buffer.param_data[piece.lo:piece.hi], piece.state("master").to(torch.bfloat16))
+    assert not torch.equal(opt.spans[0].master.to(torch.bfloat16).float(), opt.spans[0].master)
+
+
+def test_state_dict_round_trip_continues_identically() -> None:
+    grads = random_grads(6, 1.0)
+    chunk, buffer, opt = setup(torch.float32, 100)
+    train(chunk, buffer, opt, grads[:3])
+    state = opt.state_dict()
+    assert state["step"] == 3 and set(state["params"]) == {"model.up", "model.norm", "model.down"}
+    train(chunk, buffer, opt, grads[3:])
+    chunk2, buffer2, opt2 = setup(torch.float32, 10_000)  # another bucket layout: the state is keyed by name
+    opt2.load_state_dict(state)
+    train(chunk2, buffer2, opt2, grads[3:])
+    for (name, p), p2 in zip(chunk.named_parameters(), chunk2.parameters()):
+        assert torch.equal(p, p2), name
