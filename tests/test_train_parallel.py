@@ -21,6 +21,7 @@ LAYOUTS = {
     "tp2pp2-sp": dict(nproc=4, tp=2, pp=2, sequence_parallel=True),
     "pp2vpp2": dict(nproc=2, pp=2, vpp=2),
     "dp2-distopt": dict(nproc=2, use_distributed_optimizer=True),
+    "no-gradient-accumulation-fusion": dict(nproc=1, gradient_accumulation_fusion=False),
 }
 
 
@@ -66,14 +67,17 @@ def test_layout_matches_single_process(setup: dict[str, Path], reference: dict, 
     assert worst <= 1e-5
 
 
-def test_bf16_params_with_fp32_masters(setup: dict[str, Path], reference: dict) -> None:
-    """bf16 training (CPU): the fp32 run's losses to bf16 precision; bf16 model and fp32 masters in the checkpoint."""
-    summary = train(config(setup, "bf16", nproc=2, tp=2, bf16=True, accumulate_allreduce_grads_in_fp32=True,
+@pytest.mark.parametrize("fp32_grads", [True, False], ids=["fp32-grads", "bf16-grads-fused-accumulation"])
+def test_bf16_params_with_fp32_masters(setup: dict[str, Path], reference: dict, fp32_grads: bool) -> None:
+    """bf16 training (CPU): the fp32 run's losses to bf16 precision; bf16 model and fp32 masters in the checkpoint.
+    With bf16 gradients the weight-gradient GEMMs accumulate into the bf16 buffer themselves."""
+    name = f"bf16-{fp32_grads}"
+    summary = train(config(setup, name, nproc=2, tp=2, bf16=True, accumulate_allreduce_grads_in_fp32=fp32_grads,
                            exit_interval=6, eval_interval=0))
     losses = [loss for _, loss in summary["loss_curve"]]
     fp32 = [loss for _, loss in reference["loss_curve"]][:6]
     assert all(abs(a - b) / b < 1e-2 for a, b in zip(losses, fp32)), (losses, fp32)
-    state = load_pt(setup["root"] / "runs" / "bf16" / "iter_0000006" / "mp_rank_00" / "model_optim_rng.pt")
+    state = load_pt(setup["root"] / "runs" / name / "iter_0000006" / "mp_rank_00" / "model_optim_rng.pt")
     weight = state["model"]["decoder.layers.0.mlp.linear_fc1.weight"]
     master = state["optimizer"]["params"]["model.decoder.layers.0.mlp.linear_fc1.weight"]["master"]
     assert weight.dtype == torch.bfloat16 and master.dtype == torch.float32
