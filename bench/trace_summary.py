@@ -51,6 +51,19 @@ def busy_time(events: list[dict]) -> float:
     return total
 
 
+def largest_gaps(events: list[dict], count: int) -> list[tuple[float, float, str, str]]:
+    """The `count` longest stretches with no GPU event running: (start after the first event, length, the
+    event that ended before, the one that started after), in µs, sorted by time."""
+    ordered = sorted(events, key=lambda e: e["ts"])
+    origin, gaps, end, last = ordered[0]["ts"], [], ordered[0]["ts"] + ordered[0]["dur"], ordered[0]["name"]
+    for e in ordered[1:]:
+        if e["ts"] > end:
+            gaps.append((end - origin, e["ts"] - end, last, e["name"]))
+        if e["ts"] + e["dur"] >= end:
+            end, last = e["ts"] + e["dur"], e["name"]
+    return sorted(sorted(gaps, key=lambda g: -g[1])[:count])
+
+
 def summarize(path: Path, steps: int, top: int) -> str:
     events = gpu_events(json.loads(path.read_text()))
     if not events:
@@ -68,6 +81,9 @@ def summarize(path: Path, steps: int, top: int) -> str:
              f"({100 * (span - busy) / span:.1f}%)", "", f"{'family':<24}{'ms/step':>10}{'share':>8}"]
     for fam, us in sorted(per_family.items(), key=lambda kv: -kv[1]):
         lines.append(f"{fam:<24}{ms(us):>10.2f}{100 * us / busy:>7.1f}%")
+    lines += ["", "largest idle gaps (ms after the first kernel: gap ms, kernel before -> kernel after):"]
+    for at, gap, before, after in largest_gaps(events, 12):
+        lines.append(f"  {at / 1000:9.2f}: {gap / 1000:6.2f}  {before[:50]} -> {after[:50]}")
     lines += ["", f"{'ms/step':>9}{'calls':>7}  kernel"]
     for name, (us, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]:
         lines.append(f"{ms(us):>9.2f}{n // steps:>7}  {name[:110]}")

@@ -8,8 +8,7 @@ Why it is written this way: the logits are the largest activation of a training 
 1 GiB of bf16 for 4 x 2048 tokens of a 128k vocabulary). Upcasting them to fp32 and keeping the
 softmax for backward, as a straightforward implementation does, writes and reads that tensor in fp32
 about ten times. Here the forward reads the bf16 logits twice (row max; then sum of exponentials
-and the target's logit; once without TP, where no all-reduce of the max separates the two and
-torch.compile's online softmax does both) and keeps only those logits and two fp32 numbers per token; the backward
+and the target's logit) and keeps only those logits and two fp32 numbers per token; the backward
 recomputes the softmax from them in one pass that writes the gradient in the logits' dtype. On CUDA
 each pass is one fused kernel (torch.compile); on the CPU the same functions run eagerly. The maths
 is unchanged: every exponential and sum is taken in fp32.
@@ -20,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from bridge.fused import fused
-from bridge.parallel.collectives import Group, all_reduce, group_size
+from bridge.parallel.collectives import Group, all_reduce
 
 
 def _masked(logits: torch.Tensor, vocab_start: int, vocab_size: int | None) -> torch.Tensor:
@@ -51,14 +50,6 @@ def local_terms(logits: torch.Tensor, logits_max: torch.Tensor, target: torch.Te
     return shifted.exp().sum(dim=-1), predicted
 
 
-def local_max_and_terms(logits: torch.Tensor, target: torch.Tensor, vocab_start: int,
-                        vocab_size: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """local_max and local_terms in one function, for an unsplit vocabulary (no all-reduce between them): compiled,
-    the max and the sum of exponentials come from one read of the logits (Inductor's online softmax)."""
-    logits_max = local_max(logits, vocab_start, vocab_size)
-    return (logits_max, *local_terms(logits, logits_max, target, vocab_start, vocab_size))
-
-
 def logits_grad(logits: torch.Tensor, logits_max: torch.Tensor, sum_exp: torch.Tensor, target: torch.Tensor,
                 grad_loss: torch.Tensor, vocab_start: int, vocab_size: int | None) -> torch.Tensor:
     """(softmax - one_hot(target)) * grad_loss, in the logits' dtype."""
@@ -73,15 +64,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, group: Group, vocab_start: int,  # noqa: ANN001
                 vocab_size: int | None) -> torch.Tensor:
-        if group_size(group) == 1:
-            logits_max, sum_exp, predicted = fused(local_max_and_terms, logits.device)(
-                logits, target, vocab_start, vocab_size)
-        else:
-            logits_max = all_reduce(fused(local_max, logits.device)(logits, vocab_start, vocab_size), group,
-                                    dist.ReduceOp.MAX)
-            sum_exp, predicted = fused(local_terms, logits.device)(logits, logits_max, target, vocab_start, vocab_size)
-            sums = all_reduce(torch.stack([sum_exp, predicted]), group)  # one collective for both
-            sum_exp, predicted = sums[0], sums[1]
+        logits_max = all_reduce(fused(local_max, logits.device)(logits, vocab_start, vocab_size), group,
+                                dist.ReduceOp.MAX)
+        sum_exp, predicted = fused(local_terms, logits.device)(logits, logits_max, target, vocab_start, vocab_size)
+        sums = all_reduce(torch.stack([sum_exp, predicted]), group)  # one collective for both
+        sum_exp, predicted = sums[0], sums[1]
         ctx.vocab_start, ctx.vocab_size = vocab_start, vocab_size
         ctx.save_for_backward(logits, logits_max, sum_exp, target)
         return sum_exp.log() - predicted  # [s, b]
