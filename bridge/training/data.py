@@ -177,9 +177,17 @@ def micro_batch(dataset: PackedDataset | MockDataset, first: int, size: int, dev
     tokens = torch.from_numpy(np.stack([t for t, _ in pairs]))
     mask = torch.from_numpy(np.stack([m for _, m in pairs]))[:, 1:].float()
     local = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask}
-    out = {k: split_sequence(v, cp, cp_rank, dim=1).to(device) for k, v in local.items()}
-    out["loss_tokens"] = mask.sum().to(device)
+    out = {k: _to_device(split_sequence(v, cp, cp_rank, dim=1), device) for k, v in local.items()}
+    out["loss_tokens"] = _to_device(mask.sum(), device)
     return out
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """An asynchronous copy on CUDA (from pinned memory): the trainer fetches the next step's batches while the
+    GPU still runs this step, and a copy from pageable memory would wait for the GPU to go idle."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.contiguous().pin_memory().to(device, non_blocking=True)
 
 
 def step_micro_batches(dataset: PackedDataset | MockDataset, consumed: int, global_batch: int, micro: int, dp: int,

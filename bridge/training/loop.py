@@ -110,6 +110,7 @@ class Trainer:
         self.records: list[dict[str, Any]] = []
         self.moe_layers = moe_layers(rs.chunks)
         self.profiler = StepProfiler(self.cfg, self.ps.rank, rs.device)
+        self.prefetched: list[dict[str, torch.Tensor]] | None = None
         self.bar = None
         if is_logger and self.cfg.progress:
             from tqdm import tqdm
@@ -144,11 +145,14 @@ class Trainer:
     def step(self) -> dict[str, Any]:
         rs = self.rs
         start = time.perf_counter()
-        mbs = rs.micro_batches(rs.train, rs.consumed)
+        mbs = self.prefetched if self.prefetched is not None else rs.micro_batches(rs.train, rs.consumed)
         losses = train_step(rs, mbs)
         lr = rs.schedule(rs.iteration + 1)
         grad_norm = rs.optimizer.step(lr)
         rs.buffer.zero_grads()
+        # the next step's batches, copied while the GPU finishes this one (the loss reduction below waits for it)
+        last = rs.iteration + 1 >= self.cfg.train_iters
+        self.prefetched = None if last else rs.micro_batches(rs.train, rs.consumed + self.cfg.global_batch_size)
         aux = self.moe_step()
         loss_sum, stop, aux_sum = _reduce([float(sum(losses)) if losses else 0.0], self.ps, rs.device,
                                           [float(self.stop.set), aux])
