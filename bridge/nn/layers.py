@@ -57,32 +57,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
-def fuses_wgrad_accumulation(weight: torch.Tensor) -> bool:
-    """Whether the weight gradient GEMM should add straight into `weight.main_grad` (set up by the trainer's
-    gradient buffer, which marks the weights it can take that way)."""
-    return getattr(weight, "fuse_wgrad_accumulation", False)
+class _ColumnParallelMatmul(torch.autograd.Function):
+    """x W^T (+ b) for a column-parallel weight, with the backward's collectives overlapped (Megatron's
+    LinearWithGradAccumulationAndAsyncCommunication).
 
-
-class _LinearMatmul(torch.autograd.Function):
-    """x W^T (+ b) with Megatron's two backward optimisations (LinearWithGradAccumulationAndAsyncCommunication).
-
-    - Column-parallel weights (`group` set): the input's gradient is a partial sum on each TP rank; its
-      all-reduce (reduce-scatter under sequence parallelism) runs while the weight gradient is computed,
-      which needs only local data. Under sequence parallelism the forward all-gathers the sequence and
-      keeps only the local shard; the backward gathers it again while it computes the input's gradient.
-    - Gradient-accumulation fusion: when the trainer marked the weight (`fuse_wgrad_accumulation`), the
-      weight-gradient GEMM adds its result into `weight.main_grad` in place (cuBLAS with beta = 1)
-      instead of producing a gradient that autograd then adds to the buffer in a separate pass over
-      every weight. Autograd still receives a gradient tensor (allocated, never written) so that the
-      buffer's post-accumulate hook runs; `grad_added_to_main_grad` tells the hook to discard it.
+    The input's gradient is a partial sum on each TP rank; its all-reduce (reduce-scatter under
+    sequence parallelism) runs while the weight gradient is computed, which needs only local data.
+    Under sequence parallelism the forward all-gathers the sequence and keeps only the local shard;
+    the backward gathers it again while it computes the input's gradient.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: Group,  # noqa: ANN001
-                sequence_parallel: bool, fuse_wgrad: bool) -> torch.Tensor:
+                sequence_parallel: bool) -> torch.Tensor:
         ctx.group, ctx.sequence_parallel, ctx.has_bias = group, sequence_parallel, bias is not None
-        # the parameter itself, not the saved tensor (activation checkpointing hands backward a recomputed copy)
-        ctx.fused_param = weight if fuse_wgrad else None
         ctx.save_for_backward(x, weight)
         total = C.all_gather(x, group, 0) if sequence_parallel else x
         return F.linear(total, weight, bias)
@@ -95,26 +83,17 @@ class _LinearMatmul(torch.autograd.Function):
         total = gather.wait() if gather is not None else x
         reduce = (C.reduce_scatter_async(grad_input, ctx.group) if ctx.sequence_parallel
                   else C.all_reduce_async(grad_input, ctx.group))
-        grad_2d, total_2d = grad.reshape(-1, grad.shape[-1]), total.reshape(-1, total.shape[-1])
-        param = ctx.fused_param
-        if param is not None and param.main_grad.dtype == grad.dtype:
-            param.main_grad.addmm_(grad_2d.t(), total_2d)
-            param.grad_added_to_main_grad = True
-            grad_weight = torch.empty_like(weight)  # never read: the hook sees grad_added_to_main_grad
-        else:
-            grad_weight = grad_2d.t().matmul(total_2d)
+        grad_2d = grad.reshape(-1, grad.shape[-1])
+        grad_weight = grad_2d.t().matmul(total.reshape(-1, total.shape[-1]))
         grad_bias = grad_2d.sum(0) if ctx.has_bias else None
-        return reduce.wait(), grad_weight, grad_bias, None, None, None
+        return reduce.wait(), grad_weight, grad_bias, None, None
 
 
 @torch.compiler.disable
-def linear_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: Group = None,
-                  sequence_parallel: bool = False, fuse_wgrad: bool = False) -> torch.Tensor:
-    """[s(/tp), b, in] -> [s, b, out(/tp)]. `group`: the TP group of a column-parallel weight (None: no
-    collectives, e.g. a row-parallel weight, whose output the caller reduces). `fuse_wgrad`: this product
-    is the weight's only use, so its gradient may go straight into `main_grad`. Kept out of torch.compile
-    graphs: it holds asynchronous collectives and writes into the gradient buffer."""
-    return _LinearMatmul.apply(x, weight, bias, group, sequence_parallel, fuse_wgrad)
+def column_parallel_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: Group,
+                           sequence_parallel: bool) -> torch.Tensor:
+    """[s(/tp), b, in] -> [s, b, out/tp]; kept out of torch.compile graphs (it holds asynchronous collectives)."""
+    return _ColumnParallelMatmul.apply(x, weight, bias, group, sequence_parallel)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -145,11 +124,9 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         if self.norm_eps is not None:
             x = rms_norm(x, self.layer_norm_weight, self.norm_eps)
-        # a weight passed in (the tied output layer) also takes the embedding's gradient: never fused
-        fuse = weight is None and fuses_wgrad_accumulation(self.weight)
         weight = self.weight if weight is None else weight
-        if self.fp8 is None and (C.group_size(self.group) > 1 or fuse):
-            return linear_matmul(x, weight, self.bias, self.group, self.sequence_parallel, fuse)
+        if self.fp8 is None and C.group_size(self.group) > 1:
+            return column_parallel_matmul(x, weight, self.bias, self.group, self.sequence_parallel)
         if self.sequence_parallel:
             x = C.gather_from_sp(x, self.group)  # [s/tp, b, in] -> [s, b, in]
         else:
@@ -177,10 +154,7 @@ class RowParallelLinear(nn.Module):
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fp8 is None and fuses_wgrad_accumulation(self.weight):
-            partial = linear_matmul(x, self.weight, None, fuse_wgrad=True)  # [s, b, out], this rank's share
-        else:
-            partial = linear(x, self.weight, None, self.fp8)
+        partial = linear(x, self.weight, None, self.fp8)  # [s, b, out], this rank's share of the sum
         out = C.reduce_scatter_to_sp(partial, self.group) if self.sequence_parallel else C.reduce_from_tp(partial, self.group)
         return out if self.bias is None else out + self.bias
 

@@ -73,9 +73,6 @@ class TrainConfig:
     """FP8 matrix products in the transformer's linear layers (tensorwise | rowwise, torchao); needs --bf16 and an
     FP8 GPU (H100). Weights, optimizer state and checkpoints stay bf16/fp32 in Megatron layout."""
     accumulate_allreduce_grads_in_fp32: bool = False
-    gradient_accumulation_fusion: bool = True
-    """The linear layers' weight-gradient GEMMs add straight into the gradient buffer (Megatron's default;
-    off: autograd's gradient is added in a separate pass). Applies where gradient and parameter dtypes match."""
     moe_router_bias_update_rate: float = 1e-3
     """DeepSeek-V3's expert-bias step after every optimizer step (Megatron's default); routers without a bias ignore it."""
     recompute: str | None = None

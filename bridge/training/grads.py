@@ -67,8 +67,7 @@ class ParamAndGradBuffer:
     """Flat buffers, buckets and the DP gradient synchronisation of one rank's model chunks."""
 
     def __init__(self, chunks: Sequence[nn.Module], ps: ParallelState, *, param_dtype: torch.dtype,
-                 grad_dtype: torch.dtype, bucket_size: int, distributed: bool, sequence_parallel: bool,
-                 fuse_wgrad_accumulation: bool = False) -> None:
+                 grad_dtype: torch.dtype, bucket_size: int, distributed: bool, sequence_parallel: bool) -> None:
         # dense gradients are summed (and ZeRO-1 sharded) over DP x CP: CP ranks hold the same weights, other tokens
         self.ps, self.distributed, self.dp = ps, distributed, ps.dp_cp
         self.nccl = ps.dp_group is not None and dist.get_backend(ps.dp_group) == "nccl"
@@ -99,10 +98,7 @@ class ParamAndGradBuffer:
             self.param_data[e.start:e.start + e.numel].copy_(e.param.data.reshape(-1))
             e.param.data = self.param_data[e.start:e.start + e.numel].view(e.param.shape)
             e.param.main_grad = self.grad_data[e.start:e.start + e.numel].view(e.param.shape)
-            # fused: linear layers' weight-gradient GEMMs add into main_grad themselves (bridge.nn.layers), so
-            # .grad stays None (a preset .grad would have their placeholder gradient added to it)
-            e.param.fuse_wgrad_accumulation = fuse_wgrad_accumulation and grad_dtype == param_dtype
-            e.param.grad = e.param.main_grad if grad_dtype == param_dtype and not fuse_wgrad_accumulation else None
+            e.param.grad = e.param.main_grad if grad_dtype == param_dtype else None
         self._register_hooks()
         log.debug("grad buffer: %d parameters, %d buckets, %s grads", offset, len(self.buckets), grad_dtype)
 
@@ -135,12 +131,9 @@ class ParamAndGradBuffer:
 
     def _hook(self, bucket: Bucket):  # noqa: ANN202
         def hook(p: nn.Parameter) -> None:
-            if getattr(p, "grad_added_to_main_grad", False):  # the GEMM wrote main_grad; .grad is a placeholder
-                p.grad_added_to_main_grad = False
-                p.grad = None
-            elif p.grad is not None and p.grad.data_ptr() != p.main_grad.data_ptr():
+            if p.grad is not None and p.grad.data_ptr() != p.main_grad.data_ptr():
                 p.main_grad.add_(p.grad)  # a fresh or lower-precision grad: fold it into the buffer
-                p.grad = p.main_grad if p.main_grad.dtype == p.dtype and not p.fuse_wgrad_accumulation else None
+                p.grad = p.main_grad if p.main_grad.dtype == p.dtype else None
             bucket.ready += 1
             if bucket.ready == len(bucket.entries):
                 bucket.ready = 0

@@ -125,14 +125,6 @@ def _device(cfg: TrainConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def fuse_wgrad_accumulation(cfg: TrainConfig, ps: ParallelState) -> bool:
-    """--gradient-accumulation-fusion, except with --compile at TP=1: there torch.compile keeps each transformer
-    layer in one graph, and the fused GEMMs (Python autograd functions outside compiled graphs) would cut it in
-    five. Measured on an H100 (1B shape): 13.6 ms less GPU time per step, 17 ms more GPU idle from the extra
-    CPU work per graph piece; no gain (docs/performance.md). At TP>1 the collectives cut the graph anyway."""
-    return cfg.gradient_accumulation_fusion and not (cfg.compile and ps.tp == 1)
-
-
 def setup_rank(cfg: TrainConfig, plan: Plan) -> RankSetup:
     """Build this rank's model, buffers and optimizer; load and resume from --load; open the data."""
     device = _device(cfg)
@@ -143,8 +135,7 @@ def setup_rank(cfg: TrainConfig, plan: Plan) -> RankSetup:
     grad_dtype = torch.float32 if (not cfg.bf16 or cfg.accumulate_allreduce_grads_in_fp32) else torch.bfloat16
     buffer = ParamAndGradBuffer(chunks, ps, param_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
                                 grad_dtype=grad_dtype, bucket_size=cfg.ddp_bucket_size,
-                                distributed=cfg.use_distributed_optimizer, sequence_parallel=cfg.sequence_parallel,
-                                fuse_wgrad_accumulation=fuse_wgrad_accumulation(cfg, ps))
+                                distributed=cfg.use_distributed_optimizer, sequence_parallel=cfg.sequence_parallel)
     optimizer = MixedPrecisionAdamW(buffer, ps, AdamConfig(
         lr=cfg.lr, weight_decay=cfg.weight_decay, beta1=cfg.adam_beta1, beta2=cfg.adam_beta2, eps=cfg.adam_eps,
         clip_grad=cfg.clip_grad))
