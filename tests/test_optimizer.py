@@ -70,7 +70,7 @@ def train(chunk: TinyChunk, buffer: ParamAndGradBuffer, opt: MixedPrecisionAdamW
         for name, p in chunk.named_parameters():
             p.main_grad.copy_(g[name])
         norms.append(float(opt.step(CFG.lr)))
-        buffer.zero_grads()
+        buffer.clear_grads()
     return norms
 
 

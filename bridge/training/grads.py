@@ -98,7 +98,9 @@ class ParamAndGradBuffer:
             self.param_data[e.start:e.start + e.numel].copy_(e.param.data.reshape(-1))
             e.param.data = self.param_data[e.start:e.start + e.numel].view(e.param.shape)
             e.param.main_grad = self.grad_data[e.start:e.start + e.numel].view(e.param.shape)
-            e.param.grad = e.param.main_grad if grad_dtype == param_dtype else None
+        self.written: set[int] = set()
+        """id() of the parameters whose main_grad already holds part of this step's gradient."""
+        self.clear_grads()
         self._register_hooks()
         log.debug("grad buffer: %d parameters, %d buckets, %s grads", offset, len(self.buckets), grad_dtype)
 
@@ -132,8 +134,11 @@ class ParamAndGradBuffer:
     def _hook(self, bucket: Bucket):  # noqa: ANN202
         def hook(p: nn.Parameter) -> None:
             if p.grad is not None and p.grad.data_ptr() != p.main_grad.data_ptr():
-                p.main_grad.add_(p.grad)  # a fresh or lower-precision grad: fold it into the buffer
+                # a fresh or lower-precision grad: the step's first one is copied (the buffer is not zeroed between
+                # steps), later ones added; then autograd accumulates straight into the buffer where dtypes match
+                (p.main_grad.add_ if id(p) in self.written else p.main_grad.copy_)(p.grad)
                 p.grad = p.main_grad if p.main_grad.dtype == p.dtype else None
+            self.written.add(id(p))
             bucket.ready += 1
             if bucket.ready == len(bucket.entries):
                 bucket.ready = 0
@@ -175,6 +180,9 @@ class ParamAndGradBuffer:
 
     def finish(self) -> None:
         """Complete the deferred sums and every bucket's DP reduction; wait for all of them."""
+        for e in self.entries:
+            if id(e.param) not in self.written:  # no gradient this step (e.g. an expert no token chose)
+                e.param.main_grad.zero_()
         for bucket in self.buckets:
             if bucket.deferred:
                 self._deferred_sums(bucket)
@@ -193,8 +201,12 @@ class ParamAndGradBuffer:
             if group is not None and dist.get_world_size(group) > 1:
                 dist.all_reduce(e.param.main_grad, group=group)
 
-    def zero_grads(self) -> None:
-        self.grad_data.zero_()
+    def clear_grads(self) -> None:
+        """Start a step with zero gradients, without writing the buffer: each weight's first gradient of the step
+        is copied into it, and finish() zeroes the weights that got none (one pass less over the buffer)."""
+        self.written.clear()
+        for e in self.entries:
+            e.param.grad = None
 
     def gather_params(self) -> None:
         """After a sharded optimizer step: every DP rank gets the updated parameters of all shards."""

@@ -149,7 +149,7 @@ class Trainer:
         losses = train_step(rs, mbs)
         lr = rs.schedule(rs.iteration + 1)
         grad_norm = rs.optimizer.step(lr)
-        rs.buffer.zero_grads()
+        rs.buffer.clear_grads()
         # the next step's batches, copied while the GPU finishes this one (the loss reduction below waits for it)
         last = rs.iteration + 1 >= self.cfg.train_iters
         self.prefetched = None if last else rs.micro_batches(rs.train, rs.consumed + self.cfg.global_batch_size)
