@@ -104,7 +104,9 @@ def fp8_compare(config_dir: Path, args: argparse.Namespace, data: Path, tokenize
 
 
 def _smooth(losses: list[float], window: int = 20) -> list[float]:
-    """Moving average over `window` steps (the loss curve as a plot shows it), from step `window` on."""
+    """Moving average over `window` steps (the loss curve as a plot shows it), from step `window` on; a run shorter
+    than the window is averaged whole."""
+    window = min(window, len(losses))
     return [statistics.mean(losses[i - window:i]) for i in range(window, len(losses) + 1)]
 
 
