@@ -47,39 +47,37 @@ def rope_flip(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
 VARIANTS = {"cat": rope_cat, "halves": rope_halves, "flip": rope_flip}
 
 
+def split_qkv(qkv: torch.Tensor, groups: int, hpg: int, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """linear_qkv's output [s, b, groups * (hpg + 2) * d] -> q [s, b, heads, d], k and v [s, b, groups, d]."""
+    s, b = qkv.shape[:2]
+    q, k, v = qkv.view(s, b, groups, (hpg + 2) * d).split([hpg * d, d, d], dim=-1)
+    return q.reshape(s, b, groups * hpg, d), k, v
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[b, heads, s, d] in, [s, b, heads * d] out."""
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return out.permute(2, 0, 1, 3).flatten(2)
+
+
 def block(rope, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: int, hpg: int, d: int) -> torch.Tensor:
     """bridge's SelfAttention.forward between its two linears."""
-    s, b = qkv.shape[:2]
-    qkv = qkv.view(s, b, groups, (hpg + 2) * d)
-    q, k, v = qkv.split([hpg * d, d, d], dim=-1)
-    q = q.reshape(s, b, groups * hpg, d)
+    q, k, v = split_qkv(qkv, groups, hpg, d)
     q, k = rope(q, cos, sin), rope(k, cos, sin)
-    q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+    return attention(*(t.permute(1, 2, 0, 3) for t in (q, k, v)))
 
 
 def block_bhsd(rope, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: int, hpg: int,
                d: int) -> torch.Tensor:
     """The same with q/k moved to SDPA's [b, heads, s, d] before the rotation (so RoPE writes SDPA's layout)."""
-    s, b = qkv.shape[:2]
-    qkv = qkv.view(s, b, groups, (hpg + 2) * d)
-    q, k, v = qkv.split([hpg * d, d, d], dim=-1)
-    q = q.reshape(s, b, groups * hpg, d)
-    q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+    q, k, v = (t.permute(1, 2, 0, 3) for t in split_qkv(qkv, groups, hpg, d))
     cos, sin = cos.permute(1, 2, 0, 3), sin.permute(1, 2, 0, 3)
-    q, k = rope(q, cos, sin), rope(k, cos, sin)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+    return attention(rope(q, cos, sin), rope(k, cos, sin), v)
 
 
 def rope_only(rope, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: int, hpg: int, d: int) -> torch.Tensor:
-    s, b = qkv.shape[:2]
-    qkv = qkv.view(s, b, groups, (hpg + 2) * d)
-    q, k, v = qkv.split([hpg * d, d, d], dim=-1)
-    q = q.reshape(s, b, groups * hpg, d)
-    q, k = rope(q, cos, sin), rope(k, cos, sin)
-    return torch.cat([q.reshape(s, b, -1), k.reshape(s, b, -1), v.reshape(s, b, -1)], dim=-1)
+    q, k, v = split_qkv(qkv, groups, hpg, d)
+    return torch.cat([t.flatten(2) for t in (rope(q, cos, sin), rope(k, cos, sin), v)], dim=-1)
 
 
 def timed(fn, qkv: torch.Tensor, grad: torch.Tensor, iters: int) -> float:
