@@ -53,8 +53,10 @@ def test_streamed_weights_equal_the_hf_source(tiny_hf, arch: str, impl: str) -> 
     for rank, r in enumerate(results):
         assert r["mismatched"] == [], (rank, r["mismatched"])
         assert sorted(r["seen"]) == r["expected"] and len(r["seen"]) == len(set(r["seen"])), rank
-        # One full tensor plus its TP shards (together another full tensor), plus 1 MiB for small tensors.
-        assert r["peak_extra"] <= 2 * largest + 2**20, (rank, r["peak_extra"])
+        # One full tensor plus its TP shards (together another full tensor), plus 2 MiB for the small tensors
+        # in flight beside them (a layer's 256 KiB weights and their shards; 1 MiB was exceeded by 0.5 MiB once in
+        # CI). Holding the whole model would take 2 x 32.8 MB of embeddings plus a few MB of layers.
+        assert r["peak_extra"] <= 2 * largest + 2 * 2**20, (rank, r["peak_extra"])
         assert r["peak_extra"] > largest // 2, "the measurement should see at least the gathered embedding"
         (name, tensor), = r["subset"].items()
         assert name == "model.layers.3.mlp.up_proj.weight" and tensor.dtype == torch.bfloat16

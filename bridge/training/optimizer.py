@@ -152,7 +152,8 @@ class MixedPrecisionAdamW:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(totals)
             if not self.buffer.distributed:
-                totals = totals / torch.tensor([self.ps.dp_cp, self.ps.expert_dp], dtype=torch.float64, device=self.device)
+                totals[0] /= self.ps.dp_cp  # scalars, not a tensor built from a list: no host-to-device copy
+                totals[1] /= self.ps.expert_dp
         return totals.sum().sqrt()
 
     def step(self, lr: float) -> torch.Tensor:
