@@ -51,6 +51,8 @@ _FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--fp8",), dict(choices=["tensorwise", "rowwise"],
                       help="FP8 matmuls for the linear layers (torchao; H100; checkpoints stay bf16/fp32)")),
     (("--accumulate-allreduce-grads-in-fp32",), dict(action="store_true")),
+    (("--no-gradient-accumulation-fusion",), dict(dest="gradient_accumulation_fusion", action="store_false",
+                                                  help="add weight gradients to the buffer in a separate pass")),
     (("--recompute", "--recompute-granularity"), dict(dest="recompute", choices=["full", "selective"])),
     (("--attention-backend",), dict(choices=["auto", "flash", "fused", "unfused"],
                                     help="attention kernel on CUDA: fused = cuDNN (default auto: measured fastest)")),

@@ -21,6 +21,9 @@ LAYOUTS = {
     "tp2pp2-sp": dict(nproc=4, tp=2, pp=2, sequence_parallel=True),
     "pp2vpp2": dict(nproc=2, pp=2, vpp=2),
     "dp2-distopt": dict(nproc=2, use_distributed_optimizer=True),
+    # one process: weight gradients added into the buffer by the GEMMs (the reference) or by autograd
+    "no-gradient-accumulation-fusion": dict(nproc=1, gradient_accumulation_fusion=False),
+    "recompute-full-fused": dict(nproc=1, recompute="full"),
 }
 
 
@@ -66,12 +69,13 @@ def test_layout_matches_single_process(setup: dict[str, Path], reference: dict, 
     assert worst <= 1e-5
 
 
-@pytest.mark.parametrize("fp32_grads", [True, False], ids=["fp32-grads", "bf16-grads"])
-def test_bf16_params_with_fp32_masters(setup: dict[str, Path], reference: dict, fp32_grads: bool) -> None:
+@pytest.mark.parametrize("tp,fp32_grads", [(2, True), (2, False), (1, False)],
+                         ids=["tp2-fp32-grads", "tp2-bf16-grads", "single-bf16-grads-fused-accumulation"])
+def test_bf16_params_with_fp32_masters(setup: dict[str, Path], reference: dict, tp: int, fp32_grads: bool) -> None:
     """bf16 training (CPU): the fp32 run's losses to bf16 precision; bf16 model and fp32 masters in the checkpoint.
-    With bf16 gradients the optimizer reads the bf16 buffer directly."""
-    name = f"bf16-{fp32_grads}"
-    summary = train(config(setup, name, nproc=2, tp=2, bf16=True, accumulate_allreduce_grads_in_fp32=fp32_grads,
+    With bf16 gradients the optimizer reads the bf16 buffer directly; in one process the GEMMs accumulate into it."""
+    name = f"bf16-tp{tp}-{fp32_grads}"
+    summary = train(config(setup, name, nproc=tp, tp=tp, bf16=True, accumulate_allreduce_grads_in_fp32=fp32_grads,
                            exit_interval=6, eval_interval=0))
     losses = [loss for _, loss in summary["loss_curve"]]
     fp32 = [loss for _, loss in reference["loss_curve"]][:6]
@@ -81,3 +85,13 @@ def test_bf16_params_with_fp32_masters(setup: dict[str, Path], reference: dict, 
     master = state["optimizer"]["params"]["model.decoder.layers.0.mlp.linear_fc1.weight"]["master"]
     assert weight.dtype == torch.bfloat16 and master.dtype == torch.float32
     assert torch.equal(master.to(torch.bfloat16), weight)
+
+
+def test_compiled_layers_with_fused_accumulation_match_eager(setup: dict[str, Path], reference: dict) -> None:
+    """--compile (Inductor on the CPU): the weight-gradient accumulation op stays inside the compiled layers and
+    the losses are the eager run's."""
+    summary = train(config(setup, "compiled", nproc=1, compile=True, exit_interval=4, eval_interval=0))
+    got = [loss for _, loss in summary["loss_curve"]]
+    ref = [loss for _, loss in reference["loss_curve"]][:4]
+    assert len(got) == 4
+    assert max(abs(a - b) / b for a, b in zip(got, ref)) <= 1e-5, (got, ref)

@@ -57,6 +57,43 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
+@torch.library.custom_op("bridge::accumulate_weight_grad", mutates_args=("main_grad",))
+def accumulate_weight_grad(main_grad: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor) -> None:
+    """main_grad += grad_out^T x: the weight gradient of x W^T added into the gradient buffer by the GEMM itself
+    (beta = 1). A custom op that declares its mutation, so torch.compile keeps it inside a layer's graph."""
+    main_grad.addmm_(grad_out.reshape(-1, grad_out.shape[-1]).t(), x.reshape(-1, x.shape[-1]))
+
+
+class _LinearIntoMainGrad(torch.autograd.Function):
+    """x W^T (+ b) whose backward adds W's gradient straight into `main_grad` and gives autograd none (Megatron's
+    gradient-accumulation fusion): no separate pass that adds each micro-batch's gradient to the buffer.
+
+    For weights the trainer marks (`fuse_wgrad_accumulation`: one data-parallel replica, gradient dtype equal to
+    the parameter's), without TP, where nothing else cuts the compiled layer's graph.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # noqa: ANN001
+                main_grad: torch.Tensor) -> torch.Tensor:
+        ctx.has_bias = bias is not None
+        # not a saved tensor: the buffer's other views change it (one version counter per storage) before backward
+        ctx.main_grad = main_grad
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        x, weight = ctx.saved_tensors
+        accumulate_weight_grad(ctx.main_grad, grad, x)
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+        return grad.matmul(weight), None, grad_bias, None
+
+
+def fuses_weight_grad(weight: torch.Tensor, group: Group, fp8: Any) -> bool:
+    """Whether a linear layer's own weight takes the gradient-accumulation-fused path (see _LinearIntoMainGrad)."""
+    return fp8 is None and C.group_size(group) == 1 and getattr(weight, "fuse_wgrad_accumulation", False)
+
+
 class _ColumnParallelMatmul(torch.autograd.Function):
     """x W^T (+ b) for a column-parallel weight, with the backward's collectives overlapped (Megatron's
     LinearWithGradAccumulationAndAsyncCommunication).
@@ -124,6 +161,8 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         if self.norm_eps is not None:
             x = rms_norm(x, self.layer_norm_weight, self.norm_eps)
+        if weight is None and fuses_weight_grad(self.weight, self.group, self.fp8):  # not the tied output layer
+            return _LinearIntoMainGrad.apply(x, self.weight, self.bias, self.weight.main_grad)
         weight = self.weight if weight is None else weight
         if self.fp8 is None and C.group_size(self.group) > 1:
             return column_parallel_matmul(x, weight, self.bias, self.group, self.sequence_parallel)
@@ -154,6 +193,8 @@ class RowParallelLinear(nn.Module):
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fuses_weight_grad(self.weight, self.group, self.fp8):
+            return _LinearIntoMainGrad.apply(x, self.weight, self.bias, self.weight.main_grad)  # TP = 1: no sum
         partial = linear(x, self.weight, None, self.fp8)  # [s, b, out], this rank's share of the sum
         out = C.reduce_scatter_to_sp(partial, self.group) if self.sequence_parallel else C.reduce_from_tp(partial, self.group)
         return out if self.bias is None else out + self.bias

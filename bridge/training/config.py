@@ -73,6 +73,9 @@ class TrainConfig:
     """FP8 matrix products in the transformer's linear layers (tensorwise | rowwise, torchao); needs --bf16 and an
     FP8 GPU (H100). Weights, optimizer state and checkpoints stay bf16/fp32 in Megatron layout."""
     accumulate_allreduce_grads_in_fp32: bool = False
+    gradient_accumulation_fusion: bool = True
+    """Linear layers' weight-gradient GEMMs add into the gradient buffer (Megatron's default). Applies without TP
+    and DP, with the gradient dtype equal to the parameters' (bridge.nn.layers._LinearIntoMainGrad)."""
     moe_router_bias_update_rate: float = 1e-3
     """DeepSeek-V3's expert-bias step after every optimizer step (Megatron's default); routers without a bias ignore it."""
     recompute: str | None = None

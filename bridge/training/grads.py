@@ -67,7 +67,8 @@ class ParamAndGradBuffer:
     """Flat buffers, buckets and the DP gradient synchronisation of one rank's model chunks."""
 
     def __init__(self, chunks: Sequence[nn.Module], ps: ParallelState, *, param_dtype: torch.dtype,
-                 grad_dtype: torch.dtype, bucket_size: int, distributed: bool, sequence_parallel: bool) -> None:
+                 grad_dtype: torch.dtype, bucket_size: int, distributed: bool, sequence_parallel: bool,
+                 gradient_accumulation_fusion: bool = False) -> None:
         # dense gradients are summed (and ZeRO-1 sharded) over DP x CP: CP ranks hold the same weights, other tokens
         self.ps, self.distributed, self.dp = ps, distributed, ps.dp_cp
         self.nccl = ps.dp_group is not None and dist.get_backend(ps.dp_group) == "nccl"
@@ -98,6 +99,11 @@ class ParamAndGradBuffer:
             self.param_data[e.start:e.start + e.numel].copy_(e.param.data.reshape(-1))
             e.param.data = self.param_data[e.start:e.start + e.numel].view(e.param.shape)
             e.param.main_grad = self.grad_data[e.start:e.start + e.numel].view(e.param.shape)
+        # Linear layers' weight-gradient GEMMs may add into main_grad themselves (bridge.nn.layers). They bypass the
+        # post-accumulate hooks that start the DP buckets' reductions, so only where there is no DP reduction.
+        self.fused = gradient_accumulation_fusion and grad_dtype == param_dtype and self.dp == 1
+        for e in self.entries:
+            e.param.fuse_wgrad_accumulation = self.fused
         self.written: set[int] = set()
         """id() of the parameters whose main_grad already holds part of this step's gradient."""
         self.clear_grads()
@@ -202,9 +208,13 @@ class ParamAndGradBuffer:
                 dist.all_reduce(e.param.main_grad, group=group)
 
     def clear_grads(self) -> None:
-        """Start a step with zero gradients, without writing the buffer: each weight's first gradient of the step
-        is copied into it, and finish() zeroes the weights that got none (one pass less over the buffer)."""
+        """Start a step with zero gradients. Without fused GEMMs the buffer is not written: each weight's first
+        gradient of the step is copied into it and finish() zeroes the weights that got none (one pass less over
+        the buffer). The fused GEMMs add into the buffer, which is then zeroed."""
         self.written.clear()
+        if self.fused:
+            self.grad_data.zero_()
+            self.written.update(id(e.param) for e in self.entries)
         for e in self.entries:
             e.param.grad = None
 

@@ -135,7 +135,8 @@ def setup_rank(cfg: TrainConfig, plan: Plan) -> RankSetup:
     grad_dtype = torch.float32 if (not cfg.bf16 or cfg.accumulate_allreduce_grads_in_fp32) else torch.bfloat16
     buffer = ParamAndGradBuffer(chunks, ps, param_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
                                 grad_dtype=grad_dtype, bucket_size=cfg.ddp_bucket_size,
-                                distributed=cfg.use_distributed_optimizer, sequence_parallel=cfg.sequence_parallel)
+                                distributed=cfg.use_distributed_optimizer, sequence_parallel=cfg.sequence_parallel,
+                                gradient_accumulation_fusion=cfg.gradient_accumulation_fusion)
     optimizer = MixedPrecisionAdamW(buffer, ps, AdamConfig(
         lr=cfg.lr, weight_decay=cfg.weight_decay, beta1=cfg.adam_beta1, beta2=cfg.adam_beta2, eps=cfg.adam_eps,
         clip_grad=cfg.clip_grad))
