@@ -20,7 +20,6 @@ def group_size(group: Group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-
 def _is_gloo(group: Group) -> bool:
     return dist.get_backend(group) == "gloo"
 

@@ -119,6 +119,10 @@ class MixedPrecisionAdamW:
         buffer.fp32_init = None  # the masters hold what they need; free the fp32 copy
         self.step_count = torch.zeros((), dtype=torch.float32, device=self.device)
         self._update = fused(adamw_update, self.device, dynamic=True)
+        # the gradient views the norm reads, per kind [dense, expert], each distinct weight once: built once (the
+        # buffer is never reallocated), not on every step
+        self._norm_views = [[buffer.grad_data[p.lo:p.hi] for p in self.pieces
+                             if not p.entry.tp_duplicate and int(p.entry.expert) == kind] for kind in (0, 1)]
 
     def _owned_ranges(self) -> list[tuple[int, int]]:
         """This rank's shard of every bucket, adjacent ones merged (without sharding: the whole buffer)."""
@@ -143,10 +147,8 @@ class MixedPrecisionAdamW:
         Without sharding every replica counts its gradients: dense ones DP times, expert ones
         expert-DP times (EP ranks hold different experts), so the two sums are divided separately.
         """
-        grads = self.buffer.grad_data
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # [dense, expert]
-        for kind in (0, 1):  # one fused multi-tensor kernel per kind; the squares add up in fp64
-            views = [grads[p.lo:p.hi] for p in self.pieces if not p.entry.tp_duplicate and int(p.entry.expert) == kind]
+        for kind, views in enumerate(self._norm_views):  # one fused multi-tensor kernel per kind; squares add in fp64
             if views:
                 totals[kind] = torch.stack(torch._foreach_norm(views, 2, dtype=torch.float32)).double().pow(2).sum()
         if dist.is_initialized() and dist.get_world_size() > 1:
