@@ -17,18 +17,11 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"  # a single-thread baseline (this
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable
-
-
-def _cpu_seconds() -> float:
-    """CPU time of this process and its finished children (the pool's workers)."""
-    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    return sum(u.ru_utime + u.ru_stime for u in usage)
 
 
 def build_corpus(megabytes: float, doc_chars: int = 4000) -> list[str]:
@@ -119,24 +112,21 @@ def main() -> int:
         for workers in args.workers:
             runs[f"bridge data prepare, {workers} worker(s)"] = (
                 lambda w=workers: bench_prepare(data, tok_dir, tmp_path, w))
-        best: dict[str, tuple[float, int, float]] = {}
+        best: dict[str, tuple[float, int]] = {}
         for _ in range(args.repeat):  # interleaved, so a noisy moment hits every variant alike
             for name, fn in runs.items():
-                cpu_before = _cpu_seconds()
                 seconds, tokens = fn()
-                cpu = _cpu_seconds() - cpu_before
                 if name not in best or seconds < best[name][0]:
-                    best[name] = (seconds, tokens, cpu)
-        base_seconds, base_tokens, _ = best["direct tokenizer(batch), 1 thread"]
+                    best[name] = (seconds, tokens)
+        base_seconds, base_tokens = best["direct tokenizer(batch), 1 thread"]
         baseline = base_tokens / base_seconds
-        print(f"{'':<40} {'tokens':>18} {'wall':>9} {'tokens/s':>21} {'ratio':>5}  cpu s (all processes, incl. tokenizer load)")
-        for name, (seconds, tokens, cpu) in best.items():
+        print(f"{'':<40} {'tokens':>18} {'wall':>9} {'tokens/s':>21} {'ratio':>5}")
+        for name, (seconds, tokens) in best.items():
             if tokens != base_tokens:
                 print(f"token count mismatch: {name} {tokens} vs direct {base_tokens}", file=sys.stderr)
                 return 1
             rate = tokens / seconds
-            print(f"{name:<40} {tokens:>11,} tokens {seconds:7.2f} s {rate:>12,.0f} tokens/s  {rate / baseline:.2f}x"
-                  f"  {cpu:6.2f}")
+            print(f"{name:<40} {tokens:>11,} tokens {seconds:7.2f} s {rate:>12,.0f} tokens/s  {rate / baseline:.2f}x")
         print(f"load average {os.getloadavg()[0]:.1f} (other processes on the machine skew wall times)")
     return 0
 

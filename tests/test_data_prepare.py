@@ -5,6 +5,9 @@ import gzip
 import json
 import logging
 import os
+import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -298,3 +301,25 @@ def test_cli_prepare_and_inspect(tmp_path, tok_dir, monkeypatch, capsys):
                           "--no-progress"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("bridge data: error: ") and "bad.jsonl:1: malformed JSON" in err and "\n" not in err
+
+
+
+def test_workers_start_without_torch_or_transformers(tok_dir, tokenizer):
+    """A worker unpickles the plain-text encoder (the Rust tokenizer only) and encodes the same ids
+    without importing torch or transformers: the cheap start that makes a forkserver pool fast."""
+    encoder = prepare_module.Encoder(tokenizer, keys=("text",), dtype=np.uint16, eod=None,
+                                     add_special_tokens=False, chat=False)
+    payload = json.dumps({"text": TEXTS[0]}).encode()
+    script = (
+        "import pickle, sys\n"
+        "encoder = pickle.loads(sys.stdin.buffer.read())\n"
+        "from bridge.data.sources import Chunk\n"
+        f"out = encoder(Chunk(source='x', items=[(1, {payload!r})]))\n"
+        "print(out.tokens['text'][0].tolist())\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], input=pickle.dumps(encoder), capture_output=True, check=True)
+    ids, imported = proc.stdout.decode().splitlines()
+    assert json.loads(ids) == tokenizer(TEXTS[0], add_special_tokens=False)["input_ids"]
+    assert imported == "[]"
+    assert prepare_module._pool_context().get_start_method() == "forkserver"

@@ -107,6 +107,7 @@ class Encoder:
         if chat and not getattr(tokenizer, "is_fast", False):
             raise BridgeError("--chat needs a fast tokenizer (tokenizer.json) for token offsets")
         self.tokenizer, self.keys, self.dtype, self.eod = tokenizer, keys, np.dtype(dtype), eod
+        self.backend = tokenizer.backend_tokenizer if getattr(tokenizer, "is_fast", False) else None
         self.add_special_tokens, self.chat = add_special_tokens, chat
         if chat and not getattr(tokenizer, "chat_template", None):
             raise BridgeError("the tokenizer has no chat_template, so --chat cannot render messages; use one that has")
@@ -114,6 +115,14 @@ class Encoder:
         added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
         special = set(getattr(tokenizer, "all_special_ids", [])) | {i for i, t in added.items() if t.special}
         self.special_ids = np.array(sorted(special), dtype=np.int64)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Plain text with a fast tokenizer needs only the Rust backend: a worker then unpickles it
+        without importing transformers (seconds of start-up per worker otherwise)."""
+        state = dict(self.__dict__)
+        if self.backend is not None and not self.chat:
+            state["tokenizer"] = None
+        return state
 
     def __call__(self, chunk: Chunk) -> EncodedChunk:
         out = EncodedChunk(records=len(chunk.items))
@@ -158,19 +167,17 @@ class Encoder:
         return fields
 
     def _encode_text(self, texts: list[str]) -> list[tuple[list[int], None]]:
-        backend = getattr(self.tokenizer, "backend_tokenizer", None) if self.tokenizer.is_fast else None
-        if backend is not None:
-            encodings = backend.encode_batch(texts, add_special_tokens=self.add_special_tokens)
+        if self.backend is not None:
+            encodings = self.backend.encode_batch(texts, add_special_tokens=self.add_special_tokens)
             return [(enc.ids if text else [], None) for enc, text in zip(encodings, texts)]
         ids = self.tokenizer(texts, add_special_tokens=self.add_special_tokens)["input_ids"] if texts else []
         return [(doc if text else [], None) for doc, text in zip(ids, texts)]
 
     def _encode_chat(self, rendered: list[tuple[str, list[tuple[int, int]]]]) -> list[tuple]:
         """Tokenize rendered conversations with offsets; mask all but assistant tokens."""
-        backend = self.tokenizer.backend_tokenizer
         docs: list[tuple] = []
         for text, spans in rendered:
-            enc = backend.encode(text, add_special_tokens=False)
+            enc = self.backend.encode(text, add_special_tokens=False)
             ids = np.array(enc.ids, dtype=np.int64)
             offsets = np.array(enc.offsets, dtype=np.int64).reshape(-1, 2)  # (T, 2) char offsets
             docs.append((ids, assistant_mask(offsets, ids, spans, self.special_ids)))
@@ -253,7 +260,7 @@ def _encode_all(encoder: Encoder, chunks: Iterable[Chunk], workers: int) -> Iter
     if workers == 1:
         yield from map(encoder, chunks)
         return
-    pool = multiprocessing.get_context().Pool(workers, initializer=_init_worker, initargs=(encoder,))
+    pool = _pool_context().Pool(workers, initializer=_init_worker, initargs=(encoder,))
     try:
         yield from _ordered_bounded_map(pool, _encode_in_worker, chunks, workers * IN_FLIGHT_PER_WORKER)
         pool.close()
@@ -262,6 +269,22 @@ def _encode_all(encoder: Encoder, chunks: Iterable[Chunk], workers: int) -> Iter
         raise
     finally:
         pool.join()
+
+
+def _pool_context() -> Any:
+    """Workers are started by a forkserver, never forked from the caller.
+
+    Forking a process that runs other threads (torch's and gloo's pools, a notebook kernel's) can
+    copy a lock that one of them holds into the worker, which then waits on it forever: CI hung
+    that way. The forkserver preloads this module (numpy, no torch or transformers), and the
+    encoder it receives carries only the Rust tokenizer, so a worker starts in about 0.1 s. Forked
+    workers were no faster: each copy-on-write fault of the parent's pages costs them.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context()  # e.g. Windows: spawn
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
 
 
 def _ordered_bounded_map(pool: Any, func: Callable, items: Iterable, max_in_flight: int) -> Iterator:
