@@ -7,6 +7,8 @@ H100, several times their memory traffic. This compares ways of writing the rota
   cat:     x * cos + cat(-x2, x1) * sin on [s, b, heads, d] (transformers' rotate_half, bridge's original)
   halves:  the two halves rotated separately with half-width tables, then one cat (no negated copy)
   flip:    x * cos + [x2, x1] * [-sin, sin]: the halves swapped by a flip (an index remap, no masked loads)
+  triton:  bridge.nn.rope_qkv, the hand-written split + RoPE kernels (forward and backward) that `bridge train`
+           uses on CUDA (`--no-rope-fusion` turns them off)
 Each variant is checked against `cat` (max abs difference of the outputs and of the input gradient).
 """
 from __future__ import annotations
@@ -75,6 +77,15 @@ def block_bhsd(rope, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gr
     return attention(rope(q, cos, sin), rope(k, cos, sin), v)
 
 
+def block_triton(_rope, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: int, hpg: int,
+                 d: int) -> torch.Tensor:
+    """The block as `bridge train` runs it on CUDA: bridge.nn.rope_qkv's kernels instead of the rotation formula."""
+    from bridge.nn.rope_qkv import rope_qkv
+
+    q, k, v = rope_qkv(qkv, cos, sin, groups, hpg)
+    return attention(*(t.permute(1, 2, 0, 3) for t in (q, k, v)))
+
+
 def rope_only(rope, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: int, hpg: int, d: int) -> torch.Tensor:
     q, k, v = split_qkv(qkv, groups, hpg, d)
     return torch.cat([t.flatten(2) for t in (rope(q, cos, sin), rope(k, cos, sin), v)], dim=-1)
@@ -106,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         emb = torch.cat([theta, theta], -1)[:, None, None, :].expand(s, b, 1, d)
         cos, sin = emb.cos().bfloat16(), emb.sin().bfloat16()
         reference = {}
-        for part, fn in (("block", block), ("block-bhsd", block_bhsd), ("rope", rope_only)):
-            for variant, rope in VARIANTS.items():
+        parts = [("block", block, VARIANTS), ("block-bhsd", block_bhsd, VARIANTS),
+                 ("block", block_triton, {"triton": None}), ("rope", rope_only, VARIANTS)]
+        for part, fn, variants in parts:
+            for variant, rope in variants.items():
                 compiled = torch.compile(lambda x, r=rope, f=fn: f(r, x, cos, sin, groups, hpg, d))
                 x = qkv.clone().requires_grad_()
                 out = compiled(x)

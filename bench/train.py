@@ -100,7 +100,7 @@ def run_bridge(config_dir: Path, args: argparse.Namespace, layout: str) -> dict:
                       seq_length=args.seq_length, train_iters=args.warmup + args.steps, lr=1e-4, bf16=args.bf16,
                       compile=args.compile, recompute=args.recompute, eval_interval=0, progress=False,
                       device=args.device, attention_backend=args.attention_backend,
-                      gradient_accumulation_fusion=args.gradient_accumulation_fusion,
+                      gradient_accumulation_fusion=args.gradient_accumulation_fusion, rope_fusion=args.rope_fusion,
                       profile=args.profile is not None, profile_step_start=args.warmup + 1,
                       profile_step_end=args.warmup + 3, tensorboard_dir=args.profile)
     summary = train(cfg)
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "flash", "fused", "unfused"])
     p.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion", action="store_false")
+    p.add_argument("--no-rope-fusion", dest="rope_fusion", action="store_false")
     p.add_argument("--profile", metavar="DIR", help="profile two bridge steps after the warm-up into DIR")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager mode on both sides")
     p.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the HF run (multi-GPU layouts)")

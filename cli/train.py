@@ -53,6 +53,8 @@ _FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--accumulate-allreduce-grads-in-fp32",), dict(action="store_true")),
     (("--no-gradient-accumulation-fusion",), dict(dest="gradient_accumulation_fusion", action="store_false",
                                                   help="add weight gradients to the buffer in a separate pass")),
+    (("--no-rope-fusion",), dict(dest="rope_fusion", action="store_false",
+                                 help="split q/k/v and apply RoPE without the fused Triton kernel")),
     (("--recompute", "--recompute-granularity"), dict(dest="recompute", choices=["full", "selective"])),
     (("--attention-backend",), dict(choices=["auto", "flash", "fused", "unfused"],
                                     help="attention kernel on CUDA: fused = cuDNN (default auto: measured fastest)")),

@@ -14,6 +14,7 @@ from bridge.config import ModelConfig
 from bridge.errors import BridgeError
 from bridge.nn.layers import (ColumnParallelLinear, RMSNorm, RowParallelLinear, TEColumnParallelLinear,
                               TEExtraState, TERowParallelLinear)
+from bridge.nn import rope_qkv
 from bridge.nn.rope import apply_rope
 from bridge.parallel.collectives import Group
 from bridge.parallel.context import cp_attention, window_mask
@@ -75,15 +76,22 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         qkv = self.linear_qkv(x)  # [s, b, ng/tp * (hpg + 2) * d]
+        if self.q_layernorm is None and rope_qkv.supported(qkv, self.d):
+            q, k, v = rope_qkv.rope_qkv(qkv, *rope, self.groups, self.heads_per_group)  # one Triton kernel
+        else:
+            q, k, v = self.split_and_rotate(qkv, rope)
+        out = self.core_attention(q, k, v)  # [s, b, nq/tp, d]
+        return self.linear_proj(out.flatten(2))  # [s(/tp), b, h]
+
+    def split_and_rotate(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The plain form of `rope_qkv` (and the only one with q/k norms): q [s, b, nq/tp, d], k and v [s, b, ng/tp, d]."""
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.groups, (self.heads_per_group + 2) * self.d)
         q, k, v = qkv.split([self.heads_per_group * self.d, self.d, self.d], dim=-1)
-        q = q.reshape(s, b, self.groups * self.heads_per_group, self.d)  # [s, b, nq/tp, d]
+        q = q.reshape(s, b, self.groups * self.heads_per_group, self.d)
         if self.q_layernorm is not None:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = self.core_attention(q, k, v)  # [s, b, nq/tp, d]
-        return self.linear_proj(out.reshape(s, b, -1))  # [s(/tp), b, h]
+        return apply_rope(q, *rope), apply_rope(k, *rope), v
 
 
 class MLP(nn.Module):

@@ -78,6 +78,8 @@ class TrainConfig:
     and DP, with the gradient dtype equal to the parameters' (bridge.nn.layers._LinearIntoMainGrad)."""
     moe_router_bias_update_rate: float = 1e-3
     """DeepSeek-V3's expert-bias step after every optimizer step (Megatron's default); routers without a bias ignore it."""
+    rope_fusion: bool = True
+    """Split q/k/v and apply RoPE in one Triton kernel on CUDA (Megatron's default; bridge.nn.rope_qkv)."""
     recompute: str | None = None
     attention_backend: str = "auto"
     """SDPA kernel on CUDA: auto | flash | fused (cuDNN) | unfused (Megatron-LM's --attention-backend names)."""

@@ -14,6 +14,7 @@ from bridge.checkpoint import HF_META_DIR, CheckpointMeta
 from bridge.config import megatron_args
 from bridge.errors import BridgeError
 from bridge.nn.attention import set_attention_backend
+from bridge.nn.rope_qkv import set_rope_fusion
 from bridge.parallel.state import ParallelState
 from bridge.training import checkpointing as ckpt
 from bridge.training.config import TrainConfig
@@ -130,6 +131,7 @@ def setup_rank(cfg: TrainConfig, plan: Plan) -> RankSetup:
     device = _device(cfg)
     if device.type == "cuda":
         set_attention_backend(cfg.attention_backend)  # before torch.compile fixes the kernel in its graphs
+    set_rope_fusion(cfg.rope_fusion)
     ps = ParallelState(plan.layout, dist.get_world_size(), dist.get_rank(), cp=plan.cp)
     chunks, state = build_chunks(cfg, plan, ps, device)
     grad_dtype = torch.float32 if (not cfg.bf16 or cfg.accumulate_allreduce_grads_in_fp32) else torch.bfloat16
