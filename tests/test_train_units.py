@@ -147,7 +147,7 @@ def test_cli_surface() -> None:
                  "--adam-eps", "--bf16", "--sequence-parallel", "--use-distributed-optimizer", "--recompute",
                  "--recompute-granularity", "--save", "--load", "--save-interval", "--eval-interval", "--eval-iters",
                  "--seed", "--tensorboard-dir", "--data-path", "--data", "--split", "--config", "--nproc", "--tp", "--pp",
-                 "--attention-backend", "--profile", "--profile-step-start", "--profile-step-end", "--profile-ranks"):
+                 "--attention-backend", "--no-gradient-accumulation-fusion", "--no-rope-fusion", "--profile", "--profile-step-start", "--profile-step-end", "--profile-ranks"):
         assert flag in flags, flag
     assert json.dumps(TrainConfig().clip_grad) == "1.0"
 
@@ -189,3 +189,35 @@ def test_sft_without_a_mask_is_refused(tiny_ckpt: Path, corpus: tuple[str, list[
     code = main(["train", "--load", str(tiny_ckpt), "--data", corpus[0], "--sft", "--micro-batch-size", "1",
                  "--global-batch-size", "1", "--seq-length", "16", "--train-iters", "1", "--save", str(tmp_path / "r")])
     assert code == 1 and "--sft needs a loss mask" in capsys.readouterr().err
+
+
+def test_host_runs_one_step_ahead_except_where_the_loop_acts(tiny_ckpt: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Step n+1 is queued before step n's results are read, but never past a save, an evaluation or the
+    last step, where the loop needs the finished state; the checkpoints then hold what they should."""
+    from bridge.training import train
+    from bridge.training import loop
+
+    order: list[str] = []
+    launch, complete = loop.Trainer.launch, loop.Trainer.complete
+
+    def spy_launch(self):  # noqa: ANN001, ANN202
+        queued = launch(self)
+        order.append(f"L{queued.iteration}")
+        return queued
+
+    def spy_complete(self, queued):  # noqa: ANN001, ANN202
+        order.append(f"C{queued.iteration}")
+        return complete(self, queued)
+
+    monkeypatch.setattr(loop.Trainer, "launch", spy_launch)
+    monkeypatch.setattr(loop.Trainer, "complete", spy_complete)
+    summary = train(TrainConfig(load=str(tiny_ckpt), mock_data=True, seq_length=32, global_batch_size=2, train_iters=7,
+                                save=str(tmp_path / "run"), save_interval=3, eval_interval=0, progress=False,
+                                device="cpu"))
+    assert order == ["L1", "L2", "C1", "L3", "C2", "C3",  # save after 3
+                     "L4", "L5", "C4", "L6", "C5", "C6",  # save after 6
+                     "L7", "C7"]                          # the last step
+    assert [r["iteration"] for r in summary["records"]] == list(range(1, 8))
+    saved = sorted(p.name for p in (tmp_path / "run").glob("iter_*"))
+    assert saved == ["iter_0000003", "iter_0000006", "iter_0000007"]

@@ -161,9 +161,9 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         if self.norm_eps is not None:
             x = rms_norm(x, self.layer_norm_weight, self.norm_eps)
-        if weight is None and fuses_weight_grad(self.weight, self.group, self.fp8):  # not the tied output layer
-            return _LinearIntoMainGrad.apply(x, self.weight, self.bias, self.weight.main_grad)
-        weight = self.weight if weight is None else weight
+        weight = self.weight if weight is None else weight  # `weight` given: the tied output layer's embedding
+        if fuses_weight_grad(weight, self.group, self.fp8):
+            return _LinearIntoMainGrad.apply(x, weight, self.bias, weight.main_grad)
         if self.fp8 is None and C.group_size(self.group) > 1:
             return column_parallel_matmul(x, weight, self.bias, self.group, self.sequence_parallel)
         if self.sequence_parallel:

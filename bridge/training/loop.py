@@ -1,10 +1,19 @@
-"""The training loop of one rank: schedule -> gradient sync -> optimizer step -> metrics, eval, checkpoints."""
+"""The training loop of one rank: schedule -> gradient sync -> optimizer step -> metrics, eval, checkpoints.
+
+The host runs one step ahead of the GPU: step n+1 is queued before step n's loss and gradient norm are
+read, so the GPU does not idle while the host reads results and starts the next step (about 2% of a
+1B step on an H100). Step n's results travel to pinned host memory behind its own kernels and a CUDA
+event marks them ready; reading them never waits for step n+1. A step after which the loop needs the
+finished state (a save, an evaluation, an exit, the last step, a profile's edge) is not run ahead of,
+and a SIGTERM seen while step n+1 is queued stops the run after step n+1.
+"""
 from __future__ import annotations
 
 import logging
 import math
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +75,36 @@ def train_step(rs: RankSetup, micro_batches: list[dict[str, torch.Tensor]]) -> l
     return losses
 
 
+@dataclass
+class _Queued:
+    """A step whose work is queued on the device; `complete` reads its results."""
+    iteration: int
+    start: float
+    lr: float
+    results: torch.Tensor  # on the host once `ready` has fired: loss sum, SIGTERM flags, MoE aux sum, grad norm
+    ready: torch.cuda.Event | None
+
+
+def _step_results(losses: list[torch.Tensor], grad_norm: torch.Tensor, ps: ParallelState, device: torch.device,
+                  flags: list[float]) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """`_reduce` without waiting: the sums are formed and all-reduced on the device, then copied to pinned host
+    memory behind the step's kernels; the returned event fires when the host copy holds them."""
+    holder = ps.is_last_stage and ps.tp_rank == 0
+    held = torch.stack(losses).sum().double().reshape(1) if losses and holder else torch.zeros(1, dtype=torch.float64, device=device)
+    host_flags = torch.tensor(flags, dtype=torch.float64, pin_memory=device.type == "cuda")
+    data = torch.cat([held, host_flags.to(device, non_blocking=True)])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(data)
+    data = torch.cat([data, grad_norm.detach().double().reshape(1)])
+    if device.type != "cuda":
+        return data, None
+    host = torch.empty(data.shape, dtype=data.dtype, pin_memory=True)
+    host.copy_(data, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
 def _reduce(held: list[float], ps: ParallelState, device: torch.device, flags: list[float] = ()) -> list[float]:
     """Sum over the world: `held` counts only on TP rank 0 of the last stage (whose DP ranks hold different
     micro-batches and CP ranks partial sums of the same ones), `flags` (e.g. SIGTERM seen) on every rank."""
@@ -111,6 +150,10 @@ class Trainer:
         self.moe_layers = moe_layers(rs.chunks)
         self.profiler = StepProfiler(self.cfg, self.ps.rank, rs.device)
         self.prefetched: list[dict[str, torch.Tensor]] | None = None
+        self.launched_samples = rs.consumed  # samples of every queued step, finished or not
+        self.queued_ahead = 0  # steps queued and not yet completed
+        self.last_completed = 0.0
+        self.stop_requested = False
         self.bar = None
         if is_logger and self.cfg.progress:
             from tqdm import tqdm
@@ -120,18 +163,22 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         rs, cfg = self.rs, self.cfg
         stopped_by = "train-iters"
-        while rs.iteration < cfg.train_iters:
-            self.profiler.before_step(rs.iteration + 1)
-            record = self.step()
-            self.profiler.after_step(rs.iteration)
-            stop = record.pop("_stop")
+        queued = self.launch() if rs.iteration < cfg.train_iters else None
+        while queued is not None:
+            ahead = self.launch() if self.runs_ahead(queued.iteration) else None
+            record = self.complete(queued)
+            self.stop_requested |= record.pop("_stop")
             self.after_step(record)
-            if stop:
+            if ahead is not None:
+                queued = ahead
+                continue
+            if self.stop_requested:
                 stopped_by = "SIGTERM"
             elif cfg.exit_interval and rs.iteration % cfg.exit_interval == 0:
                 stopped_by = "exit-interval"
             if stopped_by != "train-iters":
                 break
+            queued = self.launch() if rs.iteration < cfg.train_iters else None
         if stopped_by == "train-iters" and rs.valid is not None and (
                 not rs.valid_curve or rs.valid_curve[-1][0] != rs.iteration):
             rs.valid_curve.append([rs.iteration, evaluate(rs)])
@@ -142,33 +189,54 @@ class Trainer:
         self.log.close()
         return {**rs.summary(), "stopped_by": stopped_by, "records": self.records}
 
-    def step(self) -> dict[str, Any]:
+    def runs_ahead(self, iteration: int) -> bool:
+        """Whether step `iteration + 1` may be queued before step `iteration`'s results are read: not when the
+        loop acts on the finished state after `iteration` (the same decision on every rank)."""
+        cfg = self.cfg
+        intervals = (cfg.save_interval if cfg.save else None, cfg.eval_interval, cfg.exit_interval)
+        return not (self.stop_requested or iteration >= cfg.train_iters
+                    or any(every and iteration % every == 0 for every in intervals)
+                    or self.profiler.edge(iteration))
+
+    def launch(self) -> _Queued:
+        """Queue the next step: forward, backward, optimizer, the next batches' copies, its results' copy."""
         rs = self.rs
+        self.queued_ahead += 1
+        iteration = rs.iteration + self.queued_ahead
         start = time.perf_counter()
-        mbs = self.prefetched if self.prefetched is not None else rs.micro_batches(rs.train, rs.consumed)
+        self.profiler.before_step(iteration)
+        mbs = self.prefetched if self.prefetched is not None else rs.micro_batches(rs.train, self.launched_samples)
         losses = train_step(rs, mbs)
-        lr = rs.schedule(rs.iteration + 1)
+        lr = rs.schedule(iteration)
         grad_norm = rs.optimizer.step(lr)
         rs.buffer.clear_grads()
-        # the next step's batches, copied while the GPU finishes this one (the loss reduction below waits for it)
-        last = rs.iteration + 1 >= self.cfg.train_iters
-        self.prefetched = None if last else rs.micro_batches(rs.train, rs.consumed + self.cfg.global_batch_size)
+        self.launched_samples += self.cfg.global_batch_size
+        last = iteration >= self.cfg.train_iters
+        self.prefetched = None if last else rs.micro_batches(rs.train, self.launched_samples)
         aux = self.moe_step()
-        loss_sum, stop, aux_sum = _reduce([float(sum(losses)) if losses else 0.0], self.ps, rs.device,
-                                          [float(self.stop.set), aux])
-        if rs.device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        grad_norm = float(grad_norm)  # the device tensor is ready: the step has finished
+        results, ready = _step_results(losses, grad_norm, self.ps, rs.device, [float(self.stop.set), aux])
+        return _Queued(iteration, start, lr, results, ready)
+
+    def complete(self, queued: _Queued) -> dict[str, Any]:
+        """Wait for a queued step's results (not for anything queued after it) and make its record."""
+        rs = self.rs
+        if queued.ready is not None:
+            queued.ready.synchronize()
+        now = time.perf_counter()
+        elapsed = now - max(queued.start, self.last_completed)  # run ahead: the time between two finished steps
+        self.last_completed = now
+        self.queued_ahead -= 1
+        self.profiler.after_step(queued.iteration)
+        loss_sum, stop, aux_sum, grad_norm = queued.results.tolist()
         if not math.isfinite(grad_norm):
-            log.warning("gradient norm is %s at iteration %d; the update was skipped", grad_norm, rs.iteration + 1)
-        rs.iteration += 1
+            log.warning("gradient norm is %s at iteration %d; the update was skipped", grad_norm, queued.iteration)
+        rs.iteration = queued.iteration
         rs.consumed += self.cfg.global_batch_size
         loss = loss_sum / rs.plan.global_microbatches
         rs.loss_curve.append([rs.iteration, loss])
         tflops = self.flops_per_step / elapsed / 1e12 / rs.plan.world_size
         moe = {"moe_aux_loss": aux_sum / rs.plan.global_microbatches} if self.moe_layers else {}
-        return {"iteration": rs.iteration, "loss": loss, **moe, "lr": lr, "grad_norm": grad_norm,
+        return {"iteration": rs.iteration, "loss": loss, **moe, "lr": queued.lr, "grad_norm": grad_norm,
                 "tokens_per_s": self.tokens_per_step / elapsed, "tflops_per_gpu": tflops,
                 "mfu": tflops / self.peak if self.peak else None, "step_s": elapsed,
                 "peak_mem_gib": peak_memory_gib(), "_stop": stop > 0}

@@ -35,6 +35,11 @@ class StepProfiler:
             self.prof = torch.profiler.profile(activities=activities, record_shapes=True)
             self.prof.__enter__()
 
+    def edge(self, iteration: int) -> bool:
+        """Whether the trace starts or ends right after `iteration`: the loop then lets the GPU finish it
+        before queueing the next step, so the trace holds exactly the profiled steps."""
+        return self.enabled and iteration in (self.start - 1, self.end - 1)
+
     def after_step(self, iteration: int) -> None:
         if self.prof is None or iteration < self.end - 1:
             return
