@@ -125,6 +125,7 @@ if HAS_TRITON:
     def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: int,
                  heads_per_group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """qkv [s, b, groups * (hpg + 2) * d] -> rotated q [s, b, groups * hpg, d], rotated k and v [s, b, groups, d]."""
+        qkv, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (qkv, cos, sin))
         s, b, width = qkv.shape
         d = width // (groups * (heads_per_group + 2))
         q = qkv.new_empty(s, b, groups * heads_per_group, d)
@@ -139,7 +140,7 @@ if HAS_TRITON:
     def rope_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor,
                           sin: torch.Tensor, groups: int, heads_per_group: int) -> torch.Tensor:
         """Gradients of q, k, v ([s, b, heads, d], any strides but a contiguous last dim) -> d(qkv)."""
-        dq, dk, dv = (g if g.stride(-1) == 1 else g.contiguous() for g in (dq, dk, dv))
+        dq, dk, dv, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (dq, dk, dv, cos, sin))
         dk_strides, dv_strides = (dk.stride(0), dk.stride(1), dk.stride(2)), (dv.stride(0), dv.stride(1), dv.stride(2))
         if dk_strides != dv_strides:  # one set of strides serves both in the kernel
             dk, dv = dk.contiguous(), dv.contiguous()
