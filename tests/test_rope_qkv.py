@@ -104,3 +104,25 @@ def test_unsupported_shapes_and_devices_keep_the_plain_formula() -> None:
     assert not rope_qkv.supported(torch.zeros(4, device="meta"), 64)
     for head_dim in (96, 80, 1, 0):  # half not a power of two: tl.arange cannot tile it
         assert not rope_qkv.supported(cpu, head_dim)
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_kernels_compile_for_the_gpus(arch: int) -> None:
+    """The interpreter checks the maths but not Triton's typing; this compiles both kernels ahead of time down
+    to a cubin for Hopper and Ampere (no GPU needed), with the dtypes and head dims training uses."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import triton
+    from bridge.nn import rope_qkv
+
+    for kernel in (rope_qkv._rope_qkv_fwd, rope_qkv._rope_qkv_bwd):
+        for dtype in ("bf16", "fp32"):
+            for head_dim in (64, 128):
+                constexprs = {"HPG": 4, "D": head_dim, "BLOCK_S": rope_qkv.BLOCK_S}
+                signature = {name: "constexpr" if name in constexprs else "i32" for name in kernel.arg_names}
+                signature.update({name: f"*{dtype}" for name in ("qkv", "cos", "sin", "q", "k", "v", "dq", "dk", "dv",
+                                                                 "dqkv") if name in signature})
+                compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                                          target=GPUTarget("cuda", arch, 32))
+                assert compiled.asm["cubin"], (kernel.fn.__name__, dtype, head_dim)

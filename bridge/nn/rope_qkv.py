@@ -71,48 +71,47 @@ if HAS_TRITON:
         return base, s_stride, index <= HPG
 
     @triton.jit
-    def _rope_qkv_fwd(qkv, cos, sin, q, k, v, S, sx_s, sx_b, sc_s, sc_b, sq_s, sq_b, sq_h, skv_s, skv_b, skv_h,
-                      HPG: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr):
+    def _tile(S, BLOCK_S: tl.constexpr, D: tl.constexpr):
+        """This program's batch index, qkv column block (`slot`), positions, half-row offsets and row mask."""
         block, b, slot = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = (block * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
-        half = tl.arange(0, D // 2)
-        mask = (rows < S)[:, None]
-        src = qkv + rows[:, None] * sx_s + b * sx_b + slot * D + half[None, :]
-        x1 = tl.load(src, mask=mask).to(tl.float32)
-        x2 = tl.load(src + D // 2, mask=mask).to(tl.float32)
+        return b, slot, rows, tl.arange(0, D // 2), (rows < S)[:, None]
+
+    @triton.jit
+    def _load_halves(ptr, mask, D: tl.constexpr):
+        """The two halves of each row of a [BLOCK_S, D] tile, in fp32: rotate-half without masked loads."""
+        return tl.load(ptr, mask=mask).to(tl.float32), tl.load(ptr + D // 2, mask=mask).to(tl.float32)
+
+    @triton.jit
+    def _store_halves(ptr, first, second, mask, D: tl.constexpr):
+        tl.store(ptr, first.to(ptr.dtype.element_ty), mask=mask)
+        tl.store(ptr + D // 2, second.to(ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rope_qkv_fwd(qkv, cos, sin, q, k, v, S, sx_s, sx_b, sc_s, sc_b, sq_s, sq_b, sq_h, skv_s, skv_b, skv_h,
+                      HPG: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr):
+        b, slot, rows, half, mask = _tile(S, BLOCK_S, D)
+        x1, x2 = _load_halves(qkv + rows[:, None] * sx_s + b * sx_b + slot * D + half[None, :], mask, D)
         base, s_stride, rotate = _slot_and_output(slot, b, q, k, v, sq_s, sq_b, sq_h, skv_s, skv_b, skv_h, HPG)
         if rotate:
             table = rows[:, None] * sc_s + b * sc_b + half[None, :]
-            c1 = tl.load(cos + table, mask=mask).to(tl.float32)
-            c2 = tl.load(cos + table + D // 2, mask=mask).to(tl.float32)
-            s1 = tl.load(sin + table, mask=mask).to(tl.float32)
-            s2 = tl.load(sin + table + D // 2, mask=mask).to(tl.float32)
+            c1, c2 = _load_halves(cos + table, mask, D)
+            s1, s2 = _load_halves(sin + table, mask, D)
             x1, x2 = x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
-        dst = base + rows[:, None] * s_stride + half[None, :]
-        tl.store(dst, x1.to(base.dtype.element_ty), mask=mask)
-        tl.store(dst + D // 2, x2.to(base.dtype.element_ty), mask=mask)
+        _store_halves(base + rows[:, None] * s_stride + half[None, :], x1, x2, mask, D)
 
     @triton.jit
     def _rope_qkv_bwd(dq, dk, dv, cos, sin, dqkv, S, sx_s, sx_b, sc_s, sc_b, sq_s, sq_b, sq_h, skv_s, skv_b, skv_h,
                       HPG: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr):
-        block, b, slot = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        rows = (block * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
-        half = tl.arange(0, D // 2)
-        mask = (rows < S)[:, None]
+        b, slot, rows, half, mask = _tile(S, BLOCK_S, D)
         base, s_stride, rotate = _slot_and_output(slot, b, dq, dk, dv, sq_s, sq_b, sq_h, skv_s, skv_b, skv_h, HPG)
-        src = base + rows[:, None] * s_stride + half[None, :]
-        g1 = tl.load(src, mask=mask).to(tl.float32)
-        g2 = tl.load(src + D // 2, mask=mask).to(tl.float32)
+        g1, g2 = _load_halves(base + rows[:, None] * s_stride + half[None, :], mask, D)
         if rotate:  # the transpose of the forward's rotation
             table = rows[:, None] * sc_s + b * sc_b + half[None, :]
-            c1 = tl.load(cos + table, mask=mask).to(tl.float32)
-            c2 = tl.load(cos + table + D // 2, mask=mask).to(tl.float32)
-            s1 = tl.load(sin + table, mask=mask).to(tl.float32)
-            s2 = tl.load(sin + table + D // 2, mask=mask).to(tl.float32)
+            c1, c2 = _load_halves(cos + table, mask, D)
+            s1, s2 = _load_halves(sin + table, mask, D)
             g1, g2 = g1 * c1 + g2 * s2, g2 * c2 - g1 * s1
-        dst = dqkv + rows[:, None] * sx_s + b * sx_b + slot * D + half[None, :]
-        tl.store(dst, g1.to(dqkv.dtype.element_ty), mask=mask)
-        tl.store(dst + D // 2, g2.to(dqkv.dtype.element_ty), mask=mask)
+        _store_halves(dqkv + rows[:, None] * sx_s + b * sx_b + slot * D + half[None, :], g1, g2, mask, D)
 
     def _grid(s: int, b: int, groups: int, hpg: int) -> tuple[int, int, int]:
         return (triton.cdiv(s, BLOCK_S), b, groups * (hpg + 2))
