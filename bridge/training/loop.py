@@ -2,10 +2,11 @@
 
 The host runs one step ahead of the GPU: step n+1 is queued before step n's loss and gradient norm are
 read, so the GPU does not idle while the host reads results and starts the next step (on the 1B
-benchmark, H100: GPU idle time 5.7 -> 4.0 ms per ~258 ms step). Step n's results travel to pinned host memory behind its own kernels and a CUDA
-event marks them ready; reading them never waits for step n+1. A step after which the loop needs the
-finished state (a save, an evaluation, an exit, the last step, a profile's edge) is not run ahead of,
-and a SIGTERM seen while step n+1 is queued stops the run after step n+1.
+benchmark, H100: GPU idle time 5.7 -> 4.0 ms per ~258 ms step). Step n's results travel to pinned host
+memory behind its own kernels and a CUDA event marks them ready; reading them never waits for step
+n+1. A step after which the loop needs the finished state (a save, an evaluation, an exit, the last
+step, a profile's edge) is not run ahead of, and a SIGTERM seen while step n+1 is queued stops the run
+after step n+1.
 """
 from __future__ import annotations
 
@@ -85,17 +86,23 @@ class _Queued:
     ready: torch.cuda.Event | None
 
 
-def _step_results(losses: list[torch.Tensor], grad_norm: torch.Tensor, ps: ParallelState, device: torch.device,
-                  flags: list[float]) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-    """`_reduce` without waiting: the sums are formed and all-reduced on the device, then copied to pinned host
-    memory behind the step's kernels; the returned event fires when the host copy holds them."""
+def _sums_to_host(held: list[torch.Tensor], ps: ParallelState, device: torch.device, flags: list[float],
+                  unsummed: list[torch.Tensor]) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """[sum of `held` over the world, each of `flags` summed over the world, `unsummed`...] as float64 on the host.
+
+    `held` (losses) counts only on TP rank 0 of the last stage, whose DP ranks hold different micro-batches
+    and CP ranks partial sums of the same ones; `flags` (e.g. SIGTERM seen) count on every rank. Nothing
+    waits: the sums are formed and all-reduced on the device and copied to pinned host memory behind the
+    kernels queued so far; the returned event fires when the host copy holds them (None: already there).
+    """
     holder = ps.is_last_stage and ps.tp_rank == 0
-    held = torch.stack(losses).sum().double().reshape(1) if losses and holder else torch.zeros(1, dtype=torch.float64, device=device)
+    total = (torch.stack(held).double().sum().reshape(1) if held and holder
+             else torch.zeros(1, dtype=torch.float64, device=device))
     host_flags = torch.tensor(flags, dtype=torch.float64, pin_memory=device.type == "cuda")
-    data = torch.cat([held, host_flags.to(device, non_blocking=True)])
+    data = torch.cat([total, host_flags.to(device, non_blocking=True)])
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(data)
-    data = torch.cat([data, grad_norm.detach().double().reshape(1)])
+    data = torch.cat([data, *(t.detach().double().reshape(1) for t in unsummed)])
     if device.type != "cuda":
         return data, None
     host = torch.empty(data.shape, dtype=data.dtype, pin_memory=True)
@@ -103,16 +110,6 @@ def _step_results(losses: list[torch.Tensor], grad_norm: torch.Tensor, ps: Paral
     ready = torch.cuda.Event()
     ready.record()
     return host, ready
-
-
-def _reduce(held: list[float], ps: ParallelState, device: torch.device, flags: list[float] = ()) -> list[float]:
-    """Sum over the world: `held` counts only on TP rank 0 of the last stage (whose DP ranks hold different
-    micro-batches and CP ranks partial sums of the same ones), `flags` (e.g. SIGTERM seen) on every rank."""
-    holder = ps.is_last_stage and ps.tp_rank == 0
-    data = torch.tensor([v if holder else 0.0 for v in held] + list(flags), dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(data)
-    return data.tolist()
 
 
 @torch.no_grad()
@@ -123,14 +120,16 @@ def evaluate(rs: RankSetup) -> float | None:
     cfg, ps = rs.cfg, rs.ps
     for chunk in rs.chunks:
         chunk.eval()
-    total = 0.0
+    losses: list[torch.Tensor] = []
     for i in range(cfg.eval_iters):
         mbs = rs.micro_batches(rs.valid, i * cfg.global_batch_size)
-        outs = forward_only(rs.chunks, ps, mbs)
-        total += sum(float(masked_mean(o, mb)) for o, mb in zip(outs, mbs))
+        losses += [masked_mean(o, mb) for o, mb in zip(forward_only(rs.chunks, ps, mbs), mbs)]
     for chunk in rs.chunks:
         chunk.train()
-    return _reduce([total], ps, rs.device)[0] / (cfg.eval_iters * rs.plan.global_microbatches)
+    total, ready = _sums_to_host(losses, ps, rs.device, [], [])
+    if ready is not None:
+        ready.synchronize()
+    return total[0].item() / (cfg.eval_iters * rs.plan.global_microbatches)
 
 
 class Trainer:
@@ -214,7 +213,7 @@ class Trainer:
         last = iteration >= self.cfg.train_iters
         self.prefetched = None if last else rs.micro_batches(rs.train, self.launched_samples)
         aux = self.moe_step()
-        results, ready = _step_results(losses, grad_norm, self.ps, rs.device, [float(self.stop.set), aux])
+        results, ready = _sums_to_host(losses, self.ps, rs.device, [float(self.stop.set), aux], [grad_norm])
         return _Queued(iteration, start, lr, results, ready)
 
     def complete(self, queued: _Queued) -> dict[str, Any]:
