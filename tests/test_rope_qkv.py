@@ -33,12 +33,15 @@ def reference(qkv, cos, sin, groups, hpg):
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
-def check_op(s, b, groups, hpg, d, broadcast_b):
+def check_op(s, b, groups, hpg, d, broadcast_b, sin_contiguous=False):
     gen = torch.Generator().manual_seed(s)
     qkv = torch.randn(s, b, groups * (hpg + 2) * d, generator=gen, requires_grad=True)
     theta = torch.rand(s, 1 if broadcast_b else b, 1, d // 2, generator=gen) * 50
-    emb = torch.cat([theta, theta], -1).expand(s, b, 1, d)  # b-stride 0 when broadcast, as with shared positions
-    cos, sin = emb.cos(), emb.sin()
+    emb = torch.cat([theta, theta], -1)
+    cos, sin = emb.cos().expand(s, b, 1, d), emb.sin().expand(s, b, 1, d)  # b-stride 0 when broadcast
+    assert (cos.stride(1) == 0) == (broadcast_b and b > 1)
+    if sin_contiguous:  # cos and sin with different strides: the kernel addresses both with one set
+        sin = sin.contiguous()
     ours, theirs = rope_qkv.rope_qkv(qkv, cos, sin, groups, hpg), reference(qkv, cos, sin, groups, hpg)
     for a, r in zip(ours, theirs, strict=True):
         assert a.shape == r.shape and a.is_contiguous(), (a.shape, r.shape)
@@ -50,7 +53,7 @@ def check_op(s, b, groups, hpg, d, broadcast_b):
     torch.testing.assert_close(ours_grad, ref_grad, rtol=1e-5, atol=1e-5)
 
 
-for shape in [(37, 2, 3, 2, 16, False), (64, 1, 1, 1, 8, True), (5, 3, 2, 4, 32, True)]:
+for shape in [(37, 2, 3, 2, 16, False), (64, 1, 1, 1, 8, True), (5, 3, 2, 4, 32, True), (9, 3, 1, 2, 16, True, True)]:
     check_op(*shape)
 
 

@@ -120,11 +120,17 @@ if HAS_TRITON:
         """cos/sin are [s, b, 1, d] (b may be a broadcast, stride 0) with a contiguous last dim."""
         return table.stride(0), table.stride(1)
 
+    def _alike(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two tensors the kernel addresses with one set of strides (cos and sin; dk and dv): made contiguous
+        when their strides differ."""
+        return (a, b) if a.stride() == b.stride() else (a.contiguous(), b.contiguous())
+
     @triton_op("bridge::rope_qkv", mutates_args=())
     def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: int,
                  heads_per_group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """qkv [s, b, groups * (hpg + 2) * d] -> rotated q [s, b, groups * hpg, d], rotated k and v [s, b, groups, d]."""
         qkv, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (qkv, cos, sin))
+        cos, sin = _alike(cos, sin)
         s, b, width = qkv.shape
         d = width // (groups * (heads_per_group + 2))
         q = qkv.new_empty(s, b, groups * heads_per_group, d)
@@ -140,9 +146,7 @@ if HAS_TRITON:
                           sin: torch.Tensor, groups: int, heads_per_group: int) -> torch.Tensor:
         """Gradients of q, k, v ([s, b, heads, d], any strides but a contiguous last dim) -> d(qkv)."""
         dq, dk, dv, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (dq, dk, dv, cos, sin))
-        dk_strides, dv_strides = (dk.stride(0), dk.stride(1), dk.stride(2)), (dv.stride(0), dv.stride(1), dv.stride(2))
-        if dk_strides != dv_strides:  # one set of strides serves both in the kernel
-            dk, dv = dk.contiguous(), dv.contiguous()
+        (dk, dv), (cos, sin) = _alike(dk, dv), _alike(cos, sin)
         s, b, _, d = dq.shape
         dqkv = dq.new_empty(s, b, groups * (heads_per_group + 2) * d)
         wrap_triton(_rope_qkv_bwd)[_grid(s, b, groups, heads_per_group)](
