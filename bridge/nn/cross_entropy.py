@@ -77,7 +77,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):  # noqa: ANN001, ANN205
         logits, logits_max, sum_exp, target = ctx.saved_tensors
         grad = fused(logits_grad, logits.device)(logits, logits_max, sum_exp, target, grad_loss,
-                                                   ctx.vocab_start, ctx.vocab_size)
+                                                 ctx.vocab_start, ctx.vocab_size)
         return grad, None, None, None, None
 
 

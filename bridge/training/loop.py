@@ -149,8 +149,7 @@ class Trainer:
         self.moe_layers = moe_layers(rs.chunks)
         self.profiler = StepProfiler(self.cfg, self.ps.rank, rs.device)
         self.prefetched: list[dict[str, torch.Tensor]] | None = None
-        self.launched_samples = rs.consumed  # samples of every queued step, finished or not
-        self.queued_ahead = 0  # steps queued and not yet completed
+        self.launched = rs.iteration  # the number of the last step queued (finished or not)
         self.last_completed = 0.0
         self.stop_requested = False
         self.bar = None
@@ -200,18 +199,18 @@ class Trainer:
     def launch(self) -> _Queued:
         """Queue the next step: forward, backward, optimizer, the next batches' copies, its results' copy."""
         rs = self.rs
-        self.queued_ahead += 1
-        iteration = rs.iteration + self.queued_ahead
+        first = rs.consumed + (self.launched - rs.iteration) * self.cfg.global_batch_size  # after the queued steps
+        self.launched += 1
+        iteration = self.launched
         start = time.perf_counter()
         self.profiler.before_step(iteration)
-        mbs = self.prefetched if self.prefetched is not None else rs.micro_batches(rs.train, self.launched_samples)
+        mbs = self.prefetched if self.prefetched is not None else rs.micro_batches(rs.train, first)
         losses = train_step(rs, mbs)
         lr = rs.schedule(iteration)
         grad_norm = rs.optimizer.step(lr)
         rs.buffer.clear_grads()
-        self.launched_samples += self.cfg.global_batch_size
         last = iteration >= self.cfg.train_iters
-        self.prefetched = None if last else rs.micro_batches(rs.train, self.launched_samples)
+        self.prefetched = None if last else rs.micro_batches(rs.train, first + self.cfg.global_batch_size)
         aux = self.moe_step()
         results, ready = _sums_to_host(losses, self.ps, rs.device, [float(self.stop.set), aux], [grad_norm])
         return _Queued(iteration, start, lr, results, ready)
@@ -224,7 +223,6 @@ class Trainer:
         now = time.perf_counter()
         elapsed = now - max(queued.start, self.last_completed)  # run ahead: the time between two finished steps
         self.last_completed = now
-        self.queued_ahead -= 1
         self.profiler.after_step(queued.iteration)
         loss_sum, stop, aux_sum, grad_norm = queued.results.tolist()
         if not math.isfinite(grad_norm):
