@@ -84,23 +84,40 @@ def cp_sweep(config_dir: Path, args: argparse.Namespace) -> dict:
 def fp8_compare(config_dir: Path, args: argparse.Namespace, data: Path, tokenizer: Path) -> dict:
     """bf16, then each FP8 recipe from the same seed; with --noise-seed also bf16 from another seed, whose
     distance to the first bf16 run is the run-to-run spread the FP8 differences should be read against."""
-    base = run(config_dir, args, data=data, tokenizer=tokenizer)
-    print(f"bf16: {_fmt(base)}", flush=True)
-    out = {"bf16": base}
+    out = {}
+    if not args.skip_bf16:
+        out["bf16"] = run(config_dir, args, data=data, tokenizer=tokenizer)
+        print(f"bf16: {_fmt(out['bf16'])}", flush=True)
     variants = [(f"fp8-{r}", dict(fp8=r)) for r in args.recipes.split(",") if r]
     if args.noise_seed is not None:
         variants.append((f"bf16-seed{args.noise_seed}", dict(seed=args.noise_seed)))
     for name, kw in variants:
-        r = run(config_dir, args, data=data, tokenizer=tokenizer, **kw)
-        if "error" not in r and "error" not in base:
-            r["speedup_vs_bf16"] = r["tokens_per_s"] / base["tokens_per_s"]
-            r["max_rel_loss_diff"] = max(abs(a - b) / b for a, b in zip(r["losses"], base["losses"]))
-            tail = slice(-min(20, len(r["losses"])), None)  # the end of the curve, averaged over 20 steps
-            r["final_rel_loss_diff"] = abs(statistics.mean(r["losses"][tail]) / statistics.mean(base["losses"][tail]) - 1)
-            r["smoothed_max_rel_loss_diff"] = max(abs(a / b - 1) for a, b in zip(_smooth(r["losses"]), _smooth(base["losses"])))
-        out[name] = r
-        print(f"{name}: {_fmt(r)}", flush=True)
+        out[name] = run(config_dir, args, data=data, tokenizer=tokenizer, **kw)
+        if "bf16" in out:
+            compare(out[name], out["bf16"])
+        print(f"{name}: {_fmt(out[name])}", flush=True)
     return out
+
+
+def compare(r: dict, base: dict) -> None:
+    """Add to run `r` its speed-up and loss differences against the bf16 run `base` (same seed and data)."""
+    if "error" in r or "error" in base:
+        return
+    r["speedup_vs_bf16"] = r["tokens_per_s"] / base["tokens_per_s"]
+    r["max_rel_loss_diff"] = max(abs(a - b) / b for a, b in zip(r["losses"], base["losses"]))
+    tail = slice(-min(20, len(r["losses"])), None)  # the end of the curve, averaged over 20 steps
+    r["final_rel_loss_diff"] = abs(statistics.mean(r["losses"][tail]) / statistics.mean(base["losses"][tail]) - 1)
+    r["smoothed_max_rel_loss_diff"] = max(abs(a / b - 1) for a, b in zip(_smooth(r["losses"]), _smooth(base["losses"])))
+
+
+def compare_files(base_json: Path, other_json: Path) -> dict:
+    """The FP8 comparison of two --json results run side by side (bf16 on one GPU, the variants on another)."""
+    base = json.loads(base_json.read_text())["fp8"]["bf16"]
+    others = json.loads(other_json.read_text())["fp8"]
+    for name, r in others.items():
+        compare(r, base)
+        print(f"{name}: {_fmt(r)}", flush=True)
+    return {"bf16": base, **others}
 
 
 def _smooth(losses: list[float], window: int = 20) -> list[float]:
@@ -138,10 +155,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--recompute", choices=["full", "selective"])
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--skip-bf16", action="store_true", help="run only the variants (the bf16 run is elsewhere)")
+    p.add_argument("--compare", nargs=2, type=Path, metavar=("BF16_JSON", "VARIANTS_JSON"),
+                   help="compare two --json results of runs made side by side, then exit")
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU: CP=1,2 and the real-text data path")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
     args.device = None
+    if args.compare:
+        result = compare_files(*args.compare)
+        for r in result.values():
+            r.pop("losses", None)
+        print(json.dumps(result))
+        return 0
     if args.smoke:
         args.model, args.seq_length, args.nproc, args.cps, args.steps, args.warmup = "tiny", 64, 2, "1,2", 2, 1
         args.device, args.global_batch_size, args.micro_batch_size = "cpu", 2, 1

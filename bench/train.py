@@ -40,11 +40,13 @@ MODELS = {
 }
 
 
-def write_config(name: str, folder: Path) -> Path:
+def write_config(name: str, folder: Path, layers: int | None = None) -> Path:
+    """`name`'s config.json in `folder`; `layers` overrides its depth (how step time grows with depth)."""
     from transformers import LlamaConfig
 
+    shape = dict(MODELS[name], **({"num_hidden_layers": layers} if layers else {}))
     LlamaConfig(architectures=["LlamaForCausalLM"], rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
-                **MODELS[name]).save_pretrained(folder)
+                **shape).save_pretrained(folder)
     return folder
 
 
@@ -101,6 +103,7 @@ def run_bridge(config_dir: Path, args: argparse.Namespace, layout: str) -> dict:
                       compile=args.compile, recompute=args.recompute, eval_interval=0, progress=False,
                       device=args.device, attention_backend=args.attention_backend,
                       gradient_accumulation_fusion=args.gradient_accumulation_fusion, rope_fusion=args.rope_fusion,
+                      fp8=args.fp8,
                       profile=args.profile is not None, profile_step_start=args.warmup + 1,
                       profile_step_end=args.warmup + 3, tensorboard_dir=args.profile)
     summary = train(cfg)
@@ -124,6 +127,7 @@ def parse_layout(text: str) -> tuple[int, int, int | None, bool, bool]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), default="llama-3.2-1b")
+    p.add_argument("--layers", type=int, help="override the model's number of layers")
     p.add_argument("--seq-length", type=int, default=2048)
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--global-batch-size", type=int, default=8, help="per DP rank (scaled by DP for bridge)")
@@ -136,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attention-backend", default="auto", choices=["auto", "flash", "fused", "unfused"])
     p.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion", action="store_false")
     p.add_argument("--no-rope-fusion", dest="rope_fusion", action="store_false")
+    p.add_argument("--fp8", choices=["tensorwise", "rowwise"], help="bridge trains with FP8 linear layers (torchao)")
     p.add_argument("--profile", metavar="DIR", help="profile two bridge steps after the warm-up into DIR")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager mode on both sides")
     p.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the HF run (multi-GPU layouts)")
@@ -149,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens = args.global_batch_size * args.seq_length
     results = {"model": args.model, "seq_length": args.seq_length, "device": _device_name(), "layouts": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        config_dir = write_config(args.model, Path(tmp) / "config")
+        config_dir = write_config(args.model, Path(tmp) / "config", args.layers)
         for layout in args.layouts.split(","):
             r = run_bridge(config_dir, args, layout)
             tps = r["global_batch_size"] * args.seq_length / statistics.median(r["step_s"])
