@@ -83,6 +83,14 @@ if HAS_TRITON:
         return tl.load(ptr, mask=mask).to(tl.float32), tl.load(ptr + D // 2, mask=mask).to(tl.float32)
 
     @triton.jit
+    def _load_tables(cos, sin, rows, b, sc_s, sc_b, half, mask, D: tl.constexpr):
+        """cos and sin at this tile's positions, each as its two halves: (c1, c2, s1, s2). cos and sin share strides."""
+        table = rows[:, None] * sc_s + b * sc_b + half[None, :]
+        c1, c2 = _load_halves(cos + table, mask, D)
+        s1, s2 = _load_halves(sin + table, mask, D)
+        return c1, c2, s1, s2
+
+    @triton.jit
     def _store_halves(ptr, first, second, mask, D: tl.constexpr):
         tl.store(ptr, first.to(ptr.dtype.element_ty), mask=mask)
         tl.store(ptr + D // 2, second.to(ptr.dtype.element_ty), mask=mask)
@@ -94,9 +102,7 @@ if HAS_TRITON:
         x1, x2 = _load_halves(qkv + rows[:, None] * sx_s + b * sx_b + slot * D + half[None, :], mask, D)
         base, s_stride, rotate = _slot_and_output(slot, b, q, k, v, sq_s, sq_b, sq_h, skv_s, skv_b, skv_h, HPG)
         if rotate:
-            table = rows[:, None] * sc_s + b * sc_b + half[None, :]
-            c1, c2 = _load_halves(cos + table, mask, D)
-            s1, s2 = _load_halves(sin + table, mask, D)
+            c1, c2, s1, s2 = _load_tables(cos, sin, rows, b, sc_s, sc_b, half, mask, D)
             x1, x2 = x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
         _store_halves(base + rows[:, None] * s_stride + half[None, :], x1, x2, mask, D)
 
@@ -107,9 +113,7 @@ if HAS_TRITON:
         base, s_stride, rotate = _slot_and_output(slot, b, dq, dk, dv, sq_s, sq_b, sq_h, skv_s, skv_b, skv_h, HPG)
         g1, g2 = _load_halves(base + rows[:, None] * s_stride + half[None, :], mask, D)
         if rotate:  # the transpose of the forward's rotation
-            table = rows[:, None] * sc_s + b * sc_b + half[None, :]
-            c1, c2 = _load_halves(cos + table, mask, D)
-            s1, s2 = _load_halves(sin + table, mask, D)
+            c1, c2, s1, s2 = _load_tables(cos, sin, rows, b, sc_s, sc_b, half, mask, D)
             g1, g2 = g1 * c1 + g2 * s2, g2 * c2 - g1 * s1
         _store_halves(dqkv + rows[:, None] * sx_s + b * sx_b + slot * D + half[None, :], g1, g2, mask, D)
 
@@ -120,6 +124,10 @@ if HAS_TRITON:
         """cos/sin are [s, b, 1, d] (b may be a broadcast, stride 0) with a contiguous last dim."""
         return table.stride(0), table.stride(1)
 
+    def _unit_last_stride(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The kernels step through the last dim one element at a time: others are made contiguous."""
+        return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
+
     def _alike(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Two tensors the kernel addresses with one set of strides (cos and sin; dk and dv): made contiguous
         when their strides differ."""
@@ -129,7 +137,7 @@ if HAS_TRITON:
     def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: int,
                  heads_per_group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """qkv [s, b, groups * (hpg + 2) * d] -> rotated q [s, b, groups * hpg, d], rotated k and v [s, b, groups, d]."""
-        qkv, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (qkv, cos, sin))
+        qkv, cos, sin = _unit_last_stride(qkv, cos, sin)
         cos, sin = _alike(cos, sin)
         s, b, width = qkv.shape
         d = width // (groups * (heads_per_group + 2))
@@ -145,7 +153,7 @@ if HAS_TRITON:
     def rope_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor,
                           sin: torch.Tensor, groups: int, heads_per_group: int) -> torch.Tensor:
         """Gradients of q, k, v ([s, b, heads, d], any strides but a contiguous last dim) -> d(qkv)."""
-        dq, dk, dv, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (dq, dk, dv, cos, sin))
+        dq, dk, dv, cos, sin = _unit_last_stride(dq, dk, dv, cos, sin)
         (dk, dv), (cos, sin) = _alike(dk, dv), _alike(cos, sin)
         s, b, _, d = dq.shape
         dqkv = dq.new_empty(s, b, groups * (heads_per_group + 2) * d)
