@@ -303,7 +303,6 @@ def test_cli_prepare_and_inspect(tmp_path, tok_dir, monkeypatch, capsys):
     assert err.startswith("bridge data: error: ") and "bad.jsonl:1: malformed JSON" in err and "\n" not in err
 
 
-
 def test_workers_start_without_torch_or_transformers(tok_dir, tokenizer):
     """A worker unpickles the plain-text encoder (the Rust tokenizer only) and encodes the same ids
     without importing torch or transformers: the cheap start that makes a forkserver pool fast."""

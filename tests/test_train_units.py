@@ -147,7 +147,8 @@ def test_cli_surface() -> None:
                  "--adam-eps", "--bf16", "--sequence-parallel", "--use-distributed-optimizer", "--recompute",
                  "--recompute-granularity", "--save", "--load", "--save-interval", "--eval-interval", "--eval-iters",
                  "--seed", "--tensorboard-dir", "--data-path", "--data", "--split", "--config", "--nproc", "--tp", "--pp",
-                 "--attention-backend", "--no-gradient-accumulation-fusion", "--no-rope-fusion", "--profile", "--profile-step-start", "--profile-step-end", "--profile-ranks"):
+                 "--attention-backend", "--no-gradient-accumulation-fusion", "--no-rope-fusion", "--profile",
+                 "--profile-step-start", "--profile-step-end", "--profile-ranks"):
         assert flag in flags, flag
     assert json.dumps(TrainConfig().clip_grad) == "1.0"
 
