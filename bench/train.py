@@ -8,7 +8,7 @@ CPU smoke test (CI):
     python bench/train.py --smoke
 
 Both sides train the same architecture from random weights on random tokens (Megatron's --mock-data)
-in bf16: bridge with bf16 parameters and fp32 master weights, HF with fp32 parameters under bf16
+in bf16: bridge with bf16 parameters, fp32 gradients and fp32 master weights, HF with fp32 parameters under bf16
 autocast (its standard recipe). Throughput is the median over the steps after --warmup; MFU uses the
 formula of docs/training.md. Each side runs in its own process, so GPU memory is not shared.
 """
@@ -103,6 +103,7 @@ def run_bridge(config_dir: Path, args: argparse.Namespace, layout: str) -> dict:
                       compile=args.compile, recompute=args.recompute, eval_interval=0, progress=False,
                       device=args.device, attention_backend=args.attention_backend,
                       gradient_accumulation_fusion=args.gradient_accumulation_fusion, rope_fusion=args.rope_fusion,
+                      grad_reduce_in_bf16=args.grad_reduce_in_bf16,
                       fp8=args.fp8,
                       profile=args.profile is not None, profile_step_start=args.warmup + 1,
                       profile_step_end=args.warmup + 3, tensorboard_dir=args.profile)
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "flash", "fused", "unfused"])
     p.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion", action="store_false")
+    p.add_argument("--grad-reduce-in-bf16", action="store_true", help="bf16 gradients (the default is fp32)")
     p.add_argument("--no-rope-fusion", dest="rope_fusion", action="store_false")
     p.add_argument("--fp8", choices=["tensorwise", "rowwise"], help="bridge trains with FP8 linear layers (torchao)")
     p.add_argument("--profile", metavar="DIR", help="profile two bridge steps after the warm-up into DIR")

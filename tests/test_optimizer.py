@@ -120,3 +120,33 @@ def test_state_dict_round_trip_continues_identically() -> None:
     train(chunk2, buffer2, opt2, grads[3:])
     for (name, p), p2 in zip(chunk.named_parameters(), chunk2.parameters()):
         assert torch.equal(p, p2), name
+
+
+def test_gradients_are_fp32_under_bf16_unless_reduced_in_bf16() -> None:
+    """Megatron-LM's rule: --bf16 accumulates and all-reduces gradients in fp32 unless --grad-reduce-in-bf16."""
+    from bridge.training.config import TrainConfig
+    from bridge.training.state import grad_dtype
+
+    assert grad_dtype(TrainConfig()) == torch.float32
+    assert grad_dtype(TrainConfig(bf16=True)) == torch.float32
+    assert grad_dtype(TrainConfig(bf16=True, grad_reduce_in_bf16=True)) == torch.bfloat16
+
+
+@pytest.mark.parametrize("buffer_dtype", [torch.float32, torch.bfloat16])
+def test_fused_weight_gradient_adds_bf16_products_into_the_buffer(buffer_dtype: torch.dtype) -> None:
+    """The fused weight-gradient GEMM adds grad^T x to what the buffer holds, in the buffer's precision: bf16
+    activations into an fp32 buffer are summed in fp32 (no bf16 rounding of the product)."""
+    from bridge.nn.layers import accumulate_weight_grad
+
+    g = torch.Generator().manual_seed(0)
+    grad_out = torch.randn(3, 5, 6, generator=g).to(torch.bfloat16)  # [s, b, out]
+    x = torch.randn(3, 5, 4, generator=g).to(torch.bfloat16)  # [s, b, in]
+    start = torch.randn(6, 4, generator=g)
+    main_grad = start.to(buffer_dtype).clone()
+    accumulate_weight_grad(main_grad, grad_out, x)
+    exact = start.to(buffer_dtype).double() + grad_out.reshape(15, 6).double().t() @ x.reshape(15, 4).double()
+    assert main_grad.dtype == buffer_dtype
+    tolerance = 1e-5 if buffer_dtype == torch.float32 else exact.abs().max().item() * 2 ** -8  # bf16: one rounding
+    assert torch.allclose(main_grad.double(), exact, rtol=0, atol=tolerance), (main_grad.double() - exact).abs().max()
+    if buffer_dtype == torch.float32:  # the bf16 result would be visibly coarser: the fp32 path is really taken
+        assert (main_grad.double() - exact).abs().max() < (exact.to(torch.bfloat16).double() - exact).abs().max()

@@ -69,13 +69,15 @@ def test_layout_matches_single_process(setup: dict[str, Path], reference: dict, 
     assert worst <= 1e-5
 
 
-@pytest.mark.parametrize("tp,fp32_grads", [(2, True), (2, False), (1, False)],
-                         ids=["tp2-fp32-grads", "tp2-bf16-grads", "single-bf16-grads-fused-accumulation"])
-def test_bf16_params_with_fp32_masters(setup: dict[str, Path], reference: dict, tp: int, fp32_grads: bool) -> None:
+@pytest.mark.parametrize("tp,bf16_grads", [(2, False), (2, True), (1, False), (1, True)],
+                         ids=["tp2-fp32-grads", "tp2-bf16-grads", "single-fp32-grads-fused-accumulation",
+                              "single-bf16-grads-fused-accumulation"])
+def test_bf16_params_with_fp32_masters(setup: dict[str, Path], reference: dict, tp: int, bf16_grads: bool) -> None:
     """bf16 training (CPU): the fp32 run's losses to bf16 precision; bf16 model and fp32 masters in the checkpoint.
-    With bf16 gradients the optimizer reads the bf16 buffer directly; in one process the GEMMs accumulate into it."""
-    name = f"bf16-tp{tp}-{fp32_grads}"
-    summary = train(config(setup, name, nproc=tp, tp=tp, bf16=True, accumulate_allreduce_grads_in_fp32=fp32_grads,
+    Gradients are fp32 by default (Megatron-LM's rule); with --grad-reduce-in-bf16 the optimizer reads the bf16
+    buffer directly. In one process the GEMMs accumulate into the buffer, also bf16 products into the fp32 one."""
+    name = f"bf16-tp{tp}-{bf16_grads}"
+    summary = train(config(setup, name, nproc=tp, tp=tp, bf16=True, grad_reduce_in_bf16=bf16_grads,
                            exit_interval=6, eval_interval=0))
     losses = [loss for _, loss in summary["loss_curve"]]
     fp32 = [loss for _, loss in reference["loss_curve"]][:6]

@@ -118,6 +118,8 @@ def tiny_ckpt(tiny_hf, tmp_path_factory: pytest.TempPathFactory) -> Path:
      "multiple of --pp 2"),
     (["--profile", "--profile-step-start", "5", "--profile-step-end", "5"],
      "--profile-step-start 5 must be >= 1 and below --profile-step-end 5"),
+    (["--grad-reduce-in-bf16"], "--grad-reduce-in-bf16 needs --bf16"),
+    (["--bf16", "--grad-reduce-in-bf16", "--accumulate-allreduce-grads-in-fp32"], "contradict each other"),
 ])
 def test_bad_configs_fail_before_any_process(tiny_ckpt: Path, tmp_path: Path, flags: list[str], message: str,
                                              capsys: pytest.CaptureFixture) -> None:
@@ -148,7 +150,8 @@ def test_cli_surface() -> None:
                  "--recompute-granularity", "--save", "--load", "--save-interval", "--eval-interval", "--eval-iters",
                  "--seed", "--tensorboard-dir", "--data-path", "--data", "--split", "--config", "--nproc", "--tp", "--pp",
                  "--attention-backend", "--no-gradient-accumulation-fusion", "--no-rope-fusion", "--profile",
-                 "--profile-step-start", "--profile-step-end", "--profile-ranks"):
+                 "--profile-step-start", "--profile-step-end", "--profile-ranks", "--grad-reduce-in-bf16",
+                 "--accumulate-allreduce-grads-in-fp32"):
         assert flag in flags, flag
     assert json.dumps(TrainConfig().clip_grad) == "1.0"
 

@@ -60,16 +60,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 @torch.library.custom_op("bridge::accumulate_weight_grad", mutates_args=("main_grad",))
 def accumulate_weight_grad(main_grad: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor) -> None:
     """main_grad += grad_out^T x: the weight gradient of x W^T added into the gradient buffer by the GEMM itself
-    (beta = 1). A custom op that declares its mutation, so torch.compile keeps it inside a layer's graph."""
-    main_grad.addmm_(grad_out.reshape(-1, grad_out.shape[-1]).t(), x.reshape(-1, x.shape[-1]))
+    (beta = 1). A custom op that declares its mutation, so torch.compile keeps it inside a layer's graph.
+
+    An fp32 buffer with bf16 activations (the --bf16 default) takes cuBLAS's bf16 GEMM with an fp32 output, which
+    accumulates into the buffer unrounded (Megatron's wgrad_gemm_accum_fp32). Off CUDA, where that kernel does not
+    exist, the operands are widened to fp32 first: the same sum, computed slower."""
+    a, b = grad_out.reshape(-1, grad_out.shape[-1]).t(), x.reshape(-1, x.shape[-1])
+    if a.dtype == main_grad.dtype:
+        main_grad.addmm_(a, b)
+    elif main_grad.is_cuda:
+        torch.addmm(main_grad, a, b, out_dtype=main_grad.dtype, out=main_grad)
+    else:
+        main_grad.addmm_(a.to(main_grad.dtype), b.to(main_grad.dtype))
 
 
 class _LinearIntoMainGrad(torch.autograd.Function):
     """x W^T (+ b) whose backward adds W's gradient straight into `main_grad` and gives autograd none (Megatron's
     gradient-accumulation fusion): no separate pass that adds each micro-batch's gradient to the buffer.
 
-    For weights the trainer marks (`fuse_wgrad_accumulation`: one data-parallel replica, gradient dtype equal to
-    the parameter's), without TP, where nothing else cuts the compiled layer's graph.
+    For weights the trainer marks (`fuse_wgrad_accumulation`: one data-parallel replica), without TP, where nothing
+    else cuts the compiled layer's graph.
     """
 
     @staticmethod

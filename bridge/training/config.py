@@ -73,9 +73,14 @@ class TrainConfig:
     """FP8 matrix products in the transformer's linear layers (tensorwise | rowwise, torchao); needs --bf16 and an
     FP8 GPU (H100). Weights, optimizer state and checkpoints stay bf16/fp32 in Megatron layout."""
     accumulate_allreduce_grads_in_fp32: bool = False
+    """Megatron-LM's flag; under --bf16 fp32 gradients are already the default (as in Megatron-LM), so it only
+    documents the choice and contradicts --grad-reduce-in-bf16."""
+    grad_reduce_in_bf16: bool = False
+    """Under --bf16, accumulate and all-reduce gradients in bf16 (half the buffer, half the DP traffic, coarser sums
+    over micro-batches and ranks) instead of Megatron-LM's default fp32."""
     gradient_accumulation_fusion: bool = True
-    """Linear layers' weight-gradient GEMMs add into the gradient buffer (Megatron's default). Applies without TP
-    and DP, with the gradient dtype equal to the parameters' (bridge.nn.layers._LinearIntoMainGrad)."""
+    """Linear layers' weight-gradient GEMMs add into the gradient buffer (Megatron's default; bf16 GEMMs accumulate
+    in fp32 into an fp32 buffer). Applies without TP and DP (bridge.nn.layers._LinearIntoMainGrad)."""
     moe_router_bias_update_rate: float = 1e-3
     """DeepSeek-V3's expert-bias step after every optimizer step (Megatron's default); routers without a bias ignore it."""
     rope_fusion: bool = True

@@ -101,7 +101,7 @@ class ParamAndGradBuffer:
             e.param.main_grad = self.grad_data[e.start:e.start + e.numel].view(e.param.shape)
         # Linear layers' weight-gradient GEMMs may add into main_grad themselves (bridge.nn.layers). They bypass the
         # post-accumulate hooks that start the DP buckets' reductions, so only where there is no DP reduction.
-        self.fused = gradient_accumulation_fusion and grad_dtype == param_dtype and self.dp == 1
+        self.fused = gradient_accumulation_fusion and self.dp == 1
         for e in self.entries:
             e.param.fuse_wgrad_accumulation = self.fused
         self.written: set[int] = set()

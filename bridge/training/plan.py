@@ -5,7 +5,6 @@ minutes later inside a collective (or worse, train with silently wrong batches).
 """
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,6 @@ from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
 from bridge.nn.attention import ATTENTION_BACKENDS
 from bridge.training.config import LR_DECAY_STYLES, RECOMPUTE, TrainConfig
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,8 +159,7 @@ def make_plan(cfg: TrainConfig) -> Plan:
     if layout.chunks > 1 and microbatches % cfg.pp:
         raise BridgeError(f"the interleaved schedule needs the micro-batches per DP rank ({microbatches}) to be a multiple "
                           f"of --pp {cfg.pp}; raise --global-batch-size or lower --micro-batch-size")
-    if cfg.bf16 is False and cfg.accumulate_allreduce_grads_in_fp32:
-        log.info("--accumulate-allreduce-grads-in-fp32 has no effect in fp32 training")
+    _check_grad_dtype(cfg)
     if cfg.resolved_device() == "cuda":
         import torch
 
@@ -174,6 +170,15 @@ def make_plan(cfg: TrainConfig) -> Plan:
     _check_data(cfg)
     return Plan(model=model, layout=layout, world_size=world, dp=dp, num_microbatches=microbatches,
                 transformer_impl=impl, cp=cfg.cp, load_meta=meta)
+
+
+def _check_grad_dtype(cfg: TrainConfig) -> None:
+    """fp32 gradients unless --bf16 --grad-reduce-in-bf16 (Megatron-LM's rule); contradicting flags are an error."""
+    if cfg.grad_reduce_in_bf16 and cfg.accumulate_allreduce_grads_in_fp32:
+        raise BridgeError("--grad-reduce-in-bf16 and --accumulate-allreduce-grads-in-fp32 contradict each other; "
+                          "keep one (fp32 gradients are the default)")
+    if not cfg.bf16 and cfg.grad_reduce_in_bf16:
+        raise BridgeError("--grad-reduce-in-bf16 needs --bf16: fp32 training keeps fp32 gradients")
 
 
 def _check_fp8(cfg: TrainConfig) -> None:

@@ -120,6 +120,11 @@ def build_datasets(cfg: TrainConfig, plan: Plan) -> tuple[Any, Any]:
     return train, valid
 
 
+def grad_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The gradient buffer's dtype: fp32, also under --bf16 (Megatron-LM's rule), unless --grad-reduce-in-bf16."""
+    return torch.bfloat16 if cfg.bf16 and cfg.grad_reduce_in_bf16 else torch.float32
+
+
 def _device(cfg: TrainConfig) -> torch.device:
     if cfg.resolved_device() == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
@@ -134,9 +139,8 @@ def setup_rank(cfg: TrainConfig, plan: Plan) -> RankSetup:
     set_rope_fusion(cfg.rope_fusion)
     ps = ParallelState(plan.layout, dist.get_world_size(), dist.get_rank(), cp=plan.cp)
     chunks, state = build_chunks(cfg, plan, ps, device)
-    grad_dtype = torch.float32 if (not cfg.bf16 or cfg.accumulate_allreduce_grads_in_fp32) else torch.bfloat16
     buffer = ParamAndGradBuffer(chunks, ps, param_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
-                                grad_dtype=grad_dtype, bucket_size=cfg.ddp_bucket_size,
+                                grad_dtype=grad_dtype(cfg), bucket_size=cfg.ddp_bucket_size,
                                 distributed=cfg.use_distributed_optimizer, sequence_parallel=cfg.sequence_parallel,
                                 gradient_accumulation_fusion=cfg.gradient_accumulation_fusion)
     optimizer = MixedPrecisionAdamW(buffer, ps, AdamConfig(
