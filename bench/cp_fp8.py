@@ -57,9 +57,9 @@ def run(config_dir: Path, args: argparse.Namespace, *, cp: int = 1, fp8: str | N
                       tokenizer=str(tokenizer) if tokenizer else None, split="100,0,0", nproc=args.nproc, cp=cp,
                       micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size * dp,
                       seq_length=args.seq_length, train_iters=args.warmup + args.steps, lr=args.lr,
-                      min_lr=args.lr / 10, lr_warmup_iters=args.steps // 4, seed=seed, bf16=True, fp8=fp8,
-                      recompute=args.recompute,
-                      compile=args.compile, eval_interval=0, progress=False, device=args.device)
+                      min_lr=args.lr / 10, lr_warmup_iters=args.steps // 4, lr_decay_style="cosine", seed=seed,
+                      bf16=True, fp8=fp8, recompute=args.recompute, compile=args.compile, eval_interval=0,
+                      progress=False, device=args.device)
     try:
         summary = train(cfg)
     except Exception as exc:  # noqa: BLE001 - a sweep point that does not fit is a result, not a crash

@@ -34,7 +34,7 @@ _FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--use-distributed-optimizer",), dict(action="store_true", help="shard fp32 masters and Adam state over DP")),
     (("--ddp-bucket-size",), dict(type=int)),
     (("--micro-batch-size",), dict(type=int)),
-    (("--global-batch-size",), dict(type=int)),
+    (("--global-batch-size",), dict(type=int, help="samples per step (default micro-batch-size x DP)")),
     (("--seq-length",), dict(type=int)),
     (("--train-iters",), dict(type=int)),
     (("--lr",), dict(type=float)),

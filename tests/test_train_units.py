@@ -156,6 +156,25 @@ def test_cli_surface() -> None:
     assert json.dumps(TrainConfig().clip_grad) == "1.0"
 
 
+def test_defaults_are_megatron_lms() -> None:
+    """A Megatron-LM launch line that leaves these out trains the same way here (megatron/training/config)."""
+    cfg = TrainConfig()
+    megatron = dict(lr_decay_style="linear", eval_iters=100, min_lr=0.0, lr_warmup_iters=0, weight_decay=0.01,
+                    clip_grad=1.0, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, seed=1234, split="969,30,1",
+                    bf16=False, grad_reduce_in_bf16=False, global_batch_size=None)
+    assert {k: getattr(cfg, k) for k in megatron} == megatron
+
+
+def test_global_batch_defaults_to_one_micro_batch_per_data_parallel_rank(tiny_ckpt: Path) -> None:
+    """No --global-batch-size: micro-batch-size x DP samples per step, no accumulation (Megatron-LM's rule)."""
+    from bridge.training import train
+
+    cfg = TrainConfig(load=str(tiny_ckpt), mock_data=True, nproc=2, micro_batch_size=3, seq_length=32, train_iters=2,
+                      eval_interval=0, progress=False, device="cpu")
+    assert make_plan(cfg).num_microbatches == 1
+    assert train(cfg)["tokens"] == 2 * (3 * 2) * 32  # steps x (micro x DP) samples x tokens
+
+
 def test_profile_writes_a_trace_and_a_kernel_table(tiny_ckpt: Path, tmp_path: Path) -> None:
     from bridge.training import train
 

@@ -54,13 +54,15 @@ class TrainConfig:
     """Elements per gradient bucket; a full bucket starts its all-reduce while backward goes on."""
     # batch
     micro_batch_size: int = 1
-    global_batch_size: int = 8
+    global_batch_size: int | None = None
+    """Samples per optimizer step; default micro-batch-size x DP, no gradient accumulation (Megatron-LM's rule)."""
     seq_length: int = 2048
     # optimisation
     train_iters: int = 100
     lr: float = 3e-4
     min_lr: float = 0.0
-    lr_decay_style: str = "cosine"
+    lr_decay_style: str = "linear"
+    """Megatron-LM's default; a Megatron launch line without --lr-decay-style gets the same schedule here."""
     lr_warmup_iters: int = 0
     lr_decay_iters: int | None = None
     weight_decay: float = 0.01
@@ -96,7 +98,8 @@ class TrainConfig:
     keep_last_checkpoints: int | None = None
     exit_interval: int | None = None
     eval_interval: int = 1000
-    eval_iters: int = 10
+    eval_iters: int = 100
+    """Validation batches per evaluation (Megatron-LM's default)."""
     seed: int = 1234
     # logging
     log_interval: int = 1

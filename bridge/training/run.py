@@ -65,6 +65,8 @@ def _rank_main(cfg: TrainConfig, plan: Plan) -> dict[str, Any] | None:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Validate, then train on `--nproc` spawned ranks or as this torchrun rank; rank 0's summary."""
     plan = make_plan(cfg)
+    # no --global-batch-size: one micro-batch per DP rank and step (Megatron-LM's default)
+    cfg = dataclasses.replace(cfg, global_batch_size=plan.global_microbatches * cfg.micro_batch_size)
     backend = "nccl" if cfg.resolved_device() == "cuda" else "gloo"
     if cfg.nproc is not None:
         cfg = resolve_load(cfg, plan)
