@@ -3,8 +3,8 @@
 # seq 32768 (CP=1/DP=4, CP=2/DP=2, CP=4). Then how far apart two bf16 runs are on the 8B-shape (8 layers) loss
 # curve, to read the FP8 gap against: four 200-step runs side by side, one per GPU, on the same real text:
 #   GPU 0 bf16 seed 1234 | GPU 1 FP8 tensorwise seed 1234 | GPU 2 bf16 seed 1234 again | GPU 3 bf16 seed 7.
-# The two seed-1234 bf16 runs differ only by the GPU's non-deterministic reductions (cuDNN attention backward,
-# split-K); seed 7 is another initialisation.
+# The two seed-1234 bf16 runs differ only by what is not deterministic on the GPU (reduction order, torch.compile's
+# per-process kernel choices); seed 7 is another initialisation.
 #   run(kind="nvidia-h100-x4", carry=[".whl"], command="OUT=$OUT bash bench/gpu_fp8_spread.sh")
 source bench/gpu_setup.sh
 export PYTHONPATH=/tmp/site
