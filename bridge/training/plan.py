@@ -86,8 +86,9 @@ def _check_data(cfg: TrainConfig) -> None:
 def _check_numbers(cfg: TrainConfig) -> None:
     positive = ("micro_batch_size", "global_batch_size", "seq_length", "train_iters", "eval_iters", "log_interval")
     for name in positive:
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            raise BridgeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise BridgeError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if cfg.lr_decay_style not in LR_DECAY_STYLES:
         raise BridgeError(f"--lr-decay-style {cfg.lr_decay_style} is not one of {', '.join(LR_DECAY_STYLES)}")
     if cfg.recompute is not None and cfg.recompute not in RECOMPUTE:
@@ -146,10 +147,11 @@ def make_plan(cfg: TrainConfig) -> Plan:
     _check_context_parallel(cfg, model)
     _check_expert_parallel(cfg, dp, meta)
     per_step = cfg.micro_batch_size * dp
-    if (cfg.global_batch_size or per_step) % per_step:
-        raise BridgeError(f"--global-batch-size {cfg.global_batch_size} is not a multiple of micro-batch-size x DP = "
+    global_batch = cfg.global_batch_size or per_step  # not given: one micro-batch per DP rank (Megatron-LM's rule)
+    if global_batch % per_step:
+        raise BridgeError(f"--global-batch-size {global_batch} is not a multiple of micro-batch-size x DP = "
                           f"{cfg.micro_batch_size} x {dp} = {per_step}")
-    microbatches = (cfg.global_batch_size or per_step) // per_step
+    microbatches = global_batch // per_step
     if cfg.seq_length > model.max_position_embeddings:
         raise BridgeError(f"--seq-length {cfg.seq_length} is above the model's limit of {model.max_position_embeddings} "
                           "positions (max_position_embeddings); use a shorter sequence")
