@@ -6,16 +6,17 @@
 # The two seed-1234 bf16 runs differ only by what is not deterministic on the GPU (reduction order, torch.compile's
 # per-process kernel choices); seed 7 is another initialisation.
 #   run(kind="nvidia-h100-x4", carry=[".whl"], command="OUT=$OUT bash bench/gpu_fp8_spread.sh")
+# GBS=16 NO_CP=1 LIMIT=560 (sixth session): twice the global batch (8 micro-batches of 2 per step), no CP sweep.
 source bench/gpu_setup.sh
 export PYTHONPATH=/tmp/site
 LOGS=/tmp/logs; mkdir -p $LOGS
-if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H100; then
+if [ -z "${NO_CP:-}" ] && nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H100; then
   echo "== CP at seq 32768, 1B shape, 4 GPUs"
   timeout 170 python3 bench/cp_fp8.py cp --model llama-3.2-1b --seq-length 32768 --nproc 4 --cps 1,2,4 --steps 3 \
       --warmup 2 --json "$OUT/cp.json" 2>&1 | grep -E "^cp=|Error" | cut -c1-400
 fi
 stdlib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
-common=(fp8 --model llama-8b-8l --seq-length 4096 --micro-batch-size 2 --global-batch-size 8 --steps 200 --warmup 5
+common=(fp8 --model llama-8b-8l --seq-length 4096 --micro-batch-size 2 --global-batch-size "${GBS:-8}" --steps 200 --warmup 5
         --compile --lr 2e-4 --extra-text "$stdlib")
 LIMIT=${LIMIT:-420}
 one_gpu 0 bf16 python3 bench/cp_fp8.py "${common[@]}" --recipes "" --json "$OUT/bf16.json"

@@ -111,7 +111,7 @@ def run_bridge(config_dir: Path, args: argparse.Namespace, layout: str) -> dict:
     records = summary["records"][args.warmup:]
     return {"step_s": [r["step_s"] for r in records], "peak_mem_gib": max(r["peak_mem_gib"] for r in records),
             "mfu": statistics.median(r["mfu"] for r in records) if records[0]["mfu"] is not None else None,
-            "global_batch_size": cfg.global_batch_size}
+            "global_batch_size": cfg.global_batch_size, "losses": [r["loss"] for r in summary["records"]]}
 
 
 def parse_layout(text: str) -> tuple[int, int, int | None, bool, bool]:
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             r = run_bridge(config_dir, args, layout)
             tps = r["global_batch_size"] * args.seq_length / statistics.median(r["step_s"])
             results["layouts"][layout] = {"tokens_per_s": tps, "tokens_per_s_per_gpu": tps / args.nproc,
-                                          "mfu": r["mfu"], "peak_mem_gib": r["peak_mem_gib"]}
+                                          "mfu": r["mfu"], "peak_mem_gib": r["peak_mem_gib"], "losses": r["losses"]}
             print(f"bridge {layout:>12}: {tps:12.0f} tokens/s ({tps / args.nproc:.0f}/GPU)  MFU "
                   f"{_pct(r['mfu'])}  peak {r['peak_mem_gib']:.1f} GiB", flush=True)
         if args.baseline:
