@@ -50,6 +50,12 @@ _FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--bf16",), dict(action="store_true", help="bf16 parameters and compute, fp32 master weights (fp32 without)")),
     (("--fp8",), dict(choices=["tensorwise", "rowwise"],
                       help="FP8 matmuls for the linear layers (torchao; H100; checkpoints stay bf16/fp32)")),
+    (("--fp8-format",), dict(choices=["e4m3", "hybrid"], help="Megatron-LM's FP8 switch: hybrid with --fp8-recipe "
+                                                               "tensorwise is --fp8 tensorwise")),
+    (("--fp8-recipe",), dict(choices=["tensorwise", "delayed", "mxfp8", "blockwise", "custom"],
+                             help="Megatron-LM's FP8 scaling (default delayed); bridge runs tensorwise")),
+    (("--cp-comm-type",), dict(nargs="+", help="Megatron-LM's K/V exchange under CP, per layer or one for all; "
+                                               "bridge's is all_gather")),
     (("--accumulate-allreduce-grads-in-fp32",), dict(action="store_true",
                                                      help="fp32 gradients under --bf16 (the default, as in Megatron-LM)")),
     (("--grad-reduce-in-bf16",), dict(action="store_true",
@@ -87,10 +93,44 @@ def config_from_args(args: argparse.Namespace) -> "TrainConfig":  # noqa: F821
 
     values = load_recipe(args.config) if getattr(args, "config", None) else {}
     given = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names()}
+    given.update(megatron_spellings(vars(args), fp8_given="fp8" in given))
     try:
         return TrainConfig(**{**values, **given})
     except TypeError as exc:
         raise BridgeError(f"bad training settings: {exc}") from None
+
+
+#: --cp-comm-type values that name what bridge's context parallelism does (Megatron's help spells it "allgather").
+_CP_ALL_GATHER = {"all_gather", "allgather"}
+
+
+def megatron_spellings(flags: dict, *, fp8_given: bool) -> dict:
+    """TrainConfig values for Megatron-LM's --fp8-format/--fp8-recipe and --cp-comm-type, so its launch lines run:
+    a one-line error where they ask for what bridge does not do.
+
+    Megatron turns FP8 on with --fp8-format; its recipe defaults to delayed scaling (an amax history), which torchao
+    (bridge's FP8) does not offer: a format without `--fp8-recipe tensorwise` is refused rather than run differently.
+    A recipe without a format leaves FP8 off, as in Megatron."""
+    cp_comm = flags.get("cp_comm_type") or ["all_gather"]
+    if not set(cp_comm) <= _CP_ALL_GATHER:
+        other = next(c for c in cp_comm if c not in _CP_ALL_GATHER)
+        raise BridgeError(f"--cp-comm-type {other} is not available: bridge's context parallelism all-gathers K/V "
+                          f"(--cp-comm-type all_gather); drop the flag or pass all_gather")
+    fmt = flags.get("fp8_format")
+    if fmt is None:
+        return {}
+    recipe = flags.get("fp8_recipe", "delayed")
+    if fp8_given:
+        raise BridgeError("--fp8 and --fp8-format both turn FP8 on: keep one (--fp8 tensorwise is --fp8-format hybrid "
+                          "--fp8-recipe tensorwise)")
+    if fmt != "hybrid":
+        raise BridgeError(f"--fp8-format {fmt} would keep gradients in e4m3; bridge's FP8 casts them to e5m2 "
+                          f"(--fp8-format hybrid)")
+    if recipe != "tensorwise":
+        raise BridgeError(f"--fp8-recipe {recipe}{' (the default)' if 'fp8_recipe' not in flags else ''} is not "
+                          f"available: bridge's FP8 (torchao) scales each tensor by its current values; "
+                          f"pass --fp8-recipe tensorwise")
+    return {"fp8": "tensorwise"}
 
 
 def _forward_sigterm(signum: int, frame: object) -> None:

@@ -151,9 +151,36 @@ def test_cli_surface() -> None:
                  "--seed", "--tensorboard-dir", "--data-path", "--data", "--split", "--config", "--nproc", "--tp", "--pp",
                  "--attention-backend", "--no-gradient-accumulation-fusion", "--no-rope-fusion", "--profile",
                  "--profile-step-start", "--profile-step-end", "--profile-ranks", "--grad-reduce-in-bf16",
-                 "--accumulate-allreduce-grads-in-fp32"):
+                 "--accumulate-allreduce-grads-in-fp32", "--fp8-format", "--fp8-recipe", "--cp-comm-type"):
         assert flag in flags, flag
     assert json.dumps(TrainConfig().clip_grad) == "1.0"
+
+
+@pytest.mark.parametrize("flags, fp8", [
+    (["--fp8-format", "hybrid", "--fp8-recipe", "tensorwise"], "tensorwise"),
+    (["--fp8-recipe", "delayed"], None),  # a recipe without a format leaves FP8 off, as in Megatron-LM
+    (["--fp8", "rowwise", "--cp-comm-type", "all_gather"], "rowwise"),
+    (["--cp-comm-type", "allgather", "allgather"], None),
+])
+def test_megatron_fp8_and_cp_flags_map_to_bridges(flags: list[str], fp8: str | None) -> None:
+    from bridge.cli.main import build_parser
+    from bridge.cli.train import config_from_args
+
+    assert config_from_args(build_parser().parse_args(["train", *flags])).fp8 == fp8
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--fp8-format", "hybrid"], "--fp8-recipe delayed (the default) is not available"),
+    (["--fp8-format", "hybrid", "--fp8-recipe", "mxfp8"], "--fp8-recipe mxfp8 is not available"),
+    (["--fp8-format", "e4m3", "--fp8-recipe", "tensorwise"], "would keep gradients in e4m3"),
+    (["--fp8", "tensorwise", "--fp8-format", "hybrid", "--fp8-recipe", "tensorwise"], "keep one"),
+    (["--cp-comm-type", "all_gather", "p2p"], "--cp-comm-type p2p is not available"),
+])
+def test_megatron_flags_bridge_does_not_run_are_refused(tiny_ckpt: Path, flags: list[str], message: str,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    code = main(["train", "--load", str(tiny_ckpt), "--mock-data", "--seq-length", "32", *flags])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1
 
 
 def test_defaults_are_megatron_lms() -> None:
