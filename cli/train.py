@@ -105,8 +105,8 @@ _CP_ALL_GATHER = {"all_gather", "allgather"}
 
 
 def megatron_spellings(flags: dict, *, fp8_given: bool) -> dict:
-    """TrainConfig values for Megatron-LM's --fp8-format/--fp8-recipe and --cp-comm-type, so its launch lines run:
-    a one-line error where they ask for what bridge does not do.
+    """TrainConfig values for Megatron-LM's --fp8-format/--fp8-recipe and --cp-comm-type: a Megatron launch line
+    runs as it asks, or stops with one line where it asks for what bridge does not do.
 
     Megatron turns FP8 on with --fp8-format; its recipe defaults to delayed scaling (an amax history), which torchao
     (bridge's FP8) does not offer: a format without `--fp8-recipe tensorwise` is refused rather than run differently.
