@@ -1,6 +1,7 @@
 """Context parallel and FP8 benchmarks of `bridge train` (issue 9): tokens/s and peak memory, losses side by side.
 
-CP sweep, 1B shape at seq 32768 on 4 GPUs (CP=1 is DP=4: the same per-GPU memory as one GPU):
+CP sweep, 1B shape at seq 32768 on 4 GPUs (CP=1 is DP=4: the same per-GPU memory as one GPU), each CP > 1 with
+the ring (p2p) and the all-gather:
     python bench/cp_fp8.py cp --model llama-3.2-1b --seq-length 32768 --nproc 4 --cps 1,2,4
 FP8 vs bf16 on one GPU, on real text (this repository's docs and code, byte-level BPE trained on them):
     python bench/cp_fp8.py fp8 --model llama-8b-8l --seq-length 4096 --steps 200 --recipes tensorwise,rowwise
@@ -47,7 +48,7 @@ def text_corpus(out: Path, vocab_size: int = 8192, extra: Path | None = None,
     return data, out / "tokenizer", int(fast.eos_token_id)
 
 
-def run(config_dir: Path, args: argparse.Namespace, *, cp: int = 1, fp8: str | None = None,
+def run(config_dir: Path, args: argparse.Namespace, *, cp: int = 1, cp_comm_type: str = "p2p", fp8: str | None = None,
         data: Path | None = None, tokenizer: Path | None = None, seed: int = 1234) -> dict:
     """One bridge train run -> tokens/s, peak memory, loss curve (or the error that stopped it)."""
     from bridge.training import TrainConfig, train
@@ -55,6 +56,7 @@ def run(config_dir: Path, args: argparse.Namespace, *, cp: int = 1, fp8: str | N
     dp = args.nproc // cp
     cfg = TrainConfig(model_config=str(config_dir), mock_data=data is None, data_path=[str(data)] if data else [],
                       tokenizer=str(tokenizer) if tokenizer else None, split="100,0,0", nproc=args.nproc, cp=cp,
+                      cp_comm_type=cp_comm_type,
                       micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size * dp,
                       seq_length=args.seq_length, train_iters=args.warmup + args.steps, lr=args.lr,
                       min_lr=args.lr / 10, lr_warmup_iters=args.steps // 4, lr_decay_style="cosine", seed=seed,
@@ -72,12 +74,13 @@ def run(config_dir: Path, args: argparse.Namespace, *, cp: int = 1, fp8: str | N
 
 
 def cp_sweep(config_dir: Path, args: argparse.Namespace) -> dict:
+    """Each CP degree with each K/V exchange (CP=1 has none); the losses show that the exchanges agree."""
     out = {}
     for cp in [int(c) for c in args.cps.split(",")]:
-        r = run(config_dir, args, cp=cp)
-        r.pop("losses", None)
-        out[f"cp{cp}"] = r
-        print(f"cp={cp}: {_fmt(r)}", flush=True)
+        for exchange in args.cp_comm_types.split(",") if cp > 1 else ["p2p"]:
+            name = f"cp{cp}" if cp == 1 else f"cp{cp}-{exchange}"
+            out[name] = run(config_dir, args, cp=cp, cp_comm_type=exchange)
+            print(f"{name}: {_fmt(out[name])}  losses {out[name].get('losses')}", flush=True)
     return out
 
 
@@ -147,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--global-batch-size", type=int, default=1, help="per DP rank")
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--cps", default="1,2,4")
+    p.add_argument("--cp-comm-types", default="p2p,all_gather", help="K/V exchanges to sweep at CP > 1")
     p.add_argument("--recipes", default="tensorwise,rowwise")
     p.add_argument("--noise-seed", type=int, help="also train bf16 from this seed: the run-to-run loss spread")
     p.add_argument("--extra-text", type=Path, help="more real text (.py/.md) for the FP8 runs, e.g. Python's stdlib")

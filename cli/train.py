@@ -54,8 +54,8 @@ _FLAGS: list[tuple[tuple[str, ...], dict]] = [
                                                                "tensorwise is --fp8 tensorwise")),
     (("--fp8-recipe",), dict(choices=["tensorwise", "delayed", "mxfp8", "blockwise", "custom"],
                              help="Megatron-LM's FP8 scaling (default delayed); bridge runs tensorwise")),
-    (("--cp-comm-type",), dict(nargs="+", help="Megatron-LM's K/V exchange under CP, per layer or one for all; "
-                                               "bridge's is all_gather")),
+    (("--cp-comm-type",), dict(nargs="+", help="K/V exchange under CP: p2p (a ring, the default) or all_gather; "
+                                               "Megatron-LM's per-layer form is accepted when all layers agree")),
     (("--accumulate-allreduce-grads-in-fp32",), dict(action="store_true",
                                                      help="fp32 gradients under --bf16 (the default, as in Megatron-LM)")),
     (("--grad-reduce-in-bf16",), dict(action="store_true",
@@ -100,8 +100,8 @@ def config_from_args(args: argparse.Namespace) -> "TrainConfig":  # noqa: F821
         raise BridgeError(f"bad training settings: {exc}") from None
 
 
-#: --cp-comm-type values that name what bridge's context parallelism does (Megatron's help spells it "allgather").
-_CP_ALL_GATHER = {"all_gather", "allgather"}
+#: --cp-comm-type spellings -> TrainConfig.cp_comm_type (Megatron's help spells the all-gather "allgather").
+_CP_COMM_TYPES = {"p2p": "p2p", "all_gather": "all_gather", "allgather": "all_gather"}
 
 
 def megatron_spellings(flags: dict, *, fp8_given: bool) -> dict:
@@ -110,15 +110,12 @@ def megatron_spellings(flags: dict, *, fp8_given: bool) -> dict:
 
     Megatron turns FP8 on with --fp8-format; its recipe defaults to delayed scaling (an amax history), which torchao
     (bridge's FP8) does not offer: a format without `--fp8-recipe tensorwise` is refused rather than run differently.
-    A recipe without a format leaves FP8 off, as in Megatron."""
-    cp_comm = flags.get("cp_comm_type") or ["all_gather"]
-    if not set(cp_comm) <= _CP_ALL_GATHER:
-        other = next(c for c in cp_comm if c not in _CP_ALL_GATHER)
-        raise BridgeError(f"--cp-comm-type {other} is not available: bridge's context parallelism all-gathers K/V "
-                          f"(--cp-comm-type all_gather); drop the flag or pass all_gather")
+    A recipe without a format leaves FP8 off, as in Megatron. --cp-comm-type may name one exchange per layer in
+    Megatron; bridge runs one for all layers, so the values must agree."""
+    values = {} if "cp_comm_type" not in flags else {"cp_comm_type": _cp_comm_type(flags["cp_comm_type"])}
     fmt = flags.get("fp8_format")
     if fmt is None:
-        return {}
+        return values
     recipe = flags.get("fp8_recipe", "delayed")
     if fp8_given:
         raise BridgeError("--fp8 and --fp8-format both turn FP8 on: keep one (--fp8 tensorwise is --fp8-format hybrid "
@@ -130,7 +127,20 @@ def megatron_spellings(flags: dict, *, fp8_given: bool) -> dict:
         raise BridgeError(f"--fp8-recipe {recipe}{' (the default)' if 'fp8_recipe' not in flags else ''} is not "
                           f"available: bridge's FP8 (torchao) scales each tensor by its current values; "
                           f"pass --fp8-recipe tensorwise")
-    return {"fp8": "tensorwise"}
+    return {**values, "fp8": "tensorwise"}
+
+
+def _cp_comm_type(given: list[str]) -> str:
+    """The one exchange a (per-layer) --cp-comm-type list asks for, or a one-line error."""
+    other = next((c for c in given if c not in _CP_COMM_TYPES), None)
+    if other is not None:
+        raise BridgeError(f"--cp-comm-type {other} is not available: bridge's context parallelism passes K/V around a "
+                          f"ring (p2p) or all-gathers them (all_gather)")
+    kinds = sorted({_CP_COMM_TYPES[c] for c in given})
+    if len(kinds) > 1:
+        raise BridgeError(f"--cp-comm-type mixes {' and '.join(kinds)} over layers; bridge runs one exchange for all "
+                          f"layers: pass one value")
+    return kinds[0]
 
 
 def _forward_sigterm(signum: int, frame: object) -> None:

@@ -1,5 +1,6 @@
-"""Context parallelism: chunk arithmetic (pure), CP attention = full causal attention rows and gradients (2 gloo
-ranks), and the trainer at CP=2 and CP=2 x TP=2 giving the single-process losses over 10 fp32 steps."""
+"""Context parallelism: chunk arithmetic (pure), CP attention (the ring and the all-gather) = full causal attention
+rows and gradients (2-4 gloo ranks), and the trainer at CP=2 and CP=2 x TP=2 giving the single-process losses over
+10 fp32 steps."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,32 +29,39 @@ def test_chunks_are_load_balanced_and_gather_back_in_order() -> None:
         check_seq_length(30, 2)
 
 
-def _attention_rank(window: int | None) -> list[float]:
-    """CP=2 attention on this rank's chunks vs full causal SDPA: outputs and q/k/v gradients."""
+def _attention_rank(exchange: str, window: int | None) -> list[float]:
+    """CP attention on this rank's chunks vs full causal SDPA: outputs and q/k/v gradients."""
     import torch.distributed as dist
 
     from bridge.parallel.context import cp_attention
+    from bridge.parallel.ring import ring_attention
 
     rank, cp = dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, heads, 16, 8, generator=g, requires_grad=True) for heads in (4, 2, 2))
-    grad_out = torch.randn(2, 4, 16, 8, generator=g)
-    i = torch.arange(16)
+    s = 8 * cp
+    q, k, v = (torch.randn(2, heads, s, 8, generator=g, requires_grad=True) for heads in (4, 2, 2))
+    grad_out = torch.randn(2, 4, s, 8, generator=g)
+    i = torch.arange(s)
     dist_ = i[:, None] - i[None, :]
-    mask = (dist_ >= 0) & (dist_ < (window or 16))
+    mask = (dist_ >= 0) & (dist_ < (window or s))
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     ref.backward(grad_out)
     local = [split_sequence(t.detach(), cp, rank, dim=2).requires_grad_() for t in (q, k, v)]
-    out = cp_attention(*local, group=dist.group.WORLD, cp=cp, cp_rank=rank, sliding_window=window)
+    if exchange == "p2p":
+        out = ring_attention(*local, group=dist.group.WORLD, cp=cp, cp_rank=rank)
+    else:
+        out = cp_attention(*local, group=dist.group.WORLD, cp=cp, cp_rank=rank, sliding_window=window)
     out.backward(split_sequence(grad_out, cp, rank, dim=2))
     errors = [(out - split_sequence(ref, cp, rank, dim=2)).abs().max().item()]
     errors += [(t.grad - split_sequence(full.grad, cp, rank, dim=2)).abs().max().item() for t, full in zip(local, (q, k, v))]
     return errors
 
 
-@pytest.mark.parametrize("window", [None, 5])
-def test_cp_attention_equals_full_causal_attention(window: int | None) -> None:
-    for errors in launch(_attention_rank, 2, window):
+@pytest.mark.parametrize("exchange, cp, window", [("all_gather", 2, None), ("all_gather", 2, 5), ("p2p", 2, None),
+                                                   ("p2p", 4, None)])
+def test_cp_attention_equals_full_causal_attention(exchange: str, cp: int, window: int | None) -> None:
+    """Ring (p2p) at CP=4 meets all three block shapes on every rank (own chunks, an earlier and a later rank's)."""
+    for errors in launch(_attention_rank, cp, exchange, window):
         assert max(errors) < 1e-5, errors
 
 
@@ -98,7 +106,9 @@ def test_cp_losses_match_single_process(setup: dict[str, Path]) -> None:
 
     ref = [loss for _, loss in train(_config(setup, "single", nproc=1))["loss_curve"]]
     assert len(ref) == 10 and len(set(ref)) == 10  # random tokens: the loss moves, it need not fall
-    for name, kw in {"cp2": dict(nproc=2, cp=2), "cp2tp2": dict(nproc=4, cp=2, tp=2)}.items():
+    runs = {"cp2": dict(nproc=2, cp=2), "cp2tp2": dict(nproc=4, cp=2, tp=2),
+            "cp2-all-gather": dict(nproc=2, cp=2, cp_comm_type="all_gather")}
+    for name, kw in runs.items():
         got = [loss for _, loss in train(_config(setup, name, **kw))["loss_curve"]]
         rel = max(abs(a - b) / abs(b) for a, b in zip(got, ref))
         print(f"{name}: max relative loss difference over 10 steps {rel:.2e}")
@@ -112,6 +122,26 @@ def test_cp_sequence_length_must_split_into_2cp_chunks(setup: dict[str, Path]) -
         make_plan(_config(setup, "bad", cp=2, nproc=2, seq_length=30))
     with pytest.raises(BridgeError, match="tp\\*cp\\*pp"):
         make_plan(_config(setup, "bad", cp=2, tp=2, nproc=2))
+    with pytest.raises(BridgeError, match="--cp-comm-type ring is not one of p2p, all_gather"):
+        make_plan(_config(setup, "bad", cp=2, nproc=2, cp_comm_type="ring"))
+
+
+def test_the_ring_refuses_a_sliding_window_shorter_than_the_sequence(tmp_path: Path) -> None:
+    """p2p has no window: a window the sequence outgrows needs all_gather (which applies it), one it fits does not."""
+    from transformers import MistralConfig
+
+    from bridge.training import TrainConfig
+    from bridge.training.plan import make_plan
+
+    MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256, sliding_window=16,
+                  architectures=["MistralForCausalLM"]).save_pretrained(tmp_path)
+    cfg = dict(model_config=str(tmp_path), mock_data=True, cp=2, nproc=2, device="cpu", progress=False)
+    with pytest.raises(BridgeError, match="window of 16 tokens is shorter than --seq-length 32: pass --cp-comm-type "
+                                          "all_gather"):
+        make_plan(TrainConfig(**cfg, seq_length=32))
+    assert make_plan(TrainConfig(**cfg, seq_length=32, cp_comm_type="all_gather")).cp == 2
+    assert make_plan(TrainConfig(**cfg, seq_length=16)).cp == 2
 
 
 @pytest.mark.slow

@@ -156,17 +156,19 @@ def test_cli_surface() -> None:
     assert json.dumps(TrainConfig().clip_grad) == "1.0"
 
 
-@pytest.mark.parametrize("flags, fp8", [
-    (["--fp8-format", "hybrid", "--fp8-recipe", "tensorwise"], "tensorwise"),
-    (["--fp8-recipe", "delayed"], None),  # a recipe without a format leaves FP8 off, as in Megatron-LM
-    (["--fp8", "rowwise", "--cp-comm-type", "all_gather"], "rowwise"),
-    (["--cp-comm-type", "allgather", "allgather"], None),
+@pytest.mark.parametrize("flags, fp8, cp_comm_type", [
+    (["--fp8-format", "hybrid", "--fp8-recipe", "tensorwise"], "tensorwise", "p2p"),
+    (["--fp8-recipe", "delayed"], None, "p2p"),  # a recipe without a format leaves FP8 off, as in Megatron-LM
+    (["--fp8", "rowwise", "--cp-comm-type", "all_gather"], "rowwise", "all_gather"),
+    (["--cp-comm-type", "allgather", "allgather"], None, "all_gather"),  # Megatron's per-layer form
+    (["--cp-comm-type", "p2p", "--fp8-format", "hybrid", "--fp8-recipe", "tensorwise"], "tensorwise", "p2p"),
 ])
-def test_megatron_fp8_and_cp_flags_map_to_bridges(flags: list[str], fp8: str | None) -> None:
+def test_megatron_fp8_and_cp_flags_map_to_bridges(flags: list[str], fp8: str | None, cp_comm_type: str) -> None:
     from bridge.cli.main import build_parser
     from bridge.cli.train import config_from_args
 
-    assert config_from_args(build_parser().parse_args(["train", *flags])).fp8 == fp8
+    cfg = config_from_args(build_parser().parse_args(["train", *flags]))
+    assert (cfg.fp8, cfg.cp_comm_type) == (fp8, cp_comm_type)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -174,7 +176,8 @@ def test_megatron_fp8_and_cp_flags_map_to_bridges(flags: list[str], fp8: str | N
     (["--fp8-format", "hybrid", "--fp8-recipe", "mxfp8"], "--fp8-recipe mxfp8 is not available"),
     (["--fp8-format", "e4m3", "--fp8-recipe", "tensorwise"], "would keep gradients in e4m3"),
     (["--fp8", "tensorwise", "--fp8-format", "hybrid", "--fp8-recipe", "tensorwise"], "keep one"),
-    (["--cp-comm-type", "all_gather", "p2p"], "--cp-comm-type p2p is not available"),
+    (["--cp-comm-type", "all_gather", "p2p"], "--cp-comm-type mixes all_gather and p2p over layers"),
+    (["--cp-comm-type", "a2a"], "--cp-comm-type a2a is not available"),
 ])
 def test_megatron_flags_bridge_does_not_run_are_refused(tiny_ckpt: Path, flags: list[str], message: str,
                                                          capsys: pytest.CaptureFixture) -> None:

@@ -12,7 +12,9 @@ affects CUDA tensors only.
 from __future__ import annotations
 
 import contextlib
+from typing import Callable, NamedTuple
 
+import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ATTENTION_BACKENDS: dict[str, list[SDPBackend]] = {
@@ -23,9 +25,121 @@ ATTENTION_BACKENDS: dict[str, list[SDPBackend]] = {
     "unfused": [SDPBackend.MATH],
 }
 _active = contextlib.ExitStack()
+_backend = "auto"
 
 
 def set_attention_backend(name: str) -> None:
     """Make `name` (a key of ATTENTION_BACKENDS) the process's SDPA kernel order, replacing an earlier choice."""
+    global _backend
     _active.close()
     _active.enter_context(sdpa_kernel(ATTENTION_BACKENDS[name], set_priority=True))
+    _backend = name
+
+
+# ---- blocks with their log-sum-exp: what ring attention (bridge.parallel.ring) is built from ----------------------
+# A ring computes one query block against one key block at a time and merges the partial outputs by each row's
+# softmax log-sum-exp (lse); backward reruns every block with the *merged* output and lse, which gives each block's
+# exact share of the gradient. SDPA hides the lse, so these call the ATen kernels beneath it. All tensors are
+# contiguous [b, heads, s, d]; k/v may have fewer (GQA) heads; lse is fp32 [b, nq, s].
+
+class BlockKernel(NamedTuple):
+    """forward(q, k, v, causal) -> (out, lse, aux); backward(dout, q, k, v, out, lse, aux, causal) -> (dq, dk, dv).
+    `aux` is what the kernel's own backward takes from its forward (sequence bookkeeping, RNG state)."""
+    forward: Callable[..., tuple[torch.Tensor, torch.Tensor, tuple]]
+    backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _cpu_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple:
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
+    return out, lse.contiguous(), ()
+
+
+def _cpu_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, aux: tuple, causal: bool) -> tuple:
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(dout, q, k, v, out, lse, 0.0, causal)
+
+
+def _flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple:
+    out, lse, cum_q, cum_k, max_q, max_k, rng, unused, _ = torch.ops.aten._scaled_dot_product_flash_attention(
+        q, k, v, 0.0, causal)
+    return out, lse, (cum_q, cum_k, max_q, max_k, rng, unused)
+
+
+def _flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                    lse: torch.Tensor, aux: tuple, causal: bool) -> tuple:
+    cum_q, cum_k, max_q, max_k, rng, unused = aux
+    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, causal, rng, unused)
+
+
+def _cudnn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple:
+    out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True, 0.0, causal)
+    return out, lse.reshape(lse.shape[:3]), (lse.shape, cum_q, cum_k, max_q, max_k, seed, offset)
+
+
+def _cudnn_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                    lse: torch.Tensor, aux: tuple, causal: bool) -> tuple:
+    lse_shape, cum_q, cum_k, max_q, max_k, seed, offset = aux
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        dout, q, k, v, out, lse.reshape(lse_shape), seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, causal)
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """fp32 (or t's dtype, if wider): the plain math's compute dtype."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _math_scores(q: torch.Tensor, k: torch.Tensor, causal: bool) -> torch.Tensor:
+    """q k^T / sqrt(d) in fp32 or wider, with k's GQA heads repeated (query head h reads KV head h // heads per
+    group, as SDPA), -inf above the diagonal when causal."""
+    k = _wide(k).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = _wide(q) @ k.transpose(-1, -2) / q.shape[-1] ** 0.5  # [b, nq, sq, sk]
+    if causal:
+        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+    return scores
+
+
+def _math_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple:
+    scores = _math_scores(q, k, causal)
+    lse = scores.logsumexp(-1)
+    v = _wide(v).repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    return (torch.exp(scores - lse.unsqueeze(-1)) @ v).to(q.dtype), lse, ()
+
+
+def _math_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, aux: tuple, causal: bool) -> tuple:
+    """softmax backward with the given (merged) lse: dS = P * (dO V^T - rowsum(dO * O))."""
+    groups, per_group = k.shape[1], q.shape[1] // k.shape[1]
+    p = torch.exp(_math_scores(q, k, causal) - lse.unsqueeze(-1))  # [b, nq, sq, sk]
+    dout = _wide(dout)
+    dv = p.transpose(-1, -2) @ dout
+    ds = p * (dout @ _wide(v).repeat_interleave(per_group, dim=1).transpose(-1, -2)
+              - (dout * _wide(out)).sum(-1, keepdim=True))
+    scale = q.shape[-1] ** -0.5
+    dq = ds @ _wide(k).repeat_interleave(per_group, dim=1) * scale
+    dk = ds.transpose(-1, -2) @ _wide(q) * scale
+    fold = lambda t: t.unflatten(1, (groups, per_group)).sum(2)  # noqa: E731 - query heads back onto their KV head
+    return dq.to(q.dtype), fold(dk).to(k.dtype), fold(dv).to(v.dtype)
+
+
+BLOCK_KERNELS: dict[str, BlockKernel] = {
+    "cpu": BlockKernel(_cpu_forward, _cpu_backward),
+    "flash": BlockKernel(_flash_forward, _flash_backward),
+    "cudnn": BlockKernel(_cudnn_forward, _cudnn_backward),
+    "math": BlockKernel(_math_forward, _math_backward),
+}
+#: --attention-backend -> the block kernels CUDA tries, in order (the first that can run the shape and dtype; the last
+#: runs regardless, and errors as SDPA would): as ATTENTION_BACKENDS, with the plain math for fp32.
+_CUDA_BLOCK_KERNELS = {"auto": ("cudnn", "flash", "math"), "fused": ("cudnn",), "flash": ("flash",),
+                       "unfused": ("math",)}
+_CAN_RUN = {"cudnn": torch.backends.cuda.can_use_cudnn_attention, "flash": torch.backends.cuda.can_use_flash_attention}
+
+
+def block_kernel(q: torch.Tensor, k: torch.Tensor, causal: bool) -> BlockKernel:
+    """The log-sum-exp kernel pair for these inputs under the process's --attention-backend (CPU: its flash kernel)."""
+    if q.device.type == "cpu":
+        return BLOCK_KERNELS["cpu"]
+    *preferred, last = _CUDA_BLOCK_KERNELS[_backend]
+    params = torch.backends.cuda.SDPAParams(q, k, k, None, 0.0, causal, k.shape[1] != q.shape[1])
+    return BLOCK_KERNELS[next((name for name in preferred if _CAN_RUN[name](params, False)), last)]

@@ -18,30 +18,37 @@ from bridge.nn import rope_qkv
 from bridge.nn.rope import apply_rope
 from bridge.parallel.collectives import Group
 from bridge.parallel.context import cp_attention, window_mask
-from bridge.parallel.state import ParallelState
+from bridge.parallel.ring import ring_attention
+from bridge.parallel.state import CP_COMM_TYPES, ParallelState
 
 
 
 class CoreAttention(nn.Module):
-    """Causal scaled-dot-product attention with GQA (SDPA picks flash attention on CUDA in bf16/fp16).
+    """Causal scaled-dot-product attention with GQA (SDPA picks the kernel: bridge.nn.attention).
 
     With context parallelism (`cp` > 1) the sequence here is this rank's two load-balanced chunks and
-    K/V come from the whole CP group (bridge.parallel.context).
+    K/V come from the whole CP group: around a ring (`cp_comm_type` p2p, bridge.parallel.ring) or by one
+    all-gather (bridge.parallel.context). The ring has no sliding window; where a window cuts the sequence
+    the all-gather runs instead (training refuses p2p for such a run up front, verify needs only the numbers).
     """
 
-    def __init__(self, sliding_window: int | None, *, cp: int = 1, cp_rank: int = 0, cp_group: Group = None) -> None:
+    def __init__(self, sliding_window: int | None, *, cp: int = 1, cp_rank: int = 0, cp_group: Group = None,
+                 cp_comm_type: str = CP_COMM_TYPES[0]) -> None:
         super().__init__()
         self.sliding_window = sliding_window
-        self.cp, self.cp_rank, self.cp_group = cp, cp_rank, cp_group
+        self.cp, self.cp_rank, self.cp_group, self.cp_comm_type = cp, cp_rank, cp_group, cp_comm_type
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [s, b, nq, d]; k, v: [s, b, ng, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
         s = q.shape[2]
-        if self.cp > 1:
+        windowed = self.sliding_window is not None and s * self.cp > self.sliding_window
+        if self.cp > 1 and self.cp_comm_type == "p2p" and not windowed:
+            out = ring_attention(q, k, v, group=self.cp_group, cp=self.cp, cp_rank=self.cp_rank)
+        elif self.cp > 1:
             out = cp_attention(q, k, v, group=self.cp_group, cp=self.cp, cp_rank=self.cp_rank,
                                sliding_window=self.sliding_window)
-        elif self.sliding_window is not None and s > self.sliding_window:
+        elif windowed:
             mask = window_mask(torch.arange(s, device=q.device), s, self.sliding_window)  # transformers' q - kv < W
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         else:
@@ -66,7 +73,7 @@ class SelfAttention(nn.Module):
         self.linear_qkv = column(cfg.hidden_size, cfg.qkv_rows, bias=cfg.add_qkv_bias,
                                  norm_eps=cfg.norm_epsilon if te else None, **common)
         self.core_attention = (TECoreAttention if te else CoreAttention)(
-            cfg.sliding_window, cp=ps.cp, cp_rank=ps.cp_rank, cp_group=ps.cp_group)
+            cfg.sliding_window, cp=ps.cp, cp_rank=ps.cp_rank, cp_group=ps.cp_group, cp_comm_type=ps.cp_comm_type)
         self.linear_proj = row(cfg.num_attention_heads * cfg.kv_channels, cfg.hidden_size, **common)
         if cfg.qk_layernorm:
             self.q_layernorm = RMSNorm(cfg.kv_channels, cfg.norm_epsilon, dtype=dtype, device=device)

@@ -21,6 +21,10 @@ from bridge.layout import ParallelLayout
 log = logging.getLogger(__name__)
 
 BACKENDS = ("gloo", "nccl")
+#: How CP ranks exchange K/V in attention (Megatron-LM's --cp-comm-type), the default first: p2p passes K/V blocks
+#: around a ring behind the attention kernels (bridge.parallel.ring), all_gather collects all of them up front
+#: (bridge.parallel.context).
+CP_COMM_TYPES = ("p2p", "all_gather")
 
 
 class ParallelState:
@@ -33,9 +37,11 @@ class ParallelState:
     """
 
     def __init__(self, layout: ParallelLayout, world_size: int, rank: int, *, cp: int = 1,
-                 create_groups: bool = True) -> None:
+                 cp_comm_type: str = CP_COMM_TYPES[0], create_groups: bool = True) -> None:
         if cp < 1:
             raise BridgeError(f"--cp must be >= 1, got {cp}")
+        if cp_comm_type not in CP_COMM_TYPES:
+            raise BridgeError(f"--cp-comm-type {cp_comm_type} is not one of {', '.join(CP_COMM_TYPES)}")
         model_parallel = layout.tp * layout.pp * cp
         if world_size < 1 or world_size % model_parallel:
             what = "tp*pp" if cp == 1 else "tp*cp*pp"
@@ -61,6 +67,7 @@ class ParallelState:
         self.tp_group: dist.ProcessGroup | None = None
         self.cp_group: dist.ProcessGroup | None = None
         """Ranks holding the other chunks of the same sequences: they exchange K/V in attention."""
+        self.cp_comm_type = cp_comm_type
         self.dp_cp_group: dist.ProcessGroup | None = None
         """DP x CP: ranks with the same weights; gradients (each a partial sum over tokens) are summed here."""
         self.pp_group: dist.ProcessGroup | None = None

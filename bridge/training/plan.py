@@ -197,14 +197,23 @@ def _check_fp8(cfg: TrainConfig) -> None:
 
 
 def _check_context_parallel(cfg: TrainConfig, model: ModelConfig) -> None:
-    """--cp: a positive degree, 2*cp equal chunks per sequence, dense attention layers only (for now)."""
+    """--cp: a positive degree, 2*cp equal chunks per sequence, dense attention layers only (for now); the ring
+    (p2p) only where no sliding window cuts the sequence."""
+    from bridge.parallel.state import CP_COMM_TYPES
+
     if cfg.cp < 1:
         raise BridgeError(f"--cp must be >= 1, got {cfg.cp}")
+    if cfg.cp_comm_type not in CP_COMM_TYPES:
+        raise BridgeError(f"--cp-comm-type {cfg.cp_comm_type} is not one of {', '.join(CP_COMM_TYPES)}")
     if cfg.cp == 1:
         return
     from bridge.parallel.context import check_seq_length
 
     check_seq_length(cfg.seq_length, cfg.cp)
+    if cfg.cp_comm_type == "p2p" and model.sliding_window is not None and cfg.seq_length > model.sliding_window:
+        raise BridgeError(f"--cp-comm-type p2p (the ring) has no sliding window, and {model.architecture}'s window of "
+                          f"{model.sliding_window} tokens is shorter than --seq-length {cfg.seq_length}: "
+                          f"pass --cp-comm-type all_gather")
     if model.moe is not None or model.mla is not None:
         raise BridgeError(f"--cp {cfg.cp}: context parallelism supports dense attention models only so far; "
                           f"{model.architecture} has MoE/MLA layers")

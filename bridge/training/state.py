@@ -137,7 +137,7 @@ def setup_rank(cfg: TrainConfig, plan: Plan) -> RankSetup:
     if device.type == "cuda":
         set_attention_backend(cfg.attention_backend)  # before torch.compile fixes the kernel in its graphs
     set_rope_fusion(cfg.rope_fusion)
-    ps = ParallelState(plan.layout, dist.get_world_size(), dist.get_rank(), cp=plan.cp)
+    ps = ParallelState(plan.layout, dist.get_world_size(), dist.get_rank(), cp=plan.cp, cp_comm_type=cfg.cp_comm_type)
     chunks, state = build_chunks(cfg, plan, ps, device)
     buffer = ParamAndGradBuffer(chunks, ps, param_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
                                 grad_dtype=grad_dtype(cfg), bucket_size=cfg.ddp_bucket_size,

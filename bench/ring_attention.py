@@ -1,0 +1,164 @@
+"""Context-parallel attention alone: the ring (p2p) against the all-gather, on GPUs (issue 9's "pick by measurement").
+
+    python bench/ring_attention.py --cps 2,4 --seq-length 32768 --check-length 4096
+
+For each CP degree, CP ranks (one GPU each, NCCL) first check both exchanges against attention over the whole
+sequence at --check-length: the max abs error of the output and of the q/k/v gradients, bf16, next to that of
+PyTorch's own bf16 SDPA, all against an fp32 reference. Then each times forward + backward of its two chunks at
+--seq-length, 1B shape (32 query heads, 8 KV heads, d 64), once per exchange and --attention-backend; the
+slowest rank's median counts. CP=1 is PyTorch's causal SDPA on the whole sequence, on one GPU.
+CPU smoke test of the script (gloo, short sequences): python bench/ring_attention.py --smoke
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+HEADS, GROUPS, DIM = 32, 8, 64
+
+
+def _inputs(seq: int, dtype: torch.dtype, requires_grad: bool = True) -> list[torch.Tensor]:
+    device = _device()
+    g = torch.Generator(device=device).manual_seed(0)
+    shapes = [(1, HEADS, seq, DIM), (1, GROUPS, seq, DIM), (1, GROUPS, seq, DIM), (1, HEADS, seq, DIM)]
+    q, k, v, dout = (torch.randn(s, generator=g, device=device).to(dtype) for s in shapes)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)] + [dout]
+
+
+def _device() -> str:
+    return "cpu" if os.environ.get("RING_BENCH_SMOKE") else "cuda"
+
+
+def _exchange(name: str):  # noqa: ANN202
+    import torch.distributed as dist
+
+    from bridge.parallel.context import cp_attention
+    from bridge.parallel.ring import ring_attention
+
+    cp, rank = dist.get_world_size(), dist.get_rank()
+    if name == "p2p":
+        return lambda q, k, v: ring_attention(q, k, v, group=dist.group.WORLD, cp=cp, cp_rank=rank)
+    return lambda q, k, v: cp_attention(q, k, v, group=dist.group.WORLD, cp=cp, cp_rank=rank)
+
+
+def _errors(check_length: int, backend: str) -> dict[str, float]:
+    """Max abs error against fp32 attention (math kernel) of the output and q/k/v gradients."""
+    import torch.distributed as dist
+
+    from bridge.nn.attention import set_attention_backend
+    from bridge.parallel.context import split_sequence
+
+    cp, rank = dist.get_world_size(), dist.get_rank()
+    q, k, v, dout = _inputs(check_length, torch.float32)
+    with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    ref.backward(dout)
+    local = lambda t: split_sequence(t.detach(), cp, rank, dim=2)  # noqa: E731
+    refs = [local(ref)] + [local(t.grad) for t in (q, k, v)]
+    set_attention_backend(backend)
+    out = {}
+    for name in ("sdpa", "p2p", "all_gather"):
+        if name == "sdpa":
+            q16, k16, v16 = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
+            o = F.scaled_dot_product_attention(q16, k16, v16, is_causal=True, enable_gqa=True)
+            o.backward(dout.bfloat16())
+            got = [local(o)] + [local(t.grad) for t in (q16, k16, v16)]
+        else:
+            parts = [local(t).bfloat16().requires_grad_() for t in (q, k, v)]
+            o = _exchange(name)(*parts)
+            o.backward(local(dout).bfloat16())
+            got = [o] + [t.grad for t in parts]
+        out[name] = max((a.float() - b).abs().max().item() for a, b in zip(got, refs))
+    return out
+
+
+def _time(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, iters: int) -> float:  # noqa: ANN001
+    import torch.distributed as dist
+
+    times = []
+    for i in range(iters + 3):
+        dist.barrier() if dist.is_initialized() else None
+        torch.cuda.synchronize() if q.is_cuda else None
+        start = time.perf_counter()
+        fn(q, k, v).backward(dout)
+        torch.cuda.synchronize() if q.is_cuda else None
+        if i >= 3:
+            times.append((time.perf_counter() - start) * 1e3)
+        q.grad = k.grad = v.grad = None
+    return statistics.median(times)
+
+
+def rank_main(seq: int, check_length: int, backends: list[str], iters: int) -> dict:
+    import torch.distributed as dist
+
+    from bridge.nn.attention import set_attention_backend
+    from bridge.parallel.context import split_sequence
+
+    cp, rank = dist.get_world_size(), dist.get_rank()
+    result = {"errors": {b: _errors(check_length, b) for b in backends}, "ms": {}}
+    q, k, v, dout = (split_sequence(t.detach(), cp, rank, dim=2) for t in _inputs(seq, torch.bfloat16, False))
+    q, k, v = (t.contiguous().requires_grad_() for t in (q, k, v))
+    for backend in backends:
+        set_attention_backend(backend)
+        for name in ("p2p", "all_gather"):
+            result["ms"][f"{name}/{backend}"] = _time(_exchange(name), q, k, v, dout.contiguous(), iters)
+    result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if q.is_cuda else None
+    return result
+
+
+def single_gpu(seq: int, backends: list[str], iters: int) -> dict:
+    from bridge.nn.attention import set_attention_backend
+
+    q, k, v, dout = _inputs(seq, torch.bfloat16)
+    out = {}
+    for backend in backends:
+        set_attention_backend(backend)
+        sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
+        out[f"sdpa/{backend}"] = _time(sdpa, q, k, v, dout, iters)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bridge.launch import launch
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cps", default="2,4")
+    p.add_argument("--seq-length", type=int, default=32768)
+    p.add_argument("--check-length", type=int, default=4096)
+    p.add_argument("--backends", default="auto,flash", help="--attention-backend values to time")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--json")
+    p.add_argument("--smoke", action="store_true", help="CPU, gloo, short sequences: checks the script runs")
+    args = p.parse_args(argv)
+    if args.smoke:
+        os.environ["RING_BENCH_SMOKE"] = "1"  # inherited by the spawned ranks
+        args.seq_length, args.check_length, args.backends, args.iters, args.cps = 256, 64, "auto", 1, "2"
+    backends = args.backends.split(",")
+    comm = "gloo" if args.smoke else "nccl"
+    results = {"device": "cpu" if args.smoke else torch.cuda.get_device_name(), "seq_length": args.seq_length,
+               "cp1": single_gpu(args.seq_length, backends, args.iters)}
+    print(f"cp=1: {json.dumps(results['cp1'])}", flush=True)
+    for cp in [int(c) for c in args.cps.split(",")]:
+        ranks = launch(rank_main, cp, args.seq_length, args.check_length, backends, args.iters, backend=comm)
+        summary = {"ms_slowest_rank": {k: max(r["ms"][k] for r in ranks) for k in ranks[0]["ms"]},
+                   "max_abs_error": {b: {n: max(r["errors"][b][n] for r in ranks) for n in ranks[0]["errors"][b]}
+                                     for b in backends},
+                   "peak_gib": max((r["peak_gib"] or 0) for r in ranks)}
+        results[f"cp{cp}"] = summary
+        print(f"cp={cp}: {json.dumps(summary)}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
