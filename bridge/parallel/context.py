@@ -5,8 +5,9 @@ L = S / (2*CP) and CP rank i holds chunks i and 2*CP-1-i, so every rank gets the
 attention work (an early chunk attends to little, a late one to much). Everything outside attention is
 per token and runs on the local 2*L tokens unchanged; RoPE takes the chunks' global positions.
 
-Attention gathers K and V of the whole sequence from the CP group (Megatron's "all_gather" CP
-communication type; with GQA K/V are a small fraction of the activations) and each local query chunk c
+Attention exchanges K/V over the CP group in one of two ways (Megatron's --cp-comm-type): around a ring
+(p2p, the default: bridge.parallel.ring), or, here, by one all-gather (all_gather). The all-gather
+collects K and V of the whole sequence (with GQA a small fraction of the activations) and each local query chunk c
 attends to the K/V prefix of chunks 0..c with a lower-right causal mask: exactly the rows of full
 causal attention. The all-gather's backward is a reduce-scatter, so each rank receives the sum of the
 K/V gradients that every rank's queries produced. The mask is plain causal over the packed sequence,

@@ -15,19 +15,15 @@ K/V gradient travels with it in fp32, arriving home after a full circle: the ker
 the merged output and log-sum-exp, returns each block's exact share of the gradient.
 
 The exchange is `torch.distributed.batch_isend_irecv` on the CP group (NCCL on GPUs, gloo in CI); the
-kernels are the log-sum-exp ones of bridge.nn.attention (cuDNN or flash on CUDA, the CPU flash kernel).
+kernels are the log-sum-exp ones of bridge.nn.attention (cuDNN, flash or plain math on CUDA, picked per block
+as SDPA would; the CPU flash kernel).
 """
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from bridge.parallel.collectives import Group
-
-if TYPE_CHECKING:
-    from bridge.nn.attention import BlockKernel
 
 _ALL = slice(None)
 
@@ -88,18 +84,20 @@ def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring,  # noqa: ANN001
-                kernel: BlockKernel) -> torch.Tensor:
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring) -> torch.Tensor:  # noqa: ANN001
+        from bridge.nn.attention import block_kernel  # bridge.nn builds on bridge.parallel: import when first used
+
         half = q.shape[2] // 2
         kv = torch.stack([k, v])  # [2, b, ng, s, d]: one message per step
         out = lse = None
-        auxes = []
+        kernels = []  # per step: the kernel pair and what its backward needs from its forward
         for step in range(ring.size):
             incoming = ring.shift(kv) if step + 1 < ring.size else None
             rows, cols, causal = block_at(step, ring, half)
             q_rows, k_cols, v_cols = (t[:, :, sl].contiguous() for t, sl in ((q, rows), (kv[0], cols), (kv[1], cols)))
+            kernel = block_kernel(q_rows, k_cols, causal)
             block_out, block_lse, aux = kernel.forward(q_rows, k_cols, v_cols, causal)
-            auxes.append(aux)
+            kernels.append((kernel, aux))
             if out is None:
                 out, lse = block_out.to(_accumulation_dtype(q)), block_lse.contiguous()
             else:
@@ -108,13 +106,13 @@ class _RingAttention(torch.autograd.Function):
                 kv = incoming.wait()
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.ring, ctx.kernel, ctx.auxes = ring, kernel, auxes
+        ctx.ring, ctx.kernels = ring, kernels
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # noqa: ANN001, ANN205
         q, k, v, out, lse = ctx.saved_tensors
-        ring, kernel = ctx.ring, ctx.kernel
+        ring = ctx.ring
         half, dout = q.shape[2] // 2, grad_out.contiguous()
         acc = _accumulation_dtype(q)
         dq = torch.zeros_like(q, dtype=acc)
@@ -124,8 +122,8 @@ class _RingAttention(torch.autograd.Function):
             rows, cols, causal = block_at(step, ring, half)
             part = [t[:, :, rows].contiguous() for t in (dout, q, out, lse)]
             k_cols, v_cols = (t[:, :, cols].contiguous() for t in kv)
-            dq_b, dk_b, dv_b = kernel.backward(part[0], part[1], k_cols, v_cols, part[2], part[3], ctx.auxes[step],
-                                               causal)
+            kernel, aux = ctx.kernels[step]
+            dq_b, dk_b, dv_b = kernel.backward(part[0], part[1], k_cols, v_cols, part[2], part[3], aux, causal)
             dq[:, :, rows] += dq_b
             # the K/V gradient accumulated by the ranks this block visited before, then ours, then onwards
             dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device) if step == 0 else pending_grad.wait()
@@ -135,7 +133,7 @@ class _RingAttention(torch.autograd.Function):
             if incoming is not None:
                 kv = incoming.wait()
         dkv = pending_grad.wait()  # our own K/V's gradient, home after a full circle
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None
 
 
 @torch.compiler.disable  # point-to-point exchanges inside: torch.compile runs the layer around it
@@ -145,7 +143,5 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: 
 
     q: [b, nq, S/cp, d] (local chunks); k, v: [b, ng, S/cp, d] (local) -> [b, nq, S/cp, d].
     """
-    from bridge.nn.attention import block_kernel  # bridge.nn builds on bridge.parallel: import when first used
-
     q, k, v = (t.contiguous() for t in (q, k, v))
-    return _RingAttention.apply(q, k, v, Ring(group, cp, cp_rank), block_kernel(q.device))
+    return _RingAttention.apply(q, k, v, Ring(group, cp, cp_rank))
