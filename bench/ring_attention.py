@@ -51,7 +51,8 @@ def _exchange(name: str):  # noqa: ANN202
 
 
 def _errors(check_length: int, backend: str) -> dict[str, float]:
-    """Max abs error against fp32 attention (math kernel) of the output and q/k/v gradients."""
+    """Max abs error against fp32 attention (math kernel) of the output and q/k/v gradients: bf16 SDPA on the whole
+    sequence, each exchange in bf16, and (auto only) the ring in fp32, whose blocks run the plain math."""
     import torch.distributed as dist
 
     from bridge.nn.attention import set_attention_backend
@@ -66,16 +67,17 @@ def _errors(check_length: int, backend: str) -> dict[str, float]:
     refs = [local(ref)] + [local(t.grad) for t in (q, k, v)]
     set_attention_backend(backend)
     out = {}
-    for name in ("sdpa", "p2p", "all_gather"):
+    for name in ("sdpa", "p2p", "all_gather") + (("p2p_fp32",) if backend == "auto" else ()):  # no fp32 flash
         if name == "sdpa":
             q16, k16, v16 = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
             o = F.scaled_dot_product_attention(q16, k16, v16, is_causal=True, enable_gqa=True)
             o.backward(dout.bfloat16())
             got = [local(o)] + [local(t.grad) for t in (q16, k16, v16)]
         else:
-            parts = [local(t).bfloat16().requires_grad_() for t in (q, k, v)]
-            o = _exchange(name)(*parts)
-            o.backward(local(dout).bfloat16())
+            dtype = torch.float32 if name.endswith("fp32") else torch.bfloat16
+            parts = [local(t).to(dtype).requires_grad_() for t in (q, k, v)]
+            o = _exchange(name.removesuffix("_fp32"))(*parts)
+            o.backward(local(dout).to(dtype))
             got = [o] + [t.grad for t in parts]
         out[name] = max((a.float() - b).abs().max().item() for a, b in zip(got, refs))
     return out
@@ -103,12 +105,18 @@ def rank_main(seq: int, check_length: int, backends: list[str], iters: int) -> d
     from bridge.nn.attention import set_attention_backend
     from bridge.parallel.context import split_sequence
 
+    from bridge.nn.attention import BLOCK_KERNELS, block_kernel
+
     cp, rank = dist.get_world_size(), dist.get_rank()
-    result = {"errors": {b: _errors(check_length, b) for b in backends}, "ms": {}}
+    result = {"errors": {b: _errors(check_length, b) for b in backends}, "ms": {}, "kernels": {}}
     q, k, v, dout = (split_sequence(t.detach(), cp, rank, dim=2) for t in _inputs(seq, torch.bfloat16, False))
     q, k, v = (t.contiguous().requires_grad_() for t in (q, k, v))
+    half = q.shape[2] // 2
+    names = {id(kernel): name for name, kernel in BLOCK_KERNELS.items()}
     for backend in backends:
         set_attention_backend(backend)
+        blocks = {"own": (q, k, True), "earlier": (q, k[:, :, :half], False), "later": (q[:, :, half:], k, False)}
+        result["kernels"][backend] = {b: names[id(block_kernel(*args))] for b, args in blocks.items()}
         for name in ("p2p", "all_gather"):
             result["ms"][f"{name}/{backend}"] = _time(_exchange(name), q, k, v, dout.contiguous(), iters)
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if q.is_cuda else None
@@ -152,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = {"ms_slowest_rank": {k: max(r["ms"][k] for r in ranks) for k in ranks[0]["ms"]},
                    "max_abs_error": {b: {n: max(r["errors"][b][n] for r in ranks) for n in ranks[0]["errors"][b]}
                                      for b in backends},
-                   "peak_gib": max((r["peak_gib"] or 0) for r in ranks)}
+                   "peak_gib": max((r["peak_gib"] or 0) for r in ranks), "kernels": ranks[0]["kernels"]}
         results[f"cp{cp}"] = summary
         print(f"cp={cp}: {json.dumps(summary)}", flush=True)
     if args.json:
