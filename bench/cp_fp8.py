@@ -79,7 +79,7 @@ def cp_sweep(config_dir: Path, args: argparse.Namespace) -> dict:
     for cp in [int(c) for c in args.cps.split(",")]:
         for exchange in args.cp_comm_types.split(",") if cp > 1 else ["p2p"]:
             name = f"cp{cp}" if cp == 1 else f"cp{cp}-{exchange}"
-            out[name] = run(config_dir, args, cp=cp, cp_comm_type=exchange)
+            out[name] = run(config_dir, args, cp=cp, cp_comm_type=exchange, fp8=args.cp_fp8)
             print(f"{name}: {_fmt(out[name])}  losses {out[name].get('losses')}", flush=True)
     return out
 
@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--cps", default="1,2,4")
     p.add_argument("--cp-comm-types", default="p2p,all_gather", help="K/V exchanges to sweep at CP > 1")
+    p.add_argument("--cp-fp8", choices=["tensorwise", "rowwise"], help="FP8 recipe for every run of the CP sweep")
     p.add_argument("--recipes", default="tensorwise,rowwise")
     p.add_argument("--noise-seed", type=int, help="also train bf16 from this seed: the run-to-run loss spread")
     p.add_argument("--extra-text", type=Path, help="more real text (.py/.md) for the FP8 runs, e.g. Python's stdlib")

@@ -6,10 +6,13 @@
 #   second: the same training sweep with --compile, then seq 131072 (the model's full context) at CP=4 with the ring
 #   third:  attention alone again, after the ring's kernel became a per-block choice (cuDNN, flash or the plain
 #           math, as SDPA's checks allow): which kernel each block gets, the same times, the ring in fp32
+#   fourth: FP8 with the ring, compiled, seq 32768: CP=2 and CP=4 in bf16, then with --fp8 tensorwise (torchao:
+#           run(..., carry=[".whl"]))
 #   run(kind="nvidia-h100-x4", command="OUT=$OUT bash bench/gpu_ring.sh first")
 source bench/gpu_setup.sh
 train=(python3 bench/cp_fp8.py cp --model llama-3.2-1b --nproc 4 --steps 3 --warmup 2)
-case "${1:?usage: bench/gpu_ring.sh first|second|third}" in
+export PYTHONPATH=/tmp/site  # torchao, for the fourth stage
+case "${1:?usage: bench/gpu_ring.sh first|second|third|fourth}" in
   first)
     echo "== attention alone, 1B shape, seq 32768"
     timeout 200 python3 bench/ring_attention.py --cps 2,4 --json "$OUT/ring_attention.json" 2>&1 \
@@ -27,4 +30,10 @@ case "${1:?usage: bench/gpu_ring.sh first|second|third}" in
   third)
     timeout 200 python3 bench/ring_attention.py --cps 2,4 --json "$OUT/ring_attention.json" 2>&1 \
       | grep -E "^cp=|Error" | cut -c1-1200 ;;
+  fourth)
+    for fp8 in "" tensorwise; do
+      echo "== bridge train --compile ${fp8:+--fp8 $fp8}, 1B shape, seq 32768, 4 GPUs, the ring"
+      timeout 280 "${train[@]}" --compile --seq-length 32768 --cps 2,4 --cp-comm-types p2p ${fp8:+--cp-fp8 $fp8} \
+        --json "$OUT/cp-fp8-${fp8:-none}.json" 2>&1 | grep -E "^cp[0-9]|Error" | cut -c1-400
+    done ;;
 esac
