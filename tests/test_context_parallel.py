@@ -1,6 +1,6 @@
 """Context parallelism: chunk arithmetic (pure), CP attention (the ring and the all-gather) = full causal attention
 rows and gradients (2-4 gloo ranks), and the trainer at CP=2 and CP=2 x TP=2 giving the single-process losses over
-10 fp32 steps."""
+10 fp32 steps (and CP=2 x PP=2)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -145,7 +145,7 @@ def test_cp_losses_match_single_process(setup: dict[str, Path]) -> None:
 
     ref = [loss for _, loss in train(_config(setup, "single", nproc=1))["loss_curve"]]
     assert len(ref) == 10 and len(set(ref)) == 10  # random tokens: the loss moves, it need not fall
-    runs = {"cp2": dict(nproc=2, cp=2), "cp2tp2": dict(nproc=4, cp=2, tp=2),
+    runs = {"cp2": dict(nproc=2, cp=2), "cp2tp2": dict(nproc=4, cp=2, tp=2), "cp2pp2": dict(nproc=4, cp=2, pp=2),
             "cp2-all-gather": dict(nproc=2, cp=2, cp_comm_type="all_gather")}
     for name, kw in runs.items():
         got = [loss for _, loss in train(_config(setup, name, **kw))["loss_curve"]]
