@@ -1,6 +1,7 @@
 """GPU acceptance run: a Llama-3.2-1B-shaped model, imported at TP=2, verified over 2 GPUs (NCCL) in bf16.
 
     python bench/gpu_verify.py [--workdir DIR] [--device cuda] [--also-fp32] [--scale-config ...]
+    python bench/gpu_verify.py --tp 1 --cp 2 --also-fp32    # context parallel (the ring) over 2 GPUs instead
 
 Builds the HF model locally from bench/configs/meta-llama--Llama-3.2-1B.json (a copy of the real config) with random
 weights (no download), imports it with `bridge import --tp 2`, runs `bridge verify --dtype bf16
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="where to build the model (default: a temporary folder)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--cp", type=int, default=1, help="context parallel ranks per prompt (world = tp x cp)")
     parser.add_argument("--also-fp32", action="store_true", help="also verify in fp32")
     parser.add_argument("--embed-std", type=float, default=1.0, help="std of the random embedding (see docstring)")
     parser.add_argument("--override", default="{}", help="JSON config overrides, e.g. to shrink the model for a CPU dry run")
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     for dtype in ["bf16"] + (["fp32"] if args.also_fp32 else []):
         t0 = time.time()
-        result = verify(hf, ckpt, dtype=dtype, device=args.device)
+        result = verify(hf, ckpt, dtype=dtype, device=args.device, cp=args.cp)
         print(result.table())
         print(f"({dtype} verify took {time.time() - t0:.0f}s)\n", flush=True)
         ok &= result.passed

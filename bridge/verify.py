@@ -72,7 +72,8 @@ class VerifyResult:
     def table(self) -> str:
         head = f"{'prompt':<34} {'tokens':>6} {'max abs':>10} {'mean abs':>10} {'cosine':>9} {'top-1':>7}"
         lines = [f"bridge verify: {self.checkpoint} vs {self.hf_source}",
-                 f"layout tp={self.layout['tp']} pp={self.layout['pp']} vpp={self.layout['vpp']} "
+                 f"layout tp={self.layout['tp']} pp={self.layout['pp']} vpp={self.layout['vpp']}"
+                 f"{f' cp={cp}' if (cp := self.layout.get('cp', 1)) > 1 else ''} "
                  f"({self.transformer_impl}), {self.dtype} on {self.device}", head, "-" * len(head)]
         for m in [*self.prompts, self.overall]:
             if m is self.overall:

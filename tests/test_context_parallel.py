@@ -189,5 +189,5 @@ def test_verify_at_cp2_matches_transformers(setup: dict[str, Path]) -> None:
     from bridge.verify import verify
 
     result = verify(setup["hf"], setup["ckpt"], cp=2, write_json=False)
-    assert result.passed and result.layout["cp"] == 2, result.table()
+    assert result.passed and result.layout["cp"] == 2 and " cp=2 " in result.table(), result.table()
     assert all(m.tokens % 4 == 0 for m in result.prompts)
