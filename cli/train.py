@@ -50,8 +50,9 @@ _FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--bf16",), dict(action="store_true", help="bf16 parameters and compute, fp32 master weights (fp32 without)")),
     (("--fp8",), dict(choices=["tensorwise", "rowwise"],
                       help="FP8 matmuls for the linear layers (torchao; H100; checkpoints stay bf16/fp32)")),
-    (("--fp8-format",), dict(choices=["e4m3", "hybrid"], help="Megatron-LM's FP8 switch: hybrid with --fp8-recipe "
-                                                               "tensorwise is --fp8 tensorwise")),
+    (("--fp8-format",), dict(choices=["e4m3", "hybrid"], help="Megatron-LM's FP8 switch and gradient type: hybrid "
+                                                               "(e5m2) or e4m3; with --fp8-recipe tensorwise (or "
+                                                               "--fp8 R)")),
     (("--fp8-recipe",), dict(choices=["tensorwise", "delayed", "mxfp8", "blockwise", "custom"],
                              help="Megatron-LM's FP8 scaling (default delayed); bridge runs tensorwise")),
     (("--cp-comm-type",), dict(nargs="+", help="K/V exchange under CP: p2p (a ring, the default) or all_gather; "
@@ -93,7 +94,7 @@ def config_from_args(args: argparse.Namespace) -> "TrainConfig":  # noqa: F821
 
     values = load_recipe(args.config) if getattr(args, "config", None) else {}
     given = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names()}
-    given.update(megatron_spellings(vars(args), fp8_given="fp8" in given))
+    given.update(megatron_spellings(vars(args)))
     try:
         return TrainConfig(**{**values, **given})
     except TypeError as exc:
@@ -104,30 +105,30 @@ def config_from_args(args: argparse.Namespace) -> "TrainConfig":  # noqa: F821
 _CP_COMM_TYPES = {"p2p": "p2p", "all_gather": "all_gather", "allgather": "all_gather"}
 
 
-def megatron_spellings(flags: dict, *, fp8_given: bool) -> dict:
+def megatron_spellings(flags: dict) -> dict:
     """TrainConfig values for Megatron-LM's --fp8-format/--fp8-recipe and --cp-comm-type: a Megatron launch line
     runs as it asks, or stops with one line where it asks for what bridge does not do.
 
-    Megatron turns FP8 on with --fp8-format; its recipe defaults to delayed scaling (an amax history), which torchao
-    (bridge's FP8) does not offer: a format without `--fp8-recipe tensorwise` is refused rather than run differently.
-    A recipe without a format leaves FP8 off, as in Megatron. --cp-comm-type may name one exchange per layer in
-    Megatron; bridge runs one for all layers, so the values must agree."""
+    Megatron turns FP8 on with --fp8-format (hybrid or e4m3: the gradients' float8 type); its recipe defaults to
+    delayed scaling (an amax history), which torchao (bridge's FP8) does not offer: a format without `--fp8-recipe
+    tensorwise` is refused rather than run differently. With bridge's own --fp8 the format only picks the gradient
+    type. A recipe without a format leaves FP8 off, as in Megatron. --cp-comm-type may name one exchange per layer
+    in Megatron; bridge runs one for all layers, so the values must agree."""
     values = {} if "cp_comm_type" not in flags else {"cp_comm_type": _cp_comm_type(flags["cp_comm_type"])}
     fmt = flags.get("fp8_format")
     if fmt is None:
         return values
-    recipe = flags.get("fp8_recipe", "delayed")
-    if fp8_given:
-        raise BridgeError("--fp8 and --fp8-format both turn FP8 on: keep one (--fp8 tensorwise is --fp8-format hybrid "
-                          "--fp8-recipe tensorwise)")
-    if fmt != "hybrid":
-        raise BridgeError(f"--fp8-format {fmt} would keep gradients in e4m3; bridge's FP8 casts them to e5m2 "
-                          f"(--fp8-format hybrid)")
-    if recipe != "tensorwise":
-        raise BridgeError(f"--fp8-recipe {recipe}{' (the default)' if 'fp8_recipe' not in flags else ''} is not "
-                          f"available: bridge's FP8 (torchao) scales each tensor by its current values; "
-                          f"pass --fp8-recipe tensorwise")
-    return {**values, "fp8": "tensorwise"}
+    if "fp8" in flags:
+        recipe = flags["fp8"]
+        if flags.get("fp8_recipe", recipe) != recipe:
+            raise BridgeError(f"--fp8 {recipe} and --fp8-recipe {flags['fp8_recipe']} name different recipes: keep one")
+    else:
+        recipe = flags.get("fp8_recipe", "delayed")
+        if recipe != "tensorwise":
+            raise BridgeError(f"--fp8-recipe {recipe}{' (the default)' if 'fp8_recipe' not in flags else ''} is not "
+                              f"available: bridge's FP8 (torchao) scales each tensor by its current values; "
+                              f"pass --fp8-recipe tensorwise")
+    return {**values, "fp8": recipe, "fp8_format": fmt}
 
 
 def _cp_comm_type(given: list[str]) -> str:

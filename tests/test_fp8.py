@@ -49,21 +49,46 @@ def test_fp8_converts_the_transformer_linears_and_keeps_the_state_dict(hf: Path)
     assert grad is not None and grad.dtype == torch.bfloat16 and grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
-def test_fp8_gradients_point_where_bf16_ones_do(hf: Path, recipe: str) -> None:
-    """Every parameter's FP8 gradient is the bf16 one up to quantisation noise (cosine and norm), which a wrong
-    scale or a dropped term in the FP8 backward would break even where the loss still agrees."""
+def _gradient_cosines(hf: Path, recipe: str, fmt: str | None) -> list[float]:
+    """Per parameter: cosine of the FP8 gradient with the bf16 one, after asserting the norms agree within 8%."""
     from bridge.nn.fp8 import apply_fp8
 
     ref, model = _model(hf), _model(hf)
-    apply_fp8([model], recipe, emulate=True)
+    apply_fp8([model], recipe, fmt, emulate=True)
     tokens = torch.randint(0, 300, (4, 65), generator=torch.Generator().manual_seed(3))
     for m in (ref, model):
         m(tokens[:, :-1], labels=tokens[:, 1:]).mean().backward()
+    cosines = []
     for (name, p), q in zip(ref.named_parameters(), model.parameters()):
         a, b = p.grad.double().flatten(), q.grad.double().flatten()
-        assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.98, name
         assert abs(b.norm() / a.norm() - 1) < 0.08, name
+        cosines.append(torch.nn.functional.cosine_similarity(a, b, dim=0).item())
+    return cosines
+
+
+@pytest.mark.parametrize("recipe, fmt", [("tensorwise", None), ("tensorwise", "e4m3"), ("rowwise", None)])
+def test_fp8_gradients_point_where_bf16_ones_do(hf: Path, recipe: str, fmt: str | None) -> None:
+    """Every parameter's FP8 gradient is the bf16 one up to quantisation noise (cosine and norm), which a wrong
+    scale or a dropped term in the FP8 backward would break even where the loss still agrees."""
+    assert min(_gradient_cosines(hf, recipe, fmt)) > 0.98
+
+
+def test_e4m3_gradients_are_closer_to_bf16_than_e5m2_ones(hf: Path) -> None:
+    """Megatron's --fp8-format e4m3 with tensorwise scaling: one more mantissa bit for the output gradients (e4m3
+    vs hybrid's e5m2), so on average every parameter's gradient turns less far from bf16's (mean cosine deficit
+    measured 0.0058 against 0.0072 on this model). Its config differs from torchao's tensorwise recipe in the
+    gradient casts only; hybrid is that recipe unchanged."""
+    from torchao.float8.config import Float8LinearConfig
+
+    from bridge.nn.fp8 import fp8_config
+
+    hybrid, e4m3 = fp8_config("tensorwise"), fp8_config("tensorwise", "e4m3")
+    assert hybrid == Float8LinearConfig.from_recipe_name("tensorwise")
+    assert {e4m3.cast_config_grad_output.target_dtype, e4m3.cast_config_grad_output_for_grad_weight.target_dtype,
+            e4m3.cast_config_input.target_dtype} == {torch.float8_e4m3fn}
+    deficit = {fmt: 1 - sum(c) / len(c) for fmt, c in
+               (("hybrid", _gradient_cosines(hf, "tensorwise", None)), ("e4m3", _gradient_cosines(hf, "tensorwise", "e4m3")))}
+    assert deficit["e4m3"] < deficit["hybrid"], deficit
 
 
 @pytest.mark.parametrize("recipe", ["rowwise"])
@@ -90,5 +115,11 @@ def test_fp8_plan_errors(hf: Path) -> None:
             make_plan(TrainConfig(**base, fp8="tensorwise", bf16=True, device="cpu"))
     with pytest.raises(BridgeError, match="not one of tensorwise, rowwise"):
         make_plan(TrainConfig(**base, fp8="e4m3", bf16=True, device="cpu"))
+    with pytest.raises(BridgeError, match="--fp8-format e4m3 picks FP8's gradient type, but FP8 is off"):
+        make_plan(TrainConfig(**base, fp8_format="e4m3", bf16=True, device="cpu"))
+    with pytest.raises(BridgeError, match="--fp8 rowwise keeps gradients in e4m3"):
+        make_plan(TrainConfig(**base, fp8="rowwise", fp8_format="hybrid", bf16=True, device="cpu"))
+    with pytest.raises(BridgeError, match="--fp8-format e5m2 is not one of hybrid, e4m3"):
+        make_plan(TrainConfig(**base, fp8="tensorwise", fp8_format="e5m2", bf16=True, device="cpu"))
     with pytest.raises(BridgeError, match="not one of"):
         fp8_config("delayed")

@@ -156,26 +156,31 @@ def test_cli_surface() -> None:
     assert json.dumps(TrainConfig().clip_grad) == "1.0"
 
 
-@pytest.mark.parametrize("flags, fp8, cp_comm_type", [
-    (["--fp8-format", "hybrid", "--fp8-recipe", "tensorwise"], "tensorwise", "p2p"),
-    (["--fp8-recipe", "delayed"], None, "p2p"),  # a recipe without a format leaves FP8 off, as in Megatron-LM
-    (["--fp8", "rowwise", "--cp-comm-type", "all_gather"], "rowwise", "all_gather"),
-    (["--cp-comm-type", "allgather", "allgather"], None, "all_gather"),  # Megatron's per-layer form
-    (["--cp-comm-type", "p2p", "--fp8-format", "hybrid", "--fp8-recipe", "tensorwise"], "tensorwise", "p2p"),
+@pytest.mark.parametrize("flags, fp8, fp8_format, cp_comm_type", [
+    (["--fp8-format", "hybrid", "--fp8-recipe", "tensorwise"], "tensorwise", "hybrid", "p2p"),
+    (["--fp8-format", "e4m3", "--fp8-recipe", "tensorwise"], "tensorwise", "e4m3", "p2p"),
+    (["--fp8", "tensorwise", "--fp8-format", "e4m3"], "tensorwise", "e4m3", "p2p"),
+    (["--fp8", "rowwise", "--fp8-format", "e4m3"], "rowwise", "e4m3", "p2p"),
+    (["--fp8-recipe", "delayed"], None, None, "p2p"),  # a recipe without a format leaves FP8 off, as in Megatron-LM
+    (["--fp8", "rowwise", "--cp-comm-type", "all_gather"], "rowwise", None, "all_gather"),
+    (["--cp-comm-type", "allgather", "allgather"], None, None, "all_gather"),  # Megatron's per-layer form
+    (["--cp-comm-type", "p2p", "--fp8-format", "hybrid", "--fp8-recipe", "tensorwise"], "tensorwise", "hybrid", "p2p"),
 ])
-def test_megatron_fp8_and_cp_flags_map_to_bridges(flags: list[str], fp8: str | None, cp_comm_type: str) -> None:
+def test_megatron_fp8_and_cp_flags_map_to_bridges(flags: list[str], fp8: str | None, fp8_format: str | None,
+                                                  cp_comm_type: str) -> None:
     from bridge.cli.main import build_parser
     from bridge.cli.train import config_from_args
 
     cfg = config_from_args(build_parser().parse_args(["train", *flags]))
-    assert (cfg.fp8, cfg.cp_comm_type) == (fp8, cp_comm_type)
+    assert (cfg.fp8, cfg.fp8_format, cfg.cp_comm_type) == (fp8, fp8_format, cp_comm_type)
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--fp8-format", "hybrid"], "--fp8-recipe delayed (the default) is not available"),
     (["--fp8-format", "hybrid", "--fp8-recipe", "mxfp8"], "--fp8-recipe mxfp8 is not available"),
-    (["--fp8-format", "e4m3", "--fp8-recipe", "tensorwise"], "would keep gradients in e4m3"),
-    (["--fp8", "tensorwise", "--fp8-format", "hybrid", "--fp8-recipe", "tensorwise"], "keep one"),
+    (["--fp8-format", "e4m3"], "--fp8-recipe delayed (the default) is not available"),
+    (["--fp8", "rowwise", "--fp8-format", "hybrid", "--fp8-recipe", "tensorwise"], "name different recipes"),
+    (["--fp8", "rowwise", "--fp8-format", "hybrid"], "--fp8 rowwise keeps gradients in e4m3"),
     (["--cp-comm-type", "all_gather", "p2p"], "--cp-comm-type mixes all_gather and p2p over layers"),
     (["--cp-comm-type", "a2a"], "--cp-comm-type a2a is not available"),
 ])

@@ -28,6 +28,10 @@ from bridge.errors import BridgeError
 log = logging.getLogger(__name__)
 
 FP8_RECIPES = ("tensorwise", "rowwise")
+#: Megatron-LM's --fp8-format: the float8 type of the output gradients (forward casts are e4m3 either way).
+FP8_FORMATS = {"hybrid": torch.float8_e5m2, "e4m3": torch.float8_e4m3fn}
+#: What each torchao recipe runs when no format is named: tensorwise is hybrid, rowwise all e4m3.
+DEFAULT_FP8_FORMAT = {"tensorwise": "hybrid", "rowwise": "e4m3"}
 FP8_LAYERS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 _ALIGN = 16
 
@@ -54,15 +58,34 @@ def check_fp8_device(device: str) -> None:
     _torchao()
 
 
-def fp8_config(recipe: str, *, emulate: bool = False) -> Any:
-    """torchao's Float8LinearConfig for a recipe name; `emulate` runs the casts and GEMMs in high precision (CPU tests)."""
+def check_fp8_recipe(recipe: str, fmt: str | None) -> str:
+    """The format (`fmt`, or the recipe's own) after one-line errors for unknown names and rowwise in hybrid (torchao's
+    rowwise recipe scales e4m3 gradients per row; e5m2 ones are not what it was built and tested with)."""
     if recipe not in FP8_RECIPES:
         raise BridgeError(f"--fp8 {recipe} is not one of {', '.join(FP8_RECIPES)}")
+    fmt = fmt or DEFAULT_FP8_FORMAT[recipe]
+    if fmt not in FP8_FORMATS:
+        raise BridgeError(f"--fp8-format {fmt} is not one of {', '.join(FP8_FORMATS)}")
+    if recipe == "rowwise" and fmt != "e4m3":
+        raise BridgeError(f"--fp8 rowwise keeps gradients in e4m3 (torchao's recipe); drop --fp8-format {fmt} or use "
+                          f"--fp8 tensorwise")
+    return fmt
+
+
+def fp8_config(recipe: str, fmt: str | None = None, *, emulate: bool = False) -> Any:
+    """torchao's Float8LinearConfig for a recipe name, its output gradients cast to `fmt`'s float8 type (e4m3 makes
+    tensorwise Megatron's `--fp8-format e4m3`); `emulate` runs the casts and GEMMs in high precision (CPU tests)."""
+    grad_dtype = FP8_FORMATS[check_fp8_recipe(recipe, fmt)]
     _torchao()
     from torchao.float8.config import Float8LinearConfig
 
     config = Float8LinearConfig.from_recipe_name(recipe)
-    return dataclasses.replace(config, emulate=True) if emulate else config
+    config = dataclasses.replace(  # both uses of the output gradient (input and weight gradient) take one type
+        config, emulate=emulate,
+        cast_config_grad_output=dataclasses.replace(config.cast_config_grad_output, target_dtype=grad_dtype),
+        cast_config_grad_output_for_grad_weight=dataclasses.replace(config.cast_config_grad_output_for_grad_weight,
+                                                                    target_dtype=grad_dtype))
+    return config
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, config: Any) -> torch.Tensor:
@@ -82,17 +105,18 @@ def _convertible(name: str, module: nn.Module) -> bool:
     return out_features % _ALIGN == 0 and in_features % _ALIGN == 0
 
 
-def apply_fp8(chunks: Iterable[nn.Module], recipe: str, *, emulate: bool = False) -> list[str]:
+def apply_fp8(chunks: Iterable[nn.Module], recipe: str, fmt: str | None = None, *, emulate: bool = False) -> list[str]:
     """Switch the eligible linear layers of `chunks` to FP8 matmuls; returns their names (chunk-prefixed).
 
     Only the modules' compute changes (their `fp8` attribute); parameters and state dicts are untouched.
     """
-    config = fp8_config(recipe, emulate=emulate)
+    config = fp8_config(recipe, fmt, emulate=emulate)
     converted: list[str] = []
     for v, chunk in enumerate(chunks):
         for name, module in chunk.named_modules():
             if hasattr(module, "fp8") and _convertible(name, module):
                 module.fp8 = config
                 converted.append(f"{v}.{name}")
-    log.info("fp8 (%s): %d linear layers use FP8 matrix products", recipe, len(converted))
+    log.info("fp8 (%s, %s gradients): %d linear layers use FP8 matrix products", recipe,
+             config.cast_config_grad_output.target_dtype, len(converted))
     return converted

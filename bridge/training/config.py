@@ -77,6 +77,9 @@ class TrainConfig:
     fp8: str | None = None
     """FP8 matrix products in the transformer's linear layers (tensorwise | rowwise, torchao); needs --bf16 and an
     FP8 GPU (H100). Weights, optimizer state and checkpoints stay bf16/fp32 in Megatron layout."""
+    fp8_format: str | None = None
+    """Megatron-LM's --fp8-format, the float8 type of --fp8's output gradients: hybrid (e5m2) or e4m3. None: the
+    recipe's own (tensorwise: hybrid; rowwise: e4m3, its only one)."""
     accumulate_allreduce_grads_in_fp32: bool = False
     """Megatron-LM's flag; under --bf16 fp32 gradients are already the default (as in Megatron-LM), so it only
     documents the choice and contradicts --grad-reduce-in-bf16."""

@@ -43,7 +43,7 @@ def build_chunks(cfg: TrainConfig, plan: Plan, ps: ParallelState, device: torch.
     if cfg.fp8:  # FP8 compute only: parameters, state dicts and checkpoints are unchanged
         from bridge.nn.fp8 import apply_fp8
 
-        apply_fp8(chunks, cfg.fp8)
+        apply_fp8(chunks, cfg.fp8, cfg.fp8_format)
     if cfg.recompute:
         apply_recompute(chunks, cfg.recompute)
     if cfg.compile:

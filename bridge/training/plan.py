@@ -184,13 +184,15 @@ def _check_grad_dtype(cfg: TrainConfig) -> None:
 
 
 def _check_fp8(cfg: TrainConfig) -> None:
-    """--fp8: a known recipe, bf16 weights (FP8 casts from them), an FP8-capable GPU and torchao."""
+    """--fp8: a known recipe and format, bf16 weights (FP8 casts from them), an FP8-capable GPU and torchao."""
     if cfg.fp8 is None:
+        if cfg.fp8_format is not None:
+            raise BridgeError(f"--fp8-format {cfg.fp8_format} picks FP8's gradient type, but FP8 is off: add --fp8 "
+                              f"tensorwise")
         return
-    from bridge.nn.fp8 import FP8_RECIPES, check_fp8_device
+    from bridge.nn.fp8 import check_fp8_device, check_fp8_recipe
 
-    if cfg.fp8 not in FP8_RECIPES:
-        raise BridgeError(f"--fp8 {cfg.fp8} is not one of {', '.join(FP8_RECIPES)}")
+    check_fp8_recipe(cfg.fp8, cfg.fp8_format)
     if not cfg.bf16:
         raise BridgeError("--fp8 casts bf16 weights and activations to FP8 for the matrix products: add --bf16")
     check_fp8_device(cfg.resolved_device())
