@@ -59,8 +59,8 @@ def check_fp8_device(device: str) -> None:
 
 
 def check_fp8_recipe(recipe: str, fmt: str | None) -> str:
-    """The format (`fmt`, or the recipe's own) after one-line errors for unknown names and rowwise in hybrid (torchao's
-    rowwise recipe scales e4m3 gradients per row; e5m2 ones are not what it was built and tested with)."""
+    """The format (`fmt`, or the recipe's own) after one-line errors for unknown names and for rowwise in hybrid:
+    torchao's rowwise recipe is all e4m3, and per-row scaled e5m2 gradients were never run here."""
     if recipe not in FP8_RECIPES:
         raise BridgeError(f"--fp8 {recipe} is not one of {', '.join(FP8_RECIPES)}")
     fmt = fmt or DEFAULT_FP8_FORMAT[recipe]
