@@ -90,10 +90,14 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def _per_query_head(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """k or v widened (see _wide) with its GQA heads repeated: query head h reads KV head h // heads per group, as
+    SDPA's enable_gqa."""
+    return _wide(t).repeat_interleave(heads // t.shape[1], dim=1)
+
+
 def _math_scores(q: torch.Tensor, k: torch.Tensor, causal: bool) -> torch.Tensor:
-    """q k^T / sqrt(d) in fp32 or wider, with k's GQA heads repeated (query head h reads KV head h // heads per
-    group, as SDPA), -inf above the diagonal when causal."""
-    k = _wide(k).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    """q k^T / sqrt(d) in fp32 or wider (k: one head per query head), -inf above the diagonal when causal."""
     scores = _wide(q) @ k.transpose(-1, -2) / q.shape[-1] ** 0.5  # [b, nq, sq, sk]
     if causal:
         scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
@@ -101,23 +105,22 @@ def _math_scores(q: torch.Tensor, k: torch.Tensor, causal: bool) -> torch.Tensor
 
 
 def _math_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple:
-    scores = _math_scores(q, k, causal)
+    scores = _math_scores(q, _per_query_head(k, q.shape[1]), causal)
     lse = scores.logsumexp(-1)
-    v = _wide(v).repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    return (torch.exp(scores - lse.unsqueeze(-1)) @ v).to(q.dtype), lse, ()
+    return (torch.exp(scores - lse.unsqueeze(-1)) @ _per_query_head(v, q.shape[1])).to(q.dtype), lse, ()
 
 
 def _math_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, aux: tuple, causal: bool) -> tuple:
     """softmax backward with the given (merged) lse: dS = P * (dO V^T - rowsum(dO * O))."""
     groups, per_group = k.shape[1], q.shape[1] // k.shape[1]
-    p = torch.exp(_math_scores(q, k, causal) - lse.unsqueeze(-1))  # [b, nq, sq, sk]
+    k_wide = _per_query_head(k, q.shape[1])
+    p = torch.exp(_math_scores(q, k_wide, causal) - lse.unsqueeze(-1))  # [b, nq, sq, sk]
     dout = _wide(dout)
     dv = p.transpose(-1, -2) @ dout
-    ds = p * (dout @ _wide(v).repeat_interleave(per_group, dim=1).transpose(-1, -2)
-              - (dout * _wide(out)).sum(-1, keepdim=True))
+    ds = p * (dout @ _per_query_head(v, q.shape[1]).transpose(-1, -2) - (dout * _wide(out)).sum(-1, keepdim=True))
     scale = q.shape[-1] ** -0.5
-    dq = ds @ _wide(k).repeat_interleave(per_group, dim=1) * scale
+    dq = ds @ k_wide * scale
     dk = ds.transpose(-1, -2) @ _wide(q) * scale
     fold = lambda t: t.unflatten(1, (groups, per_group)).sum(2)  # noqa: E731 - query heads back onto their KV head
     return dq.to(q.dtype), fold(dk).to(k.dtype), fold(dv).to(v.dtype)

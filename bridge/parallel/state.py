@@ -27,6 +27,12 @@ BACKENDS = ("gloo", "nccl")
 CP_COMM_TYPES = ("p2p", "all_gather")
 
 
+def check_cp_comm_type(cp_comm_type: str) -> None:
+    """One-line error for an exchange bridge does not have."""
+    if cp_comm_type not in CP_COMM_TYPES:
+        raise BridgeError(f"--cp-comm-type {cp_comm_type} is not one of {', '.join(CP_COMM_TYPES)}")
+
+
 class ParallelState:
     """Coordinates and process groups of one rank.
 
@@ -40,8 +46,7 @@ class ParallelState:
                  cp_comm_type: str = CP_COMM_TYPES[0], create_groups: bool = True) -> None:
         if cp < 1:
             raise BridgeError(f"--cp must be >= 1, got {cp}")
-        if cp_comm_type not in CP_COMM_TYPES:
-            raise BridgeError(f"--cp-comm-type {cp_comm_type} is not one of {', '.join(CP_COMM_TYPES)}")
+        check_cp_comm_type(cp_comm_type)
         model_parallel = layout.tp * layout.pp * cp
         if world_size < 1 or world_size % model_parallel:
             what = "tp*pp" if cp == 1 else "tp*cp*pp"

@@ -201,12 +201,11 @@ def _check_fp8(cfg: TrainConfig) -> None:
 def _check_context_parallel(cfg: TrainConfig, model: ModelConfig) -> None:
     """--cp: a positive degree, 2*cp equal chunks per sequence, dense attention layers only (for now); the ring
     (p2p) only where no sliding window cuts the sequence."""
-    from bridge.parallel.state import CP_COMM_TYPES
+    from bridge.parallel.state import check_cp_comm_type
 
     if cfg.cp < 1:
         raise BridgeError(f"--cp must be >= 1, got {cfg.cp}")
-    if cfg.cp_comm_type not in CP_COMM_TYPES:
-        raise BridgeError(f"--cp-comm-type {cfg.cp_comm_type} is not one of {', '.join(CP_COMM_TYPES)}")
+    check_cp_comm_type(cfg.cp_comm_type)
     if cfg.cp == 1:
         return
     from bridge.parallel.context import check_seq_length
