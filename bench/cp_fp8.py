@@ -29,8 +29,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def text_corpus(out: Path, vocab_size: int = 8192, extra: Path | None = None,
                 max_bytes: int = 12_000_000) -> tuple[Path, Path, int]:
     """(jsonl of real text, tokenizer folder, eos id): this repository's .md/.py files, then those of `extra`
-    (e.g. Python's standard library, ~30 MB on any machine) up to `max_bytes`: text that needs no network."""
+    (e.g. Python's standard library, ~30 MB on any machine) up to `max_bytes`: text that needs no network.
+    A folder that already holds them (an earlier call's `out`) is reused as it is."""
+    from transformers import AutoTokenizer
+
     from bridge.demo import build_tokenizer
+
+    data = out / "corpus.jsonl"
+    if data.exists() and (out / "tokenizer").is_dir():
+        return data, out / "tokenizer", int(AutoTokenizer.from_pretrained(out / "tokenizer").eos_token_id)
 
     roots = [ROOT] + ([extra] if extra else [])
     files = [p for root in roots for p in sorted(p for pat in ("*.md", "*.py") for p in root.rglob(pat))
@@ -42,7 +49,6 @@ def text_corpus(out: Path, vocab_size: int = 8192, extra: Path | None = None,
         texts.append(p.read_text(errors="ignore"))
         size += len(texts[-1])
     out.mkdir(parents=True, exist_ok=True)
-    data = out / "corpus.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts if t.strip()))
     fast = build_tokenizer(out / "tokenizer", vocab_size, texts)
     return data, out / "tokenizer", int(fast.eos_token_id)
@@ -156,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                      "tensorwise-e4m3")
     p.add_argument("--noise-seed", type=int, help="also train bf16 from this seed: the run-to-run loss spread")
     p.add_argument("--extra-text", type=Path, help="more real text (.py/.md) for the FP8 runs, e.g. Python's stdlib")
+    p.add_argument("--corpus", type=Path, help="folder for the text and tokenizer, built once and reused: runs side by "
+                                                "side on one host then share it instead of each training a tokenizer")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -183,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.what == "cp" or args.smoke:
             results["cp"] = cp_sweep(config_dir, args)
         if args.what == "fp8" or args.smoke:
-            data, tokenizer, eos = text_corpus(Path(tmp) / "text", min(8192, MODELS[args.model]["vocab_size"]),
-                                               args.extra_text)
+            data, tokenizer, eos = text_corpus(args.corpus or Path(tmp) / "text",
+                                               min(8192, MODELS[args.model]["vocab_size"]), args.extra_text)
             config = json.loads((config_dir / "config.json").read_text())
             (config_dir / "config.json").write_text(json.dumps({**config, "eos_token_id": eos}))
             if args.smoke:

@@ -10,7 +10,9 @@ export PYTHONPATH=/tmp/site
 LOGS=/tmp/logs; mkdir -p $LOGS
 stdlib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
 common=(fp8 --model llama-8b-8l --seq-length 4096 --micro-batch-size 2 --global-batch-size 16 --steps 200 --warmup 5
-        --compile --lr 2e-4 --extra-text "$stdlib")
+        --compile --lr 2e-4 --extra-text "$stdlib" --corpus /tmp/corpus)
+python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from cp_fp8 import text_corpus; \
+print(text_corpus(Path('/tmp/corpus'), 8192, Path('$stdlib')))"  # the four runs share one corpus and tokenizer
 LIMIT=${LIMIT:-565}
 one_gpu 0 bf16 python3 bench/cp_fp8.py "${common[@]}" --recipes "" --json "$OUT/bf16.json"
 one_gpu 1 e4m3 python3 bench/cp_fp8.py "${common[@]}" --skip-bf16 --recipes tensorwise-e4m3 --json "$OUT/e4m3.json"
