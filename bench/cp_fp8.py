@@ -55,7 +55,8 @@ def text_corpus(out: Path, vocab_size: int = 8192, extra: Path | None = None,
 
 
 def run(config_dir: Path, args: argparse.Namespace, *, cp: int = 1, cp_comm_type: str = "p2p", fp8: str | None = None,
-        fp8_format: str | None = None, data: Path | None = None, tokenizer: Path | None = None, seed: int = 1234) -> dict:
+        fp8_format: str | None = None, data: Path | None = None, tokenizer: Path | None = None,
+        seed: int | None = None) -> dict:
     """One bridge train run -> tokens/s, peak memory, loss curve (or the error that stopped it)."""
     from bridge.training import TrainConfig, train
 
@@ -65,7 +66,8 @@ def run(config_dir: Path, args: argparse.Namespace, *, cp: int = 1, cp_comm_type
                       cp_comm_type=cp_comm_type,
                       micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size * dp,
                       seq_length=args.seq_length, train_iters=args.warmup + args.steps, lr=args.lr,
-                      min_lr=args.lr / 10, lr_warmup_iters=args.steps // 4, lr_decay_style="cosine", seed=seed,
+                      min_lr=args.lr / 10, lr_warmup_iters=args.steps // 4, lr_decay_style="cosine",
+                      seed=args.seed if seed is None else seed,
                       bf16=True, fp8=fp8, fp8_format=fp8_format, recompute=args.recompute, compile=args.compile, eval_interval=0,
                       progress=False, device=args.device)
     try:
@@ -160,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cp-fp8", choices=["tensorwise", "rowwise"], help="FP8 recipe for every run of the CP sweep")
     p.add_argument("--recipes", default="tensorwise,rowwise", help="FP8 variants: recipe or recipe-format, e.g. "
                                                                      "tensorwise-e4m3")
+    p.add_argument("--seed", type=int, default=1234, help="initialisation and data order of every run")
     p.add_argument("--noise-seed", type=int, help="also train bf16 from this seed: the run-to-run loss spread")
     p.add_argument("--extra-text", type=Path, help="more real text (.py/.md) for the FP8 runs, e.g. Python's stdlib")
     p.add_argument("--corpus", type=Path, help="folder for the text and tokenizer, built once and reused: runs side by "
