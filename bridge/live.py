@@ -130,8 +130,7 @@ def _from_ep_rank(tensor: torch.Tensor | None, owner: int, model: GPTModel) -> t
     ps = model.ps
     if ps.layout.ep == 1:
         return tensor
-    src = ps.rank_of(ps.tp_rank, (ps.dp_rank // ps.ep) * ps.ep + owner, ps.pp_rank)
-    return _broadcast(tensor, src, ps.ep_group, model)
+    return _broadcast(tensor, ps.ep_peer(owner), ps.ep_group, model)
 
 
 def export_hf_weights(chunks: Sequence[GPTModel], *, names: Collection[str] | None = None,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -73,7 +74,7 @@ class VerifyResult:
         head = f"{'prompt':<34} {'tokens':>6} {'max abs':>10} {'mean abs':>10} {'cosine':>9} {'top-1':>7}"
         lines = [f"bridge verify: {self.checkpoint} vs {self.hf_source}",
                  f"layout tp={self.layout['tp']} pp={self.layout['pp']} vpp={self.layout['vpp']}"
-                 f"{f' cp={cp}' if (cp := self.layout.get('cp', 1)) > 1 else ''} "
+                 + "".join(f" {k}={self.layout[k]}" for k in ("ep", "cp") if self.layout.get(k, 1) > 1) + " "
                  f"({self.transformer_impl}), {self.dtype} on {self.device}", head, "-" * len(head)]
         for m in [*self.prompts, self.overall]:
             if m is self.overall:
@@ -187,7 +188,8 @@ def sharded_logits(checkpoints: Sequence[Path], token_lists: Sequence[Sequence[i
     if len(layouts) != 1:
         raise BridgeError(f"checkpoints verified together must share one layout, got {sorted(l.name for l in layouts)}")
     layout = layouts.pop()
-    world = layout.tp * layout.pp * layout.ep * cp  # dp = ep: each EP rank runs the same prompts on its experts
+    # EP spans DP x CP: dp = ep / gcd(ep, cp) data-parallel copies run the same prompts, each EP rank on its experts
+    world = layout.tp * layout.pp * cp * (layout.ep // math.gcd(layout.ep, cp))
     backend = "nccl" if device == "cuda" else "gloo"
     log.info("starting %d ranks (%s) for layout %s", world, backend, layout.name)
     per_rank = launch(rank_logits, world, [str(c) for c in checkpoints], [list(t) for t in token_lists], dtype, device,
@@ -241,6 +243,9 @@ def verify(hf_src: str | Path, checkpoint: str | Path, *, prompts: Sequence[str]
                                                                        meta.config.num_layers):
         raise BridgeError(f"{hf_src} ({hf_cfg.architecture}, {hf_cfg.num_layers} layers) is not the model of {ckpt} "
                           f"({meta.config.architecture}, {meta.config.num_layers} layers); give the HF source it was imported from")
+    if cp > 1 and meta.config.mla is not None:
+        raise BridgeError(f"--cp {cp}: context parallelism does not support multi-latent attention yet; "
+                          f"{meta.config.architecture} has MLA layers")
     texts = list(prompts or DEFAULT_PROMPTS)
     tokens = encode(folder, texts, meta.config.vocab_size)
     multiple = (meta.layout.tp if sequence_parallel else 1) * (2 * cp if cp > 1 else 1)

@@ -1,5 +1,6 @@
 """MoE/MLA logit parity of bridge.nn against transformers (fp32, CPU, gloo) at EP=2, EP=2 x TP=2 and PP=2,
-all four architectures per spawned group; a swapped expert must fail the check."""
+all four architectures per spawned group, and at CP=2 with EP=2 spread over it (no MLA: it has no CP yet); a
+swapped expert must fail the check."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -63,3 +64,19 @@ def test_sharded_logits_match_transformers(name: str, references: dict, tmp_path
         _, overall, passed, criterion = compare(DEFAULT_PROMPTS, ref, logits, "fp32")
         print(f"{name:8} {key:12} max abs {overall.max_abs:.3e} top-1 {overall.top1:.1%} {'PASS' if passed else 'FAIL'}")
         assert passed == (key != "broken"), f"{key} at {name}: {criterion}"
+
+
+@pytest.mark.slow
+def test_cp_with_experts_split_over_cp_ranks_matches_transformers(references: dict, tmp_path: Path) -> None:
+    """World 2 = CP 2 x EP 2: each CP rank holds half of every prompt and half of the experts, and the tokens of both
+    halves travel to their experts by all-to-all."""
+    tokens = [t[:len(t) // 4 * 4] for t in TOKENS]  # 2 x cp chunks
+    archs = ("mixtral", "qwen3-moe")
+    ckpts = {arch: import_hf(references[arch][0], tmp_path / arch, ParallelLayout(ep=2)) for arch in archs}
+    ckpts["broken"] = import_hf(references["mixtral"][0], tmp_path / "broken", ParallelLayout(ep=2))
+    _swap_experts(ckpts["broken"], "mp_rank_00_001")
+    for key, logits in zip(ckpts, sharded_logits(list(ckpts.values()), tokens, cp=2)):
+        ref = [r[:len(t)] for r, t in zip(references["mixtral" if key == "broken" else key][1], tokens)]
+        _, overall, passed, criterion = compare(DEFAULT_PROMPTS, ref, logits, "fp32")
+        print(f"cp2-ep2   {key:12} max abs {overall.max_abs:.3e} top-1 {overall.top1:.1%} {'PASS' if passed else 'FAIL'}")
+        assert passed == (key != "broken"), f"{key} at cp2-ep2: {criterion}"

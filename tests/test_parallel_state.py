@@ -28,6 +28,21 @@ def test_pre_and_post_process_follow_virtual_chunks() -> None:
     assert [last.post_process(v) for v in range(2)] == [False, True]
 
 
+def test_expert_parallel_spans_dp_and_cp_cp_fastest() -> None:
+    """EP is carved out of DP x CP (Megatron-LM): world 8 = cp 2 x dp 4 at EP=4 has EP groups {0..3} and {4..7},
+    expert-DP groups of ranks 4 apart; each EP rank's first copy (which may be a CP rank > 0) writes its file."""
+    states = [ParallelState(ParallelLayout(ep=4), 8, r, cp=2, create_groups=False) for r in range(8)]
+    assert [(ps.dp_rank, ps.cp_rank) for ps in states[:4]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [ps.ep_rank for ps in states] == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert [ps.expert_dp_rank for ps in states] == [0, 0, 0, 0, 1, 1, 1, 1] and states[0].expert_dp == 2
+    assert [states[5].ep_peer(e) for e in range(4)] == [4, 5, 6, 7]
+    assert [ps.writes_checkpoint for ps in states] == [True] * 4 + [False] * 4
+    dense = [ParallelState(ParallelLayout(), 4, r, cp=2, create_groups=False) for r in range(4)]
+    assert [ps.writes_checkpoint for ps in dense] == [True, False, False, False]  # CP ranks hold the same weights
+    with pytest.raises(BridgeError, match="expert parallelism 4 must divide dp x cp = 2"):
+        ParallelState(ParallelLayout(ep=4), 2, 0, cp=2, create_groups=False)
+
+
 @pytest.mark.parametrize("world,rank,match", [(3, 0, "not a multiple of tp\\*pp"), (4, 4, "outside the world")])
 def test_invalid_worlds_are_user_errors(world: int, rank: int, match: str) -> None:
     with pytest.raises(BridgeError, match=match):

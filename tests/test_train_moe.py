@@ -1,5 +1,6 @@
-"""CPU/gloo acceptance for MoE training: 10 fp32 steps at EP=2, EP=2 x TP=2 (and with the distributed optimizer)
-give the single-process losses (1e-5 relative) for tiny Mixtral, Qwen3-MoE and DeepSeek-V3; checkpoints are saved
+"""CPU/gloo acceptance for MoE training: 10 fp32 steps at EP=2, EP=2 x TP=2 (and with the distributed optimizer),
+CP=2, and EP=2 spread over CP=2 give the single-process losses (1e-5 relative) for tiny Mixtral, Qwen3-MoE and
+DeepSeek-V3 (no CP: MLA); checkpoints are saved
 per EP rank in Megatron's names and `bridge export` of them gives the single-process weights; the aux loss is
 trained and reported; DeepSeek's expert bias moves after every step; bad EP settings fail before any spawn."""
 from __future__ import annotations
@@ -25,9 +26,13 @@ RUNS = {
     ("mixtral", "ep2-tp2"): dict(nproc=4, ep=2, tp=2),
     ("qwen3-moe", "ep2-tp2-distopt"): dict(nproc=4, ep=2, tp=2, use_distributed_optimizer=True),
     ("deepseek-v3", "ep2"): dict(nproc=2, ep=2),
+    ("mixtral", "cp2"): dict(nproc=2, cp=2),  # the aux loss's expert counts are summed over the CP group
+    ("qwen3-moe", "cp2-ep2"): dict(nproc=2, cp=2, ep=2),  # the two CP ranks of a sequence split the experts
+    ("mixtral", "cp2-ep2-dp2"): dict(nproc=4, cp=2, ep=2, use_distributed_optimizer=True),  # expert-DP = dp x cp / ep
 }
 RANK_DIRS = {"ep2": ["mp_rank_00_000", "mp_rank_00_001"],
-             "ep2-tp2": ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]}
+             "ep2-tp2": ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"],
+             "ep1": ["mp_rank_00"]}
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +78,10 @@ def test_ep_layout_matches_single_process(setup: dict[str, Path], references: di
     aux, ref_aux = ([r["moe_aux_loss"] for r in s["records"]] for s in (summary, reference))
     assert aux == pytest.approx(ref_aux, rel=1e-5, abs=1e-9)
     run = setup["root"] / "runs" / f"{arch}-{name}"
-    expected = RANK_DIRS["ep2-tp2" if "tp2" in name else "ep2"]
+    expected = RANK_DIRS["ep2-tp2" if "tp2" in name else "ep2" if "ep2" in name else "ep1"]
     assert sorted(p.name for p in (run / "iter_0000010").iterdir()) == expected
     state = _rank_file(run, expected[-1])
-    assert state["args"].expert_model_parallel_size == 2 and state["iteration"] == 10
+    assert state["args"].expert_model_parallel_size == RUNS[arch, name].get("ep", 1) and state["iteration"] == 10
     assert set(state["optimizer"]["params"]) == {f"model.{k}" for k, v in state["model"].items() if "_extra_state" not in k
                                                  and not k.endswith("expert_bias")}
     out = export_hf(run, setup["root"] / f"hf-{arch}-{name}")
@@ -111,9 +116,13 @@ def test_bad_expert_parallel_configs_fail_before_spawn(setup: dict[str, Path], t
     common = ["train", "--load", str(setup["mixtral"]), "--data", str(setup["data"]), "--seq-length", "32"]
     cases = [(["--nproc", "3", "--ep", "3"], "num_experts = 4 is not divisible by --ep = 3"),
              (["--nproc", "2", "--tp", "2", "--ep", "2"], "--ep 2 must divide the data-parallel size world/(tp*pp) = 1"),
-             (["--nproc", "3", "--ep", "2"], "--ep 2 must divide the data-parallel size world/(tp*pp) = 3")]
-    for flags, message in cases:
-        assert main([*common, *flags]) == 1
+             (["--nproc", "3", "--ep", "2"], "--ep 2 must divide the data-parallel size world/(tp*pp) = 3"),
+             (["--nproc", "2", "--cp", "2", "--ep", "4"], "--ep 4 must divide dp x cp = world/(tp*pp) = 2")]
+    deepseek = ["train", "--load", str(setup["deepseek-v3"]), "--data", str(setup["data"]), "--seq-length", "32"]
+    cases = [(common + flags, message) for flags, message in cases]
+    cases.append((deepseek + ["--nproc", "2", "--cp", "2"], "context parallelism does not support multi-latent attention"))
+    for argv, message in cases:
+        assert main(argv) == 1
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
     dense = import_hf(tiny_hf("llama32-tied"), setup["root"] / "dense-ckpt")

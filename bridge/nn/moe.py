@@ -188,15 +188,22 @@ class MoELayer(nn.Module):
     def _aux_loss(self, weights: torch.Tensor, counts: torch.Tensor, assignments: int,
                   logits: torch.Tensor) -> torch.Tensor:
         """Switch-style load-balancing loss (coeff * E * sum f_i P_i), injected into the backward pass.
-        `counts` [E]: this rank's tokens per expert (the dispatch plan's); `assignments`: tokens x top-k."""
+        `counts` [E]: this rank's tokens per expert (the dispatch plan's); `assignments`: tokens x top-k.
+
+        Under CP a sequence's tokens are spread over the CP group, so (as Megatron-LM does over TP x CP) the counts
+        f_i are summed over it first and each rank adds its tokens' share of P_i: the CP ranks' losses then sum to
+        the whole sequence's, and so do their gradients (summed over DP x CP like every other gradient)."""
         counts = counts.float()
         if self.router.expert_bias is not None:
             self.router.local_tokens_per_expert += counts.detach()
         if not self.moe.aux_loss_coeff:
             return weights
         probs = torch.softmax(logits.float(), -1) if self.moe.score_function == "softmax" else torch.sigmoid(logits.float())
-        f = counts / assignments
-        aux = self.moe.aux_loss_coeff * self.moe.num_experts * (f * probs.mean(0)).sum()
+        cp = self.ps.cp
+        if cp > 1:
+            counts = C.all_reduce(counts, self.ps.cp_group)
+        f = counts / (assignments * cp)
+        aux = self.moe.aux_loss_coeff * self.moe.num_experts * (f * probs.sum(0) / (probs.shape[0] * cp)).sum()
         self.aux_loss_sum = self.aux_loss_sum + aux.detach()  # a tensor: no device sync per layer
         return _AuxLoss.apply(weights, aux * self.aux_loss_scale)
 

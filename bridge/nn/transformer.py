@@ -135,8 +135,8 @@ class TransformerLayer(nn.Module):
         moe, mla = cfg.is_moe_layer(layer), cfg.mla is not None
         if (moe or mla) and sequence_parallel:
             raise BridgeError("sequence parallelism is not supported with MoE/MLA layers yet; drop --sequence-parallel")
-        if (moe or mla) and ps.cp > 1:
-            raise BridgeError("context parallelism is not supported with MoE/MLA layers yet; drop --cp")
+        if mla and ps.cp > 1:
+            raise BridgeError("context parallelism is not supported with MLA layers yet; drop --cp")
         norm = lambda: (TENorm if te else RMSNorm)(cfg.hidden_size, cfg.norm_epsilon, dtype=dtype, device=device)  # noqa: E731
         self.input_norm_separate = not te or mla
         if self.input_norm_separate:

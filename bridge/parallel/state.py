@@ -59,16 +59,16 @@ class ParallelState:
         self.tp_rank, self.dp_rank, self.pp_rank = self.coords(rank)
         self.cp_rank = rank // self.tp % cp
         self.ep = layout.ep
-        if cp > 1 and self.ep > 1:
-            raise BridgeError("context parallelism with expert parallelism is not supported yet; drop --cp or --ep")
-        if self.ep > 1 and (self.dp % self.ep or layout.expert_tp != layout.tp):
-            raise BridgeError(f"expert parallelism {self.ep} must divide the data-parallel size {self.dp} (Megatron's rule "
-                              f"ep | dp x tp with etp = tp; etp {layout.expert_tp}); start tp*pp*ep processes or more")
-        self.ep_rank = self.dp_rank % self.ep
+        if self.ep > 1 and (self.dp_cp % self.ep or layout.expert_tp != layout.tp):
+            raise BridgeError(f"expert parallelism {self.ep} must divide dp x cp = {self.dp_cp} (Megatron's rule: "
+                              f"ep x etp divides tp x cp x dp, with etp = tp; etp {layout.expert_tp}); start tp*pp*ep "
+                              f"processes or more")
+        self.ep_rank = self.dp_cp_rank % self.ep
         self.ep_group: dist.ProcessGroup | None = None
-        """Ranks sharing tp/pp rank and dp_rank // ep: they split the experts (tokens travel by all-to-all)."""
+        """Ranks sharing tp/pp rank and dp_cp_rank // ep: they split the experts (tokens travel by all-to-all). As in
+        Megatron-LM, EP is carved out of DP x CP: experts see tokens, not sequences, so CP ranks can split them too."""
         self.expert_dp_group: dist.ProcessGroup | None = None
-        """Ranks holding the same experts (same ep_rank): expert gradients are averaged over this group."""
+        """Ranks holding the same experts (same ep_rank) within DP x CP: expert gradients are summed over this group."""
         self.tp_group: dist.ProcessGroup | None = None
         self.cp_group: dist.ProcessGroup | None = None
         """Ranks holding the other chunks of the same sequences: they exchange K/V in attention."""
@@ -126,17 +126,29 @@ class ParallelState:
 
     @property
     def expert_dp(self) -> int:
-        """Size of the expert-data-parallel group: dp*tp/(ep*etp) in Megatron's terms, dp/ep here (etp = tp)."""
-        return self.dp // self.ep
+        """Size of the expert-data-parallel group: dp*cp*tp/(ep*etp) in Megatron's terms, dp*cp/ep here (etp = tp)."""
+        return self.dp_cp // self.ep
 
     @property
     def expert_dp_rank(self) -> int:
-        return self.dp_rank // self.ep
+        return self.dp_cp_rank // self.ep
+
+    def dp_cp_member(self, index: int, tp_rank: int | None = None, pp_rank: int | None = None) -> int:
+        """Global rank of DP x CP index `index` (ordered (dp, cp), CP fastest) at the given (default: this rank's) tp
+        and pp coordinates."""
+        dp_rank, cp_rank = divmod(index, self.cp)
+        return self.rank_of(self.tp_rank if tp_rank is None else tp_rank, dp_rank,
+                            self.pp_rank if pp_rank is None else pp_rank, cp_rank)
+
+    def ep_peer(self, ep_rank: int) -> int:
+        """Global rank of the member of this rank's EP group that holds EP rank `ep_rank`'s experts."""
+        return self.dp_cp_member(self.expert_dp_rank * self.ep + ep_rank)
 
     @property
     def writes_checkpoint(self) -> bool:
-        """The first replica of every distinct shard writes its file: DP rank 0, or with EP each EP rank's first copy."""
-        return self.expert_dp_rank == 0 and self.cp_rank == 0  # CP ranks hold the same weights
+        """The first replica of every distinct shard writes its file: DP x CP rank 0 (CP ranks hold the same weights),
+        or with EP each EP rank's first copy (which may be a CP rank > 0: EP spans DP x CP)."""
+        return self.expert_dp_rank == 0
 
     @property
     def is_first_stage(self) -> bool:
@@ -201,17 +213,18 @@ class ParallelState:
                   self.dp_rank, self.dp, self.pp_rank, self.pp)
 
     def _create_expert_groups(self) -> None:
-        """EP groups: consecutive runs of `ep` DP ranks; expert-DP groups: DP ranks with equal dp_rank % ep."""
+        """EP groups: consecutive runs of `ep` DP x CP ranks (CP fastest, as Megatron-LM orders them); expert-DP groups:
+        DP x CP ranks with equal index % ep."""
         if self.ep == 1:
-            self.expert_dp_group = self.dp_group
+            self.expert_dp_group = self.dp_cp_group
             return
         for p in range(self.pp):
             for t in range(self.tp):
-                for block in range(self.dp // self.ep):
-                    ranks = [self.rank_of(t, block * self.ep + e, p) for e in range(self.ep)]
+                for block in range(self.dp_cp // self.ep):
+                    ranks = [self.dp_cp_member(block * self.ep + e, t, p) for e in range(self.ep)]
                     self.ep_group = self._new_group(ranks) or self.ep_group
                 for e in range(self.ep):
-                    ranks = [self.rank_of(t, d, p) for d in range(e, self.dp, self.ep)]
+                    ranks = sorted(self.dp_cp_member(i, t, p) for i in range(e, self.dp_cp, self.ep))
                     self.expert_dp_group = self._new_group(ranks) or self.expert_dp_group
 
     def __repr__(self) -> str:

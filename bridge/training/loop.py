@@ -245,7 +245,7 @@ class Trainer:
             return 0.0
         if self.cfg.moe_router_bias_update_rate:
             for chunk in self.rs.chunks:
-                update_expert_bias(chunk, self.cfg.moe_router_bias_update_rate, self.ps.dp_group)
+                update_expert_bias(chunk, self.cfg.moe_router_bias_update_rate, self.ps.dp_cp_group)
         aux = float(sum(layer.aux_loss_sum for layer in self.moe_layers))  # one device sync, not one per layer
         for layer in self.moe_layers:
             layer.aux_loss_sum = 0.0

@@ -117,13 +117,15 @@ def _check_numbers(cfg: TrainConfig) -> None:
 
 
 def _check_expert_parallel(cfg: TrainConfig, dp: int, meta: CheckpointMeta | None) -> None:
-    """EP ranks are carved out of DP (Megatron: expert-DP = dp*tp/(ep*etp), with etp = tp here), so ep | dp."""
+    """EP ranks are carved out of DP x CP (Megatron: expert-DP = dp*cp*tp/(ep*etp), with etp = tp here), so
+    ep | dp*cp = world/(tp*pp)."""
     if cfg.ep < 1:
         raise BridgeError(f"--ep must be >= 1, got {cfg.ep}")
     if cfg.ep == 1:
         return
-    if dp % cfg.ep:
-        raise BridgeError(f"--ep {cfg.ep} must divide the data-parallel size world/(tp*pp) = {dp}; start "
+    if (dp * cfg.cp) % cfg.ep:
+        what = "the data-parallel size world/(tp*pp)" if cfg.cp == 1 else "dp x cp = world/(tp*pp)"
+        raise BridgeError(f"--ep {cfg.ep} must divide {what} = {dp * cfg.cp}; start "
                           f"--nproc {cfg.tp * cfg.pp * cfg.ep} (tp*pp*ep) or a multiple of it")
     if meta is not None and meta.format == "torch_dist" and meta.layout.ep == cfg.ep:
         raise BridgeError(f"{cfg.load} is a torch_dist checkpoint; training at --ep {cfg.ep} reads legacy EP rank "
@@ -215,6 +217,6 @@ def _check_context_parallel(cfg: TrainConfig, model: ModelConfig) -> None:
         raise BridgeError(f"--cp-comm-type p2p (the ring) has no sliding window, and {model.architecture}'s window of "
                           f"{model.sliding_window} tokens is shorter than --seq-length {cfg.seq_length}: "
                           f"pass --cp-comm-type all_gather")
-    if model.moe is not None or model.mla is not None:
-        raise BridgeError(f"--cp {cfg.cp}: context parallelism supports dense attention models only so far; "
-                          f"{model.architecture} has MoE/MLA layers")
+    if model.mla is not None:
+        raise BridgeError(f"--cp {cfg.cp}: context parallelism does not support multi-latent attention yet; "
+                          f"{model.architecture} has MLA layers")
