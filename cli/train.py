@@ -26,7 +26,7 @@ _FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--tp", "--tensor-model-parallel-size"), dict(dest="tp", type=int)),
     (("--pp", "--pipeline-model-parallel-size"), dict(dest="pp", type=int)),
     (("--vpp",), dict(type=int, help="virtual pipeline chunks per stage (interleaved 1F1B)")),
-    (("--ep", "--expert-model-parallel-size"), dict(dest="ep", type=int, help="expert parallelism (MoE; divides DP)")),
+    (("--ep", "--expert-model-parallel-size"), dict(dest="ep", type=int, help="expert parallelism (MoE; divides DP x CP)")),
     (("--moe-router-bias-update-rate",), dict(type=float, help="DeepSeek-V3 expert-bias step (default 1e-3)")),
     (("--cp", "--context-parallel-size"), dict(dest="cp", type=int,
                                                 help="context parallelism: split each sequence over CP ranks")),

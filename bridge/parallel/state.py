@@ -1,6 +1,6 @@
 """`ParallelState`: one rank's place in a TP x CP x DP x PP grid, validated once, with its process groups.
 
-Rank order (Megatron Core's default `tp-cp-ep-dp-pp`, EP carved out of DP): TP is fastest, then CP,
+Rank order (Megatron Core's default `tp-cp-ep-dp-pp`, EP carved out of DP x CP): TP is fastest, then CP,
 then DP, then PP, i.e. `rank = ((pp_rank * dp + dp_rank) * cp + cp_rank) * tp + tp_rank`. So a TP group
 is a block of consecutive ranks (one NVLink island on a node), a CP group (which exchanges K/V every
 layer) comes next, and the stages of one pipeline are `tp * cp * dp` apart. Context parallelism does

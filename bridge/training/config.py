@@ -44,7 +44,7 @@ class TrainConfig:
     vpp: int | None = None
     ep: int = 1
     """Expert parallelism (Megatron's --expert-model-parallel-size): splits each MoE layer's experts over EP ranks
-    carved out of DP, so it must divide the data-parallel size; expert gradients are reduced over the dp/ep replicas."""
+    carved out of DP x CP, so it must divide dp x cp; expert gradients are reduced over the dp*cp/ep replicas."""
     cp: int = 1
     """Context parallelism (Megatron's --context-parallel-size): each sequence is split over CP ranks in 2*cp
     load-balanced chunks; world = tp x cp x pp x dp. Weights are replicated over CP, checkpoints unchanged."""
