@@ -243,9 +243,6 @@ def verify(hf_src: str | Path, checkpoint: str | Path, *, prompts: Sequence[str]
                                                                        meta.config.num_layers):
         raise BridgeError(f"{hf_src} ({hf_cfg.architecture}, {hf_cfg.num_layers} layers) is not the model of {ckpt} "
                           f"({meta.config.architecture}, {meta.config.num_layers} layers); give the HF source it was imported from")
-    if cp > 1 and meta.config.mla is not None:
-        raise BridgeError(f"--cp {cp}: context parallelism does not support multi-latent attention yet; "
-                          f"{meta.config.architecture} has MLA layers")
     texts = list(prompts or DEFAULT_PROMPTS)
     tokens = encode(folder, texts, meta.config.vocab_size)
     multiple = (meta.layout.tp if sequence_parallel else 1) * (2 * cp if cp > 1 else 1)

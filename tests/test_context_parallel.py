@@ -96,6 +96,36 @@ def _attention_rank(exchange: str, window: int | None) -> list[float]:
     return errors
 
 
+def _mla_attention_rank(exchange: str) -> list[float]:
+    """CoreAttention under CP with MLA's two differences, another softmax scale and a narrower v, vs full SDPA."""
+    import torch.distributed as dist
+
+    from bridge.nn.transformer import CoreAttention
+
+    rank, cp = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(0)
+    s, scale = 8 * cp, 0.3
+    q, k, v = (torch.randn(s, 2, 4, d, generator=g, requires_grad=True) for d in (8, 8, 6))  # [s, b, n, d]
+    grad_out = torch.randn(s, 2, 4, 6, generator=g)
+    ref = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (q, k, v)), is_causal=True, scale=scale)
+    ref = ref.permute(2, 0, 1, 3)
+    ref.backward(grad_out)
+    local = [split_sequence(t.detach(), cp, rank, dim=0).requires_grad_() for t in (q, k, v)]
+    attention = CoreAttention(None, cp=cp, cp_rank=rank, cp_group=dist.group.WORLD, cp_comm_type=exchange,
+                              softmax_scale=scale)
+    out = attention(*local)
+    out.backward(split_sequence(grad_out, cp, rank, dim=0))
+    errors = [(out - split_sequence(ref, cp, rank, dim=0)).abs().max().item()]
+    errors += [(t.grad - split_sequence(full.grad, cp, rank, dim=0)).abs().max().item() for t, full in zip(local, (q, k, v))]
+    return errors
+
+
+@pytest.mark.parametrize("exchange", ["p2p", "all_gather"])
+def test_cp_attention_takes_mla_scale_and_narrower_v(exchange: str) -> None:
+    for errors in launch(_mla_attention_rank, 2, exchange):
+        assert max(errors) < 1e-5, errors
+
+
 @pytest.mark.parametrize("exchange, cp, window", [("all_gather", 2, None), ("all_gather", 2, 5), ("p2p", 2, None),
                                                    ("p2p", 4, None)])
 def test_cp_attention_equals_full_causal_attention(exchange: str, cp: int, window: int | None) -> None:

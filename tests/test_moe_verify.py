@@ -1,6 +1,6 @@
 """MoE/MLA logit parity of bridge.nn against transformers (fp32, CPU, gloo) at EP=2, EP=2 x TP=2 and PP=2,
-all four architectures per spawned group, and at CP=2 with EP=2 spread over it (no MLA: it has no CP yet); a
-swapped expert must fail the check."""
+all four architectures per spawned group, and at CP=2 with EP=2 spread over it; a swapped expert must fail the
+check."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -71,7 +71,7 @@ def test_cp_with_experts_split_over_cp_ranks_matches_transformers(references: di
     """World 2 = CP 2 x EP 2: each CP rank holds half of every prompt and half of the experts, and the tokens of both
     halves travel to their experts by all-to-all."""
     tokens = [t[:len(t) // 4 * 4] for t in TOKENS]  # 2 x cp chunks
-    archs = ("mixtral", "qwen3-moe")
+    archs = ("mixtral", "qwen3-moe", "deepseek-v3")  # DeepSeek: MLA's scale and narrower v through the ring
     ckpts = {arch: import_hf(references[arch][0], tmp_path / arch, ParallelLayout(ep=2)) for arch in archs}
     ckpts["broken"] = import_hf(references["mixtral"][0], tmp_path / "broken", ParallelLayout(ep=2))
     _swap_experts(ckpts["broken"], "mp_rank_00_001")

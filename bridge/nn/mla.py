@@ -16,6 +16,7 @@ from torch import nn
 from bridge.config import MLAConfig, ModelConfig
 from bridge.nn.layers import ColumnParallelLinear, RowParallelLinear, TEColumnParallelLinear, TEExtraState, TERowParallelLinear
 from bridge.nn.rope import apply_rope, yarn_mscale
+from bridge.nn.transformer import TECoreAttention
 from bridge.parallel import collectives as C
 from bridge.parallel.state import ParallelState
 
@@ -30,10 +31,6 @@ class TELinear(TEExtraState, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
-
-
-class TEDotProductAttentionState(TEExtraState, nn.Module):
-    """`core_attention`: no parameters, one `_extra_state`."""
 
 
 def softmax_scale(mla: MLAConfig) -> float:
@@ -63,9 +60,9 @@ class MLASelfAttention(nn.Module):
         self.linear_kv_down_proj = TELinear(cfg.hidden_size, mla.kv_lora_rank + mla.qk_pos_emb_head_dim, dtype=dtype, device=device)
         self.linear_kv_up_proj = column(mla.kv_lora_rank, cfg.num_attention_heads * (mla.qk_head_dim + mla.v_head_dim),
                                         norm_eps=cfg.norm_epsilon, **common)
-        self.core_attention = TEDotProductAttentionState()
+        self.core_attention = TECoreAttention(None, cp=ps.cp, cp_rank=ps.cp_rank, cp_group=ps.cp_group,
+                                              cp_comm_type=ps.cp_comm_type, softmax_scale=softmax_scale(mla))
         self.linear_proj = row(cfg.num_attention_heads * mla.v_head_dim, cfg.hidden_size, **common)
-        self.scale = softmax_scale(mla)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         s, b, _ = x.shape  # [s, b, h]
@@ -81,6 +78,5 @@ class MLASelfAttention(nn.Module):
         q_pe = apply_rope(deinterleave(q_pe), *rope)
         k_pe = apply_rope(deinterleave(k_pe.unsqueeze(2)), *rope).expand(s, b, n, mla.qk_pos_emb_head_dim)
         q, k = torch.cat([q_nope, q_pe], -1), torch.cat([k_nope, k_pe], -1)  # [s, b, n, qd]
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, n, s, d]
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # [b, n, s, dv]
-        return self.linear_proj(out.permute(2, 0, 1, 3).reshape(s, b, n * mla.v_head_dim))
+        out = self.core_attention(q, k, v)  # [s, b, n, dv]; under CP over the whole sequence
+        return self.linear_proj(out.reshape(s, b, n * mla.v_head_dim))

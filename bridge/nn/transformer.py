@@ -33,27 +33,44 @@ class CoreAttention(nn.Module):
     """
 
     def __init__(self, sliding_window: int | None, *, cp: int = 1, cp_rank: int = 0, cp_group: Group = None,
-                 cp_comm_type: str = CP_COMM_TYPES[0]) -> None:
+                 cp_comm_type: str = CP_COMM_TYPES[0], softmax_scale: float | None = None) -> None:
         super().__init__()
-        self.sliding_window = sliding_window
+        self.sliding_window, self.softmax_scale = sliding_window, softmax_scale
         self.cp, self.cp_rank, self.cp_group, self.cp_comm_type = cp, cp_rank, cp_group, cp_comm_type
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # q: [s, b, nq, d]; k, v: [s, b, ng, d]
+        # q: [s, b, nq, d]; k: [s, b, ng, d]; v: [s, b, ng, dv] (dv = d but for MLA)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
         s = q.shape[2]
         windowed = self.sliding_window is not None and s * self.cp > self.sliding_window
-        if self.cp > 1 and self.cp_comm_type == "p2p" and not windowed:
-            out = ring_attention(q, k, v, group=self.cp_group, cp=self.cp, cp_rank=self.cp_rank)
-        elif self.cp > 1:
-            out = cp_attention(q, k, v, group=self.cp_group, cp=self.cp, cp_rank=self.cp_rank,
-                               sliding_window=self.sliding_window)
+        if self.cp > 1:
+            out = self._context_parallel(q, k, v, windowed)
         elif windowed:
             mask = window_mask(torch.arange(s, device=q.device), s, self.sliding_window)  # transformers' q - kv < W
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, scale=self.softmax_scale)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        return out.permute(2, 0, 1, 3)  # [s, b, nq, d]
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=self.softmax_scale)
+        return out.permute(2, 0, 1, 3)  # [s, b, nq, dv]
+
+    def _context_parallel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windowed: bool) -> torch.Tensor:
+        """The CP exchanges run with SDPA's default scale and one head size for q, k and v (the CPU and flash kernels
+        take nothing else). MLA has both another scale and a narrower v: its scale is folded into q, and the head
+        sizes are zero-padded to the widest (zero columns change no score; v's padded output columns are dropped)."""
+        d, dv = q.shape[-1], v.shape[-1]
+        width = max(d, dv)
+        scale = self.softmax_scale if self.softmax_scale is not None else d ** -0.5
+        if scale != width ** -0.5:
+            q = q * (scale * width ** 0.5)
+        if width != d:
+            q, k = (F.pad(t, (0, width - d)) for t in (q, k))
+        if width != dv:
+            v = F.pad(v, (0, width - dv))
+        if self.cp_comm_type == "p2p" and not windowed:
+            out = ring_attention(q, k, v, group=self.cp_group, cp=self.cp, cp_rank=self.cp_rank)
+        else:
+            out = cp_attention(q, k, v, group=self.cp_group, cp=self.cp, cp_rank=self.cp_rank,
+                               sliding_window=self.sliding_window)
+        return out if width == dv else out[..., :dv]
 
 
 class TECoreAttention(TEExtraState, CoreAttention):
@@ -135,8 +152,6 @@ class TransformerLayer(nn.Module):
         moe, mla = cfg.is_moe_layer(layer), cfg.mla is not None
         if (moe or mla) and sequence_parallel:
             raise BridgeError("sequence parallelism is not supported with MoE/MLA layers yet; drop --sequence-parallel")
-        if mla and ps.cp > 1:
-            raise BridgeError("context parallelism is not supported with MLA layers yet; drop --cp")
         norm = lambda: (TENorm if te else RMSNorm)(cfg.hidden_size, cfg.norm_epsilon, dtype=dtype, device=device)  # noqa: E731
         self.input_norm_separate = not te or mla
         if self.input_norm_separate:

@@ -201,8 +201,8 @@ def _check_fp8(cfg: TrainConfig) -> None:
 
 
 def _check_context_parallel(cfg: TrainConfig, model: ModelConfig) -> None:
-    """--cp: a positive degree, 2*cp equal chunks per sequence, dense attention layers only (for now); the ring
-    (p2p) only where no sliding window cuts the sequence."""
+    """--cp: a positive degree, 2*cp equal chunks per sequence; the ring (p2p) only where no sliding window cuts the
+    sequence."""
     from bridge.parallel.state import check_cp_comm_type
 
     if cfg.cp < 1:
@@ -217,6 +217,3 @@ def _check_context_parallel(cfg: TrainConfig, model: ModelConfig) -> None:
         raise BridgeError(f"--cp-comm-type p2p (the ring) has no sliding window, and {model.architecture}'s window of "
                           f"{model.sliding_window} tokens is shorter than --seq-length {cfg.seq_length}: "
                           f"pass --cp-comm-type all_gather")
-    if model.mla is not None:
-        raise BridgeError(f"--cp {cfg.cp}: context parallelism does not support multi-latent attention yet; "
-                          f"{model.architecture} has MLA layers")
