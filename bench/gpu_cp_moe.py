@@ -7,8 +7,9 @@ transformers, and `bridge train --cp 2 --ep 2` against `--cp 1 --ep 2` (DP=2) on
 
 The models are built locally with random weights (the embedding scaled to unit variance, as bench/gpu_verify.py
 explains, so bf16 top-1 agreement means something). Under CP, MLA's v is zero-padded to q's head size and its
-softmax scale folded into q (bridge.nn.transformer.CoreAttention): on GPUs this is the path that runs cuDNN or
-flash blocks at head size 192.
+softmax scale passed to the ring's kernels (bridge.nn.transformer.CoreAttention): on GPUs this is the path that runs
+cuDNN or flash blocks at head size 192. `--verify-only` compares bf16 verify at CP=1 and CP=2; `--device cpu` runs
+the same shapes on the CPU.
 """
 from __future__ import annotations
 
@@ -65,10 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-length", type=int, default=4096)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="training precision")
+    p.add_argument("--verify-only", action="store_true", help="bf16 verify at CP=1 and CP=2 only: is a bf16 miss CP's?")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json")
     args = p.parse_args(argv)
-    args.device = "cpu" if args.smoke else "cuda"
+    args.device = "cpu" if args.smoke else args.device
     if args.smoke:
         args.seq_length, args.steps, args.dtype = 64, 4, "fp32"
     from bridge.api import import_hf
@@ -84,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
             hf = build_model(work / f"{name}-hf", work / f"{name}.json", {}, embed_std=1.0)
             ckpt = import_hf(hf, work / f"{name}-ep2", ParallelLayout(ep=2), dtype="bf16", overwrite=True)
             out = results[name] = {}
+            if args.verify_only:
+                for cp in (1, 2):
+                    result = verify(hf, ckpt, dtype="bf16", device=args.device, cp=cp, write_json=False)
+                    print(result.table(), flush=True)
+                    out[f"verify_bf16_cp{cp}"] = {"max_abs": result.overall.max_abs, "top1": result.overall.top1,
+                                                  "cosine": result.overall.cosine}
+                continue
             for dtype in ("fp32", "bf16"):
                 t0 = time.time()
                 result = verify(hf, ckpt, dtype=dtype, device=args.device, cp=2, write_json=False)

@@ -32,22 +32,23 @@ def test_chunks_are_load_balanced_and_gather_back_in_order() -> None:
 @pytest.mark.parametrize("causal, kv_len", [(True, 12), (False, 12), (False, 20)])
 def test_block_kernels_give_sdpa_and_its_gradients(causal: bool, kv_len: int) -> None:
     """The ring's log-sum-exp kernels (CPU flash; the plain math CUDA runs in fp32) against autograd through SDPA, with
-    GQA and a key block longer than the query block; the lse is the log of the softmax's denominator."""
+    GQA, a key block longer than the query block and a scale other than 1/sqrt(d) (MLA's); the lse is the log of the
+    softmax's denominator."""
     from bridge.nn.attention import BLOCK_KERNELS
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, h, s, 8, generator=g, dtype=torch.float64, requires_grad=True)
                for h, s in ((4, 12), (2, kv_len), (2, kv_len)))
     dout = torch.randn(2, 4, 12, 8, generator=g, dtype=torch.float64)
-    ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True, scale=0.3)
     ref.backward(dout)
-    scores = q @ k.repeat_interleave(2, 1).transpose(-1, -2) / 8 ** 0.5
+    scores = q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 0.3
     if causal:
         scores = scores.masked_fill(torch.ones(12, kv_len, dtype=torch.bool).triu(1), float("-inf"))
     for name in ("cpu", "math"):
         kernel = BLOCK_KERNELS[name]
-        out, lse, aux = kernel.forward(q.detach(), k.detach(), v.detach(), causal)
-        grads = kernel.backward(dout, q.detach(), k.detach(), v.detach(), out, lse, aux, causal)
+        out, lse, aux = kernel.forward(q.detach(), k.detach(), v.detach(), causal, 0.3)
+        grads = kernel.backward(dout, q.detach(), k.detach(), v.detach(), out, lse, aux, causal, 0.3)
         assert torch.allclose(out, ref, atol=1e-12) and torch.allclose(lse, scores.logsumexp(-1), atol=1e-12), name
         assert all(torch.allclose(a, b.grad, atol=1e-12) for a, b in zip(grads, (q, k, v))), name
 

@@ -40,49 +40,52 @@ def set_attention_backend(name: str) -> None:
 # A ring computes one query block against one key block at a time and merges the partial outputs by each row's
 # softmax log-sum-exp (lse); backward reruns every block with the *merged* output and lse, which gives each block's
 # exact share of the gradient. SDPA hides the lse, so these call the ATen kernels beneath it. All tensors are
-# contiguous [b, heads, s, d]; k/v may have fewer (GQA) heads; lse is fp32 [b, nq, s].
+# contiguous [b, heads, s, d]; k/v may have fewer (GQA) heads; lse is fp32 [b, nq, s]; `scale` multiplies q k^T
+# inside the kernel (in fp32: MLA's scale is not 1/sqrt(d)).
 
 class BlockKernel(NamedTuple):
-    """forward(q, k, v, causal) -> (out, lse, aux); backward(dout, q, k, v, out, lse, aux, causal) -> (dq, dk, dv).
-    `aux` is what the kernel's own backward takes from its forward (sequence bookkeeping, RNG state)."""
+    """forward(q, k, v, causal, scale) -> (out, lse, aux); backward(dout, q, k, v, out, lse, aux, causal, scale) ->
+    (dq, dk, dv). `aux` is what the kernel's own backward takes from its forward (sequence bookkeeping, RNG state)."""
     forward: Callable[..., tuple[torch.Tensor, torch.Tensor, tuple]]
     backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def _cpu_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple:
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
+def _cpu_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> tuple:
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
     return out, lse.contiguous(), ()
 
 
 def _cpu_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                  lse: torch.Tensor, aux: tuple, causal: bool) -> tuple:
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(dout, q, k, v, out, lse, 0.0, causal)
+                  lse: torch.Tensor, aux: tuple, causal: bool, scale: float) -> tuple:
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(dout, q, k, v, out, lse, 0.0, causal,
+                                                                                scale=scale)
 
 
-def _flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple:
+def _flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> tuple:
     out, lse, cum_q, cum_k, max_q, max_k, rng, unused, _ = torch.ops.aten._scaled_dot_product_flash_attention(
-        q, k, v, 0.0, causal)
+        q, k, v, 0.0, causal, scale=scale)
     return out, lse, (cum_q, cum_k, max_q, max_k, rng, unused)
 
 
 def _flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                    lse: torch.Tensor, aux: tuple, causal: bool) -> tuple:
+                    lse: torch.Tensor, aux: tuple, causal: bool, scale: float) -> tuple:
     cum_q, cum_k, max_q, max_k, rng, unused = aux
     return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, causal, rng, unused)
+        dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, causal, rng, unused, scale=scale)
 
 
-def _cudnn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple:
+def _cudnn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> tuple:
     out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        q, k, v, None, True, 0.0, causal)
+        q, k, v, None, True, 0.0, causal, scale=scale)
     return out, lse.reshape(lse.shape[:3]), (lse.shape, cum_q, cum_k, max_q, max_k, seed, offset)
 
 
 def _cudnn_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                    lse: torch.Tensor, aux: tuple, causal: bool) -> tuple:
+                    lse: torch.Tensor, aux: tuple, causal: bool, scale: float) -> tuple:
     lse_shape, cum_q, cum_k, max_q, max_k, seed, offset = aux
     return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        dout, q, k, v, out, lse.reshape(lse_shape), seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, causal)
+        dout, q, k, v, out, lse.reshape(lse_shape), seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, causal,
+        scale=scale)
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -96,30 +99,29 @@ def _per_query_head(t: torch.Tensor, heads: int) -> torch.Tensor:
     return _wide(t).repeat_interleave(heads // t.shape[1], dim=1)
 
 
-def _math_scores(q: torch.Tensor, k: torch.Tensor, causal: bool) -> torch.Tensor:
-    """q k^T / sqrt(d) in fp32 or wider (k: one head per query head), -inf above the diagonal when causal."""
-    scores = _wide(q) @ k.transpose(-1, -2) / q.shape[-1] ** 0.5  # [b, nq, sq, sk]
+def _math_scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+    """q k^T * scale in fp32 or wider (k: one head per query head), -inf above the diagonal when causal."""
+    scores = _wide(q) @ k.transpose(-1, -2) * scale  # [b, nq, sq, sk]
     if causal:
         scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
     return scores
 
 
-def _math_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple:
-    scores = _math_scores(q, _per_query_head(k, q.shape[1]), causal)
+def _math_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> tuple:
+    scores = _math_scores(q, _per_query_head(k, q.shape[1]), causal, scale)
     lse = scores.logsumexp(-1)
     return (torch.exp(scores - lse.unsqueeze(-1)) @ _per_query_head(v, q.shape[1])).to(q.dtype), lse, ()
 
 
 def _math_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor, aux: tuple, causal: bool) -> tuple:
+                   lse: torch.Tensor, aux: tuple, causal: bool, scale: float) -> tuple:
     """softmax backward with the given (merged) lse: dS = P * (dO V^T - rowsum(dO * O))."""
     groups, per_group = k.shape[1], q.shape[1] // k.shape[1]
     k_wide = _per_query_head(k, q.shape[1])
-    p = torch.exp(_math_scores(q, k_wide, causal) - lse.unsqueeze(-1))  # [b, nq, sq, sk]
+    p = torch.exp(_math_scores(q, k_wide, causal, scale) - lse.unsqueeze(-1))  # [b, nq, sq, sk]
     dout = _wide(dout)
     dv = p.transpose(-1, -2) @ dout
     ds = p * (dout @ _per_query_head(v, q.shape[1]).transpose(-1, -2) - (dout * _wide(out)).sum(-1, keepdim=True))
-    scale = q.shape[-1] ** -0.5
     dq = ds @ k_wide * scale
     dk = ds.transpose(-1, -2) @ _wide(q) * scale
     fold = lambda t: t.unflatten(1, (groups, per_group)).sum(2)  # noqa: E731 - query heads back onto their KV head

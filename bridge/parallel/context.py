@@ -81,10 +81,10 @@ def window_mask(q_pos: torch.Tensor, k_len: int, window: int | None) -> torch.Te
 
 
 def cp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Group, cp: int, cp_rank: int,
-                 sliding_window: int | None = None) -> torch.Tensor:
+                 sliding_window: int | None = None, scale: float | None = None) -> torch.Tensor:
     """Causal attention of this rank's query chunks over the whole sequence.
 
-    q: [b, nq, S/cp, d] (local chunks); k, v: [b, ng, S/cp, d] (local) -> [b, nq, S/cp, d].
+    q: [b, nq, S/cp, d] (local chunks); k, v: [b, ng, S/cp, d] (local) -> [b, nq, S/cp, d]; `scale` as SDPA's.
     """
     k, v = (gather_sequence(t.permute(2, 0, 1, 3), group, cp).permute(1, 2, 0, 3) for t in (k, v))  # [b, ng, S, d]
     size = q.shape[2] // 2
@@ -98,5 +98,5 @@ def cp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Gr
             mask = window_mask(q_pos, end, sliding_window)
         else:
             mask = causal_lower_right(size, end)
-        outs.append(F.scaled_dot_product_attention(q_c, k_c, v_c, attn_mask=mask, enable_gqa=True))
+        outs.append(F.scaled_dot_product_attention(q_c, k_c, v_c, attn_mask=mask, enable_gqa=True, scale=scale))
     return torch.cat(outs, dim=2)

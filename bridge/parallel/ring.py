@@ -84,7 +84,7 @@ def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring, scale: float) -> torch.Tensor:  # noqa: ANN001
         from bridge.nn.attention import block_kernel  # bridge.nn builds on bridge.parallel: import when first used
 
         half = q.shape[2] // 2
@@ -96,7 +96,7 @@ class _RingAttention(torch.autograd.Function):
             rows, cols, causal = block_at(step, ring, half)
             q_rows, k_cols, v_cols = (t[:, :, sl].contiguous() for t, sl in ((q, rows), (kv[0], cols), (kv[1], cols)))
             kernel = block_kernel(q_rows, k_cols, causal)
-            block_out, block_lse, aux = kernel.forward(q_rows, k_cols, v_cols, causal)
+            block_out, block_lse, aux = kernel.forward(q_rows, k_cols, v_cols, causal, scale)
             kernels.append((kernel, aux))
             if out is None:
                 out, lse = block_out.to(_accumulation_dtype(q)), block_lse.contiguous()
@@ -106,7 +106,7 @@ class _RingAttention(torch.autograd.Function):
                 kv = incoming.wait()
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.ring, ctx.kernels = ring, kernels
+        ctx.ring, ctx.kernels, ctx.scale = ring, kernels, scale
         return out
 
     @staticmethod
@@ -123,7 +123,8 @@ class _RingAttention(torch.autograd.Function):
             part = [t[:, :, rows].contiguous() for t in (dout, q, out, lse)]
             k_cols, v_cols = (t[:, :, cols].contiguous() for t in kv)
             kernel, aux = ctx.kernels[step]
-            dq_b, dk_b, dv_b = kernel.backward(part[0], part[1], k_cols, v_cols, part[2], part[3], aux, causal)
+            dq_b, dk_b, dv_b = kernel.backward(part[0], part[1], k_cols, v_cols, part[2], part[3], aux, causal,
+                                               ctx.scale)
             dq[:, :, rows] += dq_b
             # the K/V gradient accumulated by the ranks this block visited before, then ours, then onwards
             dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device) if step == 0 else pending_grad.wait()
@@ -133,15 +134,16 @@ class _RingAttention(torch.autograd.Function):
             if incoming is not None:
                 kv = incoming.wait()
         dkv = pending_grad.wait()  # our own K/V's gradient, home after a full circle
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
 
 
 @torch.compiler.disable  # point-to-point exchanges inside: torch.compile runs the layer around it
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Group, cp: int,
-                   cp_rank: int) -> torch.Tensor:
+                   cp_rank: int, scale: float | None = None) -> torch.Tensor:
     """Causal attention of this rank's two query chunks over the whole sequence, K/V passed around the ring.
 
-    q: [b, nq, S/cp, d] (local chunks); k, v: [b, ng, S/cp, d] (local) -> [b, nq, S/cp, d].
+    q: [b, nq, S/cp, d] (local chunks); k, v: [b, ng, S/cp, d] (local) -> [b, nq, S/cp, d]; `scale`: of q k^T
+    (default 1/sqrt(d), as SDPA).
     """
     q, k, v = (t.contiguous() for t in (q, k, v))
-    return _RingAttention.apply(q, k, v, Ring(group, cp, cp_rank))
+    return _RingAttention.apply(q, k, v, Ring(group, cp, cp_rank), q.shape[-1] ** -0.5 if scale is None else scale)
