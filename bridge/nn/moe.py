@@ -203,7 +203,8 @@ class MoELayer(nn.Module):
         if cp > 1:
             counts = C.all_reduce(counts, self.ps.cp_group)
         f = counts / (assignments * cp)
-        aux = self.moe.aux_loss_coeff * self.moe.num_experts * (f * probs.sum(0) / (probs.shape[0] * cp)).sum()
+        p = probs.sum(0) / (probs.shape[0] * cp)  # this rank's share of the sequence's mean router probability
+        aux = self.moe.aux_loss_coeff * self.moe.num_experts * (f * p).sum()
         self.aux_loss_sum = self.aux_loss_sum + aux.detach()  # a tensor: no device sync per layer
         return _AuxLoss.apply(weights, aux * self.aux_loss_scale)
 

@@ -84,7 +84,8 @@ def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring, scale: float) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring,  # noqa: ANN001
+                scale: float) -> torch.Tensor:
         from bridge.nn.attention import block_kernel  # bridge.nn builds on bridge.parallel: import when first used
 
         half = q.shape[2] // 2
