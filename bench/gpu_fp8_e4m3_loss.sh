@@ -5,15 +5,7 @@
 #   GPU 0 bf16 | GPU 1 FP8 tensorwise e4m3 | GPU 2 FP8 tensorwise hybrid (again, same call) | GPU 3 bf16 again
 # (the run-to-run noise floor).
 #   run(kind="nvidia-h100-x4", carry=[".whl"], command="OUT=$OUT bash bench/gpu_fp8_e4m3_loss.sh")
-source bench/gpu_setup.sh
-export PYTHONPATH=/tmp/site
-LOGS=/tmp/logs; mkdir -p $LOGS
-stdlib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
-common=(fp8 --model llama-8b-8l --seq-length 4096 --micro-batch-size 2 --global-batch-size 16 --steps 200 --warmup 5
-        --compile --lr 2e-4 --extra-text "$stdlib" --corpus /tmp/corpus)
-python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from cp_fp8 import text_corpus; \
-print(text_corpus(Path('/tmp/corpus'), 8192, Path('$stdlib')))"  # the four runs share one corpus and tokenizer
-LIMIT=${LIMIT:-565}
+source bench/gpu_fp8_8b_loss_setup.sh
 one_gpu 0 bf16 python3 bench/cp_fp8.py "${common[@]}" --recipes "" --json "$OUT/bf16.json"
 one_gpu 1 e4m3 python3 bench/cp_fp8.py "${common[@]}" --skip-bf16 --recipes tensorwise-e4m3 --json "$OUT/e4m3.json"
 one_gpu 2 hybrid python3 bench/cp_fp8.py "${common[@]}" --skip-bf16 --recipes tensorwise --json "$OUT/hybrid.json"

@@ -4,15 +4,7 @@
 # its day, bench/gpu_fp8_e4m3_loss.sh); here two more seeds, each bf16 and FP8 tensorwise side by side:
 #   GPU 0 bf16 seed 7 | GPU 1 FP8 seed 7 | GPU 2 bf16 seed 99 | GPU 3 FP8 seed 99
 #   run(kind="nvidia-h100-x4", carry=[".whl"], command="OUT=$OUT bash bench/gpu_fp8_seeds.sh")
-source bench/gpu_setup.sh
-export PYTHONPATH=/tmp/site
-LOGS=/tmp/logs; mkdir -p $LOGS
-stdlib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
-common=(fp8 --model llama-8b-8l --seq-length 4096 --micro-batch-size 2 --global-batch-size 16 --steps 200 --warmup 5
-        --compile --lr 2e-4 --extra-text "$stdlib" --corpus /tmp/corpus)
-python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from cp_fp8 import text_corpus; \
-print(text_corpus(Path('/tmp/corpus'), 8192, Path('$stdlib')))"  # the four runs share one corpus and tokenizer
-LIMIT=${LIMIT:-565}
+source bench/gpu_fp8_8b_loss_setup.sh
 for seed in 7 99; do
   gpu=$(( seed == 7 ? 0 : 2 ))
   one_gpu $gpu bf16-$seed python3 bench/cp_fp8.py "${common[@]}" --seed $seed --recipes "" --json "$OUT/bf16-$seed.json"
