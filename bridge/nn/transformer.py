@@ -53,23 +53,11 @@ class CoreAttention(nn.Module):
         return out.permute(2, 0, 1, 3)  # [s, b, nq, dv]
 
     def _context_parallel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windowed: bool) -> torch.Tensor:
-        """The ring's kernels (CPU and flash) take one head size for q, k and v, and the ring sends K and V as one
-        message; MLA's v is narrower (128 against q's 192 in DeepSeek-V3). So the head sizes are zero-padded to the
-        widest: zero columns change no score, v's padded output columns are dropped. The scale stays the unpadded
-        one (MLA's own, or 1/sqrt(d)) and is applied inside the kernels, in fp32."""
-        d, dv = q.shape[-1], v.shape[-1]
-        width = max(d, dv)
-        scale = self.softmax_scale if self.softmax_scale is not None else d ** -0.5
-        if width != d:
-            q, k = (F.pad(t, (0, width - d)) for t in (q, k))
-        if width != dv:
-            v = F.pad(v, (0, width - dv))
-        where = dict(group=self.cp_group, cp=self.cp, cp_rank=self.cp_rank, scale=scale)
+        """The ring, or the all-gather where a sliding window cuts the sequence (or it was asked for)."""
+        where = dict(group=self.cp_group, cp=self.cp, cp_rank=self.cp_rank, scale=self.softmax_scale)
         if self.cp_comm_type == "p2p" and not windowed:
-            out = ring_attention(q, k, v, **where)
-        else:
-            out = cp_attention(q, k, v, sliding_window=self.sliding_window, **where)
-        return out if width == dv else out[..., :dv]
+            return ring_attention(q, k, v, **where)
+        return cp_attention(q, k, v, sliding_window=self.sliding_window, **where)
 
 
 class TECoreAttention(TEExtraState, CoreAttention):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from bridge.parallel.collectives import Group
 
@@ -143,8 +144,20 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: 
                    cp_rank: int, scale: float | None = None) -> torch.Tensor:
     """Causal attention of this rank's two query chunks over the whole sequence, K/V passed around the ring.
 
-    q: [b, nq, S/cp, d] (local chunks); k, v: [b, ng, S/cp, d] (local) -> [b, nq, S/cp, d]; `scale`: of q k^T
-    (default 1/sqrt(d), as SDPA).
+    q: [b, nq, S/cp, d] (local chunks); k: [b, ng, S/cp, d], v: [b, ng, S/cp, dv] (local) -> [b, nq, S/cp, dv];
+    `scale`: of q k^T (default 1/sqrt(d), as SDPA).
+
+    The ring sends K and V as one message and the CPU and flash kernels take one head size, so a v of another width
+    (MLA's: 128 against q's 192 in DeepSeek-V3) is zero-padded to the widest, and q and k with it if narrower: zero
+    columns change no score, and v's padded output columns are dropped. The scale stays the unpadded one.
     """
+    d, dv = q.shape[-1], v.shape[-1]
+    width = max(d, dv)
+    scale = d ** -0.5 if scale is None else scale
+    if width != d:
+        q, k = (F.pad(t, (0, width - d)) for t in (q, k))
+    if width != dv:
+        v = F.pad(v, (0, width - dv))
     q, k, v = (t.contiguous() for t in (q, k, v))
-    return _RingAttention.apply(q, k, v, Ring(group, cp, cp_rank), q.shape[-1] ** -0.5 if scale is None else scale)
+    out = _RingAttention.apply(q, k, v, Ring(group, cp, cp_rank), scale)
+    return out if width == dv else out[..., :dv]
