@@ -46,7 +46,7 @@ SMOKE = {"deepseek-v3": dict(DEEPSEEK, hidden_size=64, intermediate_size=64, moe
                          num_key_value_heads=2, head_dim=16, vocab_size=512, max_position_embeddings=256)}
 
 
-def train_run(ckpt: Path, work: Path, *, cp: int, args: argparse.Namespace) -> dict:
+def train_run(ckpt: Path, *, cp: int, args: argparse.Namespace) -> dict:
     from bridge.training import TrainConfig, train
 
     cfg = TrainConfig(load=str(ckpt), mock_data=True, nproc=2, cp=cp, ep=2, bf16=args.dtype == "bf16",
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                                           "cosine": result.overall.cosine, "top1": result.overall.top1}
                 ok &= result.passed
             for cp in (1, 2):
-                out[f"train_cp{cp}"] = train_run(ckpt, work, cp=cp, args=args)
+                out[f"train_cp{cp}"] = train_run(ckpt, cp=cp, args=args)
             a, b = out["train_cp1"]["losses"], out["train_cp2"]["losses"]
             out["max_rel_loss_diff"] = max(abs(x - y) / abs(x) for x, y in zip(a, b))
             for cp in (1, 2):
