@@ -3,6 +3,7 @@ transformers, and `bridge train --cp 2 --ep 2` against `--cp 1 --ep 2` (DP=2) on
 
     python bench/gpu_cp_moe.py --json out.json     # 2 GPUs: a DeepSeek-V3-shaped model (MLA's real head sizes:
                                                    # q/k 192, v 128) and a Mixtral-shaped one, both few layers
+    python bench/gpu_cp_moe.py --sp --json o.json  # 4 GPUs: TP=2 x EP=2 with sequence parallelism instead of CP
     python bench/gpu_cp_moe.py --smoke             # CPU, tiny shapes: checks the script itself
 
 The models are built locally with random weights (the embedding scaled to unit variance, as bench/gpu_verify.py
@@ -46,12 +47,18 @@ SMOKE = {"deepseek-v3": dict(DEEPSEEK, hidden_size=64, intermediate_size=64, moe
                          num_key_value_heads=2, head_dim=16, vocab_size=512, max_position_embeddings=256)}
 
 
-def train_run(ckpt: Path, *, cp: int, args: argparse.Namespace) -> dict:
+#: name -> (import layout, verify keywords, the two training layouts compared); world: 2 GPUs, or 4 with --sp
+MODES = {"cp": (dict(ep=2), dict(cp=2), {"cp1": dict(nproc=2, ep=2), "cp2": dict(nproc=2, ep=2, cp=2)}),
+         "sp": (dict(ep=2, tp=2, moe_grouped_gemm=True), dict(sequence_parallel=True),
+                {"tp2": dict(nproc=4, ep=2, tp=2), "tp2-sp": dict(nproc=4, ep=2, tp=2, sequence_parallel=True)})}
+
+
+def train_run(ckpt: Path, *, layout: dict, args: argparse.Namespace) -> dict:
     from bridge.training import TrainConfig, train
 
-    cfg = TrainConfig(load=str(ckpt), mock_data=True, nproc=2, cp=cp, ep=2, bf16=args.dtype == "bf16",
-                      micro_batch_size=1, global_batch_size=2, seq_length=args.seq_length, train_iters=args.steps,
-                      lr=1e-4, lr_warmup_iters=2, eval_interval=0, progress=False, save=None, device=args.device)
+    cfg = TrainConfig(load=str(ckpt), mock_data=True, bf16=args.dtype == "bf16", micro_batch_size=1,
+                      global_batch_size=2, seq_length=args.seq_length, train_iters=args.steps, lr=1e-4,
+                      lr_warmup_iters=2, eval_interval=0, progress=False, save=None, device=args.device, **layout)
     summary = train(cfg)
     records = summary["records"][2:]
     mem = [r["peak_mem_gib"] for r in records if r.get("peak_mem_gib") is not None]
@@ -68,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="training precision")
     p.add_argument("--verify-only", action="store_true", help="bf16 verify at CP=1 and CP=2 only: is a bf16 miss CP's?")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--sp", action="store_true", help="TP=2 x EP=2 with sequence parallelism (4 GPUs) instead of CP=2")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json")
     args = p.parse_args(argv)
@@ -78,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     from bridge.layout import ParallelLayout
     from bridge.verify import verify
 
+    layout, verify_kw, runs = MODES["sp" if args.sp else "cp"]
+    shown = ", ".join(f"{k}={v}" for k, v in {**layout, **verify_kw}.items() if k != "moe_grouped_gemm")
     results, ok = {}, True
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -85,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             config = (SMOKE if args.smoke else {"deepseek-v3": DEEPSEEK, "mixtral": MIXTRAL_SMALL})[name]
             (work / f"{name}.json").write_text(json.dumps(config))
             hf = build_model(work / f"{name}-hf", work / f"{name}.json", {}, embed_std=1.0)
-            ckpt = import_hf(hf, work / f"{name}-ep2", ParallelLayout(ep=2), dtype="bf16", overwrite=True)
+            ckpt = import_hf(hf, work / f"{name}-ckpt", ParallelLayout(**layout), dtype="bf16", overwrite=True)
             out = results[name] = {}
             if args.verify_only:
                 for cp in (1, 2):
@@ -96,20 +106,19 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             for dtype in ("fp32", "bf16"):
                 t0 = time.time()
-                result = verify(hf, ckpt, dtype=dtype, device=args.device, cp=2, write_json=False)
-                print(result.table(), f"\n({name} {dtype} verify at CP=2 x EP=2: {time.time() - t0:.0f}s)\n", flush=True)
+                result = verify(hf, ckpt, dtype=dtype, device=args.device, write_json=False, **verify_kw)
+                print(result.table(), f"\n({name} {dtype} verify at {shown}: {time.time() - t0:.0f}s)\n", flush=True)
                 out[f"verify_{dtype}"] = {"passed": result.passed, "max_abs": result.overall.max_abs,
                                           "cosine": result.overall.cosine, "top1": result.overall.top1}
                 ok &= result.passed
-            for cp in (1, 2):
-                out[f"train_cp{cp}"] = train_run(ckpt, cp=cp, args=args)
-            a, b = out["train_cp1"]["losses"], out["train_cp2"]["losses"]
-            out["max_rel_loss_diff"] = max(abs(x - y) / abs(x) for x, y in zip(a, b))
-            for cp in (1, 2):
-                r = out[f"train_cp{cp}"]
-                print(f"{name} train cp={cp} ep=2 ({args.dtype}, seq {args.seq_length}): {r['tokens_per_s']:.0f} tokens/s, "
+            for run, train_layout in runs.items():
+                out[f"train_{run}"] = r = train_run(ckpt, layout=train_layout, args=args)
+                print(f"{name} train {run} ep=2 ({args.dtype}, seq {args.seq_length}): {r['tokens_per_s']:.0f} tokens/s, "
                       f"peak {r['peak_mem_gib']} GiB, losses {[round(x, 4) for x in r['losses']]}", flush=True)
-            print(f"{name}: max relative loss difference cp=2 vs cp=1 over {len(a)} steps {out['max_rel_loss_diff']:.2e}")
+            a, b = (out[f"train_{run}"]["losses"] for run in runs)
+            out["max_rel_loss_diff"] = max(abs(x - y) / abs(x) for x, y in zip(a, b))
+            print(f"{name}: max relative loss difference {' vs '.join(reversed(runs))} over {len(a)} steps "
+                  f"{out['max_rel_loss_diff']:.2e}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0 if ok else 1

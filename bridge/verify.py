@@ -74,7 +74,8 @@ class VerifyResult:
         head = f"{'prompt':<34} {'tokens':>6} {'max abs':>10} {'mean abs':>10} {'cosine':>9} {'top-1':>7}"
         lines = [f"bridge verify: {self.checkpoint} vs {self.hf_source}",
                  f"layout tp={self.layout['tp']} pp={self.layout['pp']} vpp={self.layout['vpp']}"
-                 + "".join(f" {k}={self.layout[k]}" for k in ("ep", "cp") if self.layout.get(k, 1) > 1) + " "
+                 + "".join(f" {k}={self.layout[k]}" for k in ("ep", "cp") if self.layout.get(k, 1) > 1)
+                 + (" sp" if self.layout.get("sequence_parallel") else "") + " "
                  f"({self.transformer_impl}), {self.dtype} on {self.device}", head, "-" * len(head)]
         for m in [*self.prompts, self.overall]:
             if m is self.overall:
@@ -254,7 +255,9 @@ def verify(hf_src: str | Path, checkpoint: str | Path, *, prompts: Sequence[str]
     ours = sharded_logits([ckpt], tokens, dtype=dtype, device=device, sequence_parallel=sequence_parallel, cp=cp)[0]
     rows, overall, ok, criterion = compare(texts, ref, ours, dtype)
     result = VerifyResult(checkpoint=str(ckpt), hf_source=str(hf_src), dtype=dtype, device=device,
-                          layout={**meta.layout.to_json(), **({"cp": cp} if cp > 1 else {})}, transformer_impl=meta.transformer_impl, prompts=rows,
+                          layout={**meta.layout.to_json(), **({"cp": cp} if cp > 1 else {}),
+                                  **({"sequence_parallel": True} if sequence_parallel and meta.layout.tp > 1 else {})},
+                          transformer_impl=meta.transformer_impl, prompts=rows,
                           overall=overall, passed=ok, criterion=criterion)
     if write_json:
         (ckpt / VERIFY_FILE).write_text(json.dumps(result.to_json(), indent=2) + "\n")

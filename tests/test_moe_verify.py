@@ -1,6 +1,6 @@
-"""MoE/MLA logit parity of bridge.nn against transformers (fp32, CPU, gloo) at EP=2, EP=2 x TP=2 and PP=2,
-all four architectures per spawned group, and at CP=2 with EP=2 spread over it; a swapped expert must fail the
-check."""
+"""MoE/MLA logit parity of bridge.nn against transformers (fp32, CPU, gloo) at EP=2, EP=2 x TP=2 (also with
+sequence parallelism) and PP=2, all four architectures per spawned group, and at CP=2 with EP=2 spread over it; a
+swapped expert must fail the check."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,7 +14,7 @@ from bridge.checkpoint import CheckpointMeta
 from bridge.layout import ParallelLayout
 from bridge.nn import build_model_chunks, load_rank_checkpoint
 from bridge.parallel.state import ParallelState
-from bridge.verify import DEFAULT_PROMPTS, compare, encode, hf_logits, sharded_logits
+from bridge.verify import DEFAULT_PROMPTS, compare, encode, hf_logits, sharded_logits, verify
 from tests.model_fixtures import MOE_MODELS, load_pt
 
 TOKENS = encode(Path("/nonexistent"), DEFAULT_PROMPTS, 300)
@@ -34,6 +34,17 @@ def _swap_experts(ckpt: Path, rank_dir: str) -> None:
     model = state["model"]
     for fc in ("linear_fc1", "linear_fc2"):
         a, b = (f"decoder.layers.1.mlp.experts.local_experts.{j}.{fc}.weight" for j in (0, 1))
+        model[a], model[b] = model[b], model[a]
+    torch.save(state, path)
+
+
+def _swap_grouped_experts(ckpt: Path, rank_dir: str) -> None:
+    """The grouped-GEMM naming's version of `_swap_experts`: weights 0 and 1 of layer 1's experts."""
+    path = ckpt / "release" / rank_dir / "model_optim_rng.pt"
+    state = load_pt(path)
+    model = state["model"]
+    for fc in ("linear_fc1", "linear_fc2"):
+        a, b = (f"decoder.layers.1.mlp.experts.{fc}.weight{j}" for j in (0, 1))
         model[a], model[b] = model[b], model[a]
     torch.save(state, path)
 
@@ -80,3 +91,22 @@ def test_cp_with_experts_split_over_cp_ranks_matches_transformers(references: di
         _, overall, passed, criterion = compare(DEFAULT_PROMPTS, ref, logits, "fp32")
         print(f"cp2-ep2   {key:12} max abs {overall.max_abs:.3e} top-1 {overall.top1:.1%} {'PASS' if passed else 'FAIL'}")
         assert passed == (key != "broken"), f"{key} at cp2-ep2: {criterion}"
+
+
+@pytest.mark.slow
+def test_sequence_parallel_with_experts_matches_transformers(references: dict, tmp_path: Path) -> None:
+    """TP=2 x EP=2 with sequence parallelism: each TP rank routes its half of every prompt (and runs MLA's
+    down-projections on it), the experts see the whole TP sequence; a swapped expert must still fail."""
+    tokens = [t[:len(t) // 2 * 2] for t in TOKENS]
+    layout = LAYOUTS["ep2-tp2"]
+    ckpts = {arch: import_hf(src, tmp_path / arch, layout) for arch, (src, _) in references.items()}
+    ckpts["broken"] = import_hf(references["mixtral"][0], tmp_path / "broken", layout)
+    _swap_grouped_experts(ckpts["broken"], "mp_rank_01_001")
+    for key, logits in zip(ckpts, sharded_logits(list(ckpts.values()), tokens, sequence_parallel=True)):
+        ref = [r[:len(t)] for r, t in zip(references["mixtral" if key == "broken" else key][1], tokens)]
+        _, overall, passed, criterion = compare(DEFAULT_PROMPTS, ref, logits, "fp32")
+        print(f"ep2-tp2-sp {key:12} max abs {overall.max_abs:.3e} top-1 {overall.top1:.1%} {'PASS' if passed else 'FAIL'}")
+        assert passed == (key != "broken"), f"{key} at ep2-tp2 with SP: {criterion}"
+    result = verify(references["deepseek-v3"][0], ckpts["deepseek-v3"], sequence_parallel=True, write_json=False)
+    assert result.passed and " ep=2 sp " in result.table() and result.layout["sequence_parallel"], result.table()
+    assert all(m.tokens % 2 == 0 for m in result.prompts)  # each prompt cut to a multiple of tp

@@ -1,6 +1,6 @@
-"""CPU/gloo acceptance for MoE training: 10 fp32 steps at EP=2, EP=2 x TP=2 (and with the distributed optimizer),
-CP=2, and EP=2 spread over CP=2 give the single-process losses (1e-5 relative) for tiny Mixtral, Qwen3-MoE and
-DeepSeek-V3; checkpoints are saved
+"""CPU/gloo acceptance for MoE training: 10 fp32 steps at EP=2, EP=2 x TP=2 (and with the distributed optimizer or
+sequence parallelism), CP=2, and EP=2 spread over CP=2 give the single-process losses (1e-5 relative) for tiny
+Mixtral, Qwen3-MoE, Qwen2-MoE and DeepSeek-V3; checkpoints are saved
 per EP rank in Megatron's names and `bridge export` of them gives the single-process weights; the aux loss is
 trained and reported; DeepSeek's expert bias moves after every step; bad EP settings fail before any spawn."""
 from __future__ import annotations
@@ -30,10 +30,16 @@ RUNS = {
     ("qwen3-moe", "cp2-ep2"): dict(nproc=2, cp=2, ep=2),  # the two CP ranks of a sequence split the experts
     ("mixtral", "cp2-ep2-dp2"): dict(nproc=4, cp=2, ep=2, use_distributed_optimizer=True),  # expert-DP = dp x cp / ep
     ("deepseek-v3", "cp2-ep2"): dict(nproc=2, cp=2, ep=2),  # MLA through the ring; expert-bias loads over DP x CP
+    # sequence parallelism: each TP rank routes its shard; aux-loss shares and router gradients summed over TP
+    ("mixtral", "ep2-tp2-sp"): dict(nproc=4, ep=2, tp=2, sequence_parallel=True),
+    ("qwen2-moe", "tp2-sp"): dict(nproc=2, tp=2, sequence_parallel=True),  # the gated shared expert on the shards
+    ("deepseek-v3", "tp2-cp2-sp"): dict(nproc=4, tp=2, cp=2, sequence_parallel=True),  # MLA's down-projections too
 }
-RANK_DIRS = {"ep2": ["mp_rank_00_000", "mp_rank_00_001"],
-             "ep2-tp2": ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"],
-             "ep1": ["mp_rank_00"]}
+
+
+def rank_dirs(tp: int = 1, ep: int = 1) -> list[str]:
+    """Megatron's rank folders: mp_rank_{tp:02d}, with _{ep:03d} when EP > 1."""
+    return [f"mp_rank_{t:02d}" + (f"_{e:03d}" if ep > 1 else "") for t in range(tp) for e in range(ep)]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +85,7 @@ def test_ep_layout_matches_single_process(setup: dict[str, Path], references: di
     aux, ref_aux = ([r["moe_aux_loss"] for r in s["records"]] for s in (summary, reference))
     assert aux == pytest.approx(ref_aux, rel=1e-5, abs=1e-9)
     run = setup["root"] / "runs" / f"{arch}-{name}"
-    expected = RANK_DIRS["ep2-tp2" if "tp2" in name else "ep2" if "ep2" in name else "ep1"]
+    expected = rank_dirs(RUNS[arch, name].get("tp", 1), RUNS[arch, name].get("ep", 1))
     assert sorted(p.name for p in (run / "iter_0000010").iterdir()) == expected
     state = _rank_file(run, expected[-1])
     assert state["args"].expert_model_parallel_size == RUNS[arch, name].get("ep", 1) and state["iteration"] == 10
@@ -103,12 +109,14 @@ def test_aux_loss_is_trained_and_reported(references: dict) -> None:
 
 def test_deepseek_expert_bias_moves_and_is_saved(setup: dict[str, Path], references: dict) -> None:
     """Auxiliary-loss-free balancing: after 10 steps every MoE router's bias is nonzero, the same in every EP file
-    (also when EP spans the CP ranks)."""
+    (also when EP spans the CP ranks, and under sequence parallelism, where each TP rank routes a shard)."""
     single = _rank_file(setup["root"] / "runs" / "deepseek-v3-single", "mp_rank_00")["model"]
     biases = {k: v for k, v in single.items() if k.endswith("router.expert_bias")}
     assert biases and all(v.abs().max() > 0 for v in biases.values())
-    for run in ("deepseek-v3-ep2", "deepseek-v3-cp2-ep2"):  # under CP the loads are summed over DP x CP
-        for rank_dir in RANK_DIRS["ep2"]:
+    runs = {"deepseek-v3-ep2": rank_dirs(ep=2), "deepseek-v3-cp2-ep2": rank_dirs(ep=2),  # CP: loads summed over DP x CP
+            "deepseek-v3-tp2-cp2-sp": rank_dirs(tp=2)}  # SP: the loads of the whole TP sequence
+    for run, dirs in runs.items():
+        for rank_dir in dirs:
             model = _rank_file(setup["root"] / "runs" / run, rank_dir)["model"]
             for k, v in biases.items():
                 torch.testing.assert_close(model[k], v, rtol=0, atol=0)

@@ -3,7 +3,9 @@
 q = q_up(norm(q_down(x))) per head [nope | rope]; kv = kv_up(norm(kv_down(x)[:kv_lora])) per head [k_nope | v];
 the shared k_rope = kv_down(x)[kv_lora:]. RoPE acts on the rope parts after de-interleaving them
 (`x[..., 0::2] ++ x[..., 1::2]`), as both transformers (rope_interleave) and Megatron Core (MLA) do.
-Down-projections are replicated over TP; up-projections are column parallel (whole heads per rank).
+Down-projections are replicated over TP; up-projections are column parallel (whole heads per rank). With sequence
+parallelism the down-projections run on this rank's sequence shard and the up-projections gather the sequence (as
+every column-parallel input does), the shared k_rope is gathered alongside, and linear_proj reduce-scatters back.
 """
 from __future__ import annotations
 
@@ -45,12 +47,14 @@ def deinterleave(x: torch.Tensor) -> torch.Tensor:
 
 
 class MLASelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, ps: ParallelState, *, te: bool, dtype: torch.dtype, device: torch.device | None) -> None:
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, *, te: bool, sequence_parallel: bool, dtype: torch.dtype,
+                 device: torch.device | None) -> None:
         super().__init__()
         mla, tp = cfg.mla, ps.tp
         self.mla, self.tp_group, self.heads = mla, ps.tp_group, cfg.num_attention_heads // tp
+        self.sequence_parallel = sequence_parallel
         qd = mla.qk_head_dim + mla.qk_pos_emb_head_dim
-        common = dict(tp=tp, group=ps.tp_group, dtype=dtype, device=device)
+        common = dict(tp=tp, group=ps.tp_group, sequence_parallel=sequence_parallel, dtype=dtype, device=device)
         column, row = (TEColumnParallelLinear, TERowParallelLinear) if te else (ColumnParallelLinear, RowParallelLinear)
         if mla.q_lora_rank is None:
             self.linear_q_proj = column(cfg.hidden_size, cfg.num_attention_heads * qd, **common)
@@ -65,14 +69,16 @@ class MLASelfAttention(nn.Module):
         self.linear_proj = row(cfg.num_attention_heads * mla.v_head_dim, cfg.hidden_size, **common)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        s, b, _ = x.shape  # [s, b, h]
+        # x: [s(/tp), b, h]; from the up-projections on, the whole sequence [s, b, ...]
         mla, n = self.mla, self.heads
         q = self.linear_q_proj(x) if mla.q_lora_rank is None else self.linear_q_up_proj(self.linear_q_down_proj(x))
+        s, b = q.shape[:2]
         q = q.view(s, b, n, mla.qk_head_dim + mla.qk_pos_emb_head_dim)
         q_nope, q_pe = q.split([mla.qk_head_dim, mla.qk_pos_emb_head_dim], dim=-1)
-        kv_a = self.linear_kv_down_proj(x)  # [s, b, kv_lora + d_rope]
+        kv_a = self.linear_kv_down_proj(x)  # [s(/tp), b, kv_lora + d_rope]
         k_pass, k_pe = kv_a.split([mla.kv_lora_rank, mla.qk_pos_emb_head_dim], dim=-1)
-        k_pe = C.copy_to_tp(k_pe, self.tp_group)  # shared by this rank's heads only: sum its grad over TP
+        # shared by this rank's heads only: its gradient is summed over TP (reduce-scattered under SP)
+        k_pe = C.gather_from_sp(k_pe, self.tp_group) if self.sequence_parallel else C.copy_to_tp(k_pe, self.tp_group)
         kv = self.linear_kv_up_proj(k_pass).view(s, b, n, mla.qk_head_dim + mla.v_head_dim)
         k_nope, v = kv.split([mla.qk_head_dim, mla.v_head_dim], dim=-1)
         q_pe = apply_rope(deinterleave(q_pe), *rope)

@@ -9,6 +9,10 @@ Routing (Megatron's TopKRouter, matching transformers for each family):
   times `topk_scaling_factor`.
 Expert tensor parallelism equals TP here (each rank holds [gate_r; up_r] / fc2 columns of every local
 expert); expert outputs are summed over TP before they are weighted, so router gradients are complete.
+With sequence parallelism each TP rank routes its own sequence shard (the router weight's gradient is then summed
+over TP, like a norm's); the routed tokens and their choices are all-gathered over TP, since every TP rank computes
+its slice of every expert for all of them, and the experts' partial sums are reduce-scattered back to the shards
+(Megatron's all-to-all dispatcher does the same around its expert-parallel exchange).
 """
 from __future__ import annotations
 
@@ -139,13 +143,13 @@ class Experts(nn.Module):
 class SharedExperts(nn.Module):
     """An always-on SwiGLU MLP next to the routed experts; Qwen2-MoE gates it with sigmoid(x . gate_weight)."""
 
-    def __init__(self, cfg: ModelConfig, moe: MoEConfig, ps: ParallelState, *, te: bool, dtype: torch.dtype,
-                 device: torch.device | None) -> None:
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, ps: ParallelState, *, te: bool, sequence_parallel: bool,
+                 dtype: torch.dtype, device: torch.device | None) -> None:
         super().__init__()
         from bridge.nn.layers import TEColumnParallelLinear, TERowParallelLinear
 
         column, row = (TEColumnParallelLinear, TERowParallelLinear) if te else (ColumnParallelLinear, RowParallelLinear)
-        common = dict(tp=ps.tp, group=ps.tp_group, dtype=dtype, device=device)
+        common = dict(tp=ps.tp, group=ps.tp_group, sequence_parallel=sequence_parallel, dtype=dtype, device=device)
         self.linear_fc1 = column(cfg.hidden_size, 2 * moe.shared_expert_ffn_hidden_size, **common)
         self.linear_fc2 = row(moe.shared_expert_ffn_hidden_size, cfg.hidden_size, **common)
         self.gate_weight = nn.Parameter(torch.zeros(1, cfg.hidden_size, dtype=dtype, device=device)) if moe.shared_expert_gate else None
@@ -159,13 +163,16 @@ class SharedExperts(nn.Module):
 class MoELayer(nn.Module):
     """Megatron's `MoELayer` (the layer's `mlp`): router -> dispatch -> experts -> combine (+ shared experts)."""
 
-    def __init__(self, cfg: ModelConfig, ps: ParallelState, *, te: bool, dtype: torch.dtype, device: torch.device | None) -> None:
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, *, te: bool, sequence_parallel: bool, dtype: torch.dtype,
+                 device: torch.device | None) -> None:
         super().__init__()
         moe = cfg.moe
         self.moe, self.ps = moe, ps
+        self.sequence_parallel = sequence_parallel and ps.tp > 1
         self.router = Router(cfg, moe, dtype=dtype, device=device)
         self.experts = Experts(cfg, moe, ps, te=te, grouped=ps.layout.moe_grouped_gemm, dtype=dtype, device=device)
-        self.shared_experts = SharedExperts(cfg, moe, ps, te=te, dtype=dtype, device=device) if moe.shared_expert_ffn_hidden_size else None
+        self.shared_experts = (SharedExperts(cfg, moe, ps, te=te, sequence_parallel=sequence_parallel, dtype=dtype,
+                                             device=device) if moe.shared_expert_ffn_hidden_size else None)
         self.aux_loss_scale = 1.0
         """Gradient scale of the aux loss (Megatron's MoEAuxLossAutoScaler): the trainer sets 1/micro-batches per
         global batch, so the aux loss is averaged like the language-model loss."""
@@ -173,26 +180,33 @@ class MoELayer(nn.Module):
         """Sum of this layer's coefficient-weighted aux losses (unscaled) since the trainer last read it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s, b, h = x.shape  # [s, b, h]
+        s, b, h = x.shape  # [s(/tp), b, h]
         tokens = x.reshape(-1, h)
-        weights, experts, logits = self.router(tokens)
+        weights, experts, logits = self.router(tokens)  # this rank's tokens (its sequence shard under SP)
+        group = self.ps.tp_group
+        if self.sequence_parallel:  # every TP rank computes its slice of the experts for the whole TP sequence
+            routed, experts = C.gather_from_sp(tokens, group), C.all_gather(experts, group, 0)
+        else:
+            routed = C.copy_to_tp(tokens, group)
         plan = Dispatch(experts, self.moe.num_experts, self.ps.layout.ep, self.ps.ep_group)
         if self.training and torch.is_grad_enabled():
             weights = self._aux_loss(weights, plan.counts, experts.numel(), logits)
-        rows = plan.forward(C.copy_to_tp(tokens, self.ps.tp_group), self.moe.router_topk)
+        rows = plan.forward(routed, self.moe.router_topk)
         out = plan.backward(self.experts(rows, plan.local_counts))  # [T*k, h] partial over TP
-        out = C.reduce_from_tp(out, self.ps.tp_group).view(-1, self.moe.router_topk, h)
-        y = (out * weights.unsqueeze(-1)).sum(1).view(s, b, h)
+        out = C.reduce_scatter_to_sp(out, group) if self.sequence_parallel else C.reduce_from_tp(out, group)
+        y = (out.view(-1, self.moe.router_topk, h) * weights.unsqueeze(-1)).sum(1).view(s, b, h)
         return y if self.shared_experts is None else y + self.shared_experts(x)
 
     def _aux_loss(self, weights: torch.Tensor, counts: torch.Tensor, assignments: int,
                   logits: torch.Tensor) -> torch.Tensor:
         """Switch-style load-balancing loss (coeff * E * sum f_i P_i), injected into the backward pass.
-        `counts` [E]: this rank's tokens per expert (the dispatch plan's); `assignments`: tokens x top-k.
+        `counts` [E]: tokens per expert of the dispatch plan (under SP already those of the whole TP sequence);
+        `assignments`: the plan's tokens x top-k; `logits`: this rank's tokens only.
 
-        Under CP a sequence's tokens are spread over the CP group, so (as Megatron-LM does over TP x CP) the counts
-        f_i are summed over it first and each rank adds its tokens' share of P_i: the CP ranks' losses then sum to
-        the whole sequence's, and so do their gradients (summed over DP x CP like every other gradient)."""
+        Under CP (and SP) a sequence's tokens are spread over the CP (and TP) group, so, as Megatron-LM does over
+        TP x CP, the counts f_i cover the whole sequence (summed over CP here, gathered over TP by the dispatch) and
+        each rank adds its tokens' share of P_i: the ranks' losses then sum to the whole sequence's, and so do their
+        gradients (summed over DP x CP like every other gradient, and over TP like the router's under SP)."""
         counts = counts.float()
         if self.router.expert_bias is not None:
             self.router.local_tokens_per_expert += counts.detach()
@@ -203,7 +217,8 @@ class MoELayer(nn.Module):
         if cp > 1:
             counts = C.all_reduce(counts, self.ps.cp_group)
         f = counts / (assignments * cp)
-        p = probs.sum(0) / (probs.shape[0] * cp)  # this rank's share of the sequence's mean router probability
+        shards = cp * (self.ps.tp if self.sequence_parallel else 1)
+        p = probs.sum(0) / (probs.shape[0] * shards)  # this rank's share of the sequence's mean router probability
         aux = self.moe.aux_loss_coeff * self.moe.num_experts * (f * p).sum()
         self.aux_loss_sum = self.aux_loss_sum + aux.detach()  # a tensor: no device sync per layer
         return _AuxLoss.apply(weights, aux * self.aux_loss_scale)

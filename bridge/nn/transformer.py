@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from bridge.config import ModelConfig
-from bridge.errors import BridgeError
 from bridge.nn.layers import (ColumnParallelLinear, RMSNorm, RowParallelLinear, TEColumnParallelLinear,
                               TEExtraState, TERowParallelLinear)
 from bridge.nn import rope_qkv
@@ -137,8 +136,6 @@ class TransformerLayer(nn.Module):
         super().__init__()
         te = transformer_impl == "transformer_engine"
         moe, mla = cfg.is_moe_layer(layer), cfg.mla is not None
-        if (moe or mla) and sequence_parallel:
-            raise BridgeError("sequence parallelism is not supported with MoE/MLA layers yet; drop --sequence-parallel")
         norm = lambda: (TENorm if te else RMSNorm)(cfg.hidden_size, cfg.norm_epsilon, dtype=dtype, device=device)  # noqa: E731
         self.input_norm_separate = not te or mla
         if self.input_norm_separate:
@@ -147,7 +144,7 @@ class TransformerLayer(nn.Module):
         if mla:
             from bridge.nn.mla import MLASelfAttention
 
-            self.self_attention = MLASelfAttention(cfg, ps, te=te, dtype=dtype, device=device)
+            self.self_attention = MLASelfAttention(cfg, ps, **kwargs)
         else:
             self.self_attention = SelfAttention(cfg, ps, **kwargs)
         self.pre_norm_separate = not te or moe
@@ -156,7 +153,7 @@ class TransformerLayer(nn.Module):
         if moe:
             from bridge.nn.moe import MoELayer
 
-            self.mlp = MoELayer(cfg, ps, te=te, dtype=dtype, device=device)
+            self.mlp = MoELayer(cfg, ps, **kwargs)
         else:
             self.mlp = MLP(cfg, ps, **kwargs)
 

@@ -240,7 +240,8 @@ class Trainer:
 
     def moe_step(self) -> float:
         """After the optimizer step: DeepSeek's expert-bias update (loads summed over DP, as Megatron's
-        finalize_model_grads does) and this rank's aux losses of the step (counted on TP rank 0 only)."""
+        finalize_model_grads does) and this rank's aux losses of the step (counted on TP rank 0 only, but on every TP
+        rank under sequence parallelism, where each holds its sequence shard's part)."""
         if not self.moe_layers:
             return 0.0
         if self.cfg.moe_router_bias_update_rate:
@@ -249,7 +250,7 @@ class Trainer:
         aux = float(sum(layer.aux_loss_sum for layer in self.moe_layers))  # one device sync, not one per layer
         for layer in self.moe_layers:
             layer.aux_loss_sum = 0.0
-        return aux if self.ps.tp_rank == 0 else 0.0
+        return aux if self.ps.tp_rank == 0 or self.moe_layers[0].sequence_parallel else 0.0
 
     def after_step(self, record: dict[str, Any]) -> None:
         rs, cfg = self.rs, self.cfg
