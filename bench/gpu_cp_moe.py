@@ -7,10 +7,10 @@ transformers, and `bridge train --cp 2 --ep 2` against `--cp 1 --ep 2` (DP=2) on
     python bench/gpu_cp_moe.py --smoke             # CPU, tiny shapes: checks the script itself
 
 The models are built locally with random weights (the embedding scaled to unit variance, as bench/gpu_verify.py
-explains, so bf16 top-1 agreement means something). Under CP, MLA's v is zero-padded to q's head size and its
-softmax scale passed to the ring's kernels (bridge.nn.transformer.CoreAttention): on GPUs this is the path that runs
-cuDNN or flash blocks at head size 192. `--verify-only` compares bf16 verify at CP=1 and CP=2; `--device cpu` runs
-the same shapes on the CPU.
+explains, so bf16 top-1 agreement means something). Under CP, MLA's narrower v travels the ring as it is and its
+softmax scale goes to the ring's kernels (bridge.parallel.ring): on GPUs this is the path that runs cuDNN or flash
+blocks at head size 192. `--verify-only` compares bf16 verify with and without CP=2 (with --sp: with and without
+sequence parallelism); `--device cpu` runs the same shapes on the CPU.
 """
 from __future__ import annotations
 
@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-length", type=int, default=4096)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="training precision")
-    p.add_argument("--verify-only", action="store_true", help="bf16 verify at CP=1 and CP=2 only: is a bf16 miss CP's?")
+    p.add_argument("--verify-only", action="store_true",
+                   help="bf16 verify with and without CP=2 (or SP) only: is a bf16 miss theirs?")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--sp", action="store_true", help="TP=2 x EP=2 with sequence parallelism (4 GPUs) instead of CP=2")
     p.add_argument("--smoke", action="store_true")
@@ -98,11 +99,11 @@ def main(argv: list[str] | None = None) -> int:
             ckpt = import_hf(hf, work / f"{name}-ckpt", ParallelLayout(**layout), dtype="bf16", overwrite=True)
             out = results[name] = {}
             if args.verify_only:
-                for cp in (1, 2):
-                    result = verify(hf, ckpt, dtype="bf16", device=args.device, cp=cp, write_json=False)
+                for label, kw in (("without", {}), ("with", verify_kw)):
+                    result = verify(hf, ckpt, dtype="bf16", device=args.device, write_json=False, **kw)
                     print(result.table(), flush=True)
-                    out[f"verify_bf16_cp{cp}"] = {"max_abs": result.overall.max_abs, "top1": result.overall.top1,
-                                                  "cosine": result.overall.cosine}
+                    out[f"verify_bf16_{label}"] = {"max_abs": result.overall.max_abs, "top1": result.overall.top1,
+                                                   "cosine": result.overall.cosine, "passed": result.passed}
                 continue
             for dtype in ("fp32", "bf16"):
                 t0 = time.time()

@@ -5,8 +5,10 @@
 For each CP degree, CP ranks (one GPU each, NCCL) first check both exchanges against attention over the whole
 sequence at --check-length: the max abs error of the output and of the q/k/v gradients, bf16, next to that of
 PyTorch's own bf16 SDPA, all against an fp32 reference. Then each times forward + backward of its two chunks at
---seq-length, 1B shape (32 query heads, 8 KV heads, d 64), once per exchange and --attention-backend; the
-slowest rank's median counts. CP=1 is PyTorch's causal SDPA on the whole sequence, on one GPU.
+--seq-length, once per exchange and --attention-backend; the slowest rank's median counts. CP=1 is PyTorch's causal
+SDPA on the whole sequence, on one GPU. --shape picks the heads: the 1B shape (32 query heads, 8 KV heads, d 64), or
+DeepSeek-V3's MLA at TP=8 (16 heads, q/k 192, v 128; the ring pads v to 192), or that with v 192 (what the padding
+costs on one GPU, against "mla" at CP=1).
 CPU smoke test of the script (gloo, short sequences): python bench/ring_attention.py --smoke
 """
 from __future__ import annotations
@@ -23,13 +25,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-HEADS, GROUPS, DIM = 32, 8, 64
+#: --shape -> (query heads, K/V heads, q/k head size, v head size)
+SHAPES = {"llama-1b": (32, 8, 64, 64), "mla": (16, 16, 192, 128), "mla-v192": (16, 16, 192, 192)}
 
 
 def _inputs(seq: int, dtype: torch.dtype, requires_grad: bool = True) -> list[torch.Tensor]:
     device = _device()
     g = torch.Generator(device=device).manual_seed(0)
-    shapes = [(1, HEADS, seq, DIM), (1, GROUPS, seq, DIM), (1, GROUPS, seq, DIM), (1, HEADS, seq, DIM)]
+    heads, groups, dim, v_dim = SHAPES[os.environ.get("RING_BENCH_SHAPE", "llama-1b")]
+    shapes = [(1, heads, seq, dim), (1, groups, seq, dim), (1, groups, seq, v_dim), (1, heads, seq, v_dim)]
     q, k, v, dout = (torch.randn(s, generator=g, device=device).to(dtype) for s in shapes)
     return [t.requires_grad_(requires_grad) for t in (q, k, v)] + [dout]
 
@@ -105,18 +109,18 @@ def rank_main(seq: int, check_length: int, backends: list[str], iters: int) -> d
     from bridge.nn.attention import set_attention_backend
     from bridge.parallel.context import split_sequence
 
-    from bridge.nn.attention import BLOCK_KERNELS, block_kernel
+    from bridge.nn.attention import block_kernel
 
     cp, rank = dist.get_world_size(), dist.get_rank()
     result = {"errors": {b: _errors(check_length, b) for b in backends}, "ms": {}, "kernels": {}}
     q, k, v, dout = (split_sequence(t.detach(), cp, rank, dim=2) for t in _inputs(seq, torch.bfloat16, False))
     q, k, v = (t.contiguous().requires_grad_() for t in (q, k, v))
     half = q.shape[2] // 2
-    names = {id(kernel): name for name, kernel in BLOCK_KERNELS.items()}
     for backend in backends:
         set_attention_backend(backend)
-        blocks = {"own": (q, k, True), "earlier": (q, k[:, :, :half], False), "later": (q[:, :, half:], k, False)}
-        result["kernels"][backend] = {b: names[id(block_kernel(*args))] for b, args in blocks.items()}
+        blocks = {"own": (q, k, v, True), "earlier": (q, k[:, :, :half], v[:, :, :half], False),
+                  "later": (q[:, :, half:], k, v, False)}
+        result["kernels"][backend] = {b: block_kernel(*args).name for b, args in blocks.items()}
         for name in ("p2p", "all_gather"):
             result["ms"][f"{name}/{backend}"] = _time(_exchange(name), q, k, v, dout.contiguous(), iters)
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if q.is_cuda else None
@@ -144,15 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check-length", type=int, default=4096)
     p.add_argument("--backends", default="auto,flash", help="--attention-backend values to time")
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
     p.add_argument("--json")
     p.add_argument("--smoke", action="store_true", help="CPU, gloo, short sequences: checks the script runs")
     args = p.parse_args(argv)
     if args.smoke:
         os.environ["RING_BENCH_SMOKE"] = "1"  # inherited by the spawned ranks
         args.seq_length, args.check_length, args.backends, args.iters, args.cps = 256, 64, "auto", 1, "2"
+    os.environ["RING_BENCH_SHAPE"] = args.shape  # inherited by the spawned ranks
     backends = args.backends.split(",")
     comm = "gloo" if args.smoke else "nccl"
     results = {"device": "cpu" if args.smoke else torch.cuda.get_device_name(), "seq_length": args.seq_length,
+               "shape": args.shape,
                "cp1": single_gpu(args.seq_length, backends, args.iters)}
     print(f"cp=1: {json.dumps(results['cp1'])}", flush=True)
     for cp in [int(c) for c in args.cps.split(",")]:

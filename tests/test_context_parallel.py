@@ -57,16 +57,41 @@ def test_block_kernels_give_sdpa_and_its_gradients(causal: bool, kv_len: int) ->
                                              ("unfused", "math")])
 def test_ring_kernel_choice_follows_the_attention_backend(backend: str, kernel: str) -> None:
     """Off CUDA (meta tensors) neither cuDNN nor flash can run, so auto falls through to the math; a backend named
-    outright is used as named (and errors, as SDPA would, where it cannot run)."""
+    outright is used as named (and errors, as SDPA would, where it cannot run). With a v narrower than q/k the math
+    takes it as it is; the fused kernels and the CPU's get it padded."""
     from bridge.nn.attention import BLOCK_KERNELS, block_kernel, set_attention_backend
 
     q, k = torch.empty(1, 4, 16, 64, device="meta"), torch.empty(1, 2, 16, 64, device="meta")
+    narrow_v = torch.empty(1, 2, 16, 48, device="meta")
     try:
         set_attention_backend(backend)
-        assert block_kernel(q, k, causal=True) is BLOCK_KERNELS[kernel]
-        assert block_kernel(torch.empty(q.shape), torch.empty(k.shape), True) is BLOCK_KERNELS["cpu"]
+        assert block_kernel(q, k, k, causal=True) is BLOCK_KERNELS[kernel]
+        assert block_kernel(q, k, narrow_v, causal=True).name == (kernel if kernel == "math" else f"{kernel}+padded-v")
+        cpu = [torch.empty(t.shape) for t in (q, k, narrow_v)]
+        assert block_kernel(cpu[0], cpu[1], cpu[1], True) is BLOCK_KERNELS["cpu"]
+        assert block_kernel(*cpu, True).name == "cpu+padded-v"
     finally:
         set_attention_backend("auto")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_kernels_with_narrower_v_give_sdpa_and_its_gradients(causal: bool) -> None:
+    """MLA's v (narrower than q/k): the CPU kernel, which takes one head size, through with_v_padded, and the plain
+    math as it is, against autograd through SDPA; outputs and dv keep v's width."""
+    from bridge.nn.attention import BLOCK_KERNELS, with_v_padded
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, h, s, d, generator=g, dtype=torch.float64, requires_grad=True)
+               for h, s, d in ((4, 12, 12), (2, 16, 12), (2, 16, 8)))
+    dout = torch.randn(2, 4, 12, 8, generator=g, dtype=torch.float64)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True, scale=0.3)
+    ref.backward(dout)
+    for kernel in (with_v_padded(BLOCK_KERNELS["cpu"]), BLOCK_KERNELS["math"]):
+        out, lse, aux = kernel.forward(q.detach(), k.detach(), v.detach(), causal, 0.3)
+        grads = kernel.backward(dout, q.detach(), k.detach(), v.detach(), out, lse, aux, causal, 0.3)
+        assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-12), kernel.name
+        assert all(a.shape == b.shape and torch.allclose(a, b.grad, atol=1e-12)
+                   for a, b in zip(grads, (q, k, v))), kernel.name
 
 
 def _attention_rank(exchange: str, window: int | None) -> list[float]:

@@ -15,6 +15,7 @@ import contextlib
 from typing import Callable, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ATTENTION_BACKENDS: dict[str, list[SDPBackend]] = {
@@ -40,14 +41,15 @@ def set_attention_backend(name: str) -> None:
 # A ring computes one query block against one key block at a time and merges the partial outputs by each row's
 # softmax log-sum-exp (lse); backward reruns every block with the *merged* output and lse, which gives each block's
 # exact share of the gradient. SDPA hides the lse, so these call the ATen kernels beneath it. All tensors are
-# contiguous [b, heads, s, d]; k/v may have fewer (GQA) heads; lse is fp32 [b, nq, s]; `scale` multiplies q k^T
-# inside the kernel (in fp32: MLA's scale is not 1/sqrt(d)).
+# contiguous [b, heads, s, d]; k/v may have fewer (GQA) heads, v a narrower head than q/k (MLA: 128 against 192);
+# lse is fp32 [b, nq, s]; `scale` multiplies q k^T inside the kernel (in fp32: MLA's scale is not 1/sqrt(d)).
 
 class BlockKernel(NamedTuple):
     """forward(q, k, v, causal, scale) -> (out, lse, aux); backward(dout, q, k, v, out, lse, aux, causal, scale) ->
     (dq, dk, dv). `aux` is what the kernel's own backward takes from its forward (sequence bookkeeping, RNG state)."""
     forward: Callable[..., tuple[torch.Tensor, torch.Tensor, tuple]]
     backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    name: str
 
 
 def _cpu_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> tuple:
@@ -129,11 +131,33 @@ def _math_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
 
 
 BLOCK_KERNELS: dict[str, BlockKernel] = {
-    "cpu": BlockKernel(_cpu_forward, _cpu_backward),
-    "flash": BlockKernel(_flash_forward, _flash_backward),
-    "cudnn": BlockKernel(_cudnn_forward, _cudnn_backward),
-    "math": BlockKernel(_math_forward, _math_backward),
+    "cpu": BlockKernel(_cpu_forward, _cpu_backward, "cpu"),
+    "flash": BlockKernel(_flash_forward, _flash_backward, "flash"),
+    "cudnn": BlockKernel(_cudnn_forward, _cudnn_backward, "cudnn"),
+    "math": BlockKernel(_math_forward, _math_backward, "math"),
 }
+
+
+def _pad_to(t: torch.Tensor, width: int) -> torch.Tensor:
+    return F.pad(t, (0, width - t.shape[-1])).contiguous()
+
+
+def with_v_padded(kernel: BlockKernel) -> BlockKernel:
+    """`kernel` for a v narrower than q/k, where it takes one head size only (the CPU and flash kernels): v is zero-
+    padded to q's width per block, the output's extra columns (all zero) are dropped, and in backward the output and
+    its gradient are padded with zeros again (exactly what the padded forward gave) and dv's extra columns dropped."""
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> tuple:
+        out, lse, aux = kernel.forward(q, k, _pad_to(v, q.shape[-1]), causal, scale)
+        return out[..., :v.shape[-1]], lse, aux
+
+    def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, aux: tuple, causal: bool, scale: float) -> tuple:
+        width = q.shape[-1]
+        dq, dk, dv = kernel.backward(_pad_to(dout, width), q, k, _pad_to(v, width), _pad_to(out, width), lse, aux,
+                                     causal, scale)
+        return dq, dk, dv[..., :v.shape[-1]]
+
+    return BlockKernel(forward, backward, f"{kernel.name}+padded-v")
 #: --attention-backend -> the block kernels CUDA tries, in order (the first that can run the shape and dtype; the last
 #: runs regardless, and errors as SDPA would): as ATTENTION_BACKENDS, with the plain math for fp32.
 _CUDA_BLOCK_KERNELS = {"auto": ("cudnn", "flash", "math"), "fused": ("cudnn",), "flash": ("flash",),
@@ -141,10 +165,21 @@ _CUDA_BLOCK_KERNELS = {"auto": ("cudnn", "flash", "math"), "fused": ("cudnn",), 
 _CAN_RUN = {"cudnn": torch.backends.cuda.can_use_cudnn_attention, "flash": torch.backends.cuda.can_use_flash_attention}
 
 
-def block_kernel(q: torch.Tensor, k: torch.Tensor, causal: bool) -> BlockKernel:
-    """The log-sum-exp kernel pair for these inputs under the process's --attention-backend (CPU: its flash kernel)."""
+def block_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> BlockKernel:
+    """The log-sum-exp kernel pair for these inputs under the process's --attention-backend (CPU: its flash kernel).
+
+    A v narrower than q/k (MLA) goes to the first kernel that takes the two head sizes as they are; where none
+    does, to the first that runs them padded to one (with_v_padded). v wider than q/k is not handled here (the ring
+    pads q and k up front)."""
+    narrow_v = v.shape[-1] != q.shape[-1]
     if q.device.type == "cpu":
-        return BLOCK_KERNELS["cpu"]
+        return with_v_padded(BLOCK_KERNELS["cpu"]) if narrow_v else BLOCK_KERNELS["cpu"]
     *preferred, last = _CUDA_BLOCK_KERNELS[_backend]
-    params = torch.backends.cuda.SDPAParams(q, k, k, None, 0.0, causal, k.shape[1] != q.shape[1])
-    return BLOCK_KERNELS[next((name for name in preferred if _CAN_RUN[name](params, False)), last)]
+    gqa = k.shape[1] != q.shape[1]
+    as_is = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, causal, gqa)
+    name = next((name for name in preferred if _CAN_RUN[name](as_is, False)), None)
+    if name is not None or not narrow_v:
+        return BLOCK_KERNELS[name or last]
+    one_width = torch.backends.cuda.SDPAParams(q, k, k, None, 0.0, causal, gqa)  # v as wide as k
+    name = next((name for name in preferred if _CAN_RUN[name](one_width, False)), last)
+    return BLOCK_KERNELS[name] if name == "math" else with_v_padded(BLOCK_KERNELS[name])

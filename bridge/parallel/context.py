@@ -84,9 +84,15 @@ def cp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Gr
                  sliding_window: int | None = None, scale: float | None = None) -> torch.Tensor:
     """Causal attention of this rank's query chunks over the whole sequence.
 
-    q: [b, nq, S/cp, d] (local chunks); k, v: [b, ng, S/cp, d] (local) -> [b, nq, S/cp, d]; `scale` as SDPA's.
+    q: [b, nq, S/cp, d] (local chunks); k: [b, ng, S/cp, d], v: [b, ng, S/cp, dv] (local) -> [b, nq, S/cp, dv];
+    `scale` as SDPA's. A v narrower than q/k (MLA's) is gathered as it is and then zero-padded to q's width: PyTorch
+    runs these masks (a query chunk against its key prefix, or a window) fast only in flash attention, which takes
+    one head size (DeepSeek-V3's attention at CP=2 on an H200: 48 ms padded, 183 ms not; docs/performance.md).
     """
     k, v = (gather_sequence(t.permute(2, 0, 1, 3), group, cp).permute(1, 2, 0, 3) for t in (k, v))  # [b, ng, S, d]
+    dv = v.shape[-1]
+    if dv < q.shape[-1]:
+        v = F.pad(v, (0, q.shape[-1] - dv))
     size = q.shape[2] // 2
     outs = []
     for i, c in enumerate(chunk_ids(cp, cp_rank)):
@@ -99,4 +105,4 @@ def cp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Gr
         else:
             mask = causal_lower_right(size, end)
         outs.append(F.scaled_dot_product_attention(q_c, k_c, v_c, attn_mask=mask, enable_gqa=True, scale=scale))
-    return torch.cat(outs, dim=2)
+    return torch.cat(outs, dim=2)[..., :dv]

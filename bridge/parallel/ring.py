@@ -12,7 +12,8 @@ s needs only one of three shapes at step > 0:
 
 so every rank does the same work at every step. Backward sends K/V around once more, and each block's
 K/V gradient travels with it in fp32, arriving home after a full circle: the kernels' backward, given
-the merged output and log-sum-exp, returns each block's exact share of the gradient.
+the merged output and log-sum-exp, returns each block's exact share of the gradient. K and V travel as one flat
+message, so they may differ in head size (MLA's v is narrower than its k) without padding the exchange.
 
 The exchange is `torch.distributed.batch_isend_irecv` on the CP group (NCCL on GPUs, gloo in CI); the
 kernels are the log-sum-exp ones of bridge.nn.attention (cuDNN, flash or plain math on CUDA, picked per block
@@ -78,6 +79,19 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, rows: slice, block_out: torch.T
     old_lse.copy_(new_lse)
 
 
+def _pack(k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """K and V as one flat message (zeros of `dtype` when given: a gradient buffer of their shapes)."""
+    if dtype is not None:
+        return torch.zeros(k.numel() + v.numel(), dtype=dtype, device=k.device)
+    return torch.cat([k.reshape(-1), v.reshape(-1)])
+
+
+def _unpack(kv: torch.Tensor, k_shape: torch.Size, v_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of a `_pack`ed message (writes through them land in it)."""
+    n = k_shape.numel()
+    return kv[:n].view(k_shape), kv[n:].view(v_shape)
+
+
 def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
     """Partial outputs and gradients add up in fp32 (or x's dtype, if wider)."""
     return torch.promote_types(x.dtype, torch.float32)
@@ -90,14 +104,15 @@ class _RingAttention(torch.autograd.Function):
         from bridge.nn.attention import block_kernel  # bridge.nn builds on bridge.parallel: import when first used
 
         half = q.shape[2] // 2
-        kv = torch.stack([k, v])  # [2, b, ng, s, d]: one message per step
+        kv = _pack(k, v)  # one message per step
         out = lse = None
         kernels = []  # per step: the kernel pair and what its backward needs from its forward
         for step in range(ring.size):
             incoming = ring.shift(kv) if step + 1 < ring.size else None
             rows, cols, causal = block_at(step, ring, half)
-            q_rows, k_cols, v_cols = (t[:, :, sl].contiguous() for t, sl in ((q, rows), (kv[0], cols), (kv[1], cols)))
-            kernel = block_kernel(q_rows, k_cols, causal)
+            k_held, v_held = _unpack(kv, k.shape, v.shape)
+            q_rows, k_cols, v_cols = (t[:, :, sl].contiguous() for t, sl in ((q, rows), (k_held, cols), (v_held, cols)))
+            kernel = block_kernel(q_rows, k_cols, v_cols, causal)
             block_out, block_lse, aux = kernel.forward(q_rows, k_cols, v_cols, causal, scale)
             kernels.append((kernel, aux))
             if out is None:
@@ -118,25 +133,26 @@ class _RingAttention(torch.autograd.Function):
         half, dout = q.shape[2] // 2, grad_out.contiguous()
         acc = _accumulation_dtype(q)
         dq = torch.zeros_like(q, dtype=acc)
-        kv, pending_grad = torch.stack([k, v]), None
+        kv, pending_grad = _pack(k, v), None
         for step in range(ring.size):
             incoming = ring.shift(kv) if step + 1 < ring.size else None
             rows, cols, causal = block_at(step, ring, half)
             part = [t[:, :, rows].contiguous() for t in (dout, q, out, lse)]
-            k_cols, v_cols = (t[:, :, cols].contiguous() for t in kv)
+            k_cols, v_cols = (t[:, :, cols].contiguous() for t in _unpack(kv, k.shape, v.shape))
             kernel, aux = ctx.kernels[step]
             dq_b, dk_b, dv_b = kernel.backward(part[0], part[1], k_cols, v_cols, part[2], part[3], aux, causal,
                                                ctx.scale)
             dq[:, :, rows] += dq_b
             # the K/V gradient accumulated by the ranks this block visited before, then ours, then onwards
-            dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device) if step == 0 else pending_grad.wait()
-            dkv[0][:, :, cols] += dk_b
-            dkv[1][:, :, cols] += dv_b
+            dkv = _pack(k, v, dtype=acc) if step == 0 else pending_grad.wait()
+            dk, dv = _unpack(dkv, k.shape, v.shape)
+            dk[:, :, cols] += dk_b
+            dv[:, :, cols] += dv_b
             pending_grad = ring.shift(dkv)
             if incoming is not None:
                 kv = incoming.wait()
-        dkv = pending_grad.wait()  # our own K/V's gradient, home after a full circle
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
+        dk, dv = _unpack(pending_grad.wait(), k.shape, v.shape)  # our own K/V's gradient, home after a full circle
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 @torch.compiler.disable  # point-to-point exchanges inside: torch.compile runs the layer around it
@@ -147,17 +163,13 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: 
     q: [b, nq, S/cp, d] (local chunks); k: [b, ng, S/cp, d], v: [b, ng, S/cp, dv] (local) -> [b, nq, S/cp, dv];
     `scale`: of q k^T (default 1/sqrt(d), as SDPA).
 
-    The ring sends K and V as one message and the CPU and flash kernels take one head size, so a v of another width
-    (MLA's: 128 against q's 192 in DeepSeek-V3) is zero-padded to the widest, and q and k with it if narrower: zero
-    columns change no score, and v's padded output columns are dropped. The scale stays the unpadded one.
+    A v narrower than q/k (MLA's: 128 against q's 192 in DeepSeek-V3) travels as it is; a block kernel that takes
+    one head size only pads it per block (bridge.nn.attention.with_v_padded). A v wider than q/k (no model has one)
+    gets q and k zero-padded to its width here: zero columns change no score.
     """
     d, dv = q.shape[-1], v.shape[-1]
-    width = max(d, dv)
     scale = d ** -0.5 if scale is None else scale
-    if width != d:
-        q, k = (F.pad(t, (0, width - d)) for t in (q, k))
-    if width != dv:
-        v = F.pad(v, (0, width - dv))
+    if dv > d:
+        q, k = (F.pad(t, (0, dv - d)) for t in (q, k))
     q, k, v = (t.contiguous() for t in (q, k, v))
-    out = _RingAttention.apply(q, k, v, Ring(group, cp, cp_rank), scale)
-    return out if width == dv else out[..., :dv]
+    return _RingAttention.apply(q, k, v, Ring(group, cp, cp_rank), scale)

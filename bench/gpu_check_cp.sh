@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Device-tool call (ninth session), two or more GPUs: the CP code paths that changed since they last ran on GPUs
+# (ab84a9a: the softmax scale passed to the ring's cuDNN/flash/math block kernels; 062b425: the ring pads MLA's
+# narrower v itself), then, only where the cards are H100s, the CP=1/2/4 sweep of issue 9 (1B shape, seq 32768).
+#   check: ring attention against fp32 (dense heads, CP=2, both exchanges, each backend); `bridge verify --cp 2` of a
+#          1B-shaped Llama through the ring (bf16 and fp32); bench/gpu_cp_moe.py (MLA and MoE at CP=2 x EP=2:
+#          verify fp32/bf16, 10 training steps against CP=1)
+#   sp:    MLA's head sizes in the ring (v 128, padded to 192) against v 192 and CP=1 SDPA; the bf16 half of the
+#          dense verify through the ring (its table was cut off in the first call); bench/gpu_cp_moe.py --sp (4 GPUs:
+#          sequence parallelism with MoE and MLA at TP=2 x EP=2, verify fp32/bf16 and 10 steps against TP=2 without)
+#   mla:   after the ring sends MLA's narrower v unpadded (a block kernel that needs one head size pads it per
+#          block) and the all-gather pads v after gathering: attention alone at MLA's and the 1B shape's heads (errors,
+#          times, kernels); bench/gpu_cp_moe.py for the DeepSeek shape at CP=2 x EP=2; bf16 verify with and without
+#          sequence parallelism at TP=2 x EP=2 (is the sp call's bf16 miss SP's?)
+#   sweep: 4 H100s only (stops at once elsewhere): `bridge train --compile` at seq 32768, CP=1 (DP=4), 2 and 4, each
+#          exchange, 3 steps after 2
+#   run(kind="nvidia-h100-x4", command="OUT=$OUT bash bench/gpu_check_cp.sh check")
+source bench/gpu_setup.sh
+case "${1:?usage: bench/gpu_check_cp.sh check|sp|mla|sweep}" in
+  check)
+    echo "== ring attention against fp32, CP=2, dense 1B heads"
+    timeout 150 python3 bench/ring_attention.py --cps 2 --seq-length 8192 --check-length 4096 --iters 3 \
+      --json "$OUT/ring_attention.json" 2>&1 | grep -E "^cp=|Error" | cut -c1-1500
+    echo "== bridge verify --cp 2 (the ring), 1B-shaped Llama, bf16 and fp32"
+    timeout 200 python3 bench/gpu_verify.py --tp 1 --cp 2 --also-fp32 2>&1 | tail -n 12
+    echo "== CP=2 x EP=2: DeepSeek-V3-shaped (MLA) and Mixtral-shaped"
+    timeout 240 python3 bench/gpu_cp_moe.py --json "$OUT/cp_moe.json" 2>&1 | grep -vE "^\s*$|it/s|Warning" | tail -n 30 ;;
+  sp)
+    for shape in mla mla-v192; do
+      echo "== attention alone, shape $shape, seq 32768, CP=2"
+      timeout 150 python3 bench/ring_attention.py --shape $shape --cps 2 --backends auto --iters 5 \
+        --json "$OUT/ring_$shape.json" 2>&1 | grep -E "^cp=|Error" | cut -c1-1200
+    done
+    echo "== bridge verify --cp 2 (the ring), 1B-shaped Llama, bf16"
+    timeout 150 python3 bench/gpu_verify.py --tp 1 --cp 2 2>&1 | grep -E "^all prompts|PASS|FAIL|Error"
+    echo "== sequence parallelism with MoE/MLA: TP=2 x EP=2"
+    timeout 300 python3 bench/gpu_cp_moe.py --sp --json "$OUT/sp_moe.json" 2>&1 \
+      | grep -E "^all prompts|PASS|FAIL|Error| train |difference" ;;
+  mla)
+    for shape in mla llama-1b; do
+      echo "== attention alone, shape $shape, seq 32768, CP=2"
+      timeout 150 python3 bench/ring_attention.py --shape $shape --cps 2 --backends auto --iters 5 \
+        --json "$OUT/ring_$shape.json" 2>&1 | grep -E "^cp=|Error" | cut -c1-1200
+    done
+    echo "== CP=2 x EP=2, DeepSeek-V3-shaped (MLA)"
+    timeout 200 python3 bench/gpu_cp_moe.py --models deepseek-v3 --json "$OUT/cp_mla.json" 2>&1 \
+      | grep -E "^all prompts|PASS|FAIL|Error| train |difference"
+    echo "== bf16 verify at TP=2 x EP=2, without and with sequence parallelism"
+    timeout 200 python3 bench/gpu_cp_moe.py --sp --verify-only --json "$OUT/sp_verify.json" 2>&1 \
+      | grep -E "^layout|^all prompts|PASS|FAIL|Error" ;;
+  sweep)
+    nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H100 || { echo "not H100s: stopping"; exit 0; }
+    timeout 560 python3 bench/cp_fp8.py cp --model llama-3.2-1b --nproc 4 --steps 3 --warmup 2 --compile \
+      --seq-length 32768 --cps 1,2,4 --json "$OUT/cp-h100.json" 2>&1 | grep -E "^cp[0-9]|Error" | cut -c1-400 ;;
+esac
