@@ -158,6 +158,8 @@ def with_v_padded(kernel: BlockKernel) -> BlockKernel:
         return dq, dk, dv[..., :v.shape[-1]]
 
     return BlockKernel(forward, backward, f"{kernel.name}+padded-v")
+
+
 #: --attention-backend -> the block kernels CUDA tries, in order (the first that can run the shape and dtype; the last
 #: runs regardless, and errors as SDPA would): as ATTENTION_BACKENDS, with the plain math for fp32.
 _CUDA_BLOCK_KERNELS = {"auto": ("cudnn", "flash", "math"), "fused": ("cudnn",), "flash": ("flash",),

@@ -79,11 +79,14 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, rows: slice, block_out: torch.T
     old_lse.copy_(new_lse)
 
 
-def _pack(k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """K and V as one flat message (zeros of `dtype` when given: a gradient buffer of their shapes)."""
-    if dtype is not None:
-        return torch.zeros(k.numel() + v.numel(), dtype=dtype, device=k.device)
+def _pack(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """K and V as one flat message."""
     return torch.cat([k.reshape(-1), v.reshape(-1)])
+
+
+def _packed_zeros(k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A flat gradient buffer for K and V, laid out as `_pack`'s message."""
+    return torch.zeros(k.numel() + v.numel(), dtype=dtype, device=k.device)
 
 
 def _unpack(kv: torch.Tensor, k_shape: torch.Size, v_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +147,7 @@ class _RingAttention(torch.autograd.Function):
                                                ctx.scale)
             dq[:, :, rows] += dq_b
             # the K/V gradient accumulated by the ranks this block visited before, then ours, then onwards
-            dkv = _pack(k, v, dtype=acc) if step == 0 else pending_grad.wait()
+            dkv = _packed_zeros(k, v, acc) if step == 0 else pending_grad.wait()
             dk, dv = _unpack(dkv, k.shape, v.shape)
             dk[:, :, cols] += dk_b
             dv[:, :, cols] += dv_b
