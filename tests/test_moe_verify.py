@@ -27,24 +27,18 @@ def references(tiny_hf) -> dict[str, tuple[Path, list[torch.Tensor]]]:
     return {arch: (tiny_hf(arch), hf_logits(tiny_hf(arch), TOKENS, "fp32", "cpu")) for arch in sorted(MOE_MODELS)}
 
 
-def _swap_experts(ckpt: Path, rank_dir: str) -> None:
+#: expert weight name of local expert j's fc: SequentialMLP's (local_experts.j) or TEGroupedMLP's (weight j)
+EXPERT_NAMES = {False: "decoder.layers.1.mlp.experts.local_experts.{j}.{fc}.weight",
+                True: "decoder.layers.1.mlp.experts.{fc}.weight{j}"}
+
+
+def _swap_experts(ckpt: Path, rank_dir: str, grouped: bool = False) -> None:
     """Swap local experts 0 and 1 of layer 1 (same file, so it still loads strictly)."""
     path = ckpt / "release" / rank_dir / "model_optim_rng.pt"
     state = load_pt(path)
     model = state["model"]
     for fc in ("linear_fc1", "linear_fc2"):
-        a, b = (f"decoder.layers.1.mlp.experts.local_experts.{j}.{fc}.weight" for j in (0, 1))
-        model[a], model[b] = model[b], model[a]
-    torch.save(state, path)
-
-
-def _swap_grouped_experts(ckpt: Path, rank_dir: str) -> None:
-    """The grouped-GEMM naming's version of `_swap_experts`: weights 0 and 1 of layer 1's experts."""
-    path = ckpt / "release" / rank_dir / "model_optim_rng.pt"
-    state = load_pt(path)
-    model = state["model"]
-    for fc in ("linear_fc1", "linear_fc2"):
-        a, b = (f"decoder.layers.1.mlp.experts.{fc}.weight{j}" for j in (0, 1))
+        a, b = (EXPERT_NAMES[grouped].format(j=j, fc=fc) for j in (0, 1))
         model[a], model[b] = model[b], model[a]
     torch.save(state, path)
 
@@ -101,7 +95,7 @@ def test_sequence_parallel_with_experts_matches_transformers(references: dict, t
     layout = LAYOUTS["ep2-tp2"]
     ckpts = {arch: import_hf(src, tmp_path / arch, layout) for arch, (src, _) in references.items()}
     ckpts["broken"] = import_hf(references["mixtral"][0], tmp_path / "broken", layout)
-    _swap_grouped_experts(ckpts["broken"], "mp_rank_01_001")
+    _swap_experts(ckpts["broken"], "mp_rank_01_001", grouped=True)
     for key, logits in zip(ckpts, sharded_logits(list(ckpts.values()), tokens, sequence_parallel=True)):
         ref = [r[:len(t)] for r, t in zip(references["mixtral" if key == "broken" else key][1], tokens)]
         _, overall, passed, criterion = compare(DEFAULT_PROMPTS, ref, logits, "fp32")
