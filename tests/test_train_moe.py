@@ -99,6 +99,18 @@ def test_ep_layout_matches_single_process(setup: dict[str, Path], references: di
     assert worst <= 1e-5
 
 
+def test_compiled_mla_and_moe_layers_match_eager(setup: dict[str, Path], references: dict) -> None:
+    """--compile (Inductor on the CPU) of DeepSeek-V3's layers: MLA's narrower v is padded for the CPU's fused SDPA
+    kernel (unpadded, SDPA's math path tripped Inductor's attention pattern matcher), and the losses are the eager
+    run's."""
+    summary = train(config(setup, "deepseek-v3", "compiled", nproc=1, compile=True, exit_interval=4, eval_interval=0,
+                           save=None))
+    got = [loss for _, loss in summary["loss_curve"]]
+    ref = [loss for _, loss in references["deepseek-v3"]["loss_curve"]][:4]
+    assert len(got) == 4
+    assert max(abs(a - b) / b for a, b in zip(got, ref)) <= 1e-5, (got, ref)
+
+
 def test_aux_loss_is_trained_and_reported(references: dict) -> None:
     """Mixtral (coefficient 0.02) and Qwen3-MoE (0.001) report their load-balancing loss; DeepSeek has none."""
     for arch in ("mixtral", "qwen3-moe"):

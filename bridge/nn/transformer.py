@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bridge.config import ModelConfig
+from bridge.nn.attention import sdpa_pads_v
 from bridge.nn.layers import (ColumnParallelLinear, RMSNorm, RowParallelLinear, TEColumnParallelLinear,
                               TEExtraState, TERowParallelLinear)
 from bridge.nn import rope_qkv
@@ -48,8 +49,17 @@ class CoreAttention(nn.Module):
             mask = window_mask(torch.arange(s, device=q.device), s, self.sliding_window)  # transformers' q - kv < W
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, scale=self.softmax_scale)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=self.softmax_scale)
+            out = self._causal(q, k, v)
         return out.permute(2, 0, 1, 3)  # [s, b, nq, dv]
+
+    def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal SDPA; MLA's narrower v zero-padded where the fused kernel takes one head size (the extra output
+        columns are zero and dropped)."""
+        dv = v.shape[-1]
+        if sdpa_pads_v(q, k, v, causal=True):
+            v = F.pad(v, (0, q.shape[-1] - dv))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=self.softmax_scale)
+        return out[..., :dv]
 
     def _context_parallel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windowed: bool) -> torch.Tensor:
         """The ring, or the all-gather where a sliding window cuts the sequence (or it was asked for)."""
