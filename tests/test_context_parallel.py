@@ -58,7 +58,8 @@ def test_block_kernels_give_sdpa_and_its_gradients(causal: bool, kv_len: int) ->
 def test_ring_kernel_choice_follows_the_attention_backend(backend: str, kernel: str) -> None:
     """Off CUDA (meta tensors) neither cuDNN nor flash can run, so auto falls through to the math; a backend named
     outright is used as named (and errors, as SDPA would, where it cannot run). With a v narrower than q/k the math
-    takes it as it is; the fused kernels and the CPU's get it padded, in the ring and in plain causal SDPA alike."""
+    takes it as it is; the fused kernels and the CPU's get it padded in the ring. Plain SDPA pads it on the CPU and
+    for flash only (its cuDNN takes both sizes)."""
     from bridge.nn.attention import BLOCK_KERNELS, block_kernel, sdpa_pads_v, set_attention_backend
 
     q, k = torch.empty(1, 4, 16, 64, device="meta"), torch.empty(1, 2, 16, 64, device="meta")
@@ -67,11 +68,11 @@ def test_ring_kernel_choice_follows_the_attention_backend(backend: str, kernel: 
         set_attention_backend(backend)
         assert block_kernel(q, k, k, causal=True) is BLOCK_KERNELS[kernel]
         assert block_kernel(q, k, narrow_v, causal=True).name == (kernel if kernel == "math" else f"{kernel}+padded-v")
-        assert sdpa_pads_v(q, k, narrow_v, causal=True) == (kernel != "math") and not sdpa_pads_v(q, k, k, True)
+        assert sdpa_pads_v(q, narrow_v) == (backend == "flash") and not sdpa_pads_v(q, k)  # CUDA: cuDNN takes both
         cpu = [torch.empty(t.shape) for t in (q, k, narrow_v)]
         assert block_kernel(cpu[0], cpu[1], cpu[1], True) is BLOCK_KERNELS["cpu"]
         assert block_kernel(*cpu, True).name == "cpu+padded-v"
-        assert sdpa_pads_v(*cpu, True) and not sdpa_pads_v(cpu[0], cpu[1], cpu[1], True)
+        assert sdpa_pads_v(cpu[0], cpu[2]) and not sdpa_pads_v(cpu[0], cpu[1])
     finally:
         set_attention_backend("auto")
 

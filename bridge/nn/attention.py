@@ -167,35 +167,30 @@ _CUDA_BLOCK_KERNELS = {"auto": ("cudnn", "flash", "math"), "fused": ("cudnn",), 
 _CAN_RUN = {"cudnn": torch.backends.cuda.can_use_cudnn_attention, "flash": torch.backends.cuda.can_use_flash_attention}
 
 
-def _kernel_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[str, bool]:
-    """(kernel name, whether v must be zero-padded to q's width) under the process's --attention-backend.
+def block_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> BlockKernel:
+    """The log-sum-exp kernel pair for these inputs under the process's --attention-backend (CPU: its flash kernel).
 
     A v narrower than q/k (MLA) goes to the first kernel that takes the two head sizes as they are; where none
-    does, to the first that runs them padded to one. The CPU's flash kernel takes one head size only."""
+    does, to the first that runs them padded to one (with_v_padded). v wider than q/k is not handled here (the ring
+    pads q and k up front)."""
     narrow_v = v.shape[-1] != q.shape[-1]
     if q.device.type == "cpu":
-        return "cpu", narrow_v
+        return with_v_padded(BLOCK_KERNELS["cpu"]) if narrow_v else BLOCK_KERNELS["cpu"]
     *preferred, last = _CUDA_BLOCK_KERNELS[_backend]
     gqa = k.shape[1] != q.shape[1]
     as_is = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, causal, gqa)
     name = next((name for name in preferred if _CAN_RUN[name](as_is, False)), None)
     if name is not None or not narrow_v:
-        return name or last, False
+        return BLOCK_KERNELS[name or last]
     one_width = torch.backends.cuda.SDPAParams(q, k, k, None, 0.0, causal, gqa)  # v as wide as k
     name = next((name for name in preferred if _CAN_RUN[name](one_width, False)), last)
-    return name, name != "math"
+    return BLOCK_KERNELS[name] if name == "math" else with_v_padded(BLOCK_KERNELS[name])
 
 
-def block_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> BlockKernel:
-    """The log-sum-exp kernel pair for these inputs under the process's --attention-backend (CPU: its flash kernel),
-    wrapped in with_v_padded where v is narrower and the kernel takes one head size. v wider than q/k is not handled
-    here (the ring pads q and k up front)."""
-    name, pad_v = _kernel_choice(q, k, v, causal)
-    return with_v_padded(BLOCK_KERNELS[name]) if pad_v else BLOCK_KERNELS[name]
-
-
-def sdpa_pads_v(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> bool:
-    """Whether causal SDPA should get v zero-padded to q's width: v is narrower (MLA) and the backend's fused kernel
-    for these inputs takes one head size (the CPU's flash kernel, flash on CUDA). Unpadded, SDPA would fall back to
-    a slower kernel, or fail where the backend allows flash only."""
-    return _kernel_choice(q, k, v, causal)[1]
+def sdpa_pads_v(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether SDPA should get v zero-padded to q's width: v is narrower (MLA) and the kernel SDPA would run takes
+    one head size, the CPU's fused kernel or flash (`--attention-backend flash`); unpadded, SDPA would fall back to
+    its plain math or find no kernel. cuDNN takes both sizes (DeepSeek-V3's 192/128 ran unpadded on H200), so auto
+    and fused do not pad. Decided from the device and backend alone, without probing kernels as block_kernel does,
+    so that torch.compile traces it inside the layer without a graph break."""
+    return v.shape[-1] < q.shape[-1] and (q.device.type == "cpu" or _backend == "flash")

@@ -56,7 +56,7 @@ class CoreAttention(nn.Module):
         """Causal SDPA; MLA's narrower v zero-padded where the fused kernel takes one head size (the extra output
         columns are zero and dropped)."""
         dv = v.shape[-1]
-        if sdpa_pads_v(q, k, v, causal=True):
+        if sdpa_pads_v(q, v):
             v = F.pad(v, (0, q.shape[-1] - dv))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=self.softmax_scale)
         return out[..., :dv]
