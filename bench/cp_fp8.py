@@ -55,8 +55,8 @@ def text_corpus(out: Path, vocab_size: int = 8192, extra: Path | None = None,
 
 
 def run(config_dir: Path, args: argparse.Namespace, *, cp: int = 1, cp_comm_type: str = "p2p", fp8: str | None = None,
-        fp8_format: str | None = None, data: Path | None = None, tokenizer: Path | None = None,
-        seed: int | None = None) -> dict:
+        fp8_format: str | None = None, fp8_output_proj: bool = False, data: Path | None = None,
+        tokenizer: Path | None = None, seed: int | None = None) -> dict:
     """One bridge train run -> tokens/s, peak memory, loss curve (or the error that stopped it)."""
     from bridge.training import TrainConfig, train
 
@@ -68,7 +68,8 @@ def run(config_dir: Path, args: argparse.Namespace, *, cp: int = 1, cp_comm_type
                       seq_length=args.seq_length, train_iters=args.warmup + args.steps, lr=args.lr,
                       min_lr=args.lr / 10, lr_warmup_iters=args.steps // 4, lr_decay_style="cosine",
                       seed=args.seed if seed is None else seed,
-                      bf16=True, fp8=fp8, fp8_format=fp8_format, recompute=args.recompute, compile=args.compile, eval_interval=0,
+                      bf16=True, fp8=fp8, fp8_format=fp8_format, fp8_output_proj=fp8_output_proj,
+                      recompute=args.recompute, compile=args.compile, eval_interval=0,
                       progress=False, device=args.device)
     try:
         summary = train(cfg)
@@ -99,7 +100,7 @@ def fp8_compare(config_dir: Path, args: argparse.Namespace, data: Path, tokenize
     if not args.skip_bf16:
         out["bf16"] = run(config_dir, args, data=data, tokenizer=tokenizer)
         print(f"bf16: {_fmt(out['bf16'])}", flush=True)
-    variants = [(f"fp8-{r}", dict(zip(("fp8", "fp8_format"), r.split("-")))) for r in args.recipes.split(",") if r]
+    variants = [(f"fp8-{r}", _fp8_variant(r)) for r in args.recipes.split(",") if r]
     if args.noise_seed is not None:
         variants.append((f"bf16-seed{args.noise_seed}", dict(seed=args.noise_seed)))
     for name, kw in variants:
@@ -108,6 +109,15 @@ def fp8_compare(config_dir: Path, args: argparse.Namespace, data: Path, tokenize
             compare(out[name], out["bf16"])
         print(f"{name}: {_fmt(out[name])}", flush=True)
     return out
+
+
+def _fp8_variant(name: str) -> dict:
+    """run() arguments for an FP8 variant name: recipe[-format][+out], e.g. tensorwise-e4m3 or tensorwise+out
+    (the output layer in FP8 too)."""
+    recipe, _, extra = name.partition("+")
+    if extra not in ("", "out"):
+        raise SystemExit(f"unknown FP8 variant suffix +{extra} in {name}: only +out")
+    return {**dict(zip(("fp8", "fp8_format"), recipe.split("-"))), "fp8_output_proj": extra == "out"}
 
 
 def compare(r: dict, base: dict) -> None:
@@ -160,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cps", default="1,2,4")
     p.add_argument("--cp-comm-types", default="p2p,all_gather", help="K/V exchanges to sweep at CP > 1")
     p.add_argument("--cp-fp8", choices=["tensorwise", "rowwise"], help="FP8 recipe for every run of the CP sweep")
-    p.add_argument("--recipes", default="tensorwise,rowwise", help="FP8 variants: recipe or recipe-format, e.g. "
-                                                                     "tensorwise-e4m3")
+    p.add_argument("--recipes", default="tensorwise,rowwise", help="FP8 variants: recipe[-format][+out], e.g. "
+                                                                     "tensorwise-e4m3, tensorwise+out")
     p.add_argument("--seed", type=int, default=1234, help="initialisation and data order of every run")
     p.add_argument("--noise-seed", type=int, help="also train bf16 from this seed: the run-to-run loss spread")
     p.add_argument("--extra-text", type=Path, help="more real text (.py/.md) for the FP8 runs, e.g. Python's stdlib")

@@ -12,8 +12,8 @@
 #          block) and the all-gather pads v after gathering: attention alone at MLA's and the 1B shape's heads (errors,
 #          times, kernels); bench/gpu_cp_moe.py for the DeepSeek shape at CP=2 x EP=2; bf16 verify with and without
 #          sequence parallelism at TP=2 x EP=2 (is the sp call's bf16 miss SP's?)
-#   sweep: 4 H100s only (stops at once elsewhere): `bridge train --compile` at seq 32768, CP=1 (DP=4), 2 and 4, each
-#          exchange, 3 steps after 2
+#   sweep: H100s only (stops at once elsewhere): `bridge train --compile` at seq 32768, CP=1 (DP=all GPUs), 2 and,
+#          on 4 GPUs, 4, each exchange, 3 steps after 2
 #   run(kind="nvidia-h100-x4", command="OUT=$OUT bash bench/gpu_check_cp.sh check")
 source bench/gpu_setup.sh
 case "${1:?usage: bench/gpu_check_cp.sh check|sp|mla|sweep}" in
@@ -48,8 +48,9 @@ case "${1:?usage: bench/gpu_check_cp.sh check|sp|mla|sweep}" in
     echo "== bf16 verify at TP=2 x EP=2, without and with sequence parallelism"
     timeout 200 python3 bench/gpu_cp_moe.py --sp --verify-only --json "$OUT/sp_verify.json" 2>&1 \
       | grep -E "^layout|^all prompts|PASS|FAIL|Error" ;;
-  sweep)
+  sweep)  # tenth session: on two H100s too (CP=1/2)
     nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H100 || { echo "not H100s: stopping"; exit 0; }
-    timeout 560 python3 bench/cp_fp8.py cp --model llama-3.2-1b --nproc 4 --steps 3 --warmup 2 --compile \
-      --seq-length 32768 --cps 1,2,4 --json "$OUT/cp-h100.json" 2>&1 | grep -E "^cp[0-9]|Error" | cut -c1-400 ;;
+    gpus=$(nvidia-smi -L | wc -l); cps=$([ "$gpus" -ge 4 ] && echo 1,2,4 || echo 1,2)
+    timeout 560 python3 bench/cp_fp8.py cp --model llama-3.2-1b --nproc "$gpus" --steps 3 --warmup 2 --compile \
+      --seq-length 32768 --cps "$cps" --json "$OUT/cp-h100.json" 2>&1 | grep -E "^cp[0-9]|Error" | cut -c1-400 ;;
 esac

@@ -55,6 +55,8 @@ _FLAGS: list[tuple[tuple[str, ...], dict]] = [
                                                                "--fp8 R)")),
     (("--fp8-recipe",), dict(choices=["tensorwise", "delayed", "mxfp8", "blockwise", "custom"],
                              help="Megatron-LM's FP8 scaling (default delayed); bridge runs tensorwise")),
+    (("--fp8-output-proj",), dict(action="store_true", help="with --fp8, the output layer (vocabulary projection) "
+                                                             "in FP8 too (Megatron-LM's flag; off: bf16)")),
     (("--cp-comm-type",), dict(nargs="+", help="K/V exchange under CP: p2p (a ring, the default) or all_gather; "
                                                "Megatron-LM's per-layer form is accepted when all layers agree")),
     (("--accumulate-allreduce-grads-in-fp32",), dict(action="store_true",

@@ -17,6 +17,11 @@ def hf(tiny_hf) -> Path:
     return tiny_hf("llama32-tied")
 
 
+@pytest.fixture(scope="module")
+def hf_untied(tiny_hf) -> Path:
+    return tiny_hf("llama31")
+
+
 def _model(hf: Path):  # noqa: ANN202
     from bridge.api import load_hf_config
     from bridge.layout import ParallelLayout
@@ -49,12 +54,12 @@ def test_fp8_converts_the_transformer_linears_and_keeps_the_state_dict(hf: Path)
     assert grad is not None and grad.dtype == torch.bfloat16 and grad.abs().sum() > 0
 
 
-def _gradient_cosines(hf: Path, recipe: str, fmt: str | None) -> list[float]:
+def _gradient_cosines(hf: Path, recipe: str, fmt: str | None, output_proj: bool = False) -> list[float]:
     """Per parameter: cosine of the FP8 gradient with the bf16 one, after asserting the norms agree within 8%."""
     from bridge.nn.fp8 import apply_fp8
 
     ref, model = _model(hf), _model(hf)
-    apply_fp8([model], recipe, fmt, emulate=True)
+    apply_fp8([model], recipe, fmt, output_proj=output_proj, emulate=True)
     tokens = torch.randint(0, 300, (4, 65), generator=torch.Generator().manual_seed(3))
     for m in (ref, model):
         m(tokens[:, :-1], labels=tokens[:, 1:]).mean().backward()
@@ -71,6 +76,41 @@ def test_fp8_gradients_point_where_bf16_ones_do(hf: Path, recipe: str, fmt: str 
     """Every parameter's FP8 gradient is the bf16 one up to quantisation noise (cosine and norm), which a wrong
     scale or a dropped term in the FP8 backward would break even where the loss still agrees."""
     assert min(_gradient_cosines(hf, recipe, fmt)) > 0.98
+
+
+@pytest.mark.parametrize("model", ["tied", "untied"])
+def test_fp8_output_layer(hf: Path, hf_untied: Path, model: str) -> None:
+    """--fp8-output-proj converts the vocabulary projection as well, whether its weight is its own or the tied
+    embedding's; the loss stays within 1% of bf16's, and every gradient (the embedding's, which takes the output
+    layer's weight gradient when tied, among them) points where bf16's does."""
+    from bridge.nn.fp8 import apply_fp8
+
+    path = hf if model == "tied" else hf_untied
+    ref, fp8 = _model(path), _model(path)
+    assert (fp8.output_layer.weight is None) == (model == "tied")
+    converted = apply_fp8([fp8], "tensorwise", output_proj=True, emulate=True)
+    assert "0.output_layer" in converted and len(converted) == 4 * fp8.cfg.num_layers + 1
+    tokens = torch.randint(0, 300, (2, 33), generator=torch.Generator().manual_seed(5))
+    losses = [m(tokens[:, :-1], labels=tokens[:, 1:]).mean() for m in (ref, fp8)]
+    assert abs(losses[1].item() / losses[0].item() - 1) < 0.01, losses
+    assert min(_gradient_cosines(path, "tensorwise", None, output_proj=True)) > 0.98
+
+
+def test_fp8_output_layer_changes_the_logits(hf: Path) -> None:
+    """The output layer really runs through the FP8 matmul: its logits differ from bf16's by FP8 rounding, where
+    with the output layer left alone (and the transformer layers in FP8) they come out of the same bf16 GEMM."""
+    from bridge.nn.fp8 import apply_fp8
+
+    def logits(model) -> torch.Tensor:  # noqa: ANN001 - [s, b, V_pad] for one fixed hidden state
+        hidden = torch.randn(16, 2, model.cfg.hidden_size, generator=torch.Generator().manual_seed(7))
+        return model.output_layer(hidden.bfloat16(), model.embedding.word_embeddings.weight).float()
+
+    plain = logits(_model(hf))
+    for output_proj in (False, True):
+        model = _model(hf)
+        apply_fp8([model], "tensorwise", output_proj=output_proj, emulate=True)
+        rel = ((logits(model) - plain).norm() / plain.norm()).item()
+        assert (1e-3 < rel < 0.1) if output_proj else rel == 0, (output_proj, rel)
 
 
 def test_e4m3_gradients_are_closer_to_bf16_than_e5m2_ones(hf: Path) -> None:
@@ -115,6 +155,8 @@ def test_fp8_plan_errors(hf: Path) -> None:
             make_plan(TrainConfig(**base, fp8="tensorwise", bf16=True, device="cpu"))
     with pytest.raises(BridgeError, match="not one of tensorwise, rowwise"):
         make_plan(TrainConfig(**base, fp8="e4m3", bf16=True, device="cpu"))
+    with pytest.raises(BridgeError, match="--fp8-output-proj runs the output layer in FP8, but FP8 is off"):
+        make_plan(TrainConfig(**base, fp8_output_proj=True, bf16=True, device="cpu"))
     with pytest.raises(BridgeError, match="--fp8-format e4m3 picks FP8's gradient type, but FP8 is off"):
         make_plan(TrainConfig(**base, fp8_format="e4m3", bf16=True, device="cpu"))
     with pytest.raises(BridgeError, match="--fp8 rowwise keeps gradients in e4m3"):

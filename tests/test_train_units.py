@@ -151,7 +151,7 @@ def test_cli_surface() -> None:
                  "--seed", "--tensorboard-dir", "--data-path", "--data", "--split", "--config", "--nproc", "--tp", "--pp",
                  "--attention-backend", "--no-gradient-accumulation-fusion", "--no-rope-fusion", "--profile",
                  "--profile-step-start", "--profile-step-end", "--profile-ranks", "--grad-reduce-in-bf16",
-                 "--accumulate-allreduce-grads-in-fp32", "--fp8-format", "--fp8-recipe", "--cp-comm-type"):
+                 "--accumulate-allreduce-grads-in-fp32", "--fp8-format", "--fp8-recipe", "--fp8-output-proj", "--cp-comm-type"):
         assert flag in flags, flag
     assert json.dumps(TrainConfig().clip_grad) == "1.0"
 
@@ -173,6 +173,9 @@ def test_megatron_fp8_and_cp_flags_map_to_bridges(flags: list[str], fp8: str | N
 
     cfg = config_from_args(build_parser().parse_args(["train", *flags]))
     assert (cfg.fp8, cfg.fp8_format, cfg.cp_comm_type) == (fp8, fp8_format, cp_comm_type)
+    assert not cfg.fp8_output_proj
+    with_head = config_from_args(build_parser().parse_args(["train", *flags, "--fp8-output-proj"]))
+    assert with_head.fp8_output_proj and with_head.fp8 == fp8
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -8,8 +8,10 @@ output gradient likewise in backward. The parameters stay what they were (bf16 w
 buffer, fp32 masters in the optimizer), so the state dict, the checkpoint and `bridge export` do not change.
 
 Which layers: linear_qkv, linear_proj, linear_fc1 and linear_fc2 of every dense transformer layer whose
-local shard has both dimensions divisible by 16 (the FP8 GEMM's alignment). The output layer (vocab
-projection) and MoE experts stay in bf16, as in torchtitan's and Megatron's default FP8 recipes.
+local shard has both dimensions divisible by 16 (the FP8 GEMM's alignment). MoE experts stay in bf16. The
+output layer (vocab projection) stays in bf16 too, as in Megatron's default, unless `output_proj` asks for it
+(Megatron's --fp8-output-proj): it is the largest single GEMM of a step (23% of the matmul FLOPs of an 8-layer
+8B-shaped model), and the one that gains most from FP8 where the transformer layers are few.
 
 Transformer Engine's `fp8_autocast` only changes TE modules; bridge's runtime does not build TE modules
 (TE is not installable on these machines), so the torchao path is the one implemented.
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -98,14 +100,25 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, config: Any) -> torch.Tens
     return out.reshape(*lead, weight.shape[0])  # [..., out]
 
 
-def _convertible(name: str, module: nn.Module) -> bool:
-    if not name.endswith(FP8_LAYERS) or ".experts." in name or getattr(module, "weight", None) is None:
-        return False
-    out_features, in_features = module.weight.shape
-    return out_features % _ALIGN == 0 and in_features % _ALIGN == 0
+def _aligned(weight: torch.Tensor | None) -> bool:
+    return weight is not None and weight.shape[0] % _ALIGN == 0 and weight.shape[1] % _ALIGN == 0
 
 
-def apply_fp8(chunks: Iterable[nn.Module], recipe: str, fmt: str | None = None, *, emulate: bool = False) -> list[str]:
+def _fp8_layers(chunk: nn.Module, output_proj: bool) -> Iterator[tuple[str, nn.Module]]:
+    """The chunk's linear layers that FP8 takes: the dense transformer linears, and the output layer if asked.
+    The output layer's weight may be the tied embedding (one stage), which is the matrix its GEMM multiplies."""
+    for name, module in chunk.named_modules():
+        if name.endswith(FP8_LAYERS) and ".experts." not in name and _aligned(getattr(module, "weight", None)):
+            yield name, module
+    head = getattr(chunk, "output_layer", None)
+    if output_proj and head is not None:
+        weight = head.weight if head.weight is not None else chunk.shared_embedding_or_output_weight()
+        if _aligned(weight):
+            yield "output_layer", head
+
+
+def apply_fp8(chunks: Iterable[nn.Module], recipe: str, fmt: str | None = None, *, output_proj: bool = False,
+              emulate: bool = False) -> list[str]:
     """Switch the eligible linear layers of `chunks` to FP8 matmuls; returns their names (chunk-prefixed).
 
     Only the modules' compute changes (their `fp8` attribute); parameters and state dicts are untouched.
@@ -113,10 +126,10 @@ def apply_fp8(chunks: Iterable[nn.Module], recipe: str, fmt: str | None = None, 
     config = fp8_config(recipe, fmt, emulate=emulate)
     converted: list[str] = []
     for v, chunk in enumerate(chunks):
-        for name, module in chunk.named_modules():
-            if hasattr(module, "fp8") and _convertible(name, module):
-                module.fp8 = config
-                converted.append(f"{v}.{name}")
-    log.info("fp8 (%s, %s gradients): %d linear layers use FP8 matrix products", recipe,
-             config.cast_config_grad_output.target_dtype, len(converted))
+        for name, module in _fp8_layers(chunk, output_proj):
+            module.fp8 = config
+            converted.append(f"{v}.{name}")
+    log.info("fp8 (%s, %s gradients): %d linear layers use FP8 matrix products%s", recipe,
+             config.cast_config_grad_output.target_dtype, len(converted),
+             ", the output layer among them" if any(n.endswith("output_layer") for n in converted) else "")
     return converted

@@ -81,6 +81,9 @@ class TrainConfig:
     fp8_format: str | None = None
     """Megatron-LM's --fp8-format, the float8 type of --fp8's output gradients: hybrid (e5m2) or e4m3. None: the
     recipe's own (tensorwise: hybrid; rowwise: e4m3, its only one)."""
+    fp8_output_proj: bool = False
+    """Megatron-LM's --fp8-output-proj: the output layer (vocabulary projection) also runs in FP8. Off by default,
+    as in Megatron-LM: it is the largest single matmul, and the one whose rounding reaches the loss most directly."""
     accumulate_allreduce_grads_in_fp32: bool = False
     """Megatron-LM's flag; under --bf16 fp32 gradients are already the default (as in Megatron-LM), so it only
     documents the choice and contradicts --grad-reduce-in-bf16."""

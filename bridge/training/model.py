@@ -43,13 +43,15 @@ def build_chunks(cfg: TrainConfig, plan: Plan, ps: ParallelState, device: torch.
     if cfg.fp8:  # FP8 compute only: parameters, state dicts and checkpoints are unchanged
         from bridge.nn.fp8 import apply_fp8
 
-        apply_fp8(chunks, cfg.fp8, cfg.fp8_format)
+        apply_fp8(chunks, cfg.fp8, cfg.fp8_format, output_proj=cfg.fp8_output_proj)
     if cfg.recompute:
         apply_recompute(chunks, cfg.recompute)
     if cfg.compile:
         for chunk in chunks:
             for layer in chunk.decoder.layers:
                 layer.compile()
+            if chunk.output_layer is not None and chunk.output_layer.fp8 is not None:
+                chunk.output_layer.compile()  # eager FP8 casts of the [tokens, vocab] gradient take ~6 passes
     return chunks, state
 
 

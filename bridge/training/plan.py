@@ -188,6 +188,9 @@ def _check_grad_dtype(cfg: TrainConfig) -> None:
 def _check_fp8(cfg: TrainConfig) -> None:
     """--fp8: a known recipe and format, bf16 weights (FP8 casts from them), an FP8-capable GPU and torchao."""
     if cfg.fp8 is None:
+        if cfg.fp8_output_proj:
+            raise BridgeError("--fp8-output-proj runs the output layer in FP8, but FP8 is off: add --fp8 tensorwise "
+                              "(or rowwise), or drop --fp8-output-proj")
         if cfg.fp8_format is not None:
             raise BridgeError(f"--fp8-format {cfg.fp8_format} picks FP8's gradient type, but FP8 is off: add --fp8 "
                               f"tensorwise")

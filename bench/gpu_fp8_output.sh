@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Device-tool calls (tenth session): FP8 for the output layer too (--fp8-output-proj), the largest GEMM that
+# --fp8 leaves in bf16 (23% of the matmul FLOPs of the 8-layer 8B shape).
+#   speed (one H100): 8B shape (8 layers), seq 4096, global batch 8, mbs 4, compiled: bf16, FP8, FP8 + output
+#          layer, in one call; then, if time is left, a profile of the last
+#   loss (two GPUs, side by side): 200 steps at global batch 16 on real text from seed 1234, bf16 on GPU 0 and FP8
+#          tensorwise + output layer on GPU 1 (the eighth session's setup, bench/gpu_fp8_8b_loss_setup.sh)
+#   run(kind="nvidia-h100-x1", carry=[".whl"], command="OUT=$OUT bash bench/gpu_fp8_output.sh speed")
+#   run(kind="nvidia-h100-x2", carry=[".whl"], command="OUT=$OUT bash bench/gpu_fp8_output.sh loss")
+case "${1:?usage: bench/gpu_fp8_output.sh speed|loss}" in
+  speed)
+    source bench/gpu_setup.sh
+    export PYTHONPATH=/tmp/site
+    b8() { timeout "${T:-150}" python3 bench/train.py --model llama-8b-8l --seq-length 4096 --global-batch-size 8 \
+        --micro-batch-size 4 --steps 6 --no-baseline "$@" 2>&1 | grep -E "^bridge|Error|error" | grep -v "^{"; }
+    echo "== bf16 mbs4"; T=240 b8
+    echo "== fp8 mbs4"; T=200 b8 --fp8 tensorwise
+    echo "== fp8 + output layer mbs4"; T=200 b8 --fp8 tensorwise --fp8-output-proj
+    if (( SECONDS < 400 )); then
+      echo "== fp8 + output layer mbs4, profile"
+      T=$((580 - SECONDS)) b8 --fp8 tensorwise --fp8-output-proj --profile "$OUT/p-out"
+      python3 bench/trace_summary.py "$OUT/p-out/profile_rank0.json" --top 40; rm -rf "${OUT:?}/p-out"
+    fi ;;
+  loss)
+    source bench/gpu_fp8_8b_loss_setup.sh
+    one_gpu 0 bf16 python3 bench/cp_fp8.py "${common[@]}" --recipes "" --json "$OUT/bf16.json"
+    one_gpu 1 fp8-out python3 bench/cp_fp8.py "${common[@]}" --skip-bf16 --recipes tensorwise+out \
+      --json "$OUT/fp8-out.json"
+    wait
+    grep -hE "^bf16|^fp8|exit|Error" $LOGS/*.log | cut -c1-300
+    python3 bench/cp_fp8.py --compare "$OUT/bf16.json" "$OUT/fp8-out.json" 2>&1 | tail -n 3
+    cp $LOGS/*.log "$OUT/" ;;
+esac
