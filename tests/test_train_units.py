@@ -3,6 +3,7 @@ before any process starts (bad configs fail in the parent with one line)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -282,3 +283,21 @@ def test_host_runs_one_step_ahead_except_where_the_loop_acts(tiny_ckpt: Path, tm
     assert [r["iteration"] for r in summary["records"]] == list(range(1, 8))
     saved = sorted(p.name for p in (tmp_path / "run").glob("iter_*"))
     assert saved == ["iter_0000003", "iter_0000006", "iter_0000007"]
+
+
+@pytest.mark.parametrize("device, given, expected", [
+    ("cuda", {}, "expandable_segments:True"),
+    ("cuda", {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}, "max_split_size_mb:512"),
+    ("cuda", {"PYTORCH_ALLOC_CONF": "expandable_segments:False"}, None),  # the newer name counts as the user's
+    ("cpu", {}, None),
+])
+def test_cuda_allocator_default_leaves_the_users_choice(monkeypatch: pytest.MonkeyPatch, device: str, given: dict,
+                                                        expected: str | None) -> None:
+    from bridge.training.run import default_cuda_allocator
+
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in given.items():
+        monkeypatch.setenv(name, value)
+    default_cuda_allocator(device)
+    assert os.environ.get("PYTORCH_CUDA_ALLOC_CONF") == expected
