@@ -3,11 +3,12 @@
 # --fp8 leaves in bf16 (23% of the matmul FLOPs of the 8-layer 8B shape).
 #   speed (one H100): 8B shape (8 layers), seq 4096, global batch 8, mbs 4, compiled: bf16, FP8, FP8 + output
 #          layer, in one call; then, if time is left, a profile of the last
+#   speed-1b (one H100): the same three at the 1B shape, seq 2048, mbs 4, global batch 8, 5 steps after 3
 #   loss (two GPUs, side by side): 200 steps at global batch 16 on real text from seed 1234, bf16 on GPU 0 and FP8
 #          tensorwise + output layer on GPU 1 (the eighth session's setup, bench/gpu_fp8_8b_loss_setup.sh)
 #   run(kind="nvidia-h100-x1", carry=[".whl"], command="OUT=$OUT bash bench/gpu_fp8_output.sh speed")
 #   run(kind="nvidia-h100-x2", carry=[".whl"], command="OUT=$OUT bash bench/gpu_fp8_output.sh loss")
-case "${1:?usage: bench/gpu_fp8_output.sh speed|loss}" in
+case "${1:?usage: bench/gpu_fp8_output.sh speed|speed-1b|loss}" in
   speed)
     source bench/gpu_setup.sh
     export PYTHONPATH=/tmp/site
@@ -21,6 +22,14 @@ case "${1:?usage: bench/gpu_fp8_output.sh speed|loss}" in
       T=$((580 - SECONDS)) b8 --fp8 tensorwise --fp8-output-proj --profile "$OUT/p-out"
       python3 bench/trace_summary.py "$OUT/p-out/profile_rank0.json" --top 40; rm -rf "${OUT:?}/p-out"
     fi ;;
+  speed-1b)
+    source bench/gpu_setup.sh
+    export PYTHONPATH=/tmp/site
+    for v in "bf16:" "fp8:--fp8 tensorwise" "fp8 + output layer:--fp8 tensorwise --fp8-output-proj"; do
+      echo "== ${v%%:*}"
+      timeout 95 python3 bench/train.py --model llama-3.2-1b --no-baseline --steps 5 --warmup 3 ${v#*:} 2>&1 \
+        | grep -E "^bridge|Error" | cut -c1-300
+    done ;;
   loss)
     source bench/gpu_fp8_8b_loss_setup.sh
     one_gpu 0 bf16 python3 bench/cp_fp8.py "${common[@]}" --recipes "" --json "$OUT/bf16.json"
