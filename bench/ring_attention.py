@@ -1,8 +1,9 @@
-"""Context-parallel attention alone: the ring (p2p) against the all-gather, on GPUs (issue 9's "pick by measurement").
+"""Context-parallel attention alone: the ring (p2p) against the all-gather and a2a, on GPUs (issue 9's "pick by
+measurement").
 
     python bench/ring_attention.py --cps 2,4 --seq-length 32768 --check-length 4096
 
-For each CP degree, CP ranks (one GPU each, NCCL) first check both exchanges against attention over the whole
+For each CP degree, CP ranks (one GPU each, NCCL) first check each exchange against attention over the whole
 sequence at --check-length: the max abs error of the output and of the q/k/v gradients, bf16, next to that of
 PyTorch's own bf16 SDPA, all against an fp32 reference. Then each times forward + backward of its two chunks at
 --seq-length, once per exchange and --attention-backend; the slowest rank's median counts. CP=1 is PyTorch's causal
@@ -45,12 +46,16 @@ def _device() -> str:
 def _exchange(name: str):  # noqa: ANN202
     import torch.distributed as dist
 
+    from bridge.nn.transformer import CoreAttention
     from bridge.parallel.context import cp_attention
     from bridge.parallel.ring import ring_attention
 
     cp, rank = dist.get_world_size(), dist.get_rank()
     if name == "p2p":
         return lambda q, k, v: ring_attention(q, k, v, group=dist.group.WORLD, cp=cp, cp_rank=rank)
+    if name == "a2a":  # CoreAttention takes [s, b, heads, d]; this script's tensors are [b, heads, s, d]
+        attention = CoreAttention(None, cp=cp, cp_rank=rank, cp_group=dist.group.WORLD, cp_comm_type="a2a")
+        return lambda q, k, v: attention(*(t.permute(2, 0, 1, 3) for t in (q, k, v))).permute(1, 2, 0, 3)
     return lambda q, k, v: cp_attention(q, k, v, group=dist.group.WORLD, cp=cp, cp_rank=rank)
 
 
@@ -71,7 +76,7 @@ def _errors(check_length: int, backend: str) -> dict[str, float]:
     refs = [local(ref)] + [local(t.grad) for t in (q, k, v)]
     set_attention_backend(backend)
     out = {}
-    for name in ("sdpa", "p2p", "all_gather") + (("p2p_fp32",) if backend == "auto" else ()):  # no fp32 flash
+    for name in ("sdpa", "p2p", "all_gather", "a2a") + (("p2p_fp32",) if backend == "auto" else ()):  # no fp32 flash
         if name == "sdpa":
             q16, k16, v16 = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
             try:
@@ -125,7 +130,7 @@ def rank_main(seq: int, check_length: int, backends: list[str], iters: int) -> d
         blocks = {"own": (q, k, v, True), "earlier": (q, k[:, :, :half], v[:, :, :half], False),
                   "later": (q[:, :, half:], k, v, False)}
         result["kernels"][backend] = {b: block_kernel(*args).name for b, args in blocks.items()}
-        for name in ("p2p", "all_gather"):
+        for name in ("p2p", "all_gather", "a2a"):
             result["ms"][f"{name}/{backend}"] = _time(_exchange(name), q, k, v, dout.contiguous(), iters)
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if q.is_cuda else None
     return result

@@ -57,8 +57,9 @@ _FLAGS: list[tuple[tuple[str, ...], dict]] = [
                              help="Megatron-LM's FP8 scaling (default delayed); bridge runs tensorwise")),
     (("--fp8-output-proj",), dict(action="store_true", help="with --fp8, the output layer (vocabulary projection) "
                                                              "in FP8 too (Megatron-LM's flag; off: bf16)")),
-    (("--cp-comm-type",), dict(nargs="+", help="K/V exchange under CP: p2p (a ring, the default) or all_gather; "
-                                               "Megatron-LM's per-layer form is accepted when all layers agree")),
+    (("--cp-comm-type",), dict(nargs="+", help="K/V exchange under CP: p2p (a ring, the default), all_gather "
+                                               "or a2a (heads split by all-to-all); Megatron-LM's per-layer form is "
+                                               "accepted when all layers agree")),
     (("--accumulate-allreduce-grads-in-fp32",), dict(action="store_true",
                                                      help="fp32 gradients under --bf16 (the default, as in Megatron-LM)")),
     (("--grad-reduce-in-bf16",), dict(action="store_true",
@@ -104,7 +105,7 @@ def config_from_args(args: argparse.Namespace) -> "TrainConfig":  # noqa: F821
 
 
 #: --cp-comm-type spellings -> TrainConfig.cp_comm_type (Megatron's help spells the all-gather "allgather").
-_CP_COMM_TYPES = {"p2p": "p2p", "all_gather": "all_gather", "allgather": "all_gather"}
+_CP_COMM_TYPES = {"p2p": "p2p", "all_gather": "all_gather", "allgather": "all_gather", "a2a": "a2a"}
 
 
 def megatron_spellings(flags: dict) -> dict:
@@ -138,7 +139,7 @@ def _cp_comm_type(given: list[str]) -> str:
     other = next((c for c in given if c not in _CP_COMM_TYPES), None)
     if other is not None:
         raise BridgeError(f"--cp-comm-type {other} is not available: bridge's context parallelism passes K/V around a "
-                          f"ring (p2p) or all-gathers them (all_gather)")
+                          f"ring (p2p), all-gathers them (all_gather) or splits the heads by all-to-all (a2a)")
     kinds = sorted({_CP_COMM_TYPES[c] for c in given})
     if len(kinds) > 1:
         raise BridgeError(f"--cp-comm-type mixes {' and '.join(kinds)} over layers; bridge runs one exchange for all "

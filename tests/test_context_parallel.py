@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from bridge.errors import BridgeError
 from bridge.launch import launch
-from bridge.parallel.context import _global_order, check_seq_length, chunk_ids, local_positions, split_sequence
+from bridge.parallel.context import global_order, check_seq_length, chunk_ids, local_positions, split_sequence
 from tests.model_fixtures import write_random_corpus
 
 
@@ -23,7 +23,7 @@ def test_chunks_are_load_balanced_and_gather_back_in_order() -> None:
     x = torch.arange(24).view(1, 24)
     parts = [split_sequence(x, 3, r, dim=1) for r in range(3)]
     gathered = torch.cat(parts, dim=1).view(6, 4)  # what an all-gather over CP yields, rank-major
-    assert torch.equal(gathered[_global_order(3)].reshape(1, 24), x)
+    assert torch.equal(gathered[global_order(3)].reshape(1, 24), x)
     assert all(torch.equal(p, x[:, local_positions(24, 3, r)]) for r, p in enumerate(parts))
     with pytest.raises(BridgeError, match="2 x cp = 4 chunks: --seq-length 30 is not divisible"):
         check_seq_length(30, 2)
@@ -149,7 +149,40 @@ def _mla_attention_rank(exchange: str) -> list[float]:
     return errors
 
 
-@pytest.mark.parametrize("exchange", ["p2p", "all_gather"])
+def _a2a_attention_rank(window: int | None) -> list[float]:
+    """CoreAttention with a2a (heads traded for the sequence) vs full attention: outputs and q/k/v gradients."""
+    import torch.distributed as dist
+
+    from bridge.nn.transformer import CoreAttention
+
+    rank, cp = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(0)
+    s = 8 * cp
+    q, k, v = (torch.randn(s, 2, heads, 8, generator=g, requires_grad=True) for heads in (8, 4, 4))  # [s, b, n, d]
+    grad_out = torch.randn(s, 2, 8, 8, generator=g)
+    i = torch.arange(s)
+    mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < (window or s))
+    ref = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (q, k, v)), attn_mask=mask, enable_gqa=True)
+    ref = ref.permute(2, 0, 1, 3)
+    ref.backward(grad_out)
+    local = [split_sequence(t.detach(), cp, rank, dim=0).requires_grad_() for t in (q, k, v)]
+    attention = CoreAttention(window, cp=cp, cp_rank=rank, cp_group=dist.group.WORLD, cp_comm_type="a2a")
+    out = attention(*local)
+    out.backward(split_sequence(grad_out, cp, rank, dim=0))
+    errors = [(out - split_sequence(ref, cp, rank, dim=0)).abs().max().item()]
+    errors += [(t.grad - split_sequence(full.grad, cp, rank, dim=0)).abs().max().item() for t, full in zip(local, (q, k, v))]
+    return errors
+
+
+@pytest.mark.parametrize("cp, window", [(2, None), (4, None), (2, 5)])
+def test_a2a_attention_equals_full_attention(cp: int, window: int | None) -> None:
+    """a2a at CP=4 reorders 8 chunks from 4 ranks; with a window shorter than the sequence it applies the window
+    (which the ring cannot), since each rank then attends over the whole sequence."""
+    for errors in launch(_a2a_attention_rank, cp, window):
+        assert max(errors) < 1e-5, errors
+
+
+@pytest.mark.parametrize("exchange", ["p2p", "all_gather", "a2a"])
 def test_cp_attention_takes_mla_scale_and_narrower_v(exchange: str) -> None:
     for errors in launch(_mla_attention_rank, 2, exchange):
         assert max(errors) < 1e-5, errors
@@ -205,7 +238,8 @@ def test_cp_losses_match_single_process(setup: dict[str, Path]) -> None:
     ref = [loss for _, loss in train(_config(setup, "single", nproc=1))["loss_curve"]]
     assert len(ref) == 10 and len(set(ref)) == 10  # random tokens: the loss moves, it need not fall
     runs = {"cp2": dict(nproc=2, cp=2), "cp2tp2": dict(nproc=4, cp=2, tp=2), "cp2pp2": dict(nproc=4, cp=2, pp=2),
-            "cp2-all-gather": dict(nproc=2, cp=2, cp_comm_type="all_gather")}
+            "cp2-all-gather": dict(nproc=2, cp=2, cp_comm_type="all_gather"),
+            "cp2-a2a": dict(nproc=2, cp=2, cp_comm_type="a2a"), "cp2tp2-a2a": dict(nproc=4, cp=2, tp=2, cp_comm_type="a2a")}
     for name, kw in runs.items():
         got = [loss for _, loss in train(_config(setup, name, **kw))["loss_curve"]]
         rel = max(abs(a - b) / abs(b) for a, b in zip(got, ref))
@@ -220,12 +254,15 @@ def test_cp_sequence_length_must_split_into_2cp_chunks(setup: dict[str, Path]) -
         make_plan(_config(setup, "bad", cp=2, nproc=2, seq_length=30))
     with pytest.raises(BridgeError, match="tp\\*cp\\*pp"):
         make_plan(_config(setup, "bad", cp=2, tp=2, nproc=2))
-    with pytest.raises(BridgeError, match="--cp-comm-type ring is not one of p2p, all_gather"):
+    with pytest.raises(BridgeError, match="--cp-comm-type ring is not one of p2p, all_gather, a2a"):
         make_plan(_config(setup, "bad", cp=2, nproc=2, cp_comm_type="ring"))
+    with pytest.raises(BridgeError, match="a2a splits the attention heads over cp=8 ranks: 8 query and 4 K/V heads"):
+        make_plan(_config(setup, "bad", cp=8, nproc=8, seq_length=64, cp_comm_type="a2a"))
 
 
 def test_the_ring_refuses_a_sliding_window_shorter_than_the_sequence(tmp_path: Path) -> None:
-    """p2p has no window: a window the sequence outgrows needs all_gather (which applies it), one it fits does not."""
+    """p2p has no window: a window the sequence outgrows needs all_gather or a2a (which apply it), one it fits does
+    not."""
     from transformers import MistralConfig
 
     from bridge.training import TrainConfig
@@ -236,9 +273,10 @@ def test_the_ring_refuses_a_sliding_window_shorter_than_the_sequence(tmp_path: P
                   architectures=["MistralForCausalLM"]).save_pretrained(tmp_path)
     cfg = dict(model_config=str(tmp_path), mock_data=True, cp=2, nproc=2, device="cpu", progress=False)
     with pytest.raises(BridgeError, match="window of 16 tokens is shorter than --seq-length 32: pass --cp-comm-type "
-                                          "all_gather"):
+                                          "all_gather or a2a"):
         make_plan(TrainConfig(**cfg, seq_length=32))
     assert make_plan(TrainConfig(**cfg, seq_length=32, cp_comm_type="all_gather")).cp == 2
+    assert make_plan(TrainConfig(**cfg, seq_length=32, cp_comm_type="a2a")).cp == 2
     assert make_plan(TrainConfig(**cfg, seq_length=16)).cp == 2
 
 

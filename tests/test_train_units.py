@@ -165,6 +165,7 @@ def test_cli_surface() -> None:
     (["--fp8-recipe", "delayed"], None, None, "p2p"),  # a recipe without a format leaves FP8 off, as in Megatron-LM
     (["--fp8", "rowwise", "--cp-comm-type", "all_gather"], "rowwise", None, "all_gather"),
     (["--cp-comm-type", "allgather", "allgather"], None, None, "all_gather"),  # Megatron's per-layer form
+    (["--cp-comm-type", "a2a"], None, None, "a2a"),
     (["--cp-comm-type", "p2p", "--fp8-format", "hybrid", "--fp8-recipe", "tensorwise"], "tensorwise", "hybrid", "p2p"),
 ])
 def test_megatron_fp8_and_cp_flags_map_to_bridges(flags: list[str], fp8: str | None, fp8_format: str | None,
@@ -186,7 +187,7 @@ def test_megatron_fp8_and_cp_flags_map_to_bridges(flags: list[str], fp8: str | N
     (["--fp8", "rowwise", "--fp8-format", "hybrid", "--fp8-recipe", "tensorwise"], "name different recipes"),
     (["--fp8", "rowwise", "--fp8-format", "hybrid"], "--fp8 rowwise keeps gradients in e4m3"),
     (["--cp-comm-type", "all_gather", "p2p"], "--cp-comm-type mixes all_gather and p2p over layers"),
-    (["--cp-comm-type", "a2a"], "--cp-comm-type a2a is not available"),
+    (["--cp-comm-type", "a2a+p2p"], "--cp-comm-type a2a+p2p is not available"),
 ])
 def test_megatron_flags_bridge_does_not_run_are_refused(tiny_ckpt: Path, flags: list[str], message: str,
                                                          capsys: pytest.CaptureFixture) -> None:

@@ -117,6 +117,24 @@ def reduce_scatter_async(x: torch.Tensor, group: Group) -> Pending:
     return Pending(dist.reduce_scatter_tensor(out, x, group=group, async_op=True), out)
 
 
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Group, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:  # noqa: ANN001
+        ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
+        out = x.new_empty(sum(out_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN205
+        return _AllToAll.apply(grad.contiguous(), ctx.group, ctx.in_splits, ctx.out_splits), None, None, None
+
+
+def all_to_all(x: torch.Tensor, group: Group, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
+    """Rows `x[sum(in_splits[:r]) : ...]` go to rank r; returns what every rank sent here, in rank order."""
+    return _AllToAll.apply(x, group, out_splits, in_splits)
+
+
 class _CopyToTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:  # noqa: ANN001

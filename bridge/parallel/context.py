@@ -52,7 +52,7 @@ def split_sequence(x: torch.Tensor, cp: int, cp_rank: int, dim: int) -> torch.Te
     return torch.cat([parts[c] for c in chunk_ids(cp, cp_rank)], dim=dim)
 
 
-def _global_order(cp: int) -> list[int]:
+def global_order(cp: int) -> list[int]:
     """For each global chunk g, its index in the all-gathered (rank-major, two chunks per rank) order."""
     order = []
     for g in range(2 * cp):
@@ -69,7 +69,7 @@ def gather_sequence(x: torch.Tensor, group: Group, cp: int) -> torch.Tensor:
         return x
     gathered = C.gather_from_sp(x, group, tensor_parallel_output_grad=True)  # [S, ...] in rank order
     blocks = gathered.view(2 * cp, x.shape[0] // 2, *x.shape[1:])
-    index = torch.tensor(_global_order(cp), device=x.device)
+    index = torch.tensor(global_order(cp), device=x.device)
     return blocks.index_select(0, index).reshape(cp * x.shape[0], *x.shape[1:])
 
 

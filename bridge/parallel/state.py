@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 BACKENDS = ("gloo", "nccl")
 #: How CP ranks exchange K/V in attention (Megatron-LM's --cp-comm-type), the default first: p2p passes K/V blocks
 #: around a ring behind the attention kernels (bridge.parallel.ring), all_gather collects all of them up front
-#: (bridge.parallel.context).
-CP_COMM_TYPES = ("p2p", "all_gather")
+#: (bridge.parallel.context), a2a trades the sequence split for a head split around attention
+#: (bridge.parallel.ulysses).
+CP_COMM_TYPES = ("p2p", "all_gather", "a2a")
 
 
 def check_cp_comm_type(cp_comm_type: str) -> None:

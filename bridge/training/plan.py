@@ -205,7 +205,7 @@ def _check_fp8(cfg: TrainConfig) -> None:
 
 def _check_context_parallel(cfg: TrainConfig, model: ModelConfig) -> None:
     """--cp: a positive degree, 2*cp equal chunks per sequence; the ring (p2p) only where no sliding window cuts the
-    sequence."""
+    sequence; a2a only where every CP rank gets an equal share of the heads."""
     from bridge.parallel.state import check_cp_comm_type
 
     if cfg.cp < 1:
@@ -219,4 +219,9 @@ def _check_context_parallel(cfg: TrainConfig, model: ModelConfig) -> None:
     if cfg.cp_comm_type == "p2p" and model.sliding_window is not None and cfg.seq_length > model.sliding_window:
         raise BridgeError(f"--cp-comm-type p2p (the ring) has no sliding window, and {model.architecture}'s window of "
                           f"{model.sliding_window} tokens is shorter than --seq-length {cfg.seq_length}: "
-                          f"pass --cp-comm-type all_gather")
+                          f"pass --cp-comm-type all_gather or a2a")
+    if cfg.cp_comm_type == "a2a":
+        from bridge.parallel.ulysses import check_heads
+
+        kv_heads = model.num_attention_heads if model.mla is not None else model.num_query_groups
+        check_heads(model.num_attention_heads // cfg.tp, kv_heads // cfg.tp, cfg.cp)
