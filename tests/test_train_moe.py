@@ -6,6 +6,7 @@ trained and reported; DeepSeek's expert bias moves after every step; bad EP sett
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -68,14 +69,29 @@ def references(setup: dict[str, Path]) -> dict[str, dict]:
     return out
 
 
+@pytest.fixture(scope="module")
+def layout_run(setup: dict[str, Path]) -> Callable[[str, str], dict]:
+    """Train a RUNS layout once per module: its summary, its checkpoint under runs/{arch}-{name}. The layout tests
+    and the expert-bias test share the runs, and either trains what it needs when run alone."""
+    done: dict[tuple[str, str], dict] = {}
+
+    def run(arch: str, name: str) -> dict:
+        if (arch, name) not in done:
+            done[arch, name] = train(config(setup, arch, name, **RUNS[arch, name]))
+        return done[arch, name]
+
+    return run
+
+
 def _rank_file(run: Path, rank_dir: str) -> dict:
     return load_pt(run / "iter_0000010" / rank_dir / "model_optim_rng.pt")
 
 
 @pytest.mark.parametrize("arch, name", list(RUNS))
-def test_ep_layout_matches_single_process(setup: dict[str, Path], references: dict, arch: str, name: str) -> None:
+def test_ep_layout_matches_single_process(setup: dict[str, Path], references: dict, layout_run: Callable, arch: str,
+                                          name: str) -> None:
     reference = references[arch]
-    summary = train(config(setup, arch, name, **RUNS[arch, name]))
+    summary = layout_run(arch, name)
     ref, got = ([loss for _, loss in s["loss_curve"]] for s in (reference, summary))
     assert len(got) == 10
     rel = max(abs(a - b) / abs(b) for a, b in zip(got, ref))
@@ -119,17 +135,18 @@ def test_aux_loss_is_trained_and_reported(references: dict) -> None:
     assert all(r["moe_aux_loss"] == 0.0 for r in references["deepseek-v3"]["records"])
 
 
-def test_deepseek_expert_bias_moves_and_is_saved(setup: dict[str, Path], references: dict) -> None:
+def test_deepseek_expert_bias_moves_and_is_saved(setup: dict[str, Path], references: dict, layout_run: Callable) -> None:
     """Auxiliary-loss-free balancing: after 10 steps every MoE router's bias is nonzero, the same in every EP file
     (also when EP spans the CP ranks, and under sequence parallelism, where each TP rank routes a shard)."""
     single = _rank_file(setup["root"] / "runs" / "deepseek-v3-single", "mp_rank_00")["model"]
     biases = {k: v for k, v in single.items() if k.endswith("router.expert_bias")}
     assert biases and all(v.abs().max() > 0 for v in biases.values())
-    runs = {"deepseek-v3-ep2": rank_dirs(ep=2), "deepseek-v3-cp2-ep2": rank_dirs(ep=2),  # CP: loads summed over DP x CP
-            "deepseek-v3-tp2-cp2-sp": rank_dirs(tp=2)}  # SP: the loads of the whole TP sequence
-    for run, dirs in runs.items():
+    runs = {"ep2": rank_dirs(ep=2), "cp2-ep2": rank_dirs(ep=2),  # CP: loads summed over DP x CP
+            "tp2-cp2-sp": rank_dirs(tp=2)}  # SP: the loads of the whole TP sequence
+    for name, dirs in runs.items():
+        layout_run("deepseek-v3", name)
         for rank_dir in dirs:
-            model = _rank_file(setup["root"] / "runs" / run, rank_dir)["model"]
+            model = _rank_file(setup["root"] / "runs" / f"deepseek-v3-{name}", rank_dir)["model"]
             for k, v in biases.items():
                 torch.testing.assert_close(model[k], v, rtol=0, atol=0)
 
