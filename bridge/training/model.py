@@ -47,12 +47,18 @@ def build_chunks(cfg: TrainConfig, plan: Plan, ps: ParallelState, device: torch.
     if cfg.recompute:
         apply_recompute(chunks, cfg.recompute)
     if cfg.compile:
-        for chunk in chunks:
-            for layer in chunk.decoder.layers:
-                layer.compile()
-            if chunk.output_layer is not None and chunk.output_layer.fp8 is not None:
-                chunk.output_layer.compile()  # eager FP8 casts of the [tokens, vocab] gradient take ~6 passes
+        compile_chunks(chunks)
     return chunks, state
+
+
+def compile_chunks(chunks: Sequence[nn.Module]) -> None:
+    """torch.compile every transformer layer, and the output layer where it runs in FP8: eager, the FP8 casts of its
+    [tokens, vocabulary] gradient take about six passes over it, compiled two (an abs-max and a cast)."""
+    for chunk in chunks:
+        for layer in chunk.decoder.layers:
+            layer.compile()
+        if chunk.output_layer is not None and chunk.output_layer.fp8 is not None:
+            chunk.output_layer.compile()
 
 
 def _distinct_expert_init(chunks: Sequence[nn.Module], seed: int, ep_rank: int) -> None:
