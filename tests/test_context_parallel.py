@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from bridge.errors import BridgeError
 from bridge.launch import launch
-from bridge.parallel.context import global_order, check_seq_length, chunk_ids, local_positions, split_sequence
+from bridge.parallel.context import check_seq_length, chunk_ids, global_order, local_positions, split_sequence
 from tests.model_fixtures import write_random_corpus
 
 

@@ -19,8 +19,8 @@ from bridge.nn.rope import apply_rope
 from bridge.parallel.collectives import Group
 from bridge.parallel.context import cp_attention, window_mask
 from bridge.parallel.ring import ring_attention
-from bridge.parallel.ulysses import heads_to_sequence, sequence_to_heads
 from bridge.parallel.state import CP_COMM_TYPES, ParallelState
+from bridge.parallel.ulysses import heads_to_sequence, sequence_to_heads
 
 
 

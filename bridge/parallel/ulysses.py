@@ -15,7 +15,7 @@ import torch
 
 from bridge.errors import BridgeError
 from bridge.parallel.collectives import Group, all_to_all
-from bridge.parallel.context import global_order, chunk_ids
+from bridge.parallel.context import chunk_ids, global_order
 
 
 def check_heads(query_heads: int, kv_heads: int, cp: int) -> None:
