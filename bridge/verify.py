@@ -75,6 +75,7 @@ class VerifyResult:
         lines = [f"bridge verify: {self.checkpoint} vs {self.hf_source}",
                  f"layout tp={self.layout['tp']} pp={self.layout['pp']} vpp={self.layout['vpp']}"
                  + "".join(f" {k}={self.layout[k]}" for k in ("ep", "cp") if self.layout.get(k, 1) > 1)
+                 + (f" ({self.layout['cp_comm_type']})" if self.layout.get("cp", 1) > 1 else "")
                  + (" sp" if self.layout.get("sequence_parallel") else "") + " "
                  f"({self.transformer_impl}), {self.dtype} on {self.device}", head, "-" * len(head)]
         for m in [*self.prompts, self.overall]:
@@ -145,7 +146,7 @@ def hf_logits(folder: Path, token_lists: Sequence[Sequence[int]], dtype: str, de
 
 
 def rank_logits(checkpoints: Sequence[str], token_lists: Sequence[Sequence[int]], dtype: str, device: str,
-                sequence_parallel: bool, cp: int = 1) -> list[list[torch.Tensor] | None]:
+                sequence_parallel: bool, cp: int = 1, cp_comm_type: str = "p2p") -> list[list[torch.Tensor] | None]:
     """Runs on every rank: load this rank's shard of each checkpoint and run the prompts through the pipeline.
 
     With context parallelism each CP rank runs its two chunks of every prompt and the logits are gathered
@@ -165,7 +166,7 @@ def rank_logits(checkpoints: Sequence[str], token_lists: Sequence[Sequence[int]]
     results: list[list[torch.Tensor] | None] = []
     for ckpt in checkpoints:
         meta = CheckpointMeta.load(Path(ckpt))
-        ps = ParallelState(meta.layout, dist.get_world_size(), dist.get_rank(), cp=cp)
+        ps = ParallelState(meta.layout, dist.get_world_size(), dist.get_rank(), cp=cp, cp_comm_type=cp_comm_type)
         chunks = build_model_chunks(meta.config, ps, transformer_impl=meta.transformer_impl,
                                     sequence_parallel=sequence_parallel, params_dtype=DTYPES[dtype], device=dev)
         ep = {"ep_rank": ps.ep_rank} if meta.layout.ep > 1 else {}  # EP ranks are DP replicas holding other experts
@@ -183,7 +184,8 @@ def rank_logits(checkpoints: Sequence[str], token_lists: Sequence[Sequence[int]]
 
 
 def sharded_logits(checkpoints: Sequence[Path], token_lists: Sequence[Sequence[int]], *, dtype: str = "fp32",
-                   device: str = "cpu", sequence_parallel: bool = False, cp: int = 1) -> list[list[torch.Tensor]]:
+                   device: str = "cpu", sequence_parallel: bool = False, cp: int = 1,
+                   cp_comm_type: str = "p2p") -> list[list[torch.Tensor]]:
     """Start the ranks once for several checkpoints of one layout; per checkpoint, logits [s, V] per prompt."""
     layouts = {CheckpointMeta.load(Path(c)).layout for c in checkpoints}
     if len(layouts) != 1:
@@ -194,7 +196,7 @@ def sharded_logits(checkpoints: Sequence[Path], token_lists: Sequence[Sequence[i
     backend = "nccl" if device == "cuda" else "gloo"
     log.info("starting %d ranks (%s) for layout %s", world, backend, layout.name)
     per_rank = launch(rank_logits, world, [str(c) for c in checkpoints], [list(t) for t in token_lists], dtype, device,
-                      sequence_parallel, cp, backend=backend)
+                      sequence_parallel, cp, cp_comm_type, backend=backend)
     from bridge.parallel.state import ParallelState
 
     order = ParallelState(layout, world, 0, cp=cp, create_groups=False)
@@ -224,8 +226,21 @@ def compare(prompts: Sequence[str], ref: Sequence[torch.Tensor], ours: Sequence[
     return rows, overall, ok, criterion
 
 
+def _check_cp(meta: CheckpointMeta, cp: int, cp_comm_type: str) -> None:
+    """One-line errors for a CP degree below 1, an unknown exchange, and a2a where the heads do not split over CP."""
+    from bridge.parallel.state import check_cp_comm_type
+    from bridge.parallel.ulysses import check_model_heads
+
+    if cp < 1:
+        raise BridgeError(f"--cp must be >= 1, got {cp}")
+    check_cp_comm_type(cp_comm_type)
+    if cp > 1 and cp_comm_type == "a2a":
+        check_model_heads(meta.config, meta.layout.tp, cp)
+
+
 def verify(hf_src: str | Path, checkpoint: str | Path, *, prompts: Sequence[str] | None = None, dtype: str = "fp32",
-           device: str = "cpu", sequence_parallel: bool = False, cp: int = 1, write_json: bool = True) -> VerifyResult:
+           device: str = "cpu", sequence_parallel: bool = False, cp: int = 1, cp_comm_type: str = "p2p",
+           write_json: bool = True) -> VerifyResult:
     """Compare the checkpoint's logits with transformers' on `prompts`; write `verify.json` into the checkpoint."""
     from bridge.api import load_hf_config
     from bridge.hub import resolve_source
@@ -238,6 +253,7 @@ def verify(hf_src: str | Path, checkpoint: str | Path, *, prompts: Sequence[str]
         raise BridgeError("--device cuda but no CUDA GPU is visible; use --device cpu")
     ckpt = Path(checkpoint)
     meta = CheckpointMeta.load(ckpt)
+    _check_cp(meta, cp, cp_comm_type)
     folder = resolve_source(str(hf_src))
     hf_cfg = load_hf_config(folder)
     if (hf_cfg.architecture, hf_cfg.vocab_size, hf_cfg.num_layers) != (meta.config.architecture, meta.config.vocab_size,
@@ -252,10 +268,11 @@ def verify(hf_src: str | Path, checkpoint: str | Path, *, prompts: Sequence[str]
     if any(not t for t in tokens):
         raise BridgeError("a prompt encodes to no tokens (or fewer than the 2 x cp chunks --cp needs); give longer prompts")
     ref = hf_logits(folder, tokens, dtype, device)
-    ours = sharded_logits([ckpt], tokens, dtype=dtype, device=device, sequence_parallel=sequence_parallel, cp=cp)[0]
+    ours = sharded_logits([ckpt], tokens, dtype=dtype, device=device, sequence_parallel=sequence_parallel, cp=cp,
+                          cp_comm_type=cp_comm_type)[0]
     rows, overall, ok, criterion = compare(texts, ref, ours, dtype)
     result = VerifyResult(checkpoint=str(ckpt), hf_source=str(hf_src), dtype=dtype, device=device,
-                          layout={**meta.layout.to_json(), **({"cp": cp} if cp > 1 else {}),
+                          layout={**meta.layout.to_json(), **({"cp": cp, "cp_comm_type": cp_comm_type} if cp > 1 else {}),
                                   **({"sequence_parallel": True} if sequence_parallel and meta.layout.tp > 1 else {})},
                           transformer_impl=meta.transformer_impl, prompts=rows,
                           overall=overall, passed=ok, criterion=criterion)

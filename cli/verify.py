@@ -8,7 +8,8 @@ def run_verify(args: argparse.Namespace) -> int:
     from bridge.verify import read_prompts, verify
 
     result = verify(args.hf_src, args.checkpoint, prompts=read_prompts(args.prompts), dtype=args.dtype,
-                    device=args.device, sequence_parallel=args.sequence_parallel, cp=args.cp, write_json=not args.no_json)
+                    device=args.device, sequence_parallel=args.sequence_parallel, cp=args.cp,
+                    cp_comm_type=args.cp_comm_type, write_json=not args.no_json)
     print(result.table())
     return 0 if result.passed else 1
 
@@ -26,5 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="run the sharded model with sequence parallelism (prompts cut to a multiple of TP)")
     p.add_argument("--cp", "--context-parallel-size", dest="cp", type=int, default=1,
                    help="context parallelism: run each prompt split over CP ranks (prompts cut to a multiple of 2 x cp)")
+    p.add_argument("--cp-comm-type", choices=["p2p", "all_gather", "a2a"], default="p2p",
+                   help="how CP ranks exchange K/V, as in `bridge train` (default p2p, the ring)")
     p.add_argument("--no-json", action="store_true", help="do not write verify.json into the checkpoint")
     p.set_defaults(func=run_verify)

@@ -282,9 +282,16 @@ def test_the_ring_refuses_a_sliding_window_shorter_than_the_sequence(tmp_path: P
 
 @pytest.mark.slow
 def test_verify_at_cp2_matches_transformers(setup: dict[str, Path]) -> None:
-    """`bridge verify --cp 2`: each prompt split over 2 ranks (4 chunks), logits gathered back in order."""
+    """`bridge verify --cp 2`: each prompt split over 2 ranks (4 chunks), logits gathered back in order; through the
+    ring and through a2a."""
     from bridge.verify import verify
 
-    result = verify(setup["hf"], setup["ckpt"], cp=2, write_json=False)
-    assert result.passed and result.layout["cp"] == 2 and " cp=2 " in result.table(), result.table()
-    assert all(m.tokens % 4 == 0 for m in result.prompts)
+    for exchange in ("p2p", "a2a"):
+        result = verify(setup["hf"], setup["ckpt"], cp=2, cp_comm_type=exchange, write_json=False)
+        assert result.passed and result.layout["cp"] == 2, result.table()
+        assert f" cp=2 ({exchange}) " in result.table() and result.layout["cp_comm_type"] == exchange, result.table()
+        assert all(m.tokens % 4 == 0 for m in result.prompts)
+    with pytest.raises(BridgeError, match="a2a splits the attention heads over cp=8 ranks"):
+        verify(setup["hf"], setup["ckpt"], cp=8, cp_comm_type="a2a", write_json=False)
+    with pytest.raises(BridgeError, match="--cp-comm-type ring is not one of"):
+        verify(setup["hf"], setup["ckpt"], cp=2, cp_comm_type="ring", write_json=False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from bridge.config import ModelConfig
 from bridge.errors import BridgeError
 from bridge.parallel.collectives import Group, all_to_all
 from bridge.parallel.context import chunk_ids, global_order
@@ -24,6 +25,12 @@ def check_heads(query_heads: int, kv_heads: int, cp: int) -> None:
         raise BridgeError(f"--cp-comm-type a2a splits the attention heads over cp={cp} ranks: {query_heads} query and "
                           f"{kv_heads} K/V heads (per TP rank) do not both divide by {cp}; use --cp-comm-type p2p or "
                           f"all_gather, or a smaller --cp")
+
+
+def check_model_heads(model: ModelConfig, tp: int, cp: int) -> None:
+    """check_heads for a model's attention at TP=tp: K/V heads are its query groups, or with MLA one per head."""
+    kv_heads = model.num_attention_heads if model.mla is not None else model.num_query_groups
+    check_heads(model.num_attention_heads // tp, kv_heads // tp, cp)
 
 
 def _exchange(x: torch.Tensor, group: Group, cp: int) -> torch.Tensor:

@@ -221,7 +221,6 @@ def _check_context_parallel(cfg: TrainConfig, model: ModelConfig) -> None:
                           f"{model.sliding_window} tokens is shorter than --seq-length {cfg.seq_length}: "
                           f"pass --cp-comm-type all_gather or a2a")
     if cfg.cp_comm_type == "a2a":
-        from bridge.parallel.ulysses import check_heads
+        from bridge.parallel.ulysses import check_model_heads
 
-        kv_heads = model.num_attention_heads if model.mla is not None else model.num_query_groups
-        check_heads(model.num_attention_heads // cfg.tp, kv_heads // cfg.tp, cfg.cp)
+        check_model_heads(model, cfg.tp, cfg.cp)
