@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--global-batch-size", type=int, default=1, help="per DP rank")
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--cps", default="1,2,4")
-    p.add_argument("--cp-comm-types", default="p2p,all_gather", help="K/V exchanges to sweep at CP > 1")
+    p.add_argument("--cp-comm-types", default="p2p,all_gather,a2a", help="K/V exchanges to sweep at CP > 1")
     p.add_argument("--cp-fp8", choices=["tensorwise", "rowwise"], help="FP8 recipe for every run of the CP sweep")
     p.add_argument("--recipes", default="tensorwise,rowwise", help="FP8 variants: recipe[-format][+out], e.g. "
                                                                      "tensorwise-e4m3, tensorwise+out")
