@@ -3,6 +3,7 @@
 # --fp8 leaves in bf16 (23% of the matmul FLOPs of the 8-layer 8B shape).
 #   speed (one H100): 8B shape (8 layers), seq 4096, global batch 8, mbs 4, compiled: bf16, FP8, FP8 + output
 #          layer, in one call; then, if time is left, a profile of the last
+#          (bridge train now sets expandable segments itself; the first call, before that, ran bf16 out of memory)
 #   speed-1b (one H100): the same three at the 1B shape, seq 2048, mbs 4, global batch 8, 5 steps after 3
 #   loss (two GPUs, side by side): 200 steps at global batch 16 on real text from seed 1234, bf16 on GPU 0 and FP8
 #          tensorwise + output layer on GPU 1 (the eighth session's setup, bench/gpu_fp8_8b_loss_setup.sh)
