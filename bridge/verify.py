@@ -25,6 +25,7 @@ from bridge.checkpoint import CheckpointMeta
 from bridge.config import DTYPES
 from bridge.errors import BridgeError
 from bridge.launch import launch
+from bridge.parallel.state import check_context_parallel
 
 log = logging.getLogger(__name__)
 
@@ -226,18 +227,6 @@ def compare(prompts: Sequence[str], ref: Sequence[torch.Tensor], ours: Sequence[
     return rows, overall, ok, criterion
 
 
-def _check_cp(meta: CheckpointMeta, cp: int, cp_comm_type: str) -> None:
-    """One-line errors for a CP degree below 1, an unknown exchange, and a2a where the heads do not split over CP."""
-    from bridge.parallel.state import check_cp_comm_type
-    from bridge.parallel.ulysses import check_model_heads
-
-    if cp < 1:
-        raise BridgeError(f"--cp must be >= 1, got {cp}")
-    check_cp_comm_type(cp_comm_type)
-    if cp > 1 and cp_comm_type == "a2a":
-        check_model_heads(meta.config, meta.layout.tp, cp)
-
-
 def verify(hf_src: str | Path, checkpoint: str | Path, *, prompts: Sequence[str] | None = None, dtype: str = "fp32",
            device: str = "cpu", sequence_parallel: bool = False, cp: int = 1, cp_comm_type: str = "p2p",
            write_json: bool = True) -> VerifyResult:
@@ -253,7 +242,7 @@ def verify(hf_src: str | Path, checkpoint: str | Path, *, prompts: Sequence[str]
         raise BridgeError("--device cuda but no CUDA GPU is visible; use --device cpu")
     ckpt = Path(checkpoint)
     meta = CheckpointMeta.load(ckpt)
-    _check_cp(meta, cp, cp_comm_type)
+    check_context_parallel(cp, cp_comm_type, meta.config, meta.layout.tp)
     folder = resolve_source(str(hf_src))
     hf_cfg = load_hf_config(folder)
     if (hf_cfg.architecture, hf_cfg.vocab_size, hf_cfg.num_layers) != (meta.config.architecture, meta.config.vocab_size,

@@ -15,6 +15,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from bridge.config import ModelConfig
 from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
 
@@ -32,6 +33,18 @@ def check_cp_comm_type(cp_comm_type: str) -> None:
     """One-line error for an exchange bridge does not have."""
     if cp_comm_type not in CP_COMM_TYPES:
         raise BridgeError(f"--cp-comm-type {cp_comm_type} is not one of {', '.join(CP_COMM_TYPES)}")
+
+
+def check_context_parallel(cp: int, cp_comm_type: str, model: ModelConfig, tp: int) -> None:
+    """One-line errors for what `bridge train` and `bridge verify` both refuse: a CP degree below 1, an exchange
+    bridge does not have, and a2a where the heads of a TP rank do not split evenly over CP."""
+    if cp < 1:
+        raise BridgeError(f"--cp must be >= 1, got {cp}")
+    check_cp_comm_type(cp_comm_type)
+    if cp > 1 and cp_comm_type == "a2a":
+        from bridge.parallel.ulysses import check_model_heads  # ulysses builds on this module
+
+        check_model_heads(model, tp, cp)
 
 
 class ParallelState:

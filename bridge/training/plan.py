@@ -206,11 +206,9 @@ def _check_fp8(cfg: TrainConfig) -> None:
 def _check_context_parallel(cfg: TrainConfig, model: ModelConfig) -> None:
     """--cp: a positive degree, 2*cp equal chunks per sequence; the ring (p2p) only where no sliding window cuts the
     sequence; a2a only where every CP rank gets an equal share of the heads."""
-    from bridge.parallel.state import check_cp_comm_type
+    from bridge.parallel.state import check_context_parallel
 
-    if cfg.cp < 1:
-        raise BridgeError(f"--cp must be >= 1, got {cfg.cp}")
-    check_cp_comm_type(cfg.cp_comm_type)
+    check_context_parallel(cfg.cp, cfg.cp_comm_type, model, cfg.tp)
     if cfg.cp == 1:
         return
     from bridge.parallel.context import check_seq_length
@@ -220,7 +218,3 @@ def _check_context_parallel(cfg: TrainConfig, model: ModelConfig) -> None:
         raise BridgeError(f"--cp-comm-type p2p (the ring) has no sliding window, and {model.architecture}'s window of "
                           f"{model.sliding_window} tokens is shorter than --seq-length {cfg.seq_length}: "
                           f"pass --cp-comm-type all_gather or a2a")
-    if cfg.cp_comm_type == "a2a":
-        from bridge.parallel.ulysses import check_model_heads
-
-        check_model_heads(model, cfg.tp, cfg.cp)
