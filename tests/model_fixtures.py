@@ -77,6 +77,23 @@ def write_random_corpus(prefix: Path, *, seed: int, documents: int, max_length: 
     return prefix
 
 
+def rank_model(ckpt: str | Path, world: int, **kwargs: Any) -> tuple[Any, list[Any]]:
+    """Inside a launched rank of `world`: its ParallelState and its model chunks, built for the checkpoint's layout
+    (`kwargs` go to build_model_chunks) and loaded from its own rank file."""
+    import torch.distributed as dist
+
+    from bridge.checkpoint import CheckpointMeta
+    from bridge.converters.megatron_legacy import LegacyCheckpointReader
+    from bridge.nn import build_model_chunks, load_rank_checkpoint
+    from bridge.parallel.state import ParallelState
+
+    meta = CheckpointMeta.load(Path(ckpt))
+    ps = ParallelState(meta.layout, world, dist.get_rank())
+    chunks = build_model_chunks(meta.config, ps, transformer_impl=meta.transformer_impl, **kwargs)
+    load_rank_checkpoint(chunks, LegacyCheckpointReader(Path(ckpt), meta.layout).load_rank(ps.tp_rank, ps.pp_rank))
+    return ps, chunks
+
+
 def load_pt(path: Path) -> dict[str, Any]:
     """A Megatron `.pt` file as the tests read it: weights_only, with the argparse `args` allowed."""
     from bridge.converters.megatron_legacy import SAFE_GLOBALS

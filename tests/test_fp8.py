@@ -194,20 +194,13 @@ def test_fp8_plan_errors(hf: Path) -> None:
 def _tp_fp8_rank(ckpt_tp1: str, ckpt_tp2: str) -> dict[str, float]:
     """FP8 (emulated, the output layer too) at TP=2, without and with SP, against FP8 at TP=1 on the same rank:
     relative loss difference, and per parameter 1 - cosine of its gradient with the TP=1 gradient's shard."""
-    import torch.distributed as dist
-
-    from bridge.checkpoint import CheckpointMeta
-    from bridge.converters.megatron_legacy import LegacyCheckpointReader
-    from bridge.nn import allreduce_tp_partial_grads, build_model_chunks, load_rank_checkpoint
+    from bridge.nn import allreduce_tp_partial_grads
     from bridge.nn.fp8 import apply_fp8
-    from bridge.parallel.state import ParallelState
     from bridge.sharding import rule_for, split
+    from tests.model_fixtures import rank_model
 
     def model(ckpt: str, **kwargs):  # noqa: ANN202
-        meta = CheckpointMeta.load(Path(ckpt))
-        ps = ParallelState(meta.layout, 2, dist.get_rank())
-        chunks = build_model_chunks(meta.config, ps, params_dtype=torch.bfloat16, mask_padded_vocab=True, **kwargs)
-        load_rank_checkpoint(chunks, LegacyCheckpointReader(Path(ckpt), meta.layout).load_rank(ps.tp_rank, ps.pp_rank))
+        ps, chunks = rank_model(ckpt, 2, params_dtype=torch.bfloat16, mask_padded_vocab=True, **kwargs)
         assert "0.output_layer" in apply_fp8(chunks, "tensorwise", output_proj=True, emulate=True)
         return ps, chunks[0]
 

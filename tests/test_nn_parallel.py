@@ -13,23 +13,9 @@ import torch
 from bridge.api import import_hf
 from bridge.launch import launch
 from bridge.layout import ParallelLayout
+from tests.model_fixtures import rank_model
 
 pytestmark = pytest.mark.slow
-
-
-def _model(ckpt: str, ps_world: int, **kwargs):  # noqa: ANN202
-    import torch.distributed as dist
-
-    from bridge.checkpoint import CheckpointMeta
-    from bridge.converters.megatron_legacy import LegacyCheckpointReader
-    from bridge.nn import build_model_chunks, load_rank_checkpoint
-    from bridge.parallel.state import ParallelState
-
-    meta = CheckpointMeta.load(Path(ckpt))
-    ps = ParallelState(meta.layout, ps_world, dist.get_rank())
-    chunks = build_model_chunks(meta.config, ps, transformer_impl=meta.transformer_impl, **kwargs)
-    load_rank_checkpoint(chunks, LegacyCheckpointReader(Path(ckpt), meta.layout).load_rank(ps.tp_rank, ps.pp_rank))
-    return ps, chunks
 
 
 def _grads(pairs: list[tuple[str, str]]) -> dict[str, float]:
@@ -46,13 +32,13 @@ def _pair_grads(ckpt_tp1: str, ckpt_tp2: str) -> dict[str, float]:
 
     tokens = torch.randint(0, 300, (2, 13), generator=torch.Generator().manual_seed(1))
     # padded vocab differs (384 at TP=1, 512 at TP=2): mask it so both compute HF's loss
-    _, (ref,) = _model(ckpt_tp1, 2, mask_padded_vocab=True)  # TP=1 layout in a world of 2: dp=2, each rank a full replica
+    _, (ref,) = rank_model(ckpt_tp1, 2, mask_padded_vocab=True)  # TP=1 layout in a world of 2: dp=2, each rank a full replica
     ref_loss = ref(tokens[:, :-1], labels=tokens[:, 1:])
     ref_loss.sum().backward()
     ref_grads = {k: p.grad for k, p in ref.named_parameters()}
     errors = {}
     for sp in (False, True):
-        ps, (model,) = _model(ckpt_tp2, 2, sequence_parallel=sp, mask_padded_vocab=True)
+        ps, (model,) = rank_model(ckpt_tp2, 2, sequence_parallel=sp, mask_padded_vocab=True)
         loss = model(tokens[:, :-1], labels=tokens[:, 1:])
         loss.sum().backward()
         allreduce_tp_partial_grads([model])
@@ -83,7 +69,7 @@ def _tied(ckpt: str) -> list[float]:
 
     from bridge.nn import allreduce_tied_embedding_grads, sync_tied_embeddings
 
-    ps, chunks = _model(ckpt, 2)
+    ps, chunks = rank_model(ckpt, 2)
     weight = chunks[0].embedding.word_embeddings.weight if ps.is_first_stage else chunks[-1].output_layer.weight
     with torch.no_grad():
         weight.add_(torch.randn_like(weight) * (ps.pp_rank + 1))  # the copies drift apart
