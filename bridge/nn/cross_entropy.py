@@ -16,7 +16,6 @@ is unchanged: every exponential and sum is taken in fp32.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from bridge.fused import fused
 from bridge.parallel.collectives import Group, all_reduce
@@ -64,8 +63,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, group: Group, vocab_start: int,  # noqa: ANN001
                 vocab_size: int | None) -> torch.Tensor:
-        logits_max = all_reduce(fused(local_max, logits.device)(logits, vocab_start, vocab_size), group,
-                                dist.ReduceOp.MAX)
+        logits_max = all_reduce(fused(local_max, logits.device)(logits, vocab_start, vocab_size), group, "max")
         sum_exp, predicted = fused(local_terms, logits.device)(logits, logits_max, target, vocab_start, vocab_size)
         sums = all_reduce(torch.stack([sum_exp, predicted]), group)  # one collective for both
         sum_exp, predicted = sums[0], sums[1]

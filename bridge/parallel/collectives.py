@@ -2,8 +2,16 @@
 
 Each op is the identity when its group is None or has one rank, so single-process models run the
 same code. The last dimension is the TP dimension of activations; dimension 0 is the sequence
-dimension (Megatron's [s, b, h] layout) for the sequence-parallel ops. Gloo has no reduce-scatter
-and no tensor all-gather, so those are emulated there with all_reduce / list all_gather.
+dimension (Megatron's [s, b, h] layout) for the sequence-parallel ops.
+
+The synchronous ops, which run inside torch.compile'd layers, are PyTorch's functional collectives
+(out-of-place, traced by torch.compile, on NCCL and gloo alike). The in-place c10d calls they replace
+(`dist.all_reduce(x)`, `dist.all_to_all_single(out, x)`), and a view returned by `split`, compiled to zero
+gradients in torch 2.11 where they sat inside an autograd.Function: compiled TP, sequence-parallel, EP and
+a2a context-parallel layers lost most of their backward, silently (step-1 gradient norm 67% below eager's
+at TP=2 + SP on GPUs). tests/test_parallel_collectives.py checks every op compiled against eager, and
+bench/compiled_parallel.py whole layouts. The asynchronous ops (DP gradient buckets, the column-parallel
+backward's overlap) stay c10d: they run outside compiled graphs.
 """
 from __future__ import annotations
 
@@ -11,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 Group = dist.ProcessGroup | None
 
@@ -24,50 +33,36 @@ def _is_gloo(group: Group) -> bool:
     return dist.get_backend(group) == "gloo"
 
 
-def all_reduce(x: torch.Tensor, group: Group, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+def all_reduce(x: torch.Tensor, group: Group, op: str = "sum") -> torch.Tensor:
+    """A new tensor: `x` reduced over `group` by `op` ("sum", "max", ...); `x` is left as it is."""
     if group_size(group) == 1:
         return x
-    x = x.contiguous()
-    dist.all_reduce(x, op=op, group=group)
-    return x
+    return funcol.wait_tensor(funcol.all_reduce(x.contiguous(), op, group))
 
 
 def all_gather(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
     """Concatenate every rank's `x` along `dim`, in group-rank order."""
-    size = group_size(group)
-    if size == 1:
+    if group_size(group) == 1:
         return x
-    x = x.contiguous()
-    if _is_gloo(group) or dim != 0:
-        parts = [torch.empty_like(x) for _ in range(size)]
-        dist.all_gather(parts, x, group=group)
-        return torch.cat(parts, dim=dim)
-    out = x.new_empty((size * x.shape[0], *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x, group=group)
-    return out
+    return funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), dim, group))
 
 
 def split(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
-    """This rank's contiguous slice of `x` along `dim`."""
+    """A copy of this rank's slice of `x` along `dim`: never a view, which torch 2.11 compiled to a zero gradient
+    where an autograd.Function returned it."""
     size = group_size(group)
     if size == 1:
         return x
     if x.shape[dim] % size:
         raise ValueError(f"dimension {dim} of size {x.shape[dim]} is not divisible by the group size {size}")
-    return x.chunk(size, dim=dim)[dist.get_rank(group)].contiguous()
+    return x.chunk(size, dim=dim)[dist.get_rank(group)].clone(memory_format=torch.contiguous_format)
 
 
 def reduce_scatter(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Sum over ranks, then keep this rank's slice of dimension 0."""
-    size = group_size(group)
-    if size == 1:
+    if group_size(group) == 1:
         return x
-    if _is_gloo(group):
-        return split(all_reduce(x.clone(), group), group, 0)
-    x = x.contiguous()
-    out = x.new_empty((x.shape[0] // size, *x.shape[1:]))
-    dist.reduce_scatter_tensor(out, x, group=group)
-    return out
+    return funcol.wait_tensor(funcol.reduce_scatter_tensor(x.contiguous(), "sum", 0, group))
 
 
 class Pending:
@@ -121,9 +116,7 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: Group, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:  # noqa: ANN001
         ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
-        out = x.new_empty(sum(out_splits), *x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
+        return funcol.wait_tensor(funcol.all_to_all_single(x.contiguous(), out_splits, in_splits, group))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN205
@@ -143,13 +136,13 @@ class _CopyToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
-        return all_reduce(grad.clone(), ctx.group), None
+        return all_reduce(grad, ctx.group), None
 
 
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:  # noqa: ANN001
-        return all_reduce(x.clone(), group)
+        return all_reduce(x, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
