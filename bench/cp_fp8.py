@@ -70,7 +70,7 @@ def run(config_dir: Path, args: argparse.Namespace, *, cp: int = 1, cp_comm_type
                       seed=args.seed if seed is None else seed,
                       bf16=True, fp8=fp8, fp8_format=fp8_format, fp8_output_proj=fp8_output_proj,
                       recompute=args.recompute, compile=args.compile, eval_interval=0,
-                      progress=False, device=args.device)
+                      progress=False, device=args.device, **_profiling(args, cp, cp_comm_type))
     try:
         summary = train(cfg)
     except Exception as exc:  # noqa: BLE001 - a sweep point that does not fit is a result, not a crash
@@ -80,6 +80,14 @@ def run(config_dir: Path, args: argparse.Namespace, *, cp: int = 1, cp_comm_type
     mem = [r["peak_mem_gib"] for r in records if r["peak_mem_gib"] is not None]
     return {"tokens_per_s": cfg.global_batch_size * cfg.seq_length / step, "peak_mem_gib": max(mem) if mem else None,
             "losses": [r["loss"] for r in summary["records"]]}
+
+
+def _profiling(args: argparse.Namespace, cp: int, cp_comm_type: str) -> dict:
+    """TrainConfig fields for --profile: two steps after the warm-up, rank 0, into DIR/cp<N>-<exchange>."""
+    if not args.profile:
+        return {}
+    return dict(profile=True, profile_step_start=args.warmup + 1, profile_step_end=args.warmup + 3,
+                tensorboard_dir=str(Path(args.profile) / f"cp{cp}-{cp_comm_type}"))
 
 
 def cp_sweep(config_dir: Path, args: argparse.Namespace) -> dict:
@@ -182,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--recompute", choices=["full", "selective"])
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--profile", metavar="DIR", help="profile two steps after the warm-up of each run into DIR")
     p.add_argument("--skip-bf16", action="store_true", help="run only the variants (the bf16 run is elsewhere)")
     p.add_argument("--compare", nargs=2, type=Path, metavar=("BF16_JSON", "VARIANTS_JSON"),
                    help="compare two --json results of runs made side by side, then exit")

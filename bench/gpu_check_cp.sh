@@ -14,9 +14,19 @@
 #          sequence parallelism at TP=2 x EP=2 (is the sp call's bf16 miss SP's?)
 #   sweep: H100s only (stops at once elsewhere): `bridge train --compile` at seq 32768, CP=1 (DP=all GPUs), 2 and,
 #          on 4 GPUs, 4, each exchange, 3 steps after 2
+#          (eleventh session: CPS=1,4 and CPS=2 split the sweep over two calls on four GPUs; EXCHANGES picks the K/V
+#          exchanges, default all three)
+#   a2a:   (eleventh session, before its first GPU run) attention alone at CP=2 and CP=4, all three exchanges, seq
+#          32768: errors against fp32 at 4096 and times, the 1B shape's heads
+#   a2a-probe: (eleventh session: the sweep's compiled CP=4 a2a ran 1.76x the ring's tokens/s, faster than four
+#          GPUs can do the work) CP=4 a2a and p2p at seq 32768, compiled with a profile of two steps each, then eager
+#   compiled: (eleventh session, after the collectives became functional, four GPUs of any kind)
+#          bench/compiled_parallel.py over NCCL: compiled against eager at TP=2 + SP, CP=2 a2a and EP=2, beside the
+#          same for a copy of the previous bridge where OLD names one (its compiled gradients were wrong); then
+#          CP=4 with a2a and the ring at seq 32768
 #   run(kind="nvidia-h100-x4", command="OUT=$OUT bash bench/gpu_check_cp.sh check")
 source bench/gpu_setup.sh
-case "${1:?usage: bench/gpu_check_cp.sh check|sp|mla|sweep}" in
+case "${1:?usage: bench/gpu_check_cp.sh check|sp|mla|a2a|a2a-probe|compiled|sweep}" in
   check)
     echo "== ring attention against fp32, CP=2, dense 1B heads"
     timeout 150 python3 bench/ring_attention.py --cps 2 --seq-length 8192 --check-length 4096 --iters 3 \
@@ -48,9 +58,35 @@ case "${1:?usage: bench/gpu_check_cp.sh check|sp|mla|sweep}" in
     echo "== bf16 verify at TP=2 x EP=2, without and with sequence parallelism"
     timeout 200 python3 bench/gpu_cp_moe.py --sp --verify-only --json "$OUT/sp_verify.json" 2>&1 \
       | grep -E "^layout|^all prompts|PASS|FAIL|Error" ;;
+  a2a)
+    timeout "${T:-200}" python3 bench/ring_attention.py --cps 2,4 --backends auto --iters 5 \
+      --json "$OUT/ring_a2a.json" 2>&1 | grep -E "^cp=|Error" | cut -c1-1500 ;;
+  a2a-probe)
+    cp4() { timeout "$1" python3 bench/cp_fp8.py cp --model llama-3.2-1b --nproc 4 --steps 3 --warmup 2 \
+        --seq-length 32768 --cps 4 --cp-comm-types a2a,p2p "${@:2}" 2>&1 | grep -E "^cp[0-9]|Error" | cut -c1-300; }
+    echo "== compiled, profiled"; cp4 300 --compile --profile "$OUT/prof"
+    for run in cp4-a2a cp4-p2p; do
+      echo "== $run: kernels"; python3 bench/trace_summary.py "$OUT/prof/$run/profile_rank0.json" --top 18 2>&1 | head -40
+    done
+    rm -rf "${OUT:?}/prof"
+    echo "== eager at $SECONDS s"; cp4 $((585 - SECONDS)) ;;
+  compiled)  # what the eleventh session ran, in three calls, on the 4x H200 it was given
+    echo "== compiled against eager, this checkout (GPUs 0,1) and the previous bridge in \$OLD (GPUs 2,3)"
+    ( CUDA_VISIBLE_DEVICES=0,1 timeout 300 python3 bench/compiled_parallel.py --layouts tp2-sp,cp2-a2a,ep2 \
+        --json "$OUT/compiled.json" > "$OUT/new.log" 2>&1 ) &
+    if [ -n "${OLD:-}" ]; then
+      ( CUDA_VISIBLE_DEVICES=2,3 PYTHONPATH="$OLD" timeout 300 python3 bench/compiled_parallel.py \
+          --layouts tp2-sp,cp2-a2a --json "$OUT/compiled-old.json" > "$OUT/old.log" 2>&1 ) &
+    fi
+    wait; grep -hE "^bridge|^tp|^cp|^ep|Error" "$OUT"/new.log "$OUT"/old.log 2>/dev/null | cut -c1-300
+    echo "== CP=4, a2a and the ring, seq 32768, compiled, at $SECONDS s"
+    timeout $((585 - SECONDS)) python3 bench/cp_fp8.py cp --model llama-3.2-1b --nproc 4 --steps 3 --warmup 2 \
+      --compile --seq-length 32768 --cps 4 --cp-comm-types a2a,p2p --json "$OUT/cp4.json" 2>&1 \
+      | grep -E "^cp[0-9]|Error" | cut -c1-400 ;;
   sweep)  # tenth session: on two H100s too (CP=1/2)
     nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H100 || { echo "not H100s: stopping"; exit 0; }
-    gpus=$(nvidia-smi -L | wc -l); cps=$([ "$gpus" -ge 4 ] && echo 1,2,4 || echo 1,2)
-    timeout 560 python3 bench/cp_fp8.py cp --model llama-3.2-1b --nproc "$gpus" --steps 3 --warmup 2 --compile \
-      --seq-length 32768 --cps "$cps" --json "$OUT/cp-h100.json" 2>&1 | grep -E "^cp[0-9]|Error" | cut -c1-400 ;;
+    gpus=$(nvidia-smi -L | wc -l); cps=${CPS:-$([ "$gpus" -ge 4 ] && echo 1,2,4 || echo 1,2)}
+    timeout "${T:-560}" python3 bench/cp_fp8.py cp --model llama-3.2-1b --nproc "$gpus" --steps 3 --warmup 2 \
+      --compile --seq-length 32768 --cps "$cps" --cp-comm-types "${EXCHANGES:-p2p,all_gather,a2a}" \
+      --json "$OUT/cp-h100-${cps//,/}.json" 2>&1 | grep -E "^cp[0-9]|Error" | cut -c1-400 ;;
 esac
