@@ -24,6 +24,9 @@ def _check_collectives() -> dict[str, float]:
     (y * full).sum().backward()
     err["scatter_gather_tp"] = max((y - full).abs().max().item(), (x.grad - full).abs().max().item())
 
+    logits = torch.randn(1, 5, 8)  # [b=1, s, V]: a leading 1 once broke the functional all-gather along -1
+    err["gather_tp_batch1"] = (C.gather_from_tp(logits.chunk(world, -1)[rank], group) - logits).abs().max().item()
+
     x = full.clone().requires_grad_()
     y = C.reduce_from_tp(C.copy_to_tp(x, group) * (rank + 1), group)  # sum_r (r+1) x
     y.sum().backward()

@@ -44,7 +44,8 @@ def all_gather(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
     """Concatenate every rank's `x` along `dim`, in group-rank order."""
     if group_size(group) == 1:
         return x
-    return funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), dim, group))
+    # funcol takes the dimension non-negative: -1 gave a wrong view for some shapes ([1, s, V] logits)
+    return funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), dim % x.dim(), group))
 
 
 def split(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
