@@ -57,6 +57,12 @@ _FLAGS: list[tuple[tuple[str, ...], dict]] = [
                              help="Megatron-LM's FP8 scaling (default delayed); bridge runs tensorwise")),
     (("--fp8-output-proj",), dict(action="store_true", help="with --fp8, the output layer (vocabulary projection) "
                                                              "in FP8 too (Megatron-LM's flag; off: bf16)")),
+    (("--first-last-layers-bf16",), dict(action="store_true", help="with --fp8, the first and last transformer "
+                                                                   "layers in bf16 (Megatron-LM's flag)")),
+    (("--num-layers-at-start-in-bf16",), dict(type=int, help="with --first-last-layers-bf16: first layers kept "
+                                                             "in bf16 (default 1)")),
+    (("--num-layers-at-end-in-bf16",), dict(type=int, help="with --first-last-layers-bf16: last layers kept in "
+                                                           "bf16 (default 1)")),
     (("--cp-comm-type",), dict(nargs="+", help="K/V exchange under CP: p2p (a ring, the default), all_gather "
                                                "or a2a (heads split by all-to-all); Megatron-LM's per-layer form is "
                                                "accepted when all layers agree")),

@@ -166,7 +166,23 @@ def test_rowwise_recipe_runs(hf: Path, recipe: str) -> None:
     assert model.decoder.layers[-1].self_attention.linear_qkv.weight.grad is not None
 
 
+def test_first_last_layers_bf16_keeps_those_layers_out_of_fp8(tiny_hf) -> None:
+    """--first-last-layers-bf16 (Megatron-LM's), by global layer index: of 5 layers, 1 at the start and 2 at the end
+    stay bf16 (their linears keep no FP8 config and compute exactly bf16's outputs), the middle two go FP8."""
+    from bridge.nn.fp8 import apply_fp8, first_last_layers
+
+    model = _model(tiny_hf("llama32-tied", num_hidden_layers=5))
+    bf16_layers = first_last_layers(5, 1, 2)
+    assert bf16_layers == {0, 3, 4}
+    converted = apply_fp8([model], "tensorwise", bf16_layers=bf16_layers, emulate=True)
+    assert {int(name.split(".")[3]) for name in converted} == {1, 2} and len(converted) == 8
+    for i, layer in enumerate(model.decoder.layers):
+        assert layer.global_index == i
+        assert (layer.mlp.linear_fc1.fp8 is None) == (i in bf16_layers)
+
+
 def test_fp8_plan_errors(hf: Path) -> None:
+    from bridge.api import load_hf_config
     from bridge.nn.fp8 import fp8_config
     from bridge.training import TrainConfig
     from bridge.training.plan import make_plan
@@ -181,6 +197,13 @@ def test_fp8_plan_errors(hf: Path) -> None:
         make_plan(TrainConfig(**base, fp8="e4m3", bf16=True, device="cpu"))
     with pytest.raises(BridgeError, match="--fp8-output-proj runs the output layer in FP8, but FP8 is off"):
         make_plan(TrainConfig(**base, fp8_output_proj=True, bf16=True, device="cpu"))
+    with pytest.raises(BridgeError, match="--first-last-layers-bf16 keeps layers out of FP8, but FP8 is off"):
+        make_plan(TrainConfig(**base, first_last_layers_bf16=True, bf16=True, device="cpu"))
+    layers = load_hf_config(hf).num_layers
+    for start, end, message in ((1, layers - 1, f"keep all {layers} layers in bf16"), (-1, 1, "neither can be negative")):
+        with pytest.raises(BridgeError, match=message):  # checked before the device: holds on CPU
+            make_plan(TrainConfig(**base, fp8="tensorwise", bf16=True, first_last_layers_bf16=True,
+                                  num_layers_at_start_in_bf16=start, num_layers_at_end_in_bf16=end, device="cpu"))
     with pytest.raises(BridgeError, match="--fp8-format e4m3 picks FP8's gradient type, but FP8 is off"):
         make_plan(TrainConfig(**base, fp8_format="e4m3", bf16=True, device="cpu"))
     with pytest.raises(BridgeError, match="--fp8 rowwise keeps gradients in e4m3"):

@@ -152,7 +152,8 @@ def test_cli_surface() -> None:
                  "--seed", "--tensorboard-dir", "--data-path", "--data", "--split", "--config", "--nproc", "--tp", "--pp",
                  "--attention-backend", "--no-gradient-accumulation-fusion", "--no-rope-fusion", "--profile",
                  "--profile-step-start", "--profile-step-end", "--profile-ranks", "--grad-reduce-in-bf16",
-                 "--accumulate-allreduce-grads-in-fp32", "--fp8-format", "--fp8-recipe", "--fp8-output-proj", "--cp-comm-type"):
+                 "--accumulate-allreduce-grads-in-fp32", "--fp8-format", "--fp8-recipe", "--fp8-output-proj", "--cp-comm-type",
+                 "--first-last-layers-bf16", "--num-layers-at-start-in-bf16", "--num-layers-at-end-in-bf16"):
         assert flag in flags, flag
     assert json.dumps(TrainConfig().clip_grad) == "1.0"
 
@@ -178,6 +179,10 @@ def test_megatron_fp8_and_cp_flags_map_to_bridges(flags: list[str], fp8: str | N
     assert not cfg.fp8_output_proj
     with_head = config_from_args(build_parser().parse_args(["train", *flags, "--fp8-output-proj"]))
     assert with_head.fp8_output_proj and with_head.fp8 == fp8
+    assert (cfg.first_last_layers_bf16, cfg.num_layers_at_start_in_bf16, cfg.num_layers_at_end_in_bf16) == (False, 1, 1)
+    ends = config_from_args(build_parser().parse_args(["train", *flags, "--first-last-layers-bf16",
+                                                       "--num-layers-at-end-in-bf16", "2"]))
+    assert (ends.first_last_layers_bf16, ends.num_layers_at_start_in_bf16, ends.num_layers_at_end_in_bf16) == (True, 1, 2)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -11,7 +11,9 @@ Which layers: linear_qkv, linear_proj, linear_fc1 and linear_fc2 of every dense 
 local shard has both dimensions divisible by 16 (the FP8 GEMM's alignment). MoE experts stay in bf16. The
 output layer (vocab projection) stays in bf16 too, as in Megatron's default, unless `output_proj` asks for it
 (Megatron's --fp8-output-proj): it is the largest single GEMM of a step (23% of the matmul FLOPs of an 8-layer
-8B-shaped model), and the one that gains most from FP8 where the transformer layers are few.
+8B-shaped model), and the one that gains most from FP8 where the transformer layers are few. Megatron's
+--first-last-layers-bf16 keeps the first and last layers (1 each by default) in bf16: those whose activations
+and gradients FP8's per-tensor scales fit worst.
 
 Transformer Engine's `fp8_autocast` only changes TE modules; bridge's runtime does not build TE modules
 (TE is not installable on these machines), so the torchao path is the one implemented.
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Iterable, Iterator
+from typing import Any, Container, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -104,12 +106,16 @@ def _aligned(weight: torch.Tensor | None) -> bool:
     return weight is not None and weight.shape[0] % _ALIGN == 0 and weight.shape[1] % _ALIGN == 0
 
 
-def _fp8_layers(chunk: nn.Module, output_proj: bool) -> Iterator[tuple[str, nn.Module]]:
-    """The chunk's linear layers that FP8 takes: the dense transformer linears, and the output layer if asked.
-    The output layer's weight may be the tied embedding (one stage), which is the matrix its GEMM multiplies."""
-    for name, module in chunk.named_modules():
-        if name.endswith(FP8_LAYERS) and ".experts." not in name and _aligned(getattr(module, "weight", None)):
-            yield name, module
+def _fp8_layers(chunk: nn.Module, output_proj: bool, bf16_layers: Container[int]) -> Iterator[tuple[str, nn.Module]]:
+    """The chunk's linear layers that FP8 takes: the dense transformer linears of each layer not in `bf16_layers`
+    (global indices), and the output layer if asked. The output layer's weight may be the tied embedding (one
+    stage), which is the matrix its GEMM multiplies."""
+    for i, layer in enumerate(chunk.decoder.layers):
+        if layer.global_index in bf16_layers:
+            continue
+        for name, module in layer.named_modules():
+            if name.endswith(FP8_LAYERS) and ".experts." not in name and _aligned(getattr(module, "weight", None)):
+                yield f"decoder.layers.{i}.{name}", module
     head = getattr(chunk, "output_layer", None)
     if output_proj and head is not None:
         weight = head.weight if head.weight is not None else chunk.shared_embedding_or_output_weight()
@@ -117,16 +123,23 @@ def _fp8_layers(chunk: nn.Module, output_proj: bool) -> Iterator[tuple[str, nn.M
             yield "output_layer", head
 
 
+def first_last_layers(num_layers: int, at_start: int, at_end: int) -> frozenset[int]:
+    """Megatron-LM's --first-last-layers-bf16: the global indices of the first `at_start` and last `at_end`
+    layers, which stay in bf16."""
+    return frozenset(range(at_start)) | frozenset(range(num_layers - at_end, num_layers))
+
+
 def apply_fp8(chunks: Iterable[nn.Module], recipe: str, fmt: str | None = None, *, output_proj: bool = False,
-              emulate: bool = False) -> list[str]:
-    """Switch the eligible linear layers of `chunks` to FP8 matmuls; returns their names (chunk-prefixed).
+              bf16_layers: Container[int] = (), emulate: bool = False) -> list[str]:
+    """Switch the eligible linear layers of `chunks` to FP8 matmuls, except those of the transformer layers in
+    `bf16_layers` (global indices); returns their names (chunk-prefixed).
 
     Only the modules' compute changes (their `fp8` attribute); parameters and state dicts are untouched.
     """
     config = fp8_config(recipe, fmt, emulate=emulate)
     converted: list[str] = []
     for v, chunk in enumerate(chunks):
-        for name, module in _fp8_layers(chunk, output_proj):
+        for name, module in _fp8_layers(chunk, output_proj, bf16_layers):
             module.fp8 = config
             converted.append(f"{v}.{name}")
     log.info("fp8 (%s, %s gradients): %d linear layers use FP8 matrix products%s", recipe,

@@ -154,6 +154,7 @@ class TransformerLayer(nn.Module):
                  dtype: torch.dtype, device: torch.device | None, layer: int = 0) -> None:
         super().__init__()
         te = transformer_impl == "transformer_engine"
+        self.global_index = layer  # 0-based over the whole model (pipeline stages and virtual chunks)
         moe, mla = cfg.is_moe_layer(layer), cfg.mla is not None
         norm = lambda: (TENorm if te else RMSNorm)(cfg.hidden_size, cfg.norm_epsilon, dtype=dtype, device=device)  # noqa: E731
         self.input_norm_separate = not te or mla

@@ -84,6 +84,11 @@ class TrainConfig:
     fp8_output_proj: bool = False
     """Megatron-LM's --fp8-output-proj: the output layer (vocabulary projection) also runs in FP8. Off by default,
     as in Megatron-LM: it is the largest single matmul, and the one whose rounding reaches the loss most directly."""
+    first_last_layers_bf16: bool = False
+    """Megatron-LM's flag: with --fp8, the first and last transformer layers keep bf16 matmuls (how many: the two
+    counts below, Megatron's defaults 1 and 1, which it reads only under this flag)."""
+    num_layers_at_start_in_bf16: int = 1
+    num_layers_at_end_in_bf16: int = 1
     accumulate_allreduce_grads_in_fp32: bool = False
     """Megatron-LM's flag; under --bf16 fp32 gradients are already the default (as in Megatron-LM), so it only
     documents the choice and contradicts --grad-reduce-in-bf16."""

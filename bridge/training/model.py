@@ -41,9 +41,11 @@ def build_chunks(cfg: TrainConfig, plan: Plan, ps: ParallelState, device: torch.
         _distinct_expert_init(chunks, cfg.seed + 1000 * ps.pp_rank + ps.tp_rank, ps.ep_rank)
     sync_tied_embeddings(chunks)
     if cfg.fp8:  # FP8 compute only: parameters, state dicts and checkpoints are unchanged
-        from bridge.nn.fp8 import apply_fp8
+        from bridge.nn.fp8 import apply_fp8, first_last_layers
 
-        apply_fp8(chunks, cfg.fp8, cfg.fp8_format, output_proj=cfg.fp8_output_proj)
+        bf16 = (first_last_layers(plan.model.num_layers, cfg.num_layers_at_start_in_bf16,
+                                  cfg.num_layers_at_end_in_bf16) if cfg.first_last_layers_bf16 else ())
+        apply_fp8(chunks, cfg.fp8, cfg.fp8_format, output_proj=cfg.fp8_output_proj, bf16_layers=bf16)
     if cfg.recompute:
         apply_recompute(chunks, cfg.recompute)
     if cfg.compile:

@@ -170,7 +170,7 @@ def make_plan(cfg: TrainConfig) -> Plan:
         if torch.cuda.device_count() < (cfg.nproc or 1):
             raise BridgeError(f"--nproc {cfg.nproc} needs {cfg.nproc} GPUs, found {torch.cuda.device_count()}; "
                               "use fewer ranks or --device cpu")
-    _check_fp8(cfg)
+    _check_fp8(cfg, model)
     _check_data(cfg)
     return Plan(model=model, layout=layout, world_size=world, dp=dp, num_microbatches=microbatches,
                 transformer_impl=impl, cp=cfg.cp, load_meta=meta)
@@ -185,12 +185,16 @@ def _check_grad_dtype(cfg: TrainConfig) -> None:
         raise BridgeError("--grad-reduce-in-bf16 needs --bf16: fp32 training keeps fp32 gradients")
 
 
-def _check_fp8(cfg: TrainConfig) -> None:
-    """--fp8: a known recipe and format, bf16 weights (FP8 casts from them), an FP8-capable GPU and torchao."""
+def _check_fp8(cfg: TrainConfig, model: ModelConfig) -> None:
+    """--fp8: a known recipe and format, bf16 weights (FP8 casts from them), an FP8-capable GPU and torchao; bf16
+    first/last layers that leave some layer in FP8."""
     if cfg.fp8 is None:
         if cfg.fp8_output_proj:
             raise BridgeError("--fp8-output-proj runs the output layer in FP8, but FP8 is off: add --fp8 tensorwise "
                               "(or rowwise), or drop --fp8-output-proj")
+        if cfg.first_last_layers_bf16:
+            raise BridgeError("--first-last-layers-bf16 keeps layers out of FP8, but FP8 is off: add --fp8 tensorwise "
+                              "(or rowwise), or drop --first-last-layers-bf16")
         if cfg.fp8_format is not None:
             raise BridgeError(f"--fp8-format {cfg.fp8_format} picks FP8's gradient type, but FP8 is off: add --fp8 "
                               f"tensorwise")
@@ -198,9 +202,21 @@ def _check_fp8(cfg: TrainConfig) -> None:
     from bridge.nn.fp8 import check_fp8_device, check_fp8_recipe
 
     check_fp8_recipe(cfg.fp8, cfg.fp8_format)
+    if cfg.first_last_layers_bf16:
+        _check_bf16_layers(cfg.num_layers_at_start_in_bf16, cfg.num_layers_at_end_in_bf16, model.num_layers)
     if not cfg.bf16:
         raise BridgeError("--fp8 casts bf16 weights and activations to FP8 for the matrix products: add --bf16")
     check_fp8_device(cfg.resolved_device())
+
+
+def _check_bf16_layers(at_start: int, at_end: int, num_layers: int) -> None:
+    """--num-layers-at-start/end-in-bf16: not negative, and some layer left in FP8."""
+    if at_start < 0 or at_end < 0:
+        raise BridgeError(f"--num-layers-at-start-in-bf16 {at_start} and --num-layers-at-end-in-bf16 {at_end} count "
+                          f"layers: neither can be negative")
+    if at_start + at_end >= num_layers:
+        raise BridgeError(f"--num-layers-at-start-in-bf16 {at_start} + --num-layers-at-end-in-bf16 {at_end} keep all "
+                          f"{num_layers} layers in bf16, so --fp8 would change nothing: lower them, or drop --fp8")
 
 
 def _check_context_parallel(cfg: TrainConfig, model: ModelConfig) -> None:
