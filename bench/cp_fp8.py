@@ -55,7 +55,8 @@ def text_corpus(out: Path, vocab_size: int = 8192, extra: Path | None = None,
 
 
 def run(config_dir: Path, args: argparse.Namespace, *, cp: int = 1, cp_comm_type: str = "p2p", fp8: str | None = None,
-        fp8_format: str | None = None, fp8_output_proj: bool = False, data: Path | None = None,
+        fp8_format: str | None = None, fp8_output_proj: bool = False, first_last_layers_bf16: bool = False,
+        data: Path | None = None,
         tokenizer: Path | None = None, seed: int | None = None) -> dict:
     """One bridge train run -> tokens/s, peak memory, loss curve (or the error that stopped it)."""
     from bridge.training import TrainConfig, train
@@ -69,6 +70,7 @@ def run(config_dir: Path, args: argparse.Namespace, *, cp: int = 1, cp_comm_type
                       min_lr=args.lr / 10, lr_warmup_iters=args.steps // 4, lr_decay_style="cosine",
                       seed=args.seed if seed is None else seed,
                       bf16=True, fp8=fp8, fp8_format=fp8_format, fp8_output_proj=fp8_output_proj,
+                      first_last_layers_bf16=first_last_layers_bf16,
                       recompute=args.recompute, compile=args.compile, eval_interval=0,
                       progress=False, device=args.device, **_profiling(args, cp, cp_comm_type))
     try:
@@ -120,12 +122,14 @@ def fp8_compare(config_dir: Path, args: argparse.Namespace, data: Path, tokenize
 
 
 def _fp8_variant(name: str) -> dict:
-    """run() arguments for an FP8 variant name: recipe[-format][+out], e.g. tensorwise-e4m3 or tensorwise+out
-    (the output layer in FP8 too)."""
-    recipe, _, extra = name.partition("+")
-    if extra not in ("", "out"):
-        raise SystemExit(f"unknown FP8 variant suffix +{extra} in {name}: only +out")
-    return {**dict(zip(("fp8", "fp8_format"), recipe.split("-"))), "fp8_output_proj": extra == "out"}
+    """run() arguments for an FP8 variant name: recipe[-format][+out][+ends], e.g. tensorwise-e4m3 or
+    tensorwise+out+ends (+out: the output layer in FP8 too; +ends: the first and last layer in bf16)."""
+    recipe, *extras = name.split("+")
+    unknown = set(extras) - {"out", "ends"}
+    if unknown:
+        raise SystemExit(f"unknown FP8 variant suffix +{sorted(unknown)[0]} in {name}: only +out and +ends")
+    return {**dict(zip(("fp8", "fp8_format"), recipe.split("-"))), "fp8_output_proj": "out" in extras,
+            "first_last_layers_bf16": "ends" in extras}
 
 
 def compare(r: dict, base: dict) -> None:
@@ -178,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cps", default="1,2,4")
     p.add_argument("--cp-comm-types", default="p2p,all_gather,a2a", help="K/V exchanges to sweep at CP > 1")
     p.add_argument("--cp-fp8", choices=["tensorwise", "rowwise"], help="FP8 recipe for every run of the CP sweep")
-    p.add_argument("--recipes", default="tensorwise,rowwise", help="FP8 variants: recipe[-format][+out], e.g. "
-                                                                     "tensorwise-e4m3, tensorwise+out")
+    p.add_argument("--recipes", default="tensorwise,rowwise", help="FP8 variants: recipe[-format][+out][+ends], e.g. "
+                                                                     "tensorwise-e4m3, tensorwise+out+ends")
     p.add_argument("--seed", type=int, default=1234, help="initialisation and data order of every run")
     p.add_argument("--noise-seed", type=int, help="also train bf16 from this seed: the run-to-run loss spread")
     p.add_argument("--extra-text", type=Path, help="more real text (.py/.md) for the FP8 runs, e.g. Python's stdlib")

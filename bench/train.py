@@ -105,6 +105,7 @@ def run_bridge(config_dir: Path, args: argparse.Namespace, layout: str) -> dict:
                       gradient_accumulation_fusion=args.gradient_accumulation_fusion, rope_fusion=args.rope_fusion,
                       grad_reduce_in_bf16=args.grad_reduce_in_bf16,
                       fp8=args.fp8, fp8_format=args.fp8_format, fp8_output_proj=args.fp8_output_proj,
+                      first_last_layers_bf16=args.first_last_layers_bf16,
                       profile=args.profile is not None, profile_step_start=args.warmup + 1,
                       profile_step_end=args.warmup + 3, tensorboard_dir=args.profile)
     summary = train(cfg)
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-rope-fusion", dest="rope_fusion", action="store_false")
     p.add_argument("--fp8", choices=["tensorwise", "rowwise"], help="bridge trains with FP8 linear layers (torchao)")
     p.add_argument("--fp8-output-proj", action="store_true", help="the output layer in FP8 too")
+    p.add_argument("--first-last-layers-bf16", action="store_true", help="with --fp8, the first and last layer in bf16")
     p.add_argument("--fp8-format", choices=["hybrid", "e4m3"], help="FP8 output gradients: e5m2 (hybrid) or e4m3")
     p.add_argument("--profile", metavar="DIR", help="profile two bridge steps after the warm-up into DIR")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager mode on both sides")
