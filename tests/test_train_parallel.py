@@ -20,6 +20,8 @@ LAYOUTS = {
     "dp2-recompute-selective": dict(nproc=2, recompute="selective"),
     "tp2pp2-sp": dict(nproc=4, tp=2, pp=2, sequence_parallel=True),
     "pp2vpp2": dict(nproc=2, pp=2, vpp=2),
+    # compiled layers around TP's collectives (torch 2.11 compiled the former in-place ones to zero gradients)
+    "tp2-compiled": dict(nproc=2, tp=2, compile=True),
     "dp2-distopt": dict(nproc=2, use_distributed_optimizer=True),
     # one process: weight gradients added into the buffer by the GEMMs (the reference) or by autograd
     "no-gradient-accumulation-fusion": dict(nproc=1, gradient_accumulation_fusion=False),
