@@ -15,7 +15,8 @@
 #   sweep: H100s only (stops at once elsewhere): `bridge train --compile` at seq 32768, CP=1 (DP=all GPUs), 2 and,
 #          on 4 GPUs, 4, each exchange, 3 steps after 2
 #          (eleventh session: CPS=1,4 and CPS=2 split the sweep over two calls on four GPUs; EXCHANGES picks the K/V
-#          exchanges, default all three)
+#          exchanges, default all three; SEQ the length, default 32768: at 32K CP=1 now fits an H100, so the next
+#          call is SEQ=65536 CPS=1,2,4 EXCHANGES=p2p,a2a)
 #   a2a:   (eleventh session, before its first GPU run) attention alone at CP=2 and CP=4, all three exchanges, seq
 #          32768: errors against fp32 at 4096 and times, the 1B shape's heads
 #   a2a-probe: (eleventh session: the sweep's compiled CP=4 a2a ran 1.76x the ring's tokens/s, faster than four
@@ -87,6 +88,6 @@ case "${1:?usage: bench/gpu_check_cp.sh check|sp|mla|a2a|a2a-probe|compiled|swee
     nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H100 || { echo "not H100s: stopping"; exit 0; }
     gpus=$(nvidia-smi -L | wc -l); cps=${CPS:-$([ "$gpus" -ge 4 ] && echo 1,2,4 || echo 1,2)}
     timeout "${T:-560}" python3 bench/cp_fp8.py cp --model llama-3.2-1b --nproc "$gpus" --steps 3 --warmup 2 \
-      --compile --seq-length 32768 --cps "$cps" --cp-comm-types "${EXCHANGES:-p2p,all_gather,a2a}" \
-      --json "$OUT/cp-h100-${cps//,/}.json" 2>&1 | grep -E "^cp[0-9]|Error" | cut -c1-400 ;;
+      --compile --seq-length "${SEQ:-32768}" --cps "$cps" --cp-comm-types "${EXCHANGES:-p2p,all_gather,a2a}" \
+      --json "$OUT/cp-h100-${SEQ:-32768}-${cps//,/}.json" 2>&1 | grep -E "^cp[0-9]|Error" | cut -c1-400 ;;
 esac
