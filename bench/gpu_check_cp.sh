@@ -17,6 +17,8 @@
 #          (eleventh session: CPS=1,4 and CPS=2 split the sweep over two calls on four GPUs; EXCHANGES picks the K/V
 #          exchanges, default all three; SEQ the length, default 32768: at 32K CP=1 now fits an H100, so the next
 #          call is SEQ=65536 CPS=1,2,4 EXCHANGES=p2p,a2a)
+#          (twelfth session: CAP_GIB=N runs it on any card with each rank's allocator capped at N GiB,
+#          bench/memcap/sitecustomize.py; 78.5: an 80 GB H100 gives torch 79.2 GiB, less its CUDA context; NCCL buffers are not counted)
 #   a2a:   (eleventh session, before its first GPU run) attention alone at CP=2 and CP=4, all three exchanges, seq
 #          32768: errors against fp32 at 4096 and times, the 1B shape's heads
 #   a2a-probe: (eleventh session: the sweep's compiled CP=4 a2a ran 1.76x the ring's tokens/s, faster than four
@@ -84,8 +86,13 @@ case "${1:?usage: bench/gpu_check_cp.sh check|sp|mla|a2a|a2a-probe|compiled|swee
     timeout $((585 - SECONDS)) python3 bench/cp_fp8.py cp --model llama-3.2-1b --nproc 4 --steps 3 --warmup 2 \
       --compile --seq-length 32768 --cps 4 --cp-comm-types a2a,p2p --json "$OUT/cp4.json" 2>&1 \
       | grep -E "^cp[0-9]|Error" | cut -c1-400 ;;
-  sweep)  # tenth session: on two H100s too (CP=1/2)
-    nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H100 || { echo "not H100s: stopping"; exit 0; }
+  sweep)  # tenth session: on two H100s too (CP=1/2); twelfth: CAP_GIB=78.5 runs it on H200s capped like an H100
+    if [ -n "${CAP_GIB:-}" ]; then
+      export BENCH_CUDA_MEMORY_GIB=$CAP_GIB PYTHONPATH="$PWD/bench/memcap${PYTHONPATH:+:$PYTHONPATH}"
+      echo "allocator capped at $CAP_GIB GiB per GPU"
+    else
+      nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H100 || { echo "not H100s: stopping"; exit 0; }
+    fi
     gpus=$(nvidia-smi -L | wc -l); cps=${CPS:-$([ "$gpus" -ge 4 ] && echo 1,2,4 || echo 1,2)}
     timeout "${T:-560}" python3 bench/cp_fp8.py cp --model llama-3.2-1b --nproc "$gpus" --steps 3 --warmup 2 \
       --compile --seq-length "${SEQ:-32768}" --cps "$cps" --cp-comm-types "${EXCHANGES:-p2p,all_gather,a2a}" \
