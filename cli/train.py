@@ -110,10 +110,6 @@ def config_from_args(args: argparse.Namespace) -> "TrainConfig":  # noqa: F821
         raise BridgeError(f"bad training settings: {exc}") from None
 
 
-#: --cp-comm-type spellings -> TrainConfig.cp_comm_type (Megatron's help spells the all-gather "allgather").
-_CP_COMM_TYPES = {"p2p": "p2p", "all_gather": "all_gather", "allgather": "all_gather", "a2a": "a2a"}
-
-
 def megatron_spellings(flags: dict) -> dict:
     """TrainConfig values for Megatron-LM's --fp8-format/--fp8-recipe and --cp-comm-type: a Megatron launch line
     runs as it asks, or stops with one line where it asks for what bridge does not do.
@@ -123,7 +119,9 @@ def megatron_spellings(flags: dict) -> dict:
     tensorwise` is refused rather than run differently. With bridge's own --fp8 the format only picks the gradient
     type. A recipe without a format leaves FP8 off, as in Megatron. --cp-comm-type may name one exchange per layer
     in Megatron; bridge runs one for all layers, so the values must agree."""
-    values = {} if "cp_comm_type" not in flags else {"cp_comm_type": _cp_comm_type(flags["cp_comm_type"])}
+    from bridge.parallel.state import cp_comm_type_from_flag
+
+    values = {} if "cp_comm_type" not in flags else {"cp_comm_type": cp_comm_type_from_flag(flags["cp_comm_type"])}
     fmt = flags.get("fp8_format")
     if fmt is None:
         return values
@@ -138,19 +136,6 @@ def megatron_spellings(flags: dict) -> dict:
                               f"available: bridge's FP8 (torchao) scales each tensor by its current values; "
                               f"pass --fp8-recipe tensorwise")
     return {**values, "fp8": recipe, "fp8_format": fmt}
-
-
-def _cp_comm_type(given: list[str]) -> str:
-    """The one exchange a (per-layer) --cp-comm-type list asks for, or a one-line error."""
-    other = next((c for c in given if c not in _CP_COMM_TYPES), None)
-    if other is not None:
-        raise BridgeError(f"--cp-comm-type {other} is not available: bridge's context parallelism passes K/V around a "
-                          f"ring (p2p), all-gathers them (all_gather) or splits the heads by all-to-all (a2a)")
-    kinds = sorted({_CP_COMM_TYPES[c] for c in given})
-    if len(kinds) > 1:
-        raise BridgeError(f"--cp-comm-type mixes {' and '.join(kinds)} over layers; bridge runs one exchange for all "
-                          f"layers: pass one value")
-    return kinds[0]
 
 
 def _forward_sigterm(signum: int, frame: object) -> None:

@@ -5,11 +5,12 @@ import argparse
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    from bridge.parallel.state import cp_comm_type_from_flag
     from bridge.verify import read_prompts, verify
 
     result = verify(args.hf_src, args.checkpoint, prompts=read_prompts(args.prompts), dtype=args.dtype,
                     device=args.device, sequence_parallel=args.sequence_parallel, cp=args.cp,
-                    cp_comm_type=args.cp_comm_type, write_json=not args.no_json)
+                    cp_comm_type=cp_comm_type_from_flag(args.cp_comm_type), write_json=not args.no_json)
     print(result.table())
     return 0 if result.passed else 1
 
@@ -27,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="run the sharded model with sequence parallelism (prompts cut to a multiple of TP)")
     p.add_argument("--cp", "--context-parallel-size", dest="cp", type=int, default=1,
                    help="context parallelism: run each prompt split over CP ranks (prompts cut to a multiple of 2 x cp)")
-    p.add_argument("--cp-comm-type", choices=["p2p", "all_gather", "a2a"], default="p2p",
-                   help="how CP ranks exchange K/V, as in `bridge train` (default p2p, the ring)")
+    p.add_argument("--cp-comm-type", nargs="+", default=["p2p"],
+                   help="how CP ranks exchange K/V, as in `bridge train`: p2p (the ring, default), all_gather "
+                        "(or allgather) or a2a")
     p.add_argument("--no-json", action="store_true", help="do not write verify.json into the checkpoint")
     p.set_defaults(func=run_verify)

@@ -295,3 +295,19 @@ def test_verify_at_cp2_matches_transformers(setup: dict[str, Path]) -> None:
         verify(setup["hf"], setup["ckpt"], cp=8, cp_comm_type="a2a", write_json=False)
     with pytest.raises(BridgeError, match="--cp-comm-type ring is not one of"):
         verify(setup["hf"], setup["ckpt"], cp=2, cp_comm_type="ring", write_json=False)
+
+
+def test_verify_cli_takes_train_spellings_of_the_exchange(setup: dict[str, Path],
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """`bridge verify --cp-comm-type` reads what `bridge train`'s does: Megatron's "allgather" and its per-layer list
+    (one exchange for all layers), and refuses others in one line."""
+    from cli.main import main
+
+    args = ["verify", str(setup["hf"]), str(setup["ckpt"]), "--cp", "2", "--no-json", "--cp-comm-type"]
+    assert main([*args, "allgather", "all_gather"]) == 0
+    assert " cp=2 (all_gather) " in capsys.readouterr().out
+    assert main([*args, "ring"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bridge verify: error: --cp-comm-type ring is not available") and "\n" not in err
+    assert main([*args, "p2p", "a2a"]) == 1
+    assert "--cp-comm-type mixes a2a and p2p over layers" in capsys.readouterr().err

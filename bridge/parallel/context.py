@@ -60,6 +60,20 @@ def global_order(cp: int) -> list[int]:
     return order
 
 
+def rank_major_order(cp: int) -> list[int]:
+    """The global chunks in rank-major order (rank 0's two, then rank 1's, ...): what an all-gather of the
+    ranks' local chunks holds, and what an all-to-all back to the ranks must send."""
+    return [c for r in range(cp) for c in chunk_ids(cp, r)]
+
+
+def reorder_chunks(x: torch.Tensor, dim: int, order: list[int]) -> torch.Tensor:
+    """x cut into len(order) equal chunks along `dim`, put back together as chunks order[0], order[1], ...
+
+    One concatenation of views: no index tensor, which on a GPU would be copied from the host on every call."""
+    parts = x.chunk(len(order), dim=dim)
+    return torch.cat([parts[i] for i in order], dim=dim)
+
+
 def gather_sequence(x: torch.Tensor, group: Group, cp: int) -> torch.Tensor:
     """All-gather dimension 0 over CP and put the chunks in sequence order: [S/cp, ...] -> [S, ...].
 
@@ -68,9 +82,7 @@ def gather_sequence(x: torch.Tensor, group: Group, cp: int) -> torch.Tensor:
     if cp == 1:
         return x
     gathered = C.gather_from_sp(x, group, tensor_parallel_output_grad=True)  # [S, ...] in rank order
-    blocks = gathered.view(2 * cp, x.shape[0] // 2, *x.shape[1:])
-    index = torch.tensor(global_order(cp), device=x.device)
-    return blocks.index_select(0, index).reshape(cp * x.shape[0], *x.shape[1:])
+    return reorder_chunks(gathered, 0, global_order(cp))
 
 
 def window_mask(q_pos: torch.Tensor, k_len: int, window: int | None) -> torch.Tensor:

@@ -29,6 +29,24 @@ BACKENDS = ("gloo", "nccl")
 CP_COMM_TYPES = ("p2p", "all_gather", "a2a")
 
 
+#: --cp-comm-type spellings on the command line -> CP_COMM_TYPES (Megatron-LM's help spells the all-gather "allgather").
+CP_COMM_SPELLINGS = {"p2p": "p2p", "all_gather": "all_gather", "allgather": "all_gather", "a2a": "a2a"}
+
+
+def cp_comm_type_from_flag(given: list[str]) -> str:
+    """The one exchange a --cp-comm-type list asks for, or a one-line error. Megatron-LM takes one value per layer;
+    bridge runs one exchange for all layers, so the values must agree (`bridge train` and `bridge verify` alike)."""
+    other = next((c for c in given if c not in CP_COMM_SPELLINGS), None)
+    if other is not None:
+        raise BridgeError(f"--cp-comm-type {other} is not available: bridge's context parallelism passes K/V around a "
+                          f"ring (p2p), all-gathers them (all_gather) or splits the heads by all-to-all (a2a)")
+    kinds = sorted({CP_COMM_SPELLINGS[c] for c in given})
+    if len(kinds) > 1:
+        raise BridgeError(f"--cp-comm-type mixes {' and '.join(kinds)} over layers; bridge runs one exchange for all "
+                          f"layers: pass one value")
+    return kinds[0]
+
+
 def check_cp_comm_type(cp_comm_type: str) -> None:
     """One-line error for an exchange bridge does not have."""
     if cp_comm_type not in CP_COMM_TYPES:

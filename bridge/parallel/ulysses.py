@@ -16,7 +16,7 @@ import torch
 from bridge.config import ModelConfig
 from bridge.errors import BridgeError
 from bridge.parallel.collectives import Group, all_to_all
-from bridge.parallel.context import chunk_ids, global_order
+from bridge.parallel.context import global_order, rank_major_order, reorder_chunks
 
 
 def check_heads(query_heads: int, kv_heads: int, cp: int) -> None:
@@ -44,16 +44,15 @@ def sequence_to_heads(x: torch.Tensor, group: Group, cp: int) -> torch.Tensor:
     check_heads(n, n, cp)
     send = x.reshape(b, cp, n // cp, local, d).transpose(0, 1)  # [destination rank, b, n/cp, S/cp, d]
     recv = _exchange(send, group, cp)  # [source rank, b, n/cp, 2 chunks x L, d]
-    chunks = recv.permute(1, 2, 0, 3, 4).reshape(b, n // cp, 2 * cp, local // 2, d)  # rank-major chunk order
-    order = torch.tensor(global_order(cp), device=x.device)
-    return chunks.index_select(2, order).reshape(b, n // cp, cp * local, d)
+    halves = recv.unflatten(3, (2, local // 2))  # [source rank, b, n/cp, its two chunks, L, d]
+    # rank-major index i = 2 x rank + (first or second chunk); one copy into sequence order
+    return torch.cat([halves[i // 2, :, :, i % 2] for i in global_order(cp)], dim=2)
 
 
 def heads_to_sequence(y: torch.Tensor, group: Group, cp: int) -> torch.Tensor:
     """[b, n/cp, S, d] (this rank's heads, whole sequence) -> [b, n, S/cp, d] (every head, this rank's two chunks)."""
     b, m, seq, d = y.shape
-    order = torch.tensor([c for r in range(cp) for c in chunk_ids(cp, r)], device=y.device)  # rank-major
-    chunks = y.reshape(b, m, 2 * cp, seq // (2 * cp), d).index_select(2, order)
+    chunks = reorder_chunks(y, 2, rank_major_order(cp))
     send = chunks.reshape(b, m, cp, seq // cp, d).permute(2, 0, 1, 3, 4)  # [destination rank, b, n/cp, S/cp, d]
     recv = _exchange(send, group, cp)  # [source rank = head group, b, n/cp, S/cp, d]
     return recv.transpose(0, 1).reshape(b, cp * m, seq // cp, d)
