@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convert import bridge_step  # noqa: E402  (bench/ is a folder of scripts, not a package)
 
-CONFIG = Path(__file__).resolve().parents[2] / "shared" / "configs" / "deepseek-ai--DeepSeek-V3" / "config.json"
+CONFIG = Path(__file__).resolve().parents[1] / "tests" / "configs" / "deepseek-ai--DeepSeek-V3" / "config.json"
 GIB = 2**30
 
 

@@ -1,4 +1,4 @@
-"""Fixtures for tiny HF models made from the real configs in ../shared/configs, cached per session."""
+"""Fixtures for tiny HF models made from the real configs in tests/configs, cached per session."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,8 +11,8 @@ import torch
 from bridge.layout import ParallelLayout
 from bridge.tiny import save_tiny_model, tiny_config
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-CONFIGS = SHARED / "configs"
+#: Real `config.json` files of public models, one folder each (`<org>--<name>`); provenance in its README.md.
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
 #: The dense architectures of the conversion issue, one representative real config each.
 DENSE_MODELS: dict[str, str] = {
