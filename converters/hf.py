@@ -5,7 +5,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterable
 
 import torch
@@ -25,34 +25,48 @@ SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
 
 
 def _weight_files(folder: Path) -> dict[str, Path]:
-    """Tensor name -> file, from the index when there is one; validates every path stays in `folder`."""
+    """Tensor name -> file, from the index when there is one, else from every shard's header."""
     index = folder / INDEX_NAME
     if index.is_file():
         try:
             weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as exc:
+            entries = list(weight_map.items())
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise BridgeError(f"{index} is not a valid safetensors index (needs a 'weight_map' object): {exc}") from exc
-        root = folder.resolve()
-        files: dict[str, Path] = {}
-        for name, rel in weight_map.items():
-            path = (folder / rel).resolve()
-            if root not in path.parents:
-                raise BridgeError(f"{index}: weight_map path {rel!r} for {name} points outside {folder}; refusing to read it")
-            if not path.is_file():
-                raise BridgeError(f"{index} names shard {rel} (for {name}) but the file is missing; re-download the model")
-            files[name] = path
-        return files
+        return {name: _indexed_shard(folder, index, name, rel) for name, rel in entries}
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
         if list(folder.glob("pytorch_model*.bin")) or list(folder.glob("*.pt")):
             raise BridgeError(f"{folder} holds only pickled .bin weights; convert them to safetensors first "
                               "(transformers: model.save_pretrained(out, safe_serialization=True))")
         raise BridgeError(f"no *.safetensors weights in {folder}")
-    files = {}
+    files: dict[str, Path] = {}
     for shard in shards:
         for name in _open(shard).keys():
+            if name in files:
+                raise BridgeError(f"tensor {name} is in both {files[name]} and {shard}; remove the stale file "
+                                  f"or add a {INDEX_NAME} that says which one holds it")
             files[name] = shard
     return files
+
+
+def _indexed_shard(folder: Path, index: Path, name: str, rel: object) -> Path:
+    """The file an index entry names. The check is on the name as written (a plain relative path, no `..`),
+    not on where it resolves: the HF cache's snapshot files are symlinks into `../../blobs/`, which is fine."""
+    if not isinstance(rel, str) or not rel:
+        raise BridgeError(f"{index}: weight_map entry for {name} is {rel!r}, not a file name; re-download the model")
+    if _escapes(rel):
+        raise BridgeError(f"{index}: weight_map path {rel!r} for {name} points outside {folder} (absolute or with '..'); "
+                          "refusing to read it: the index must name files inside the model folder")
+    path = folder / rel
+    if not path.is_file():
+        raise BridgeError(f"{index} names shard {rel} (for {name}) but the file is missing; re-download the model")
+    return path
+
+
+def _escapes(rel: str) -> bool:
+    """Absolute, drive-qualified or with a `..` component, read as a POSIX or a Windows path."""
+    return any(p.is_absolute() or p.drive or ".." in p.parts for p in (PurePosixPath(rel), PureWindowsPath(rel)))
 
 
 def _open(path: Path):  # noqa: ANN202 - safetensors' handle type is private
