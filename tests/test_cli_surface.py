@@ -46,3 +46,18 @@ def test_megatron_defaults() -> None:
     assert defaults.clip_grad == 1.0 and defaults.seed == 1234  # Megatron-LM's --clip-grad and --seed defaults
     imp = commands["import"].parse_args(["some/model"])
     assert (imp.tp, imp.pp, imp.make_vocab_size_divisible_by) == (1, 1, 128)
+
+
+def test_version_names_bridge_and_the_libraries_that_decide_behaviour(capsys) -> None:
+    from importlib.metadata import version
+
+    import pytest
+
+    import bridge
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["--version"])
+    assert exit_info.value.code == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"bridge {bridge.__version__} (")
+    assert f"torch {version('torch')}" in line and f"transformers {version('transformers')}" in line
