@@ -1,9 +1,13 @@
 """Start N local ranks (spawned processes) with torchrun's environment and collect what each returns.
 
-Each rank gets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT (a free TCP port) or a
-`file://` rendezvous, initialises torch.distributed (gloo on CPU, NCCL with one GPU per rank),
+Each rank gets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT or a `file://` rendezvous,
+initialises torch.distributed (gloo on CPU, NCCL with one GPU per rank),
 runs `fn(*args)` and hands its return value back through a file. If one rank fails, the others
 are stopped (they would wait forever in a collective) and the first failure is raised.
+
+On TCP the parent hosts the rendezvous store, as torchrun's agent does: it binds port 0 itself and keeps
+the socket until the ranks are done (TORCHELASTIC_USE_AGENT_STORE tells every rank to connect as a
+client), so concurrent launches on one machine never race for a port.
 """
 from __future__ import annotations
 
@@ -71,8 +75,8 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "
            threads: int | None = None, timeout_s: float = 1800.0) -> list[Any]:
     """Run `fn(*args)` on `world_size` spawned ranks; return the per-rank results in rank order.
 
-    `fn` must be importable (a module-level function). `rendezvous` is "tcp" (free local port) or
-    "file". `threads` caps torch's intra-op threads per rank (default: CPU cores / ranks on gloo).
+    `fn` must be importable (a module-level function). `rendezvous` is "tcp" (a store this process serves on a
+    port of its own) or "file". `threads` caps torch's intra-op threads per rank (default: CPU cores / ranks on gloo).
     """
     if backend == "nccl" and torch.cuda.device_count() < world_size:
         raise BridgeError(f"{world_size} ranks need {world_size} GPUs, found {torch.cuda.device_count()}; "
@@ -82,7 +86,10 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="bridge-launch-") as tmp:
         rdzv = f"file://{tmp}/rendezvous" if rendezvous == "file" else "tcp"
-        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+        store = _host_store(world_size) if rdzv == "tcp" else None
+        env = {"MASTER_ADDR": "127.0.0.1"}
+        if store is not None:
+            env.update(MASTER_PORT=str(store.port), TORCHELASTIC_USE_AGENT_STORE="True")
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
@@ -93,8 +100,21 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "
         finally:
             for k, v in saved.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-        _wait(procs, timeout_s)
+        try:
+            _wait(procs, timeout_s)
+        finally:
+            del store  # the ranks are gone: close the port
         return _collect(Path(tmp), world_size)
+
+
+def _host_store(world_size: int) -> Any:
+    """The ranks' TCP rendezvous store, served from this process on a port the OS picks and nobody else can take."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    return dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, timeout=timedelta(seconds=600),
+                         wait_for_workers=False)
 
 
 def _wait(procs: list[Any], timeout_s: float) -> None:
