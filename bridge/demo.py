@@ -11,6 +11,7 @@ import torch
 
 from bridge import api
 from bridge.demo_corpus import CORPUS
+from bridge.hub import load_pretrained
 from bridge.layout import ParallelLayout
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def run(workdir: str | None = None, keep: bool = False, say: Callable[[str], Non
         say(f"      {len(info['files'])} rank files, {info['parameters']:,} parameters, vocab padded "
             f"{info['vocab']['original']} -> {info['vocab']['padded']}")
         back = api.export_hf(ckpt, root / "round-trip", overwrite=True)
-        ids = AutoTokenizer.from_pretrained(hf)(CORPUS.splitlines()[0]).input_ids
+        ids = load_pretrained(AutoTokenizer, hf)(CORPUS.splitlines()[0]).input_ids
         same = torch.equal(*(hf_logits(folder, [ids], "fp32", "cpu")[0] for folder in (hf, back)))
         say(f"      transformers on the source and the round trip: {'identical logits' if same else 'DIFFERENT logits'}")
         say(f"[3/6] bridge verify {hf.name} {ckpt.name}  (4 spawned ranks, gloo)")

@@ -2,11 +2,14 @@
 
 Also turns huggingface_hub's exceptions into one-line `BridgeError`s (`hub_error_message`), shared by
 downloads here and by `bridge push`: the user should read what is wrong and what to do, not a traceback.
+And `load_pretrained`, the one way bridge calls transformers' `from_pretrained`: never with remote code.
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from bridge.errors import BridgeError
 
@@ -110,3 +113,39 @@ def _check_snapshot(folder: Path, source: str, revision: str | None) -> None:
             f"{source}@{revision or 'main'} has no {' and no '.join(missing)}; "
             "bridge converts transformers checkpoints saved as safetensors"
         )
+
+
+#: Files whose `auto_map` points transformers at Python files in the model folder.
+_AUTO_MAP_FILES: tuple[str, ...] = ("config.json", "tokenizer_config.json")
+
+
+def load_pretrained(auto_class: Any, folder: str | Path, **kwargs: Any) -> Any:
+    """`auto_class.from_pretrained(folder, trust_remote_code=False, **kwargs)`.
+
+    Left unset, transformers asks on the terminal whether to run the folder's Python files, and a `y`
+    runs them: a checkpoint converter has no business executing code that comes with weights. A folder
+    that transformers cannot load without its own code becomes one BridgeError line instead.
+    """
+    try:
+        return auto_class.from_pretrained(folder, trust_remote_code=False, **kwargs)
+    except ValueError as exc:
+        refs = _remote_code_refs(Path(folder))
+        if not refs:
+            raise
+        raise BridgeError(
+            f"{folder} needs remote code ({', '.join(refs)}), which bridge never runs; give a model whose "
+            "architecture transformers implements itself (a newer transformers may have added it)"
+        ) from exc
+
+
+def _remote_code_refs(folder: Path) -> list[str]:
+    """The `module.Class` references in the folder's `auto_map`s (config and tokenizer), sorted."""
+    refs: set[str] = set()
+    for name in _AUTO_MAP_FILES:
+        try:
+            auto_map = json.loads((folder / name).read_text()).get("auto_map") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        for value in auto_map.values() if isinstance(auto_map, dict) else ():
+            refs.update(v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str))
+    return sorted(refs)

@@ -17,6 +17,7 @@ from bridge.config import ModelConfig
 from bridge.converters.engine import HFSource
 from bridge.converters.hf import SafetensorsReader
 from bridge.errors import BridgeError
+from bridge.hub import load_pretrained
 from bridge.mapping import Conversion
 from bridge.models import conversions
 from bridge.nn.gpt import GPTModel
@@ -184,7 +185,7 @@ def _hf_plan(model: GPTModel, hf_folder: Path, dtype: torch.dtype | None) -> lis
     from bridge.converters.hf import PlannedTensor
 
     with torch.device("meta"):
-        hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf_folder))
+        hf = AutoModelForCausalLM.from_config(load_pretrained(AutoConfig, hf_folder))
     shapes = {name: tuple(t.shape) for name, t in hf.state_dict().items()}
     param_dtype = next(model.parameters()).dtype
     return [PlannedTensor(name, dtype or param_dtype, shapes[name]) for conv in conversions(model.cfg) for name in conv.hf]

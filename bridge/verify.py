@@ -24,6 +24,7 @@ import torch
 from bridge.checkpoint import CheckpointMeta
 from bridge.config import DTYPES
 from bridge.errors import BridgeError
+from bridge.hub import load_pretrained
 from bridge.launch import launch
 from bridge.parallel.state import check_context_parallel
 
@@ -119,7 +120,7 @@ def encode(folder: Path, prompts: Sequence[str], vocab_size: int) -> list[list[i
         try:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(folder)
+            tokenizer = load_pretrained(AutoTokenizer, folder)
             ids = [[t for t in tokenizer(p)["input_ids"] if t < vocab_size] for p in prompts]
         except Exception as exc:  # noqa: BLE001 - any tokenizer trouble: fall back, the logits check still holds
             log.warning("cannot use the tokenizer in %s (%s: %s); using UTF-8 bytes as token ids",
@@ -134,7 +135,7 @@ def hf_logits(folder: Path, token_lists: Sequence[Sequence[int]], dtype: str, de
     """transformers' logits per prompt, [s, V] in fp32 on the CPU."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype]).to(device).eval()
+    model = load_pretrained(AutoModelForCausalLM, folder, dtype=DTYPES[dtype]).to(device).eval()
     out = []
     with torch.no_grad():
         for ids in token_lists:

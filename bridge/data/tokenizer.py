@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from bridge.errors import BridgeError
+from bridge.hub import load_pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def load_tokenizer(source: str, revision: str | None = None, token: str | None =
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        tokenizer = load_pretrained(AutoTokenizer, str(folder))
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError for unusable folders
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise BridgeError(f"could not load a tokenizer from {folder}: {first}") from exc
