@@ -11,16 +11,20 @@ and only those chunks' bytes are read.
 """
 from __future__ import annotations
 
+import collections
 import io
+import pathlib
 import pickle
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import IO, Any, Sequence
 
 import torch
-from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex,
-                                                   StorageMeta, TensorProperties, TensorStorageMetadata)
+from torch.distributed.checkpoint.filesystem import _StorageInfo, _StoragePrefix
+from torch.distributed.checkpoint.metadata import (_MEM_FORMAT_ENCODING, BytesStorageMetadata, ChunkStorageMetadata,
+                                                   Metadata, MetadataIndex, StorageMeta, TensorProperties,
+                                                   TensorStorageMetadata)
+from torch.distributed.checkpoint.planner import BytesIOWriteData, SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 from bridge.converters.torch_zip import read_into
 from bridge.errors import BridgeError
@@ -82,17 +86,45 @@ class DcpWriter:
             pickle.dump(metadata, handle)
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    """`.metadata` is a pickle from a user's folder: allow only DCP's dataclasses and torch value types."""
+_DCP_CLASSES = (
+    Metadata, TensorStorageMetadata, BytesStorageMetadata, ChunkStorageMetadata, TensorProperties, _MEM_FORMAT_ENCODING,
+    MetadataIndex, StorageMeta, _StorageInfo, _StoragePrefix,
+    SavePlan, WriteItem, WriteItemType, TensorWriteData, BytesIOWriteData,  # Megatron Core keeps its save plans
+)
 
-    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-               ("builtins", "set"), ("builtins", "frozenset")}
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    """Every global a DCP `.metadata` may name, as exact (module, name) pairs.
+
+    Found by recording what `dcp.save` and Megatron Core's `dist_checkpointing.save` write: DCP's dataclasses,
+    torch.Size, dtype/layout constants (pickled as `torch.<name>` and `torch.serialization._get_layout`, a dict
+    lookup by name), OrderedDict and the path `StorageMeta.checkpoint_id` holds (`pathlib._local` from Python 3.13).
+    """
+    table: dict[tuple[str, str], Any] = {(cls.__module__, cls.__qualname__): cls for cls in _DCP_CLASSES}
+    table.update({("torch", name): value for name, value in vars(torch).items()
+                  if isinstance(value, (torch.dtype, torch.layout, torch.memory_format))})
+    table.update({("torch", "Size"): torch.Size, ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+                  ("collections", "OrderedDict"): collections.OrderedDict, ("builtins", "set"): set,
+                  ("builtins", "frozenset"): frozenset, ("pathlib", "PosixPath"): pathlib.PosixPath,
+                  ("pathlib._local", "PosixPath"): pathlib.PosixPath})
+    return table
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """`.metadata` is a pickle from a user's folder: it gets the objects of a fixed table, nothing imported or walked.
+
+    A prefix rule ("anything under torch.distributed.checkpoint") is not enough: protocol 4 resolves a dotted name
+    attribute by attribute, and that package's modules import `os` and `torch`, so `filesystem` + `os.system` is
+    a call to os.system. Hence exact pairs, looked up in the table, and no `super().find_class`.
+    """
+
+    ALLOWED = _allowed_globals()
 
     def find_class(self, module: str, name: str) -> Any:
-        dtype = module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))
-        if module.startswith("torch.distributed.checkpoint.") or dtype or (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        try:
+            return self.ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}") from None
 
 
 class _FileView(io.RawIOBase):
@@ -123,25 +155,56 @@ class _FileView(io.RawIOBase):
         return got
 
 
+def _load_metadata(path: Path) -> Metadata:
+    """Unpickle `.metadata` through the fixed table of `_SafeUnpickler` and check it has the shape of DCP metadata."""
+    if not path.is_file():
+        raise BridgeError(f"{path.parent} has no {METADATA_FILE}; the torch_dist checkpoint is incomplete (interrupted save?)")
+    try:
+        with open(path, "rb") as handle:
+            metadata = _SafeUnpickler(handle).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise BridgeError(f"cannot read {path}: {exc}; the file is corrupt or not DCP metadata") from exc
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict) \
+            or not isinstance(metadata.state_dict_metadata, dict):
+        raise BridgeError(f"{path} is not torch.distributed.checkpoint metadata")
+    return metadata
+
+
+def _check_location(folder: Path, index: Any, info: Any) -> None:
+    """A storage entry must name a byte range of a file inside `folder`: `.metadata` comes from the user's folder,
+    and a path like `../../x.distcp` or `/abs/x.distcp` would make a reader read whatever it points at."""
+    where = f"{folder / METADATA_FILE}: the chunk of {getattr(index, 'fqn', index)}"
+    if not isinstance(info, _StorageInfo):
+        raise BridgeError(f"{where} has storage {type(info).__name__}, not DCP's _StorageInfo; the file is corrupt")
+    if getattr(info, "transform_descriptors", None):
+        raise BridgeError(f"{folder}: chunks stored with transforms {info.transform_descriptors} are not supported")
+    rel = info.relative_path
+    if not isinstance(rel, str) or not _inside(rel):
+        raise BridgeError(f"{where} is stored at {rel!r}, not a file inside the checkpoint folder; refusing to read it "
+                          "(the .metadata is corrupt or crafted: save or copy the checkpoint again)")
+    for field in ("offset", "length"):
+        value = getattr(info, field)
+        if type(value) is not int or value < 0:
+            raise BridgeError(f"{where} has {field} {value!r}, not a non-negative integer; the .metadata is corrupt "
+                              "(save or copy the checkpoint again)")
+
+
+def _inside(relative_path: str) -> bool:
+    """A non-empty relative path with no `..`, no root, no drive and no backslash (a separator on Windows)."""
+    path = PurePosixPath(relative_path)
+    return bool(relative_path) and "\\" not in relative_path and "\0" not in relative_path \
+        and not path.is_absolute() and ".." not in path.parts and not PureWindowsPath(relative_path).drive
+
+
 class DcpReader:
     """Lazy DCP reader: `.metadata` on open; a region of a global tensor reads only the chunks it overlaps."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        path = folder / METADATA_FILE
-        if not path.is_file():
-            raise BridgeError(f"{folder} has no {METADATA_FILE}; the torch_dist checkpoint is incomplete (interrupted save?)")
-        try:
-            with open(path, "rb") as handle:
-                self.metadata: Metadata = _SafeUnpickler(handle).load()
-        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as exc:
-            raise BridgeError(f"cannot read {path}: {exc}; the file is corrupt or not DCP metadata") from exc
-        if not isinstance(self.metadata, Metadata) or self.metadata.storage_data is None:
-            raise BridgeError(f"{path} is not torch.distributed.checkpoint metadata")
+        self.metadata = _load_metadata(folder / METADATA_FILE)
         needed: dict[str, int] = {}
-        for info in self.metadata.storage_data.values():
-            if getattr(info, "transform_descriptors", None):
-                raise BridgeError(f"{folder}: chunks stored with transforms {info.transform_descriptors} are not supported")
+        for index, info in self.metadata.storage_data.items():
+            _check_location(folder, index, info)
             needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
         for name, size in needed.items():  # a partial copy shows here, before any conversion starts
             path = folder / name

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 import pickle
+import shlex
 import shutil
+import struct
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
@@ -67,11 +70,89 @@ def test_metadata_refuses_arbitrary_globals(dist: Path, tmp_path: Path, capsys) 
     assert "refusing to load shutil" in export_error(capsys, dist, tmp_path)
 
 
-def test_missing_tensor_is_listed(dist: Path, tmp_path: Path, capsys) -> None:
-    path = dist / "release" / ".metadata"
-    md = pickle.loads(path.read_bytes())
-    del md.state_dict_metadata["decoder.layers.self_attention.k_layernorm.weight"]
+def rewrite_metadata(ckpt: Path, edit: Callable[[Any], None]) -> None:
+    path = ckpt / "release" / ".metadata"
+    md = pickle.loads(path.read_bytes())  # written by bridge import a moment ago
+    edit(md)
     path.write_bytes(pickle.dumps(md))
+
+
+def plant_call(ckpt: Path, module: str, name: str, arg: str) -> None:
+    """Rewrite `.metadata` so that unpickling it calls `module.name(arg)` while loading an otherwise valid Metadata.
+
+    The call's result lands in `storage_meta.save_id`, a field no reader looks at, so a reader that runs it
+    goes on as if nothing happened. Protocol 2 opcodes (no frames to patch) under a protocol 4 header:
+    protocol 4 is what makes pickle resolve a dotted name attribute by attribute.
+    """
+    slot = "bridge-test-slot"
+    path = ckpt / "release" / ".metadata"
+    md = pickle.loads(path.read_bytes())
+    md.storage_meta.save_id = slot
+    data = pickle.dumps(md, protocol=2)
+    text = b"X" + struct.pack("<I", len(slot)) + slot.encode()
+    call = f"c{module}\n{name}\n".encode() + b"X" + struct.pack("<I", len(arg.encode())) + arg.encode() + b"\x85R"
+    assert data.startswith(b"\x80\x02") and data.count(text) == 1
+    path.write_bytes(b"\x80\x04" + data[2:].replace(text, call))
+
+
+def run_cli(capsys: pytest.CaptureFixture, argv: list[str]) -> tuple[int, list[str]]:
+    code = main(argv)
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def assert_one_error_line(argv: list[str], code: int, err: list[str]) -> str:
+    assert code == 1 and len(err) == 1 and err[0].startswith(f"bridge {argv[0]}: error: "), (code, err)
+    return err[0]
+
+
+def one_error_line(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    return assert_one_error_line(argv, *run_cli(capsys, argv))
+
+
+CALLS = {  # globals the torch.distributed.checkpoint package reaches by attribute: one through `os`, one through `torch`
+    "os.system": lambda marker: ("torch.distributed.checkpoint.filesystem", "os.system", f"touch {shlex.quote(str(marker))}"),
+    "torch.os.mkdir": lambda marker: ("torch.distributed.checkpoint.metadata", "torch.os.mkdir", str(marker)),
+}
+
+
+@pytest.mark.parametrize("route", sorted(CALLS))
+def test_metadata_cannot_run_code(dist: Path, tmp_path: Path, capsys, route: str) -> None:
+    marker = tmp_path / "ran"
+    plant_call(dist, *CALLS[route](marker))
+    for argv in (["export", str(dist), "--out", str(tmp_path / "out")], ["inspect", str(dist)]):
+        code, lines = run_cli(capsys, argv)
+        assert not marker.exists(), f"bridge {argv[0]} ran code from .metadata (exit {code})"
+        err = assert_one_error_line(argv, code, lines)
+        assert "refusing to load torch.distributed.checkpoint." in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_metadata_dotted_names_are_refused(dist: Path, tmp_path: Path, capsys) -> None:
+    """Even a dotted path that ends at an allowed class: names are matched whole, never walked."""
+    plant_call(dist, "torch.distributed.checkpoint.metadata", "torch.Size", "")
+    assert "refusing to load torch.distributed.checkpoint.metadata.torch.Size" in export_error(capsys, dist, tmp_path)
+
+
+def test_data_file_outside_the_folder_is_refused(dist: Path, tmp_path: Path, capsys) -> None:
+    outside = dist / "other" / "__0_0.distcp"  # a real, valid data file, one folder up from release/
+    outside.parent.mkdir()
+    shutil.move(dist / "release" / "__0_0.distcp", outside)
+    for where in ("../other/__0_0.distcp", str(outside)):
+        rewrite_metadata(dist, lambda md: [setattr(info, "relative_path", where) for info in md.storage_data.values()])
+        err = one_error_line(capsys, ["export", str(dist), "--out", str(tmp_path / "out")])
+        assert f"stored at '{where}', not a file inside the checkpoint folder" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field,value", [("offset", -1), ("length", -1), ("offset", 1.5), ("length", "64")])
+def test_bad_storage_offsets_are_refused(dist: Path, tmp_path: Path, capsys, field: str, value: Any) -> None:
+    rewrite_metadata(dist, lambda md: setattr(next(iter(md.storage_data.values())), field, value))
+    err = export_error(capsys, dist, tmp_path)
+    assert f"{field} {value!r}" in err and "not a non-negative integer" in err, err
+
+
+def test_missing_tensor_is_listed(dist: Path, tmp_path: Path, capsys) -> None:
+    rewrite_metadata(dist, lambda md: md.state_dict_metadata.pop("decoder.layers.self_attention.k_layernorm.weight"))
     err = export_error(capsys, dist, tmp_path)
     assert "missing 1: decoder.layers.self_attention.k_layernorm.weight" in err
 
