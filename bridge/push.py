@@ -9,8 +9,12 @@ already there, makes no commit at all.
 from __future__ import annotations
 
 import logging
+import os
+import re
+import secrets
+import shutil
+import socket
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -72,20 +76,64 @@ def push_to_hub(
 
 @contextmanager
 def _as_hf_folder(src: Path) -> Iterator[tuple[Path, Path | None]]:
-    """(HF folder to upload, checkpoint it came from). A checkpoint is exported into a temporary folder
+    """(HF folder to upload, checkpoint it came from). A checkpoint is exported into a staging folder
     beside it (streamed, memory bounded by export), removed when the push is over."""
     if (src / "bridge.json").is_file():
         from bridge.api import export_hf
 
-        with tempfile.TemporaryDirectory(prefix=f".{src.name}.push-", dir=src.parent) as tmp:
+        with _staging_dir(src) as tmp:
             logger.info("exporting %s to Hugging Face format for the push", src)
-            yield Path(export_hf(src, Path(tmp) / "hf")), src
+            yield Path(export_hf(src, tmp / "hf")), src
     elif (src / "config.json").is_file():
         yield src, None
     elif src.is_dir():
         raise BridgeError(f"{src} holds neither config.json (an HF folder) nor bridge.json (a bridge checkpoint)")
     else:
         raise BridgeError(f"no folder {src}; give an HF folder or a bridge checkpoint folder")
+
+
+@contextmanager
+def _staging_dir(src: Path) -> Iterator[Path]:
+    """A new hidden `.<name>.push-<host>-<pid>-<hex>` folder beside `src`, removed when the push ends.
+
+    A push killed outright (SIGKILL, OOM killer, power loss) cannot remove its own: the host and PID in
+    the name let every later push beside it recognise such a folder and remove it.
+    """
+    _remove_stale_staging(src.parent)
+    tmp = src.parent / f".{src.name}.push-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        raise BridgeError(f"cannot create {tmp} to export {src} for the push ({exc.strerror}); export it yourself "
+                          f"(bridge export {src} --out <folder>) and push that folder") from exc
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale_staging(folder: Path) -> None:
+    """Remove the staging folders in `folder` of pushes on this host whose process is gone.
+
+    Only this host's: on a shared file system another machine's PID says nothing about this one's processes.
+    """
+    pattern = re.compile(rf"\..+\.push-{re.escape(socket.gethostname())}-(\d{{1,9}})-[0-9a-f]{{8}}")
+    for path in sorted(folder.glob(".*.push-*")):
+        match = pattern.fullmatch(path.name)
+        if match and path.is_dir() and not _process_alive(int(match[1])):
+            logger.info("removing %s, left by a push that was killed", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process `pid` exists on this host (one of another user counts: it exists)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _is_transient(exc: BaseException) -> bool:

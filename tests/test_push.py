@@ -217,3 +217,35 @@ def test_loss_curve_png_is_a_valid_deterministic_image():
     assert len(raw) == 200 * 321
     dark = sum(1 for b in raw if b == 0)  # filter bytes are 0 too: 200 of them
     assert dark > 200 + 300  # axes and curve drawn
+
+
+def test_push_removes_the_staging_left_by_a_killed_push(hub, tiny_llama, tmp_path):
+    """kill -9 during a push leaves its export beside the checkpoint; the next push removes it, and only it."""
+    import socket
+    import subprocess
+    import sys
+
+    from bridge.api import import_hf
+    from bridge.layout import ParallelLayout
+
+    ckpt = import_hf(str(tiny_llama), tmp_path / "runs" / "r1", ParallelLayout(tp=2))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    host = socket.gethostname()
+    try:
+        left = {name: ckpt.parent / name for name in (
+            f".r1.push-{host}-{dead.stdout.strip()}-0badc0de",   # a killed push of this checkpoint
+            f".r0.push-{host}-{dead.stdout.strip()}-00c0ffee",   # ... and of another one beside it
+            f".r1.push-{host}-{alive.pid}-1234abcd",             # a push still running
+            f".r1.push-other-host-{dead.stdout.strip()}-feedf00d",  # another machine's, on a shared disk
+        )}
+        for path in left.values():
+            (path / "hf").mkdir(parents=True)
+            (path / "hf" / "model.safetensors").write_bytes(b"\0" * 64)
+        push_to_hub(ckpt, REPO, token=TOKEN)
+    finally:
+        alive.kill()
+        alive.wait()
+    remaining = sorted(p.name for p in ckpt.parent.iterdir())
+    assert remaining == sorted(["r1", f".r1.push-{host}-{alive.pid}-1234abcd",
+                                f".r1.push-other-host-{dead.stdout.strip()}-feedf00d"])
