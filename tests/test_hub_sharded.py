@@ -46,9 +46,9 @@ def sharded(hub, tmp_path: Path) -> Path:
     return folder
 
 
-def _import_and_check(source: str, tmp_path: Path, capsys: pytest.CaptureFixture, reference: Path) -> None:
+def _import_and_check(source: str, out: Path, capsys: pytest.CaptureFixture, reference: Path) -> None:
     """`bridge import source --tp 2`, `bridge export`: the exported tensors equal the pushed shards exactly."""
-    ckpt, back = tmp_path / "ckpt", tmp_path / "back"
+    ckpt, back = out / "ckpt", out / "back"
     code = main(["import", source, "--tp", "2", "--out", str(ckpt)])
     assert code == 0, capsys.readouterr().err
     assert main(["export", str(ckpt), "--out", str(back)]) == 0, capsys.readouterr().err
@@ -58,26 +58,24 @@ def _import_and_check(source: str, tmp_path: Path, capsys: pytest.CaptureFixture
         assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
 
 
-def test_import_sharded_repo_online_into_a_fresh_cache(hub, sharded, tmp_path, monkeypatch, capsys):
-    point_hub_client_at(hub.url, tmp_path / "fresh_hf_home", monkeypatch)
-    _import_and_check(REPO, tmp_path, capsys, sharded)
-    snapshot = next((tmp_path / "fresh_hf_home" / "hub").glob("models--me--sharded/snapshots/*"))
+def test_import_sharded_repo_online_then_offline_from_the_cache(hub, sharded, tmp_path, monkeypatch, capsys):
+    hf_home = tmp_path / "fresh_hf_home"
+    point_hub_client_at(hub.url, hf_home, monkeypatch)
+    _import_and_check(REPO, tmp_path / "online", capsys, sharded)
+    snapshot = next((hf_home / "hub").glob("models--me--sharded/snapshots/*"))
     assert all(p.is_symlink() for p in snapshot.glob("*.safetensors"))  # the cache layout the import read
 
-
-def test_import_sharded_repo_offline_from_the_cache(hub, sharded, tmp_path, monkeypatch, capsys):
-    snapshot_download(REPO, token=TOKEN)  # fills the fixture's cache
     with HubServer() as dead:
         dead_url = dead.url  # nothing listens here once it stops: any network use would fail
-    point_hub_client_at(dead_url, tmp_path / "hf_home", monkeypatch)
+    point_hub_client_at(dead_url, hf_home, monkeypatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    _import_and_check(REPO, tmp_path, capsys, sharded)
+    _import_and_check(REPO, tmp_path / "offline", capsys, sharded)
 
 
 def test_import_sharded_snapshot_download_folder(hub, sharded, tmp_path, capsys):
     folder = snapshot_download(REPO, token=TOKEN)
-    _import_and_check(folder, tmp_path, capsys, sharded)
+    _import_and_check(folder, tmp_path / "local", capsys, sharded)
 
 
 def _cache_like_folder(tmp_path: Path) -> Path:
