@@ -81,6 +81,10 @@ _FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--save",), dict(help="folder for training checkpoints (exportable with `bridge export`)")),
     (("--save-interval",), dict(type=int)),
     (("--keep-last-checkpoints",), dict(type=int, help="keep only the newest K iteration folders")),
+    (("--ckpt-format",), dict(choices=["torch", "torch_dist"], help="training checkpoints: torch (legacy per-rank "
+                                                                     "files, default) or torch_dist (parallel, "
+                                                                     "resumes on any layout)")),
+    (("--async-save",), dict(action="store_true", help="write torch_dist checkpoints in the background")),
     (("--exit-interval",), dict(type=int, help="stop (and save) when the iteration is a multiple of this")),
     (("--eval-interval",), dict(type=int)),
     (("--eval-iters",), dict(type=int)),

@@ -195,19 +195,21 @@ class TorchDistReader:
             left += [f"{key}[{layer}]" if layer is not None else key for layer in layers if (key, layer) not in self._consumed]
         return sorted(left)
 
-    def load_rank(self, tp_rank: int, pp_rank: int, layout: ParallelLayout | None = None) -> dict[str, Any]:
+    def load_rank(self, tp_rank: int, pp_rank: int, layout: ParallelLayout | None = None,
+                  ep_rank: int = 0) -> dict[str, Any]:
         """One rank's state as a legacy rank file holds it (`args`, `model`/`model{v}`), for any `layout`.
 
-        torch_dist is layout-independent, so a training or verify rank of any TP/PP reads its shard here:
-        each global tensor of its stage is read (one at a time) and split with the usual sharding rules.
+        torch_dist is layout-independent, so a training or verify rank of any TP/PP/EP reads its shard here:
+        each global tensor of its stage (and EP rank) is read (one at a time) and split with the usual rules.
         """
         meta = replace(self.ckpt_meta, layout=layout or self.ckpt_meta.layout)
         source = TorchDistSource(self, meta, conversions(meta.config))
-        collector = _RankCollector(meta.layout, tp_rank, pp_rank)
+        collector = _RankCollector(meta.layout, tp_rank, pp_rank, ep_rank)
         sink = engine.MegatronSink(self.root, meta, lambda t, p: argparse.Namespace(), writer=collector)
         last, tied_copy = meta.layout.pp - 1, meta.config.tie_word_embeddings and meta.layout.pp > 1
         wanted = [c for c in source.conversions
-                  if localize(c.megatron, meta.layout, meta.config.num_layers, meta.transformer_impl).pp_rank == pp_rank
+                  if _on_rank(localize(c.megatron, meta.layout, meta.config.num_layers, meta.transformer_impl,
+                                       meta.config.num_experts), pp_rank, ep_rank)
                   or (tied_copy and pp_rank == last and c.megatron == "embedding.word_embeddings.weight")]
         for conv, tensor in source.tensors(only=wanted):
             sink.put(conv, tensor)
@@ -218,16 +220,21 @@ class TorchDistReader:
         return state
 
 
+def _on_rank(local: Any, pp_rank: int, ep_rank: int) -> bool:
+    """A localized key belongs to this stage and, for experts, to this EP rank."""
+    return local.pp_rank == pp_rank and local.ep_rank in (None, ep_rank)
+
+
 class _RankCollector:
     """Stands in for LegacyCheckpointWriter: keeps one rank's (chunk, local name, shard) in memory."""
 
-    def __init__(self, layout: ParallelLayout, tp_rank: int, pp_rank: int) -> None:
-        self.tp_rank, self.pp_rank = tp_rank, pp_rank
+    def __init__(self, layout: ParallelLayout, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> None:
+        self.tp_rank, self.pp_rank, self.ep_rank = tp_rank, pp_rank, ep_rank
         self._models: list[dict[str, torch.Tensor]] = [{} for _ in range(layout.chunks)]
 
     def add(self, tp_rank: int, pp_rank: int, chunk: int, name: str, tensor: torch.Tensor, ep_rank: int = 0) -> None:
-        """Keep this rank's tensors (torch_dist has no expert parallelism: `ep_rank` is always 0)."""
-        if (tp_rank, pp_rank) == (self.tp_rank, self.pp_rank):
+        """Keep this rank's tensors (the files of other TP, PP and EP ranks are dropped)."""
+        if (tp_rank, pp_rank, ep_rank) == (self.tp_rank, self.pp_rank, self.ep_rank):
             self._models[chunk][name] = tensor.clone() if tensor.storage_offset() or not tensor.is_contiguous() else tensor
 
     def close(self) -> None:

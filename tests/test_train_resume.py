@@ -58,17 +58,17 @@ def test_stop_at_6_and_resume_is_bitwise_identical(setup: dict[str, Path]) -> No
 
 def _die_while_saving(cfg: TrainConfig, plan: object) -> None:
     """A rank that is killed (os._exit, no cleanup) half-way through writing the iteration-8 checkpoint."""
-    import bridge.training.checkpointing as ck
+    import bridge.training.legacy_save as legacy
 
-    real_save = torch.save
+    real_writer = legacy.IncrementalTorchWriter
 
-    def dying_save(obj: object, path: Path) -> None:
+    def dying_writer(path: Path) -> object:
         if "iter_0000008" in str(path):
             Path(path).write_bytes(b"PK\x03\x04 half a zip file")
             os._exit(9)
-        real_save(obj, path)
+        return real_writer(path)
 
-    ck.torch.save = dying_save  # type: ignore[attr-defined]
+    legacy.IncrementalTorchWriter = dying_writer  # type: ignore[assignment]
     from bridge.training.loop import train_rank
 
     train_rank(cfg, plan)

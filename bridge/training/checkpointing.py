@@ -1,14 +1,12 @@
-"""Training checkpoints in Megatron's legacy layout, written atomically, and their loading for exact resume.
+"""Training checkpoint folders: atomic commit, tracker, pruning, and the files written once per save folder.
 
     SAVE/bridge.json, SAVE/hf_meta/              what `bridge export` needs (written once)
-    SAVE/iter_0000500/mp_rank_00[_000][_000]/model_optim_rng.pt     (_EEE: the EP rank, when EP > 1)
+    SAVE/iter_0000500/...                         the ranks' files (legacy mp_rank_* folders, or torch_dist)
     SAVE/latest_checkpointed_iteration.txt        updated last
     SAVE/train_summary.json                       iterations, tokens, losses (for `bridge push`'s card)
 
-Each rank file holds `args`, `checkpoint_version`, `iteration`, `model` (`model0`, ... with virtual
-chunks; exactly the import's names), and for training `optimizer` (fp32 masters and Adam moments
-per weight name), `opt_param_scheduler`, `rng_state` and `train_state` (data position, loss curve).
-Everything is tensors and plain containers, so `torch.load(weights_only=True)` reads it.
+What the ranks write in between: bridge/training/legacy_save.py (`--ckpt-format torch`) and dist_save.py
+(`torch_dist`); bridge/training/saver.py picks one and runs async saves.
 
 Atomicity: ranks write into `iter_N.tmp/`; after a barrier rank 0 renames it to `iter_N/` and only
 then rewrites the tracker (write-then-rename). A run killed mid-write leaves the tracker on the
@@ -22,15 +20,12 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import torch
 import torch.distributed as dist
-from torch import nn
 
 from bridge.checkpoint import HF_META_DIR, CheckpointMeta, copy_hf_meta
-from bridge.converters.megatron_legacy import CHECKPOINT_VERSION, FILE_NAME, TRACKER, iteration_dir_name, model_keys
-from bridge.layout import ParallelLayout
+from bridge.converters.megatron_legacy import TRACKER, iteration_dir_name
 from bridge.parallel.state import ParallelState
 
 log = logging.getLogger(__name__)
@@ -43,26 +38,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def rng_state() -> list[dict[str, torch.Tensor]]:
-    state = {"torch_rng_state": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda_rng_state"] = torch.cuda.get_rng_state()
-    return [state]
-
-
-def set_rng_state(states: list[dict[str, torch.Tensor]]) -> None:
-    state = states[0]
-    torch.set_rng_state(state["torch_rng_state"])
-    if "cuda_rng_state" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda_rng_state"])
-
-
-def model_entries(chunks: Sequence[nn.Module], layout: ParallelLayout) -> dict[str, dict[str, torch.Tensor]]:
-    """`model` / `model{v}`: each chunk's state dict copied to the CPU (own storage, not buffer views)."""
-    return {key: {name: t.detach().to("cpu", copy=True) for name, t in chunk.state_dict().items()}
-            for key, chunk in zip(model_keys(layout), chunks)}
-
-
 def write_meta(save: Path, meta: CheckpointMeta, hf_meta_src: Path | None) -> None:
     """bridge.json and hf_meta/ in the save folder, so `bridge export SAVE` works on any iteration."""
     save.mkdir(parents=True, exist_ok=True)
@@ -71,23 +46,22 @@ def write_meta(save: Path, meta: CheckpointMeta, hf_meta_src: Path | None) -> No
         copy_hf_meta(hf_meta_src, save / HF_META_DIR)
 
 
-def save_checkpoint(save: Path, iteration: int, ps: ParallelState, chunks: Sequence[nn.Module], optimizer: Any,
-                    entries: dict[str, Any], *, keep_last: int | None = None, summary: dict[str, Any] | None = None) -> Path:
-    """Collective: every rank calls it. `entries` holds args, scheduler, train_state (plain values)."""
-    opt_state = optimizer.state_dict()  # collective under the distributed optimizer
-    final = save / iteration_dir_name(iteration)
-    tmp = save / (final.name + ".tmp")
+def begin_save(save: Path, iteration: int, ps: ParallelState) -> Path:
+    """Collective: the empty `iter_N.tmp/` every rank writes into."""
+    tmp = save / (iteration_dir_name(iteration) + ".tmp")
     if ps.rank == 0 and tmp.exists():
         shutil.rmtree(tmp)
+    if ps.rank == 0:
+        tmp.mkdir(parents=True)
     _barrier()
-    if ps.writes_checkpoint:  # DP rank 0, or with EP the first copy of each EP rank (its own experts)
-        state: dict[str, Any] = {"args": entries["args"], "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration}
-        state.update(model_entries(chunks, ps.layout))
-        state.update(optimizer=opt_state, opt_param_scheduler=entries["opt_param_scheduler"], rng_state=rng_state(),
-                     train_state=entries["train_state"])
-        folder = tmp / ps.layout.rank_dir(ps.tp_rank, ps.pp_rank, ps.ep_rank)
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.save(state, folder / FILE_NAME)
+    return tmp
+
+
+def commit_save(save: Path, iteration: int, ps: ParallelState, tmp: Path, *, keep_last: int | None = None,
+                summary: dict[str, Any] | None = None) -> Path:
+    """Collective, once every rank's files in `tmp` are complete: rank 0 renames it to `iter_N/`, then rewrites the
+    tracker (last), the summary, and prunes."""
+    final = save / iteration_dir_name(iteration)
     _barrier()
     if ps.rank == 0:
         if final.exists():

@@ -111,6 +111,12 @@ class TrainConfig:
     save: str | None = None
     save_interval: int | None = None
     keep_last_checkpoints: int | None = None
+    ckpt_format: str = "torch"
+    """Megatron-LM's --ckpt-format: `torch` (legacy per-rank files, bridge's default: what existing runs and scripts
+    read) or `torch_dist` (every rank writes its own shard in parallel; resumes on any TP/PP/DP/EP layout)."""
+    async_save: bool = False
+    """Megatron-LM's --async-save (torch_dist only): write checkpoints in a background thread while training goes
+    on; the previous one is completed (tracker updated) at the next save or at the end."""
     exit_interval: int | None = None
     eval_interval: int = 1000
     eval_iters: int = 100

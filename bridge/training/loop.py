@@ -24,11 +24,11 @@ import torch.distributed as dist
 from bridge.parallel.pipeline import activation_shape, forward_only
 from bridge.parallel.schedules import forward_backward
 from bridge.parallel.state import ParallelState
-from bridge.training import checkpointing as ckpt
 from bridge.training.config import TrainConfig
 from bridge.training.metrics import MetricsLog, flops_per_token, peak_memory_gib, peak_tflops
 from bridge.training.plan import Plan
 from bridge.training.profiling import StepProfiler
+from bridge.training.saver import Checkpointer
 from bridge.nn.moe import update_expert_bias
 from bridge.training.state import RankSetup, moe_layers, setup_rank
 
@@ -146,6 +146,8 @@ class Trainer:
         self.log = MetricsLog(save / "train_log.jsonl" if save and is_logger else None,
                               Path(self.cfg.tensorboard_dir) if self.cfg.tensorboard_dir and is_logger else None)
         self.records: list[dict[str, Any]] = []
+        self.saver = Checkpointer(save, rs, fmt=self.cfg.ckpt_format, async_save=self.cfg.async_save,
+                                  keep_last=self.cfg.keep_last_checkpoints) if save else None
         self.moe_layers = moe_layers(rs.chunks)
         self.profiler = StepProfiler(self.cfg, self.ps.rank, rs.device)
         self.prefetched: list[dict[str, torch.Tensor]] | None = None
@@ -182,10 +184,13 @@ class Trainer:
             rs.valid_curve.append([rs.iteration, evaluate(rs)])
         if cfg.save and rs.saved_at != rs.iteration:
             self.save()
+        if self.saver is not None:
+            self.saver.finalize()  # an async save in flight completes before the run ends
         if self.bar:
             self.bar.close()
         self.log.close()
-        return {**rs.summary(), "stopped_by": stopped_by, "records": self.records}
+        saves = {"save_stall_s": self.saver.stall_s} if self.saver is not None else {}
+        return {**rs.summary(), "stopped_by": stopped_by, "records": self.records, **saves}
 
     def runs_ahead(self, iteration: int) -> bool:
         """Whether step `iteration + 1` may be queued before step `iteration`'s results are read: not when the
@@ -270,8 +275,7 @@ class Trainer:
 
     def save(self) -> None:
         rs = self.rs
-        ckpt.save_checkpoint(Path(self.cfg.save), rs.iteration, self.ps, rs.chunks, rs.optimizer, rs.entries(),
-                             keep_last=self.cfg.keep_last_checkpoints, summary=rs.summary())
+        self.saver.save(rs.iteration, rs.entries(), rs.summary())
         rs.saved_at = rs.iteration
 
 

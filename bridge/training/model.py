@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from bridge.checkpoint import CheckpointMeta
-from bridge.converters.torch_dist import open_rank_reader
+from bridge.converters.torch_dist import TorchDistReader, open_rank_reader
 from bridge.errors import BridgeError
 from bridge.nn import build_model_chunks, load_rank_checkpoint, sync_tied_embeddings
 from bridge.parallel.state import ParallelState
@@ -37,6 +37,10 @@ def build_chunks(cfg: TrainConfig, plan: Plan, ps: ParallelState, device: torch.
         ep = {"ep_rank": ps.ep_rank} if ps.ep > 1 else {}  # EP rank file: mp_rank_TT[_PPP]_EEE
         state = reader.load_rank(ps.tp_rank, ps.pp_rank, **ep)
         load_rank_checkpoint(chunks, state)
+        if isinstance(reader, TorchDistReader):  # a torch_dist training save keeps its training state apart
+            from bridge.training.resume import dist_training_entries
+
+            state.update(dist_training_entries(reader.folder, ps))
     elif ps.ep > 1:
         _distinct_expert_init(chunks, cfg.seed + 1000 * ps.pp_rank + ps.tp_rank, ps.ep_rank)
     sync_tied_embeddings(chunks)

@@ -16,14 +16,14 @@ the device, so the host never waits for the norm). Compared with torch's fused A
 an fp32 copy of the gradients, a clipping pass and a copy back into the parameters, this moves
 about half the bytes (29 instead of ~52 per parameter with bf16 gradients).
 
-The checkpointed state is keyed by parameter name and holds whole tensors (gathered over DP), so it
-does not depend on DP, on the bucket layout or on whether the optimizer was sharded.
+Checkpoints take the state piece by piece (`pieces`, `header`; bridge/training/legacy_save.py and
+dist_save.py) and never as whole-model buffers; `restore` refills the pieces from any layout's state.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -177,43 +177,33 @@ class MixedPrecisionAdamW:
         return norm
 
     # ---- checkpoint state --------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any] | None:
-        """Whole fp32 master / exp_avg / exp_avg_sq per weight name, gathered to the ranks that write files."""
-        flat = {n: torch.zeros(self.buffer.param_data.numel(), dtype=torch.float32, device=self.device)
-                for n in STATE_NAMES}
-        for span in self.spans:
-            for n in STATE_NAMES:
-                flat[n][span.lo:span.hi] = getattr(span, n)
-        if self.buffer.distributed and self.ps.dp_cp > 1:
-            for bucket in self.buffer.buckets:  # disjoint shards: the sum over the bucket's group is the concatenation
-                group, n, _ = self.buffer.group(bucket)
-                for tensor in flat.values():
-                    if n > 1:
-                        dist.all_reduce(tensor[bucket.start:bucket.end], group=group)
-        if not self.ps.writes_checkpoint:
-            return None
-        flat = {n: t.cpu() for n, t in flat.items()}
-        params = {state_key(self.chunks, e): {n: flat[n][e.start:e.start + e.numel].view(e.param.shape)
-                                              for n in STATE_NAMES}
-                  for e in self.buffer.entries}
-        return {"kind": "bridge.MixedPrecisionAdamW", "step": int(self.step_count.item()), "params": params,
+    def header(self) -> dict[str, Any]:
+        """The optimizer's non-tensor state: what a checkpoint stores besides each piece's tensors."""
+        return {"kind": "bridge.MixedPrecisionAdamW", "step": int(self.step_count.item()),
                 "hyper": {"betas": [self.cfg.beta1, self.cfg.beta2], "eps": self.cfg.eps,
                           "weight_decay": self.cfg.weight_decay}}
 
+    def restore(self, fill: Callable[[Piece, str, torch.Tensor], None], step: int) -> None:
+        """Refill every piece's state (`fill(piece, state name, view to write)`); the parameters take the masters."""
+        with torch.no_grad():
+            for p in self.pieces:
+                for n in STATE_NAMES:
+                    fill(p, n, p.state(n))
+                self.buffer.param_data[p.lo:p.hi].copy_(p.state("master"))
+            self.step_count.fill_(float(step))
+        self.buffer.gather_params()
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore masters and moments for this rank's pieces; the parameter buffer takes the masters."""
+        """Restore from whole tensors per weight name (legacy checkpoints: `params`, any DP size)."""
         params = state["params"]
         missing = sorted({state_key(self.chunks, p.entry) for p in self.pieces} - set(params))
         if missing:
             from bridge.errors import BridgeError
 
             raise BridgeError(f"the checkpoint's optimizer state lacks {missing[:4]}; was it saved for another layout?")
-        with torch.no_grad():
-            for p in self.pieces:
-                saved = params[state_key(self.chunks, p.entry)]
-                a, b = p.lo - p.entry.start, p.hi - p.entry.start
-                for n in STATE_NAMES:
-                    p.state(n).copy_(saved[n].reshape(-1)[a:b])
-                self.buffer.param_data[p.lo:p.hi].copy_(p.state("master"))
-            self.step_count.fill_(float(state["step"]))
-        self.buffer.gather_params()
+
+        def fill(p: Piece, n: str, out: torch.Tensor) -> None:
+            a, b = p.lo - p.entry.start, p.hi - p.entry.start
+            out.copy_(params[state_key(self.chunks, p.entry)][n].reshape(-1)[a:b])
+
+        self.restore(fill, state["step"])

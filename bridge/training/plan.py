@@ -17,6 +17,7 @@ from bridge.layout import ParallelLayout
 from bridge.nn.attention import ATTENTION_BACKENDS
 from bridge.training.config import LR_DECAY_STYLES, RECOMPUTE, TrainConfig
 
+from bridge.training.checkpoint_flags import check_checkpoint_flags
 
 @dataclass(frozen=True, kw_only=True)
 class Plan:
@@ -127,9 +128,6 @@ def _check_expert_parallel(cfg: TrainConfig, dp: int, meta: CheckpointMeta | Non
         what = "the data-parallel size world/(tp*pp)" if cfg.cp == 1 else "dp x cp = world/(tp*pp)"
         raise BridgeError(f"--ep {cfg.ep} must divide {what} = {dp * cfg.cp}; start "
                           f"--nproc {cfg.tp * cfg.pp * cfg.ep} (tp*pp*ep) or a multiple of it")
-    if meta is not None and meta.format == "torch_dist" and meta.layout.ep == cfg.ep:
-        raise BridgeError(f"{cfg.load} is a torch_dist checkpoint; training at --ep {cfg.ep} reads legacy EP rank "
-                          "files: `bridge reshard` it with --format torch first")
 
 
 def make_plan(cfg: TrainConfig) -> Plan:
@@ -184,6 +182,7 @@ def _check_grad_dtype(cfg: TrainConfig) -> None:
     if not cfg.bf16 and cfg.grad_reduce_in_bf16:
         raise BridgeError("--grad-reduce-in-bf16 needs --bf16: fp32 training keeps fp32 gradients")
 
+    check_checkpoint_flags(cfg)
 
 def _check_fp8(cfg: TrainConfig, model: ModelConfig) -> None:
     """--fp8: a known recipe and format, bf16 weights (FP8 casts from them), an FP8-capable GPU and torchao; bf16

@@ -22,8 +22,13 @@ from bridge.training.plan import Plan, make_plan
 log = logging.getLogger(__name__)
 
 
-def _needs_reshard(plan: Plan) -> bool:
-    return plan.load_meta is not None and plan.load_meta.layout != plan.layout
+def _needs_reshard(cfg: TrainConfig, plan: Plan) -> bool:
+    """A legacy checkpoint in another layout; a torch_dist one is read at any layout as it is."""
+    if plan.load_meta is None or plan.load_meta.layout == plan.layout:
+        return False
+    from bridge.converters.torch_dist import checkpoint_format
+
+    return checkpoint_format(Path(cfg.load), recorded=plan.load_meta.format) == "torch"
 
 
 def reshard_target(cfg: TrainConfig, plan: Plan) -> Path:
@@ -34,10 +39,10 @@ def reshard_target(cfg: TrainConfig, plan: Plan) -> Path:
 def resolve_load(cfg: TrainConfig, plan: Plan, *, do_reshard: bool = True) -> TrainConfig:
     """If --load is in another TP/PP/VPP layout, reshard its weights to the requested one (CPU, streaming).
 
-    A training checkpoint's optimizer state is laid out per rank and is not resharded: resuming it in
-    another layout is refused with the two ways out.
+    A legacy training checkpoint's optimizer state is laid out per rank and is not resharded: resuming it in
+    another layout is refused with the ways out. torch_dist checkpoints need nothing: every rank reads its boxes.
     """
-    if not _needs_reshard(plan):
+    if not _needs_reshard(cfg, plan):
         return cfg
     old = plan.load_meta.layout
     iteration = read_tracker(Path(cfg.load))
@@ -45,7 +50,8 @@ def resolve_load(cfg: TrainConfig, plan: Plan, *, do_reshard: bool = True) -> Tr
     if has_optimizer and not cfg.finetune:
         raise BridgeError(f"{cfg.load} is a training checkpoint at {old.name}; resume it with --tp {old.tp} --pp {old.pp}"
                           f"{f' --vpp {old.vpp}' if old.vpp else ''}, or pass --finetune to load only its weights "
-                          f"(resharded to {plan.layout.name}) with a fresh optimizer")
+                          f"(resharded to {plan.layout.name}) with a fresh optimizer; checkpoints saved with "
+                          "--ckpt-format torch_dist resume on any layout")
     target = reshard_target(cfg, plan)
     if do_reshard:
         from bridge.api import reshard

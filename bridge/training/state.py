@@ -25,6 +25,8 @@ from bridge.training.model import build_chunks, resume_state
 from bridge.training.optimizer import AdamConfig, MixedPrecisionAdamW
 from bridge.training.plan import Plan
 
+from bridge.training.resume import restore_optimizer
+from bridge.training.rng import set_rng_state
 log = logging.getLogger(__name__)
 
 
@@ -157,7 +159,10 @@ def setup_rank(cfg: TrainConfig, plan: Plan) -> RankSetup:
         ts = resume["train_state"]
         rs.iteration, rs.consumed = int(ts["iteration"]), int(ts["consumed_train_samples"])
         rs.loss_curve, rs.valid_curve = [list(x) for x in ts["loss_curve"]], [list(x) for x in ts["valid_curve"]]
-        ckpt.set_rng_state(resume["rng_state"])
+        if resume["rng_state"] is not None:  # None: a torch_dist save of another layout (the seed stands)
+            set_rng_state(resume["rng_state"])
+        else:
+            torch.manual_seed(cfg.seed + rs.iteration)
         rs.saved_at = rs.iteration
         log.info("resuming at iteration %d (%d samples consumed)", rs.iteration, rs.consumed)
     else:
@@ -165,6 +170,8 @@ def setup_rank(cfg: TrainConfig, plan: Plan) -> RankSetup:
     del state
     if cfg.save and ps.rank == 0:
         _prepare_save(cfg, plan)
+        restore_optimizer(optimizer, resume["optimizer"], Path(cfg.load), int(ts["iteration"]), ps, plan.model,
+                          plan.transformer_impl)
     return rs
 
 
@@ -176,5 +183,5 @@ def _prepare_save(cfg: TrainConfig, plan: Plan) -> None:
     if plan.load_meta is not None:
         source = {**plan.load_meta.source, **source}
     meta = CheckpointMeta(config=plan.model, layout=plan.layout, transformer_impl=plan.transformer_impl,
-                          dtype="bf16" if cfg.bf16 else "fp32", source=source)
+                          dtype="bf16" if cfg.bf16 else "fp32", source=source, format=cfg.ckpt_format)
     ckpt.write_meta(save, meta, _hf_meta_folder(cfg))
