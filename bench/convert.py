@@ -1,12 +1,17 @@
-"""Conversion benchmark: import/export wall time as a ratio to a plain read + torch.save, and peak RSS.
+"""Conversion (suite convert): `bridge import` / `bridge export` wall time and peak memory, on the CPU.
 
-    python bench/convert.py                      # Llama-3.2-1B shape (bf16, ~2.5 GB) and a 2x larger one
-    python bench/convert.py --layers 16 --tp 2 --workdir /tmp/bench
+    python bench/run.py convert                    # Llama-3.2-1B shape (bf16, 2.3 GiB) and a 2x deeper one, TP=2
+    python bench/run.py convert --layers 16 --tp 4 --workdir /scratch/bench
+    python bench/run.py convert --moe              # DeepSeek-V3 shape, 10 layers, 16 experts (~20 GB), EP=2
 
-Each step runs in a fresh subprocess that reports its own wall time and peak RSS (ru_maxrss), so
-one step's memory never hides another's. The baseline reads the same safetensors bytes with
-`safetensors.torch.load_file` and writes them with `torch.save` (what a hand-written converter does).
-Ratio = baseline time / bridge time: >= 1 means bridge is faster than the baseline.
+Dense: a random bf16 Llama-shaped HF folder; the baseline reads the same safetensors bytes with
+`safetensors.torch.load_file` and writes them with one `torch.save` (what a hand-written converter does). Ratio =
+baseline time / bridge time (>= 1: bridge is faster). --moe keeps DeepSeek-V3's layer structure and full widths
+(hidden 7168, MLA, 3 dense layers, routed experts of width 2048, a shared expert, the sigmoid router's bias, the
+129k vocabulary) and scales only the number of layers and experts, so the largest tensor (the 1.7 GiB embedding)
+is the real one; it is imported at EP and exported back. The memory budget of a conversion is 2 x the largest
+tensor + 1 GiB. Each step runs in a fresh interpreter that reports its own peak RSS (VmHWM), with the page cache
+dropped before it where the OS lets us (root), so every step reads from and writes to the disk.
 """
 from __future__ import annotations
 
@@ -19,120 +24,171 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 2**30
+#: Llama-3.2-1B's shape (tests/configs/meta-llama--Llama-3.2-1B); --layers scales the model.
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                vocab_size=128256, tie_word_embeddings=True)
+LLAMA_TINY = dict(LLAMA_1B, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, vocab_size=512)
+DEEPSEEK_V3 = ROOT / "tests" / "configs" / "deepseek-ai--DeepSeek-V3" / "config.json"
+DEEPSEEK_TINY = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_attention_heads=4,
+                     num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                     v_head_dim=16, vocab_size=512, n_group=1, topk_group=1, num_experts_per_tok=2)
 
-#: Llama-3.2-1B's shape (meta-llama/Llama-3.2-1B config.json); `--layers` scales the model.
-LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
-                head_dim=64, vocab_size=128256, tie_word_embeddings=True)
-
-#: Peak RSS is VmHWM from /proc (per address space). ru_maxrss is not used: Linux carries the
-#: parent's high-water mark into a child across fork + exec, which would charge the benchmark's own
-#: memory to the step.
+#: A step in a fresh interpreter. Peak RSS is VmHWM from /proc: ru_maxrss would carry the parent's high-water mark
+#: into the child across fork + exec and charge the benchmark's own memory to the step.
 CHILD = r"""
 import json, sys, time
+sys.path.insert(0, {root!r})
 t0 = time.perf_counter()
 {body}
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
 print(json.dumps({{"seconds": time.perf_counter() - t0, "peak_rss": hwm * 1024}}))
 """
-
-BASELINE = """
-import torch
-from pathlib import Path
-from safetensors.torch import load_file
-src, out = Path(sys.argv[1]), Path(sys.argv[2])
-state = {{}}
-for shard in sorted(src.glob("*.safetensors")):
-    state.update(load_file(shard))
-torch.save(state, out / "baseline.pt")
-"""
+BRIDGE = "from bridge.cli.main import main\nassert main(sys.argv[1:]) == 0"
+BASELINE = "from bench.convert import baseline\nbaseline(*sys.argv[1:])"
 
 
-def make_synthetic(folder: Path, layers: int) -> int:
-    """A random bf16 Llama-shaped HF folder written tensor by tensor (never whole in memory)."""
-    from transformers import LlamaConfig
+def baseline(src: str, out: str) -> None:
+    """What a hand-written converter does: every tensor read with load_file, one torch.save."""
+    import torch
+    from safetensors.torch import load_file
 
-    from bridge.converters.hf import PlannedTensor, StreamingSafetensorsWriter
-
-    config = LlamaConfig(**LLAMA_1B, num_hidden_layers=layers, architectures=["LlamaForCausalLM"], dtype="bfloat16")
-    folder.mkdir(parents=True)
-    config.save_pretrained(folder)
-    with torch.device("meta"):
-        from transformers import LlamaForCausalLM
-        model = LlamaForCausalLM(config)
-    plan = [PlannedTensor(n, torch.bfloat16, tuple(p.shape)) for n, p in model.state_dict().items() if n != "lm_head.weight"]
-    writer = StreamingSafetensorsWriter(folder, plan, max_shard_size=2 * 10**9)
-    gen = torch.Generator().manual_seed(0)
-    for p in plan:
-        writer.write(p.name, (torch.randn(p.shape, generator=gen) * 0.02).to(torch.bfloat16))
-    writer.close()
-    return sum(p.nbytes for p in plan), max(p.nbytes for p in plan)
+    state = {}
+    for shard in sorted(Path(src).glob("*.safetensors")):
+        state.update(load_file(shard))
+    torch.save(state, Path(out) / "baseline.pt")
 
 
-def child(body: str, *argv: str) -> dict[str, float]:
-    """Run one step in a fresh interpreter, from a cold page cache where the OS lets us drop it.
+def step(body: str, *argv: str, in_process: bool = False) -> dict[str, float | None]:
+    """Run one step (BRIDGE or BASELINE with argv) in a fresh interpreter from a cold page cache; -> seconds, RSS."""
+    if in_process:  # smoke: no memory figure
+        from bridge.cli.main import main
 
-    Dirty pages of the previous step are flushed and the cache dropped first, so no step pays for
-    another's writes or profits from another's reads: every step reads from and writes to the disk.
-    """
+        start = time.perf_counter()
+        assert (baseline(*argv) if body == BASELINE else main(list(argv))) in (None, 0)
+        return {"seconds": time.perf_counter() - start, "peak_rss": None}
     os.sync()
     try:
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
     except OSError:
-        pass  # not root: warm-cache numbers, noisier; the printed table says which
-    code = CHILD.format(body=body)
-    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+        pass  # not root: warm-cache numbers, noisier
+    proc = subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT), body=body), *argv],
+                          capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"step failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bridge_step(*argv: str) -> dict[str, float]:
-    body = "from bridge.cli.main import main\nassert main(sys.argv[1:]) == 0"
-    return child(body, *argv)
+def write_hf(folder: Path, config: dict[str, Any], tile: bool = False) -> tuple[int, int]:
+    """A random bf16 HF folder of `config`, written tensor by tensor (never whole in memory): (total, largest) bytes.
+    Names as Hub checkpoints store them (one tensor per expert); `tile` repeats one random block (faster to make:
+    content changes neither memory nor I/O)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bridge.converters.hf import PlannedTensor, StreamingSafetensorsWriter
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    hf_config = AutoConfig.for_model(config["model_type"], **{k: v for k, v in config.items() if k != "model_type"})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    state = {n: t for n, t in model.state_dict().items() if not (n == "lm_head.weight" and config.get("tie_word_embeddings"))}
+    plan = [PlannedTensor(n, torch.float32 if n.endswith("e_score_correction_bias") else torch.bfloat16, shape)
+            for n, shape in _checkpoint_shapes(state)]
+    writer = StreamingSafetensorsWriter(folder, plan, max_shard_size=(5 if tile else 2) * 10**9)
+    gen = torch.Generator().manual_seed(0)
+    block = torch.randn(1 << 20, generator=gen) * 0.02
+    for p in plan:
+        n = torch.Size(p.shape).numel()
+        data = block.repeat(-(-n // block.numel()))[:n].view(p.shape) if tile else torch.randn(p.shape, generator=gen) * 0.02
+        writer.write(p.name, data.to(p.dtype))
+    writer.close()
+    return sum(p.nbytes for p in plan), max(p.nbytes for p in plan)
 
 
-def run_size(root: Path, layers: int, tp: int) -> dict[str, object]:
-    src, ckpt, hf = root / f"hf-{layers}", root / f"ckpt-{layers}", root / f"out-{layers}"
-    total, largest = make_synthetic(src, layers)
-    base_dir = root / "baseline"
-    base_dir.mkdir(exist_ok=True)
-    baseline = child(BASELINE.format(), str(src), str(base_dir))
-    shutil.rmtree(base_dir)
-    imp = bridge_step("import", str(src), "--out", str(ckpt), "--tp", str(tp))
-    exp = bridge_step("export", str(ckpt), "--out", str(hf))
-    for path in (src, ckpt, hf):
+def _checkpoint_shapes(state: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
+    """transformers fuses experts in memory (`experts.gate_up_proj` [E, 2F, h], `experts.down_proj` [E, h, F]); on
+    disk every expert has its own gate/up/down_proj."""
+    out = []
+    for name, t in state.items():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            e, f2, h = t.shape
+            out += [(f"{name[:-len('gate_up_proj')]}{j}.{w}.weight", (f2 // 2, h)) for j in range(e) for w in ("gate_proj", "up_proj")]
+        elif name.endswith("mlp.experts.down_proj"):
+            e, h, f = t.shape
+            out += [(f"{name[:-len('down_proj')]}{j}.down_proj.weight", (h, f)) for j in range(e)]
+        else:
+            out.append((name, tuple(t.shape)))
+    return out
+
+
+def dense_row(root: Path, layers: int, tp: int, smoke: bool) -> dict[str, Any]:
+    src, ckpt, hf, base = (root / f"{n}-{layers}" for n in ("hf", "ckpt", "out", "baseline"))
+    config = dict(LLAMA_TINY if smoke else LLAMA_1B, architectures=["LlamaForCausalLM"], model_type="llama",
+                  num_hidden_layers=layers, torch_dtype="bfloat16")
+    total, largest = write_hf(src, config)
+    base.mkdir()
+    b = step(BASELINE, str(src), str(base), in_process=smoke)
+    imp = step(BRIDGE, "import", str(src), "--out", str(ckpt), "--tp", str(tp), in_process=smoke)
+    exp = step(BRIDGE, "export", str(ckpt), "--out", str(hf), in_process=smoke)
+    for path in (src, ckpt, hf, base):
         shutil.rmtree(path)
-    gib = 2**30
-    return {
-        "layers": layers, "model_gib": total / gib, "largest_tensor_gib": largest / gib,
-        "rss_budget_gib": (2 * largest + gib) / gib,
-        "baseline_s": baseline["seconds"], "baseline_peak_rss_gib": baseline["peak_rss"] / gib,
-        "import_s": imp["seconds"], "import_ratio": baseline["seconds"] / imp["seconds"], "import_peak_rss_gib": imp["peak_rss"] / gib,
-        "export_s": exp["seconds"], "export_ratio": baseline["seconds"] / exp["seconds"], "export_peak_rss_gib": exp["peak_rss"] / gib,
-    }
+    return {"model": f"llama {layers} layers", "model_gib": total / GIB, "largest_gib": largest / GIB,
+            "budget_gib": (2 * largest + GIB) / GIB, "baseline_s": b["seconds"], "baseline_rss": _gib(b["peak_rss"]),
+            "import_s": imp["seconds"], "import_vs_base": b["seconds"] / imp["seconds"], "import_rss": _gib(imp["peak_rss"]),
+            "export_s": exp["seconds"], "export_vs_base": b["seconds"] / exp["seconds"], "export_rss": _gib(exp["peak_rss"])}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, nargs="+", default=[16, 32], help="model sizes (Llama-3.2-1B has 16)")
-    parser.add_argument("--tp", type=int, default=2)
-    parser.add_argument("--workdir", help="scratch folder (default: a temporary one)")
-    args = parser.parse_args()
-    root = Path(args.workdir or tempfile.mkdtemp(prefix="bridge-bench-"))
-    root.mkdir(parents=True, exist_ok=True)
-    rows = [run_size(root, layers, args.tp) for layers in args.layers]
-    cold = os.access("/proc/sys/vm/drop_caches", os.W_OK)
-    print(f"page cache dropped before each step: {'yes' if cold else 'no (run as root for cold-cache numbers)'}")
-    print(f"{'layers':>6} {'model GiB':>9} {'largest':>8} {'budget':>7} | {'base s':>7} {'base RSS':>8} | "
-          f"{'import s':>8} {'ratio':>6} {'RSS':>6} | {'export s':>8} {'ratio':>6} {'RSS':>6}")
-    for r in rows:
-        print(f"{r['layers']:>6} {r['model_gib']:>9.2f} {r['largest_tensor_gib']:>8.2f} {r['rss_budget_gib']:>7.2f} | "
-              f"{r['baseline_s']:>7.1f} {r['baseline_peak_rss_gib']:>8.2f} | {r['import_s']:>8.1f} {r['import_ratio']:>6.2f} "
-              f"{r['import_peak_rss_gib']:>6.2f} | {r['export_s']:>8.1f} {r['export_ratio']:>6.2f} {r['export_peak_rss_gib']:>6.2f}")
-    print(json.dumps(rows))
+def moe_row(root: Path, layers: int, experts: int, dense: int, ep: int, smoke: bool) -> dict[str, Any]:
+    """DeepSeek-V3's config.json with fewer layers and experts, bf16 (no FP8 scales), no MTP layer."""
+    config = json.loads(DEEPSEEK_V3.read_text())
+    config.update(num_hidden_layers=layers, n_routed_experts=experts, first_k_dense_replace=dense, n_group=8,
+                  topk_group=4, num_experts_per_tok=8, num_nextn_predict_layers=0, torch_dtype="bfloat16")
+    config.update(DEEPSEEK_TINY if smoke else {})
+    config.pop("quantization_config", None)
+    config.pop("auto_map", None)
+    src, ckpt, out = root / "hf-moe", root / "ckpt-moe", root / "out-moe"
+    total, largest = write_hf(src, config, tile=True)
+    imp = step(BRIDGE, "import", str(src), "--out", str(ckpt), "--ep", str(ep), in_process=smoke)
+    shutil.rmtree(src)  # two copies on disk at most
+    exp = step(BRIDGE, "export", str(ckpt), "--out", str(out), in_process=smoke)
+    for path in (ckpt, out):
+        shutil.rmtree(path)
+    return {"model": f"deepseek-v3 {layers} layers, {experts} experts, EP={ep}", "model_gib": total / GIB,
+            "largest_gib": largest / GIB, "budget_gib": (2 * largest + GIB) / GIB, "import_s": imp["seconds"],
+            "import_rss": _gib(imp["peak_rss"]), "export_s": exp["seconds"], "export_rss": _gib(exp["peak_rss"])}
 
 
-if __name__ == "__main__":
-    main()
+def _gib(n: float | None) -> float | None:
+    return None if n is None else n / GIB
+
+
+def configure(p: argparse.ArgumentParser, suite: str) -> None:
+    p.add_argument("--layers", type=int, nargs="+", help="dense model depths (default 16 32); --moe: one (default 10)")
+    p.add_argument("--tp", type=int, default=2)
+    p.add_argument("--moe", action="store_true", help="the DeepSeek-V3-shaped MoE instead of the dense Llama")
+    p.add_argument("--experts", type=int, default=16, help="--moe: routed experts per MoE layer (DeepSeek-V3: 256)")
+    p.add_argument("--dense", type=int, default=3, help="--moe: first dense layers (DeepSeek-V3: 3)")
+    p.add_argument("--ep", type=int, default=2)
+    p.add_argument("--workdir", type=Path, help="scratch folder (default: a temporary one); needs ~2x the model")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="bridge-bench-", dir=args.workdir))
+    try:
+        if args.smoke:  # both models, tiny, every step in this process
+            rows = [dense_row(root, 2, 2, smoke=True), moe_row(root, 3, 4, 1, 2, smoke=True)]
+        elif args.moe:
+            rows = [moe_row(root, (args.layers or [10])[0], args.experts, args.dense, args.ep, smoke=False)]
+        else:
+            rows = [dense_row(root, layers, args.tp, smoke=False) for layers in args.layers or [16, 32]]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return {"cold_cache": os.access("/proc/sys/vm/drop_caches", os.W_OK), "rows": rows}

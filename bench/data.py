@@ -1,27 +1,25 @@
-"""Benchmark `bridge data prepare`: tokens/s for 1 and N workers against calling the tokenizer directly.
+"""Data preparation (suite data): `bridge data prepare` tokens/s for 1 and N workers against the tokenizer.
+
+    python bench/run.py data                       # ~10 MB corpus from the Python standard library's sources
+    python bench/run.py data --workers 1 2 4 --mb 50 --tokenizer ./Llama-3.2-1B
 
 All numbers come from one run on the same texts. The baseline is what a user would write in one
 process: `tokenizer(batch, add_special_tokens=False)` over batches of the texts already in memory
 (no JSON, no disk), with the Rust tokenizer held to one thread (TOKENIZERS_PARALLELISM=false), so
 it is a single-core baseline. `prepare` is measured end to end: read jsonl, parse, tokenize, write
-.bin/.idx. Without `--tokenizer`, a byte-level BPE is trained on the corpus (no downloads).
-
-    python bench/data.py                         # ~10 MB corpus from the Python stdlib sources
-    python bench/data.py --workers 1 2 4 --mb 50 --tokenizer ./Llama-3.2-1B
+.bin/.idx. Without `--tokenizer`, a byte-level BPE is trained on the corpus (no downloads). Each variant runs
+--repeat times, interleaved so that a noisy moment hits every variant alike, and the best time counts. Other
+processes on the machine skew wall times: the table's load average shows how busy it was.
 """
 from __future__ import annotations
 
-import os
-
-os.environ["TOKENIZERS_PARALLELISM"] = "false"  # a single-thread baseline (this script owns its process)
-
 import argparse
 import json
-import sys
+import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 
 def build_corpus(megabytes: float, doc_chars: int = 4000) -> list[str]:
@@ -86,50 +84,42 @@ def bench_prepare(data: Path, tok_dir: Path, out: Path, workers: int) -> tuple[f
     return time.perf_counter() - start, result.tokens["text"]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mb", type=float, default=10, help="corpus size in MB of text")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--tokenizer", default=None, help="HF tokenizer folder (default: train a BPE)")
-    parser.add_argument("--vocab", type=int, default=32000, help="vocab of the trained BPE")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per variant; the best counts")
-    args = parser.parse_args()
+def configure(p: argparse.ArgumentParser, suite: str) -> None:
+    p.add_argument("--mb", type=float, default=10, help="corpus size in MB of text")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--tokenizer", help="HF tokenizer folder (default: train a BPE)")
+    p.add_argument("--vocab", type=int, default=32000, help="vocab of the trained BPE")
+    p.add_argument("--repeat", type=int, default=3, help="runs per variant; the best counts")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     from bridge.data.tokenizer import load_tokenizer
 
+    if args.smoke:
+        args.mb, args.vocab, args.repeat, args.tokenizer = 0.1, 300, 1, None
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # a single-thread baseline; prepare's workers set it themselves
     docs = build_corpus(args.mb)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         tok_dir = Path(args.tokenizer) if args.tokenizer else train_tokenizer(docs, tmp_path / "tok", args.vocab)
         data = tmp_path / "data.jsonl"
         data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
-        print(f"corpus: {len(docs)} docs, {sum(map(len, docs)) / 1e6:.1f} MB; cpus: {os.cpu_count()}; "
-              f"tokenizer: {args.tokenizer or f'trained byte-level BPE, vocab {args.vocab}'}; "
-              f"best of {args.repeat}, runs interleaved")
         runs: dict[str, Callable[[], tuple[float, int]]] = {
-            "direct tokenizer(batch), 1 thread": lambda: bench_direct(load_tokenizer(str(tok_dir)), docs),
-            "direct backend.encode_batch, 1 thread": lambda: bench_backend(load_tokenizer(str(tok_dir)), docs),
+            "tokenizer(batch), 1 thread": lambda: bench_direct(load_tokenizer(str(tok_dir)), docs),
+            "backend.encode_batch, 1 thread": lambda: bench_backend(load_tokenizer(str(tok_dir)), docs),
         }
         for workers in args.workers:
-            runs[f"bridge data prepare, {workers} worker(s)"] = (
-                lambda w=workers: bench_prepare(data, tok_dir, tmp_path, w))
+            runs[f"bridge data prepare, {workers} worker(s)"] = lambda w=workers: bench_prepare(data, tok_dir, tmp_path, w)
         best: dict[str, tuple[float, int]] = {}
-        for _ in range(args.repeat):  # interleaved, so a noisy moment hits every variant alike
+        for _ in range(args.repeat):
             for name, fn in runs.items():
                 seconds, tokens = fn()
                 if name not in best or seconds < best[name][0]:
                     best[name] = (seconds, tokens)
-        base_seconds, base_tokens = best["direct tokenizer(batch), 1 thread"]
-        baseline = base_tokens / base_seconds
-        print(f"{'':<40} {'tokens':>18} {'wall':>9} {'tokens/s':>21} {'ratio':>5}")
-        for name, (seconds, tokens) in best.items():
-            if tokens != base_tokens:
-                print(f"token count mismatch: {name} {tokens} vs direct {base_tokens}", file=sys.stderr)
-                return 1
-            rate = tokens / seconds
-            print(f"{name:<40} {tokens:>11,} tokens {seconds:7.2f} s {rate:>12,.0f} tokens/s  {rate / baseline:.2f}x")
-        print(f"load average {os.getloadavg()[0]:.1f} (other processes on the machine skew wall times)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    base_seconds, base_tokens = best["tokenizer(batch), 1 thread"]
+    rows = [{"variant": name, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+             "vs_direct": tokens / seconds / (base_tokens / base_seconds)} for name, (seconds, tokens) in best.items()]
+    mismatch = [r["variant"] for r in rows if r["tokens"] != base_tokens]
+    return {"corpus_mb": sum(map(len, docs)) / 1e6, "documents": len(docs), "cpus": os.cpu_count(),
+            "load_average": os.getloadavg()[0], "failed": bool(mismatch),
+            **({"token_count_mismatch": mismatch} if mismatch else {}), "rows": rows}

@@ -1,73 +1,124 @@
-"""Training throughput of `bridge train` against HF transformers + torch.compile + fused AdamW, in one run.
+"""Training throughput: suites train-1gpu and layouts-4gpu, and the training run the other suites share.
 
-One GPU (the issue's goal: >= 1.25x):
-    python bench/train.py --model llama-3.2-1b --seq-length 2048 --micro-batch-size 4 --steps 20
-Four GPUs, 8B-shaped model with 8 layers, MFU per layout (goal: >= 45% at TP=4):
-    python bench/train.py --model llama-8b-8l --seq-length 4096 --nproc 4 --layouts tp4,tp2pp2,dp4-distopt --no-baseline
-CPU smoke test (CI):
-    python bench/train.py --smoke
+    python bench/run.py train-1gpu                   # one H100: 1B shape, seq 2048, mbs 4, global batch 8
+    python bench/run.py layouts-4gpu                 # four H100s: 8B shape (8 layers), seq 4096, TP=4, TP=2 x PP=2, DP=4
+    python bench/run.py train-1gpu --profile prof    # + where a step's GPU time goes (two profiled steps)
 
-Both sides train the same architecture from random weights on random tokens (Megatron's --mock-data)
-in bf16: bridge with bf16 parameters, fp32 gradients and fp32 master weights, HF with fp32 parameters under bf16
-autocast (its standard recipe). Throughput is the median over the steps after --warmup; MFU uses the
-formula of docs/training.md. Each side runs in its own process, so GPU memory is not shared.
+train-1gpu runs bridge and, in the same invocation, the baseline: HF transformers' LlamaForCausalLM with fp32
+parameters under bf16 autocast (its standard recipe), torch.compile of the whole model, fused AdamW and gradient
+clipping at 1.0. bridge trains bf16 parameters with fp32 gradients and fp32 master weights, its layers compiled.
+Both train the same architecture from random weights on random tokens (Megatron's --mock-data). Each side runs in
+its own process, so GPU memory is not shared. Tokens/s is the median over the steps after --warmup; MFU uses the
+model-FLOPs formula of docs/training.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import multiprocessing as mp
+import os
+import re
 import statistics
-import sys
 import tempfile
 import time
+from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
 
-MODELS = {
+_LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+#: Model shapes: Llama-3.2-1B's and Llama-3.1-8B's config.json (tests/configs), the 8B one at 8 of its 32 layers
+#: unless --layers says otherwise (the whole 8B model with Adam does not fit one 80 GB card).
+MODELS: dict[str, dict[str, Any]] = {
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
                          rope_theta=500000.0, max_position_embeddings=131072,
-                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+                         rope_scaling={**_LLAMA3_ROPE, "factor": 32.0}),
     "llama-8b-8l": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=8, num_attention_heads=32,
                         num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
                         rope_theta=500000.0, max_position_embeddings=131072,
-                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+                        rope_scaling={**_LLAMA3_ROPE, "factor": 8.0}),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, vocab_size=512, tie_word_embeddings=True,
                  rope_theta=10000.0, max_position_embeddings=256),
 }
+_RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def write_config(name: str, folder: Path, layers: int | None = None) -> Path:
-    """`name`'s config.json in `folder`; `layers` overrides its depth (how step time grows with depth)."""
-    from transformers import LlamaConfig
-
-    shape = dict(MODELS[name], **({"num_hidden_layers": layers} if layers else {}))
-    LlamaConfig(architectures=["LlamaForCausalLM"], rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
-                **shape).save_pretrained(folder)
+def write_config(name: str, folder: Path, layers: int | None = None, **overrides: Any) -> Path:
+    """`name`'s config.json in `folder`; `layers` overrides its depth."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "rms_norm_eps": 1e-5, "bos_token_id": 1,
+              "eos_token_id": 2, **MODELS[name], **({"num_hidden_layers": layers} if layers else {}), **overrides}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
 
 
-def hf_worker(config_dir: str, args: dict, queue: mp.Queue) -> None:
-    """HF LlamaForCausalLM, fp32 params, bf16 autocast, torch.compile, fused AdamW: per-step seconds."""
+@contextmanager
+def _own_rank_env() -> Iterator[None]:
+    """A one-rank run in this process sets torchrun's variables; take them away again, so the next run is fresh."""
+    before = {k: os.environ.get(k) for k in _RANK_ENV}
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def train_once(warmup: int, *, catch: bool = False, **config: Any) -> dict[str, Any]:
+    """One `bridge train` run (TrainConfig fields as keywords) -> medians over the steps after `warmup`. nproc=N
+    spawns the ranks, so every run starts with empty GPUs; nproc=None trains in this process (smoke runs). With
+    `catch`, a run that fails (out of memory) is returned as {"error": ...}."""
+    from bridge.training import TrainConfig, train
+
+    cfg = TrainConfig(mock_data=config.pop("mock_data", not config.get("data_path")), eval_interval=0, eval_iters=1,
+                      progress=False, **config)  # the one evaluation at the end: one batch
+    try:
+        with _own_rank_env():
+            summary = train(cfg)
+    except Exception as exc:  # noqa: BLE001 - in a sweep, a point that does not fit is a result
+        if not catch:
+            raise
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[-1][:300] if str(exc) else ''}"}
+    records = summary["records"][warmup:]
+    median = lambda key: statistics.median(r[key] for r in records) if records[0].get(key) is not None else None  # noqa: E731
+    mem = [r["peak_mem_gib"] for r in records if r.get("peak_mem_gib") is not None]
+    tokens_per_step = records[0]["tokens_per_s"] * records[0]["step_s"]
+    return {"tokens_per_s": tokens_per_step / statistics.median(r["step_s"] for r in records), "mfu": median("mfu"),
+            "tflops_per_gpu": median("tflops_per_gpu"), "peak_mem_gib": max(mem) if mem else None,
+            "moe_aux_loss": records[-1].get("moe_aux_loss"), "losses": [r["loss"] for r in summary["records"]]}
+
+
+def parse_layout(text: str) -> dict[str, Any]:
+    """'tp2pp2', 'tp4-sp', 'dp4-distopt', 'pp2vpp2' -> TrainConfig fields (tp, pp, vpp, ...)."""
+    def num(key: str, default: int | None) -> int | None:
+        m = re.search(key + r"(\d+)", text)
+        return int(m.group(1)) if m else default
+
+    tp = num("tp", 1)
+    return {"tp": tp, "pp": num("(?<!v)pp", 1), "vpp": num("vpp", None), "use_distributed_optimizer": "distopt" in text,
+            "sequence_parallel": tp > 1 and "sp" in text.split("-")}
+
+
+def hf_baseline(config_dir: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """HF LlamaForCausalLM, fp32 parameters, bf16 autocast, torch.compile, fused AdamW, clipping 1.0 -> step times."""
     import torch
     from transformers import AutoConfig, LlamaForCausalLM
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(opts["device"])
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(config_dir)
     config._attn_implementation = "sdpa"
     model = LlamaForCausalLM(config).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    step_fn = torch.compile(model) if args["compile"] else model
-    micro = args["global_batch_size"] // args["micro_batch_size"]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    step_fn = torch.compile(model) if opts["compile"] else model
+    micro = opts["global_batch_size"] // opts["micro_batch_size"]
     times = []
-    for _ in range(args["warmup"] + args["steps"]):
+    for _ in range(opts["warmup"] + opts["steps"]):
         start = time.perf_counter()
         for _ in range(micro):
-            ids = torch.randint(0, config.vocab_size, (args["micro_batch_size"], args["seq_length"] + 1), device=device)
+            ids = torch.randint(0, config.vocab_size, (opts["micro_batch_size"], opts["seq_length"] + 1), device=device)
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 loss = step_fn(input_ids=ids[:, :-1], labels=ids[:, 1:]).loss / micro
             loss.backward()
@@ -78,118 +129,136 @@ def hf_worker(config_dir: str, args: dict, queue: mp.Queue) -> None:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    queue.put({"step_s": times[args["warmup"]:], "peak_mem_gib": peak})
+    return {"step_s": times[opts["warmup"]:], "peak_mem_gib": peak}
 
 
-def run_hf(config_dir: Path, args: argparse.Namespace) -> dict:
+def _hf_worker(config_dir: str, opts: dict[str, Any], queue: mp.Queue) -> None:
+    queue.put(hf_baseline(config_dir, opts))
+
+
+def run_hf(config_dir: Path, opts: dict[str, Any]) -> dict[str, Any]:
+    """The baseline in its own process on a GPU (memory not shared with bridge's run); in this one on the CPU."""
+    if opts["device"] == "cpu":
+        return hf_baseline(str(config_dir), opts)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=hf_worker, args=(str(config_dir), vars(args), queue))
+    proc = ctx.Process(target=_hf_worker, args=(str(config_dir), opts, queue))
     proc.start()
     result = queue.get()
     proc.join()
     return result
 
 
-def run_bridge(config_dir: Path, args: argparse.Namespace, layout: str) -> dict:
-    from bridge.training import TrainConfig, train
-
-    tp, pp, vpp, distopt, sp = parse_layout(layout)
-    nproc = args.nproc
-    cfg = TrainConfig(model_config=str(config_dir), mock_data=True, nproc=nproc, tp=tp, pp=pp, vpp=vpp,
-                      use_distributed_optimizer=distopt, sequence_parallel=tp > 1 and (sp or args.sequence_parallel),
-                      micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size * (nproc // (tp * pp)),
-                      seq_length=args.seq_length, train_iters=args.warmup + args.steps, lr=1e-4, bf16=args.bf16,
-                      compile=args.compile, recompute=args.recompute, eval_interval=0, progress=False,
-                      device=args.device, attention_backend=args.attention_backend,
-                      gradient_accumulation_fusion=args.gradient_accumulation_fusion, rope_fusion=args.rope_fusion,
-                      grad_reduce_in_bf16=args.grad_reduce_in_bf16,
-                      fp8=args.fp8, fp8_format=args.fp8_format, fp8_output_proj=args.fp8_output_proj,
-                      first_last_layers_bf16=args.first_last_layers_bf16,
-                      profile=args.profile is not None, profile_step_start=args.warmup + 1,
-                      profile_step_end=args.warmup + 3, tensorboard_dir=args.profile)
-    summary = train(cfg)
-    records = summary["records"][args.warmup:]
-    return {"step_s": [r["step_s"] for r in records], "peak_mem_gib": max(r["peak_mem_gib"] for r in records),
-            "mfu": statistics.median(r["mfu"] for r in records) if records[0]["mfu"] is not None else None,
-            "global_batch_size": cfg.global_batch_size, "losses": [r["loss"] for r in summary["records"]]}
-
-
-def parse_layout(text: str) -> tuple[int, int, int | None, bool, bool]:
-    """'tp2pp2', 'tp4-sp', 'dp4-distopt', 'pp2vpp2' -> (tp, pp, vpp, distributed optimizer, sequence parallel)."""
-    import re
-
-    def num(key: str, default: int | None) -> int | None:
-        m = re.search(key + r"(\d+)", text)
-        return int(m.group(1)) if m else default
-
-    return num("tp", 1), num("(?<!v)pp", 1), num("vpp", None), "distopt" in text, "sp" in text.split("-")
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=sorted(MODELS), default="llama-3.2-1b")
+def configure(p: argparse.ArgumentParser, suite: str) -> None:
+    four = suite == "layouts-4gpu"
+    p.add_argument("--model", choices=sorted(MODELS), default="llama-8b-8l" if four else "llama-3.2-1b")
     p.add_argument("--layers", type=int, help="override the model's number of layers")
-    p.add_argument("--seq-length", type=int, default=2048)
-    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--seq-length", type=int, default=4096 if four else 2048)
+    p.add_argument("--micro-batch-size", type=int, default=2 if four else 4)
     p.add_argument("--global-batch-size", type=int, default=8, help="per DP rank (scaled by DP for bridge)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5, help="untimed first steps (compilation, allocator warm-up)")
-    p.add_argument("--nproc", type=int, default=1)
-    p.add_argument("--layouts", default="tp1", help="comma-separated bridge layouts, e.g. tp4,tp2pp2,dp4-distopt")
+    p.add_argument("--steps", type=int, default=8 if four else 15)
+    p.add_argument("--warmup", type=int, default=4 if four else 5, help="untimed first steps (compilation)")
+    p.add_argument("--nproc", type=int, default=4 if four else 1)
+    p.add_argument("--layouts", default="tp4,tp2pp2,dp4-distopt" if four else "tp1",
+                   help="comma-separated bridge layouts, e.g. tp4,tp2pp2,tp4-sp,dp4-distopt,pp2vpp2")
+    p.add_argument("--no-baseline", dest="baseline", action="store_false", default=not four,
+                   help="skip the HF run")
     p.add_argument("--recompute", choices=["full", "selective"])
-    p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "flash", "fused", "unfused"])
     p.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion", action="store_false")
     p.add_argument("--grad-reduce-in-bf16", action="store_true", help="bf16 gradients (the default is fp32)")
     p.add_argument("--no-rope-fusion", dest="rope_fusion", action="store_false")
     p.add_argument("--fp8", choices=["tensorwise", "rowwise"], help="bridge trains with FP8 linear layers (torchao)")
     p.add_argument("--fp8-output-proj", action="store_true", help="the output layer in FP8 too")
-    p.add_argument("--first-last-layers-bf16", action="store_true", help="with --fp8, the first and last layer in bf16")
-    p.add_argument("--fp8-format", choices=["hybrid", "e4m3"], help="FP8 output gradients: e5m2 (hybrid) or e4m3")
-    p.add_argument("--profile", metavar="DIR", help="profile two bridge steps after the warm-up into DIR")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager mode on both sides")
-    p.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the HF run (multi-GPU layouts)")
-    p.add_argument("--smoke", action="store_true", help="tiny model on CPU, 2 steps: checks the script runs")
-    p.add_argument("--json", help="also write the results to this file")
-    args = p.parse_args(argv)
-    args.bf16, args.device = True, None
+    p.add_argument("--profile", metavar="DIR", help="profile two bridge steps after the warm-up into DIR, summarised")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = None
     if args.smoke:
         args.model, args.seq_length, args.micro_batch_size, args.global_batch_size = "tiny", 32, 2, 4
-        args.steps, args.warmup, args.compile, args.device = 2, 1, False, "cpu"
-    tokens = args.global_batch_size * args.seq_length
-    results = {"model": args.model, "seq_length": args.seq_length, "device": _device_name(), "layouts": {}}
+        args.steps, args.warmup, args.compile, device = 2, 1, False, "cpu"
+        args.nproc, args.layouts = 1, "dp1-distopt" if args.suite == "layouts-4gpu" else "tp1"
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         config_dir = write_config(args.model, Path(tmp) / "config", args.layers)
         for layout in args.layouts.split(","):
-            r = run_bridge(config_dir, args, layout)
-            tps = r["global_batch_size"] * args.seq_length / statistics.median(r["step_s"])
-            results["layouts"][layout] = {"tokens_per_s": tps, "tokens_per_s_per_gpu": tps / args.nproc,
-                                          "mfu": r["mfu"], "peak_mem_gib": r["peak_mem_gib"], "losses": r["losses"]}
-            print(f"bridge {layout:>12}: {tps:12.0f} tokens/s ({tps / args.nproc:.0f}/GPU)  MFU "
-                  f"{_pct(r['mfu'])}  peak {r['peak_mem_gib']:.1f} GiB", flush=True)
+            lay = parse_layout(layout)
+            r = train_once(args.warmup, model_config=str(config_dir), nproc=None if args.smoke else args.nproc,
+                           micro_batch_size=args.micro_batch_size,
+                           global_batch_size=args.global_batch_size * (args.nproc // (lay["tp"] * lay["pp"])),
+                           seq_length=args.seq_length, train_iters=args.warmup + args.steps, lr=1e-4, bf16=True,
+                           compile=args.compile, recompute=args.recompute, device=device,
+                           attention_backend=args.attention_backend,
+                           gradient_accumulation_fusion=args.gradient_accumulation_fusion, rope_fusion=args.rope_fusion,
+                           grad_reduce_in_bf16=args.grad_reduce_in_bf16, fp8=args.fp8,
+                           fp8_output_proj=args.fp8_output_proj, profile=args.profile is not None,
+                           profile_step_start=args.warmup + 1, profile_step_end=args.warmup + 3,
+                           tensorboard_dir=args.profile, **lay)
+            rows.append({"run": f"bridge {layout}", "tokens_per_s": r["tokens_per_s"],
+                         "per_gpu": r["tokens_per_s"] / args.nproc, "mfu_%": _pct(r["mfu"]),
+                         "peak_gib": r["peak_mem_gib"], "losses": r["losses"]})
         if args.baseline:
-            h = run_hf(config_dir, args)
-            tps = tokens / statistics.median(h["step_s"])
-            results["hf_compile"] = {"tokens_per_s": tps, "peak_mem_gib": h["peak_mem_gib"]}
-            first = next(iter(results["layouts"].values()))
-            results["ratio"] = first["tokens_per_s_per_gpu"] / tps
-            print(f"HF + compile + fused AdamW: {tps:12.0f} tokens/s; bridge/HF = {results['ratio']:.2f}x", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results))
-    return 0
+            opts = {**{k: getattr(args, k) for k in ("micro_batch_size", "global_batch_size", "seq_length", "steps",
+                                                      "warmup", "compile")}, "device": device or "cuda"}
+            h = run_hf(config_dir, opts)
+            tps = args.global_batch_size * args.seq_length / statistics.median(h["step_s"])
+            rows.append({"run": "HF + compile + fused AdamW", "tokens_per_s": tps, "per_gpu": tps, "mfu_%": None,
+                         "peak_gib": h["peak_mem_gib"]})
+            rows[0]["vs_hf"] = rows[0]["per_gpu"] / tps
+    if args.profile:
+        print(summarize_trace(Path(args.profile) / "profile_rank0.json", steps=2))
+    return {"model": args.model, "seq_length": args.seq_length, "rows": rows}
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
+def _pct(x: float | None) -> float | None:
+    return None if x is None else 100 * x
 
 
-def _device_name() -> str:
-    import torch
+# ---- where a profiled step's GPU time goes: a Chrome trace from `bridge train --profile` -> a short table ----
 
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+#: Kernel families, first match wins: communication, attention, matmul, optimizer, torch.compile's Triton kernels.
+FAMILIES: list[tuple[str, re.Pattern[str]]] = [
+    ("communication", re.compile(r"nccl|allreduce|allgather|reducescatter", re.I)),
+    ("attention", re.compile(r"cudnn|fmha|flash|attention|sdpa", re.I)),
+    ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|sm90_|sm80_|cublas", re.I)),
+    ("optimizer", re.compile(r"adam|multi_tensor|foreach", re.I)),
+    ("triton (torch.compile)", re.compile(r"^triton_|^Triton", re.I)),
+    ("memset/memcpy", re.compile(r"^Memset|^Memcpy|memset|memcpy", re.I)),
+]
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _busy_us(events: list[dict]) -> float:
+    """Length of the union of the events' intervals (µs): overlapping streams count once."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted((e["ts"], e["ts"] + e["dur"]) for e in events):
+        total += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    return total
+
+
+def summarize_trace(path: Path, steps: int, top: int = 25) -> str:
+    """Step span, GPU busy and idle time, device time per kernel family and the most expensive kernels, per step."""
+    if not path.is_file():
+        return f"{path}: no trace (a CPU run writes none)"
+    events = [e for e in json.loads(path.read_text()).get("traceEvents", [])
+              if e.get("cat") in {"kernel", "gpu_memcpy", "gpu_memset"} and e.get("ph") == "X"]
+    if not events:
+        return f"{path}: no GPU kernels in the trace (a CPU run?)"
+    span = max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)
+    busy = _busy_us(events)
+    per_family: dict[str, float] = defaultdict(float)
+    per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in events:
+        per_family[next((f for f, pattern in FAMILIES if pattern.search(e["name"])), "other ATen")] += e["dur"]
+        per_kernel[e["name"]][0] += e["dur"]
+        per_kernel[e["name"]][1] += 1
+    ms = lambda us: us / 1000 / steps  # noqa: E731  (per step)
+    lines = [f"per step: span {ms(span):.1f} ms, GPU busy {ms(busy):.1f} ms, idle {ms(span - busy):.1f} ms",
+             f"{'family':<24}{'ms/step':>10}{'share':>8}"]
+    lines += [f"{f:<24}{ms(us):>10.2f}{100 * us / busy:>7.1f}%" for f, us in sorted(per_family.items(), key=lambda kv: -kv[1])]
+    lines += [f"{'ms/step':>9}{'calls':>7}  kernel"]
+    lines += [f"{ms(us):>9.2f}{n // steps:>7}  {name[:110]}"
+              for name, (us, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]]
+    return "\n".join(lines)
