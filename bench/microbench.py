@@ -50,10 +50,18 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _ms(fn: Callable[[], Any], device: str, iters: int, warmup: int = 3) -> float:
-    """Median wall time of fn() in ms, the device synchronised around each call."""
+def _ms(fn: Callable[[], Any], device: str, iters: int, *, each: bool = False, warmup: int = 3) -> float:
+    """Time of one fn() in ms: the mean over `iters` calls queued back to back (the kernels' own time), or with
+    `each` the median of calls timed one by one (a collective's slowest rank decides each call)."""
     for _ in range(warmup):
         fn()
+    if not each:
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        _sync(device)
+        return (time.perf_counter() - start) * 1e3 / iters
     times = []
     for _ in range(iters):
         _sync(device)
@@ -241,7 +249,7 @@ def _ring_rank(seq: int, check_length: int, backends: list[str], shape: str, dev
                 dist.barrier()
                 fn(q, k, v).backward(dout)
                 q.grad = k.grad = v.grad = None
-            result["ms"][f"{name}/{backend}"] = _ms(step, device, iters)
+            result["ms"][f"{name}/{backend}"] = _ms(step, device, iters, each=True)
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     return result
 
@@ -260,7 +268,7 @@ def ring_rows(args: argparse.Namespace, device: str, backends: list[str]) -> lis
         row = {"part": "cp attention", "shape": args.ring_shape, "cp": 1, "kernel": f"sdpa/{backend}"}
         try:
             ms = _ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).backward(dout),
-                     device, args.iters)
+                     device, args.iters, each=True)
             rows.append({**row, "ms": ms})
         except RuntimeError as exc:  # flash with MLA's two head sizes
             rows.append({**row, "error": str(exc).splitlines()[0][:100]})
