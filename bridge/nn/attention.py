@@ -3,9 +3,9 @@
 fused: cuDNN's fused attention, what Megatron-LM's default Transformer Engine backend runs on
 Hopper; flash: FlashAttention-2 as built into PyTorch; unfused: the plain math (softmax(QK^T)V),
 for debugging; auto: cuDNN first, then flash, then the others, each taking over when the one before
-cannot run a shape. cuDNN comes first because it measured 1.6-1.9x faster than flash for causal
-grouped-query attention forward + backward on H200 at bridge's shapes (bench/attention.py,
-docs/performance.md); PyTorch's own default order tries flash first. The choice is process-wide
+cannot run a shape. cuDNN comes first because it is the faster of the two for causal grouped-query
+attention forward + backward at bridge's shapes, and takes grouped K/V as they are (docs/performance.md,
+`python bench/run.py kernels`); PyTorch's own default order tries flash first. The choice is process-wide
 and must be made before torch.compile traces attention, which fixes the kernel in its graph; it
 affects CUDA tensors only.
 """
@@ -190,7 +190,7 @@ def block_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
 def sdpa_pads_v(q: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether SDPA should get v zero-padded to q's width: v is narrower (MLA) and the kernel SDPA would run takes
     one head size, the CPU's fused kernel or flash (`--attention-backend flash`); unpadded, SDPA would fall back to
-    its plain math or find no kernel. cuDNN takes both sizes (DeepSeek-V3's 192/128 ran unpadded on H200), so auto
+    its plain math or find no kernel. cuDNN takes both sizes (DeepSeek-V3's 192/128 among them), so auto
     and fused do not pad. Decided from the device and backend alone, without probing kernels as block_kernel does,
     so that torch.compile traces it inside the layer without a graph break."""
     return v.shape[-1] < q.shape[-1] and (q.device.type == "cpu" or _backend == "flash")

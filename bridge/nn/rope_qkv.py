@@ -1,7 +1,7 @@
 """linear_qkv's output -> rotated q, k and v in one hand-written Triton kernel (and one for the backward).
 
-Why by hand: on an H100 the torch.compile'd split + RoPE of the 1B shape ran at ~0.4 TB/s (6.5 ms of a
-265 ms step for the forward, 3.4 ms for the backward), an eighth of the memory bandwidth. Here one
+Why by hand: torch.compile's split + RoPE (a negated half concatenated to the other, masked loads) moves
+its bytes at a fraction of the GPU's memory bandwidth (docs/performance.md has the figures). Here one
 program moves one head's [BLOCK_S, d] tile: it reads the two halves of each row as separate vectors (no
 `cat` of a negated half, no masked loads), rotates them in fp32 with the position's cos/sin and writes
 the tile where attention reads it. The backward applies the transposed rotation and writes each head's

@@ -99,7 +99,7 @@ def cp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Gr
     q: [b, nq, S/cp, d] (local chunks); k: [b, ng, S/cp, d], v: [b, ng, S/cp, dv] (local) -> [b, nq, S/cp, dv];
     `scale` as SDPA's. A v narrower than q/k (MLA's) is gathered as it is and then zero-padded to q's width: PyTorch
     runs these masks (a query chunk against its key prefix, or a window) fast only in flash attention, which takes
-    one head size (DeepSeek-V3's attention at CP=2 on an H200: 48 ms padded, 183 ms not; docs/performance.md).
+    one head size; unpadded, SDPA falls back to a kernel several times slower (docs/performance.md).
     """
     k, v = (gather_sequence(t.permute(2, 0, 1, 3), group, cp).permute(1, 2, 0, 3) for t in (k, v))  # [b, ng, S, d]
     dv = v.shape[-1]

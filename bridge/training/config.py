@@ -50,8 +50,8 @@ class TrainConfig:
     load-balanced chunks; world = tp x cp x pp x dp. Weights are replicated over CP, checkpoints unchanged."""
     cp_comm_type: str = "p2p"
     """How CP ranks exchange K/V (Megatron's --cp-comm-type, same default): p2p, a ring that overlaps the exchange
-    with attention (1.2-1.5x faster on 4x H200), or all_gather, all K/V up front, which alone applies a sliding
-    window (bridge.parallel.state.CP_COMM_TYPES)."""
+    with attention (the faster one: docs/performance.md), or all_gather, all K/V up front, which alone applies a
+    sliding window (bridge.parallel.state.CP_COMM_TYPES)."""
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
     ddp_bucket_size: int = 40_000_000

@@ -1,8 +1,8 @@
 """The training loop of one rank: schedule -> gradient sync -> optimizer step -> metrics, eval, checkpoints.
 
 The host runs one step ahead of the GPU: step n+1 is queued before step n's loss and gradient norm are
-read, so the GPU does not idle while the host reads results and starts the next step (on the 1B
-benchmark, H100: GPU idle time 5.7 -> 4.0 ms per ~258 ms step). Step n's results travel to pinned host
+read, so the GPU does not idle while the host reads results and starts the next step (the idle time it
+saves: docs/performance.md). Step n's results travel to pinned host
 memory behind its own kernels and a CUDA event marks them ready; reading them never waits for step
 n+1. A step after which the loop needs the finished state (a save, an evaluation, an exit, the last
 step, a profile's edge) is not run ahead of, and a SIGTERM seen while step n+1 is queued stops the run

@@ -63,8 +63,8 @@ def resolve_load(cfg: TrainConfig, plan: Plan, *, do_reshard: bool = True) -> Tr
 
 #: PyTorch's CUDA allocator setting for training when the user names none. Expandable segments grow mapped memory
 #: instead of caching fixed blocks, so memory that one micro-batch's large tensors freed fits the next one's. Without
-#: it the 8B shape at mbs 4 (74.9 GiB peak) ran out of memory on an 80 GB H100 with 6 GiB reserved but unused; with
-#: it, it trains, and the FP8 runs' speed did not change (docs/performance.md). torchtitan's launcher sets it too.
+#: it a run whose peak nears the card's memory can fail with gigabytes reserved but unused; with it such runs fit, at
+#: the same speed (docs/performance.md). torchtitan's launcher sets it too.
 CUDA_ALLOC_CONF = "expandable_segments:True"
 _ALLOC_CONF_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
 
