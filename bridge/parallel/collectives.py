@@ -9,8 +9,8 @@ The synchronous ops, which run inside torch.compile'd layers, are PyTorch's func
 (`dist.all_reduce(x)`, `dist.all_to_all_single(out, x)`), and a view returned by `split`, compiled to zero
 gradients in torch 2.11 where they sat inside an autograd.Function: compiled TP, sequence-parallel, EP and
 a2a context-parallel layers lost most of their backward, silently. tests/test_parallel_collectives.py checks
-every op compiled against eager, and tests/test_gpu.py whole layouts on GPUs. The asynchronous ops (DP gradient buckets, the column-parallel
-backward's overlap) stay c10d: they run outside compiled graphs.
+every op compiled against eager, and tests/test_gpu.py whole layouts on GPUs. The asynchronous ops (DP gradient
+buckets, the column-parallel backward's overlap) stay c10d: they run outside compiled graphs.
 """
 from __future__ import annotations
 
