@@ -14,7 +14,7 @@ from bridge.tiny import save_tiny_model, tiny_config
 #: Real `config.json` files of public models, one folder each (`<org>--<name>`); provenance in its README.md.
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
-#: The dense architectures of the conversion issue, one representative real config each.
+#: The dense architectures bridge converts, one representative real config each.
 DENSE_MODELS: dict[str, str] = {
     "llama32-tied": "meta-llama--Llama-3.2-1B",       # tied embeddings, llama3 rope scaling, head_dim 64
     "llama31": "meta-llama--Llama-3.1-8B",            # untied, llama3 rope scaling
@@ -26,7 +26,7 @@ DENSE_MODELS: dict[str, str] = {
 }
 
 
-#: The MoE architectures of the MoE issue.
+#: The MoE architectures bridge converts.
 MOE_MODELS: dict[str, str] = {
     "mixtral": "mistralai--Mixtral-8x7B-v0.1",
     "qwen3-moe": "Qwen--Qwen3-30B-A3B",

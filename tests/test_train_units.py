@@ -140,7 +140,7 @@ def test_missing_data_files(tiny_ckpt: Path, tmp_path: Path, capsys: pytest.Capt
 
 
 def test_cli_surface() -> None:
-    """Megatron-LM flag names the issue promises (a renamed flag breaks recipes)."""
+    """Megatron-LM flag names bridge keeps (a renamed flag breaks recipes)."""
     from bridge.cli.main import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["train"]
