@@ -97,7 +97,8 @@ def write_hf(folder: Path, config: dict[str, Any], tile: bool = False) -> tuple[
     hf_config = AutoConfig.for_model(config["model_type"], **{k: v for k, v in config.items() if k != "model_type"})
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
-    state = {n: t for n, t in model.state_dict().items() if not (n == "lm_head.weight" and config.get("tie_word_embeddings"))}
+    tied = config.get("tie_word_embeddings")
+    state = {n: t for n, t in model.state_dict().items() if not (n == "lm_head.weight" and tied)}
     plan = [PlannedTensor(n, torch.float32 if n.endswith("e_score_correction_bias") else torch.bfloat16, shape)
             for n, shape in _checkpoint_shapes(state)]
     writer = StreamingSafetensorsWriter(folder, plan, max_shard_size=(5 if tile else 2) * 10**9)
@@ -118,7 +119,8 @@ def _checkpoint_shapes(state: dict[str, Any]) -> list[tuple[str, tuple[int, ...]
     for name, t in state.items():
         if name.endswith("mlp.experts.gate_up_proj"):
             e, f2, h = t.shape
-            out += [(f"{name[:-len('gate_up_proj')]}{j}.{w}.weight", (f2 // 2, h)) for j in range(e) for w in ("gate_proj", "up_proj")]
+            base = name[:-len("gate_up_proj")]
+            out += [(f"{base}{j}.{w}.weight", (f2 // 2, h)) for j in range(e) for w in ("gate_proj", "up_proj")]
         elif name.endswith("mlp.experts.down_proj"):
             e, h, f = t.shape
             out += [(f"{name[:-len('down_proj')]}{j}.down_proj.weight", (h, f)) for j in range(e)]

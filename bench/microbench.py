@@ -87,7 +87,7 @@ def attention_rows(shapes: dict, backends: dict, device: str, iters: int) -> lis
             for gqa in ("native", "expanded"):
                 def step() -> torch.Tensor:
                     with sdpa_kernel([backend]):
-                        kk, vv = (k, v) if gqa == "native" else (k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1))
+                        kk, vv = (k, v) if gqa == "native" else (t.repeat_interleave(hq // hkv, 1) for t in (k, v))
                         out = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa == "native")
                     out.backward(grad)
                     return out
@@ -153,7 +153,8 @@ def rope_rows(shapes: dict, device: str, iters: int, compile: bool) -> list[dict
             fn = torch.compile(fn) if compile else fn
             x = qkv.clone().requires_grad_()
             out = fn(x)
-            grad = torch.randn(out.shape, device=device, dtype=out.dtype, generator=torch.Generator(device=device).manual_seed(1))
+            gen1 = torch.Generator(device=device).manual_seed(1)
+            grad = torch.randn(out.shape, device=device, dtype=out.dtype, generator=gen1)
             out.backward(grad)
             ref = ref or (out.detach(), x.grad.clone())
             diff = max((out - ref[0]).abs().max().item(), (x.grad - ref[1]).abs().max().item())

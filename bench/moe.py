@@ -25,8 +25,8 @@ MIXTRAL = dict(architectures=["MixtralForCausalLM"], model_type="mixtral", hidde
 TINY = dict(MIXTRAL, hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
             vocab_size=512, max_position_embeddings=256)
 #: layout name -> TrainConfig fields
-LAYOUTS = {"ep1": dict(ep=1), "ep4": dict(ep=4), "ep4-distopt": dict(ep=4, use_distributed_optimizer=True), "ep2-tp2": dict(ep=2, tp=2),
-           "ep2": dict(ep=2)}
+LAYOUTS = {"ep1": dict(ep=1), "ep2": dict(ep=2), "ep4": dict(ep=4), "ep2-tp2": dict(ep=2, tp=2),
+           "ep4-distopt": dict(ep=4, use_distributed_optimizer=True)}
 
 
 def configure(p: argparse.ArgumentParser, suite: str) -> None:

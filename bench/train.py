@@ -82,7 +82,10 @@ def train_once(warmup: int, *, catch: bool = False, **config: Any) -> dict[str, 
             raise
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[-1][:300] if str(exc) else ''}"}
     records = summary["records"][warmup:]
-    median = lambda key: statistics.median(r[key] for r in records) if records[0].get(key) is not None else None  # noqa: E731
+
+    def median(key: str) -> float | None:
+        return statistics.median(r[key] for r in records) if records[0].get(key) is not None else None
+
     mem = [r["peak_mem_gib"] for r in records if r.get("peak_mem_gib") is not None]
     tokens_per_step = records[0]["tokens_per_s"] * records[0]["step_s"]
     return {"tokens_per_s": tokens_per_step / statistics.median(r["step_s"] for r in records), "mfu": median("mfu"),
@@ -257,7 +260,8 @@ def summarize_trace(path: Path, steps: int, top: int = 25) -> str:
     ms = lambda us: us / 1000 / steps  # noqa: E731  (per step)
     lines = [f"per step: span {ms(span):.1f} ms, GPU busy {ms(busy):.1f} ms, idle {ms(span - busy):.1f} ms",
              f"{'family':<24}{'ms/step':>10}{'share':>8}"]
-    lines += [f"{f:<24}{ms(us):>10.2f}{100 * us / busy:>7.1f}%" for f, us in sorted(per_family.items(), key=lambda kv: -kv[1])]
+    lines += [f"{f:<24}{ms(us):>10.2f}{100 * us / busy:>7.1f}%"
+              for f, us in sorted(per_family.items(), key=lambda kv: -kv[1])]
     lines += [f"{'ms/step':>9}{'calls':>7}  kernel"]
     lines += [f"{ms(us):>9.2f}{n // steps:>7}  {name[:110]}"
               for name, (us, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]]
