@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from bridge.checkpoint import (HF_META_DIR, META_FILE, TRANSFORMER_IMPLS, CheckpointMeta, atomic_output_dir, copy_hf_meta,
-                               set_config_dtype)
+                               hf_meta_bytes, set_config_dtype)
 from bridge.config import DTYPE_NAMES, DTYPES, ModelConfig, megatron_args
 from bridge.converters import engine
 from bridge.converters.hf import SafetensorsReader, parse_size
@@ -90,7 +90,8 @@ def import_hf(source: str | Path, out: str | Path | None = None, layout: Paralle
     convs = conversions(cfg)
     hf_source = engine.HFSource(SafetensorsReader(folder), cfg, convs, None if dtype == "auto" else DTYPES[dtype_name],
                                 skip_prefixes=family(cfg.architecture).hf_skip(cfg))
-    with atomic_output_dir(out_path, overwrite) as tmp:
+    needed = engine.megatron_bytes(hf_source, meta) + hf_meta_bytes(folder)
+    with atomic_output_dir(out_path, overwrite, sources=(folder,), needed=needed) as tmp:
         engine.run(hf_source, _megatron_sink(tmp, meta), len(convs), "import")
         copy_hf_meta(folder, tmp / HF_META_DIR)
         meta.save(tmp)
@@ -172,8 +173,10 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str = "auto", m
     cap = parse_size(max_shard_size)
     source = ckpt.source()
     out_path = Path(out)
-    with atomic_output_dir(out_path, overwrite) as tmp:
-        sink = engine.HFSink(tmp, ckpt.meta.config, source, None if dtype == "auto" else DTYPES[dtype_name], cap)
+    cast = None if dtype == "auto" else DTYPES[dtype_name]
+    needed = engine.hf_bytes(source, ckpt.meta.config, cast) + hf_meta_bytes(ckpt.hf_meta)
+    with atomic_output_dir(out_path, overwrite, sources=(ckpt.path, ckpt.hf_meta), needed=needed) as tmp:
+        sink = engine.HFSink(tmp, ckpt.meta.config, source, cast, cap)
         engine.run(source, sink, len(source.conversions), "export")
         _write_hf_config(ckpt.hf_meta, tmp, dtype_name)
     log.info("wrote %s", out_path)
@@ -194,10 +197,10 @@ def reshard(checkpoint: str | Path, out: str | Path, layout: ParallelLayout, *, 
     _check_format(format)
     meta = CheckpointMeta(config=cfg, layout=layout, transformer_impl=impl, dtype=dtype_name, format=format,
                           source={**ckpt.meta.source, "resharded_from": str(ckpt.path)})
-    source = ckpt.source()
-    cast = None if dtype == "auto" else DTYPES[dtype_name]
-    with atomic_output_dir(Path(out), overwrite) as tmp:
-        engine.run(_Cast(source, cast), _megatron_sink(tmp, meta), len(source.conversions), "reshard")
+    source = _Cast(ckpt.source(), None if dtype == "auto" else DTYPES[dtype_name])
+    needed = engine.megatron_bytes(source, meta) + hf_meta_bytes(ckpt.hf_meta)
+    with atomic_output_dir(Path(out), overwrite, sources=(ckpt.path, ckpt.hf_meta), needed=needed) as tmp:
+        engine.run(source, _megatron_sink(tmp, meta), len(source.source.conversions), "reshard")
         copy_hf_meta(ckpt.hf_meta, tmp / HF_META_DIR)
         meta.save(tmp)
     return Path(out)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence
 
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 DERIVED_HF_SUFFIXES: tuple[str, ...] = ("rotary_emb.inv_freq",)
 TIED_HF_HEAD = "lm_head.weight"
 TIED_HF_EMBEDDING = "model.embed_tokens.weight"
+#: Bytes a file spends per tensor besides its data (zip record headers, alignment, index entries): for space checks.
+PER_TENSOR_OVERHEAD = 512
 
 
 def _listing(names: Sequence[str], limit: int = 12) -> str:
@@ -263,15 +266,54 @@ class MegatronSink:
         self.writer.close()
 
 
+class _ByteCounter:
+    """Stands in for the rank-file writer to total what a sink would write."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def add(self, tp_rank: int, pp_rank: int, chunk: int, name: str, tensor: torch.Tensor, ep_rank: int = 0) -> None:
+        self.total += tensor.nbytes + PER_TENSOR_OVERHEAD
+
+    def close(self) -> None:
+        pass
+
+
+def megatron_bytes(source: Source, meta: CheckpointMeta) -> int:
+    """Bytes a Megatron output will take: the sink's own placement (copies, padding) run on `meta` tensors.
+
+    torch_dist holds each global tensor once, with the vocabulary padded as for the layout's TP: what the rank
+    file of a TP=PP=1 layout with the same padding holds.
+    """
+    if meta.format == "torch_dist":
+        multiple = meta.layout.make_vocab_size_divisible_by * meta.layout.tp
+        meta = replace(meta, layout=ParallelLayout(make_vocab_size_divisible_by=multiple))
+    counter = _ByteCounter()
+    sink = MegatronSink(Path(), meta, lambda tp_rank, pp_rank: argparse.Namespace(), writer=counter)
+    for conv, tensor in source.tensors(meta=True):
+        sink.put(conv, tensor)
+    sink.close()
+    return counter.total
+
+
+def hf_plan(source: Source, cfg: ModelConfig, dtype: torch.dtype | None) -> list[PlannedTensor]:
+    """Name, dtype and shape of every HF tensor an export writes, from the source's metadata (no data)."""
+    return [PlannedTensor(name, dtype or t.dtype, tuple(t.shape))
+            for conv, tensor in source.tensors(meta=True)
+            for name, t in zip(conv.hf, conv.to_hf(tensor, cfg))]
+
+
+def hf_bytes(source: Source, cfg: ModelConfig, dtype: torch.dtype | None) -> int:
+    """Bytes the safetensors shards of an export will take."""
+    return sum(p.nbytes + PER_TENSOR_OVERHEAD for p in hf_plan(source, cfg, dtype))
+
+
 class HFSink:
     """Global Megatron tensors -> HF tensors (inverse mapping) -> streamed safetensors shards."""
 
     def __init__(self, folder: Path, cfg: ModelConfig, source: Source, dtype: torch.dtype | None, max_shard_size: int) -> None:
         self.cfg, self.dtype = cfg, dtype
-        plan = [PlannedTensor(name, dtype or t.dtype, tuple(t.shape))
-                for conv, tensor in source.tensors(meta=True)
-                for name, t in zip(conv.hf, conv.to_hf(tensor, cfg))]
-        self.writer = StreamingSafetensorsWriter(folder, plan, max_shard_size)
+        self.writer = StreamingSafetensorsWriter(folder, hf_plan(source, cfg, dtype), max_shard_size)
 
     def put(self, conv: Conversion, tensor: torch.Tensor) -> None:
         for name, hf_tensor in zip(conv.hf, conv.to_hf(tensor, self.cfg)):

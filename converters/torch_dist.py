@@ -124,8 +124,9 @@ class TorchDistSink:
                 self.writer.add_bytes(extra_state_key(module, layer, num_layers), blob)
         self.writer.close()
         iteration = 0 if self.iteration == "release" else int(self.iteration)
-        torch.save({"args": self.args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration},
-                   self.folder / COMMON_FILE)
+        common = io.BytesIO()  # written by Python, so a full disk is an OSError (torch's own file writer aborts)
+        torch.save({"args": self.args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration}, common)
+        (self.folder / COMMON_FILE).write_bytes(common.getvalue())
         (self.folder / CONFIG_FILE).write_text(json.dumps(BACKEND_CONFIG))  # last: marks the folder complete
         (self.root / TRACKER).write_text(str(self.iteration))
 

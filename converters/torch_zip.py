@@ -13,7 +13,7 @@ import io
 import pickle
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -47,12 +47,51 @@ class _Pickler(pickle.Pickler):
         return None
 
 
+class _LatchingFile:
+    """The file torch's zip writer writes through; a write error is kept, never raised into the C++ writer.
+
+    An exception thrown out of torch's writer leaves its zip offsets out of step, and its destructor then
+    aborts the process (SIGABRT). So the first OSError (e.g. ENOSPC) is latched, later writes are dropped,
+    and `IncrementalTorchWriter` raises the latched error itself after each record.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("wb")
+        self.error: Exception | None = None
+
+    def write(self, data: memoryview) -> int:
+        self._latch(self._file.write, data)
+        return memoryview(data).nbytes
+
+    def flush(self) -> None:
+        self._latch(self._file.flush)
+
+    def _latch(self, op: Callable[..., Any], *args: Any) -> None:
+        """Run `op` unless an error is latched; latch its error (ValueError: the file was closed under it)."""
+        if self.error is None:
+            try:
+                op(*args)
+            except (OSError, ValueError) as exc:
+                self.error = exc
+
+    def check(self) -> None:
+        """Raise the latched write error, if any."""
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.flush()
+        self._file.close()
+        self.check()
+
+
 class IncrementalTorchWriter:
     """Write `torch.save`-compatible files one tensor at a time; memory holds one tensor at most."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._zip = torch._C.PyTorchFileWriter(str(path))
+        self._file = _LatchingFile(path)
+        self._zip = torch._C.PyTorchFileWriter(self._file)
         self._count = 0
 
     def tensor(self, tensor: torch.Tensor) -> _TensorRef:
@@ -63,6 +102,7 @@ class IncrementalTorchWriter:
         # A contiguous view (a TP shard of a bigger tensor) is written from its own bytes: no clone.
         data = tensor.data_ptr() if tensor.nbytes else b""
         self._zip.write_record(f"data/{key}", data, tensor.nbytes)
+        self._file.check()
         return _TensorRef(_StorageRef(key, tensor.dtype, tensor.numel()), tuple(tensor.shape))
 
     def close(self, obj: Any) -> None:
@@ -77,6 +117,7 @@ class IncrementalTorchWriter:
         for name, value in ((".storage_alignment", "64"), ("byteorder", sys.byteorder)):
             self._zip.write_record(name, value, len(value))
         self._zip.write_end_of_file()
+        self._file.close()
 
 
 def load_index(path: Path, safe_globals: list[Any]) -> Any:

@@ -1,0 +1,190 @@
+"""Conversions that cannot corrupt or lose anything: one writer per output, sources never written over, shapes
+and dtypes checked from the headers before writing, a full disk reported in one line."""
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import logging
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from collections import namedtuple
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bridge import api
+from bridge.cli.main import main
+from bridge.converters import engine
+from bridge.converters.dcp import DcpWriter
+from bridge.converters.hf import StreamingSafetensorsWriter
+from bridge.converters.torch_zip import IncrementalTorchWriter
+from bridge.layout import ParallelLayout
+from tests.model_fixtures import load_pt
+
+DOWN = "model.layers.0.mlp.down_proj.weight"
+O_PROJ = "model.layers.1.self_attn.o_proj.weight"
+
+
+def one_error(capsys: pytest.CaptureFixture, *argv: str) -> str:
+    """Run the CLI; it must fail with exactly one `bridge <cmd>: error: ...` line on stderr."""
+    code = main(list(argv))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bridge ")]  # not transformers' notes
+    assert code == 1 and len(err) == 1 and err[0].startswith(f"bridge {argv[0]}: error: "), (code, err)
+    return err[0]
+
+
+def leftovers(folder: Path, name: str = "out") -> list[str]:
+    """`name` itself and anything a conversion to it may leave: temporary folders, replaced folders, the lock."""
+    return sorted(p.name for p in folder.iterdir() if p.name == name or p.name.startswith(name + "."))
+
+
+def edited_model(src: Path, dst: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_hf, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A TP=2 PP=2 checkpoint of the tiny Llama (tests copy it before changing it)."""
+    return api.import_hf(tiny_hf("llama31"), tmp_path_factory.mktemp("ckpt") / "ck", ParallelLayout(tp=2, pp=2))
+
+
+# 1. one writer per output
+
+
+def test_second_conversion_to_the_same_out_fails_at_once(tiny_hf, tmp_path: Path, capsys, monkeypatch) -> None:
+    """A TP2xPP2 import is paused mid-way; a TP1 import to the same --out must fail, not mix its files in."""
+    src, out = tiny_hf("llama31"), tmp_path / "out"
+    paused, resume, put = threading.Event(), threading.Event(), engine.MegatronSink.put
+
+    def slow_put(self, conv, tensor) -> None:  # noqa: ANN001
+        if tensor.device.type != "meta" and threading.current_thread() is not threading.main_thread():
+            paused.set()
+            resume.wait(timeout=60)
+        put(self, conv, tensor)
+
+    monkeypatch.setattr(engine.MegatronSink, "put", slow_put)
+    first = threading.Thread(target=api.import_hf, args=(src, out, ParallelLayout(tp=2, pp=2)))
+    first.start()
+    try:
+        assert paused.wait(timeout=60), "the first conversion never started"
+        assert "another bridge command is writing" in one_error(capsys, "import", str(src), "--out", str(out), "--overwrite")
+    finally:
+        resume.set()
+        first.join(timeout=60)
+    assert json.loads((out / "bridge.json").read_text())["layout"]["tp"] == 2
+    assert sorted(p.name for p in (out / "release").iterdir()) == [f"mp_rank_0{t}_00{p}" for t in (0, 1) for p in (0, 1)]
+    assert leftovers(tmp_path) == ["out"]
+
+
+def test_leftovers_of_a_killed_run_are_removed(tiny_hf, tmp_path: Path) -> None:
+    (tmp_path / "out.tmp-4242-0badf00d" / "release").mkdir(parents=True)
+    (tmp_path / "out.lock").touch()  # a killed run's lock file: its flock died with it
+    assert main(["import", str(tiny_hf("llama31")), "--out", str(tmp_path / "out")]) == 0
+    assert leftovers(tmp_path) == ["out"]
+
+
+# 4. the source is never written over
+
+
+def test_export_to_the_folder_holding_the_checkpoint_is_refused(ckpt: Path, tmp_path: Path, capsys) -> None:
+    """`bridge export /d/ck --out /d --overwrite` used to delete /d/ck and everything else in /d."""
+    d = tmp_path / "d"
+    shutil.copytree(ckpt, d / "ck")
+    (d / "notes.txt").write_text("unrelated")
+    err = one_error(capsys, "export", str(d / "ck"), "--out", str(d), "--overwrite")
+    assert f"--out {d} holds the source {d / 'ck'}" in err, err
+    assert (d / "ck" / "bridge.json").is_file() and (d / "notes.txt").read_text() == "unrelated"
+    assert sorted(p.name for p in d.iterdir()) == ["ck", "notes.txt"]
+
+
+def test_out_that_is_or_lies_inside_the_source_is_refused(ckpt: Path, tiny_hf, tmp_path: Path, capsys) -> None:
+    src = shutil.copytree(tiny_hf("llama31"), tmp_path / "hf")
+    err = one_error(capsys, "import", str(src), "--out", str(src), "--overwrite")
+    assert f"--out {src} is the source" in err, err
+    assert (src / "model.safetensors").is_file() and not (src / "bridge.json").exists()
+    err = one_error(capsys, "reshard", str(ckpt), "--out", str(ckpt / "tp1"), "--tp", "1")
+    assert f"--out {ckpt / 'tp1'} is inside the source" in err, err
+    assert not (ckpt / "tp1").exists() and not leftovers(ckpt, "tp1")
+
+
+def test_out_dot_is_refused(ckpt: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "keep.txt").write_text("mine")
+    monkeypatch.chdir(here)
+    for flags in ([], ["--overwrite"]):
+        assert "is the current folder" in one_error(capsys, "export", str(ckpt), "--out", ".", *flags)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"] and (here / "keep.txt").read_text() == "mine"
+
+
+# 3. a full disk
+
+
+def test_too_little_free_space_is_refused_before_writing(ckpt: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 300_000, 300_000))
+    err = one_error(capsys, "export", str(ckpt), "--out", str(tmp_path / "out"))
+    assert re.search(rf"no space left on /\S* writing {tmp_path / 'out'}; [\d.]+ [kM]B needed, 300.0 kB free", err), err
+    assert leftovers(tmp_path) == []
+
+
+def fill_disk_after(calls: int) -> Callable[..., None]:
+    """A writer method that raises ENOSPC from its `calls`-th call on."""
+    count = itertools.count(1)
+
+    def write(*args: object) -> None:
+        if next(count) >= calls:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    return write
+
+
+#: Where each writer is made to hit a full disk: rank files, safetensors shards, and torch_dist's DCP file, whose
+#: torch.save into a real full device reports the ENOSPC as its own RuntimeError.
+FULL_DISK: dict[str, Callable[[], tuple[type, str, Callable[..., object]]]] = {
+    "import": lambda: (IncrementalTorchWriter, "tensor", fill_disk_after(5)),
+    "export": lambda: (StreamingSafetensorsWriter, "write", fill_disk_after(5)),
+    "import-torch_dist": lambda: (DcpWriter, "_append", lambda self, write: write(open("/dev/full", "wb"))),
+}
+
+
+@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.skipif(
+    "torch_dist" in case and not Path("/dev/full").exists(), reason="needs /dev/full")) for case in sorted(FULL_DISK)])
+def test_disk_full_while_writing_is_one_line(case: str, ckpt: Path, tiny_hf, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(*FULL_DISK[case]())
+    command, *fmt = case.split("-")
+    src = tiny_hf("llama31") if command == "import" else ckpt
+    err = one_error(capsys, command, str(src), "--out", str(tmp_path / "out"), *(["--format", *fmt] if fmt else []))
+    assert re.search(rf"no space left on /\S* writing {tmp_path / 'out'}; [\d.]+ [kM]B needed, [\d.]+ [kMGT]?B free", err), err
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_rank_file_writer_survives_a_full_disk() -> None:
+    """torch's zip writer used to abort the process (SIGABRT) when a write failed; now the error is an OSError."""
+    script = (
+        "import errno, gc, torch\n"
+        "from pathlib import Path\n"
+        "from bridge.converters.torch_zip import IncrementalTorchWriter\n"
+        "writer = IncrementalTorchWriter(Path('/dev/full'))\n"
+        "try:\n"
+        "    writer.tensor(torch.zeros(1 << 20))\n"
+        "except OSError as exc:\n"
+        "    assert exc.errno == errno.ENOSPC, exc\n"
+        "del writer\n"
+        "gc.collect()\n"
+        "print('survived')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "survived" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
