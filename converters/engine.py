@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
 from tqdm import tqdm
@@ -23,7 +24,7 @@ from bridge.converters.megatron_legacy import LegacyCheckpointReader, LegacyChec
 from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
 from bridge.memory import return_large_buffers_to_os
-from bridge.mapping import Conversion
+from bridge.mapping import Conversion, expected_hf_shapes, megatron_shape
 from bridge.sharding import LocalKey, Split, extra_state_keys, gather, is_expert_key, localize, rule_for, split
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 DERIVED_HF_SUFFIXES: tuple[str, ...] = ("rotary_emb.inv_freq",)
 TIED_HF_HEAD = "lm_head.weight"
 TIED_HF_EMBEDDING = "model.embed_tokens.weight"
+#: Dtypes a weight may be stored in; FP8 only for a weight that comes with its block scales (`weight_scale_inv`).
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 #: Bytes a file spends per tensor besides its data (zip record headers, alignment, index entries): for space checks.
 PER_TENSOR_OVERHEAD = 512
 
@@ -64,6 +68,7 @@ class HFSource:
             log.info("not converting %d HF tensors under %s (no Megatron counterpart)", len(self.skipped), ", ".join(skip_prefixes))
         self._scales = fp8.scale_names(reader.names(), {n for conv in conversions for n in conv.hf})
         self._check_accounting()
+        self._check_headers()
 
     def _check_accounting(self) -> None:
         needed = {name for conv in self.conversions for name in conv.hf}
@@ -77,6 +82,33 @@ class HFSource:
                      f"unexpected {len(unexpected)}: {_listing(unexpected)}" if unexpected else ""]
             raise BridgeError(f"{self.reader.folder} does not match {self.cfg.architecture}'s mapping: "
                               + "; ".join(p for p in parts if p) + " (is config.json the one these weights belong to?)")
+
+    def _check_headers(self) -> None:
+        """Every tensor's stored shape and dtype against what the config implies, from the headers alone, before
+        anything is written: a transposed or mis-sized weight, or an integer one, would convert into garbage."""
+        found = ((name, self._stored(name), shape, FLOAT_DTYPES + (FP8_DTYPES if name in self._scales else ()))
+                 for name, shape in self._expected_shapes())
+        check_stored(f"{self.reader.folder} does not match its config.json", found,
+                     "check that config.json belongs to these weights and that they are stored as floats "
+                     "(FP8 only with their weight_scale_inv)")
+
+    def _expected_shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:
+        """(HF name, shape it must have) of every tensor read: mapped weights, FP8 scales, a tied head's copy."""
+        for conv in self.conversions:
+            for name, shape in zip(conv.hf, expected_hf_shapes(conv, self.cfg)):
+                yield name, shape
+                if name in self._scales and len(shape) == 2:
+                    b0, b1 = self.cfg.extra.get("fp8_block") or fp8.DEFAULT_BLOCK
+                    yield self._scales[name], (math.ceil(shape[0] / b0), math.ceil(shape[1] / b1))
+        if self.cfg.tie_word_embeddings and TIED_HF_HEAD in self.reader.names():
+            yield TIED_HF_HEAD, (self.cfg.vocab_size, self.cfg.hidden_size)
+
+    def _stored(self, name: str) -> torch.Tensor | None:
+        """The stored tensor on `meta`; None for a dtype torch cannot represent here (U16, F8_E8M0, ...)."""
+        try:
+            return self.reader.meta(name)
+        except KeyError:
+            return None
 
     def tensors(self, meta: bool = False) -> Iterator[tuple[Conversion, torch.Tensor]]:
         fetch = self._meta if meta else self._get
@@ -101,6 +133,25 @@ class HFSource:
                                   "set tie_word_embeddings=false in config.json")
 
 
+#: What `check_stored` takes per tensor: its label, the stored tensor on `meta` (None: a dtype torch cannot
+#: represent), the shape it must have and the dtypes it may have.
+Found = tuple[str, "torch.Tensor | None", tuple[int, ...], tuple[torch.dtype, ...]]
+
+
+def check_stored(what: str, found: Iterable[Found], advice: str) -> None:
+    """Raise one BridgeError listing every tensor whose stored shape or dtype is not what it must be."""
+    shapes, dtypes = [], []
+    for label, got, want, allowed in found:
+        if got is not None and tuple(got.shape) != want:
+            shapes.append(f"{label} {list(got.shape)} (expected {list(want)})")
+        if got is None or got.dtype not in allowed:
+            dtypes.append(f"{label} {'of an unknown dtype' if got is None else str(got.dtype).removeprefix('torch.')}")
+    parts = [f"wrong shape ({len(shapes)}): {_listing(shapes)}" if shapes else "",
+             f"not float32/bfloat16/float16 ({len(dtypes)}): {_listing(dtypes)}" if dtypes else ""]
+    if shapes or dtypes:
+        raise BridgeError(f"{what}: " + "; ".join(p for p in parts if p) + f"; {advice}")
+
+
 def _localize(meta: CheckpointMeta, key: str) -> LocalKey:
     """Stage, chunk, EP rank and stage-local name of a global key in the checkpoint `meta` describes."""
     return localize(key, meta.layout, meta.config.num_layers, meta.transformer_impl, meta.config.num_experts)
@@ -117,9 +168,34 @@ class MegatronSource:
     def __init__(self, reader: LegacyCheckpointReader, meta: CheckpointMeta, conversions: Sequence[Conversion]) -> None:
         self.reader, self.meta, self.conversions = reader, meta, conversions
         self._check_accounting()
+        self._check_shards()
 
     def _local(self, key: str) -> LocalKey:
         return _localize(self.meta, key)
+
+    def _check_shards(self) -> None:
+        """Every weight shard in the rank files against the shape bridge.json's model and layout give it, and a
+        float dtype; from the files' indexes (no data read), before anything is written."""
+        check_stored(f"{self.reader.root} does not hold the model and layout its bridge.json describes", self._stored_shards(),
+                     "was it changed after it was written? re-create it")
+
+    def _stored_shards(self) -> Iterator[Found]:
+        """Every weight shard the rank files hold, copies included, with the shape the layout gives it."""
+        cfg, layout = self.meta.config, self.meta.layout
+        tied_copy = LocalKey(layout.pp - 1, layout.chunks - 1, "output_layer.weight")
+        for conv in self.conversions:
+            loc, rule = self._local(conv.megatron), rule_for(conv.megatron)
+            n = self._shards(conv.megatron, loc)[1]
+            target = torch.empty(megatron_shape(conv.megatron, cfg), device="meta")
+            shards = [tuple(s.shape) for s in split(target, rule, n, self.meta.padded_vocab_size)]
+            copies = [tied_copy] if conv.megatron == "embedding.word_embeddings.weight" and cfg.tie_word_embeddings \
+                and layout.pp > 1 else []
+            for place in [loc, *copies]:
+                for ep_rank in _ep_ranks(place, layout):
+                    for tp_rank in range(layout.tp):  # TP rank t holds shard t % n (n < TP: expert TP)
+                        stored = self.reader.meta(tp_rank, place.pp_rank, place.chunk, place.name, ep_rank)
+                        where = f"{layout.rank_dir(tp_rank, place.pp_rank, ep_rank)}[{place.chunk}]:{place.name}"
+                        yield where, stored, shards[tp_rank % n], FLOAT_DTYPES
 
     def _check_accounting(self) -> None:
         locs = [self._local(c.megatron) for c in self.conversions] + list(self._extra_keys())

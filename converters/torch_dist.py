@@ -33,7 +33,7 @@ from bridge.converters.megatron_legacy import (CHECKPOINT_VERSION, SAFE_GLOBALS,
                                                model_keys, read_tracker, state_dict_position)
 from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
-from bridge.mapping import Conversion
+from bridge.mapping import Conversion, megatron_shape
 from bridge.models import conversions
 from bridge.sharding import Split, localize, rule_for, split
 
@@ -251,6 +251,22 @@ class TorchDistSource:
     def __init__(self, reader: TorchDistReader, meta: CheckpointMeta, conversions: Sequence[Conversion]) -> None:
         self.reader, self.meta, self.conversions = reader, meta, conversions
         self._check_accounting()
+        self._check_shapes()
+
+    def _check_shapes(self) -> None:
+        """Every global tensor (one layer of a stacked one) against the shape bridge.json's model gives it, and a
+        float dtype, from the metadata alone."""
+        found = ((conv.megatron, got, self._expected(conv.megatron, got), engine.FLOAT_DTYPES)
+                 for conv in self.conversions for got in [self.reader.meta(conv.megatron)])
+        engine.check_stored(f"{self.reader.folder} does not hold the model its bridge.json describes", found,
+                            "was it changed after it was written? re-create it")
+
+    def _expected(self, key: str, got: torch.Tensor) -> tuple[int, ...]:
+        """The global shape; vocabulary rows may be padded for whichever TP saved the checkpoint."""
+        want = megatron_shape(key, self.meta.config)
+        if rule_for(key) is Split.VOCAB and got.dim() == len(want):
+            return (max(want[0], got.shape[0]), *want[1:])
+        return want
 
     def _check_accounting(self) -> None:
         expected = {self.reader._locate(c.megatron)[0] for c in self.conversions}

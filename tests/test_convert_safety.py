@@ -188,3 +188,31 @@ def test_rank_file_writer_survives_a_full_disk() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "survived" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
+
+
+# 2. shapes and dtypes, from the headers, before writing
+
+
+def test_wrong_shapes_and_dtypes_of_the_source_are_listed(tiny_hf, tmp_path: Path, capsys) -> None:
+    def corrupt(t: dict[str, torch.Tensor]) -> None:
+        t[DOWN] = t[DOWN].T.contiguous()
+        t["model.norm.weight"] = t["model.norm.weight"][:48].clone()
+        t[O_PROJ] = t[O_PROJ].to(torch.int32)
+
+    src = edited_model(tiny_hf("llama31"), tmp_path / "m", corrupt)
+    err = one_error(capsys, "import", str(src), "--out", str(tmp_path / "out"))
+    assert (f"wrong shape (2): {DOWN} [128, 64] (expected [64, 128]), model.norm.weight [48] (expected [64]); "
+            f"not float32/bfloat16/float16 (1): {O_PROJ} int32") in err, err
+    assert leftovers(tmp_path) == []
+
+
+def test_rank_file_tensor_of_the_wrong_shape_is_refused_on_export(ckpt: Path, tmp_path: Path, capsys) -> None:
+    ck = shutil.copytree(ckpt, tmp_path / "ck")
+    path = ck / "release" / "mp_rank_01_001" / "model_optim_rng.pt"
+    state = load_pt(path)
+    key = "decoder.layers.0.self_attention.linear_proj.weight"
+    state["model"][key] = state["model"][key].T.contiguous()
+    torch.save(state, path)
+    err = one_error(capsys, "export", str(ck), "--out", str(tmp_path / "out"))
+    assert f"wrong shape (1): mp_rank_01_001[0]:{key} [32, 64] (expected [64, 32])" in err, err
+    assert leftovers(tmp_path) == []
