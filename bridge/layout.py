@@ -43,6 +43,8 @@ class ParallelLayout:
         if self.etp is not None and (self.etp < 1 or self.tp % self.etp):
             raise BridgeError(f"--etp {self.etp} must divide --tp {self.tp}: Megatron's legacy files are named by the "
                               "dense TP rank, so each holds expert shard tp_rank % etp")
+        if self.make_vocab_size_divisible_by < 1:
+            raise BridgeError(f"--make-vocab-size-divisible-by must be >= 1, got {self.make_vocab_size_divisible_by}")
         if self.vpp is not None and self.vpp < 1:
             raise BridgeError(f"--vpp must be >= 1, got {self.vpp}")
         if self.vpp is not None and self.vpp > 1 and self.pp < 2:

@@ -38,6 +38,8 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 #: Bytes a file spends per tensor besides its data (zip record headers, alignment, index entries): for space checks.
 PER_TENSOR_OVERHEAD = 512
+#: Elements checked for NaN/Inf at a time, so the temporary mask stays small next to the tensor.
+_FINITE_CHUNK = 1 << 24
 
 
 def _listing(names: Sequence[str], limit: int = 12) -> str:
@@ -67,6 +69,7 @@ class HFSource:
         if self.skipped:
             log.info("not converting %d HF tensors under %s (no Megatron counterpart)", len(self.skipped), ", ".join(skip_prefixes))
         self._scales = fp8.scale_names(reader.names(), {n for conv in conversions for n in conv.hf})
+        self.nonfinite: list[str] = []
         self._check_accounting()
         self._check_headers()
 
@@ -119,14 +122,21 @@ class HFSource:
     def _get(self, name: str) -> torch.Tensor:
         """One HF tensor; FP8 block-quantised weights come back dequantised (bf16), one tensor at a time."""
         if name in self._scales:
-            return fp8.dequantize(self.reader.get(name), self.reader.get(self._scales[name]), self.cfg.extra.get("fp8_block"))
-        return self.reader.get(name)
+            tensor = fp8.dequantize(self.reader.get(name), self.reader.get(self._scales[name]), self.cfg.extra.get("fp8_block"))
+        else:
+            tensor = self.reader.get(name)
+        if not all_finite(tensor):
+            self.nonfinite.append(name)
+        return tensor
 
     def _meta(self, name: str) -> torch.Tensor:
         tensor = self.reader.meta(name)
         return torch.empty(tensor.shape, dtype=torch.bfloat16, device="meta") if name in self._scales else tensor
 
     def finish(self) -> None:
+        if self.nonfinite:
+            log.warning("%d tensors hold NaN or Inf values (converted as they are): %s", len(self.nonfinite),
+                        _listing(self.nonfinite))
         if self.cfg.tie_word_embeddings and TIED_HF_HEAD in self.reader.names():
             if not torch.equal(self.reader.get(TIED_HF_HEAD), self.reader.get(TIED_HF_EMBEDDING)):
                 raise BridgeError("config says tie_word_embeddings but lm_head.weight differs from embed_tokens; "
@@ -150,6 +160,12 @@ def check_stored(what: str, found: Iterable[Found], advice: str) -> None:
              f"not float32/bfloat16/float16 ({len(dtypes)}): {_listing(dtypes)}" if dtypes else ""]
     if shapes or dtypes:
         raise BridgeError(f"{what}: " + "; ".join(p for p in parts if p) + f"; {advice}")
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in `tensor`, checked a slice at a time so that the mask stays small."""
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + _FINITE_CHUNK]).all()) for i in range(0, flat.numel(), _FINITE_CHUNK))
 
 
 def _localize(meta: CheckpointMeta, key: str) -> LocalKey:

@@ -134,15 +134,15 @@ def parse_size(text: str) -> int:
     """'5GB' -> 5_000_000_000 (transformers' convention: decimal units, and GiB/MiB binary)."""
     units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
     value = text.strip().upper()
-    for unit, factor in units.items():
-        if value.endswith(unit):
-            try:
-                return int(float(value[: -len(unit)]) * factor)
-            except ValueError:
-                break
-    if value.isdigit():
-        return int(value)
-    raise BridgeError(f"cannot parse size {text!r}; use e.g. 5GB, 500MB or 2GiB")
+    unit = next((u for u in units if value.endswith(u)), None)
+    number = value[: -len(unit)] if unit else value if value.isdigit() else None
+    try:
+        size = float(number) * units.get(unit, 1)
+    except (TypeError, ValueError):
+        raise BridgeError(f"cannot parse size {text!r}; use e.g. 5GB, 500MB or 2GiB") from None
+    if not math.isfinite(size) or size < 1:
+        raise BridgeError(f"size {text!r} must be a positive, finite number of bytes; use e.g. 5GB, 500MB or 2GiB")
+    return int(size)
 
 
 class StreamingSafetensorsWriter:

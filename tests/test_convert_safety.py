@@ -216,3 +216,33 @@ def test_rank_file_tensor_of_the_wrong_shape_is_refused_on_export(ckpt: Path, tm
     err = one_error(capsys, "export", str(ck), "--out", str(tmp_path / "out"))
     assert f"wrong shape (1): mp_rank_01_001[0]:{key} [32, 64] (expected [64, 32])" in err, err
     assert leftovers(tmp_path) == []
+
+
+# 5. smaller ones
+
+
+def test_nan_and_inf_weights_are_reported(tiny_hf, tmp_path: Path, caplog) -> None:
+    def poison(t: dict[str, torch.Tensor]) -> None:
+        t[DOWN][3, 5] = float("nan")
+        t[O_PROJ][0, 0] = float("inf")
+
+    src = edited_model(tiny_hf("llama31"), tmp_path / "m", poison)
+    with caplog.at_level(logging.WARNING):
+        assert main(["import", str(src), "--out", str(tmp_path / "out")]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "NaN" in r.getMessage()]
+    assert warnings == [f"2 tensors hold NaN or Inf values (converted as they are): {DOWN}, {O_PROJ}"], warnings
+
+
+@pytest.mark.parametrize("value", ["0", "-128"])
+def test_vocab_multiple_must_be_positive(value: str, tiny_hf, tmp_path: Path, capsys) -> None:
+    err = one_error(capsys, "import", str(tiny_hf("llama31")), "--out", str(tmp_path / "out"),
+                    f"--make-vocab-size-divisible-by={value}")
+    assert f"--make-vocab-size-divisible-by must be >= 1, got {value}" in err, err
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("size", ["1e400GB", "-5GB", "0"])
+def test_shard_size_must_be_positive_and_finite(size: str, ckpt: Path, tmp_path: Path, capsys) -> None:
+    err = one_error(capsys, "export", str(ckpt), "--out", str(tmp_path / "out"), f"--max-shard-size={size}")
+    assert f"size {size!r} must be a positive, finite number of bytes" in err, err
+    assert leftovers(tmp_path) == []
