@@ -1,6 +1,7 @@
 """`bridge data prepare`/`inspect`: round trips against the tokenizer, SFT masks, bad input, atomicity."""
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import logging
@@ -16,7 +17,7 @@ import pytest
 import bridge.data.prepare as prepare_module
 from bridge.data import IndexedDataset, PrepareConfig, SFTDataset, load_tokenizer
 from bridge.data.prepare import prepare
-from bridge.errors import BridgeError
+from bridge.errors import BridgeError, mount_point
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -322,3 +323,59 @@ def test_workers_start_without_torch_or_transformers(tok_dir, tokenizer):
     assert json.loads(ids) == tokenizer(TEXTS[0], add_special_tokens=False)["input_ids"]
     assert imported == "[]"
     assert prepare_module._pool_context().get_start_method() == "forkserver"
+
+
+class _FullDisk:
+    """A file whose writes fail as on a full disk (the rest goes to the real file)."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+
+    def write(self, data) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_full_disk_is_one_line_and_leaves_no_temporary_files(tmp_path, tok_dir, monkeypatch, capsys, workers):
+    import bridge.cli.main as cli_main
+
+    monkeypatch.setattr(cli_main, "COMMAND_MODULES", ("bridge.cli.data",))
+    real_open = prepare_module._open_writers
+
+    def full_disk_writers(*args, **kwargs):
+        writers = real_open(*args, **kwargs)
+        for writer in writers.values():
+            writer._bin = _FullDisk(writer._bin)
+        return writers
+
+    monkeypatch.setattr(prepare_module, "_open_writers", full_disk_writers)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in TEXTS])
+    out = tmp_path / "out"
+    code = cli_main.main(["data", "prepare", str(data), "--tokenizer", str(tok_dir), "--output-prefix",
+                          str(out / "corpus"), "--workers", str(workers), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "\n" not in err, err
+    assert err.startswith(f"bridge data: error: no space left on {mount_point(out)} writing {out}/corpus_text_document.bin; ")
+    assert os.listdir(out) == []  # no .tmp left filling the disk
+
+
+def test_jsonl_that_is_not_utf8_names_the_line_and_byte(tmp_path, tok_dir, monkeypatch, capsys):
+    import bridge.cli.main as cli_main
+
+    monkeypatch.setattr(cli_main, "COMMAND_MODULES", ("bridge.cli.data",))
+    lines = [json.dumps({"text": f"line {i} " + "x" * 5000}).encode() + b"\n" for i in range(10)]
+    lines[7] = b'{"text": "caf\xe9 in latin-1"}\n'
+    data = tmp_path / "latin1.jsonl"
+    data.write_bytes(b"".join(lines))
+    for path in (data, tmp_path / "latin1.jsonl.gz"):
+        if path.suffix == ".gz":
+            path.write_bytes(gzip.compress(data.read_bytes()))
+        code = cli_main.main(["data", "prepare", str(path), "--tokenizer", str(tok_dir), "--output-prefix",
+                              str(tmp_path / "out" / "c"), "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        assert code == 1 and "\n" not in err, err
+        offset = sum(map(len, lines[:7])) + len(b'{"text": "caf')
+        assert f"{path}:8: not UTF-8 (byte {offset}" in err

@@ -27,7 +27,7 @@ from typing import Iterator
 
 import numpy as np
 
-from bridge.errors import BridgeError
+from bridge.errors import BridgeError, disk_space_checked
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ _HEADER_SIZE = len(INDEX_MAGIC) + 8 + 1 + 8 + 8  # 34 bytes
 LOSS_MASK_SUFFIX = "_loss_mask"
 _SPOOL_ITEMS = 1 << 20  # lengths buffered in memory before they go to the spool file
 _CHUNK_ITEMS = 1 << 22  # lengths handled at once while writing the index
+#: What to do when the disk fills up while a dataset is written (its temporary files are removed).
+_NO_SPACE_ADVICE = "free space there or write the dataset to another disk (the partial files were removed)"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -96,7 +98,8 @@ class IndexedDatasetWriter:
     def add_document(self, tokens: np.ndarray) -> None:
         """Append one document as one sequence; `tokens` is converted to the dataset dtype."""
         array = np.ascontiguousarray(tokens, dtype=self.dtype)
-        self._bin.write(array.tobytes())
+        with disk_space_checked(self.bin_path, _NO_SPACE_ADVICE):
+            self._bin.write(array.tobytes())
         self.add_lengths(np.array([array.size], dtype=np.int32))
 
     def add_documents(self, flat: np.ndarray, lengths: np.ndarray) -> None:
@@ -104,7 +107,8 @@ class IndexedDatasetWriter:
         lengths = np.asarray(lengths, dtype=np.int32)
         if int(lengths.sum(dtype=np.int64)) != flat.size:
             raise ValueError(f"lengths sum to {int(lengths.sum())} but {flat.size} tokens were given")
-        self._bin.write(np.ascontiguousarray(flat, dtype=self.dtype).tobytes())
+        with disk_space_checked(self.bin_path, _NO_SPACE_ADVICE):
+            self._bin.write(np.ascontiguousarray(flat, dtype=self.dtype).tobytes())
         self.add_lengths(lengths)
 
     def add_lengths(self, lengths: np.ndarray) -> None:
@@ -118,14 +122,22 @@ class IndexedDatasetWriter:
 
     def _flush_lengths(self) -> None:
         if self._pending:
-            self._spool.write(np.concatenate(self._pending).astype(np.int32).tobytes())
+            with disk_space_checked(self.idx_path, _NO_SPACE_ADVICE):
+                self._spool.write(np.concatenate(self._pending).astype(np.int32).tobytes())
         self._pending, self._pending_items = [], 0
 
     def finalize(self) -> None:
         """Close the data file and write the index next to it (still under temporary names)."""
         self._flush_lengths()
-        self._spool.close()
-        self._bin.close()
+        with disk_space_checked(self.bin_path, _NO_SPACE_ADVICE):
+            self._bin.close()  # writes out what is still buffered
+        with disk_space_checked(self.idx_path, _NO_SPACE_ADVICE):
+            self._spool.close()
+            self._write_index()
+        os.remove(self._spool_tmp)
+        self._finalized = True
+
+    def _write_index(self) -> None:
         count = self.num_documents
         with open(self._idx_tmp, "wb") as idx:
             idx.write(INDEX_MAGIC)
@@ -142,8 +154,6 @@ class IndexedDatasetWriter:
                 offset += int(bytes_.sum())
             for start in range(0, count + 1, _CHUNK_ITEMS):
                 idx.write(np.arange(start, min(start + _CHUNK_ITEMS, count + 1), dtype=np.int64).tobytes())
-        os.remove(self._spool_tmp)
-        self._finalized = True
 
     def _spooled_lengths(self) -> Iterator[np.ndarray]:
         with open(self._spool_tmp, "rb") as spool:

@@ -15,7 +15,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence, TextIO
+from typing import Any, BinaryIO, Iterable, Iterator, Sequence, TextIO
 
 from bridge.errors import BridgeError
 
@@ -73,16 +73,36 @@ def input_format(path: str) -> tuple[str, str | None]:
 
 def open_text(path: str, compression: str | None) -> TextIO:
     """Open a possibly compressed text file for streaming, line by line."""
+    return io.TextIOWrapper(open_binary(path, compression), encoding="utf-8")
+
+
+def open_binary(path: str, compression: str | None) -> BinaryIO:
+    """Open a possibly compressed file as its decompressed bytes."""
     if compression == "gzip":
-        return gzip.open(path, "rt", encoding="utf-8")
+        return gzip.open(path, "rb")
     if compression == "zstd":
         try:
             import zstandard
         except ImportError as exc:
             raise BridgeError(f"{path} is zstd-compressed; pip install zstandard (or bridge[data])") from exc
-        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
-        return io.TextIOWrapper(raw, encoding="utf-8")
-    return open(path, "r", encoding="utf-8")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+def not_utf8_error(path: str, compression: str | None = None) -> BridgeError:
+    """The error for a text file that is not UTF-8, naming its first bad line and byte. The text reader decodes
+    blocks, not lines, so its exception cannot say where: the file is read again, line by line, only then."""
+    offset = 0
+    with open_binary(path, compression) as stream:
+        for number, line in enumerate(stream, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                where = f"byte {offset + exc.start}" + (" of the decompressed text" if compression else "")
+                return BridgeError(f"{path}:{number}: not UTF-8 ({where}: {line[exc.start:exc.start + 4]!r}); "
+                                   "convert the file to UTF-8, e.g. with iconv -f <its encoding> -t utf-8")
+            offset += len(line)
+    return BridgeError(f"{path}: not UTF-8 at its end (a character cut short); convert the file to UTF-8")
 
 
 #: A chunk also ends at this many bytes of raw text: chunks of similar cost keep the workers evenly
@@ -116,7 +136,9 @@ def _jsonl_chunks(path: str, compression: str | None, chunk_size: int, chunk_byt
                 if len(items) >= chunk_size or nbytes >= chunk_bytes:
                     yield Chunk(path, items, "line")
                     items, nbytes = [], 0
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError:
+        raise not_utf8_error(path, compression) from None
+    except (OSError, EOFError) as exc:
         raise BridgeError(f"{path}: cannot read ({type(exc).__name__}: {exc}); is the file complete and UTF-8?") from exc
     if items:
         yield Chunk(path, items, "line")
