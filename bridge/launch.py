@@ -8,18 +8,29 @@ are stopped (they would wait forever in a collective) and the first failure is r
 On TCP the parent hosts the rendezvous store, as torchrun's agent does: it binds port 0 itself and keeps
 the socket until the ranks are done (TORCHELASTIC_USE_AGENT_STORE tells every rank to connect as a
 client), so concurrent launches on one machine never race for a port.
+
+Ranks never outlive the launcher: on Linux each asks the kernel for SIGKILL when its parent dies
+(PR_SET_PDEATHSIG), elsewhere a thread watches the parent's pid, so a launcher killed by SIGKILL or
+the OOM killer does not leave ranks training. Ctrl-C stops every rank quietly and the launcher
+raises KeyboardInterrupt once: ranks start with SIGINT ignored (the interpreter's start-up would
+otherwise print a traceback per rank) and take it as KeyboardInterrupt once their worker runs.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 import pickle
+import signal
 import socket
+import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.multiprocessing as mp
@@ -36,12 +47,45 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: prctl(2) option: the signal this process gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
+#: Seconds between parent checks where the kernel cannot send the death signal (not Linux).
+_PARENT_POLL_S = 0.5
+#: Seconds interrupted ranks get to exit before they are killed.
+_INTERRUPT_GRACE_S = 5.0
+
+
+def _die_with_parent(parent: int) -> None:
+    """Exit when the launcher dies, whatever killed it: a rank left alone would train on (and hold its GPU)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    else:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="bridge-parent-watch").start()
+    if os.getppid() != parent:  # it died before the request above was in place
+        os._exit(1)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(_PARENT_POLL_S)
+    os._exit(1)
+
+
+def _interrupt_once(signum: int, frame: object) -> None:
+    """Ctrl-C reaches a rank twice (the terminal's process group, then the launcher): act on the first only."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def _worker(rank: int, world: int, backend: str, rendezvous: str, threads: int | None, result_dir: str,
-            fn: Callable[..., Any], args: Sequence[Any]) -> None:
+            parent: int, interruptible: bool, fn: Callable[..., Any], args: Sequence[Any]) -> None:
     import torch.distributed as dist
 
     from bridge.parallel.state import init_distributed
 
+    _die_with_parent(parent)
+    if interruptible:
+        signal.signal(signal.SIGINT, _interrupt_once)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     if threads:
         torch.set_num_threads(threads)
@@ -56,12 +100,24 @@ def _worker(rank: int, world: int, backend: str, rendezvous: str, threads: int |
         result = fn(*args)
         _report(out, {"ok": True, "result": result})
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises
-        _report(out, {"ok": False, "error": f"{type(exc).__name__}: {exc}", "is_bridge": isinstance(exc, BridgeError),
-                      "traceback": traceback.format_exc(), "time": time.time()})
+        try:
+            _report(out, _failure(exc))
+        except KeyboardInterrupt:  # Ctrl-C while reporting another error (a peer that stopped first): same end
+            exc = KeyboardInterrupt()
+            _report(out, _failure(exc))
+        if isinstance(exc, KeyboardInterrupt):
+            # stop now: the interpreter's exit would wait for gloo threads that wait on peers stopping as well
+            sys.stderr.flush()
+            os._exit(1)
         raise SystemExit(1) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _failure(exc: BaseException) -> dict[str, Any]:
+    return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "is_bridge": isinstance(exc, BridgeError),
+            "interrupted": isinstance(exc, KeyboardInterrupt), "traceback": traceback.format_exc(), "time": time.time()}
 
 
 def _report(path: Path, data: dict[str, Any]) -> None:
@@ -93,18 +149,52 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
-            procs = [ctx.Process(target=_worker, args=(r, world_size, backend, rdzv, threads, tmp, fn, args), daemon=False)
-                     for r in range(world_size)]
-            for p in procs:
-                p.start()
+            with _sigint_ignored() as interruptible:
+                procs = [ctx.Process(target=_worker, args=(r, world_size, backend, rdzv, threads, tmp, os.getpid(),
+                                                           interruptible, fn, args), daemon=False)
+                         for r in range(world_size)]
+                for p in procs:
+                    p.start()
         finally:
             for k, v in saved.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
         try:
             _wait(procs, timeout_s)
+        except KeyboardInterrupt:
+            _interrupt(procs)
+            raise
         finally:
             del store  # the ranks are gone: close the port
         return _collect(Path(tmp), world_size)
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[bool]:
+    """Ignore SIGINT while ranks start, so they inherit it ignored; yields whether Ctrl-C applies at all (a
+    launcher that ignores SIGINT itself, e.g. a background job of a script, keeps its ranks ignoring it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield previous is not signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _interrupt(procs: list[Any]) -> None:
+    """Ctrl-C in the launcher: pass it on to the ranks (a SIGINT sent to the launcher alone must stop them too),
+    give them a moment to exit, then kill what is left (a rank still starting up ignores SIGINT)."""
+    for p in procs:
+        if p.is_alive():
+            os.kill(p.pid, signal.SIGINT)
+    deadline = time.monotonic() + _INTERRUPT_GRACE_S
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 def _host_store(world_size: int) -> Any:
@@ -156,6 +246,8 @@ def _collect(folder: Path, world_size: int) -> list[Any]:
         # the first failure in time is the cause; later ones are peers seeing the connection drop
         rank, data = min(errors, key=lambda e: e[1].get("time", float("inf")))
         log.debug("rank %d traceback:\n%s", rank, data["traceback"])
+        if data.get("interrupted"):
+            raise KeyboardInterrupt
         if data["is_bridge"]:
             raise BridgeError(data["error"].removeprefix("BridgeError: "))
         raise RuntimeError(f"rank {rank} of {world_size} failed: {data['error']}\n{data['traceback']}")
