@@ -1,6 +1,8 @@
-"""Training runs that lose or corrupt nothing: ranks that die with their launcher."""
+"""Training runs that lose or corrupt nothing: pruning after a rollback, a full disk while saving, and ranks that
+die with their launcher."""
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -10,6 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from bridge.cli.main import main
+from bridge.converters.megatron_legacy import TRACKER, read_tracker
+from bridge.errors import mount_point
+from bridge.training import TrainConfig, train
+from bridge.training.checkpointing import iterations, prune
+from tests.model_fixtures import write_random_corpus
+
 
 @pytest.fixture(scope="module")
 def ckpt(tiny_hf, tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -18,9 +27,67 @@ def ckpt(tiny_hf, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return import_hf(tiny_hf("llama32-tied"), tmp_path_factory.mktemp("safety") / "ckpt")  # vocabulary: 300
 
 
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_random_corpus(tmp_path_factory.mktemp("corpus") / "c", seed=3, documents=40)
+
+
+def run_config(ckpt: Path, corpus: Path, save: Path, **kw: object) -> TrainConfig:
+    base = dict(load=str(ckpt), data_path=[str(corpus)], micro_batch_size=2, seq_length=32, lr=1e-3, eval_interval=0,
+                eval_iters=1, progress=False, save=str(save), device="cpu")
+    return TrainConfig(**{**base, **kw})
+
+
 def cli_train(ckpt: Path, *flags: str) -> list[str]:
     return ["train", "--load", str(ckpt), "--micro-batch-size", "2", "--seq-length", "32", "--eval-interval", "0",
             "--eval-iters", "1", "--no-progress", "--device", "cpu", *flags]
+
+
+def test_keep_last_after_a_rollback_or_a_restart_keeps_what_this_run_saved(ckpt: Path, corpus: Path,
+                                                                         tmp_path: Path) -> None:
+    """A run rolled back to iteration 2 of a --save that holds 2, 4, 6 saves 3: the tracked 3 stays, 4 and 6 (the
+    abandoned line) are left alone, 2 goes (K=1). A run started over into that folder likewise keeps its own save,
+    and training resumes from the tracked checkpoint afterwards."""
+    save = tmp_path / "run"
+    train(run_config(ckpt, corpus, save, train_iters=6, save_interval=2))
+    (save / TRACKER).write_text("2")  # roll back, as Megatron-LM users do
+    rolled = train(run_config(ckpt, corpus, save, load=str(save), train_iters=3, keep_last_checkpoints=1))
+    assert rolled["iterations"] == 3 and read_tracker(save) == 3
+    assert iterations(save) == [3, 4, 6]
+    train(run_config(ckpt, corpus, save, train_iters=1, keep_last_checkpoints=1))  # start over from the import
+    assert read_tracker(save) == 1 and iterations(save) == [1, 3, 4, 6]
+    resumed = train(run_config(ckpt, corpus, save, load=str(save), train_iters=2, keep_last_checkpoints=1))
+    assert resumed["iterations"] == 2 and resumed["loss_curve"][0][0] == 1  # resumed from the tracked iteration 1
+    assert read_tracker(save) == 2 and iterations(save) == [2, 3, 4, 6]
+
+
+def test_prune_keeps_this_runs_saves_before_older_folders(tmp_path: Path) -> None:
+    """Saves at 14 and 21 after a resume from 10 of a folder that also holds 20 and 30 of another line: K=2 keeps
+    this run's 21 and 14, removes 20 and 10 below the latest save, and never touches 30 above it."""
+    for it in (10, 14, 20, 21, 30):
+        (tmp_path / f"iter_{it:07d}").mkdir()
+    prune(tmp_path, 2, [14, 21])
+    assert iterations(tmp_path) == [14, 21, 30]
+
+
+def test_full_disk_while_saving_is_one_line_and_leaves_no_tmp(ckpt: Path, corpus: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    from bridge.training import legacy_save
+
+    class FullDiskWriter(legacy_save.IncrementalTorchWriter):
+        def tensor(self, tensor):  # noqa: ANN001, ANN202
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    save = tmp_path / "run"
+    train(run_config(ckpt, corpus, save, train_iters=2))  # a tracked checkpoint to fall back on
+    monkeypatch.setattr(legacy_save, "IncrementalTorchWriter", FullDiskWriter)
+    code = main(cli_train(ckpt, "--load", str(save), "--data", str(corpus), "--train-iters", "3", "--save", str(save)))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith(f"bridge train: error: no space left on {mount_point(save)} writing "
+                                            f"{save}/iter_0000003.tmp; "), err
+    assert not any("Traceback" in line for line in err)
+    assert not list(save.glob("*.tmp")) and read_tracker(save) == 2
 
 
 def _start_two_ranks(ckpt: Path, save: Path) -> tuple[subprocess.Popen, list]:

@@ -10,27 +10,32 @@ What the ranks write in between: bridge/training/legacy_save.py (`--ckpt-format 
 
 Atomicity: ranks write into `iter_N.tmp/`; after a barrier rank 0 renames it to `iter_N/` and only
 then rewrites the tracker (write-then-rename). A run killed mid-write leaves the tracker on the
-previous iteration and a `.tmp` folder that the next save or run removes.
+previous iteration and a `.tmp` folder that the next save or run removes; a save that fails (a full
+disk, Ctrl-C) removes its `.tmp` folder itself.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import torch.distributed as dist
 
 from bridge.checkpoint import HF_META_DIR, CheckpointMeta, copy_hf_meta
 from bridge.converters.megatron_legacy import TRACKER, iteration_dir_name
+from bridge.errors import disk_space_checked
 from bridge.parallel.state import ParallelState
 
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "train_summary.json"
+#: What to do when the disk fills up during a save (the previous checkpoint is still the tracked one).
+NO_SPACE_ADVICE = "free space there or pass a --save on another disk, then resume from the last checkpoint"
 
 
 def _barrier() -> None:
@@ -57,10 +62,22 @@ def begin_save(save: Path, iteration: int, ps: ParallelState) -> Path:
     return tmp
 
 
-def commit_save(save: Path, iteration: int, ps: ParallelState, tmp: Path, *, keep_last: int | None = None,
-                summary: dict[str, Any] | None = None) -> Path:
+@contextlib.contextmanager
+def written_or_removed(tmp: Path) -> Iterator[None]:
+    """A save that fails (a full disk, Ctrl-C) removes its `iter_N.tmp/` rather than leave it filling the disk; the
+    tracked checkpoint is untouched. A full disk is one line naming the file system."""
+    try:
+        with disk_space_checked(tmp, NO_SPACE_ADVICE):
+            yield
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def commit_save(save: Path, iteration: int, ps: ParallelState, tmp: Path, *, saved: Sequence[int],
+                keep_last: int | None = None, summary: dict[str, Any] | None = None) -> Path:
     """Collective, once every rank's files in `tmp` are complete: rank 0 renames it to `iter_N/`, then rewrites the
-    tracker (last), the summary, and prunes."""
+    tracker (last), the summary, and prunes by `saved`, this run's saves up to this one."""
     final = save / iteration_dir_name(iteration)
     _barrier()
     if ps.rank == 0:
@@ -71,7 +88,7 @@ def commit_save(save: Path, iteration: int, ps: ParallelState, tmp: Path, *, kee
         if summary is not None:
             _write_text(save / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
         if keep_last:
-            prune(save, keep_last)
+            prune(save, keep_last, saved)
     _barrier()
     log.info("saved checkpoint %s", final)
     return final
@@ -79,14 +96,31 @@ def commit_save(save: Path, iteration: int, ps: ParallelState, tmp: Path, *, kee
 
 def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    try:
+        with disk_space_checked(path, NO_SPACE_ADVICE):
+            tmp.write_text(text)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
-def prune(save: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` iteration folders (the tracked one always stays)."""
-    iters = sorted(int(p.name[5:]) for p in save.glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
-    for it in iters[:-keep_last]:
+def iterations(save: Path) -> list[int]:
+    """The iterations of the `iter_N/` folders in `save`, ascending."""
+    return sorted(int(p.name[5:]) for p in save.glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
+
+
+def prune(save: Path, keep_last: int, saved: Sequence[int]) -> None:
+    """Keep the newest `keep_last` checkpoints of this run's line of iterations: its own saves (`saved`, ascending;
+    the last one is tracked), newest first, then the older folders below its latest save, newest first.
+
+    Folders past the latest save are another run's (after a rollback to an earlier iteration, or a restart into a
+    used --save): they are never removed, and neither is a save of this run among the last `keep_last` (ranking the
+    folders by iteration alone would keep those instead and remove the checkpoint just saved).
+    """
+    own = sorted(set(saved), reverse=True)
+    older = [it for it in reversed(iterations(save)) if it < own[0] and it not in own]
+    for it in (own + older)[keep_last:]:
         shutil.rmtree(save / iteration_dir_name(it), ignore_errors=True)
 
 

@@ -15,9 +15,9 @@ from bridge.data.indexed import has_loss_mask, strip_suffix
 from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
 from bridge.nn.attention import ATTENTION_BACKENDS
+from bridge.training.checkpoint_flags import check_checkpoint_flags
 from bridge.training.config import LR_DECAY_STYLES, RECOMPUTE, TrainConfig
 
-from bridge.training.checkpoint_flags import check_checkpoint_flags
 
 @dataclass(frozen=True, kw_only=True)
 class Plan:
@@ -85,7 +85,8 @@ def _check_data(cfg: TrainConfig) -> None:
 
 
 def _check_numbers(cfg: TrainConfig) -> None:
-    positive = ("micro_batch_size", "global_batch_size", "seq_length", "train_iters", "eval_iters", "log_interval")
+    positive = ("micro_batch_size", "global_batch_size", "seq_length", "train_iters", "eval_iters", "log_interval",
+                "keep_last_checkpoints")
     for name in positive:
         value = getattr(cfg, name)
         if value is not None and value < 1:
@@ -162,6 +163,7 @@ def make_plan(cfg: TrainConfig) -> Plan:
         raise BridgeError(f"the interleaved schedule needs the micro-batches per DP rank ({microbatches}) to be a multiple "
                           f"of --pp {cfg.pp}; raise --global-batch-size or lower --micro-batch-size")
     _check_grad_dtype(cfg)
+    check_checkpoint_flags(cfg)
     if cfg.resolved_device() == "cuda":
         import torch
 
@@ -182,7 +184,6 @@ def _check_grad_dtype(cfg: TrainConfig) -> None:
     if not cfg.bf16 and cfg.grad_reduce_in_bf16:
         raise BridgeError("--grad-reduce-in-bf16 needs --bf16: fp32 training keeps fp32 gradients")
 
-    check_checkpoint_flags(cfg)
 
 def _check_fp8(cfg: TrainConfig, model: ModelConfig) -> None:
     """--fp8: a known recipe and format, bf16 weights (FP8 casts from them), an FP8-capable GPU and torchao; bf16

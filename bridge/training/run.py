@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from bridge.converters.megatron_legacy import LegacyCheckpointReader, read_tracker
 from bridge.errors import BridgeError
+from bridge.training.checkpointing import remove_partial
 from bridge.training.config import TrainConfig
 from bridge.training.plan import Plan, make_plan
 
@@ -96,7 +97,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
         log.info("starting %d ranks (%s): %s, dp=%d, %d micro-batches per rank per step", plan.world_size, backend,
                  plan.layout.name, plan.dp, plan.num_microbatches)
-        return launch(_rank_main, plan.world_size, cfg, plan, backend=backend)[0]
+        try:
+            return launch(_rank_main, plan.world_size, cfg, plan, backend=backend)[0]
+        except BaseException:
+            if cfg.save and Path(cfg.save).is_dir():  # the ranks are gone: what a failed save left goes too
+                remove_partial(Path(cfg.save))
+            raise
     from bridge.parallel.state import init_distributed
 
     init_distributed(backend, timeout_s=3600.0)

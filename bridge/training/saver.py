@@ -48,6 +48,8 @@ class Checkpointer:
         self.pending: _Pending | None = None
         self.stall_s: list[float] = []
         """Seconds each save held up training (for async saves: the staging to host)."""
+        self.saved: list[int] = []
+        """The iterations this run saved: what --keep-last-checkpoints keeps (checkpointing.prune)."""
 
     def save(self, iteration: int, entries: dict[str, Any], summary: dict[str, Any] | None) -> None:
         """Collective: every rank calls it at the same iteration."""
@@ -55,19 +57,20 @@ class Checkpointer:
         start = time.perf_counter()
         rs, ps = self.rs, self.rs.ps
         tmp = ckpt.begin_save(self.save_dir, iteration, ps)
-        if self.fmt == "torch":
-            write_rank_files(tmp, iteration, ps, rs.chunks, rs.optimizer, entries, self.stager)
-            self._commit(iteration, tmp, summary)
-            self.stall_s.append(time.perf_counter() - start)
-            return
-        view = dist_save.RankView(ps, rs.chunks, rs.optimizer, rs.plan.model, rs.plan.transformer_impl)
-        staged = dist_save.stage(view, iteration, entries, self.stager, keep=self.async_save)
-        if not self.async_save:
-            part = dist_save.write_files(tmp, staged, self.stager)
-            dist_save.finish(tmp, part, staged.common, ps.rank)
-            self._commit(iteration, tmp, summary)
-            self.stall_s.append(time.perf_counter() - start)
-            return
+        with ckpt.written_or_removed(tmp):
+            if self.fmt == "torch":
+                write_rank_files(tmp, iteration, ps, rs.chunks, rs.optimizer, entries, self.stager)
+                self._commit(iteration, tmp, summary)
+                self.stall_s.append(time.perf_counter() - start)
+                return
+            view = dist_save.RankView(ps, rs.chunks, rs.optimizer, rs.plan.model, rs.plan.transformer_impl)
+            staged = dist_save.stage(view, iteration, entries, self.stager, keep=self.async_save)
+            if not self.async_save:
+                part = dist_save.write_files(tmp, staged, self.stager)
+                dist_save.finish(tmp, part, staged.common, ps.rank)
+                self._commit(iteration, tmp, summary)
+                self.stall_s.append(time.perf_counter() - start)
+                return
         pending = _Pending(iteration, tmp, staged.common, summary, thread=None)  # type: ignore[arg-type]
         pending.thread = threading.Thread(target=self._write, args=(pending, staged), name=f"save-{iteration}")
         pending.thread.start()
@@ -86,8 +89,11 @@ class Checkpointer:
         if pending is None:
             return
         pending.thread.join()
-        dist_save.finish(pending.tmp, pending.result, pending.common, self.rs.ps.rank)
-        self._commit(pending.iteration, pending.tmp, pending.summary)
+        with ckpt.written_or_removed(pending.tmp):
+            dist_save.finish(pending.tmp, pending.result, pending.common, self.rs.ps.rank)
+            self._commit(pending.iteration, pending.tmp, pending.summary)
 
     def _commit(self, iteration: int, tmp: Path, summary: dict[str, Any] | None) -> None:
-        ckpt.commit_save(self.save_dir, iteration, self.rs.ps, tmp, keep_last=self.keep_last, summary=summary)
+        self.saved.append(iteration)
+        ckpt.commit_save(self.save_dir, iteration, self.rs.ps, tmp, keep_last=self.keep_last, saved=self.saved,
+                         summary=summary)

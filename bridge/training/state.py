@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from bridge.checkpoint import HF_META_DIR, CheckpointMeta
 from bridge.config import megatron_args
-from bridge.errors import BridgeError
+from bridge.errors import BridgeError, disk_space_checked
 from bridge.nn.attention import set_attention_backend
 from bridge.nn.rope_qkv import set_rope_fusion
 from bridge.parallel.state import ParallelState
@@ -24,9 +24,9 @@ from bridge.training.lr import LRSchedule
 from bridge.training.model import build_chunks, resume_state
 from bridge.training.optimizer import AdamConfig, MixedPrecisionAdamW
 from bridge.training.plan import Plan
-
 from bridge.training.resume import restore_optimizer
 from bridge.training.rng import set_rng_state
+
 log = logging.getLogger(__name__)
 
 
@@ -155,8 +155,9 @@ def setup_rank(cfg: TrainConfig, plan: Plan) -> RankSetup:
     moe_layers(chunks, aux_loss_scale=1.0 / plan.global_microbatches)
     resume = resume_state(state, cfg)
     if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
         ts = resume["train_state"]
+        restore_optimizer(optimizer, resume["optimizer"], Path(cfg.load), int(ts["iteration"]), ps, plan.model,
+                          plan.transformer_impl)
         rs.iteration, rs.consumed = int(ts["iteration"]), int(ts["consumed_train_samples"])
         rs.loss_curve, rs.valid_curve = [list(x) for x in ts["loss_curve"]], [list(x) for x in ts["valid_curve"]]
         if resume["rng_state"] is not None:  # None: a torch_dist save of another layout (the seed stands)
@@ -169,19 +170,22 @@ def setup_rank(cfg: TrainConfig, plan: Plan) -> RankSetup:
         torch.manual_seed(cfg.seed)
     del state
     if cfg.save and ps.rank == 0:
-        _prepare_save(cfg, plan)
-        restore_optimizer(optimizer, resume["optimizer"], Path(cfg.load), int(ts["iteration"]), ps, plan.model,
-                          plan.transformer_impl)
+        _prepare_save(cfg, plan, rs.iteration)
     return rs
 
 
-def _prepare_save(cfg: TrainConfig, plan: Plan) -> None:
+def _prepare_save(cfg: TrainConfig, plan: Plan, start: int) -> None:
     save = Path(cfg.save)
     if save.is_dir():
         ckpt.remove_partial(save)
+        later = [it for it in ckpt.iterations(save) if it > start]
+        if later:
+            log.warning("%s holds checkpoints past iteration %d, where this run starts (up to iteration %d): another "
+                        "run's, left as they are; a save at one of their iterations replaces it", save, start, later[-1])
     source = {"trained_from": cfg.load or cfg.model_config}
     if plan.load_meta is not None:
         source = {**plan.load_meta.source, **source}
     meta = CheckpointMeta(config=plan.model, layout=plan.layout, transformer_impl=plan.transformer_impl,
                           dtype="bf16" if cfg.bf16 else "fp32", source=source, format=cfg.ckpt_format)
-    ckpt.write_meta(save, meta, _hf_meta_folder(cfg))
+    with disk_space_checked(save, ckpt.NO_SPACE_ADVICE):
+        ckpt.write_meta(save, meta, _hf_meta_folder(cfg))
