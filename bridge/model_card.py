@@ -137,7 +137,8 @@ def _training(summary: dict) -> tuple[list[str], dict[str, bytes]]:
     lines = ["## Training", "", "| | |", "|---|---|"] + [f"| {label} | {_fmt(v)} |" for label, v in rows]
     assets: dict[str, bytes] = {}
     curve = summary.get("loss_curve")
-    points = [(float(p[0]), float(p[1])) for p in curve or [] if isinstance(p, (list, tuple)) and len(p) == 2]
+    points = [(float(p[0]), float(p[1])) for p in curve or []
+              if isinstance(p, (list, tuple)) and len(p) == 2 and p[1] is not None]  # null: a diverged loss
     if len(points) >= 2:
         assets[LOSS_CURVE_NAME] = loss_curve_png(points)
         lines += ["", f"![training loss]({LOSS_CURVE_NAME})", "",

@@ -158,7 +158,8 @@ def run_train(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the rank's own handler takes over in the loop
     summary = train(cfg)
     if summary is not None:
-        brief = {k: summary[k] for k in ("iterations", "tokens", "final_train_loss", "final_valid_loss", "stopped_by")}
+        brief = {k: summary[k] for k in ("iterations", "tokens", "final_train_loss", "final_valid_loss", "loss_finite",
+                                         "stopped_by")}
         print(json.dumps(brief), file=sys.stdout)
     return 0
 

@@ -1,8 +1,9 @@
-"""Training runs that lose or corrupt nothing: pruning after a rollback, a full disk while saving, and ranks that
-die with their launcher."""
+"""Training runs that lose or corrupt nothing: pruning after a rollback, out-of-vocabulary data, a full disk while
+saving, a diverged loss in the JSON outputs, non-UTF-8 text, and ranks that die with their launcher."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -10,14 +11,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bridge.cli.main import main
 from bridge.converters.megatron_legacy import TRACKER, read_tracker
+from bridge.data.indexed import IndexedDataset, IndexedDatasetWriter
 from bridge.errors import mount_point
 from bridge.training import TrainConfig, train
 from bridge.training.checkpointing import iterations, prune
 from tests.model_fixtures import write_random_corpus
+from tests.test_data_prepare import build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +74,51 @@ def test_prune_keeps_this_runs_saves_before_older_folders(tmp_path: Path) -> Non
     assert iterations(tmp_path) == [14, 21, 30]
 
 
+def test_out_of_vocabulary_token_ids_are_refused_before_training(ckpt: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    prefix = tmp_path / "oov"
+    with IndexedDatasetWriter(prefix, np.uint16) as w:
+        for n in range(20):
+            w.add_document(np.array([3, 4, 5000 if n == 17 else 6, 7], np.uint16))
+    code = main(cli_train(ckpt, "--data", str(prefix), "--train-iters", "1"))
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert f"{prefix} holds token ids 3 to 5000, but the model's vocabulary has 300 tokens" in err
+
+
+def test_token_range_reads_the_data_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bridge.data.indexed as indexed
+
+    corpus = write_random_corpus(tmp_path / "c", seed=5, documents=30)
+    with open(f"{corpus}.bin", "ab") as f:
+        f.write(np.array([9999], np.uint16).tobytes())  # bytes past the last sequence are not data
+    monkeypatch.setattr(indexed, "_SCAN_ITEMS", 7)
+    tokens = np.concatenate(list(IndexedDataset(corpus).documents()))
+    assert IndexedDataset(corpus).token_range() == (int(tokens.min()), int(tokens.max()))
+
+
+def test_jsonl_tokenized_past_the_vocabulary_is_refused(ckpt: Path, tmp_path: Path) -> None:
+    """A tokenizer that is not the model's (its ids go up to 423) on a model of 300 tokens."""
+    tok = build_tokenizer(tmp_path / "tok")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": "user assistant system hello world answer question"}) + "\n"
+                            for _ in range(20)))
+    from bridge.errors import BridgeError
+
+    with pytest.raises(BridgeError, match=r"d\.jsonl tokenizes to token ids up to \d+, but the model's vocabulary "
+                                          r"has 300 tokens"):
+        train(run_config(ckpt, data, tmp_path / "run", tokenizer=str(tok), train_iters=1))
+
+
+def test_jsonl_that_is_not_utf8_names_the_line(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "latin1.jsonl"
+    data.write_bytes(b'{"text": "fine"}\n' * 4 + b'{"text": "caf\xe9"}\n')
+    code = main(cli_train(ckpt, "--data", str(data), "--tokenizer", str(build_tokenizer(tmp_path / "tok"))))
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert f"{data}:5: not UTF-8 (byte {4 * 17 + 13}" in err
+
+
 def test_full_disk_while_saving_is_one_line_and_leaves_no_tmp(ckpt: Path, corpus: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch,
                                                               capsys: pytest.CaptureFixture) -> None:
@@ -88,6 +137,27 @@ def test_full_disk_while_saving_is_one_line_and_leaves_no_tmp(ckpt: Path, corpus
                                             f"{save}/iter_0000003.tmp; "), err
     assert not any("Traceback" in line for line in err)
     assert not list(save.glob("*.tmp")) and read_tracker(save) == 2
+
+
+def test_diverged_loss_is_null_in_the_json_outputs(ckpt: Path, corpus: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    from bridge.training import loop
+
+    real = loop.masked_mean
+    monkeypatch.setattr(loop, "masked_mean", lambda loss, mb: real(loss, mb) * float("nan"))
+    save = tmp_path / "run"
+    assert main(cli_train(ckpt, "--data", str(corpus), "--train-iters", "2", "--save", str(save))) == 0
+
+    def strict(text: str) -> object:
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+
+    printed = strict(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = strict((save / "train_summary.json").read_text())
+    lines = [strict(line) for line in (save / "train_log.jsonl").read_text().splitlines()]
+    assert printed["final_train_loss"] is None and printed["loss_finite"] is False
+    assert summary["loss_curve"] == [[1, None], [2, None]] and summary["loss_finite"] is False
+    assert [line["loss"] for line in lines] == [None, None]
 
 
 def _start_two_ranks(ckpt: Path, save: Path) -> tuple[subprocess.Popen, list]:

@@ -50,6 +50,7 @@ _HEADER_SIZE = len(INDEX_MAGIC) + 8 + 1 + 8 + 8  # 34 bytes
 LOSS_MASK_SUFFIX = "_loss_mask"
 _SPOOL_ITEMS = 1 << 20  # lengths buffered in memory before they go to the spool file
 _CHUNK_ITEMS = 1 << 22  # lengths handled at once while writing the index
+_SCAN_ITEMS = 1 << 24  # tokens compared at once by `token_range` (32 MiB of uint16)
 #: What to do when the disk fills up while a dataset is written (its temporary files are removed).
 _NO_SPACE_ADVICE = "free space there or write the dataset to another disk (the partial files were removed)"
 
@@ -254,6 +255,19 @@ class IndexedDataset:
     def documents(self) -> Iterator[np.ndarray]:
         for doc in range(self.num_documents):
             yield self.document(doc)
+
+    def token_range(self) -> tuple[int, int] | None:
+        """(smallest, largest) token id of the data file (None when it has no tokens). Read in chunks of the
+        memory map, so a corpus of any size streams through at disk speed in bounded memory."""
+        end = int(self.sequence_pointers[-1]) // self.dtype.itemsize + int(self.sequence_lengths[-1]) if len(self) else 0
+        if end == 0:
+            return None
+        low, high = None, None
+        for start in range(0, end, _SCAN_ITEMS):
+            chunk = self._bin[start:min(start + _SCAN_ITEMS, end)]
+            low = int(chunk.min()) if low is None else min(low, int(chunk.min()))
+            high = int(chunk.max()) if high is None else max(high, int(chunk.max()))
+        return low, high
 
 
 def _read_header(idx_path: str) -> tuple[np.dtype, int, int]:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from bridge.data.indexed import IndexedDataset, has_loss_mask, loss_mask_prefix, strip_suffix
+from bridge.data.sources import not_utf8_error
 from bridge.errors import BridgeError
 
 log = logging.getLogger(__name__)
@@ -27,12 +28,13 @@ class Documents:
     """Documents from indexed datasets and/or jsonl files, as (tokens, loss mask or None) by number."""
 
     def __init__(self, paths: Sequence[str], *, text_key: str = "text", tokenizer: Any = None,
-                 use_loss_mask: bool = False) -> None:
+                 use_loss_mask: bool = False, vocab_size: int | None = None) -> None:
         self._parts: list[tuple[Any, Any]] = []  # (token source, mask source) with .document(i) or list
         counts = []
         for path in paths:
             if path.endswith(".jsonl"):
                 docs = _tokenize_jsonl(Path(path), text_key, tokenizer)
+                _check_token_ids(path, docs, vocab_size)
                 self._parts.append((docs, None))
                 counts.append(len(docs))
             else:
@@ -60,17 +62,30 @@ def _tokenize_jsonl(path: Path, key: str, tokenizer: Any) -> list[np.ndarray]:
     if tokenizer is None:
         raise BridgeError(f"{path} is text; training on .jsonl needs a tokenizer (the checkpoint's hf_meta/ or --tokenizer)")
     texts = []
-    with path.open() as stream:
-        for number, line in enumerate(stream, 1):
-            if not line.strip():
-                continue
-            try:
-                texts.append(json.loads(line)[key])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise BridgeError(f"{path}:{number} is not a JSON object with a {key!r} field; fix it or pass --text-key") from None
+    try:
+        with path.open(encoding="utf-8") as stream:
+            for number, line in enumerate(stream, 1):
+                if not line.strip():
+                    continue
+                try:
+                    texts.append(json.loads(line)[key])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise BridgeError(f"{path}:{number} is not a JSON object with a {key!r} field; fix it or pass "
+                                      "--text-key") from None
+    except UnicodeDecodeError:
+        raise not_utf8_error(str(path)) from None
     ids = tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
     log.info("tokenized %d documents from %s", len(ids), path)
     return [np.asarray(t, dtype=np.int64) for t in ids if len(t)]
+
+
+def _check_token_ids(path: str, docs: list[np.ndarray], vocab_size: int | None) -> None:
+    """Text tokenized by a tokenizer that is not the model's can give ids past its vocabulary (indexed datasets are
+    checked before the ranks start: bridge.training.plan)."""
+    high = max((int(doc.max()) for doc in docs), default=-1)
+    if vocab_size is not None and high >= vocab_size:
+        raise BridgeError(f"{path} tokenizes to token ids up to {high}, but the model's vocabulary has {vocab_size} "
+                          f"tokens (ids 0 to {vocab_size - 1}); use the model's own tokenizer (--tokenizer)")
 
 
 def split_documents(n: int, split: str) -> list[np.ndarray]:

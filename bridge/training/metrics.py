@@ -17,6 +17,7 @@ TFRecord-framed `Event` protobufs (the format is frozen: TensorBoard reads files
 from __future__ import annotations
 
 import json
+import math
 import resource
 import socket
 import struct
@@ -198,8 +199,9 @@ class MetricsLog:
         self.tb = EventWriter(tensorboard_dir) if tensorboard_dir else None
 
     def write(self, record: dict[str, Any]) -> None:
-        if self.jsonl:
-            self.jsonl.write(json.dumps(record) + "\n")
+        if self.jsonl:  # a diverged loss is null: json would write NaN, which is not JSON
+            finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+            self.jsonl.write(json.dumps(finite) + "\n")
             self.jsonl.flush()
         if self.tb:
             self.tb.scalars({k: v for k, v in record.items() if k != "iteration" and isinstance(v, (int, float))},

@@ -9,9 +9,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from bridge.checkpoint import CheckpointMeta
 from bridge.config import ModelConfig
-from bridge.data.indexed import has_loss_mask, strip_suffix
+from bridge.data.indexed import IndexedDataset, has_loss_mask, strip_suffix
 from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
 from bridge.nn.attention import ATTENTION_BACKENDS
@@ -62,7 +64,7 @@ def _model(cfg: TrainConfig) -> tuple[ModelConfig, CheckpointMeta | None, str]:
     return load_hf_config(folder), None, "transformer_engine"
 
 
-def _check_data(cfg: TrainConfig) -> None:
+def _check_data(cfg: TrainConfig, vocab_size: int) -> None:
     if cfg.mock_data:
         return
     if not cfg.data_path:
@@ -80,8 +82,26 @@ def _check_data(cfg: TrainConfig) -> None:
         if cfg.sft and not has_loss_mask(prefix):
             raise BridgeError(f"--sft needs a loss mask next to {prefix} (from `bridge data prepare --chat`); "
                               "prepare the data with --chat or drop --sft")
+        _check_token_ids(prefix, vocab_size)
     if cfg.sft and any(item.endswith(".jsonl") for item in cfg.data_path):
         raise BridgeError("--sft trains on prepared chat data; run `bridge data prepare --chat` on the .jsonl first")
+
+
+def _check_token_ids(prefix: str, vocab_size: int) -> None:
+    """Every token id must index a row of the model's vocabulary (the HF vocab_size, not the padded one: padding
+    rows are excluded from the softmax and never trained). Out of range, an id would train silently on a padding
+    row or fail deep inside a rank; this reads the whole data file once, at disk speed, unless its dtype cannot
+    hold a bad id."""
+    dataset = IndexedDataset(prefix)
+    if dataset.dtype.kind == "u" and np.iinfo(dataset.dtype).max < vocab_size:
+        return
+    ids = dataset.token_range()
+    if ids is None:
+        return
+    low, high = ids
+    if high >= vocab_size or low < 0:
+        raise BridgeError(f"{prefix} holds token ids {low} to {high}, but the model's vocabulary has {vocab_size} "
+                          f"tokens (ids 0 to {vocab_size - 1}); prepare the data with this model's tokenizer")
 
 
 def _check_numbers(cfg: TrainConfig) -> None:
@@ -171,7 +191,7 @@ def make_plan(cfg: TrainConfig) -> Plan:
             raise BridgeError(f"--nproc {cfg.nproc} needs {cfg.nproc} GPUs, found {torch.cuda.device_count()}; "
                               "use fewer ranks or --device cpu")
     _check_fp8(cfg, model)
-    _check_data(cfg)
+    _check_data(cfg, model.vocab_size)
     return Plan(model=model, layout=layout, world_size=world, dp=dp, num_microbatches=microbatches,
                 transformer_impl=impl, cp=cfg.cp, load_meta=meta)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,11 +66,20 @@ class RankSetup:
                                 "seed": self.cfg.seed, "loss_curve": self.loss_curve, "valid_curve": self.valid_curve}}
 
     def summary(self) -> dict[str, Any]:
+        """The run in plain JSON values: a loss that is not finite (the run diverged) is None, written as null (json
+        would write NaN, which JSON parsers reject), and `loss_finite` says whether every loss was finite."""
         valid = [v for v in self.valid_curve if v[1] is not None]
+        curve, valid_curve = _finite_curve(self.loss_curve), _finite_curve(valid)
         return {"iterations": self.iteration, "tokens": self.consumed * self.cfg.seq_length,
-                "final_train_loss": self.loss_curve[-1][1] if self.loss_curve else None,
-                "final_valid_loss": valid[-1][1] if valid else None,
-                "loss_curve": self.loss_curve, "valid_curve": valid}
+                "final_train_loss": curve[-1][1] if curve else None,
+                "final_valid_loss": valid_curve[-1][1] if valid_curve else None,
+                "loss_finite": all(math.isfinite(loss) for _, loss in self.loss_curve + valid),
+                "loss_curve": curve, "valid_curve": valid_curve}
+
+
+def _finite_curve(curve: list[list[Any]]) -> list[list[Any]]:
+    """[iteration, loss] pairs with a loss that is not finite as None."""
+    return [[it, loss if math.isfinite(loss) else None] for it, loss in curve]
 
 
 def moe_layers(chunks: list[Any], *, aux_loss_scale: float | None = None) -> list[Any]:
@@ -114,7 +124,8 @@ def build_datasets(cfg: TrainConfig, plan: Plan) -> tuple[Any, Any]:
         from bridge.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(str(cfg.tokenizer or _hf_meta_folder(cfg)))
-    docs = Documents(cfg.data_path, text_key=cfg.text_key, tokenizer=tokenizer, use_loss_mask=cfg.sft)
+    docs = Documents(cfg.data_path, text_key=cfg.text_key, tokenizer=tokenizer, use_loss_mask=cfg.sft,
+                     vocab_size=plan.model.vocab_size)
     train_ids, valid_ids, _ = split_documents(len(docs), cfg.split)
     eod = _eod(cfg, tokenizer)
     train = PackedDataset(docs, train_ids, cfg.seq_length, cfg.seed, eod)
