@@ -80,7 +80,8 @@ _FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--compile",), dict(action="store_true", help="torch.compile every transformer layer")),
     (("--save",), dict(help="folder for training checkpoints (exportable with `bridge export`)")),
     (("--save-interval",), dict(type=int)),
-    (("--keep-last-checkpoints",), dict(type=int, help="keep only the newest K iteration folders")),
+    (("--keep-last-checkpoints",), dict(type=int, help="keep only this run's newest K checkpoints (with older "
+                                                          "ones below them; folders past its latest save stay)")),
     (("--ckpt-format",), dict(choices=["torch", "torch_dist"], help="training checkpoints: torch (legacy per-rank "
                                                                      "files, default) or torch_dist (parallel, "
                                                                      "resumes on any layout)")),
