@@ -34,8 +34,10 @@ def build_chunks(cfg: TrainConfig, plan: Plan, ps: ParallelState, device: torch.
     state = None
     if cfg.load is not None:
         reader = open_rank_reader(Path(cfg.load), CheckpointMeta.load(Path(cfg.load)))  # torch or torch_dist
-        ep = {"ep_rank": ps.ep_rank} if ps.ep > 1 else {}  # EP rank file: mp_rank_TT[_PPP]_EEE
-        state = reader.load_rank(ps.tp_rank, ps.pp_rank, **ep)
+        where: dict[str, Any] = {"ep_rank": ps.ep_rank} if ps.ep > 1 else {}  # EP rank file: mp_rank_TT[_PPP]_EEE
+        if isinstance(reader, TorchDistReader):
+            where["layout"] = ps.layout  # torch_dist serves any layout: split for this run's
+        state = reader.load_rank(ps.tp_rank, ps.pp_rank, **where)
         load_rank_checkpoint(chunks, state)
         if isinstance(reader, TorchDistReader):  # a torch_dist training save keeps its training state apart
             from bridge.training.resume import dist_training_entries
