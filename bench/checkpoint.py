@@ -1,0 +1,129 @@
+"""Checkpoint saves during training: GPU and host memory, save time, and the stall an async save costs.
+
+    python bench/checkpoint.py                 # one GPU: the 8B shape (8 layers), --bf16 --compile, mbs 2, seq 4096
+    python bench/checkpoint.py --smoke         # a tiny Llama on the CPU, a few iterations (checks the script)
+
+Each variant trains --iters iterations from random weights on mock data with a save every --save-interval:
+`torch` (legacy files), `torch_dist` (sync) and `torch_dist --async-save`. Per variant: peak GPU memory of the
+training steps and of the saves (allocator peak, reset around each save), the time each save held training
+(sync: the whole save; async: the host copy), the wall time of the run, and the host RAM peak of the rank
+(ru_maxrss). Prints a table and writes JSON (--out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+#: Llama-3.1-8B's shape at 8 of its 32 layers (the whole model with Adam does not fit one 80 GB card).
+LLAMA_8B_8L = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=14336,
+                   num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                   tie_word_embeddings=False, rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                   hidden_act="silu", bos_token_id=128000, eos_token_id=128001, torch_dtype="bfloat16")
+TINY = dict(LLAMA_8B_8L, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, vocab_size=512, max_position_embeddings=256, bos_token_id=1,
+            eos_token_id=2, torch_dtype="float32")
+VARIANTS = {"torch": dict(ckpt_format="torch"), "torch_dist": dict(ckpt_format="torch_dist"),
+            "torch_dist-async": dict(ckpt_format="torch_dist", async_save=True)}
+
+
+def _measured_rank(cfg: Any, plan: Any) -> dict[str, Any]:
+    """Rank body: train with every save (and async finalize) wrapped to measure its time and GPU peak."""
+    import torch
+
+    from bridge.training import saver
+    from bridge.training.loop import train_rank
+
+    saves: list[dict[str, float]] = []
+    real_save, real_finalize = saver.Checkpointer.save, saver.Checkpointer.finalize
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+
+    def measured(fn: Any, kind: str) -> Any:
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if kind == "finalize" and self.pending is None:
+                return fn(self, *args, **kwargs)
+            if cuda:
+                torch.cuda.synchronize()
+                train_peak = torch.cuda.max_memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            out = fn(self, *args, **kwargs)
+            if cuda:
+                torch.cuda.synchronize()
+            saves.append({"kind": kind, "seconds": time.perf_counter() - start,
+                          "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+                          "gpu_train_peak_gib": train_peak / 2**30 if cuda else 0.0})
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            return out
+        return wrapper
+
+    saver.Checkpointer.save = measured(real_save, "save")
+    saver.Checkpointer.finalize = measured(real_finalize, "finalize")
+    start = time.perf_counter()
+    summary = train_rank(cfg, plan)
+    wall = time.perf_counter() - start
+    steps = [r["peak_mem_gib"] for r in (summary or {}).get("records", [])]
+    return {"saves": saves, "wall_s": wall, "host_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "train_peak_gib": max(steps) if steps and cuda else 0.0}
+
+
+def run_variant(name: str, model_dir: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from bridge.launch import launch
+    from bridge.training import TrainConfig
+    from bridge.training.plan import make_plan
+
+    gpu = not args.smoke
+    cfg = TrainConfig(model_config=str(model_dir), mock_data=True, micro_batch_size=args.micro_batch_size,
+                      global_batch_size=args.micro_batch_size, seq_length=args.seq_length, train_iters=args.iters,
+                      save=str(work / name), save_interval=args.save_interval, eval_interval=0, progress=False,
+                      bf16=gpu, compile=gpu, device="cuda" if gpu else "cpu", **VARIANTS[name])
+    plan = make_plan(TrainConfig(**{**cfg.__dict__, "nproc": 1}))
+    result = launch(_measured_rank, 1, cfg, plan, backend="nccl" if gpu else "gloo")[0]
+    saves = [s for s in result["saves"] if s["kind"] == "save"]
+    finals = [s for s in result["saves"] if s["kind"] == "finalize"]
+    return {"variant": name, "saves": len(saves), "stall_s": [round(s["seconds"], 3) for s in saves],
+            "finalize_s": [round(s["seconds"], 3) for s in finals],
+            "gpu_train_peak_gib": max([s["gpu_train_peak_gib"] for s in result["saves"]] + [result["train_peak_gib"]]),
+            "gpu_save_peak_gib": max((s["gpu_peak_gib"] for s in result["saves"]), default=0.0),
+            "host_peak_gib": result["host_peak_gib"], "wall_s": result["wall_s"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
+    parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--save-interval", type=int, default=None)
+    parser.add_argument("--micro-batch-size", type=int, default=2)
+    parser.add_argument("--seq-length", type=int, default=None)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--out", default="checkpoint_bench.json")
+    args = parser.parse_args()
+    args.iters = args.iters or (6 if args.smoke else 30)
+    args.save_interval = args.save_interval or (2 if args.smoke else 10)
+    args.seq_length = args.seq_length or (32 if args.smoke else 4096)
+    with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as tmp:
+        model_dir = Path(tmp) / "model"
+        model_dir.mkdir()
+        (model_dir / "config.json").write_text(json.dumps(TINY if args.smoke else LLAMA_8B_8L))
+        rows = [run_variant(name, model_dir, Path(tmp), args) for name in args.variants]
+    print(f"{'variant':18} {'saves':>5} {'GPU train GiB':>13} {'GPU save GiB':>12} {'stall s (median)':>16} "
+          f"{'finalize s':>10} {'host GiB':>8} {'wall s':>7}")
+    for r in rows:
+        stall = sorted(r["stall_s"])[len(r["stall_s"]) // 2] if r["stall_s"] else 0.0
+        final = sum(r["finalize_s"]) / len(r["finalize_s"]) if r["finalize_s"] else 0.0
+        print(f"{r['variant']:18} {r['saves']:>5} {r['gpu_train_peak_gib']:>13.2f} {r['gpu_save_peak_gib']:>12.2f} "
+              f"{stall:>16.3f} {final:>10.3f} {r['host_peak_gib']:>8.2f} {r['wall_s']:>7.1f}")
+    Path(args.out).write_text(json.dumps({"smoke": args.smoke, "args": vars(args), "rows": rows}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
