@@ -5,13 +5,15 @@ each loads its own rank file strictly into `bridge.nn.GPTModel`, and a forward-o
 produces the logits, which are gathered over TP, trimmed to the HF vocabulary and compared with
 transformers' on the same prompts.
 
-Thresholds (documented in docs/verify.md):
+Both dtypes are measured against transformers in fp32. Thresholds (documented in docs/verify.md):
 - fp32: max |logit difference| <= 1e-4 * max(1, max |HF logit|) (relative to the logit scale);
-- bf16: top-1 token agreement >= 99% (bf16 rounding makes element-wise bounds meaningless).
+- bf16: no worse than transformers' own bf16 run on the same prompts (`judge_bf16`), since how far bf16
+  rounding moves a model's logits depends on the model, not on the conversion.
 """
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import logging
 import math
@@ -37,7 +39,8 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
     "Once upon a time, in a small village by the sea, there lived an old fisherman who",
 )
 FP32_MAX_ABS_REL = 1e-4
-BF16_MIN_TOP1 = 0.99
+BF16_MAX_ERROR_RATIO = 1.5
+BF16_TOP1_SIGMAS = 3.0
 VERIFY_FILE = "verify.json"
 DEVICES = ("cpu", "cuda")
 VERIFY_DTYPES = ("fp32", "bf16")
@@ -70,6 +73,7 @@ class VerifyResult:
     overall: Metrics
     passed: bool
     criterion: str
+    hf_bf16: Metrics | None = None  # bf16 only: transformers' own bf16 logits against its fp32 ones
     created: str = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
     def table(self) -> str:
@@ -79,8 +83,9 @@ class VerifyResult:
                  + "".join(f" {k}={self.layout[k]}" for k in ("ep", "cp") if self.layout.get(k, 1) > 1)
                  + (f" ({self.layout['cp_comm_type']})" if self.layout.get("cp", 1) > 1 else "")
                  + (" sp" if self.layout.get("sequence_parallel") else "") + " "
-                 f"({self.transformer_impl}), {self.dtype} on {self.device}", head, "-" * len(head)]
-        for m in [*self.prompts, self.overall]:
+                 f"({self.transformer_impl}), {self.dtype} on {self.device}; differences from transformers in fp32",
+                 head, "-" * len(head)]
+        for m in [*self.prompts, self.overall, *([self.hf_bf16] if self.hf_bf16 is not None else [])]:
             if m is self.overall:
                 lines.append("-" * len(head))
             name = m.name.replace("\n", " ")
@@ -93,7 +98,11 @@ class VerifyResult:
         data = asdict(self)
         data.update(max_abs_diff=self.overall.max_abs, mean_abs_diff=self.overall.mean_abs,
                     cosine=self.overall.cosine, top1_agreement=self.overall.top1)
-        data["thresholds"] = {"fp32_max_abs_relative_to_logit_scale": FP32_MAX_ABS_REL, "bf16_min_top1": BF16_MIN_TOP1}
+        if self.hf_bf16 is not None:
+            data.update(hf_bf16_mean_abs_diff=self.hf_bf16.mean_abs, hf_bf16_top1_agreement=self.hf_bf16.top1)
+        data["thresholds"] = {"fp32_max_abs_relative_to_logit_scale": FP32_MAX_ABS_REL,
+                              "bf16_max_mean_abs_ratio_to_hf_bf16": BF16_MAX_ERROR_RATIO,
+                              "bf16_top1_shortfall_sigmas": BF16_TOP1_SIGMAS}
         return data
 
 
@@ -142,6 +151,7 @@ def hf_logits(folder: Path, token_lists: Sequence[Sequence[int]], dtype: str, de
             logits = model(torch.tensor([list(ids)], device=device)).logits  # [1, s, V]
             out.append(logits[0].float().cpu())
     del model
+    gc.collect()  # before the next model loads: bf16 verify runs transformers twice, never two copies at once
     if device == "cuda":
         torch.cuda.empty_cache()
     return out
@@ -213,18 +223,61 @@ def _metrics(name: str, ref: torch.Tensor, ours: torch.Tensor) -> Metrics:
         top1=(ours.argmax(-1) == ref.argmax(-1)).float().mean().item(), logit_scale=ref.abs().max().item())
 
 
-def compare(prompts: Sequence[str], ref: Sequence[torch.Tensor], ours: Sequence[torch.Tensor],
-            dtype: str) -> tuple[list[Metrics], Metrics, bool, str]:
-    """Per-prompt and overall metrics, and the verdict against the dtype's documented threshold."""
+def judge_fp32(ref: Sequence[torch.Tensor], ours: Sequence[torch.Tensor], overall: Metrics,
+               hf_bf16: Sequence[torch.Tensor] | None) -> tuple[bool, str]:
+    """Only summation order differs in fp32, so the bound is element-wise, relative to the logit scale."""
+    bound = FP32_MAX_ABS_REL * max(1.0, overall.logit_scale)
+    ok = overall.max_abs <= bound
+    return ok, (f"max abs diff {overall.max_abs:.3e} {'<=' if ok else '>'} {bound:.3e} "
+                f"(1e-4 x logit scale {overall.logit_scale:.3g})")
+
+
+def bf16_baseline(ref: Sequence[torch.Tensor], hf_bf16: Sequence[torch.Tensor]) -> Metrics:
+    """transformers' own bf16 logits against its fp32 ones: what bf16 rounding alone does to this model."""
+    return _metrics("transformers bf16", torch.cat(list(ref)), torch.cat(list(hf_bf16)))
+
+
+def judge_bf16(ref: Sequence[torch.Tensor], ours: Sequence[torch.Tensor], overall: Metrics,
+               hf_bf16: Sequence[torch.Tensor] | None) -> tuple[bool, str]:
+    """bridge in bf16 must be as close to transformers fp32 (`ref`) as transformers' own bf16 run is.
+
+    A fixed bar cannot work: on a model with near-tied top logits (random weights) bf16 rounding alone flips
+    top-1, so transformers bf16 picks its own fp32 token on 90% of the tokens or fewer, while a trained model's
+    top-1 hardly moves. Two conditions, both against that baseline:
+    - mean |logit error| <= 1.5 x transformers bf16's. Two bf16 runs of one function round different sums,
+      equally coarsely, so their errors are of one size: bridge/transformers 0.94-1.06 on the tiny dense and
+      MoE models at TP=1, 2 and 4 on the CPU. A wrong weight adds its own error on top, as much as the weight
+      matters to the logits: 1.8x for one MLP norm scaled by 1.1 and 7x for two attention heads swapped in the
+      test's model. Averaged over every logit, this is the sensitive condition.
+    - top-1: bridge may pick the fp32 token less often than transformers bf16 only by chance. On the tokens
+      where exactly one of the two picks it (bridge misses `b`, transformers `c`), two runs that round alike
+      are a fair coin: b - c <= 3 sqrt(b + c) (McNemar's test at 3 sigma, a false alarm about once in 700
+      runs). A fixed one-point margin would be a single token of the 60-80 the default prompts make.
+    """
+    if hf_bf16 is None:
+        raise ValueError("judge_bf16 needs transformers' own bf16 logits")
+    baseline = bf16_baseline(ref, hf_bf16)
+    target = torch.cat(list(ref)).argmax(-1)
+    ours_hit, hf_hit = torch.cat(list(ours)).argmax(-1) == target, torch.cat(list(hf_bf16)).argmax(-1) == target
+    b, c = int((hf_hit & ~ours_hit).sum()), int((ours_hit & ~hf_hit).sum())
+    allowed = BF16_TOP1_SIGMAS * math.sqrt(b + c)
+    top1_ok, error_ok = b - c <= allowed, overall.mean_abs <= BF16_MAX_ERROR_RATIO * baseline.mean_abs
+    return top1_ok and error_ok, (
+        f"top-1 vs fp32 {overall.top1:.1%} {'>=' if top1_ok else '<'} transformers bf16's {baseline.top1:.1%} - "
+        f"{100 * allowed / len(target):.1f} pp ({BF16_TOP1_SIGMAS:g} sigma); mean abs diff {overall.mean_abs:.3e} "
+        f"{'<=' if error_ok else '>'} {BF16_MAX_ERROR_RATIO:g} x transformers bf16's {baseline.mean_abs:.3e}")
+
+
+JUDGES = {"fp32": judge_fp32, "bf16": judge_bf16}
+
+
+def compare(prompts: Sequence[str], ref: Sequence[torch.Tensor], ours: Sequence[torch.Tensor], dtype: str,
+            hf_bf16: Sequence[torch.Tensor] | None = None) -> tuple[list[Metrics], Metrics, bool, str]:
+    """Per-prompt and overall metrics of `ours` against the fp32 reference `ref`, and the dtype's verdict
+    (bf16 needs `hf_bf16`, transformers' own bf16 logits, as its baseline)."""
     rows = [_metrics(p, r, o) for p, r, o in zip(prompts, ref, ours)]
     overall = _metrics("all prompts", torch.cat(list(ref)), torch.cat(list(ours)))
-    if dtype == "fp32":
-        bound = FP32_MAX_ABS_REL * max(1.0, overall.logit_scale)
-        ok = overall.max_abs <= bound
-        criterion = f"max abs diff {overall.max_abs:.3e} {'<=' if ok else '>'} {bound:.3e} (1e-4 x logit scale {overall.logit_scale:.3g})"
-    else:
-        ok = overall.top1 >= BF16_MIN_TOP1
-        criterion = f"top-1 agreement {overall.top1:.2%} {'>=' if ok else '<'} {BF16_MIN_TOP1:.0%}"
+    ok, criterion = JUDGES[dtype](ref, ours, overall, hf_bf16)
     return rows, overall, ok, criterion
 
 
@@ -257,15 +310,17 @@ def verify(hf_src: str | Path, checkpoint: str | Path, *, prompts: Sequence[str]
         tokens = [t[: len(t) // multiple * multiple] for t in tokens]
     if any(not t for t in tokens):
         raise BridgeError("a prompt encodes to no tokens (or fewer than the 2 x cp chunks --cp needs); give longer prompts")
-    ref = hf_logits(folder, tokens, dtype, device)
+    ref = hf_logits(folder, tokens, "fp32", device)  # one model at a time: fp32, freed, then bf16
+    hf_bf16 = hf_logits(folder, tokens, "bf16", device) if dtype == "bf16" else None
     ours = sharded_logits([ckpt], tokens, dtype=dtype, device=device, sequence_parallel=sequence_parallel, cp=cp,
                           cp_comm_type=cp_comm_type)[0]
-    rows, overall, ok, criterion = compare(texts, ref, ours, dtype)
+    rows, overall, ok, criterion = compare(texts, ref, ours, dtype, hf_bf16)
     result = VerifyResult(checkpoint=str(ckpt), hf_source=str(hf_src), dtype=dtype, device=device,
                           layout={**meta.layout.to_json(), **({"cp": cp, "cp_comm_type": cp_comm_type} if cp > 1 else {}),
                                   **({"sequence_parallel": True} if sequence_parallel and meta.layout.tp > 1 else {})},
                           transformer_impl=meta.transformer_impl, prompts=rows,
-                          overall=overall, passed=ok, criterion=criterion)
+                          overall=overall, passed=ok, criterion=criterion,
+                          hf_bf16=None if hf_bf16 is None else bf16_baseline(ref, hf_bf16))
     if write_json:
         (ckpt / VERIFY_FILE).write_text(json.dumps(result.to_json(), indent=2) + "\n")
     log.info("%s: %s", "passed" if ok else "FAILED", criterion)

@@ -21,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="bridge checkpoint folder")
     p.add_argument("--prompts", help="text file, one prompt per line (default: a built-in set of 4)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="compute dtype of both models; fp32 checks max |diff| <= 1e-4 x logit scale, bf16 top-1 >= 99%%")
+                   help="bridge's compute dtype; fp32 checks max |diff| <= 1e-4 x logit scale against transformers fp32, "
+                        "bf16 that bridge is as close to transformers fp32 as transformers' own bf16 run is")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cpu: one gloo process per rank; cuda: one GPU per rank with NCCL")
     p.add_argument("--sequence-parallel", action="store_true",
