@@ -40,7 +40,7 @@ SUITES: dict[str, tuple[str, str]] = {
     "moe": ("moe", "four GPUs: Mixtral-shaped MoE training, tokens/s and MFU per expert-parallel layout"),
     "kernels": ("microbench", "one GPU (ring: several): attention backends, RoPE kernels, context-parallel attention"),
     "journey": ("journey.py", "one GPU: the whole user journey at real size, every step a `bridge` command"),
-    "checkpoint": ("checkpoint.py", "training checkpoints: save and load time and memory"),
+    "checkpoint": ("checkpoint.py", "one GPU: checkpoint saves during training, memory, save time, async stall"),
 }
 
 
