@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -87,13 +89,30 @@ def run_variant(name: str, model_dir: Path, work: Path, args: argparse.Namespace
                       bf16=gpu, compile=gpu, device="cuda" if gpu else "cpu", **VARIANTS[name])
     plan = make_plan(TrainConfig(**{**cfg.__dict__, "nproc": 1}))
     result = launch(_measured_rank, 1, cfg, plan, backend="nccl" if gpu else "gloo")[0]
+    after = resume_and_export(work / name, args) if args.resume_export else {}
+    shutil.rmtree(work / name)  # one checkpoint on disk at a time: the 8B shape's is ~40 GB with its optimizer state
     saves = [s for s in result["saves"] if s["kind"] == "save"]
     finals = [s for s in result["saves"] if s["kind"] == "finalize"]
     return {"variant": name, "saves": len(saves), "stall_s": [round(s["seconds"], 3) for s in saves],
             "finalize_s": [round(s["seconds"], 3) for s in finals],
             "gpu_train_peak_gib": max([s["gpu_train_peak_gib"] for s in result["saves"]] + [result["train_peak_gib"]]),
             "gpu_save_peak_gib": max((s["gpu_peak_gib"] for s in result["saves"]), default=0.0),
-            "host_peak_gib": result["host_peak_gib"], "wall_s": result["wall_s"]}
+            "host_peak_gib": result["host_peak_gib"], "wall_s": result["wall_s"], **after}
+
+
+def resume_and_export(save: Path, args: argparse.Namespace) -> dict[str, float]:
+    """What a user does next, through the CLI: resume the run for two more iterations, then export it."""
+    device = ["--device", "cpu"] if args.smoke else ["--bf16", "--device", "cuda"]
+    times = {}
+    for step, cmd in (("resume_s", ["train", "--load", str(save), "--mock-data", *device, "--train-iters",
+                                    str(args.iters + 2), "--micro-batch-size", str(args.micro_batch_size),
+                                    "--seq-length", str(args.seq_length), "--eval-iters", "1", "--no-progress"]),
+                      ("export_s", ["export", str(save), "--out", str(save) + "-hf"])):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "bridge.cli", *cmd], check=True)
+        times[step] = round(time.perf_counter() - start, 1)
+    shutil.rmtree(str(save) + "-hf")
+    return times
 
 
 def main() -> None:
@@ -105,8 +124,11 @@ def main() -> None:
     parser.add_argument("--seq-length", type=int, default=None)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", default="checkpoint_bench.json")
+    parser.add_argument("--resume-export", action="store_true",
+                        help="after each variant: resume it for 2 iterations and export it, through the CLI")
     args = parser.parse_args()
-    args.iters = args.iters or (6 if args.smoke else 30)
+    # one save per variant on a GPU: a second 8B-shaped checkpoint would not fit a 64 GB disk beside the first
+    args.iters = args.iters or (6 if args.smoke else 10)
     args.save_interval = args.save_interval or (2 if args.smoke else 10)
     args.seq_length = args.seq_length or (32 if args.smoke else 4096)
     with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as tmp:
@@ -114,6 +136,8 @@ def main() -> None:
         model_dir.mkdir()
         (model_dir / "config.json").write_text(json.dumps(TINY if args.smoke else LLAMA_8B_8L))
         rows = [run_variant(name, model_dir, Path(tmp), args) for name in args.variants]
+        for r in rows:
+            print(r)
     print(f"{'variant':18} {'saves':>5} {'GPU train GiB':>13} {'GPU save GiB':>12} {'stall s (median)':>16} "
           f"{'finalize s':>10} {'host GiB':>8} {'wall s':>7}")
     for r in rows:
