@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import io
-import pathlib
 import pickle
 import uuid
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -86,27 +85,42 @@ class DcpWriter:
             pickle.dump(metadata, handle)
 
 
-_DCP_CLASSES = (
+_DCP_CLASSES: tuple[type, ...] = (
     Metadata, TensorStorageMetadata, BytesStorageMetadata, ChunkStorageMetadata, TensorProperties, _MEM_FORMAT_ENCODING,
     MetadataIndex, StorageMeta, _StorageInfo, _StoragePrefix,
     SavePlan, WriteItem, WriteItemType, TensorWriteData, BytesIOWriteData,  # Megatron Core keeps its save plans
 )
+_LAYOUTS = {str(v): v for v in vars(torch).values() if isinstance(v, torch.layout)}
+
+
+class _PathFromParts:
+    """What a pickled `PosixPath` (`StorageMeta.checkpoint_id`) loads as: a pure path. An instance with no
+    attributes, so that pickle's BUILD can set none on it."""
+
+    __slots__ = ()
+
+    def __call__(self, *parts: str) -> PurePosixPath:
+        return PurePosixPath(*parts)
 
 
 def _allowed_globals() -> dict[tuple[str, str], Any]:
-    """Every global a DCP `.metadata` may name, as exact (module, name) pairs.
+    """Every global a DCP `.metadata` may name, as exact (module, name) pairs, and what each one loads as.
 
     Found by recording what `dcp.save` and Megatron Core's `dist_checkpointing.save` write: DCP's dataclasses,
-    torch.Size, dtype/layout constants (pickled as `torch.<name>` and `torch.serialization._get_layout`, a dict
-    lookup by name), OrderedDict and the path `StorageMeta.checkpoint_id` holds (`pathlib._local` from Python 3.13).
+    torch.Size, dtype constants (`torch.<name>`), layouts (`torch.serialization._get_layout('torch.strided')`),
+    OrderedDict and `StorageMeta.checkpoint_id`'s path (`pathlib._local` from Python 3.13). pickle's BUILD sets
+    attributes on whatever a global gives, and these objects are shared by the whole process (torch's layout
+    cache and pathlib's `__fspath__` together would redirect a later open()). So each entry either refuses new
+    attributes (builtin types and constants, a dict's `__getitem__` for layouts, a slotted `_PathFromParts`) or
+    is a DCP class, which `_unpickle` guards.
     """
     table: dict[tuple[str, str], Any] = {(cls.__module__, cls.__qualname__): cls for cls in _DCP_CLASSES}
     table.update({("torch", name): value for name, value in vars(torch).items()
                   if isinstance(value, (torch.dtype, torch.layout, torch.memory_format))})
-    table.update({("torch", "Size"): torch.Size, ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+    table.update({("torch", "Size"): torch.Size, ("torch.serialization", "_get_layout"): _LAYOUTS.__getitem__,
                   ("collections", "OrderedDict"): collections.OrderedDict, ("builtins", "set"): set,
-                  ("builtins", "frozenset"): frozenset, ("pathlib", "PosixPath"): pathlib.PosixPath,
-                  ("pathlib._local", "PosixPath"): pathlib.PosixPath})
+                  ("builtins", "frozenset"): frozenset, ("pathlib", "PosixPath"): _PathFromParts(),
+                  ("pathlib._local", "PosixPath"): _PathFromParts()})
     return table
 
 
@@ -125,6 +139,33 @@ class _SafeUnpickler(pickle.Unpickler):
             return self.ALLOWED[(module, name)]
         except KeyError:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}") from None
+
+
+def _unpickle(handle: IO[bytes]) -> Any:
+    """Load with `_SafeUnpickler`, refusing (and undoing) any attribute the pickle set on a DCP class.
+
+    BUILD with a slot state is `setattr(obj, name, value)`, on a class too; a changed class would outlive the
+    load and change how every later DCP object behaves in this process.
+    """
+    before = {cls: dict(vars(cls)) for cls in _DCP_CLASSES}
+    try:
+        return _SafeUnpickler(handle).load()
+    finally:
+        changed = [cls for cls, attrs in before.items() if _restore(cls, attrs)]
+        if changed:
+            raise pickle.UnpicklingError(f"refusing a pickle that sets attributes of {changed[0].__qualname__}")
+
+
+def _restore(cls: type, attrs: dict[str, Any]) -> bool:
+    """Put back `cls`'s attributes as `attrs` holds them; True when any had changed."""
+    now = dict(vars(cls))
+    changed = now.keys() != attrs.keys() or any(now[k] is not v for k, v in attrs.items())
+    for name in now.keys() - attrs.keys():
+        delattr(cls, name)
+    for name, value in attrs.items():
+        if now.get(name) is not value:
+            setattr(cls, name, value)
+    return changed
 
 
 class _FileView(io.RawIOBase):
@@ -161,7 +202,7 @@ def _load_metadata(path: Path) -> Metadata:
         raise BridgeError(f"{path.parent} has no {METADATA_FILE}; the torch_dist checkpoint is incomplete (interrupted save?)")
     try:
         with open(path, "rb") as handle:
-            metadata = _SafeUnpickler(handle).load()
+            metadata = _unpickle(handle)
     except (pickle.UnpicklingError, EOFError, AttributeError, KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise BridgeError(f"cannot read {path}: {exc}; the file is corrupt or not DCP metadata") from exc
     if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict) \

@@ -6,10 +6,12 @@ import pickle
 import shlex
 import shutil
 import struct
-from pathlib import Path
+from pathlib import Path, PosixPath
 from typing import Any, Callable
 
 import pytest
+import torch
+import torch.distributed.checkpoint.metadata
 
 from bridge import api
 from bridge.cli.main import main
@@ -131,6 +133,48 @@ def test_metadata_dotted_names_are_refused(dist: Path, tmp_path: Path, capsys) -
     """Even a dotted path that ends at an allowed class: names are matched whole, never walked."""
     plant_call(dist, "torch.distributed.checkpoint.metadata", "torch.Size", "")
     assert "refusing to load torch.distributed.checkpoint.metadata.torch.Size" in export_error(capsys, dist, tmp_path)
+
+
+def _text(value: str) -> bytes:
+    return b"X" + struct.pack("<I", len(value.encode())) + value.encode()
+
+
+def plant_ops(ckpt: Path, ops: bytes) -> None:
+    """Run hand-written protocol 2 opcodes `ops` (which leave one object on the stack, popped) before the valid
+    Metadata that `.metadata` holds loads as usual."""
+    path = ckpt / "release" / ".metadata"
+    data = pickle.dumps(pickle.loads(path.read_bytes()), protocol=2)
+    path.write_bytes(data[:2] + ops + b"0" + data[2:])
+
+
+SETATTRS = {  # pickle's BUILD sets attributes on whatever a global names, a class or a function alike
+    "a DCP class": (b"ctorch.distributed.checkpoint.metadata\nMetadataIndex\nN}" + _text("bridge_test")
+                    + _text("x") + b"s\x86b",
+                    lambda: "bridge_test" not in vars(torch.distributed.checkpoint.metadata.MetadataIndex)),
+    "torch's layout cache": (b"ctorch.serialization\n_get_layout\n}" + _text("cache") + b"}" + _text("torch.strided")
+                             + b"ctorch\nsparse_coo\nssb",
+                             lambda: torch.serialization._get_layout("torch.strided") is torch.strided),
+    "pathlib's __fspath__": (b"cpathlib\nPosixPath\nN}" + _text("__fspath__") + b"ctorch.serialization\n_get_layout\n"
+                             + b"s\x86b", lambda: "__fspath__" not in vars(PosixPath)),
+}
+
+
+@pytest.mark.parametrize("target", sorted(SETATTRS))
+def test_metadata_cannot_change_shared_objects(dist: Path, tmp_path: Path, capsys, target: str) -> None:
+    """A class or function that outlived the load changed (a poisoned layout cache and pathlib's `__fspath__`
+    together redirect every later open() of a given path) would change the rest of the process."""
+    ops, unchanged = SETATTRS[target]
+    plant_ops(dist, ops)
+    try:
+        code, lines = run_cli(capsys, ["export", str(dist), "--out", str(tmp_path / "out")])
+        assert unchanged(), f"{target} changed by loading .metadata (exit {code})"
+        assert_one_error_line(["export"], code, lines)
+    finally:
+        for name in ("bridge_test", "__fspath__"):
+            for cls in (torch.distributed.checkpoint.metadata.MetadataIndex, PosixPath):
+                if name in vars(cls):
+                    delattr(cls, name)
+        torch.serialization._get_layout.cache.clear()
 
 
 def test_data_file_outside_the_folder_is_refused(dist: Path, tmp_path: Path, capsys) -> None:
