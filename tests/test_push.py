@@ -137,6 +137,24 @@ def test_cli_push_prints_commit_url_and_one_line_errors(hub, tiny_llama, capsys)
     assert err.startswith("bridge push: error:") and "<user or org>/<name>" in err and "\n" not in err
 
 
+def test_cli_private_flag_creates_a_private_repo(hub, tiny_llama):
+    """`bridge push --private` reaches the Hub: the repo is stored private and other users cannot see it, while
+    the same push without the flag gives a repo they can."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from bridge.cli.main import main
+
+    public = f"{USER}/tiny-llama-public"
+    assert main(["push", str(tiny_llama), REPO, "--token", TOKEN, "--private"]) == 0
+    assert main(["push", str(tiny_llama), public, "--token", TOKEN]) == 0
+    assert hub.state.repos[REPO].private and not hub.state.repos[public].private
+    other = HfApi(token=OTHER_TOKEN)
+    assert other.repo_info(public).id == public
+    with pytest.raises(RepositoryNotFoundError):
+        other.repo_info(REPO)
+    assert HfApi(token=TOKEN).repo_info(REPO).private is True
+
+
 def test_demo_push_uses_a_local_hub(tiny_llama):
     from bridge.push import demo_push
 
