@@ -285,9 +285,10 @@ def test_cp_losses_match_single_process(setup: dict[str, Path]) -> None:
 
     ref = [loss for _, loss in train(_config(setup, "single", nproc=1))["loss_curve"]]
     assert len(ref) == 10 and len(set(ref)) == 10  # random tokens: the loss moves, it need not fall
-    # the losses move by only 0.2% in these 10 steps, the weights by up to 1e-2 (10 Adam steps of lr 1e-3)
+    # the losses move by only 0.2% in these 10 steps, so the weights are compared too: their updates
     single, start = weights("single"), load_file(setup["hf"] / "model.safetensors")
-    assert max((single[k] - start[k]).abs().max().item() for k in start) > 3e-3
+    update = torch.cat([(single[k] - start[k]).flatten() for k in start])
+    assert update.abs().max() > 3e-3  # 10 Adam steps of lr 1e-3
     runs = {"cp2": dict(nproc=2, cp=2), "cp2tp2": dict(nproc=4, cp=2, tp=2), "cp2pp2": dict(nproc=4, cp=2, pp=2),
             "cp2-all-gather": dict(nproc=2, cp=2, cp_comm_type="all_gather"),
             "cp2-a2a": dict(nproc=2, cp=2, cp_comm_type="a2a"), "cp2tp2-a2a": dict(nproc=4, cp=2, tp=2, cp_comm_type="a2a")}
@@ -297,9 +298,10 @@ def test_cp_losses_match_single_process(setup: dict[str, Path]) -> None:
         print(f"{name}: max relative loss difference over 10 steps {rel:.2e}")
         assert len(got) == 10 and rel <= 1e-5, (name, got, ref)
         ours = weights(name)
-        worst = max((ours[k] - single[k]).abs().max().item() for k in single)
-        print(f"{name}: max |weight difference| after export {worst:.2e}")
-        assert worst <= 1e-5, name  # 1% of one step, as in tests/test_train_parallel.py
+        off = torch.cat([(ours[k] - single[k]).flatten() for k in single])
+        print(f"{name}: weights after export off by {off.abs().max():.2e} at most, {off.norm() / update.norm():.2e} "
+              f"of the update's norm")
+        assert off.norm() <= 2e-4 * update.norm(), name  # fp32 summation order: 3e-6 to 2e-5 measured
 
 
 def test_cp_sequence_length_must_split_into_2cp_chunks(setup: dict[str, Path]) -> None:
