@@ -1,4 +1,8 @@
-"""torch_dist: bit-exact round trips, Megatron's on-disk facts, rank shards equal to the legacy files, lazy reads."""
+"""torch_dist: bit-exact round trips, Megatron's on-disk facts, rank shards equal to the legacy files, lazy reads.
+
+The round trips prove that writing and reading torch_dist are inverse, not that either is right; Megatron Core's
+own dist_checkpointing loading bridge's folders and saving ones bridge reads (tests/interop/) does that.
+"""
 from __future__ import annotations
 
 import json
