@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,10 +85,12 @@ class _Queued:
     lr: float
     results: torch.Tensor  # on the host once `ready` has fired: loss sum, SIGTERM flags, MoE aux sum, grad norm
     ready: torch.cuda.Event | None
+    began: torch.cuda.Event | None = None  # on the device's stream where the step's work starts (CUDA)
+    done: float | None = None  # host clock when the work finished, where launching it ran it (CPU)
 
 
 def _sums_to_host(held: list[torch.Tensor], ps: ParallelState, device: torch.device, flags: list[float],
-                  unsummed: list[torch.Tensor]) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+                  unsummed: list[torch.Tensor], timed: bool = False) -> tuple[torch.Tensor, torch.cuda.Event | None]:
     """[sum of `held` over the world, each of `flags` summed over the world, `unsummed`...] as float64 on the host.
 
     `held` (losses) counts only on TP rank 0 of the last stage, whose DP ranks hold different micro-batches
@@ -107,7 +110,7 @@ def _sums_to_host(held: list[torch.Tensor], ps: ParallelState, device: torch.dev
         return data, None
     host = torch.empty(data.shape, dtype=data.dtype, pin_memory=True)
     host.copy_(data, non_blocking=True)
-    ready = torch.cuda.Event()
+    ready = torch.cuda.Event(enable_timing=timed)
     ready.record()
     return host, ready
 
@@ -132,6 +135,23 @@ def evaluate(rs: RankSetup) -> float | None:
     return total[0].item() / (cfg.eval_iters * rs.plan.global_microbatches)
 
 
+def log_line(record: dict[str, Any], train_iters: int, consumed: int) -> str:
+    """One iteration's figures on one line, in Megatron-LM's order and spelling."""
+    parts = [f"iteration {record['iteration']:>8d}/{train_iters:>8d}", f"consumed samples: {consumed:>12d}",
+             f"elapsed time per iteration (ms): {record['step_s'] * 1e3:.1f}",
+             f"learning rate: {record['lr']:.6E}", f"lm loss: {record['loss']:.6E}"]
+    if "moe_aux_loss" in record:
+        parts.append(f"load_balancing_loss: {record['moe_aux_loss']:.6E}")
+    parts += [f"grad norm: {record['grad_norm']:.3f}", f"tokens/s: {record['tokens_per_s']:.0f}",
+              f"TFLOP/s/GPU: {record['tflops_per_gpu']:.3f}"]
+    if record.get("mfu") is not None:
+        parts.append(f"MFU: {100 * record['mfu']:.1f}%")
+    parts.append(f"peak memory (GiB): {record['peak_mem_gib']:.2f}")
+    if record.get("valid_loss") is not None:
+        parts.append(f"validation loss: {record['valid_loss']:.6E}")
+    return " " + " | ".join(parts) + " |"
+
+
 class Trainer:
     """Runs iterations until --train-iters, --exit-interval or SIGTERM; owns metrics and checkpoints."""
 
@@ -152,13 +172,18 @@ class Trainer:
         self.profiler = StepProfiler(self.cfg, self.ps.rank, rs.device)
         self.prefetched: list[dict[str, torch.Tensor]] | None = None
         self.launched = rs.iteration  # the number of the last step queued (finished or not)
-        self.last_completed = 0.0
         self.stop_requested = False
         self.bar = None
-        if is_logger and self.cfg.progress:
-            from tqdm import tqdm
+        self.print_lines = False  # one line per --log-interval where there is no progress bar
+        if is_logger:
+            if self.cfg.progress and sys.stderr.isatty():
+                from tqdm import tqdm
 
-            self.bar = tqdm(total=self.cfg.train_iters, initial=rs.iteration, desc="train", unit="it")
+                self.bar = tqdm(total=self.cfg.train_iters, initial=rs.iteration, desc="train", unit="it")
+            else:
+                self.print_lines = True
+            where = f"; metrics of every --log-interval {self.cfg.log_interval} in {save / 'train_log.jsonl'}" if save else ""
+            log.info("training iterations %d to %d%s", rs.iteration + 1, self.cfg.train_iters, where)
 
     def run(self) -> dict[str, Any]:
         rs, cfg = self.rs, self.cfg
@@ -208,6 +233,10 @@ class Trainer:
         self.launched += 1
         iteration = self.launched
         start = time.perf_counter()
+        began = None
+        if rs.device.type == "cuda":
+            began = torch.cuda.Event(enable_timing=True)
+            began.record()
         self.profiler.before_step(iteration)
         mbs = self.prefetched if self.prefetched is not None else rs.micro_batches(rs.train, first)
         losses = train_step(rs, mbs)
@@ -217,17 +246,21 @@ class Trainer:
         last = iteration >= self.cfg.train_iters
         self.prefetched = None if last else rs.micro_batches(rs.train, first + self.cfg.global_batch_size)
         aux = self.moe_step()
-        results, ready = _sums_to_host(losses, self.ps, rs.device, [float(self.stop.set), aux], [grad_norm])
-        return _Queued(iteration, start, lr, results, ready)
+        results, ready = _sums_to_host(losses, self.ps, rs.device, [float(self.stop.set), aux], [grad_norm],
+                                       timed=began is not None)
+        return _Queued(iteration, start, lr, results, ready, began, None if ready is not None else time.perf_counter())
 
     def complete(self, queued: _Queued) -> dict[str, Any]:
         """Wait for a queued step's results (not for anything queued after it) and make its record."""
         rs = self.rs
         if queued.ready is not None:
             queued.ready.synchronize()
-        now = time.perf_counter()
-        elapsed = now - max(queued.start, self.last_completed)  # run ahead: the time between two finished steps
-        self.last_completed = now
+        # The step's own time, not the time until the host came to read it: queued ahead, a step's results are
+        # read after the next step was launched (the CPU runs the whole next step in launch).
+        if queued.done is not None:
+            elapsed = queued.done - queued.start
+        else:
+            elapsed = queued.began.elapsed_time(queued.ready) / 1e3
         self.profiler.after_step(queued.iteration)
         loss_sum, stop, aux_sum, grad_norm = queued.results.tolist()
         if not math.isfinite(grad_norm):
@@ -265,7 +298,8 @@ class Trainer:
         self.records.append(record)
         if rs.iteration % cfg.log_interval == 0 or "valid_loss" in record:
             self.log.write({k: v for k, v in record.items() if not k.startswith("_")})
-            log.debug("it %d loss %.6f lr %.3e grad norm %.3f", rs.iteration, record["loss"], record["lr"], record["grad_norm"])
+            if self.print_lines:
+                print(log_line(record, cfg.train_iters, rs.consumed), flush=True)
         if self.bar:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                  tok_s=f"{record['tokens_per_s']:.0f}")

@@ -1,0 +1,54 @@
+"""What `bridge train` shows and records: the per-interval lines, the timing of each step, the run summary."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from bridge.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tiny_hf, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from bridge.api import import_hf
+
+    return import_hf(tiny_hf("llama32-tied"), tmp_path_factory.mktemp("out") / "ckpt")
+
+
+def _train(ckpt: Path, *flags: str) -> int:
+    return main(["train", "--load", str(ckpt), "--mock-data", "--seq-length", "32", "--global-batch-size", "2",
+                 "--eval-iters", "1", "--device", "cpu", *flags])
+
+
+def test_no_progress_prints_one_line_per_log_interval(tiny_ckpt: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    assert _train(tiny_ckpt, "--train-iters", "4", "--log-interval", "2", "--eval-interval", "0", "--no-progress",
+                  "--save", str(tmp_path / "run")) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.lstrip().startswith("iteration")]
+    assert len(lines) == 2 and "2/       4" in lines[0] and "4/       4" in lines[1]
+    for name in ("lm loss:", "learning rate:", "grad norm:", "tokens/s:", "TFLOP/s/GPU:", "peak memory (GiB):"):
+        assert name in lines[0]
+
+
+def test_every_steps_time_is_its_own_the_last_one_too(tiny_ckpt: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queued ahead, step n's results are read after step n+1 ran: that must not move time between the steps."""
+    from bridge.training import loop
+
+    step = loop.train_step
+
+    def slow_step(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        time.sleep(0.2)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", slow_step)
+    assert _train(tiny_ckpt, "--train-iters", "4", "--eval-interval", "0", "--no-progress",
+                  "--save", str(tmp_path / "run")) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        assert r["step_s"] >= 0.2, records  # at least its own sleep: the last step measured nothing
+        assert r["tokens_per_s"] == pytest.approx(2 * 32 / r["step_s"])
