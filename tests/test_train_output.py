@@ -52,3 +52,14 @@ def test_every_steps_time_is_its_own_the_last_one_too(tiny_ckpt: Path, tmp_path:
     for r in records:
         assert r["step_s"] >= 0.2, records  # at least its own sleep: the last step measured nothing
         assert r["tokens_per_s"] == pytest.approx(2 * 32 / r["step_s"])
+
+
+def test_summary_file_has_the_final_validation_loss(tiny_ckpt: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    """The last step is a save point: the summary written with it holds the final validation loss."""
+    run = tmp_path / "run"
+    assert _train(tiny_ckpt, "--train-iters", "2", "--save-interval", "2", "--no-progress", "--save", str(run)) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    saved = json.loads((run / "train_summary.json").read_text())
+    assert printed["final_valid_loss"] is not None
+    assert saved["final_valid_loss"] == printed["final_valid_loss"]

@@ -206,6 +206,9 @@ class Trainer:
             queued = self.launch() if rs.iteration < cfg.train_iters else None
         if stopped_by == "train-iters" and rs.valid is not None and (
                 not rs.valid_curve or rs.valid_curve[-1][0] != rs.iteration):
+            if self.ps.rank == 0:
+                log.info("final validation: %d batches of %d samples (--eval-iters)", cfg.eval_iters,
+                         cfg.global_batch_size)
             rs.valid_curve.append([rs.iteration, evaluate(rs)])
         if cfg.save and rs.saved_at != rs.iteration:
             self.save()
@@ -292,7 +295,11 @@ class Trainer:
 
     def after_step(self, record: dict[str, Any]) -> None:
         rs, cfg = self.rs, self.cfg
-        if cfg.eval_interval and rs.iteration % cfg.eval_interval == 0:
+        final = rs.iteration >= cfg.train_iters and rs.valid is not None  # before the last save, which records it
+        if final or (cfg.eval_interval and rs.iteration % cfg.eval_interval == 0):
+            if final and self.ps.rank == 0:
+                log.info("final validation: %d batches of %d samples (--eval-iters)", cfg.eval_iters,
+                         cfg.global_batch_size)
             record["valid_loss"] = evaluate(rs)
             rs.valid_curve.append([rs.iteration, record["valid_loss"]])
         self.records.append(record)
