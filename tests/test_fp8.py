@@ -266,8 +266,9 @@ def _tp_fp8_rank(ckpt_tp1: str, ckpt_tp2: str) -> dict[str, float]:
 def test_fp8_under_tensor_and_sequence_parallelism(hf: Path, tmp_path: Path) -> None:
     """FP8 at TP=2 (and with SP) computes what it does at TP=1: each rank casts its own shards (so the scales, and
     the rounding, differ a little), the column layers gather and the row layers sum as in bf16, and the output
-    layer's vocabulary shards feed the vocab-parallel loss. A dropped collective or a shard multiplied in the wrong
-    layout would move the loss by far more than 1% or turn a gradient away."""
+    layer's vocabulary shards feed the vocab-parallel loss. The tiny random model's loss hardly depends on its
+    linear layers (zeroing all of them moves it by 0.09%), so the 1% loss check only catches gross errors; a dropped
+    collective or a shard multiplied in the wrong layout is caught by the gradients, which it turns away."""
     from bridge.api import import_hf
     from bridge.launch import launch
     from bridge.layout import ParallelLayout
