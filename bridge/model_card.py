@@ -164,6 +164,22 @@ def _verification(report: Any) -> list[str]:
     return lines + [""] if len(lines) > 2 else []
 
 
+def _verified_here(report: Any, checkpoint: Path | None) -> Any:
+    """`report` if it is of the checkpoint iteration being pushed; None (no claim on the card) if it verified another
+    one, e.g. the iteration a training run resumed from, or does not say which."""
+    from bridge.converters.megatron_legacy import TRACKER, read_tracker
+
+    if checkpoint is None or not isinstance(report, dict) or not (checkpoint / TRACKER).is_file():
+        return report
+    current = read_tracker(checkpoint)
+    if str(report.get("iteration")) != str(current):
+        logger.warning("%s: verify.json is of iteration %s, not of iteration %s being pushed; the card leaves it out "
+                       "(run `bridge verify` again to include it)", checkpoint, report.get("iteration", "unknown"),
+                       current)
+        return None
+    return report
+
+
 def build_model_card(
     hf_folder: Path, repo_id: str, *, checkpoint: Path | None = None, revision: str | None = None
 ) -> ModelCard:
@@ -188,7 +204,7 @@ def build_model_card(
     lines += _provenance(meta, source, constants.ENDPOINT)
     summary = _read_json(dirs, "train_summary.json")
     training, assets = _training(summary) if isinstance(summary, dict) else ([], {})
-    lines += training + _verification(_read_json(dirs, "verify.json"))
+    lines += training + _verification(_verified_here(_read_json(dirs, "verify.json"), checkpoint))
     args = f'"{repo_id}"' + (f', revision="{revision}"' if revision and revision != "main" else "")
     lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
               f"model = AutoModelForCausalLM.from_pretrained({args})",

@@ -74,6 +74,7 @@ class VerifyResult:
     passed: bool
     criterion: str
     hf_bf16: Metrics | None = None  # bf16 only: transformers' own bf16 logits against its fp32 ones
+    iteration: int | str | None = None  # the checkpoint iteration compared ("release" for an import)
     created: str = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
     def table(self) -> str:
@@ -316,7 +317,10 @@ def verify(hf_src: str | Path, checkpoint: str | Path, *, prompts: Sequence[str]
     ours = sharded_logits([ckpt], tokens, dtype=dtype, device=device, sequence_parallel=sequence_parallel, cp=cp,
                           cp_comm_type=cp_comm_type)[0]
     rows, overall, ok, criterion = compare(texts, ref, ours, dtype, hf_bf16)
-    result = VerifyResult(checkpoint=str(ckpt), hf_source=str(hf_src), dtype=dtype, device=device,
+    from bridge.converters.megatron_legacy import read_tracker
+
+    iteration = read_tracker(ckpt)  # the one sharded_logits read: the tracker's
+    result = VerifyResult(checkpoint=str(ckpt), hf_source=str(hf_src), dtype=dtype, device=device, iteration=iteration,
                           layout={**meta.layout.to_json(), **({"cp": cp, "cp_comm_type": cp_comm_type} if cp > 1 else {}),
                                   **({"sequence_parallel": True} if sequence_parallel and meta.layout.tp > 1 else {})},
                           transformer_impl=meta.transformer_impl, prompts=rows,

@@ -63,3 +63,28 @@ def test_summary_file_has_the_final_validation_loss(tiny_ckpt: Path, tmp_path: P
     saved = json.loads((run / "train_summary.json").read_text())
     assert printed["final_valid_loss"] is not None
     assert saved["final_valid_loss"] == printed["final_valid_loss"]
+
+
+def test_card_leaves_out_a_verification_of_another_iteration(tiny_hf, tiny_ckpt: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    """verify.json says which iteration it compared; after a resume the card does not claim it for the new one."""
+    from bridge.model_card import build_model_card
+
+    run = tmp_path / "run"
+    assert _train(tiny_ckpt, "--train-iters", "2", "--eval-interval", "0", "--no-progress",
+                  "--save", str(run)) == 0
+    hf = tiny_hf("llama32-tied")
+    assert main(["verify", str(hf), str(run), "--prompts", str(_prompts(tmp_path))]) in (0, 1)
+    assert json.loads((run / "verify.json").read_text())["iteration"] == 2
+    assert "## Verification" in build_model_card(hf, "me/x", checkpoint=run).text
+    assert main(["train", "--load", str(run), "--mock-data", "--seq-length", "32", "--global-batch-size", "2",
+                 "--device", "cpu", "--train-iters", "3", "--eval-interval", "0", "--eval-iters", "1",
+                 "--no-progress", "--save", str(run)]) == 0
+    capsys.readouterr()
+    assert "## Verification" not in build_model_card(hf, "me/x", checkpoint=run).text
+
+
+def _prompts(tmp_path: Path) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("hello world\n")
+    return path
