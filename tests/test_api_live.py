@@ -62,16 +62,13 @@ def test_streamed_weights_equal_the_hf_source(tiny_hf, arch: str, impl: str) -> 
         assert name == "model.layers.3.mlp.up_proj.weight" and tensor.dtype == torch.bfloat16
 
 
-def rank0_only(folder: str, layout: ParallelLayout) -> int:
+def rank0_only_then_save(folder: str, layout: ParallelLayout, out: str) -> int:
+    """Stream to rank 0 (how many weights this rank received), then `save_hf` from the same live model."""
     bridge = AutoBridge.from_hf(folder)
     chunks = bridge.build_model(layout)
-    return len(list(bridge.export_hf_weights(chunks, to="rank0")))
-
-
-def save_on_rank(folder: str, layout: ParallelLayout, out: str) -> None:
-    bridge = AutoBridge.from_hf(folder)
-    chunks = bridge.build_model(layout)
+    count = len(list(bridge.export_hf_weights(chunks, to="rank0")))
     bridge.save_hf(chunks, out)
+    return count
 
 
 def test_rank0_destination_and_save_hf(tiny_hf, tmp_path: Path) -> None:
@@ -79,10 +76,9 @@ def test_rank0_destination_and_save_hf(tiny_hf, tmp_path: Path) -> None:
 
     folder = tiny_hf("llama32-tied")
     layout = ParallelLayout(tp=2, pp=2)
-    counts = launch(rank0_only, 4, str(folder), layout, threads=1)
+    counts = launch(rank0_only_then_save, 4, str(folder), layout, str(tmp_path / "saved"), threads=1)
     expected = len(load_file(folder / "model.safetensors"))
     assert counts == [expected, 0, 0, 0]
-    launch(save_on_rank, 4, str(folder), layout, str(tmp_path / "saved"), threads=1)
     ref, got = load_file(folder / "model.safetensors"), load_file(tmp_path / "saved" / "model.safetensors")
     assert sorted(ref) == sorted(got) and all(torch.equal(ref[k], got[k]) for k in ref)
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
