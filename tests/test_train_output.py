@@ -88,3 +88,24 @@ def _prompts(tmp_path: Path) -> Path:
     path = tmp_path / "prompts.txt"
     path.write_text("hello world\n")
     return path
+
+
+def test_automatic_reshard_of_load_is_removed_and_load_recorded(tiny_hf, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    from bridge.api import import_hf
+    from bridge.layout import ParallelLayout
+
+    tp2 = import_hf(tiny_hf("llama32-tied"), tmp_path / "tp2", ParallelLayout(tp=2))
+    run = tmp_path / "run"
+    assert _train(tp2, "--train-iters", "1", "--eval-interval", "0", "--no-progress", "--save", str(run)) == 0
+    assert not list(run.glob(".load-*"))  # a full copy of the model, resharded to tp1 for this run
+    assert json.loads((run / "bridge.json").read_text())["source"]["trained_from"] == str(tp2)
+
+
+def test_training_without_save_says_so(tiny_ckpt: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        assert _train(tiny_ckpt, "--train-iters", "1", "--eval-interval", "0", "--no-progress") == 0
+    assert [r.getMessage() for r in caplog.records if "no --save" in r.getMessage()] == [
+        "no --save: this run keeps nothing of what it trains; pass --save DIR for checkpoints"]

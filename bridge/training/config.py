@@ -136,6 +136,8 @@ class TrainConfig:
     """Peak bf16 TFLOP/s of one device, for MFU; default from the device name (H100/H200: 989)."""
     device: str | None = None
     """cpu or cuda; default cuda when a GPU is visible."""
+    load_as_given: str | None = None
+    """Set by bridge, not a flag: --load as the user gave it, where `load` is its automatic reshard to this layout."""
 
     def resolved_device(self) -> str:
         if self.device:

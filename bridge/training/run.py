@@ -59,7 +59,18 @@ def resolve_load(cfg: TrainConfig, plan: Plan, *, do_reshard: bool = True) -> Tr
 
         log.info("resharding %s (%s) to %s in %s", cfg.load, old.name, plan.layout.name, target)
         reshard(cfg.load, target, plan.layout, iteration=None if iteration == "release" else int(iteration), overwrite=True)
-    return dataclasses.replace(cfg, load=str(target))
+    return dataclasses.replace(cfg, load=str(target), load_as_given=cfg.load)
+
+
+def remove_reshard(cfg: TrainConfig) -> None:
+    """The automatic reshard of --load is a full copy of the model: gone once the ranks have read it."""
+    if cfg.load_as_given is not None and Path(cfg.load).is_dir():
+        import shutil
+
+        shutil.rmtree(cfg.load, ignore_errors=True)
+        parent = Path(cfg.load).parent
+        if parent.name.startswith("bridge-train-") and not any(parent.iterdir()):
+            parent.rmdir()
 
 
 #: PyTorch's CUDA allocator setting for training when the user names none. Expandable segments grow mapped memory
@@ -81,6 +92,8 @@ def _rank_main(cfg: TrainConfig, plan: Plan) -> dict[str, Any] | None:
     from bridge.training.loop import train_rank
 
     logging.basicConfig(level=logging.INFO if dist.get_rank() == 0 else logging.WARNING, format="%(message)s")
+    if dist.get_rank() != 0:  # under torchrun `bridge` configured logging already: one rank tells what happens
+        logging.getLogger().setLevel(logging.WARNING)
     return train_rank(cfg, plan)
 
 
@@ -91,6 +104,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # no --global-batch-size: one micro-batch per DP rank and step (Megatron-LM's default)
     cfg = dataclasses.replace(cfg, global_batch_size=plan.global_microbatches * cfg.micro_batch_size)
     backend = "nccl" if cfg.resolved_device() == "cuda" else "gloo"
+    if not cfg.save and int(os.environ.get("RANK", "0")) == 0:
+        log.warning("no --save: this run keeps nothing of what it trains; pass --save DIR for checkpoints")
     if cfg.nproc is not None:
         cfg = resolve_load(cfg, plan)
         from bridge.launch import launch
@@ -103,6 +118,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if cfg.save and Path(cfg.save).is_dir():  # the ranks are gone: what a failed save left goes too
                 remove_partial(Path(cfg.save))
             raise
+        finally:
+            remove_reshard(cfg)
     from bridge.parallel.state import init_distributed
 
     init_distributed(backend, timeout_s=3600.0)
@@ -111,4 +128,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         dist.barrier()
         return _rank_main(cfg, plan)
     finally:
+        if dist.get_rank() == 0:  # every rank read its weights before the first step
+            remove_reshard(cfg)
         dist.destroy_process_group()

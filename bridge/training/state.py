@@ -193,7 +193,7 @@ def _prepare_save(cfg: TrainConfig, plan: Plan, start: int) -> None:
         if later:
             log.warning("%s holds checkpoints past iteration %d, where this run starts (up to iteration %d): another "
                         "run's, left as they are; a save at one of their iterations replaces it", save, start, later[-1])
-    source = {"trained_from": cfg.load or cfg.model_config}
+    source = {"trained_from": cfg.load_as_given or cfg.load or cfg.model_config}
     if plan.load_meta is not None:
         source = {**plan.load_meta.source, **source}
     meta = CheckpointMeta(config=plan.model, layout=plan.layout, transformer_impl=plan.transformer_impl,
