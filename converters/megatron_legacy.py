@@ -29,6 +29,17 @@ def iteration_dir_name(iteration: int | str) -> str:
     return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
 
 
+def check_iteration(root: Path, iteration: int | str | None) -> None:
+    """BridgeError listing the iterations `root` holds when an asked-for `iteration` (None: the tracker's) is not one."""
+    if iteration is None or (root / iteration_dir_name(iteration)).is_dir():
+        return
+    held = sorted(int(p.name[5:]) for p in root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
+    names = [*(["release"] if (root / "release").is_dir() else []), *map(str, held)]
+    holds = f"it holds iteration{'s' if len(names) > 1 else ''} {', '.join(names)}" if names else "it holds none"
+    raise BridgeError(f"{root} has no iteration {iteration}; {holds}: pass one of them to --iteration, or leave "
+                      "--iteration out for the latest")
+
+
 def read_tracker(root: Path) -> int | str:
     tracker = root / TRACKER
     if not tracker.is_file():
@@ -101,6 +112,7 @@ class LegacyCheckpointReader:
 
     def __init__(self, root: Path, layout: ParallelLayout, iteration: int | str | None = None) -> None:
         self.root, self.layout = root, layout
+        check_iteration(root, iteration)
         self.iteration = read_tracker(root) if iteration is None else iteration
         self._paths: dict[tuple[int, int, int], Path] = {}
         self._models: dict[tuple[int, int, int], list[dict[str, torch.Tensor]]] = {}

@@ -29,8 +29,8 @@ import torch
 from bridge.checkpoint import CheckpointMeta
 from bridge.converters import engine
 from bridge.converters.dcp import DcpReader, DcpWriter
-from bridge.converters.megatron_legacy import (CHECKPOINT_VERSION, SAFE_GLOBALS, TRACKER, iteration_dir_name,
-                                               model_keys, read_tracker, state_dict_position)
+from bridge.converters.megatron_legacy import (CHECKPOINT_VERSION, SAFE_GLOBALS, TRACKER, check_iteration,
+                                               iteration_dir_name, model_keys, read_tracker, state_dict_position)
 from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
 from bridge.mapping import Conversion, megatron_shape
@@ -81,6 +81,7 @@ def checkpoint_format(root: Path, iteration: int | str | None = None, recorded: 
     `recorded` is what bridge.json says; a torch_dist folder without metadata.json and without rank
     folders is a save that did not finish (Megatron writes metadata.json last), not a legacy checkpoint.
     """
+    check_iteration(root, iteration)
     folder = root / iteration_dir_name(read_tracker(root) if iteration is None else iteration)
     config = folder / CONFIG_FILE
     if not config.is_file():

@@ -192,7 +192,7 @@ def test_bad_inputs_and_tokenizers(tmp_path, tok_dir):
         run(tmp_path, tok_dir, [tmp_path / "d.csv"]) if (tmp_path / "d.csv").write_text("x") else None
     with pytest.raises(BridgeError, match="no folder named"):
         run(tmp_path, tmp_path / "no-such-tokenizer", [data])
-    with pytest.raises(BridgeError, match="could not load a tokenizer"):
+    with pytest.raises(BridgeError, match="could not load the tokenizer"):
         run(tmp_path, tmp_path, [data])  # a folder without tokenizer files
     with pytest.raises(BridgeError, match="--workers"):
         run(tmp_path, tok_dir, [data], workers=0)

@@ -67,18 +67,22 @@ def resolve_tokenizer_dir(source: str, revision: str | None = None, token: str |
         ) from exc
 
 
-def load_tokenizer(source: str, revision: str | None = None, token: str | None = None) -> Any:
-    """An HF tokenizer (`PreTrainedTokenizerBase`) for `source`; BridgeError if it cannot be loaded."""
+def load_tokenizer(source: str, revision: str | None = None, token: str | None = None, *, name: str | None = None,
+                   advice: str = "pass --tokenizer with an HF model folder or Hub id whose tokenizer loads") -> Any:
+    """An HF tokenizer (`PreTrainedTokenizerBase`) for `source`; BridgeError if it cannot be loaded. `name` is how
+    errors call the source (what the user gave, where `source` is a folder bridge derived from it)."""
     folder = resolve_tokenizer_dir(source, revision=revision, token=token)
+    name = name or source
     from transformers import AutoTokenizer
 
     try:
         tokenizer = load_pretrained(AutoTokenizer, str(folder))
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError for unusable folders
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise BridgeError(f"could not load a tokenizer from {folder}: {first}") from exc
+        reason = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__  # transformers': several lines
+        reason = reason if len(reason) <= 400 else reason[:397] + "..."
+        raise BridgeError(f"could not load the tokenizer of {name}: {reason}; {advice}") from exc
     if isinstance(tokenizer, bool) or not callable(tokenizer):
-        raise BridgeError(f"{folder} holds no tokenizer files (tokenizer.json, tokenizer_config.json)")
+        raise BridgeError(f"{name} holds no tokenizer files (tokenizer.json, tokenizer_config.json); {advice}")
     if not getattr(tokenizer, "is_fast", False):
         logger.warning("%s is a slow (Python) tokenizer; preparing data will be much slower", source)
     return tokenizer

@@ -187,9 +187,12 @@ def make_plan(cfg: TrainConfig) -> Plan:
     if cfg.resolved_device() == "cuda":
         import torch
 
-        if torch.cuda.device_count() < (cfg.nproc or 1):
-            raise BridgeError(f"--nproc {cfg.nproc} needs {cfg.nproc} GPUs, found {torch.cuda.device_count()}; "
-                              "use fewer ranks or --device cpu")
+        found = torch.cuda.device_count()
+        if found == 0:
+            raise BridgeError("--device cuda but no CUDA GPU is visible on this machine; use --device cpu")
+        if found < (cfg.nproc or 1):
+            raise BridgeError(f"--nproc {cfg.nproc} needs {cfg.nproc} GPUs, found {found}; use --nproc {found} or "
+                              "fewer, or --device cpu")
     _check_fp8(cfg, model)
     _check_data(cfg, model.vocab_size)
     return Plan(model=model, layout=layout, world_size=world, dp=dp, num_microbatches=microbatches,

@@ -123,7 +123,13 @@ def build_datasets(cfg: TrainConfig, plan: Plan) -> tuple[Any, Any]:
     if any(p.endswith(".jsonl") for p in cfg.data_path):
         from bridge.data.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(str(cfg.tokenizer or _hf_meta_folder(cfg)))
+        if cfg.tokenizer:
+            tokenizer = load_tokenizer(str(cfg.tokenizer))
+        else:  # the checkpoint's own: named as --load was given, not as its automatic reshard
+            given = Path(cfg.load_as_given) / HF_META_DIR if cfg.load_as_given else _hf_meta_folder(cfg)
+            tokenizer = load_tokenizer(str(_hf_meta_folder(cfg)), name=str(given),
+                                       advice="pass --tokenizer with the HF model folder or Hub id to tokenize the "
+                                              ".jsonl data with")
     docs = Documents(cfg.data_path, text_key=cfg.text_key, tokenizer=tokenizer, use_loss_mask=cfg.sft,
                      vocab_size=plan.model.vocab_size)
     train_ids, valid_ids, _ = split_documents(len(docs), cfg.split)

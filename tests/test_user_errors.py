@@ -1,0 +1,65 @@
+"""One-line errors for a user's mistakes: what is wrong, in the user's terms, and what to do."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bridge.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tiny_hf, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from bridge.api import import_hf
+
+    return import_hf(tiny_hf("llama32-tied"), tmp_path_factory.mktemp("errors") / "ckpt")
+
+
+def _one_line(capsys: pytest.CaptureFixture) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_device_cuda_without_a_gpu(tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert main(["train", "--load", str(tiny_ckpt), "--mock-data", "--seq-length", "32", "--device", "cuda"]) == 1
+    err = _one_line(capsys)
+    assert "no CUDA GPU is visible" in err and "--device cpu" in err and "None" not in err
+
+
+def test_export_of_a_missing_iteration_lists_those_there(tiny_ckpt: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    assert main(["export", str(tiny_ckpt), "--out", str(tmp_path / "hf"), "--iteration", "4"]) == 1
+    err = _one_line(capsys)
+    assert "has no iteration 4; it holds iteration release" in err and "incomplete" not in err
+
+
+def test_tokenizer_error_is_whole_and_names_what_the_user_gave(tiny_hf, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    """--load resharded for the run: the error names --load, not the reshard's folder, and says to pass --tokenizer."""
+    from bridge.api import import_hf
+    from bridge.data import tokenizer
+    from bridge.layout import ParallelLayout
+
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise ValueError("Couldn't instantiate the backend tokenizer from one of: \n(1) a `tokenizers` library "
+                         "serialization file, \n(2) a slow tokenizer instance to convert or \n(3) an equivalent slow "
+                         "tokenizer class to instantiate and convert. \nYou need to have sentencepiece installed.")
+
+    tp2 = import_hf(tiny_hf("llama32-tied"), tmp_path / "tp2", ParallelLayout(tp=2))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(20)))
+    monkeypatch.setattr(tokenizer, "load_pretrained", broken)
+    assert main(["train", "--load", str(tp2), "--data", str(data), "--seq-length", "16", "--train-iters", "1",
+                 "--device", "cpu", "--no-progress", "--save", str(tmp_path / "run")]) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(lines) == 1 and lines[0].startswith("bridge train: error: ")  # after the reshard's progress bar
+    err = lines[0]
+    assert f"the tokenizer of {tp2 / 'hf_meta'}:" in err and ".load-" not in err
+    assert "You need to have sentencepiece installed; pass --tokenizer" in err and "pass --tokenizer" in err
