@@ -23,30 +23,32 @@ _FLAGS: list[tuple[tuple[str, ...], dict]] = [
                                                   "train on assistant tokens only")),
     (("--tokenizer",), dict(help="tokenizer for .jsonl data (default: the checkpoint's hf_meta/)")),
     (("--nproc",), dict(type=int, help="spawn N local ranks (omit under torchrun)")),
-    (("--tp", "--tensor-model-parallel-size"), dict(dest="tp", type=int)),
-    (("--pp", "--pipeline-model-parallel-size"), dict(dest="pp", type=int)),
+    (("--tp", "--tensor-model-parallel-size"), dict(dest="tp", type=int, help="tensor parallel ranks")),
+    (("--pp", "--pipeline-model-parallel-size"), dict(dest="pp", type=int, help="pipeline stages (1F1B)")),
     (("--vpp",), dict(type=int, help="virtual pipeline chunks per stage (interleaved 1F1B)")),
     (("--ep", "--expert-model-parallel-size"), dict(dest="ep", type=int, help="expert parallelism (MoE; divides DP x CP)")),
     (("--moe-router-bias-update-rate",), dict(type=float, help="DeepSeek-V3 expert-bias step (default 1e-3)")),
     (("--cp", "--context-parallel-size"), dict(dest="cp", type=int,
                                                 help="context parallelism: split each sequence over CP ranks")),
-    (("--sequence-parallel",), dict(action="store_true")),
+    (("--sequence-parallel",), dict(action="store_true", help="split layer norms and dropout over the TP ranks "
+                                                                "along the sequence (needs --tp > 1)")),
     (("--use-distributed-optimizer",), dict(action="store_true", help="shard fp32 masters and Adam state over DP")),
-    (("--ddp-bucket-size",), dict(type=int)),
-    (("--micro-batch-size",), dict(type=int)),
+    (("--ddp-bucket-size",), dict(type=int, help="elements per gradient all-reduce bucket")),
+    (("--micro-batch-size",), dict(type=int, help="samples per forward/backward on one rank")),
     (("--global-batch-size",), dict(type=int, help="samples per step (default micro-batch-size x DP)")),
-    (("--seq-length",), dict(type=int)),
-    (("--train-iters",), dict(type=int)),
-    (("--lr",), dict(type=float)),
-    (("--min-lr",), dict(type=float)),
-    (("--lr-decay-style",), dict(choices=["cosine", "linear", "constant"])),
-    (("--lr-warmup-iters",), dict(type=int)),
-    (("--lr-decay-iters",), dict(type=int)),
-    (("--weight-decay",), dict(type=float)),
-    (("--clip-grad",), dict(type=float)),
-    (("--adam-beta1",), dict(type=float)),
-    (("--adam-beta2",), dict(type=float)),
-    (("--adam-eps",), dict(type=float)),
+    (("--seq-length",), dict(type=int, help="tokens per sample (Megatron-LM: required)")),
+    (("--train-iters",), dict(type=int, help="optimizer steps in all, a resumed run's included "
+                                                    "(Megatron-LM: required)")),
+    (("--lr",), dict(type=float, help="peak learning rate (Megatron-LM: required)")),
+    (("--min-lr",), dict(type=float, help="learning rate at the end of the decay")),
+    (("--lr-decay-style",), dict(choices=["cosine", "linear", "constant"], help="decay from --lr to --min-lr")),
+    (("--lr-warmup-iters",), dict(type=int, help="linear warmup steps from 0 to --lr")),
+    (("--lr-decay-iters",), dict(type=int, help="steps of the decay (default --train-iters)")),
+    (("--weight-decay",), dict(type=float, help="AdamW weight decay (not on biases and norms)")),
+    (("--clip-grad",), dict(type=float, help="clip the global gradient norm to this (0: off)")),
+    (("--adam-beta1",), dict(type=float, help="Adam beta1")),
+    (("--adam-beta2",), dict(type=float, help="Adam beta2")),
+    (("--adam-eps",), dict(type=float, help="Adam epsilon")),
     (("--bf16",), dict(action="store_true", help="bf16 parameters and compute, fp32 master weights (fp32 without)")),
     (("--fp8",), dict(choices=["tensorwise", "rowwise"],
                       help="FP8 matmuls for the linear layers (torchao; H100; checkpoints stay bf16/fp32)")),
@@ -74,12 +76,14 @@ _FLAGS: list[tuple[tuple[str, ...], dict]] = [
                                                   help="add weight gradients to the buffer in a separate pass")),
     (("--no-rope-fusion",), dict(dest="rope_fusion", action="store_false",
                                  help="split q/k/v and apply RoPE without the fused Triton kernel")),
-    (("--recompute", "--recompute-granularity"), dict(dest="recompute", choices=["full", "selective"])),
+    (("--recompute", "--recompute-granularity"), dict(dest="recompute", choices=["full", "selective"],
+                                                  help="recompute activations in backward to save memory: whole "
+                                                       "layers (full) or attention only (selective)")),
     (("--attention-backend",), dict(choices=["auto", "flash", "fused", "unfused"],
                                     help="attention kernel on CUDA: fused = cuDNN (default auto: measured fastest)")),
     (("--compile",), dict(action="store_true", help="torch.compile every transformer layer")),
     (("--save",), dict(help="folder for training checkpoints (exportable with `bridge export`)")),
-    (("--save-interval",), dict(type=int)),
+    (("--save-interval",), dict(type=int, help="save every N iterations (and at the end) with --save")),
     (("--keep-last-checkpoints",), dict(type=int, help="keep only this run's newest K checkpoints (with older "
                                                           "ones below them; folders past its latest save stay)")),
     (("--ckpt-format",), dict(choices=["torch", "torch_dist"], help="training checkpoints: torch (legacy per-rank "
@@ -87,18 +91,20 @@ _FLAGS: list[tuple[tuple[str, ...], dict]] = [
                                                                      "resumes on any layout)")),
     (("--async-save",), dict(action="store_true", help="write torch_dist checkpoints in the background")),
     (("--exit-interval",), dict(type=int, help="stop (and save) when the iteration is a multiple of this")),
-    (("--eval-interval",), dict(type=int)),
-    (("--eval-iters",), dict(type=int)),
-    (("--seed",), dict(type=int)),
-    (("--log-interval",), dict(type=int)),
-    (("--tensorboard-dir",), dict()),
+    (("--eval-interval",), dict(type=int, help="validation loss every N iterations (0: only at the end)")),
+    (("--eval-iters",), dict(type=int, help="validation batches per evaluation, the final one too")),
+    (("--seed",), dict(type=int, help="random seed (data order, initialisation, dropout)")),
+    (("--log-interval",), dict(type=int, help="a metrics line (and a train_log.jsonl record) every N "
+                                                   "iterations (Megatron-LM: 100)")),
+    (("--tensorboard-dir",), dict(help="write TensorBoard scalars here")),
     (("--profile",), dict(action="store_true", help="PyTorch profiler: Chrome trace + top-kernel table per rank")),
-    (("--profile-step-start",), dict(type=int)),
-    (("--profile-step-end",), dict(type=int)),
-    (("--profile-ranks",), dict(type=int, nargs="+")),
-    (("--no-progress",), dict(dest="progress", action="store_false")),
+    (("--profile-step-start",), dict(type=int, help="first profiled iteration")),
+    (("--profile-step-end",), dict(type=int, help="profiling stops before this iteration")),
+    (("--profile-ranks",), dict(type=int, nargs="+", help="ranks that write a profile")),
+    (("--no-progress",), dict(dest="progress", action="store_false", help="no progress bar: one line per "
+                                                                         "--log-interval (also when not on a terminal)")),
     (("--peak-tflops",), dict(type=float, help="per-device peak for MFU (default from the GPU name)")),
-    (("--device",), dict(choices=["cpu", "cuda"])),
+    (("--device",), dict(choices=["cpu", "cuda"], help="default cuda when a GPU is visible, else cpu")),
 ]
 
 
@@ -165,12 +171,28 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_default(kwargs: dict, default: object) -> dict:
+    """The flag's help with its default (TrainConfig's), unless the help states it or it is an on/off switch."""
+    text = kwargs.get("help", "")
+    if kwargs.get("action") in ("store_true", "store_false") or "(default" in text or default in (None, []):
+        return kwargs
+    shown = " ".join(map(str, default)) if isinstance(default, list) else default
+    return {**kwargs, "help": f"{text} (default: {shown})".replace("%", "%%")}
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", argument_default=argparse.SUPPRESS,
-                              help="train with TP/SP/PP/DP (+ distributed optimizer); Megatron-LM flag names",
-                              description="Defaults are TrainConfig's (Megatron-LM's where it has the flag); "
-                                          "--config recipe.yaml sets flags from a file, the command line wins.")
+    from bridge.training.config import TrainConfig
+
+    defaults = TrainConfig()
+    p = subparsers.add_parser(
+        "train", argument_default=argparse.SUPPRESS,
+        help="train with TP/SP/PP/DP (+ distributed optimizer); Megatron-LM flag names",
+        description="Flags and defaults are Megatron-LM's, except where Megatron-LM has no default: --seq-length "
+                    "2048, --train-iters 100 and --lr 3e-4 here, so that `bridge train --load CKPT --data D` runs; "
+                    "and --log-interval 1 (Megatron-LM: 100). --config recipe.yaml sets flags from a file, the "
+                    "command line wins.")
     p.add_argument("--config", help="YAML recipe: flag: value pairs")
     for flags, kwargs in _FLAGS:
-        p.add_argument(*flags, **kwargs)
+        dest = kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")
+        p.add_argument(*flags, **_with_default(kwargs, getattr(defaults, dest, None)))
     p.set_defaults(func=run_train)

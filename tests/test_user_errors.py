@@ -63,3 +63,18 @@ def test_tokenizer_error_is_whole_and_names_what_the_user_gave(tiny_hf, tmp_path
     err = lines[0]
     assert f"the tokenizer of {tp2 / 'hf_meta'}:" in err and ".load-" not in err
     assert "You need to have sentencepiece installed; pass --tokenizer" in err and "pass --tokenizer" in err
+
+
+def test_train_help_explains_every_flag_and_shows_defaults() -> None:
+    import argparse
+
+    from bridge.cli.main import build_parser
+
+    parser = build_parser()
+    train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    bare = [a.option_strings[0] for a in train._actions if a.option_strings and not a.help]
+    assert bare == []
+    text = " ".join(train.format_help().split())
+    for shown in ("(Megatron-LM: required) (default: 2048)", "(default: 100)", "(default: 0.0003)",
+                  "(default: linear)", "(Megatron-LM: 100) (default: 1)"):
+        assert shown in text
