@@ -74,15 +74,25 @@ def run_reshard(args: argparse.Namespace) -> int:
     return 0
 
 
+def layout_text(layout: dict) -> str:
+    """tp=2 pp=2, plus vpp, ep, etp and grouped-gemm where set (a layout's JSON, as `bridge inspect --json` gives)."""
+    parts = [f"tp={layout['tp']}", f"pp={layout['pp']}"]
+    parts += [f"{key}={layout[key]}" for key in ("vpp", "ep", "etp") if layout.get(key) not in (None, 1)]
+    if layout.get("moe_grouped_gemm"):
+        parts.append("grouped-gemm (TEGroupedMLP)")
+    elif layout.get("ep") is not None:  # an MoE layout
+        parts.append("sequential experts (SequentialMLP)")
+    return " ".join(parts)
+
+
 def run_inspect(args: argparse.Namespace) -> int:
     info = api.inspect_checkpoint(args.checkpoint, args.iteration, args.hf_config)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    layout = info["layout"]
     total = sum(f["bytes"] for f in info["files"])
     print(f"{info['path']}\n  architecture  {info['architecture']}\n"
-          f"  layout        tp={layout['tp']} pp={layout['pp']} vpp={layout['vpp']} ({info['transformer_impl']} names)\n"
+          f"  layout        {layout_text(info['layout'])} ({info['transformer_impl']} names)\n"
           f"  format        {info['format']}\n"
           f"  iteration     {info['iteration']}\n  parameters    {info['parameters']:,}\n"
           f"  dtypes        {', '.join(info['dtypes'])}\n"

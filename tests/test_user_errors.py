@@ -78,3 +78,14 @@ def test_train_help_explains_every_flag_and_shows_defaults() -> None:
     for shown in ("(Megatron-LM: required) (default: 2048)", "(default: 100)", "(default: 0.0003)",
                   "(default: linear)", "(Megatron-LM: 100) (default: 1)"):
         assert shown in text
+
+
+def test_inspect_shows_the_whole_layout_and_no_none(tiny_ckpt: Path, capsys: pytest.CaptureFixture) -> None:
+    from bridge.cli.convert import layout_text
+    from bridge.layout import ParallelLayout
+
+    assert main(["inspect", str(tiny_ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "layout        tp=1 pp=1 (" in out and "None" not in out
+    moe = layout_text(ParallelLayout(tp=2, pp=2, vpp=2, ep=4, moe_grouped_gemm=True).to_json())
+    assert moe == "tp=2 pp=2 vpp=2 ep=4 grouped-gemm (TEGroupedMLP)"
