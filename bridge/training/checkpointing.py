@@ -136,7 +136,8 @@ def megatron_training_args(base: argparse.Namespace, cfg: Any, iteration: int) -
     args = argparse.Namespace(**vars(base))
     for name in ("micro_batch_size", "global_batch_size", "seq_length", "train_iters", "lr", "min_lr", "lr_decay_style",
                  "lr_warmup_iters", "weight_decay", "clip_grad", "adam_beta1", "adam_beta2", "adam_eps", "seed",
-                 "sequence_parallel", "use_distributed_optimizer", "save_interval", "split"):
+                 "sequence_parallel", "use_distributed_optimizer", "save_interval", "split", "ckpt_format",
+                 "async_save"):
         setattr(args, name, getattr(cfg, name))
     args.data_path = list(cfg.data_path)
     args.recompute_granularity = cfg.recompute

@@ -1,9 +1,11 @@
 """Runs on each spawned rank: Megatron Core's own `dist_checkpointing` loads a bridge torch_dist folder.
 
 The run's TP is the world size, whatever layout the folder was written with: torch_dist is
-layout-independent (Megatron reshards on load). Loading is strict (`StrictHandling.RAISE_ALL`: no key
-missing, none unexpected, `_extra_state` included). Optionally the loaded model is saved again with
-Megatron Core's own `dist_checkpointing.save`, for bridge to read back.
+layout-independent (Megatron reshards on load). The folder is the tracked iteration (`release` for an import).
+Loading is strict about the model: every key Megatron's model asks for is there (`_extra_state` included) and
+every other key of the folder is training state (`optimizer.*`, `rng_state/*`; an import has none).
+Optionally the loaded model is saved again with Megatron Core's own `dist_checkpointing.save`, for bridge to
+read back.
 """
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+
+#: What a training checkpoint holds besides the model: the optimizer state and the per-rank RNG blobs.
+TRAINING_STATE = ("optimizer.", "rng_state")
 
 
 def _patch_cpu() -> None:
@@ -66,15 +71,23 @@ def dist_logits(checkpoints: Sequence[str], token_lists: Sequence[Sequence[int]]
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     from bridge.checkpoint import CheckpointMeta
+    from bridge.converters.megatron_legacy import iteration_dir_name, read_tracker
 
     results: list[list[torch.Tensor] | None] = []
     for i, ckpt in enumerate(checkpoints):
         meta = CheckpointMeta.load(Path(ckpt))
         model = _build(meta, dist.get_world_size())
+        folder = Path(ckpt) / iteration_dir_name(read_tracker(Path(ckpt)))
         # Megatron-LM's layout: the model under "model", common state (args, iteration, ...) beside it
-        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(Path(ckpt) / "release"),
-                                        strict=StrictHandling.RAISE_ALL)
-        assert state["checkpoint_version"] == 3.0 and state["args"].ckpt_format == "torch_dist"
+        state, in_file_only, absent = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(folder),
+                                                              strict=StrictHandling.RETURN_ALL)
+        assert not absent, f"{folder} lacks keys of Megatron's model: {sorted(absent)[:4]}"
+        training = "train_state" in state
+        others = sorted(k for k in in_file_only if not (training and k.startswith(TRAINING_STATE)))
+        assert not others, f"{folder} holds keys that are neither Megatron's model nor training state: {others[:4]}"
+        assert not training or all(any(k.startswith(p) for k in in_file_only) for p in TRAINING_STATE)
+        assert state["checkpoint_version"] == 3.0, state["checkpoint_version"]
+        assert state["args"].ckpt_format == "torch_dist", f"{folder}: args.ckpt_format {state['args'].ckpt_format!r}"
         model.load_state_dict(state["model"], strict=True)
         model.eval()
         outs = _logits(model, meta.config.vocab_size, token_lists)
@@ -86,3 +99,14 @@ def dist_logits(checkpoints: Sequence[str], token_lists: Sequence[Sequence[int]]
             dist_checkpointing.save({"model": model.sharded_state_dict(), "checkpoint_version": 3.0}, save_dirs[i])
             dist.barrier()
     return results
+
+
+def training_logits(dist_ckpt: str, legacy_ckpt: str,
+                    token_lists: Sequence[Sequence[int]]) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """Megatron Core's logits of a torch_dist training checkpoint (its `dist_checkpointing.load`) and of a legacy one
+    (its GPTModel loading `model_optim_rng.pt`'s `model`, as Megatron-LM does) on rank 0; None elsewhere."""
+    from tests.interop.megatron_worker import megatron_logits
+
+    (dist_out,) = dist_logits([dist_ckpt], token_lists)
+    (legacy_out,) = megatron_logits([legacy_ckpt], token_lists)
+    return None if dist_out is None else (dist_out, legacy_out)
