@@ -13,7 +13,7 @@ from bridge.checkpoint import (HF_META_DIR, META_FILE, TRANSFORMER_IMPLS, Checkp
 from bridge.config import DTYPE_NAMES, DTYPES, ModelConfig, megatron_args
 from bridge.converters import engine
 from bridge.converters.hf import SafetensorsReader, parse_size
-from bridge.converters.megatron_legacy import LegacyCheckpointReader
+from bridge.converters.megatron_legacy import LegacyCheckpointReader, iteration_dir_name
 from bridge.converters.torch_dist import FORMATS, TorchDistReader, TorchDistSink, TorchDistSource, checkpoint_format
 from bridge.errors import BridgeError
 from bridge.hub import load_pretrained, resolve_source
@@ -228,7 +228,8 @@ def inspect_checkpoint(checkpoint: str | Path, iteration: int | None = None, hf_
     for conv, tensor in ckpt.source().tensors(meta=True):
         params += tensor.numel()
         dtypes.add(DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype)))
-    files = sorted(p for pattern in ("*.pt", "*.distcp", ".metadata") for p in ckpt.path.rglob(pattern))
+    folder = ckpt.path / iteration_dir_name(ckpt.reader.iteration)  # a training save holds several iterations
+    files = sorted(p for pattern in ("*.pt", "*.distcp", ".metadata") for p in folder.rglob(pattern))
     return {
         "path": str(ckpt.path),
         "architecture": ckpt.meta.config.architecture,
