@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 #: A Llama-3.2-1B-like config (tied embeddings, llama3 RoPE scaling, GQA) scaled down to run in seconds.
 DEMO_CONFIG = dict(
     architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_size=192, num_hidden_layers=4,
-    num_attention_heads=8, num_key_value_heads=4, head_dim=8, max_position_embeddings=512, rms_norm_eps=1e-5,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
     rope_theta=500000.0, tie_word_embeddings=True,
     rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 8192},
@@ -66,6 +67,8 @@ def run(workdir: str | None = None, keep: bool = False, say: Callable[[str], Non
 
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="bridge-demo-"))
     root.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    say("bridge demo: about a minute on 2 idle CPU cores (it starts 4 ranks three times), longer on a busy machine")
     try:
         say(f"[1/6] building a tiny Llama and a BPE tokenizer in {root / 'tiny-llama'}")
         hf = build_model(root / "tiny-llama")
@@ -89,8 +92,12 @@ def run(workdir: str | None = None, keep: bool = False, say: Callable[[str], Non
         after = verify(out, run_dir)
         say(f"      the exported model computes what the trained checkpoint computes: {after.criterion}")
         say("[6/6] bridge push train demo/tiny-llama   (model card with the training summary)")
-        say("      " + demo_push(run_dir))
+        kept = keep or bool(workdir)
+        say("      " + demo_push(run_dir, kept=kept))
         ok = same and before.passed and after.passed and losses[-1] < losses[0]
+        if kept:
+            say(f"files kept in {root}")
+        say(f"{time.perf_counter() - started:.0f} s in all")
         say("demo passed" if ok else "demo FAILED")
         return 0 if ok else 1
     finally:

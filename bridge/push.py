@@ -220,13 +220,15 @@ def _local_files(folder: Path) -> list[tuple[str, Path]]:
     return out
 
 
-def demo_push(folder: str | Path, repo_id: str = "demo/tiny-llama") -> str:
+def demo_push(folder: str | Path, repo_id: str = "demo/tiny-llama", *, kept: bool = True) -> str:
     """For `bridge demo`: push `folder` to a throw-away local Hub and say so in one line.
 
     The local Hub (`tests/hub_server.py`) exists only in a source checkout, which is where the demo
-    runs from; without it, the line says how to push for real instead.
+    runs from; without it, the line says how to push for real instead. `kept`: whether `folder` outlives the
+    demo; if not, the line does not suggest pushing it.
     """
-    how = f"to publish it: bridge push {folder} <user>/<name> (token from HF_TOKEN, --token or `hf auth login`)"
+    how = (f"to publish it: bridge push {folder} <user>/<name> (token from HF_TOKEN, --token or `hf auth login`)"
+           if kept else "to publish it, run `bridge demo --keep` and push the folder it names with `bridge push`")
     root = Path(__file__).resolve().parent.parent
     if not (root / "tests" / "hub_server.py").is_file():
         return how

@@ -80,8 +80,8 @@ class VerifyResult:
     def table(self) -> str:
         head = f"{'prompt':<34} {'tokens':>6} {'max abs':>10} {'mean abs':>10} {'cosine':>9} {'top-1':>7}"
         lines = [f"bridge verify: {self.checkpoint} vs {self.hf_source}",
-                 f"layout tp={self.layout['tp']} pp={self.layout['pp']} vpp={self.layout['vpp']}"
-                 + "".join(f" {k}={self.layout[k]}" for k in ("ep", "cp") if self.layout.get(k, 1) > 1)
+                 f"layout tp={self.layout['tp']} pp={self.layout['pp']}"
+                 + "".join(f" {k}={self.layout[k]}" for k in ("vpp", "ep", "cp") if (self.layout.get(k) or 1) > 1)
                  + (f" ({self.layout['cp_comm_type']})" if self.layout.get("cp", 1) > 1 else "")
                  + (" sp" if self.layout.get("sequence_parallel") else "") + " "
                  f"({self.transformer_impl}), {self.dtype} on {self.device}; differences from transformers in fp32",
@@ -328,5 +328,4 @@ def verify(hf_src: str | Path, checkpoint: str | Path, *, prompts: Sequence[str]
                           hf_bf16=None if hf_bf16 is None else bf16_baseline(ref, hf_bf16))
     if write_json:
         (ckpt / VERIFY_FILE).write_text(json.dumps(result.to_json(), indent=2) + "\n")
-    log.info("%s: %s", "passed" if ok else "FAILED", criterion)
     return result

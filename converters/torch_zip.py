@@ -85,6 +85,16 @@ class _LatchingFile:
         self.check()
 
 
+def _storage_bytes(tensor: torch.Tensor) -> Any:
+    """A contiguous CPU tensor's bytes as the Storage object `write_record` takes (its data-pointer form is
+    deprecated): the tensor's own storage, or for a view into a bigger one a storage aliasing just the view's bytes."""
+    storage = tensor.untyped_storage()
+    if tensor.storage_offset() == 0 and storage.nbytes() == tensor.nbytes:
+        return storage
+    alias = getattr(torch._C, "_construct_storage_from_data_pointer", None)
+    return alias(tensor.data_ptr(), tensor.device, tensor.nbytes) if alias else tensor.data_ptr()
+
+
 class IncrementalTorchWriter:
     """Write `torch.save`-compatible files one tensor at a time; memory holds one tensor at most."""
 
@@ -100,7 +110,7 @@ class IncrementalTorchWriter:
         key = str(self._count)
         self._count += 1
         # A contiguous view (a TP shard of a bigger tensor) is written from its own bytes: no clone.
-        data = tensor.data_ptr() if tensor.nbytes else b""
+        data = _storage_bytes(tensor) if tensor.nbytes else b""
         self._zip.write_record(f"data/{key}", data, tensor.nbytes)
         self._file.check()
         return _TensorRef(_StorageRef(key, tensor.dtype, tensor.numel()), tuple(tensor.shape))

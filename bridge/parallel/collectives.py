@@ -20,6 +20,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
+# torch 2.13 renamed these two (the old names warn that they are deprecated); older versions have only the old ones
+_all_gather_single = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+_reduce_scatter_single = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
+
 Group = dist.ProcessGroup | None
 
 
@@ -44,7 +48,7 @@ def all_gather(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
     if group_size(group) == 1:
         return x
     # funcol takes the dimension non-negative: -1 gave a wrong view for some shapes ([1, s, V] logits)
-    return funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), dim % x.dim(), group))
+    return funcol.wait_tensor(_all_gather_single(x.contiguous(), dim % x.dim(), group))
 
 
 def split(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
@@ -62,7 +66,7 @@ def reduce_scatter(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Sum over ranks, then keep this rank's slice of dimension 0."""
     if group_size(group) == 1:
         return x
-    return funcol.wait_tensor(funcol.reduce_scatter_tensor(x.contiguous(), "sum", 0, group))
+    return funcol.wait_tensor(_reduce_scatter_single(x.contiguous(), "sum", 0, group))
 
 
 class Pending:

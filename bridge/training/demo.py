@@ -18,7 +18,8 @@ def demo_config(ckpt: Path, data: Path, save: Path, iters: int) -> TrainConfig:
     return TrainConfig(load=str(ckpt), data_path=[str(data)], nproc=layout.tp * layout.pp, tp=layout.tp, pp=layout.pp,
                        vpp=layout.vpp, micro_batch_size=2, global_batch_size=4, seq_length=64, train_iters=iters,
                        lr=3e-3, min_lr=3e-4, lr_warmup_iters=min(3, iters), weight_decay=0.0, split="85,15,0",
-                       eval_interval=iters, eval_iters=1, save=str(save), progress=False, device="cpu")
+                       eval_interval=iters, eval_iters=1, save=str(save), progress=False, device="cpu",
+                       log_interval=10)
 
 
 def demo_train(ckpt: str | Path, data_text: str, workdir: str | Path, *, iters: int = 30) -> tuple[list[float], Path]:

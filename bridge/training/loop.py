@@ -207,7 +207,7 @@ class Trainer:
         if stopped_by == "train-iters" and rs.valid is not None and (
                 not rs.valid_curve or rs.valid_curve[-1][0] != rs.iteration):
             if self.ps.rank == 0:
-                log.info("final validation: %d batches of %d samples (--eval-iters)", cfg.eval_iters,
+                log.info("final validation: --eval-iters %d batches of %d samples", cfg.eval_iters,
                          cfg.global_batch_size)
             rs.valid_curve.append([rs.iteration, evaluate(rs)])
         if cfg.save and rs.saved_at != rs.iteration:
@@ -298,7 +298,7 @@ class Trainer:
         final = rs.iteration >= cfg.train_iters and rs.valid is not None  # before the last save, which records it
         if final or (cfg.eval_interval and rs.iteration % cfg.eval_interval == 0):
             if final and self.ps.rank == 0:
-                log.info("final validation: %d batches of %d samples (--eval-iters)", cfg.eval_iters,
+                log.info("final validation: --eval-iters %d batches of %d samples", cfg.eval_iters,
                          cfg.global_batch_size)
             record["valid_loss"] = evaluate(rs)
             rs.valid_curve.append([rs.iteration, record["valid_loss"]])
