@@ -109,3 +109,18 @@ def test_training_without_save_says_so(tiny_ckpt: Path, caplog: pytest.LogCaptur
         assert _train(tiny_ckpt, "--train-iters", "1", "--eval-interval", "0", "--no-progress") == 0
     assert [r.getMessage() for r in caplog.records if "no --save" in r.getMessage()] == [
         "no --save: this run keeps nothing of what it trains; pass --save DIR for checkpoints"]
+
+
+def test_under_torchrun_only_rank_0_logs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bridge` configured logging before the rank started: ranks other than 0 keep to warnings ("saved checkpoint"
+    and the other progress messages once, not once per rank)."""
+    import logging
+
+    from bridge.training import loop, run
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "level", logging.INFO)
+    monkeypatch.setattr(run.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(loop, "train_rank", lambda cfg, plan: None)
+    run._rank_main(None, None)  # type: ignore[arg-type]
+    assert root.level == logging.WARNING
