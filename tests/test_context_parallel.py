@@ -175,7 +175,7 @@ def _a2a_attention_rank(window: int | None) -> list[float]:
     return errors
 
 
-#: Every CP attention case below, by the world size it runs in: (rank function, its arguments).
+#: Every CP attention case below, by the world size it runs in: (kind of rank function, its arguments).
 A2A_CASES = [(2, None), (4, None), (2, 5)]  # cp, window
 MLA_EXCHANGES = ["p2p", "all_gather", "a2a"]  # at cp=2
 RING_CASES = [("all_gather", 2, None), ("all_gather", 2, 5), ("p2p", 2, None), ("p2p", 4, None)]  # exchange, cp, window
@@ -256,9 +256,10 @@ def setup(tiny_hf, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _config(setup: dict[str, Path], name: str, **kw: object):  # noqa: ANN202
     from bridge.training import TrainConfig
 
+    # eval_iters=1: the final validation (which nothing here reads) takes one batch, not the default 100
     base = dict(load=str(setup["ckpt"]), data_path=[str(setup["data"])], micro_batch_size=2, global_batch_size=4,
-                seq_length=32, train_iters=10, lr=1e-3, lr_warmup_iters=2, eval_interval=0, progress=False,
-                save=str(setup["root"] / "runs" / name), device="cpu")
+                seq_length=32, train_iters=10, lr=1e-3, lr_warmup_iters=2, eval_interval=0, eval_iters=1,
+                progress=False, save=str(setup["root"] / "runs" / name), device="cpu")
     return TrainConfig(**{**base, **kw})
 
 
