@@ -135,3 +135,18 @@ def test_jsonl_training_exports_loads_and_verifies(tmp_path: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.tie_word_embeddings
     assert verify(out, save, write_json=False).passed
+
+
+def test_distributed_optimizer_resume_in_the_legacy_format_is_bitwise_identical(setup: dict[str, Path]) -> None:
+    """DP=2 with the distributed optimizer, Megatron's legacy layout (`distrib_optim.pt` beside the model file):
+    the optimizer state each DP rank owns must come back, or the losses after the resume move."""
+    dist_opt = dict(pp=1, use_distributed_optimizer=True, train_iters=6, eval_interval=0)
+    full = train(config(setup, "dist-opt-full", **dist_opt))
+    first = train(config(setup, "dist-opt-split", exit_interval=3, **dist_opt))
+    assert first["stopped_by"] == "exit-interval" and read_tracker(setup["root"] / "dist-opt-split") == 3
+    assert (setup["root"] / "dist-opt-split" / "iter_0000003" / "mp_rank_00" / "distrib_optim.pt").is_file()
+    resumed = train(config(setup, "dist-opt-split", load=str(setup["root"] / "dist-opt-split"), **dist_opt))
+    assert resumed["loss_curve"] == full["loss_curve"]  # bitwise
+    a, b = (load_pt(setup["root"] / run / "iter_0000006" / "mp_rank_00" / "model_optim_rng.pt")
+            for run in ("dist-opt-full", "dist-opt-split"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
