@@ -13,7 +13,7 @@ from torch import nn
 from bridge.layout import ParallelLayout
 from bridge.parallel.state import ParallelState
 from bridge.training.grads import ParamAndGradBuffer
-from bridge.training.optimizer import AdamConfig, MixedPrecisionAdamW
+from bridge.training.optimizer import STATE_NAMES, AdamConfig, MixedPrecisionAdamW, state_key
 
 CFG = AdamConfig(lr=1e-2, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, clip_grad=1.0)
 
@@ -108,11 +108,18 @@ def test_bf16_parameters_take_the_rounded_fp32_master() -> None:
     assert not torch.equal(opt.spans[0].master.to(torch.bfloat16).float(), opt.spans[0].master)
 
 
+def whole_state(opt: MixedPrecisionAdamW) -> dict:
+    """The legacy checkpoint's optimizer entry: the header and whole tensors per weight name (one rank, so one piece
+    per weight)."""
+    return {**opt.header(), "params": {state_key(opt.chunks, p.entry): {n: p.state(n).clone().view(p.entry.param.shape)
+                                                                        for n in STATE_NAMES} for p in opt.pieces}}
+
+
 def test_state_dict_round_trip_continues_identically() -> None:
     grads = random_grads(6, 1.0)
     chunk, buffer, opt = setup(torch.float32, 100)
     train(chunk, buffer, opt, grads[:3])
-    state = opt.state_dict()
+    state = whole_state(opt)
     assert state["step"] == 3 and set(state["params"]) == {"model.up", "model.norm", "model.down"}
     train(chunk, buffer, opt, grads[3:])
     chunk2, buffer2, opt2 = setup(torch.float32, 10_000)  # another bucket layout: the state is keyed by name
