@@ -25,6 +25,7 @@ from bridge.converters import engine
 from bridge.converters.dcp import DcpWriter
 from bridge.converters.hf import StreamingSafetensorsWriter
 from bridge.converters.torch_zip import IncrementalTorchWriter
+from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
 from tests.model_fixtures import load_pt
 
@@ -78,7 +79,8 @@ def test_second_conversion_to_the_same_out_fails_at_once(tiny_hf, tmp_path: Path
     first.start()
     try:
         assert paused.wait(timeout=60), "the first conversion never started"
-        assert "another bridge command is writing" in one_error(capsys, "import", str(src), "--out", str(out), "--overwrite")
+        with pytest.raises(BridgeError, match="another bridge command is writing"):
+            api.import_hf(src, out, ParallelLayout(), overwrite=True)
     finally:
         resume.set()
         first.join(timeout=60)
