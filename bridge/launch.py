@@ -1,27 +1,28 @@
-"""Start N local ranks (spawned processes) with torchrun's environment and collect what each returns.
+"""Start N local ranks with torchrun's environment and collect what each returns.
 
-Each rank gets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT or a `file://` rendezvous,
-initialises torch.distributed (gloo on CPU, NCCL with one GPU per rank),
-runs `fn(*args)` and hands its return value back through a file. If one rank fails, the others
-are stopped (they would wait forever in a collective) and the first failure is raised.
+Ranks are forked from a multiprocessing fork server that has imported torch and bridge once
+(`bridge.rank_server`), so starting them costs milliseconds however many there are; each gets the
+launcher's environment as it is at the launch, plus RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+MASTER_PORT or a `file://` rendezvous, initialises torch.distributed (gloo on CPU, NCCL with one GPU
+per rank), runs `fn(*args)` and hands its return value back through a file. If one rank fails, the
+others are stopped (they would wait forever in a collective) and the first failure is raised.
 
 On TCP the parent hosts the rendezvous store, as torchrun's agent does: it binds port 0 itself and keeps
 the socket until the ranks are done (TORCHELASTIC_USE_AGENT_STORE tells every rank to connect as a
 client), so concurrent launches on one machine never race for a port.
 
-Ranks never outlive the launcher: on Linux each asks the kernel for SIGKILL when its parent dies
-(PR_SET_PDEATHSIG), elsewhere a thread watches the parent's pid, so a launcher killed by SIGKILL or
-the OOM killer does not leave ranks training. Ctrl-C stops every rank quietly and the launcher
-raises KeyboardInterrupt once: ranks start with SIGINT ignored (the interpreter's start-up would
-otherwise print a traceback per rank) and take it as KeyboardInterrupt once their worker runs.
+Ranks never outlive the launcher: a thread in each waits on the launcher's pidfd (Linux; elsewhere it
+polls the pid) and exits the rank when the launcher is gone, so a launcher killed by SIGKILL or the OOM
+killer does not leave ranks training. Ctrl-C stops every rank quietly and the launcher raises KeyboardInterrupt once: ranks start
+with SIGINT ignored and take it as KeyboardInterrupt once their worker runs.
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import pickle
+import select
 import signal
 import socket
 import sys
@@ -47,28 +48,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-#: prctl(2) option: the signal this process gets when its parent dies.
-_PR_SET_PDEATHSIG = 1
-#: Seconds between parent checks where the kernel cannot send the death signal (not Linux).
+#: Seconds between launcher checks where there is no pidfd to wait on (not Linux).
 _PARENT_POLL_S = 0.5
 #: Seconds interrupted ranks get to exit before they are killed.
 _INTERRUPT_GRACE_S = 5.0
 
 
-def _die_with_parent(parent: int) -> None:
-    """Exit when the launcher dies, whatever killed it: a rank left alone would train on (and hold its GPU)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    else:
-        threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="bridge-parent-watch").start()
-    if os.getppid() != parent:  # it died before the request above was in place
+def _die_with_launcher(launcher: int) -> None:
+    """Exit when the launcher dies, whatever killed it: a rank left alone would train on (and hold its GPU).
+    The kernel's parent-death signal cannot tell: a rank's parent is the fork server, which lives on while
+    any rank does (each holds the server's keep-alive pipe)."""
+    threading.Thread(target=_watch_launcher, args=(launcher,), daemon=True, name="bridge-launcher-watch").start()
+
+
+def _watch_launcher(launcher: int) -> None:
+    try:
+        handle = os.pidfd_open(launcher)  # readable once the launcher has exited, reaped or not
+    except ProcessLookupError:
         os._exit(1)
-
-
-def _watch_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(_PARENT_POLL_S)
+    except (AttributeError, OSError):  # no pidfd (not Linux): poll
+        while _alive(launcher):
+            time.sleep(_PARENT_POLL_S)
+        os._exit(1)
+    select.select([handle], [], [])
     os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _interrupt_once(signum: int, frame: object) -> None:
@@ -78,15 +91,15 @@ def _interrupt_once(signum: int, frame: object) -> None:
 
 
 def _worker(rank: int, world: int, backend: str, rendezvous: str, threads: int | None, result_dir: str,
-            parent: int, interruptible: bool, fn: Callable[..., Any], args: Sequence[Any]) -> None:
+            launcher: int, interruptible: bool, env: dict[str, str], fn: Callable[..., Any], args: Sequence[Any]) -> None:
     import torch.distributed as dist
 
     from bridge.parallel.state import init_distributed
 
-    _die_with_parent(parent)
-    if interruptible:
-        signal.signal(signal.SIGINT, _interrupt_once)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    _die_with_launcher(launcher)
+    signal.signal(signal.SIGINT, _interrupt_once if interruptible else signal.SIG_IGN)
+    os.environ.clear()  # the fork server's environment is the launcher's at the first launch: take today's
+    os.environ.update(env, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     if threads:
         torch.set_num_threads(threads)
     out = Path(result_dir) / f"rank{rank}.pt"
@@ -139,7 +152,7 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "
                           "use fewer ranks or --device cpu")
     if threads is None and backend == "gloo":
         threads = max(1, (os.cpu_count() or 1) // world_size)
-    ctx = mp.get_context("spawn")
+    ctx = _rank_context()
     with tempfile.TemporaryDirectory(prefix="bridge-launch-") as tmp:
         rdzv = f"file://{tmp}/rendezvous" if rendezvous == "file" else "tcp"
         store = _host_store(world_size) if rdzv == "tcp" else None
@@ -151,7 +164,7 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "
         try:
             with _sigint_ignored() as interruptible:
                 procs = [ctx.Process(target=_worker, args=(r, world_size, backend, rdzv, threads, tmp, os.getpid(),
-                                                           interruptible, fn, args), daemon=False)
+                                                           interruptible, dict(os.environ), fn, args), daemon=False)
                          for r in range(world_size)]
                 for p in procs:
                     p.start()
@@ -168,9 +181,19 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "
         return _collect(Path(tmp), world_size)
 
 
+def _rank_context() -> Any:
+    """The fork server's context, with `bridge.rank_server` preloaded (spawn where there is no fork server).
+    The server is one per launcher process and outlives a launch, so later launches start at once."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["bridge.rank_server"])
+    return context
+
+
 @contextlib.contextmanager
 def _sigint_ignored() -> Iterator[bool]:
-    """Ignore SIGINT while ranks start, so they inherit it ignored; yields whether Ctrl-C applies at all (a
+    """Ignore SIGINT while ranks start (and the fork server, the first time), so they inherit it ignored; yields whether Ctrl-C applies at all (a
     launcher that ignores SIGINT itself, e.g. a background job of a script, keeps its ranks ignoring it)."""
     if threading.current_thread() is not threading.main_thread():
         yield signal.getsignal(signal.SIGINT) is not signal.SIG_IGN

@@ -172,7 +172,9 @@ def _start_two_ranks(ckpt: Path, save: Path) -> tuple[subprocess.Popen, list]:
     while time.monotonic() < deadline and (not log.is_file() or not log.read_text()):
         assert proc.poll() is None, proc.communicate()[1]
         time.sleep(0.2)
-    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+    servers = [p for p in psutil.Process(proc.pid).children() if "forkserver" in " ".join(p.cmdline())]
+    assert len(servers) == 1  # the ranks are forked from the launcher's fork server
+    ranks = servers[0].children()
     assert len(ranks) == 2
     return proc, ranks
 
