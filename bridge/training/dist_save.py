@@ -65,6 +65,8 @@ class StagedSave:
     blobs: dict[str, bytes]
     common: dict[str, Any] | None
     meta: dict[str, Any] = field(default_factory=dict)
+    ready: Any = None
+    """For kept (async) chunks on CUDA: the event after their host copies, waited on before writing."""
 
 
 @dataclass
@@ -137,8 +139,11 @@ def stage(view: RankView, iteration: int, entries: dict[str, Any], stager: HostS
     """This rank's save. `keep`: copy every chunk to host memory now (async); else chunks stay lazy device views."""
     ps = view.ps
     chunks: Iterator[Chunk] | list[Chunk] = rank_chunks(view, stager.limit_bytes)
+    ready = None
     if keep:
+        stager.begin_kept()
         chunks = [Chunk(c.key, c.global_shape, c.offsets, stager.host(c.data, keep=True)) for c in chunks]
+        ready = stager.kept_ready()
     blobs = {rng_key(ps.rank, ps.world_size): rng_bytes()}
     common = None
     if ps.rank == 0:
@@ -149,7 +154,7 @@ def stage(view: RankView, iteration: int, entries: dict[str, Any], stager: HostS
                   "optimizer": {**view.optimizer.header(), "param_state_sharding_type": SHARDING_TYPE},
                   "opt_param_scheduler": entries["opt_param_scheduler"], "train_state": entries["train_state"],
                   "parallel": parallel_signature(ps)}
-    return StagedSave(ps.rank, chunks, blobs, common)
+    return StagedSave(ps.rank, chunks, blobs, common, ready=ready)
 
 
 def parallel_signature(ps: ParallelState) -> dict[str, int]:
@@ -161,6 +166,8 @@ def parallel_signature(ps: ParallelState) -> dict[str, int]:
 
 def write_files(folder: Path, staged: StagedSave, stager: HostStager) -> DcpPart:
     """This rank's `.distcp` (no collective: safe in a background thread)."""
+    if staged.ready is not None:
+        staged.ready.synchronize()
     writer = DcpPartWriter(folder, f"__{staged.rank}_0.distcp")
     for chunk in staged.chunks:
         writer.add_chunk(chunk.key, chunk.global_shape, chunk.offsets, stager.host(chunk.data))

@@ -3,10 +3,17 @@
 A save must not need memory in proportion to the model: on one H100 an 8B-shaped run whose training
 peaked at 62 GiB died saving, when the optimizer state was gathered into three whole-model fp32 GPU
 buffers. Writers here take state one box at a time (`placement.split_box` bounds every box by
-`limit_bytes`) and copy it through one reused pinned buffer on CUDA, or read it in place on the CPU;
-only an async save, which must outlive the training step, keeps its own host copies.
+`limit_bytes`) and copy it through one reused pinned buffer on CUDA, or read it in place on the CPU.
+
+An async save must keep its copies past the training step. Those go to pinned host buffers that the
+stager keeps from one save to the next (the boxes of every save are the same), so only the first save
+pays for pinning host memory, as Megatron-LM's persistent async workers do; the copies are queued without
+waiting (`kept_ready()` says when they have landed), so the stall of training is the time to queue them.
+Pageable copies ran at 1.4 GB/s on an H100 host: 28 s of stall for an 8B-shaped 8-layer model.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -20,23 +27,29 @@ class HostStager:
     def __init__(self, device: torch.device, limit_bytes: int = STAGING_BYTES) -> None:
         self.device, self.limit_bytes = device, limit_bytes
         self._pinned: torch.Tensor | None = None
+        self._kept: list[torch.Tensor] = []
+        self._next_kept = 0
         self.peak_bytes = 0
         """The largest piece staged (bytes): what the per-rank staging costs on top of kept copies."""
         self.kept_bytes = 0
-        """Host memory of copies kept past the call (async saves)."""
+        """Host memory of copies kept past the call (async saves); on CUDA counted once, however many saves reuse it."""
 
     def limit(self, dtype: torch.dtype) -> int:
         """Elements of `dtype` per piece."""
         return max(1, self.limit_bytes // torch.empty((), dtype=dtype).element_size())
 
+    def begin_kept(self) -> None:
+        """A new save's kept copies start over in the buffers of the previous one (whose writes are done)."""
+        self._next_kept = 0
+
     def host(self, view: torch.Tensor, *, keep: bool = False) -> torch.Tensor:
         """A host tensor with `view`'s values. Without `keep` it may be the staging buffer itself (or, on the
-        CPU, `view`): valid until the next call. With `keep` it owns its memory."""
+        CPU, `view`): valid until the next call. With `keep` it stays valid until the next `begin_kept()`;
+        on CUDA it is valid only once `kept_ready()` has been waited on."""
         nbytes = view.numel() * view.element_size()
         self.peak_bytes = max(self.peak_bytes, nbytes)
         if keep:
-            self.kept_bytes += nbytes
-            return view.detach().to("cpu", copy=True)
+            return self._keep(view, nbytes)
         if view.device.type != "cuda":
             return view.detach()
         if self._pinned is None or self._pinned.numel() < nbytes:
@@ -45,3 +58,25 @@ class HostStager:
         out.copy_(view.detach(), non_blocking=True)
         torch.cuda.current_stream(view.device).synchronize()
         return out
+
+    def _keep(self, view: torch.Tensor, nbytes: int) -> torch.Tensor:
+        if view.device.type != "cuda":
+            self.kept_bytes += nbytes
+            return view.detach().clone()
+        slot, self._next_kept = self._next_kept, self._next_kept + 1
+        if slot == len(self._kept) or self._kept[slot].numel() < nbytes:
+            buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            self.kept_bytes += nbytes - (self._kept[slot].numel() if slot < len(self._kept) else 0)
+            self._kept[slot:slot + 1] = [buffer]
+        out = self._kept[slot][:nbytes].view(view.dtype).view(view.shape)
+        out.copy_(view.detach(), non_blocking=True)  # stream-ordered: later optimizer steps cannot overtake it
+        return out
+
+    def kept_ready(self) -> Any:
+        """What a reader of kept copies waits on (`.synchronize()`): a CUDA event after the queued copies, or
+        None on the CPU, where the copies are done already."""
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
