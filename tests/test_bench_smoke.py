@@ -34,7 +34,6 @@ def test_suite_smoke(suite: str, tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 @pytest.mark.slow
-@pytest.mark.bench
 @pytest.mark.parametrize("suite", [name for name in SUITES if name not in IN_PROCESS])
 def test_script_suite_smoke(suite: str, tmp_path: Path) -> None:
     extra = ["--out", str(tmp_path / ("journey" if suite == "journey" else f"{suite}.json"))]  # not in the clone

@@ -128,7 +128,6 @@ def test_fp8_output_layer_changes_the_logits(hf: Path) -> None:
         assert (1e-3 < rel < 0.1) if output_proj else rel == 0, (output_proj, rel)
 
 
-@pytest.mark.bench
 def test_compiled_fp8_layers_give_the_eager_loss_and_gradients(hf: Path) -> None:
     """--compile with --fp8-output-proj compiles the output layer as well as the transformer layers (Inductor on the
     CPU, torchao's emulated casts); the loss and the tied embedding's gradient are eager's up to rounding."""

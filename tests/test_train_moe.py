@@ -118,7 +118,6 @@ def test_ep_layout_matches_single_process(setup: dict[str, Path], references: di
     assert worst <= 1e-5
 
 
-@pytest.mark.bench
 def test_compiled_mla_and_moe_layers_match_eager(setup: dict[str, Path], references: dict) -> None:
     """--compile (Inductor on the CPU) of DeepSeek-V3's layers: MLA's narrower v is padded for the CPU's fused SDPA
     kernel (unpadded, SDPA's math path tripped Inductor's attention pattern matcher), and the losses are the eager
