@@ -418,7 +418,8 @@ class HFSink:
 def run(source: Source, sink: Sink, total: int, description: str) -> None:
     """Stream every tensor from source to sink; then both sides check that nothing was left over."""
     return_large_buffers_to_os()
-    for conv, tensor in tqdm(source.tensors(), total=total, desc=description, unit="tensor", leave=False):
+    # disable=None: a bar only on a terminal; a log file would fill with its carriage-return redraws
+    for conv, tensor in tqdm(source.tensors(), total=total, desc=description, unit="tensor", leave=False, disable=None):
         sink.put(conv, tensor)
         del tensor
     source.finish()

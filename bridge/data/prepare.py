@@ -221,7 +221,7 @@ def prepare(config: PrepareConfig) -> PrepareResult:
         total = count_records(paths) if config.progress else None
         # closing(): a stop in the loop shuts the pool down now, not when the generator is collected
         with closing(_encode_all(encoder, chunks, config.workers)) as encoded_chunks, \
-                tqdm(total=total, unit="doc", disable=not config.progress, dynamic_ncols=True) as bar:
+                tqdm(total=total, unit="doc", disable=None if config.progress else True, dynamic_ncols=True) as bar:
             for encoded in encoded_chunks:
                 _consume(encoded, writers, result, config)
                 _update_progress(bar, encoded, result, start)
