@@ -41,3 +41,17 @@ def test_kept_copies_hold_the_saved_values_and_reuse_their_buffers(device: str) 
         assert all(k.is_pinned() for k in second)
         assert [k.data_ptr() for k in second] == [k.data_ptr() for k in first]
         assert stager.kept_bytes == kept_after_first
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reserved_buffers_are_the_ones_the_first_save_fills(device: str) -> None:
+    tensors = [torch.randn(shape, device=device) for shape in ((300,), (20, 7))]
+    stager = HostStager(torch.device(device))
+    stager.reserve([t.numel() * t.element_size() for t in tensors])
+    reserved = [b.data_ptr() for b in stager._kept]
+    kept, expected = _save(stager, tensors)
+    assert all(torch.equal(k, e) for k, e in zip(kept, expected))
+    if device == "cuda":
+        assert [k.data_ptr() for k in kept] == reserved and stager.kept_bytes == sum(t.nbytes for t in tensors)
+    else:
+        assert reserved == []  # nothing to pin on the CPU: copies are plain clones

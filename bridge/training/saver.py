@@ -46,16 +46,30 @@ class Checkpointer:
                  keep_last: int | None = None) -> None:
         self.save_dir, self.rs, self.fmt, self.async_save, self.keep_last = save, rs, fmt, async_save, keep_last
         self.stager = HostStager(rs.device)
+        self._reserving = self._reserve_host_copies() if fmt == "torch_dist" and async_save else None
         self.pending: _Pending | None = None
         self.stall_s: list[float] = []
         """Seconds each save held up training (for async saves: the staging to host)."""
         self.saved: list[int] = []
         """The iterations this run saved: what --keep-last-checkpoints keeps (checkpointing.prune)."""
 
+    def _view(self) -> dist_save.RankView:
+        rs = self.rs
+        return dist_save.RankView(rs.ps, rs.chunks, rs.optimizer, rs.plan.model, rs.plan.transformer_impl)
+
+    def _reserve_host_copies(self) -> threading.Thread:
+        """Pin the async saves' host buffers while training starts (HostStager.reserve)."""
+        sizes = [c.data.numel() * c.data.element_size() for c in dist_save.rank_chunks(self._view(), self.stager.limit_bytes)]
+        thread = threading.Thread(target=self.stager.reserve, args=(sizes,), name="pin-host-buffers", daemon=True)
+        thread.start()
+        return thread
+
     def save(self, iteration: int, entries: dict[str, Any], summary: dict[str, Any] | None) -> None:
         """Collective: every rank calls it at the same iteration."""
         self.finalize()
         start = time.perf_counter()
+        if self._reserving is not None:  # pinning not finished by the first save: the rest counts as its stall
+            self._reserving.join()
         entries, summary = copy.deepcopy(entries), copy.deepcopy(summary)  # the loss curves go on growing
         rs, ps = self.rs, self.rs.ps
         tmp = ckpt.begin_save(self.save_dir, iteration, ps)
@@ -65,8 +79,7 @@ class Checkpointer:
                 self._commit(iteration, tmp, summary)
                 self.stall_s.append(time.perf_counter() - start)
                 return
-            view = dist_save.RankView(ps, rs.chunks, rs.optimizer, rs.plan.model, rs.plan.transformer_impl)
-            staged = dist_save.stage(view, iteration, entries, self.stager, keep=self.async_save)
+            staged = dist_save.stage(self._view(), iteration, entries, self.stager, keep=self.async_save)
             if not self.async_save:
                 part = dist_save.write_files(tmp, staged, self.stager)
                 dist_save.finish(tmp, part, staged.common, ps.rank)
