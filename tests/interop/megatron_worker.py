@@ -12,10 +12,12 @@ import torch
 import torch.nn.functional as F
 
 
-def _transformer_config(cfg, layout):  # noqa: ANN001, ANN202
+def _transformer_config(cfg, layout, config_class=None, **fields):  # noqa: ANN001, ANN003, ANN202
+    """Megatron's TransformerConfig for a dense bridge config; `fields` add to (or replace) these, `config_class` is
+    a TransformerConfig subclass (MLATransformerConfig)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    return TransformerConfig(
+    return (config_class or TransformerConfig)(**{**dict(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
         num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups, kv_channels=cfg.kv_channels,
         normalization="RMSNorm", layernorm_epsilon=cfg.norm_epsilon, gated_linear_unit=True, activation_func=F.silu,
@@ -23,7 +25,7 @@ def _transformer_config(cfg, layout):  # noqa: ANN001, ANN202
         hidden_dropout=0.0, attention_dropout=0.0, tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp, params_dtype=torch.float32, use_cpu_initialization=True,
         bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False,
-        apply_rope_fusion=False, gradient_accumulation_fusion=False, sequence_parallel=False)
+        apply_rope_fusion=False, gradient_accumulation_fusion=False, sequence_parallel=False), **fields})
 
 
 def full_logits(model, token_lists: Sequence[Sequence[int]], vocab_size: int) -> list[torch.Tensor]:  # noqa: ANN001
