@@ -38,7 +38,7 @@ def text_corpus(out: Path, vocab_size: int, extra: Path | None, max_bytes: int =
     `max_bytes`. A folder that already holds them is reused as it is."""
     from transformers import AutoTokenizer
 
-    from bridge.demo import build_tokenizer
+    from bridge.apps.demo import build_tokenizer
 
     data = out / "corpus.jsonl"
     if data.exists() and (out / "tokenizer").is_dir():

@@ -9,7 +9,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "AutoBridge": "bridge.auto",
+    "AutoBridge": "bridge.apps.auto",
     "BridgeError": "bridge.errors",
     "ModelConfig": "bridge.config",
     "ParallelLayout": "bridge.layout",

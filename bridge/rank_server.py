@@ -18,4 +18,4 @@ import torch  # noqa: E402,F401
 import torch.distributed  # noqa: E402,F401
 
 import bridge.training.loop  # noqa: E402,F401  (training ranks)
-import bridge.verify  # noqa: E402,F401  (verify ranks)
+import bridge.apps.verify  # noqa: E402,F401  (verify ranks)

@@ -5,7 +5,7 @@ import argparse
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from bridge.demo import run
+    from bridge.apps.demo import run
 
     return run(args.workdir, keep=args.keep)
 

@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_push(args: argparse.Namespace) -> int:
-    from bridge.push import push_to_hub
+    from bridge.apps.push import push_to_hub
 
     url = push_to_hub(args.source, args.repo_id, revision=args.revision, private=args.private,
                       token=args.token, commit_message=args.commit_message)

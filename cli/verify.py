@@ -5,8 +5,8 @@ import argparse
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    from bridge.apps.verify import read_prompts, verify
     from bridge.parallel.state import cp_comm_type_from_flag
-    from bridge.verify import read_prompts, verify
 
     result = verify(args.hf_src, args.checkpoint, prompts=read_prompts(args.prompts), dtype=args.dtype,
                     device=args.device, sequence_parallel=args.sequence_parallel, cp=args.cp,

@@ -29,12 +29,12 @@ import torch
 from bridge.checkpoint import CheckpointMeta
 from bridge.converters import engine
 from bridge.converters.dcp import DcpReader, DcpWriter
-from bridge.converters.megatron_legacy import (CHECKPOINT_VERSION, SAFE_GLOBALS, TRACKER, check_iteration,
-                                               iteration_dir_name, model_keys, read_tracker, state_dict_position)
+from bridge.converters.megatron_legacy import (CHECKPOINT_VERSION, SAFE_GLOBALS, TRACKER, LegacyCheckpointReader,
+                                               check_iteration, iteration_dir_name, model_keys, read_tracker,
+                                               state_dict_position)
 from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
 from bridge.mapping import Conversion, megatron_shape
-from bridge.models import conversions
 from bridge.sharding import Split, localize, rule_for, split
 
 log = logging.getLogger(__name__)
@@ -133,10 +133,15 @@ class TorchDistSink:
 
 
 class TorchDistReader:
-    """Lazy reader of a torch_dist iteration folder in terms of bridge's global Megatron keys."""
+    """Lazy reader of a torch_dist iteration folder in terms of bridge's global Megatron keys.
 
-    def __init__(self, root: Path, meta: CheckpointMeta, iteration: int | str | None = None) -> None:
-        self.root, self.ckpt_meta = root, meta
+    `conversions` is the model's mapping (bridge.models.conversions of its config): `load_rank` splits its tensors
+    for a rank by it. The caller passes it, so that the formats know nothing of the model families.
+    """
+
+    def __init__(self, root: Path, meta: CheckpointMeta, conversions: Sequence[Conversion],
+                 iteration: int | str | None = None) -> None:
+        self.root, self.ckpt_meta, self.conversions = root, meta, conversions
         self.iteration = read_tracker(root) if iteration is None else iteration
         self.folder = root / iteration_dir_name(self.iteration)
         if not (self.folder / CONFIG_FILE).is_file():
@@ -205,7 +210,7 @@ class TorchDistReader:
         each global tensor of its stage (and EP rank) is read (one at a time) and split with the usual rules.
         """
         meta = replace(self.ckpt_meta, layout=layout or self.ckpt_meta.layout)
-        source = TorchDistSource(self, meta, conversions(meta.config))
+        source = TorchDistSource(self, meta, self.conversions)
         collector = _RankCollector(meta.layout, tp_rank, pp_rank, ep_rank)
         sink = engine.MegatronSink(self.root, meta, lambda t, p: argparse.Namespace(), writer=collector)
         last, tied_copy = meta.layout.pp - 1, meta.config.tie_word_embeddings and meta.layout.pp > 1
@@ -300,11 +305,11 @@ class TorchDistSource:
             raise BridgeError(f"{len(left)} tensors of the checkpoint were not converted: {engine._listing(left)}")
 
 
-def open_rank_reader(root: Path, meta: CheckpointMeta, iteration: int | str | None = None) -> Any:
-    """The reader whose `load_rank(tp_rank, pp_rank)` serves `bridge verify` / training, for either format."""
-    from bridge.converters.megatron_legacy import LegacyCheckpointReader
-
+def open_rank_reader(root: Path, meta: CheckpointMeta, conversions: Sequence[Conversion],
+                     iteration: int | str | None = None) -> Any:
+    """The reader whose `load_rank(tp_rank, pp_rank)` serves `bridge verify` / training, for either format
+    (`conversions`: the model's mapping, which a torch_dist reader splits by)."""
     if checkpoint_format(root, iteration) == "torch_dist":
-        return TorchDistReader(root, meta, iteration)
+        return TorchDistReader(root, meta, conversions, iteration)
     return LegacyCheckpointReader(root, meta.layout, iteration)
 

@@ -1,11 +1,14 @@
-"""Architecture registry: HF architecture class name -> the family module that maps it."""
+"""Architecture registry: HF architecture class name -> the family module that maps it, and the reading of an HF
+`config.json` into bridge's ModelConfig through that family."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from bridge.config import ModelConfig
 from bridge.errors import BridgeError
+from bridge.hub import load_pretrained
 from bridge.mapping import Conversion, Row, expand
 from bridge.models import deepseek, llama, mistral, mixtral, qwen, qwen_moe
 
@@ -44,3 +47,19 @@ def family(architecture: str) -> Family:
 def conversions(cfg: ModelConfig) -> list[Conversion]:
     """Every tensor conversion of a model: its family's rows expanded over layers (and experts)."""
     return list(expand(family(cfg.architecture).rows(cfg), cfg.num_layers, cfg.moe))
+
+
+def load_hf_config(folder: Path) -> ModelConfig:
+    """Read `config.json` (through transformers, so defaults match) into a ModelConfig."""
+    from transformers import AutoConfig  # imported here: transformers takes seconds to import
+
+    if not (folder / "config.json").is_file():
+        raise BridgeError(f"{folder} has no config.json; give an HF model folder")
+    try:
+        hf = load_pretrained(AutoConfig, folder)
+    except (ValueError, OSError, KeyError) as exc:
+        raise BridgeError(f"cannot read {folder}/config.json: {str(exc).splitlines()[0]}") from exc
+    architectures = getattr(hf, "architectures", None) or []
+    if len(architectures) != 1:
+        raise BridgeError(f"{folder}/config.json names architectures {architectures}; expected exactly one")
+    return family(architectures[0]).config_from_hf(hf)

@@ -342,7 +342,7 @@ def test_the_ring_refuses_a_sliding_window_shorter_than_the_sequence(tmp_path: P
 def test_verify_at_cp2_matches_transformers(setup: dict[str, Path]) -> None:
     """`bridge verify --cp 2`: each prompt split over 2 ranks (4 chunks), logits gathered back in order; through the
     ring and through a2a."""
-    from bridge.verify import verify
+    from bridge.apps.verify import verify
 
     for exchange in ("p2p", "a2a"):
         result = verify(setup["hf"], setup["ckpt"], cp=2, cp_comm_type=exchange, write_json=False)

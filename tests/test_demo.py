@@ -86,7 +86,7 @@ def test_readme_install_then_demo(readme_venv: tuple[Path, Path], tmp_path: Path
 
 
 def test_demo_push_hint_names_no_folder_that_will_be_deleted(tiny_hf) -> None:
-    from bridge.push import demo_push
+    from bridge.apps.push import demo_push
 
     folder = tiny_hf("llama32-tied")
     line = demo_push(folder, kept=False)

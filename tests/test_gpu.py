@@ -18,7 +18,7 @@ import torch
 
 from bridge.api import import_hf
 from bridge.layout import ParallelLayout
-from bridge.verify import verify
+from bridge.apps.verify import verify
 from tests.model_fixtures import real_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

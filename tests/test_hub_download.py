@@ -9,7 +9,7 @@ from huggingface_hub import HfApi, constants, hf_hub_download
 
 from bridge.errors import BridgeError
 from bridge.hub import resolve_source
-from bridge.push import push_to_hub
+from bridge.apps.push import push_to_hub
 from tests.hub_fixture import OTHER_TOKEN, TOKEN, USER, logits_of, point_hub_client_at
 from tests.hub_server import HubServer
 

@@ -15,7 +15,7 @@ from huggingface_hub import constants, snapshot_download
 from safetensors.torch import load_file
 
 from bridge.cli.main import main
-from bridge.push import push_to_hub
+from bridge.apps.push import push_to_hub
 from tests.hub_fixture import TOKEN, USER, point_hub_client_at, save_tiny_llama
 from tests.hub_server import HubServer
 

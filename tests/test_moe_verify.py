@@ -14,7 +14,7 @@ from bridge.checkpoint import CheckpointMeta
 from bridge.layout import ParallelLayout
 from bridge.nn import build_model_chunks, load_rank_checkpoint
 from bridge.parallel.state import ParallelState
-from bridge.verify import DEFAULT_PROMPTS, compare, encode, hf_logits, sharded_logits, verify
+from bridge.apps.verify import DEFAULT_PROMPTS, compare, encode, hf_logits, sharded_logits, verify
 from tests.model_fixtures import MOE_MODELS, load_pt
 
 TOKENS = encode(Path("/nonexistent"), DEFAULT_PROMPTS, 300)

@@ -10,7 +10,7 @@ import torch
 from huggingface_hub import HfApi, snapshot_download
 
 from bridge.errors import BridgeError
-from bridge.push import push_to_hub
+from bridge.apps.push import push_to_hub
 from tests.hub_fixture import OTHER_TOKEN, TOKEN, USER, logits_of
 
 REPO = f"{USER}/tiny-llama"
@@ -86,7 +86,7 @@ def test_dropped_connection_mid_upload_is_retried(hub, tiny_llama):
 
 
 def test_dropped_commit_is_retried_by_bridge(hub, tiny_llama, monkeypatch):
-    monkeypatch.setattr("bridge.push.RETRY_WAITS_S", (0.0, 0.0))
+    monkeypatch.setattr("bridge.apps.push.RETRY_WAITS_S", (0.0, 0.0))
     hub.drop_connection("commit", nth=1)
     push_to_hub(tiny_llama, REPO, token=TOKEN)
     assert hub.count("POST", r"/commit/main$") == 2
@@ -94,7 +94,7 @@ def test_dropped_commit_is_retried_by_bridge(hub, tiny_llama, monkeypatch):
 
 
 def test_push_that_keeps_failing_leaves_no_half_commit(hub, tiny_llama, monkeypatch):
-    monkeypatch.setattr("bridge.push.RETRY_WAITS_S", (0.0, 0.0))
+    monkeypatch.setattr("bridge.apps.push.RETRY_WAITS_S", (0.0, 0.0))
     HfApi(token=TOKEN).create_repo(REPO)
     before = _head()
     hub.drop_connection("commit", nth=1, times=100)
@@ -156,7 +156,7 @@ def test_cli_private_flag_creates_a_private_repo(hub, tiny_llama):
 
 
 def test_demo_push_uses_a_local_hub(tiny_llama):
-    from bridge.push import demo_push
+    from bridge.apps.push import demo_push
 
     line = demo_push(tiny_llama)
     assert "pushed to a local test Hub" in line and "/commit/" in line and "bridge push" in line
@@ -173,7 +173,7 @@ def _fake_checkpoint(tmp_path: Path, **files: object) -> Path:
 
 
 def test_model_card_carries_source_license_layout_and_verify_table(tiny_llama, tmp_path):
-    from bridge.model_card import build_model_card
+    from bridge.apps.model_card import build_model_card
 
     sha = "a" * 40
     ckpt = _fake_checkpoint(
@@ -197,7 +197,7 @@ def test_model_card_carries_source_license_layout_and_verify_table(tiny_llama, t
 
 @pytest.mark.parametrize("verify", ["not json at all", "[1, 2]", '{"rows": "x"}', "[{\"a\": 1}]", "null"])
 def test_model_card_survives_odd_verify_files(tiny_llama, tmp_path, verify):
-    from bridge.model_card import build_model_card
+    from bridge.apps.model_card import build_model_card
 
     ckpt = _fake_checkpoint(tmp_path, **{"verify.json": verify})
     card = build_model_card(tiny_llama, f"{USER}/x", checkpoint=ckpt)
@@ -206,7 +206,7 @@ def test_model_card_survives_odd_verify_files(tiny_llama, tmp_path, verify):
 
 
 def test_model_card_training_section_has_only_known_fields(tiny_llama, tmp_path):
-    from bridge.model_card import build_model_card
+    from bridge.apps.model_card import build_model_card
 
     ckpt = _fake_checkpoint(tmp_path, **{"train_summary.json": {"iterations": 7, "final_train_loss": 3.25}})
     card = build_model_card(tiny_llama, f"{USER}/x", checkpoint=ckpt)
@@ -218,7 +218,7 @@ def test_loss_curve_png_is_a_valid_deterministic_image():
     import struct
     import zlib
 
-    from bridge.model_card import loss_curve_png
+    from bridge.apps.model_card import loss_curve_png
 
     points = [(float(i), 6.0 / (1 + i / 10)) for i in range(0, 200, 5)]
     png = loss_curve_png(points, width=320, height=200)

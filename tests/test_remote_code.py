@@ -83,7 +83,7 @@ def test_data_prepare_with_a_remote_code_tokenizer_refuses_without_running_it(tm
 
 def test_verify_tokenizer_with_remote_code_is_not_run(tiny_llama, tmp_path, answer_yes):
     """verify falls back to byte ids when the tokenizer cannot be used; it must not get there by running it."""
-    from bridge.verify import encode
+    from bridge.apps.verify import encode
 
     marker = tmp_path / "MARKER"
     ids = encode(_remote_tokenizer(tiny_llama, marker), ["hi"], vocab_size=128)

@@ -19,6 +19,7 @@ from bridge.converters import dcp as bridge_dcp
 from bridge.converters.megatron_legacy import LegacyCheckpointReader
 from bridge.converters.torch_dist import BACKEND_CONFIG, TorchDistReader, open_rank_reader
 from bridge.layout import ParallelLayout
+from bridge.models import conversions
 from tests.model_fixtures import DENSE_MODELS, load_pt
 from tests.test_convert_roundtrip import assert_identical
 
@@ -67,7 +68,8 @@ def test_rank_shards_equal_legacy_files(impl: str, tiny_hf, tmp_path: Path) -> N
     """What `bridge verify` / training load from torch_dist is exactly the legacy rank file, for any layout."""
     src = tiny_hf("llama32-tied")
     dist = api.import_hf(src, tmp_path / "dist", ParallelLayout(), format="torch_dist", transformer_impl=impl)
-    reader = open_rank_reader(dist, CheckpointMeta.load(dist))
+    meta = CheckpointMeta.load(dist)
+    reader = open_rank_reader(dist, meta, conversions(meta.config))
     assert isinstance(reader, TorchDistReader)
     for i, layout in enumerate(LEGACY_LAYOUTS):
         legacy = LegacyCheckpointReader(api.import_hf(src, tmp_path / f"l{i}", layout, transformer_impl=impl), layout)
@@ -126,7 +128,7 @@ def test_reads_one_layer_slice_at_a_time(tiny_hf, tmp_path: Path, monkeypatch: p
     api.export_hf(ckpt, tmp_path / "hf")
     stacked = [sizes for key, sizes in regions if key.startswith("decoder.layers.")]
     assert stacked and all(sizes[0] == 1 for sizes in stacked)
-    assert len(regions) == len(api.conversions(CheckpointMeta.load(ckpt).config))
+    assert len(regions) == len(conversions(CheckpointMeta.load(ckpt).config))
 
 
 def test_cli_import_inspect_reshard(tiny_hf, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -143,7 +145,7 @@ def test_cli_import_inspect_reshard(tiny_hf, tmp_path: Path, capsys: pytest.Capt
 
 def test_verify_loads_torch_dist_ranks(tiny_hf, tmp_path: Path) -> None:
     """`bridge verify` on a torch_dist folder: spawned TP=2 ranks each read their shard, logits match HF."""
-    from bridge.verify import verify
+    from bridge.apps.verify import verify
 
     src = tiny_hf("qwen2")
     ckpt = api.import_hf(src, tmp_path / "dist", ParallelLayout(tp=2), format="torch_dist")

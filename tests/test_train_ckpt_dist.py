@@ -207,7 +207,7 @@ def test_async_save_killed_in_flight_resumes_from_the_previous(dense: dict[str, 
 
 def test_export_push_and_inspect_read_a_training_checkpoint(dense: dict[str, Any], hub, tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
-    from bridge.push import push_to_hub
+    from bridge.apps.push import push_to_hub
 
     full = dense["root"] / "full"
     legacy = train(_config(dense["ckpt"], dense["data"], tmp_path / "legacy", use_distributed_optimizer=True,

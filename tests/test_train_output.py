@@ -68,7 +68,7 @@ def test_summary_file_has_the_final_validation_loss(tiny_ckpt: Path, tmp_path: P
 def test_card_leaves_out_a_verification_of_another_iteration(tiny_hf, tiny_ckpt: Path, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture) -> None:
     """verify.json says which iteration it compared; after a resume the card does not claim it for the new one."""
-    from bridge.model_card import build_model_card
+    from bridge.apps.model_card import build_model_card
 
     run = tmp_path / "run"
     assert _train(tiny_ckpt, "--train-iters", "2", "--eval-interval", "0", "--no-progress",

@@ -119,10 +119,10 @@ def test_jsonl_training_exports_loads_and_verifies(tmp_path: Path) -> None:
     """The demo path: a tokenizer-backed tiny Llama at TP=2 PP=2, trained on text; loss falls; export verifies."""
     from transformers import AutoModelForCausalLM
 
-    from bridge.demo import DEMO_LAYOUT, build_model
-    from bridge.demo_corpus import CORPUS
+    from bridge.apps.demo import DEMO_LAYOUT, build_model
+    from bridge.apps.demo_corpus import CORPUS
     from bridge.training.demo import demo_train
-    from bridge.verify import verify
+    from bridge.apps.verify import verify
 
     hf = build_model(tmp_path / "hf")
     ckpt = import_hf(hf, tmp_path / "ckpt", DEMO_LAYOUT)

@@ -15,7 +15,7 @@ from bridge.api import import_hf
 from bridge.cli.main import main
 from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
-from bridge.verify import DEFAULT_PROMPTS, compare, encode, hf_logits, read_prompts, sharded_logits, verify
+from bridge.apps.verify import DEFAULT_PROMPTS, compare, encode, hf_logits, read_prompts, sharded_logits, verify
 from tests.model_fixtures import PARITY_LAYOUTS, PARITY_MODELS, load_pt
 
 LAYOUTS = PARITY_LAYOUTS
@@ -166,7 +166,7 @@ def test_cli_bf16_prints_both_agreements(flat: dict, monkeypatch: pytest.MonkeyP
         assert list(map(Path, checkpoints)) == [ckpt] and tokens == TOKENS and kwargs["dtype"] == "bf16"
         return [flat["bridge"]["exact"]]
 
-    monkeypatch.setattr("bridge.verify.sharded_logits", ranks)
+    monkeypatch.setattr("bridge.apps.verify.sharded_logits", ranks)
     assert main(["verify", str(flat["hf"]), str(ckpt), "--dtype", "bf16"]) == 0, capsys.readouterr().out
     out = capsys.readouterr().out
     report = json.loads((ckpt / "verify.json").read_text())

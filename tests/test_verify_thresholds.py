@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from bridge import verify as bridge_verify
+from bridge.apps import verify as bridge_verify
 from bridge.api import import_hf
 from bridge.layout import ParallelLayout
-from bridge.verify import DEFAULT_PROMPTS, compare, encode, hf_logits, sharded_logits
+from bridge.apps.verify import DEFAULT_PROMPTS, compare, encode, hf_logits, sharded_logits
 from tests.model_fixtures import load_pt
 
 TOKENS = encode(Path("/nonexistent"), DEFAULT_PROMPTS, 300)

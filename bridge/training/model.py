@@ -13,10 +13,13 @@ from torch.utils.checkpoint import checkpoint
 from bridge.checkpoint import CheckpointMeta
 from bridge.converters.torch_dist import TorchDistReader, open_rank_reader
 from bridge.errors import BridgeError
+from bridge.models import conversions
 from bridge.nn import build_model_chunks, load_rank_checkpoint, sync_tied_embeddings
+from bridge.nn.fp8 import apply_fp8, first_last_layers
 from bridge.parallel.state import ParallelState
 from bridge.training.config import TrainConfig
 from bridge.training.plan import Plan
+from bridge.training.resume import dist_training_entries
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +36,19 @@ def build_chunks(cfg: TrainConfig, plan: Plan, ps: ParallelState, device: torch.
                                 mask_padded_vocab=True)
     state = None
     if cfg.load is not None:
-        reader = open_rank_reader(Path(cfg.load), CheckpointMeta.load(Path(cfg.load)))  # torch or torch_dist
+        meta = CheckpointMeta.load(Path(cfg.load))
+        reader = open_rank_reader(Path(cfg.load), meta, conversions(meta.config))  # torch or torch_dist
         where: dict[str, Any] = {"ep_rank": ps.ep_rank} if ps.ep > 1 else {}  # EP rank file: mp_rank_TT[_PPP]_EEE
         if isinstance(reader, TorchDistReader):
             where["layout"] = ps.layout  # torch_dist serves any layout: split for this run's
         state = reader.load_rank(ps.tp_rank, ps.pp_rank, **where)
         load_rank_checkpoint(chunks, state)
         if isinstance(reader, TorchDistReader):  # a torch_dist training save keeps its training state apart
-            from bridge.training.resume import dist_training_entries
-
             state.update(dist_training_entries(reader.folder, ps))
     elif ps.ep > 1:
         _distinct_expert_init(chunks, cfg.seed + 1000 * ps.pp_rank + ps.tp_rank, ps.ep_rank)
     sync_tied_embeddings(chunks)
     if cfg.fp8:  # FP8 compute only: parameters, state dicts and checkpoints are unchanged
-        from bridge.nn.fp8 import apply_fp8, first_last_layers
-
         bf16 = (first_last_layers(plan.model.num_layers, cfg.num_layers_at_start_in_bf16,
                                   cfg.num_layers_at_end_in_bf16) if cfg.first_last_layers_bf16 else ())
         apply_fp8(chunks, cfg.fp8, cfg.fp8_format, output_proj=cfg.fp8_output_proj, bf16_layers=bf16)

@@ -16,7 +16,11 @@ from bridge.config import ModelConfig
 from bridge.data.indexed import IndexedDataset, has_loss_mask, strip_suffix
 from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
+from bridge.models import load_hf_config
 from bridge.nn.attention import ATTENTION_BACKENDS
+from bridge.nn.fp8 import check_fp8_device, check_fp8_recipe
+from bridge.parallel.context import check_seq_length
+from bridge.parallel.state import check_context_parallel
 from bridge.training.checkpoint_flags import check_checkpoint_flags
 from bridge.training.config import LR_DECAY_STYLES, RECOMPUTE, TrainConfig
 
@@ -55,8 +59,6 @@ def _model(cfg: TrainConfig) -> tuple[ModelConfig, CheckpointMeta | None, str]:
     if cfg.load is not None:
         meta = CheckpointMeta.load(Path(cfg.load))
         return meta.config, meta, meta.transformer_impl
-    from bridge.api import load_hf_config
-
     path = Path(cfg.model_config)
     folder = path if path.is_dir() else path.parent
     if not (folder / "config.json").is_file():
@@ -222,8 +224,6 @@ def _check_fp8(cfg: TrainConfig, model: ModelConfig) -> None:
             raise BridgeError(f"--fp8-format {cfg.fp8_format} picks FP8's gradient type, but FP8 is off: add --fp8 "
                               f"tensorwise")
         return
-    from bridge.nn.fp8 import check_fp8_device, check_fp8_recipe
-
     check_fp8_recipe(cfg.fp8, cfg.fp8_format)
     if cfg.first_last_layers_bf16:
         _check_bf16_layers(cfg.num_layers_at_start_in_bf16, cfg.num_layers_at_end_in_bf16, model.num_layers)
@@ -245,13 +245,9 @@ def _check_bf16_layers(at_start: int, at_end: int, num_layers: int) -> None:
 def _check_context_parallel(cfg: TrainConfig, model: ModelConfig) -> None:
     """--cp: a positive degree, 2*cp equal chunks per sequence; the ring (p2p) only where no sliding window cuts the
     sequence; a2a only where every CP rank gets an equal share of the heads."""
-    from bridge.parallel.state import check_context_parallel
-
     check_context_parallel(cfg.cp, cfg.cp_comm_type, model, cfg.tp)
     if cfg.cp == 1:
         return
-    from bridge.parallel.context import check_seq_length
-
     check_seq_length(cfg.seq_length, cfg.cp)
     if cfg.cp_comm_type == "p2p" and model.sliding_window is not None and cfg.seq_length > model.sliding_window:
         raise BridgeError(f"--cp-comm-type p2p (the ring) has no sliding window, and {model.architecture}'s window of "

@@ -14,8 +14,12 @@ from typing import Any
 
 import torch.distributed as dist
 
+from bridge.converters.convert import reshard
 from bridge.converters.megatron_legacy import LegacyCheckpointReader, read_tracker
+from bridge.converters.torch_dist import checkpoint_format
 from bridge.errors import BridgeError
+from bridge.launch import launch
+from bridge.parallel.state import init_distributed
 from bridge.training.checkpointing import remove_partial
 from bridge.training.config import TrainConfig
 from bridge.training.plan import Plan, make_plan
@@ -27,8 +31,6 @@ def _needs_reshard(cfg: TrainConfig, plan: Plan) -> bool:
     """A legacy checkpoint in another layout; a torch_dist one is read at any layout as it is."""
     if plan.load_meta is None or plan.load_meta.layout == plan.layout:
         return False
-    from bridge.converters.torch_dist import checkpoint_format
-
     return checkpoint_format(Path(cfg.load), recorded=plan.load_meta.format) == "torch"
 
 
@@ -55,8 +57,6 @@ def resolve_load(cfg: TrainConfig, plan: Plan, *, do_reshard: bool = True) -> Tr
                           "--ckpt-format torch_dist resume on any layout")
     target = reshard_target(cfg, plan)
     if do_reshard:
-        from bridge.api import reshard
-
         log.info("resharding %s (%s) to %s in %s", cfg.load, old.name, plan.layout.name, target)
         reshard(cfg.load, target, plan.layout, iteration=None if iteration == "release" else int(iteration), overwrite=True)
     return dataclasses.replace(cfg, load=str(target), load_as_given=cfg.load)
@@ -89,6 +89,7 @@ def default_cuda_allocator(device: str) -> None:
 
 
 def _rank_main(cfg: TrainConfig, plan: Plan) -> dict[str, Any] | None:
+    # imported here: the ranks' code; `bridge --help` imports this module (through bridge.training) and not the loop
     from bridge.training.loop import train_rank
 
     logging.basicConfig(level=logging.INFO if dist.get_rank() == 0 else logging.WARNING, format="%(message)s")
@@ -108,8 +109,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         log.warning("no --save: this run keeps nothing of what it trains; pass --save DIR for checkpoints")
     if cfg.nproc is not None:
         cfg = resolve_load(cfg, plan)
-        from bridge.launch import launch
-
         log.info("starting %d ranks (%s): %s, dp=%d, %d micro-batches per rank per step", plan.world_size, backend,
                  plan.layout.name, plan.dp, plan.num_microbatches)
         try:
@@ -120,8 +119,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             raise
         finally:
             remove_reshard(cfg)
-    from bridge.parallel.state import init_distributed
-
     init_distributed(backend, timeout_s=3600.0)
     try:
         cfg = resolve_load(cfg, plan, do_reshard=dist.get_rank() == 0)

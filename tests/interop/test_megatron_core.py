@@ -12,7 +12,7 @@ from pathlib import Path
 from bridge.api import import_hf
 from bridge.launch import launch
 from bridge.layout import ParallelLayout
-from bridge.verify import DEFAULT_PROMPTS, compare, encode, hf_logits
+from bridge.apps.verify import DEFAULT_PROMPTS, compare, encode, hf_logits
 from tests.interop.common import DENSE_MODELS, MEGATRON_CORE_MARKS
 
 pytestmark = MEGATRON_CORE_MARKS

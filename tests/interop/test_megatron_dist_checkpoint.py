@@ -20,7 +20,7 @@ import pytest
 from bridge.api import export_hf, import_hf
 from bridge.launch import launch
 from bridge.layout import ParallelLayout
-from bridge.verify import DEFAULT_PROMPTS, compare, encode, hf_logits
+from bridge.apps.verify import DEFAULT_PROMPTS, compare, encode, hf_logits
 from tests.interop.common import DENSE_MODELS, MEGATRON_CORE_MARKS
 from tests.test_convert_roundtrip import assert_identical
 

@@ -25,10 +25,17 @@ import torch
 
 from bridge.checkpoint import CheckpointMeta
 from bridge.config import DTYPES
+from bridge.converters.megatron_legacy import read_tracker
+from bridge.converters.torch_dist import open_rank_reader
 from bridge.errors import BridgeError
-from bridge.hub import load_pretrained
+from bridge.hub import load_pretrained, resolve_source
 from bridge.launch import launch
-from bridge.parallel.state import check_context_parallel
+from bridge.models import conversions, load_hf_config
+from bridge.nn import build_model_chunks, load_rank_checkpoint
+from bridge.parallel.collectives import gather_from_tp
+from bridge.parallel.context import gather_sequence, split_sequence
+from bridge.parallel.pipeline import forward_only
+from bridge.parallel.state import ParallelState, check_context_parallel
 
 log = logging.getLogger(__name__)
 
@@ -168,13 +175,6 @@ def rank_logits(checkpoints: Sequence[str], token_lists: Sequence[Sequence[int]]
     """
     import torch.distributed as dist
 
-    from bridge.converters.torch_dist import open_rank_reader
-    from bridge.nn import build_model_chunks, load_rank_checkpoint
-    from bridge.parallel.collectives import gather_from_tp
-    from bridge.parallel.context import gather_sequence, split_sequence
-    from bridge.parallel.pipeline import forward_only
-    from bridge.parallel.state import ParallelState
-
     dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
     results: list[list[torch.Tensor] | None] = []
     for ckpt in checkpoints:
@@ -183,7 +183,8 @@ def rank_logits(checkpoints: Sequence[str], token_lists: Sequence[Sequence[int]]
         chunks = build_model_chunks(meta.config, ps, transformer_impl=meta.transformer_impl,
                                     sequence_parallel=sequence_parallel, params_dtype=DTYPES[dtype], device=dev)
         ep = {"ep_rank": ps.ep_rank} if meta.layout.ep > 1 else {}  # EP ranks are DP replicas holding other experts
-        load_rank_checkpoint(chunks, open_rank_reader(Path(ckpt), meta).load_rank(ps.tp_rank, ps.pp_rank, **ep))  # torch or torch_dist
+        reader = open_rank_reader(Path(ckpt), meta, conversions(meta.config))  # torch or torch_dist
+        load_rank_checkpoint(chunks, reader.load_rank(ps.tp_rank, ps.pp_rank, **ep))
         for chunk in chunks:
             chunk.eval()
         batches = [split_sequence(torch.tensor([list(ids)], device=dev), cp, ps.cp_rank, dim=1) for ids in token_lists]
@@ -210,8 +211,6 @@ def sharded_logits(checkpoints: Sequence[Path], token_lists: Sequence[Sequence[i
     log.info("starting %d ranks (%s) for layout %s", world, backend, layout.name)
     per_rank = launch(rank_logits, world, [str(c) for c in checkpoints], [list(t) for t in token_lists], dtype, device,
                       sequence_parallel, cp, cp_comm_type, backend=backend)
-    from bridge.parallel.state import ParallelState
-
     order = ParallelState(layout, world, 0, cp=cp, create_groups=False)
     return per_rank[order.rank_of(0, 0, layout.pp - 1, 0)]  # the last stage's tp 0, dp 0, cp 0
 
@@ -287,9 +286,6 @@ def verify(hf_src: str | Path, checkpoint: str | Path, *, prompts: Sequence[str]
            device: str = "cpu", sequence_parallel: bool = False, cp: int = 1, cp_comm_type: str = "p2p",
            write_json: bool = True) -> VerifyResult:
     """Compare the checkpoint's logits with transformers' on `prompts`; write `verify.json` into the checkpoint."""
-    from bridge.api import load_hf_config
-    from bridge.hub import resolve_source
-
     if dtype not in VERIFY_DTYPES:
         raise BridgeError(f"--dtype {dtype} is not one of {', '.join(VERIFY_DTYPES)}")
     if device not in DEVICES:
@@ -317,8 +313,6 @@ def verify(hf_src: str | Path, checkpoint: str | Path, *, prompts: Sequence[str]
     ours = sharded_logits([ckpt], tokens, dtype=dtype, device=device, sequence_parallel=sequence_parallel, cp=cp,
                           cp_comm_type=cp_comm_type)[0]
     rows, overall, ok, criterion = compare(texts, ref, ours, dtype, hf_bf16)
-    from bridge.converters.megatron_legacy import read_tracker
-
     iteration = read_tracker(ckpt)  # the one sharded_logits read: the tracker's
     result = VerifyResult(checkpoint=str(ckpt), hf_source=str(hf_src), dtype=dtype, device=device, iteration=iteration,
                           layout={**meta.layout.to_json(), **({"cp": cp, "cp_comm_type": cp_comm_type} if cp > 1 else {}),

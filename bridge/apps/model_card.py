@@ -167,7 +167,7 @@ def _verification(report: Any) -> list[str]:
 def _verified_here(report: Any, checkpoint: Path | None) -> Any:
     """`report` if it is of the checkpoint iteration being pushed; None (no claim on the card) if it verified another
     one, e.g. the iteration a training run resumed from, or does not say which."""
-    from bridge.converters.megatron_legacy import TRACKER, read_tracker
+    from bridge.converters.megatron_legacy import TRACKER, read_tracker  # imported here: it loads torch (see push)
 
     if checkpoint is None or not isinstance(report, dict) or not (checkpoint / TRACKER).is_file():
         return report

@@ -13,9 +13,10 @@ from typing import Collection, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from bridge.checkpoint import atomic_output_dir, copy_hf_meta, set_config_dtype
 from bridge.config import ModelConfig
 from bridge.converters.engine import HFSource
-from bridge.converters.hf import SafetensorsReader
+from bridge.converters.hf import PlannedTensor, SafetensorsReader, StreamingSafetensorsWriter, parse_size
 from bridge.errors import BridgeError
 from bridge.hub import load_pretrained
 from bridge.mapping import Conversion
@@ -180,9 +181,7 @@ def _hf_pieces(conv: Conversion, full: torch.Tensor, cfg: ModelConfig, wanted: s
 
 def _hf_plan(model: GPTModel, hf_folder: Path, dtype: torch.dtype | None) -> list:
     """HF names, shapes and dtypes of the weights, from transformers' model on the meta device (no data)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from bridge.converters.hf import PlannedTensor
+    from transformers import AutoConfig, AutoModelForCausalLM  # imported here: transformers takes seconds to import
 
     with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(load_pretrained(AutoConfig, hf_folder))
@@ -194,9 +193,6 @@ def _hf_plan(model: GPTModel, hf_folder: Path, dtype: torch.dtype | None) -> lis
 def save_hf(chunks: Sequence[GPTModel], hf_folder: Path, out: Path, *, dtype: torch.dtype | None,
             max_shard_size: str, overwrite: bool) -> Path | None:
     """Gather the live model to rank 0 and stream it into an HF folder (config and tokenizer from `hf_folder`)."""
-    from bridge.checkpoint import atomic_output_dir, copy_hf_meta, set_config_dtype
-    from bridge.converters.hf import StreamingSafetensorsWriter, parse_size
-
     model = chunks[0]
     is_writer = model.ps.rank == 0
     stream = export_hf_weights(chunks, dtype=dtype, to="rank0")

@@ -10,10 +10,13 @@ from typing import Callable, Iterable
 
 import torch
 
-from bridge import api
-from bridge.demo_corpus import CORPUS
+from bridge.apps.demo_corpus import CORPUS
+from bridge.apps.push import demo_push
+from bridge.apps.verify import hf_logits, verify
+from bridge.converters.convert import export_hf, import_hf, inspect_checkpoint
 from bridge.hub import load_pretrained
 from bridge.layout import ParallelLayout
+from bridge.training.demo import demo_train
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +64,6 @@ def run(workdir: str | None = None, keep: bool = False, say: Callable[[str], Non
     """Run every step, printing what happens; returns the exit code (0 when every check passed)."""
     from transformers import AutoTokenizer
 
-    from bridge.push import demo_push
-    from bridge.training.demo import demo_train
-    from bridge.verify import hf_logits, verify
-
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="bridge-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -73,11 +72,11 @@ def run(workdir: str | None = None, keep: bool = False, say: Callable[[str], Non
         say(f"[1/6] building a tiny Llama and a BPE tokenizer in {root / 'tiny-llama'}")
         hf = build_model(root / "tiny-llama")
         say(f"[2/6] bridge import {hf.name} --tp {DEMO_LAYOUT.tp} --pp {DEMO_LAYOUT.pp}, then export it straight back")
-        ckpt = api.import_hf(hf, root / "tiny-llama-tp2-pp2", DEMO_LAYOUT, overwrite=True)
-        info = api.inspect_checkpoint(ckpt)
+        ckpt = import_hf(hf, root / "tiny-llama-tp2-pp2", DEMO_LAYOUT, overwrite=True)
+        info = inspect_checkpoint(ckpt)
         say(f"      {len(info['files'])} rank files, {info['parameters']:,} parameters, vocab padded "
             f"{info['vocab']['original']} -> {info['vocab']['padded']}")
-        back = api.export_hf(ckpt, root / "round-trip", overwrite=True)
+        back = export_hf(ckpt, root / "round-trip", overwrite=True)
         ids = load_pretrained(AutoTokenizer, hf)(CORPUS.splitlines()[0]).input_ids
         same = torch.equal(*(hf_logits(folder, [ids], "fp32", "cpu")[0] for folder in (hf, back)))
         say(f"      transformers on the source and the round trip: {'identical logits' if same else 'DIFFERENT logits'}")
@@ -88,7 +87,7 @@ def run(workdir: str | None = None, keep: bool = False, say: Callable[[str], Non
         losses, run_dir = demo_train(ckpt, CORPUS, root)
         say(f"      loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
         say("[5/6] bridge export train --out tiny-llama-trained; bridge verify tiny-llama-trained train")
-        out = api.export_hf(run_dir, root / "tiny-llama-trained", overwrite=True)
+        out = export_hf(run_dir, root / "tiny-llama-trained", overwrite=True)
         after = verify(out, run_dir)
         say(f"      the exported model computes what the trained checkpoint computes: {after.criterion}")
         say("[6/6] bridge push train demo/tiny-llama   (model card with the training summary)")

@@ -7,11 +7,12 @@ from typing import Any, Collection, Iterator, Sequence
 
 import torch
 
-from bridge import api
 from bridge.config import DTYPES, ModelConfig
+from bridge.converters.convert import export_hf, import_hf
 from bridge.errors import BridgeError
 from bridge.hub import resolve_source
 from bridge.layout import ParallelLayout
+from bridge.models import load_hf_config
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ class AutoBridge:
     def from_hf(cls, source: str | Path, *, revision: str | None = None, token: str | None = None) -> "AutoBridge":
         """A local HF folder or a Hub id (downloads config, tokenizer and safetensors files)."""
         folder = resolve_source(str(source), revision=revision, token=token)
-        return cls(folder, api.load_hf_config(folder), str(source), revision)
+        return cls(folder, load_hf_config(folder), str(source), revision)
 
     @property
     def architecture(self) -> str:
@@ -44,12 +45,12 @@ class AutoBridge:
     # ---- offline conversion (CLI equivalents) ------------------------------------------------
     def import_checkpoint(self, out: str | Path, layout: ParallelLayout | None = None, **options: Any) -> Path:
         """`bridge import`: write a Megatron checkpoint for `layout` (options: dtype, transformer_impl, overwrite)."""
-        return api.import_hf(self.folder, out, layout, revision=self.revision, **options)
+        return import_hf(self.folder, out, layout, revision=self.revision, **options)
 
     @staticmethod
     def export_checkpoint(checkpoint: str | Path, out: str | Path, **options: Any) -> Path:
         """`bridge export`: Megatron checkpoint -> HF folder (options: dtype, max_shard_size, overwrite, iteration)."""
-        return api.export_hf(checkpoint, out, **options)
+        return export_hf(checkpoint, out, **options)
 
     # ---- live models (inside torch.distributed) ----------------------------------------------
     def build_model(self, layout: ParallelLayout, ps: Any = None, *, load_weights: bool = True,
@@ -62,7 +63,8 @@ class AutoBridge:
         """
         import torch.distributed as dist
 
-        from bridge.live import load_hf_weights
+        # imported here: live models need bridge.nn (and torch.compile's machinery); offline conversion never loads it
+        from bridge.apps.live import load_hf_weights
         from bridge.nn.gpt import build_model_chunks
         from bridge.parallel.state import ParallelState
 
@@ -81,14 +83,14 @@ class AutoBridge:
     @staticmethod
     def export_hf_weights(chunks: Sequence[Any], *, names: Collection[str] | None = None,
                           dtype: torch.dtype | None = None, to: str = "all") -> Iterator[tuple[str, torch.Tensor]]:
-        """Stream (HF name, full tensor) out of a live model; see `bridge.live.export_hf_weights`."""
-        from bridge.live import export_hf_weights
+        """Stream (HF name, full tensor) out of a live model; see `bridge.apps.live.export_hf_weights`."""
+        from bridge.apps.live import export_hf_weights  # a live model's module: see build_model
 
         return export_hf_weights(chunks, names=names, dtype=dtype, to=to)
 
     def save_hf(self, chunks: Sequence[Any], out: str | Path, *, dtype: torch.dtype | None = None,
                 max_shard_size: str = "5GB", overwrite: bool = False) -> Path | None:
         """Write a live model as an HF folder (rank 0 writes; every rank must call). Returns the folder on rank 0."""
-        from bridge.live import save_hf
+        from bridge.apps.live import save_hf  # a live model's module: see build_model
 
         return save_hf(chunks, self.folder, Path(out), dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bridge.errors import BridgeError
 from bridge.hub import hub_error_message
-from bridge.model_card import ModelCard, build_model_card
+from bridge.apps.model_card import ModelCard, build_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def _as_hf_folder(src: Path) -> Iterator[tuple[Path, Path | None]]:
     """(HF folder to upload, checkpoint it came from). A checkpoint is exported into a staging folder
     beside it (streamed, memory bounded by export), removed when the push is over."""
     if (src / "bridge.json").is_file():
-        from bridge.api import export_hf
+        from bridge.converters.convert import export_hf  # imported here: pushing an HF folder never loads torch
 
         with _staging_dir(src) as tmp:
             logger.info("exporting %s to Hugging Face format for the push", src)
@@ -229,7 +229,7 @@ def demo_push(folder: str | Path, repo_id: str = "demo/tiny-llama", *, kept: boo
     """
     how = (f"to publish it: bridge push {folder} <user>/<name> (token from HF_TOKEN, --token or `hf auth login`)"
            if kept else "to publish it, run `bridge demo --keep` and push the folder it names with `bridge push`")
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the checkout holding bridge/apps/push.py
     if not (root / "tests" / "hub_server.py").is_file():
         return how
     if str(root) not in sys.path:

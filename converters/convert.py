@@ -1,0 +1,233 @@
+"""Whole-checkpoint conversions: HF -> Megatron (`import_hf`), Megatron -> HF (`export_hf`), Megatron -> Megatron
+in another layout, spec, dtype or format (`reshard`), and reading one (`open_checkpoint`, `inspect_checkpoint`).
+
+They join the model families' mappings (bridge.models) to the formats and the streaming engine of this package;
+`bridge train` reshards a --load in another layout through here, and bridge.api re-exports them for users.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bridge.checkpoint import (HF_META_DIR, META_FILE, TRANSFORMER_IMPLS, CheckpointMeta, atomic_output_dir, copy_hf_meta,
+                               hf_meta_bytes, set_config_dtype)
+from bridge.config import DTYPE_NAMES, DTYPES, ModelConfig, megatron_args
+from bridge.converters import engine
+from bridge.converters.foreign import meta_from_megatron
+from bridge.converters.hf import SafetensorsReader, parse_size
+from bridge.converters.megatron_legacy import LegacyCheckpointReader, iteration_dir_name
+from bridge.converters.torch_dist import FORMATS, TorchDistReader, TorchDistSink, TorchDistSource, checkpoint_format
+from bridge.errors import BridgeError
+from bridge.hub import resolve_source
+from bridge.layout import ParallelLayout
+from bridge.models import conversions, family, load_hf_config
+
+log = logging.getLogger(__name__)
+
+
+def _check_spec(cfg: ModelConfig, impl: str, layout: ParallelLayout, format: str) -> None:
+    """Model/spec/format combinations bridge cannot write faithfully: refuse them with the reason."""
+    if cfg.mla and impl == "local":
+        raise BridgeError("MLA models need --transformer-impl transformer_engine: Megatron's local spec splits the "
+                          "MLA down-projections over TP, which bridge does not write")
+    if layout.moe_grouped_gemm and impl == "local":
+        raise BridgeError("--moe-grouped-gemm needs --transformer-impl transformer_engine (TEGroupedMLP's weight{j} names); "
+                          "the local spec's legacy GroupedMLP stores weight1/weight2, which bridge does not write")
+    if format == "torch_dist" and (cfg.moe or cfg.mla):
+        raise BridgeError("--format torch_dist does not support MoE/MLA models yet; use --format torch")
+
+
+def _dtype_name(dtype: str, default: str) -> str:
+    if dtype == "auto":
+        return default
+    if dtype not in DTYPES:
+        raise BridgeError(f"--dtype {dtype} is not one of auto, {', '.join(DTYPES)}")
+    return dtype
+
+
+def _warn_inexpressible(cfg: ModelConfig) -> None:
+    if cfg.rope_scaling and not cfg.rope_scaling.megatron_expressible:
+        log.warning("rope scaling %s cannot be expressed in Megatron-LM's args (it fixes low=1, high=4, "
+                    "original_max_position_embeddings=8192); bridge's own model stays exact, Megatron-LM would not be",
+                    cfg.rope_scaling)
+
+
+def default_out(source: str, layout: ParallelLayout) -> Path:
+    name = Path(source.rstrip("/")).name
+    return Path.cwd() / f"{name}-tp{layout.tp}-pp{layout.pp}"
+
+
+def import_hf(source: str | Path, out: str | Path | None = None, layout: ParallelLayout | None = None, *,
+              dtype: str = "auto", transformer_impl: str = "transformer_engine", revision: str | None = None,
+              token: str | None = None, overwrite: bool = False, format: str = "torch") -> Path:
+    """HF model (folder or Hub id) -> Megatron checkpoint (`torch` sharded for `layout`, or `torch_dist`)."""
+    layout = layout or ParallelLayout()
+    _check_format(format)
+    _check_impl(transformer_impl)
+    folder = resolve_source(str(source), revision=revision, token=token)
+    cfg = load_hf_config(folder)
+    layout.validate(cfg)
+    _check_spec(cfg, transformer_impl, layout, format)
+    _warn_inexpressible(cfg)
+    dtype_name = _dtype_name(dtype, cfg.params_dtype)
+    meta = CheckpointMeta(config=cfg, layout=layout, transformer_impl=transformer_impl, dtype=dtype_name, format=format,
+                          source={"id": str(source), "revision": revision, "path": str(folder)})
+    out_path = Path(out) if out else default_out(str(source), layout)
+    convs = conversions(cfg)
+    hf_source = engine.HFSource(SafetensorsReader(folder), cfg, convs, None if dtype == "auto" else DTYPES[dtype_name],
+                                skip_prefixes=family(cfg.architecture).hf_skip(cfg))
+    needed = engine.megatron_bytes(hf_source, meta) + hf_meta_bytes(folder)
+    with atomic_output_dir(out_path, overwrite, sources=(folder,), needed=needed) as tmp:
+        engine.run(hf_source, _megatron_sink(tmp, meta), len(convs), "import")
+        copy_hf_meta(folder, tmp / HF_META_DIR)
+        meta.save(tmp)
+    log.info("wrote %s (%s, %s, %s)", out_path, format, layout.name, dtype_name)
+    return out_path
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in TRANSFORMER_IMPLS:
+        raise BridgeError(f"--transformer-impl {impl} is not one of {', '.join(TRANSFORMER_IMPLS)}")
+
+
+def _check_format(format: str) -> None:
+    if format not in FORMATS:
+        raise BridgeError(f"--format {format} is not one of {', '.join(FORMATS)} (Megatron-LM's --ckpt-format)")
+
+
+def _megatron_sink(tmp: Path, meta: CheckpointMeta) -> engine.Sink:
+    """The sink for `meta.format`, with the `args` Megatron-LM stores (and checks) in the checkpoint."""
+    cfg, layout = meta.config, meta.layout
+    args = lambda tp_rank=0, pp_rank=0: megatron_args(  # noqa: E731
+        cfg, padded_vocab_size=meta.padded_vocab_size, tp=layout.tp, pp=layout.pp, vpp=layout.vpp,
+        transformer_impl=meta.transformer_impl, dtype=meta.dtype, divisible_by=layout.make_vocab_size_divisible_by,
+        ep=layout.ep, etp=layout.etp, moe_grouped_gemm=layout.moe_grouped_gemm)
+    if meta.format == "torch_dist":
+        return TorchDistSink(tmp, meta, args())
+    return engine.MegatronSink(tmp, meta, args)
+
+
+@dataclass(frozen=True)
+class OpenCheckpoint:
+    """A checkpoint opened for reading: metadata, lazy reader (either format), the mapping, and where
+    its HF config and tokenizer files are (`hf_meta/`, or the --hf-config folder)."""
+
+    path: Path
+    meta: CheckpointMeta
+    reader: LegacyCheckpointReader | TorchDistReader
+    hf_meta: Path
+
+    def source(self) -> engine.MegatronSource | TorchDistSource:
+        if isinstance(self.reader, TorchDistReader):
+            return TorchDistSource(self.reader, self.meta, conversions(self.meta.config))
+        return engine.MegatronSource(self.reader, self.meta, conversions(self.meta.config))
+
+
+def open_checkpoint(path: str | Path, iteration: int | None = None, hf_config: str | None = None) -> OpenCheckpoint:
+    """Open a bridge checkpoint, or a Megatron-LM one (no bridge.json) together with its HF model's config."""
+    root = Path(path)
+    if not root.is_dir():
+        raise BridgeError(f"no checkpoint folder {root}")
+    if (root / META_FILE).is_file():
+        meta, hf_meta = CheckpointMeta.load(root), root / HF_META_DIR
+    elif hf_config:
+        hf_meta = resolve_source(hf_config)
+        meta = meta_from_megatron(root, load_hf_config(hf_meta), iteration)
+    else:
+        raise BridgeError(f"{root} is not a bridge checkpoint (no {META_FILE}); for a Megatron-LM checkpoint pass "
+                          "--hf-config with the HF model it started from")
+    fmt = checkpoint_format(root, iteration, meta.format)  # from the folder: Megatron-LM may have re-saved it
+    meta = replace(meta, format=fmt)
+    if fmt == "torch_dist":
+        return OpenCheckpoint(root, meta, TorchDistReader(root, meta, conversions(meta.config), iteration), hf_meta)
+    return OpenCheckpoint(root, meta, LegacyCheckpointReader(root, meta.layout, iteration), hf_meta)
+
+
+def _write_hf_config(hf_meta: Path, out: Path, dtype_name: str) -> None:
+    """Source config (dtype updated) plus generation config and tokenizer files."""
+    copy_hf_meta(hf_meta, out)
+    set_config_dtype(out / "config.json", DTYPES[dtype_name])
+
+
+def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str = "auto", max_shard_size: str = "5GB",
+              overwrite: bool = False, iteration: int | None = None, hf_config: str | None = None) -> Path:
+    """Megatron checkpoint -> HF folder (safetensors shards + index, config, tokenizer). Returns `out`."""
+    ckpt = open_checkpoint(checkpoint, iteration, hf_config)
+    dtype_name = _dtype_name(dtype, ckpt.meta.dtype)
+    cap = parse_size(max_shard_size)
+    source = ckpt.source()
+    out_path = Path(out)
+    cast = None if dtype == "auto" else DTYPES[dtype_name]
+    needed = engine.hf_bytes(source, ckpt.meta.config, cast) + hf_meta_bytes(ckpt.hf_meta)
+    with atomic_output_dir(out_path, overwrite, sources=(ckpt.path, ckpt.hf_meta), needed=needed) as tmp:
+        sink = engine.HFSink(tmp, ckpt.meta.config, source, cast, cap)
+        engine.run(source, sink, len(source.conversions), "export")
+        _write_hf_config(ckpt.hf_meta, tmp, dtype_name)
+    log.info("wrote %s", out_path)
+    return out_path
+
+
+def reshard(checkpoint: str | Path, out: str | Path, layout: ParallelLayout, *, transformer_impl: str | None = None,
+            dtype: str = "auto", overwrite: bool = False, iteration: int | None = None, format: str | None = None, hf_config: str | None = None) -> Path:
+    """Megatron checkpoint -> the same model in another layout, spec, dtype or format (torch <-> torch_dist)."""
+    ckpt = open_checkpoint(checkpoint, iteration, hf_config)
+    cfg = ckpt.meta.config
+    layout.validate(cfg)
+    impl = transformer_impl or ckpt.meta.transformer_impl
+    _check_impl(impl)
+    dtype_name = _dtype_name(dtype, ckpt.meta.dtype)
+    format = format or ckpt.meta.format
+    _check_spec(cfg, impl, layout, format)
+    _check_format(format)
+    meta = CheckpointMeta(config=cfg, layout=layout, transformer_impl=impl, dtype=dtype_name, format=format,
+                          source={**ckpt.meta.source, "resharded_from": str(ckpt.path)})
+    source = _Cast(ckpt.source(), None if dtype == "auto" else DTYPES[dtype_name])
+    needed = engine.megatron_bytes(source, meta) + hf_meta_bytes(ckpt.hf_meta)
+    with atomic_output_dir(Path(out), overwrite, sources=(ckpt.path, ckpt.hf_meta), needed=needed) as tmp:
+        engine.run(source, _megatron_sink(tmp, meta), len(source.source.conversions), "reshard")
+        copy_hf_meta(ckpt.hf_meta, tmp / HF_META_DIR)
+        meta.save(tmp)
+    return Path(out)
+
+
+class _Cast:
+    """A source wrapper that casts every tensor (reshard with --dtype)."""
+
+    def __init__(self, source: engine.Source, dtype: torch.dtype | None) -> None:
+        self.source, self.dtype = source, dtype
+
+    def tensors(self, meta: bool = False):  # noqa: ANN201
+        for conv, tensor in self.source.tensors(meta):
+            yield conv, tensor if self.dtype is None else tensor.to(self.dtype)
+
+    def finish(self) -> None:
+        self.source.finish()
+
+
+def inspect_checkpoint(checkpoint: str | Path, iteration: int | None = None, hf_config: str | None = None) -> dict[str, Any]:
+    """A summary of a checkpoint: architecture, layout, parameter count, dtypes, files and sizes."""
+    ckpt = open_checkpoint(checkpoint, iteration, hf_config)
+    params = 0
+    dtypes: set[str] = set()
+    for conv, tensor in ckpt.source().tensors(meta=True):
+        params += tensor.numel()
+        dtypes.add(DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype)))
+    folder = ckpt.path / iteration_dir_name(ckpt.reader.iteration)  # a training save holds several iterations
+    files = sorted(p for pattern in ("*.pt", "*.distcp", ".metadata") for p in folder.rglob(pattern))
+    return {
+        "path": str(ckpt.path),
+        "architecture": ckpt.meta.config.architecture,
+        "layout": ckpt.meta.layout.to_json(),
+        "transformer_impl": ckpt.meta.transformer_impl,
+        "format": ckpt.meta.format,
+        "iteration": ckpt.reader.iteration,
+        "parameters": params,
+        "dtypes": sorted(dtypes),
+        "vocab": {"original": ckpt.meta.config.vocab_size, "padded": ckpt.meta.padded_vocab_size},
+        "config": ckpt.meta.config.to_json(),
+        "files": [{"path": str(p.relative_to(ckpt.path)), "bytes": p.stat().st_size} for p in files],
+    }
