@@ -177,13 +177,14 @@ def _ring_inputs(seq: int, shape: str, device: str, dtype, requires_grad: bool =
 def _exchange(name: str) -> Callable:
     import torch.distributed as dist
 
-    from bridge.nn.transformer import CoreAttention
+    from bridge.nn.attention import block_kernel
+    from bridge.nn.core_attention import CoreAttention
     from bridge.parallel.context import cp_attention
     from bridge.parallel.ring import ring_attention
 
     cp, rank, group = dist.get_world_size(), dist.get_rank(), dist.group.WORLD
     if name == "p2p":
-        return lambda q, k, v: ring_attention(q, k, v, group=group, cp=cp, cp_rank=rank)
+        return lambda q, k, v: ring_attention(q, k, v, group=group, cp=cp, cp_rank=rank, kernel_for=block_kernel)
     if name == "a2a":  # CoreAttention takes [s, b, heads, d]; these tensors are [b, heads, s, d]
         attention = CoreAttention(None, cp=cp, cp_rank=rank, cp_group=group, cp_comm_type="a2a")
         return lambda q, k, v: attention(*(t.permute(2, 0, 1, 3) for t in (q, k, v))).permute(1, 2, 0, 3)

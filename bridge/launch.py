@@ -24,7 +24,6 @@ import os
 import pickle
 import select
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -37,16 +36,9 @@ import torch
 import torch.multiprocessing as mp
 
 from bridge.errors import BridgeError
+from bridge.parallel.state import init_distributed
 
 log = logging.getLogger(__name__)
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 #: Seconds between launcher checks where there is no pidfd to wait on (not Linux).
 _PARENT_POLL_S = 0.5
@@ -93,8 +85,6 @@ def _interrupt_once(signum: int, frame: object) -> None:
 def _worker(rank: int, world: int, backend: str, rendezvous: str, threads: int | None, result_dir: str,
             launcher: int, interruptible: bool, env: dict[str, str], fn: Callable[..., Any], args: Sequence[Any]) -> None:
     import torch.distributed as dist
-
-    from bridge.parallel.state import init_distributed
 
     _die_with_launcher(launcher)
     signal.signal(signal.SIGINT, _interrupt_once if interruptible else signal.SIG_IGN)

@@ -102,6 +102,7 @@ def _attention_rank(exchange: str, window: int | None) -> list[float]:
     """CP attention on this rank's chunks vs full causal SDPA: outputs and q/k/v gradients."""
     import torch.distributed as dist
 
+    from bridge.nn.attention import block_kernel
     from bridge.parallel.context import cp_attention
     from bridge.parallel.ring import ring_attention
 
@@ -117,7 +118,7 @@ def _attention_rank(exchange: str, window: int | None) -> list[float]:
     ref.backward(grad_out)
     local = [split_sequence(t.detach(), cp, rank, dim=2).requires_grad_() for t in (q, k, v)]
     if exchange == "p2p":
-        out = ring_attention(*local, group=dist.group.WORLD, cp=cp, cp_rank=rank)
+        out = ring_attention(*local, group=dist.group.WORLD, cp=cp, cp_rank=rank, kernel_for=block_kernel)
     else:
         out = cp_attention(*local, group=dist.group.WORLD, cp=cp, cp_rank=rank, sliding_window=window)
     out.backward(split_sequence(grad_out, cp, rank, dim=2))
@@ -130,7 +131,7 @@ def _mla_attention_rank(exchange: str) -> list[float]:
     """CoreAttention under CP with MLA's two differences, another softmax scale and a narrower v, vs full SDPA."""
     import torch.distributed as dist
 
-    from bridge.nn.transformer import CoreAttention
+    from bridge.nn.core_attention import CoreAttention
 
     rank, cp = dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(0)
@@ -154,7 +155,7 @@ def _a2a_attention_rank(window: int | None) -> list[float]:
     """CoreAttention with a2a (heads traded for the sequence) vs full attention: outputs and q/k/v gradients."""
     import torch.distributed as dist
 
-    from bridge.nn.transformer import CoreAttention
+    from bridge.nn.core_attention import CoreAttention
 
     rank, cp = dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(0)

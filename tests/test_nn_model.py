@@ -127,7 +127,7 @@ def test_attention_backend_choice_is_replaceable_and_keeps_the_maths() -> None:
 
 def test_sliding_window_attention_sees_only_the_last_w_positions() -> None:
     """CoreAttention with a window shorter than the sequence: query i attends to keys i-W+1..i (transformers' rule)."""
-    from bridge.nn.transformer import CoreAttention
+    from bridge.nn.core_attention import CoreAttention
 
     torch.manual_seed(0)
     s, window = 7, 3

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bridge.nn.fp8 import fp8_linear
 from bridge.parallel import collectives as C
 from bridge.parallel.collectives import Group
 
@@ -45,8 +46,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fp8
     """F.linear, or with `fp8` (a torchao Float8LinearConfig set by bridge.nn.fp8.apply_fp8) an FP8 matmul."""
     if fp8 is None:
         return F.linear(x, weight, bias)
-    from bridge.nn.fp8 import fp8_linear
-
     out = fp8_linear(x, weight, fp8)
     return out if bias is None else out + bias.to(out.dtype)
 

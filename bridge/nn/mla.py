@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bridge.config import MLAConfig, ModelConfig
+from bridge.nn.core_attention import TECoreAttention
 from bridge.nn.layers import ColumnParallelLinear, RowParallelLinear, TEColumnParallelLinear, TEExtraState, TERowParallelLinear
 from bridge.nn.rope import apply_rope, yarn_mscale
-from bridge.nn.transformer import TECoreAttention
 from bridge.parallel import collectives as C
 from bridge.parallel.state import ParallelState
 

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bridge.config import ModelConfig, MoEConfig
-from bridge.nn.layers import ColumnParallelLinear, RowParallelLinear, TEExtraState
+from bridge.nn.layers import (ColumnParallelLinear, RowParallelLinear, TEColumnParallelLinear, TEExtraState,
+                              TERowParallelLinear)
 from bridge.parallel import collectives as C
 from bridge.parallel.moe_dispatch import Dispatch
 from bridge.parallel.state import ParallelState
@@ -146,8 +147,6 @@ class SharedExperts(nn.Module):
     def __init__(self, cfg: ModelConfig, moe: MoEConfig, ps: ParallelState, *, te: bool, sequence_parallel: bool,
                  dtype: torch.dtype, device: torch.device | None) -> None:
         super().__init__()
-        from bridge.nn.layers import TEColumnParallelLinear, TERowParallelLinear
-
         column, row = (TEColumnParallelLinear, TERowParallelLinear) if te else (ColumnParallelLinear, RowParallelLinear)
         common = dict(tp=ps.tp, group=ps.tp_group, sequence_parallel=sequence_parallel, dtype=dtype, device=device)
         self.linear_fc1 = column(cfg.hidden_size, 2 * moe.shared_expert_ffn_hidden_size, **common)

@@ -11,75 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from bridge.config import ModelConfig
-from bridge.nn.attention import sdpa_pads_v
+from bridge.nn import rope_qkv
+from bridge.nn.core_attention import CoreAttention, TECoreAttention
 from bridge.nn.layers import (ColumnParallelLinear, RMSNorm, RowParallelLinear, TEColumnParallelLinear,
                               TEExtraState, TERowParallelLinear)
-from bridge.nn import rope_qkv
+from bridge.nn.mla import MLASelfAttention
+from bridge.nn.moe import MoELayer
 from bridge.nn.rope import apply_rope
-from bridge.parallel.collectives import Group
-from bridge.parallel.context import cp_attention, window_mask
-from bridge.parallel.ring import ring_attention
-from bridge.parallel.state import CP_COMM_TYPES, ParallelState
-from bridge.parallel.ulysses import heads_to_sequence, sequence_to_heads
-
-
-
-class CoreAttention(nn.Module):
-    """Causal scaled-dot-product attention with GQA (SDPA picks the kernel: bridge.nn.attention).
-
-    With context parallelism (`cp` > 1) the sequence here is this rank's two load-balanced chunks and
-    K/V come from the whole CP group: around a ring (`cp_comm_type` p2p, bridge.parallel.ring), by one
-    all-gather (bridge.parallel.context), or the heads are traded for the sequence by all-to-all (a2a,
-    bridge.parallel.ulysses), after which attention runs as without CP. The ring has no sliding window; where a
-    window cuts the sequence the all-gather runs instead (training refuses p2p for such a run up front, verify
-    needs only the numbers).
-    """
-
-    def __init__(self, sliding_window: int | None, *, cp: int = 1, cp_rank: int = 0, cp_group: Group = None,
-                 cp_comm_type: str = CP_COMM_TYPES[0], softmax_scale: float | None = None) -> None:
-        super().__init__()
-        self.sliding_window, self.softmax_scale = sliding_window, softmax_scale
-        self.cp, self.cp_rank, self.cp_group, self.cp_comm_type = cp, cp_rank, cp_group, cp_comm_type
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # q: [s, b, nq, d]; k: [s, b, ng, d]; v: [s, b, ng, dv] (dv = d but for MLA)
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
-        out = self._context_parallel(q, k, v) if self.cp > 1 else self._whole_sequence(q, k, v)
-        return out.permute(2, 0, 1, 3)  # [s, b, nq, dv]
-
-    def _windowed(self, seq_length: int) -> bool:
-        return self.sliding_window is not None and seq_length > self.sliding_window
-
-    def _whole_sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Attention over a whole sequence: causal, within the sliding window where the sequence outgrows it."""
-        s = q.shape[2]
-        if not self._windowed(s):
-            return self._causal(q, k, v)
-        mask = window_mask(torch.arange(s, device=q.device), s, self.sliding_window)  # transformers' q - kv < W
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, scale=self.softmax_scale)
-
-    def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal SDPA; MLA's narrower v zero-padded where the fused kernel takes one head size (the extra output
-        columns are zero and dropped)."""
-        dv = v.shape[-1]
-        if sdpa_pads_v(q, v):
-            v = F.pad(v, (0, q.shape[-1] - dv))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=self.softmax_scale)
-        return out[..., :dv]
-
-    def _context_parallel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """a2a; the ring; or the all-gather, where it was asked for or a sliding window cuts the sequence."""
-        if self.cp_comm_type == "a2a":
-            whole = (sequence_to_heads(t, self.cp_group, self.cp) for t in (q, k, v))
-            return heads_to_sequence(self._whole_sequence(*whole), self.cp_group, self.cp)
-        where = dict(group=self.cp_group, cp=self.cp, cp_rank=self.cp_rank, scale=self.softmax_scale)
-        if self.cp_comm_type == "p2p" and not self._windowed(q.shape[2] * self.cp):
-            return ring_attention(q, k, v, **where)
-        return cp_attention(q, k, v, sliding_window=self.sliding_window, **where)
-
-
-class TECoreAttention(TEExtraState, CoreAttention):
-    """TE spec's `TEDotProductAttention`: no parameters, one `_extra_state`."""
+from bridge.parallel.state import ParallelState
 
 
 class SelfAttention(nn.Module):
@@ -162,8 +101,6 @@ class TransformerLayer(nn.Module):
             self.input_layernorm = norm()
         kwargs = dict(te=te, sequence_parallel=sequence_parallel, dtype=dtype, device=device)
         if mla:
-            from bridge.nn.mla import MLASelfAttention
-
             self.self_attention = MLASelfAttention(cfg, ps, **kwargs)
         else:
             self.self_attention = SelfAttention(cfg, ps, **kwargs)
@@ -171,8 +108,6 @@ class TransformerLayer(nn.Module):
         if self.pre_norm_separate:
             self.pre_mlp_layernorm = norm()
         if moe:
-            from bridge.nn.moe import MoELayer
-
             self.mlp = MoELayer(cfg, ps, **kwargs)
         else:
             self.mlp = MLP(cfg, ps, **kwargs)

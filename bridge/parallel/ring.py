@@ -16,10 +16,13 @@ the merged output and log-sum-exp, returns each block's exact share of the gradi
 message, so they may differ in head size (MLA's v is narrower than its k) without padding the exchange.
 
 The exchange is `torch.distributed.batch_isend_irecv` on the CP group (NCCL on GPUs, gloo in CI); the
-kernels are the log-sum-exp ones of bridge.nn.attention (cuDNN, flash or plain math on CUDA, picked per block
-as SDPA would; the CPU flash kernel).
+kernels are log-sum-exp ones that the caller picks per block through `kernel_for` (bridge.nn.attention.block_kernel:
+cuDNN, flash or plain math on CUDA, as SDPA would; the CPU flash kernel). The caller passes the chooser because
+bridge.nn builds on this package, never the reverse.
 """
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -28,6 +31,10 @@ import torch.nn.functional as F
 from bridge.parallel.collectives import Group
 
 _ALL = slice(None)
+
+#: (q, k, v, causal) -> a kernel pair with `forward(q, k, v, causal, scale) -> (out, lse, aux)` and
+#: `backward(dout, q, k, v, out, lse, aux, causal, scale) -> (dq, dk, dv)`, e.g. bridge.nn.attention.block_kernel.
+KernelFor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], Any]
 
 
 class Ring:
@@ -103,9 +110,7 @@ def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring,  # noqa: ANN001
-                scale: float) -> torch.Tensor:
-        from bridge.nn.attention import block_kernel  # bridge.nn builds on bridge.parallel: import when first used
-
+                scale: float, kernel_for: KernelFor) -> torch.Tensor:
         half = q.shape[2] // 2
         kv = _pack(k, v)  # one message per step
         out = lse = None
@@ -115,7 +120,7 @@ class _RingAttention(torch.autograd.Function):
             rows, cols, causal = block_at(step, ring, half)
             k_held, v_held = _unpack(kv, k.shape, v.shape)
             q_rows, k_cols, v_cols = (t[:, :, sl].contiguous() for t, sl in ((q, rows), (k_held, cols), (v_held, cols)))
-            kernel = block_kernel(q_rows, k_cols, v_cols, causal)
+            kernel = kernel_for(q_rows, k_cols, v_cols, causal)
             block_out, block_lse, aux = kernel.forward(q_rows, k_cols, v_cols, causal, scale)
             kernels.append((kernel, aux))
             if out is None:
@@ -155,16 +160,16 @@ class _RingAttention(torch.autograd.Function):
             if incoming is not None:
                 kv = incoming.wait()
         dk, dv = _unpack(pending_grad.wait(), k.shape, v.shape)  # our own K/V's gradient, home after a full circle
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
 @torch.compiler.disable  # point-to-point exchanges inside: torch.compile runs the layer around it
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Group, cp: int,
-                   cp_rank: int, scale: float | None = None) -> torch.Tensor:
+                   cp_rank: int, kernel_for: KernelFor, scale: float | None = None) -> torch.Tensor:
     """Causal attention of this rank's two query chunks over the whole sequence, K/V passed around the ring.
 
     q: [b, nq, S/cp, d] (local chunks); k: [b, ng, S/cp, d], v: [b, ng, S/cp, dv] (local) -> [b, nq, S/cp, dv];
-    `scale`: of q k^T (default 1/sqrt(d), as SDPA).
+    `kernel_for`: picks each block's kernel pair (KernelFor); `scale`: of q k^T (default 1/sqrt(d), as SDPA).
 
     A v narrower than q/k (MLA's: 128 against q's 192 in DeepSeek-V3) travels as it is; a block kernel that takes
     one head size only pads it per block (bridge.nn.attention.with_v_padded). A v wider than q/k (no model has one)
@@ -175,4 +180,4 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: 
     if dv > d:
         q, k = (F.pad(t, (0, dv - d)) for t in (q, k))
     q, k, v = (t.contiguous() for t in (q, k, v))
-    return _RingAttention.apply(q, k, v, Ring(group, cp, cp_rank), scale)
+    return _RingAttention.apply(q, k, v, Ring(group, cp, cp_rank), scale, kernel_for)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from bridge.config import ModelConfig
 from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
+from bridge.parallel.ulysses import check_model_heads
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +62,6 @@ def check_context_parallel(cp: int, cp_comm_type: str, model: ModelConfig, tp: i
         raise BridgeError(f"--cp must be >= 1, got {cp}")
     check_cp_comm_type(cp_comm_type)
     if cp > 1 and cp_comm_type == "a2a":
-        from bridge.parallel.ulysses import check_model_heads  # ulysses builds on this module
-
         check_model_heads(model, tp, cp)
 
 
@@ -277,8 +277,6 @@ def init_distributed(backend: str | None = None, *, timeout_s: float = 600.0) ->
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if "RANK" not in os.environ:
-        from bridge.launch import free_port
-
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if backend == "nccl":
@@ -287,3 +285,10 @@ def init_distributed(backend: str | None = None, *, timeout_s: float = 600.0) ->
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
     return rank, world
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

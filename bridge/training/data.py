@@ -20,6 +20,7 @@ import torch
 from bridge.data.indexed import IndexedDataset, has_loss_mask, loss_mask_prefix, strip_suffix
 from bridge.data.sources import not_utf8_error
 from bridge.errors import BridgeError
+from bridge.parallel.context import split_sequence
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +187,6 @@ def micro_batch(dataset: PackedDataset | MockDataset, first: int, size: int, dev
     2*cp-1-cp_rank of 2*cp); `loss_tokens` counts the trained tokens of the whole micro-batch, so each CP
     rank's partial loss sum / loss_tokens adds up over CP to the micro-batch's mean loss.
     """
-    from bridge.parallel.context import split_sequence
-
     pairs = [dataset.sample(k) for k in range(first, first + size)]
     tokens = torch.from_numpy(np.stack([t for t, _ in pairs]))
     mask = torch.from_numpy(np.stack([m for _, m in pairs]))[:, 1:].float()

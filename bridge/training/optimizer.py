@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from bridge.errors import BridgeError
 from bridge.fused import fused
 from bridge.parallel.state import ParallelState
 from bridge.training.grads import Entry, ParamAndGradBuffer
@@ -198,8 +199,6 @@ class MixedPrecisionAdamW:
         params = state["params"]
         missing = sorted({state_key(self.chunks, p.entry) for p in self.pieces} - set(params))
         if missing:
-            from bridge.errors import BridgeError
-
             raise BridgeError(f"the checkpoint's optimizer state lacks {missing[:4]}; was it saved for another layout?")
 
         def fill(p: Piece, n: str, out: torch.Tensor) -> None:

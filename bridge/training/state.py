@@ -13,8 +13,10 @@ import torch.distributed as dist
 
 from bridge.checkpoint import HF_META_DIR, CheckpointMeta
 from bridge.config import megatron_args
+from bridge.data.tokenizer import load_tokenizer
 from bridge.errors import BridgeError, disk_space_checked
 from bridge.nn.attention import set_attention_backend
+from bridge.nn.moe import MoELayer
 from bridge.nn.rope_qkv import set_rope_fusion
 from bridge.parallel.state import ParallelState
 from bridge.training import checkpointing as ckpt
@@ -84,8 +86,6 @@ def _finite_curve(curve: list[list[Any]]) -> list[list[Any]]:
 
 def moe_layers(chunks: list[Any], *, aux_loss_scale: float | None = None) -> list[Any]:
     """This rank's MoE layers; sets their aux-loss gradient scale (the LM loss's 1/micro-batches per global batch)."""
-    from bridge.nn.moe import MoELayer
-
     layers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, MoELayer)]
     if aux_loss_scale is not None:
         for layer in layers:
@@ -121,8 +121,6 @@ def build_datasets(cfg: TrainConfig, plan: Plan) -> tuple[Any, Any]:
                 MockDataset(plan.model.vocab_size, cfg.seq_length, cfg.seed + 1))
     tokenizer = None
     if any(p.endswith(".jsonl") for p in cfg.data_path):
-        from bridge.data.tokenizer import load_tokenizer
-
         if cfg.tokenizer:
             tokenizer = load_tokenizer(str(cfg.tokenizer))
         else:  # the checkpoint's own: named as --load was given, not as its automatic reshard
