@@ -22,6 +22,10 @@ _FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--sft",), dict(action="store_true", help="use the loss mask of `bridge data prepare --chat` data: "
                                                   "train on assistant tokens only")),
     (("--tokenizer",), dict(help="tokenizer for .jsonl data (default: the checkpoint's hf_meta/)")),
+    (("--reset-attention-mask",), dict(action="store_true", help="packed documents attend only to themselves "
+                                                                  "(no attention across EOD)")),
+    (("--reset-position-ids",), dict(action="store_true", help="positions restart at 0 after each EOD")),
+    (("--eod-mask-loss",), dict(action="store_true", help="no loss on the prediction made at each EOD")),
     (("--nproc",), dict(type=int, help="spawn N local ranks (omit under torchrun)")),
     (("--tp", "--tensor-model-parallel-size"), dict(dest="tp", type=int, help="tensor parallel ranks")),
     (("--pp", "--pipeline-model-parallel-size"), dict(dest="pp", type=int, help="pipeline stages (1F1B)")),

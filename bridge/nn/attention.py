@@ -194,3 +194,46 @@ def sdpa_pads_v(q: torch.Tensor, v: torch.Tensor) -> bool:
     and fused do not pad. Decided from the device and backend alone, without probing kernels as block_kernel does,
     so that torch.compile traces it inside the layer without a graph break."""
     return v.shape[-1] < q.shape[-1] and (q.device.type == "cpu" or _backend == "flash")
+
+
+class Documents(NamedTuple):
+    """Packed documents of a micro-batch as varlen kernels take them: `cu_seqlens` [N+1] int32 (device), the
+    boundaries over the flattened [b*s] tokens, and the longest document (a host int: kernels size their grid by it)."""
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+
+def _varlen_kernel() -> Callable | None:
+    """torch's flash-attention varlen kernel, where this torch has the form used here (GQA and windows)."""
+    try:
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    wanted = {"enable_gqa", "window_size", "scale"}
+    return varlen_attn if wanted <= set(inspect.signature(varlen_attn).parameters) else None
+
+
+_VARLEN = _varlen_kernel()
+
+
+def varlen_runs(q: torch.Tensor) -> bool:
+    """Whether the varlen kernel takes these queries: CUDA, half precision, a torch that has it."""
+    return _VARLEN is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: Documents,
+                     sliding_window: int | None, scale: float | None, kernel: Callable | None = None) -> torch.Tensor:
+    """Causal attention within each document of flattened tokens: q [T, nq, d], k [T, ng, d], v [T, ng, dv] ->
+    [T, nq, dv]. A narrower v (MLA) is zero-padded to d (flash takes one head size) and the extra columns dropped;
+    a window W keeps, as transformers does, the keys with q - kv < W."""
+    kernel = kernel or _VARLEN
+    dv = v.shape[-1]
+    if dv < q.shape[-1]:
+        v = F.pad(v, (0, q.shape[-1] - dv))
+    window = (-1, 0) if sliding_window is None else (sliding_window - 1, 0)
+    cu, longest = documents.cu_seqlens, documents.max_seqlen
+    out = kernel(q, k, v, cu, cu, longest, longest, scale=scale, window_size=window, enable_gqa=True)
+    return out[..., :dv]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bridge.nn.attention import block_kernel, sdpa_pads_v
+from bridge.nn.attention import Documents, block_kernel, sdpa_pads_v, varlen_attention, varlen_runs
 from bridge.nn.layers import TEExtraState
 from bridge.parallel.collectives import Group
 from bridge.parallel.context import cp_attention, window_mask
@@ -34,11 +34,27 @@ class CoreAttention(nn.Module):
         self.sliding_window, self.softmax_scale = sliding_window, softmax_scale
         self.cp, self.cp_rank, self.cp_group, self.cp_comm_type = cp, cp_rank, cp_group, cp_comm_type
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: Documents | None = None) -> torch.Tensor:
         # q: [s, b, nq, d]; k: [s, b, ng, d]; v: [s, b, ng, dv] (dv = d but for MLA)
+        if documents is not None:  # packed documents (training refuses them with CP)
+            return self._per_document(q, k, v, documents)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
         out = self._context_parallel(q, k, v) if self.cp > 1 else self._whole_sequence(q, k, v)
         return out.permute(2, 0, 1, 3)  # [s, b, nq, dv]
+
+    def _per_document(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: Documents) -> torch.Tensor:
+        """Attention within each packed document, [s, b, heads, d] -> [s, b, nq, dv]: flash attention's varlen kernel
+        where it runs (CUDA, bf16/fp16), else document by document. Either way the cost is the sum of the squared
+        document lengths, and no [s, s] mask exists."""
+        s, b, nq, _ = q.shape
+        flat = [t.transpose(0, 1).reshape(b * s, t.shape[2], t.shape[3]) for t in (q, k, v)]  # [b*s, heads, d]
+        if varlen_runs(flat[0]):
+            out = varlen_attention(*flat, documents, self.sliding_window, self.softmax_scale)
+        else:
+            bounds = documents.cu_seqlens.tolist()
+            out = torch.cat([self._whole_sequence(*(t[start:end].transpose(0, 1).unsqueeze(0) for t in flat))[0]
+                             .transpose(0, 1) for start, end in zip(bounds[:-1], bounds[1:])])
+        return out.view(b, s, nq, -1).transpose(0, 1)
 
     def _windowed(self, seq_length: int) -> bool:
         return self.sliding_window is not None and seq_length > self.sliding_window

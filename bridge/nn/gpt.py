@@ -20,6 +20,7 @@ from torch import nn
 from bridge.checkpoint import TRANSFORMER_IMPLS
 from bridge.config import ModelConfig
 from bridge.errors import BridgeError
+from bridge.nn.attention import Documents
 from bridge.nn.cross_entropy import vocab_parallel_cross_entropy
 from bridge.nn.layers import ColumnParallelLinear, RMSNorm, VocabParallelEmbedding
 from bridge.nn.rope import RotaryEmbedding
@@ -76,9 +77,10 @@ class TransformerBlock(nn.Module):
                              dtype=dtype, device=device, layer=first_layer + i) for i in range(num_layers))
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype=dtype, device=device) if post_process else None
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                documents: Documents | None = None) -> torch.Tensor:
         for layer in self.layers:
-            x = layer(x, rope)
+            x = layer(x, rope, documents)
         return x if self.final_layernorm is None else self.final_layernorm(x)
 
 
@@ -123,8 +125,10 @@ class GPTModel(nn.Module):
         return None
 
     def forward(self, tokens_or_hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [b, s] (first chunk) or hidden [s(/tp), b, h] -> hidden, logits [s, b, V_pad/tp] or loss [b, s]."""
+                labels: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                max_seqlen: int | torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [b, s] (first chunk) or hidden [s(/tp), b, h] -> hidden, logits [s, b, V_pad/tp] or loss [b, s].
+        `cu_seqlens`/`max_seqlen`: packed documents (bridge.training.packing), attention stays within each."""
         if self.pre_process:
             b, s = tokens_or_hidden.shape
             if self.sequence_parallel and s % self.ps.tp:
@@ -140,7 +144,8 @@ class GPTModel(nn.Module):
                          else torch.arange(s, device=hidden.device))
             position_ids = positions.unsqueeze(0).expand(b, s)
         rope = self.rotary_pos_emb(position_ids, hidden.dtype)  # cos, sin: [s, b, 1, d]
-        hidden = self.decoder(hidden, rope)
+        documents = None if cu_seqlens is None else Documents(cu_seqlens, int(max_seqlen))
+        hidden = self.decoder(hidden, rope, documents)
         if not self.post_process:
             return hidden
         weight = self.embedding.word_embeddings.weight if self.output_layer.weight is None else None

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bridge.config import MLAConfig, ModelConfig
+from bridge.nn.attention import Documents
 from bridge.nn.core_attention import TECoreAttention
 from bridge.nn.layers import ColumnParallelLinear, RowParallelLinear, TEColumnParallelLinear, TEExtraState, TERowParallelLinear
 from bridge.nn.rope import apply_rope, yarn_mscale
@@ -68,7 +69,8 @@ class MLASelfAttention(nn.Module):
                                               cp_comm_type=ps.cp_comm_type, softmax_scale=softmax_scale(mla))
         self.linear_proj = row(cfg.num_attention_heads * mla.v_head_dim, cfg.hidden_size, **common)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                documents: Documents | None = None) -> torch.Tensor:
         # x: [s(/tp), b, h]; from the up-projections on, the whole sequence [s, b, ...]
         mla, n = self.mla, self.heads
         q = self.linear_q_proj(x) if mla.q_lora_rank is None else self.linear_q_up_proj(self.linear_q_down_proj(x))
@@ -84,5 +86,5 @@ class MLASelfAttention(nn.Module):
         q_pe = apply_rope(deinterleave(q_pe), *rope)
         k_pe = apply_rope(deinterleave(k_pe.unsqueeze(2)), *rope).expand(s, b, n, mla.qk_pos_emb_head_dim)
         q, k = torch.cat([q_nope, q_pe], -1), torch.cat([k_nope, k_pe], -1)  # [s, b, n, qd]
-        out = self.core_attention(q, k, v)  # [s, b, n, dv]; under CP over the whole sequence
+        out = self.core_attention(q, k, v, documents)  # [s, b, n, dv]; under CP over the whole sequence
         return self.linear_proj(out.reshape(s, b, n * mla.v_head_dim))

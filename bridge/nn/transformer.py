@@ -12,6 +12,7 @@ from torch import nn
 
 from bridge.config import ModelConfig
 from bridge.nn import rope_qkv
+from bridge.nn.attention import Documents
 from bridge.nn.core_attention import CoreAttention, TECoreAttention
 from bridge.nn.layers import (ColumnParallelLinear, RMSNorm, RowParallelLinear, TEColumnParallelLinear,
                               TEExtraState, TERowParallelLinear)
@@ -42,13 +43,14 @@ class SelfAttention(nn.Module):
         else:
             self.q_layernorm = self.k_layernorm = None
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                documents: Documents | None = None) -> torch.Tensor:
         qkv = self.linear_qkv(x)  # [s, b, ng/tp * (hpg + 2) * d]
         if self.q_layernorm is None and rope_qkv.supported(qkv, self.d):
             q, k, v = rope_qkv.rope_qkv(qkv, *rope, self.groups, self.heads_per_group)  # one Triton kernel
         else:
             q, k, v = self.split_and_rotate(qkv, rope)
-        out = self.core_attention(q, k, v)  # [s, b, nq/tp, d]
+        out = self.core_attention(q, k, v, documents)  # [s, b, nq/tp, d]
         return self.linear_proj(out.flatten(2))  # [s(/tp), b, h]
 
     def split_and_rotate(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -83,7 +85,7 @@ class TENorm(TEExtraState, RMSNorm):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm residual block. `forward` is a pure function of (hidden, rope), so activation
+    """Pre-norm residual block. `forward` is a pure function of (hidden, rope, documents), so activation
     recomputation can wrap it (torch.utils.checkpoint) without knowing its insides.
 
     `layer` (global index) picks MoE vs dense MLP; MLA models use MLASelfAttention with a separate input norm.
@@ -112,9 +114,10 @@ class TransformerLayer(nn.Module):
         else:
             self.mlp = MLP(cfg, ps, **kwargs)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        # x: [s(/tp), b, h]
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                documents: Documents | None = None) -> torch.Tensor:
+        # x: [s(/tp), b, h]; documents: packed documents' boundaries (attention stays within each)
         h = self.input_layernorm(x) if self.input_norm_separate else x
-        x = x + self.self_attention(h, rope)
+        x = x + self.self_attention(h, rope, documents)
         h = self.pre_mlp_layernorm(x) if self.pre_norm_separate else x
         return x + self.mlp(h)

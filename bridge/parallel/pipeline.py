@@ -18,10 +18,17 @@ from bridge.parallel.state import ParallelState
 MicroBatch = Mapping[str, torch.Tensor] | torch.Tensor
 
 
-def _fields(batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def _fields(batch: MicroBatch) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor | None]:
+    """(tokens, what every stage's model takes besides them: positions and packed documents, labels)."""
     if isinstance(batch, torch.Tensor):
-        return batch, None, None
-    return batch["tokens"], batch.get("position_ids"), batch.get("labels")
+        return batch, {}, None
+    return batch["tokens"], model_inputs(batch), batch.get("labels")
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The micro-batch fields every pipeline stage passes to its model (the first stage also takes the tokens, the
+    last the labels): position ids, and the packed documents' boundaries where the batch has them."""
+    return {k: batch[k] for k in ("position_ids", "cu_seqlens", "max_seqlen") if k in batch}
 
 
 def activation_shape(tokens: torch.Tensor, hidden: int, tp: int, sequence_parallel: bool) -> tuple[int, int, int]:
@@ -47,13 +54,13 @@ def forward_only(chunks: Sequence[torch.nn.Module], ps: ParallelState, micro_bat
     param = next(chunks[0].parameters())
     outputs: list[Any] = []
     for batch in micro_batches:
-        tokens, position_ids, labels = _fields(batch)
+        tokens, inputs, labels = _fields(batch)
         x: torch.Tensor = tokens
         for v, model in enumerate(chunks):
             if not model.pre_process:
                 shape = activation_shape(tokens, model.cfg.hidden_size, ps.tp, model.sequence_parallel)
                 x = recv_forward(shape, param.dtype, param.device, ps)
-            x = model(x, position_ids=position_ids, labels=labels if model.post_process else None)
+            x = model(x, labels=labels if model.post_process else None, **inputs)
             if model.post_process:
                 outputs.append(x)
             else:

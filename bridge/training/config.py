@@ -37,6 +37,12 @@ class TrainConfig:
     """Train only on the tokens the SFT loss mask keeps (`bridge data prepare --chat` writes it)."""
     tokenizer: str | None = None
     """Tokenizer for `.jsonl` data; default: the checkpoint's `hf_meta/`."""
+    reset_attention_mask: bool = False
+    """No attention across EOD: each packed document attends only to itself (bridge.training.packing)."""
+    reset_position_ids: bool = False
+    """Positions restart after each EOD: RoPE sees each packed document as if alone."""
+    eod_mask_loss: bool = False
+    """No loss on predictions made at EOD (the next document's first token)."""
     # parallelism
     nproc: int | None = None
     tp: int = 1

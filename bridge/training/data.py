@@ -21,6 +21,7 @@ from bridge.data.indexed import IndexedDataset, has_loss_mask, loss_mask_prefix,
 from bridge.data.sources import not_utf8_error
 from bridge.errors import BridgeError
 from bridge.parallel.context import split_sequence
+from bridge.training.packing import PackingFlags, pack_fields
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,23 @@ def split_documents(n: int, split: str) -> list[np.ndarray]:
     return [np.arange(bounds[i], bounds[i + 1], dtype=np.int64) for i in range(3)]
 
 
+def _with_eod_length(docs: Documents, doc: int, eod: int) -> int:
+    """Tokens of the document plus the EOD the packers append when it does not end with one."""
+    tokens, _ = docs.get(doc)
+    return tokens.size + (0 if tokens.size and int(tokens[-1]) == eod else 1)
+
+
+def _with_eod(docs: Documents, doc: int, eod: int) -> tuple[np.ndarray, np.ndarray]:
+    """The document's tokens ending with EOD, and its loss mask (the appended EOD trained only without SFT masks)."""
+    t, m = docs.get(doc)
+    t = np.asarray(t, dtype=np.int64)
+    m = np.ones(t.size, np.int64) if m is None else np.asarray(m, dtype=np.int64)
+    if t.size == 0 or int(t[-1]) != eod:
+        t = np.append(t, eod)
+        m = np.append(m, 0 if docs.has_mask else 1)
+    return t, m
+
+
 @dataclass
 class _Epoch:
     order: np.ndarray  # documents of the split in this epoch's order
@@ -119,9 +137,7 @@ class PackedDataset:
         self._block_orders: dict[int, np.ndarray] = {}
 
     def _doc_len(self, doc: int) -> int:
-        """Tokens of the document plus the EOD the packer appends when it does not end with one."""
-        tokens, _ = self.docs.get(doc)
-        return tokens.size + (0 if tokens.size and int(tokens[-1]) == self.eod else 1)
+        return _with_eod_length(self.docs, doc, self.eod)
 
     def _epoch(self, e: int) -> _Epoch:
         if e not in self._epochs:
@@ -140,12 +156,7 @@ class PackedDataset:
             epoch = self._epoch(e)
             i = int(np.searchsorted(epoch.ends, within, side="right"))
             doc_start = int(epoch.ends[i - 1]) if i else 0
-            t, m = self.docs.get(int(epoch.order[i]))
-            t = np.asarray(t, dtype=np.int64)
-            m = np.ones(t.size, np.int64) if m is None else np.asarray(m, dtype=np.int64)
-            if t.size == 0 or int(t[-1]) != self.eod:
-                t = np.append(t, self.eod)
-                m = np.append(m, 0 if self.docs.has_mask else 1)
+            t, m = _with_eod(self.docs, int(epoch.order[i]), self.eod)
             take = min(t.size - (within - doc_start), start + count - pos)
             offset = within - doc_start
             tokens.append(t[offset:offset + take])
@@ -168,6 +179,67 @@ class PackedDataset:
         return self._stream((block * self.block + j) * self.seq_length, self.seq_length + 1)
 
 
+class WholeDocumentDataset:
+    """Samples of `seq_length + 1` tokens that hold whole documents only (`--sft`: a conversation is never split).
+
+    Each epoch's documents, in a seeded order, fill samples one after another: a document that does not fit in
+    what is left of a sample starts the next one, and the rest of the sample is padding (a token that is not EOD,
+    loss mask 0, in a document of its own after the last EOD). A document longer than a sample is cut to it
+    (counted, and logged once). Sample k is a pure function of (seed, k), as for PackedDataset.
+    """
+
+    def __init__(self, docs: Documents, doc_ids: np.ndarray, seq_length: int, seed: int, eod: int) -> None:
+        if doc_ids.size == 0:
+            raise BridgeError("a data split has no documents; give more documents or change --split")
+        self.docs, self.doc_ids, self.seq_length, self.seed, self.eod = docs, doc_ids, seq_length, seed, eod
+        self.pad = 0 if eod != 0 else 1
+        self._lengths = {int(d): _with_eod_length(docs, int(d), eod) for d in doc_ids}
+        self.truncated = sum(n > seq_length + 1 for n in self._lengths.values())
+        if self.truncated:
+            log.warning("%d of %d documents are longer than --seq-length %d (+1) and are cut to it; raise "
+                        "--seq-length to keep them whole", self.truncated, doc_ids.size, seq_length)
+        self._epochs: dict[int, list[np.ndarray]] = {}
+        self._starts = [0]  # first sample of each epoch computed so far
+
+    def _epoch(self, e: int) -> list[np.ndarray]:
+        """The samples of epoch e: each an array of document ids, in the epoch's seeded order."""
+        if e not in self._epochs:
+            if len(self._epochs) > 4:
+                self._epochs.pop(min(self._epochs))
+            order = np.random.default_rng([self.seed, 3, e]).permutation(self.doc_ids)
+            samples, current, used = [], [], 0
+            for doc in order.tolist():
+                n = min(self._lengths[doc], self.seq_length + 1)
+                if current and used + n > self.seq_length + 1:
+                    samples.append(np.array(current))
+                    current, used = [], 0
+                current.append(doc)
+                used += n
+            samples.append(np.array(current))
+            self._epochs[e] = samples
+        return self._epochs[e]
+
+    def _locate(self, k: int) -> tuple[int, int]:
+        while self._starts[-1] <= k:
+            e = len(self._starts) - 1
+            self._starts.append(self._starts[-1] + len(self._epoch(e)))
+        e = int(np.searchsorted(self._starts, k, side="right")) - 1
+        return e, k - self._starts[e]
+
+    def sample(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sample k: tokens [s+1] and the loss mask of each token [s+1]."""
+        e, index = self._locate(k)
+        size = self.seq_length + 1
+        tokens, masks = np.full(size, self.pad, np.int64), np.zeros(size, np.int64)
+        at = 0
+        for doc in self._epoch(e)[index].tolist():
+            t, m = _with_eod(self.docs, doc, self.eod)
+            n = min(t.size, size - at)
+            tokens[at:at + n], masks[at:at + n] = t[:n], m[:n]
+            at += n
+        return tokens, masks
+
+
 class MockDataset:
     """Uniform random tokens (Megatron's --mock-data): benchmarks and smoke tests without a corpus."""
 
@@ -179,20 +251,27 @@ class MockDataset:
         return tokens, np.ones_like(tokens)
 
 
-def micro_batch(dataset: PackedDataset | MockDataset, first: int, size: int, device: torch.device, *, cp: int = 1,
-                cp_rank: int = 0) -> dict[str, torch.Tensor]:
+def micro_batch(dataset: PackedDataset | WholeDocumentDataset | MockDataset, first: int, size: int, device: torch.device, *, cp: int = 1,
+                cp_rank: int = 0, packing: PackingFlags = PackingFlags()) -> dict[str, torch.Tensor]:
     """Samples first..first+size-1 -> tokens/labels/loss_mask [b, s/cp] on `device`, and `loss_tokens` (a scalar).
 
     With context parallelism a rank gets its two load-balanced chunks of every sequence (chunks cp_rank and
     2*cp-1-cp_rank of 2*cp); `loss_tokens` counts the trained tokens of the whole micro-batch, so each CP
-    rank's partial loss sum / loss_tokens adds up over CP to the micro-batch's mean loss.
+    rank's partial loss sum / loss_tokens adds up over CP to the micro-batch's mean loss. `packing`: Megatron-LM's
+    reset-attention-mask / reset-position-ids / eod-mask-loss (bridge.training.packing; CP refuses them up front).
     """
     pairs = [dataset.sample(k) for k in range(first, first + size)]
     tokens = torch.from_numpy(np.stack([t for t, _ in pairs]))
     mask = torch.from_numpy(np.stack([m for _, m in pairs]))[:, 1:].float()
     local = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask}
-    out = {k: _to_device(split_sequence(v, cp, cp_rank, dim=1), device) for k, v in local.items()}
-    out["loss_tokens"] = _to_device(mask.sum(), device)
+    if packing != PackingFlags():
+        local.update(pack_fields(local["tokens"], mask, dataset.eod, packing))
+    longest = local.pop("max_seqlen", None)  # a host integer for the kernels: never copied to the device
+    out = {k: _to_device(v if k == "cu_seqlens" else split_sequence(v, cp, cp_rank, dim=1), device)
+           for k, v in local.items()}
+    out["loss_tokens"] = _to_device(local["loss_mask"].sum(), device)
+    if longest is not None:
+        out["max_seqlen"] = longest
     return out
 
 
@@ -204,9 +283,9 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.contiguous().pin_memory().to(device, non_blocking=True)
 
 
-def step_micro_batches(dataset: PackedDataset | MockDataset, consumed: int, global_batch: int, micro: int, dp: int,
-                       dp_rank: int, device: torch.device, *, cp: int = 1,
-                       cp_rank: int = 0) -> list[dict[str, torch.Tensor]]:
+def step_micro_batches(dataset: PackedDataset | WholeDocumentDataset | MockDataset, consumed: int, global_batch: int, micro: int, dp: int,
+                       dp_rank: int, device: torch.device, *, cp: int = 1, cp_rank: int = 0,
+                       packing: PackingFlags = PackingFlags()) -> list[dict[str, torch.Tensor]]:
     """This DP rank's micro-batches of the global batch that starts at sample `consumed` (its CP chunks of them).
 
     DP rank d takes the d-th slice of the global batch, in micro-batches of `micro`, so the set of
@@ -214,4 +293,5 @@ def step_micro_batches(dataset: PackedDataset | MockDataset, consumed: int, glob
     """
     per_rank = global_batch // dp
     base = consumed + dp_rank * per_rank
-    return [micro_batch(dataset, base + j * micro, micro, device, cp=cp, cp_rank=cp_rank) for j in range(per_rank // micro)]
+    return [micro_batch(dataset, base + j * micro, micro, device, cp=cp, cp_rank=cp_rank, packing=packing)
+            for j in range(per_rank // micro)]

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from bridge.parallel.pipeline import activation_shape, forward_only
+from bridge.parallel.pipeline import activation_shape, forward_only, model_inputs
 from bridge.parallel.schedules import forward_backward
 from bridge.parallel.state import ParallelState
 from bridge.training.config import TrainConfig
@@ -63,7 +63,8 @@ def train_step(rs: RankSetup, micro_batches: list[dict[str, torch.Tensor]]) -> l
 
     def forward_step(c: int, x: torch.Tensor | None, m: int) -> torch.Tensor:
         mb, model = micro_batches[m], chunks[c]
-        out = model(mb["tokens"] if model.pre_process else x, labels=mb["labels"] if model.post_process else None)
+        out = model(mb["tokens"] if model.pre_process else x, labels=mb["labels"] if model.post_process else None,
+                    **model_inputs(mb))
         if not model.post_process:
             return out
         loss = masked_mean(out, mb)

@@ -168,6 +168,7 @@ def make_plan(cfg: TrainConfig) -> Plan:
                           f"start a multiple of {model_parallel} processes")
     dp = world // model_parallel
     _check_context_parallel(cfg, model)
+    _check_packing(cfg)
     _check_expert_parallel(cfg, dp, meta)
     per_step = cfg.micro_batch_size * dp
     global_batch = cfg.global_batch_size or per_step  # not given: one micro-batch per DP rank (Megatron-LM's rule)
@@ -240,6 +241,17 @@ def _check_bf16_layers(at_start: int, at_end: int, num_layers: int) -> None:
     if at_start + at_end >= num_layers:
         raise BridgeError(f"--num-layers-at-start-in-bf16 {at_start} + --num-layers-at-end-in-bf16 {at_end} keep all "
                           f"{num_layers} layers in bf16, so --fp8 would change nothing: lower them, or drop --fp8")
+
+
+def _check_packing(cfg: TrainConfig) -> None:
+    """Megatron-LM's packing flags act on the documents of a corpus; attention within documents is not split over CP."""
+    flags = [f"--{name.replace('_', '-')}" for name in ("reset_attention_mask", "reset_position_ids", "eod_mask_loss")
+             if getattr(cfg, name)]
+    if flags and cfg.mock_data:
+        raise BridgeError(f"{', '.join(flags)} act on the documents of a corpus; --mock-data has none: give --data")
+    if cfg.reset_attention_mask and cfg.cp > 1:
+        raise BridgeError("--reset-attention-mask is not supported with context parallelism yet (a document's "
+                          "attention would have to follow it across CP ranks); use --cp 1")
 
 
 def _check_context_parallel(cfg: TrainConfig, model: ModelConfig) -> None:

@@ -21,11 +21,13 @@ from bridge.nn.rope_qkv import set_rope_fusion
 from bridge.parallel.state import ParallelState
 from bridge.training import checkpointing as ckpt
 from bridge.training.config import TrainConfig
-from bridge.training.data import Documents, MockDataset, PackedDataset, split_documents, step_micro_batches
+from bridge.training.data import (Documents, MockDataset, PackedDataset, WholeDocumentDataset, split_documents,
+                                  step_micro_batches)
 from bridge.training.grads import ParamAndGradBuffer
 from bridge.training.lr import LRSchedule
 from bridge.training.model import build_chunks, resume_state
 from bridge.training.optimizer import AdamConfig, MixedPrecisionAdamW
+from bridge.training.packing import PackingFlags
 from bridge.training.plan import Plan
 from bridge.training.resume import restore_optimizer
 from bridge.training.rng import set_rng_state
@@ -53,7 +55,9 @@ class RankSetup:
 
     def micro_batches(self, dataset: Any, first: int) -> list[dict[str, torch.Tensor]]:
         return step_micro_batches(dataset, first, self.cfg.global_batch_size, self.cfg.micro_batch_size, self.plan.dp,
-                                  self.ps.dp_rank, self.device, cp=self.ps.cp, cp_rank=self.ps.cp_rank)
+                                  self.ps.dp_rank, self.device, cp=self.ps.cp, cp_rank=self.ps.cp_rank,
+                                  packing=PackingFlags(self.cfg.reset_attention_mask, self.cfg.reset_position_ids,
+                                                       self.cfg.eod_mask_loss))
 
     def entries(self) -> dict[str, Any]:
         """Non-model checkpoint entries (plain values; the optimizer's state is added by the saver)."""
@@ -132,8 +136,9 @@ def build_datasets(cfg: TrainConfig, plan: Plan) -> tuple[Any, Any]:
                      vocab_size=plan.model.vocab_size)
     train_ids, valid_ids, _ = split_documents(len(docs), cfg.split)
     eod = _eod(cfg, tokenizer)
-    train = PackedDataset(docs, train_ids, cfg.seq_length, cfg.seed, eod)
-    valid = PackedDataset(docs, valid_ids, cfg.seq_length, cfg.seed + 1, eod) if valid_ids.size else None
+    packer = WholeDocumentDataset if cfg.sft else PackedDataset  # SFT: a conversation is never split
+    train = packer(docs, train_ids, cfg.seq_length, cfg.seed, eod)
+    valid = packer(docs, valid_ids, cfg.seq_length, cfg.seed + 1, eod) if valid_ids.size else None
     return train, valid
 
 
