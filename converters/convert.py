@@ -50,10 +50,18 @@ def _dtype_name(dtype: str, default: str) -> str:
 
 
 def _warn_inexpressible(cfg: ModelConfig) -> None:
+    """What Megatron-LM's args cannot say about this model: the checkpoint is exact, Megatron-LM would compute
+    another function (bridge's own model and `bridge verify` stay exact)."""
     if cfg.rope_scaling and not cfg.rope_scaling.megatron_expressible:
         log.warning("rope scaling %s cannot be expressed in Megatron-LM's args (it fixes low=1, high=4, "
                     "original_max_position_embeddings=8192); bridge's own model stays exact, Megatron-LM would not be",
                     cfg.rope_scaling)
+    moe = cfg.moe
+    if moe and (moe.num_groups or 1) > 1 and moe.group_topk and moe.router_topk != 2 * moe.group_topk:
+        log.warning("group-limited routing with top-%d experts from %d of %d groups: transformers scores a group by "
+                    "its top 2 experts, Megatron-LM by its top %d (top-k / group top-k), so Megatron-LM would route "
+                    "differently; bridge's own model stays exact", moe.router_topk, moe.group_topk, moe.num_groups,
+                    max(1, moe.router_topk // moe.group_topk))
 
 
 def default_out(source: str, layout: ParallelLayout) -> Path:

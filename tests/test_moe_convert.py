@@ -174,3 +174,15 @@ def test_cli_ep_flags(tiny_hf, tmp_path: Path) -> None:
     assert main(["reshard", str(out), "--out", str(tmp_path / "r"), "--ep", "4"]) == 0
     assert main(["export", str(tmp_path / "r"), "--out", str(tmp_path / "hf")]) == 0
     assert_identical(src, tmp_path / "hf")
+
+
+def test_group_routing_megatron_cannot_match_is_warned(tiny_hf, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """transformers scores an expert group by its top 2 experts, Megatron-LM by its top (top-k / group top-k): import
+    says so where they differ (the tiny config: top-2 from 2 groups), and not for DeepSeek-V3's own top-8 from 4."""
+    with caplog.at_level("WARNING"):
+        api.import_hf(tiny_hf("deepseek-v3"), tmp_path / "differs")
+    assert "Megatron-LM would route differently" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        api.import_hf(tiny_hf("deepseek-v3", num_experts_per_tok=4), tmp_path / "agrees")
+    assert "route differently" not in caplog.text
