@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -269,26 +268,21 @@ def init_distributed(backend: str | None = None, *, timeout_s: float = 600.0) ->
     """Initialise torch.distributed from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
 
     NCCL ranks are pinned to `cuda:LOCAL_RANK` first, so each process owns one GPU. Returns
-    (rank, world_size). Without the variables it starts a one-rank world on a free local port.
+    (rank, world_size). Without the variables it starts a one-rank world with a store of its own.
     """
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend not in BACKENDS:
         raise BridgeError(f"backend {backend} is not one of {', '.join(BACKENDS)}")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = None
+    if "RANK" not in os.environ:  # a world of one: its own store on a port the OS binds (no port to race for)
+        store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timeout)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if backend == "nccl":
         if not torch.cuda.is_available():
             raise BridgeError("backend nccl needs CUDA GPUs; use --device cpu (gloo) on this machine")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, store=store)
     return rank, world
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
