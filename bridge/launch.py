@@ -37,6 +37,7 @@ import torch.multiprocessing as mp
 
 from bridge.errors import BridgeError
 from bridge.parallel.state import init_distributed
+from bridge.processes import process_alive
 
 log = logging.getLogger(__name__)
 
@@ -59,21 +60,11 @@ def _watch_launcher(launcher: int) -> None:
     except ProcessLookupError:
         os._exit(1)
     except (AttributeError, OSError):  # no pidfd (not Linux): poll
-        while _alive(launcher):
+        while process_alive(launcher):
             time.sleep(_PARENT_POLL_S)
         os._exit(1)
     select.select([handle], [], [])
     os._exit(1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _interrupt_once(signum: int, frame: object) -> None:

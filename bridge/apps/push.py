@@ -23,6 +23,7 @@ from pathlib import Path
 
 from bridge.errors import BridgeError
 from bridge.hub import hub_error_message
+from bridge.processes import process_alive
 from bridge.apps.model_card import ModelCard, build_model_card
 
 logger = logging.getLogger(__name__)
@@ -120,20 +121,11 @@ def _remove_stale_staging(folder: Path) -> None:
     pattern = re.compile(rf"\..+\.push-{re.escape(socket.gethostname())}-(\d{{1,9}})-[0-9a-f]{{8}}")
     for path in sorted(folder.glob(".*.push-*")):
         match = pattern.fullmatch(path.name)
-        if match and path.is_dir() and not _process_alive(int(match[1])):
+        if match and path.is_dir() and not process_alive(int(match[1])):
             logger.info("removing %s, left by a push that was killed", path)
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _process_alive(pid: int) -> bool:
-    """Whether a process `pid` exists on this host (one of another user counts: it exists)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def _is_transient(exc: BaseException) -> bool:
