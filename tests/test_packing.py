@@ -68,7 +68,7 @@ def test_micro_batches_carry_the_documents_of_their_samples(tmp_path: Path) -> N
     assert (batch["loss_mask"] == (batch["tokens"] != EOD).float()).all()
     assert batch["loss_tokens"] == batch["loss_mask"].sum() < plain["loss_tokens"]
     lengths = (batch["cu_seqlens"][1:] - batch["cu_seqlens"][:-1]).tolist()
-    assert sum(lengths) == 2 * 48 and int(batch["max_seqlen"]) == max(lengths) and len(lengths) > 4
+    assert sum(lengths) == 2 * 48 and int(batch["max_seqlen"]) == 48 >= max(lengths) and len(lengths) > 4
 
 
 #: Documents of different lengths, each ending with EOD, packed into samples of SEQ tokens (ids clear of specials).

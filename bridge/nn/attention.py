@@ -198,7 +198,8 @@ def sdpa_pads_v(q: torch.Tensor, v: torch.Tensor) -> bool:
 
 class Documents(NamedTuple):
     """Packed documents of a micro-batch as varlen kernels take them: `cu_seqlens` [N+1] int32 (device), the
-    boundaries over the flattened [b*s] tokens, and the longest document (a host int: kernels size their grid by it)."""
+    boundaries over the flattened [b*s] tokens, and a bound on their length (a host int: kernels size their grid by
+    it; the trainer gives the sample length, a constant)."""
 
     cu_seqlens: torch.Tensor
     max_seqlen: int

@@ -63,8 +63,10 @@ def pack_fields(inputs: torch.Tensor, loss_mask: torch.Tensor, eod: int, flags: 
     out: dict[str, torch.Tensor] = {}
     segments = document_segments(inputs, eod) if flags.reset_attention_mask or flags.reset_position_ids else None
     if flags.reset_attention_mask:
-        out["cu_seqlens"], longest = varlen_boundaries(segments)
-        out["max_seqlen"] = torch.tensor(longest)
+        out["cu_seqlens"], _ = varlen_boundaries(segments)
+        # the kernels' bound on a document's length: the sample's, one constant, so a compiled layer (which would
+        # specialise on the int) is not recompiled for each batch's longest document
+        out["max_seqlen"] = torch.tensor(inputs.shape[1])
     if flags.reset_position_ids:
         out["position_ids"] = document_positions(segments)
     out["loss_mask"] = loss_mask * (inputs != eod).to(loss_mask.dtype) if flags.eod_mask_loss else loss_mask
