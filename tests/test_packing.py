@@ -282,3 +282,34 @@ def test_packing_flags_refuse_what_they_cannot_do(tiny_hf, tmp_path: Path, capsy
     assert main(args) == 1
     said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bridge train:")]
     assert len(said) == 1 and needle in said[0], said
+
+
+def _real_inputs(dataset: Any, k: int) -> int:
+    """Input tokens of sample k before its trailing padding, read from the sample itself."""
+    tokens, _ = dataset.sample(k)
+    inputs = tokens[:-1]
+    padded = np.flatnonzero(inputs != dataset.pad)
+    return 0 if padded.size == 0 else int(padded[-1]) + 1
+
+
+def test_trainer_logs_real_tokens_and_packing_efficiency(tiny_hf, tmp_path: Path) -> None:
+    import json
+
+    from bridge.api import import_hf
+    from bridge.training import TrainConfig, train
+    from bridge.training.data import WholeDocumentDataset
+
+    ckpt = import_hf(tiny_hf("llama32-tied"), tmp_path / "ckpt")
+    _chat_corpus(tmp_path / "chats", 120, seed=8)
+    cfg = TrainConfig(load=str(ckpt), data_path=[str(tmp_path / "chats")], sft=True, split="100,0,0", seq_length=64,
+                      micro_batch_size=2, global_batch_size=4, train_iters=3, eval_interval=0, eval_iters=1,
+                      progress=False, device="cpu", save=str(tmp_path / "run"), save_interval=0, log_interval=1)
+    train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    eos = json.loads((ckpt / "hf_meta" / "config.json").read_text())["eos_token_id"]
+    docs = Documents([str(tmp_path / "chats")], use_loss_mask=True)
+    dataset = WholeDocumentDataset(docs, np.arange(len(docs)), seq_length=64, seed=cfg.seed, eod=eos)
+    for step, record in enumerate(records):
+        real = sum(_real_inputs(dataset, k) for k in range(4 * step, 4 * step + 4))
+        assert record["packing_efficiency"] == pytest.approx(real / (4 * 64)) and record["packing_efficiency"] < 1
+        assert record["real_tokens_per_s"] == pytest.approx(real / record["step_s"])

@@ -172,6 +172,10 @@ class PackedDataset:
             self._block_orders[block] = np.random.default_rng([self.seed, 1, block]).permutation(self.block)
         return self._block_orders[block]
 
+    def real_tokens(self, k: int) -> int:
+        """Input tokens of sample k that are not padding: all of them (the stream has no padding)."""
+        return self.seq_length
+
     def sample(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Sample k: tokens [s+1] and the loss mask of each token [s+1]."""
         block, index = divmod(k, self.block)
@@ -226,6 +230,12 @@ class WholeDocumentDataset:
         e = int(np.searchsorted(self._starts, k, side="right")) - 1
         return e, k - self._starts[e]
 
+    def real_tokens(self, k: int) -> int:
+        """Input tokens of sample k that are not padding (the trainer's real tokens/s and packing efficiency)."""
+        e, index = self._locate(k)
+        filled = sum(min(self._lengths[doc], self.seq_length + 1) for doc in self._epoch(e)[index].tolist())
+        return min(filled, self.seq_length)
+
     def sample(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Sample k: tokens [s+1] and the loss mask of each token [s+1]."""
         e, index = self._locate(k)
@@ -245,6 +255,9 @@ class MockDataset:
 
     def __init__(self, vocab_size: int, seq_length: int, seed: int) -> None:
         self.vocab_size, self.seq_length, self.seed = vocab_size, seq_length, seed
+
+    def real_tokens(self, k: int) -> int:
+        return self.seq_length
 
     def sample(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         tokens = np.random.default_rng([self.seed, 2, k]).integers(0, self.vocab_size, self.seq_length + 1)

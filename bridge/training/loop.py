@@ -143,8 +143,11 @@ def log_line(record: dict[str, Any], train_iters: int, consumed: int) -> str:
              f"learning rate: {record['lr']:.6E}", f"lm loss: {record['loss']:.6E}"]
     if "moe_aux_loss" in record:
         parts.append(f"load_balancing_loss: {record['moe_aux_loss']:.6E}")
-    parts += [f"grad norm: {record['grad_norm']:.3f}", f"tokens/s: {record['tokens_per_s']:.0f}",
-              f"TFLOP/s/GPU: {record['tflops_per_gpu']:.3f}"]
+    parts += [f"grad norm: {record['grad_norm']:.3f}", f"tokens/s: {record['tokens_per_s']:.0f}"]
+    if record["packing_efficiency"] < 1:  # whole-conversation samples leave padding: what was really trained
+        parts += [f"real tokens/s: {record['real_tokens_per_s']:.0f}",
+                  f"packing efficiency: {100 * record['packing_efficiency']:.1f}%"]
+    parts.append(f"TFLOP/s/GPU: {record['tflops_per_gpu']:.3f}")
     if record.get("mfu") is not None:
         parts.append(f"MFU: {100 * record['mfu']:.1f}%")
     parts.append(f"peak memory (GiB): {record['peak_mem_gib']:.2f}")
@@ -270,13 +273,15 @@ class Trainer:
         if not math.isfinite(grad_norm):
             log.warning("gradient norm is %s at iteration %d; the update was skipped", grad_norm, queued.iteration)
         rs.iteration = queued.iteration
+        real = sum(rs.train.real_tokens(k) for k in range(rs.consumed, rs.consumed + self.cfg.global_batch_size))
         rs.consumed += self.cfg.global_batch_size
         loss = loss_sum / rs.plan.global_microbatches
         rs.loss_curve.append([rs.iteration, loss])
         tflops = self.flops_per_step / elapsed / 1e12 / rs.plan.world_size
         moe = {"moe_aux_loss": aux_sum / rs.plan.global_microbatches} if self.moe_layers else {}
         return {"iteration": rs.iteration, "loss": loss, **moe, "lr": queued.lr, "grad_norm": grad_norm,
-                "tokens_per_s": self.tokens_per_step / elapsed, "tflops_per_gpu": tflops,
+                "tokens_per_s": self.tokens_per_step / elapsed, "real_tokens_per_s": real / elapsed,
+                "packing_efficiency": real / self.tokens_per_step, "tflops_per_gpu": tflops,
                 "mfu": tflops / self.peak if self.peak else None, "step_s": elapsed,
                 "peak_mem_gib": peak_memory_gib(), "_stop": stop > 0}
 
