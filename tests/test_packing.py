@@ -267,8 +267,8 @@ def test_both_document_attention_paths_match_a_written_out_reference(window: int
 
 @pytest.mark.parametrize("flags,needle", [
     (["--mock-data", "--eod-mask-loss"], "--eod-mask-loss act on the documents of a corpus; --mock-data has none"),
-    (["--data", "CORPUS", "--reset-attention-mask", "--cp", "2", "--nproc", "2"],
-     "--reset-attention-mask is not supported with context parallelism yet"),
+    (["--mock-data", "--reset-attention-mask", "--reset-position-ids"],
+     "--reset-attention-mask, --reset-position-ids act on the documents of a corpus"),
 ])
 def test_packing_flags_refuse_what_they_cannot_do(tiny_hf, tmp_path: Path, capsys: pytest.CaptureFixture,
                                                    flags: list[str], needle: str) -> None:
@@ -276,9 +276,7 @@ def test_packing_flags_refuse_what_they_cannot_do(tiny_hf, tmp_path: Path, capsy
     from bridge.cli.main import main
 
     ckpt = import_hf(tiny_hf("llama32-tied"), tmp_path / "ckpt")
-    corpus = str(write_random_corpus(tmp_path / "corpus", seed=1, documents=20))
-    args = ["train", "--load", str(ckpt), "--seq-length", "32", "--device", "cpu",
-            *[corpus if f == "CORPUS" else f for f in flags]]
+    args = ["train", "--load", str(ckpt), "--seq-length", "32", "--device", "cpu", *flags]
     assert main(args) == 1
     said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bridge train:")]
     assert len(said) == 1 and needle in said[0], said
@@ -313,3 +311,53 @@ def test_trainer_logs_real_tokens_and_packing_efficiency(tiny_hf, tmp_path: Path
         real = sum(_real_inputs(dataset, k) for k in range(4 * step, 4 * step + 4))
         assert record["packing_efficiency"] == pytest.approx(real / (4 * 64)) and record["packing_efficiency"] < 1
         assert record["real_tokens_per_s"] == pytest.approx(real / record["step_s"])
+
+
+def _packed_losses_cp(checkpoints: list[str], batch: dict[str, torch.Tensor],
+                      comm_types: list[str]) -> list[torch.Tensor]:
+    """Rank body at CP=2: each (checkpoint, --cp-comm-type)'s local per-token losses [b, S/2] of this rank's chunks."""
+    import torch.distributed as dist
+
+    from bridge.checkpoint import CheckpointMeta
+    from bridge.converters.megatron_legacy import LegacyCheckpointReader
+    from bridge.nn import build_model_chunks, load_rank_checkpoint
+    from bridge.parallel.context import split_sequence
+    from bridge.parallel.pipeline import forward_only
+    from bridge.parallel.state import ParallelState
+
+    results = []
+    for ckpt in checkpoints:
+        meta = CheckpointMeta.load(Path(ckpt))
+        for comm in comm_types:
+            ps = ParallelState(meta.layout, dist.get_world_size(), dist.get_rank(), cp=2, cp_comm_type=comm)
+            chunks = build_model_chunks(meta.config, ps, transformer_impl=meta.transformer_impl, mask_padded_vocab=True)
+            load_rank_checkpoint(chunks, LegacyCheckpointReader(Path(ckpt), meta.layout).load_rank(0, 0))
+            local = {k: v if k in ("cu_seqlens", "max_seqlen") else split_sequence(v, 2, ps.cp_rank, dim=1)
+                     for k, v in batch.items()}
+            results.append(forward_only(chunks, ps, [local])[0])
+    return results
+
+
+@pytest.mark.slow
+def test_packed_documents_at_cp2_train_as_if_alone(tiny_hf, tmp_path: Path) -> None:
+    """At CP=2 (the ring's and the all-gather's exchange, documents split across the ranks' zigzag chunks) the per-token
+    losses of a packed batch equal transformers' on each document alone."""
+    from bridge.api import import_hf
+    from bridge.launch import launch
+    from bridge.parallel.context import chunk_ids
+
+    batch, documents = _packed_batch(EOD)
+    comm_types = ["p2p", "all_gather", "a2a"]
+    ckpts = [str(import_hf(tiny_hf(m), tmp_path / m)) for m in PACKED_MODELS]
+    outs = launch(_packed_losses_cp, 2, ckpts, batch, comm_types)
+    size = SEQ // 4
+    mask = batch["loss_mask"].bool()
+    for i, model in enumerate(PACKED_MODELS):
+        reference = _hf_document_losses(tiny_hf(model), documents)
+        for j, comm in enumerate(comm_types):
+            whole = torch.empty_like(reference)
+            for rank, out in enumerate(outs):
+                local = out[i * len(comm_types) + j]
+                for half, chunk in enumerate(chunk_ids(2, rank)):
+                    whole[:, chunk * size:(chunk + 1) * size] = local[:, half * size:(half + 1) * size]
+            assert (whole[mask] - reference[mask]).abs().max() <= 1e-5, (model, comm)

@@ -205,6 +205,13 @@ class Documents(NamedTuple):
     max_seqlen: int
 
 
+def document_ids(cu_seqlens: torch.Tensor, b: int, s: int) -> torch.Tensor:
+    """[b, s] document number of every token, from the varlen boundaries over the flattened [b*s] tokens."""
+    starts = torch.zeros(b * s, dtype=torch.int32, device=cu_seqlens.device)
+    starts[cu_seqlens[1:-1].long()] = 1
+    return torch.cumsum(starts, 0).view(b, s)
+
+
 def _varlen_kernel() -> Callable | None:
     """torch's flash-attention varlen kernel, where this torch has the form used here (GQA and windows)."""
     try:

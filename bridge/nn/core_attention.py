@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bridge.nn.attention import Documents, block_kernel, sdpa_pads_v, varlen_attention, varlen_runs
+from bridge.nn.attention import Documents, block_kernel, document_ids, sdpa_pads_v, varlen_attention, varlen_runs
 from bridge.nn.layers import TEExtraState
 from bridge.parallel.collectives import Group
 from bridge.parallel.context import cp_attention, window_mask
@@ -36,10 +36,10 @@ class CoreAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: Documents | None = None) -> torch.Tensor:
         # q: [s, b, nq, d]; k: [s, b, ng, d]; v: [s, b, ng, dv] (dv = d but for MLA)
-        if documents is not None:  # packed documents (training refuses them with CP)
+        if documents is not None and self.cp == 1:  # packed documents
             return self._per_document(q, k, v, documents)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
-        out = self._context_parallel(q, k, v) if self.cp > 1 else self._whole_sequence(q, k, v)
+        out = self._context_parallel(q, k, v, documents) if self.cp > 1 else self._whole_sequence(q, k, v)
         return out.permute(2, 0, 1, 3)  # [s, b, nq, dv]
 
     def _per_document(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: Documents) -> torch.Tensor:
@@ -76,15 +76,18 @@ class CoreAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=self.softmax_scale)
         return out[..., :dv]
 
-    def _context_parallel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """a2a; the ring; or the all-gather, where it was asked for or a sliding window cuts the sequence."""
-        if self.cp_comm_type == "a2a":
+    def _context_parallel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          documents: Documents | None = None) -> torch.Tensor:
+        """a2a; the ring; or the all-gather, where it was asked for, a sliding window cuts the sequence, or packed
+        documents (a mask per query chunk: within its document; the ring's blocks know no documents)."""
+        if self.cp_comm_type == "a2a" and documents is None:
             whole = (sequence_to_heads(t, self.cp_group, self.cp) for t in (q, k, v))
             return heads_to_sequence(self._whole_sequence(*whole), self.cp_group, self.cp)
         where = dict(group=self.cp_group, cp=self.cp, cp_rank=self.cp_rank, scale=self.softmax_scale)
-        if self.cp_comm_type == "p2p" and not self._windowed(q.shape[2] * self.cp):
+        if self.cp_comm_type == "p2p" and not self._windowed(q.shape[2] * self.cp) and documents is None:
             return ring_attention(q, k, v, kernel_for=block_kernel, **where)
-        return cp_attention(q, k, v, sliding_window=self.sliding_window, **where)
+        segments = None if documents is None else document_ids(documents.cu_seqlens, q.shape[0], q.shape[2] * self.cp)
+        return cp_attention(q, k, v, sliding_window=self.sliding_window, segments=segments, **where)
 
 
 class TECoreAttention(TEExtraState, CoreAttention):

@@ -93,13 +93,16 @@ def window_mask(q_pos: torch.Tensor, k_len: int, window: int | None) -> torch.Te
 
 
 def cp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Group, cp: int, cp_rank: int,
-                 sliding_window: int | None = None, scale: float | None = None) -> torch.Tensor:
+                 sliding_window: int | None = None, scale: float | None = None,
+                 segments: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of this rank's query chunks over the whole sequence.
 
     q: [b, nq, S/cp, d] (local chunks); k: [b, ng, S/cp, d], v: [b, ng, S/cp, dv] (local) -> [b, nq, S/cp, dv];
     `scale` as SDPA's. A v narrower than q/k (MLA's) is gathered as it is and then zero-padded to q's width: PyTorch
     runs these masks (a query chunk against its key prefix, or a window) fast only in flash attention, which takes
     one head size; unpadded, SDPA falls back to a kernel several times slower (docs/performance.md).
+    `segments` [b, S]: the document of every token of the whole sequence (packed documents): a query sees only
+    keys of its own document.
     """
     k, v = (gather_sequence(t.permute(2, 0, 1, 3), group, cp).permute(1, 2, 0, 3) for t in (k, v))  # [b, ng, S, d]
     dv = v.shape[-1]
@@ -111,7 +114,10 @@ def cp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Gr
         q_c = q[:, :, i * size:(i + 1) * size]
         end = (c + 1) * size  # keys 0..end-1 are at or before this chunk's last query
         k_c, v_c = k[:, :, :end], v[:, :, :end]
-        if sliding_window is not None and end > sliding_window:
+        if segments is not None:  # [b, 1, size, end]: causal (and windowed), and only within the query's document
+            same = segments[:, c * size:end, None] == segments[:, None, :end]
+            mask = window_mask(torch.arange(c * size, end, device=q.device), end, sliding_window) & same.unsqueeze(1)
+        elif sliding_window is not None and end > sliding_window:
             q_pos = torch.arange(c * size, end, device=q.device)
             mask = window_mask(q_pos, end, sliding_window)
         else:

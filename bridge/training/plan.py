@@ -244,14 +244,11 @@ def _check_bf16_layers(at_start: int, at_end: int, num_layers: int) -> None:
 
 
 def _check_packing(cfg: TrainConfig) -> None:
-    """Megatron-LM's packing flags act on the documents of a corpus; attention within documents is not split over CP."""
+    """Megatron-LM's packing flags act on the documents of a corpus."""
     flags = [f"--{name.replace('_', '-')}" for name in ("reset_attention_mask", "reset_position_ids", "eod_mask_loss")
              if getattr(cfg, name)]
     if flags and cfg.mock_data:
         raise BridgeError(f"{', '.join(flags)} act on the documents of a corpus; --mock-data has none: give --data")
-    if cfg.reset_attention_mask and cfg.cp > 1:
-        raise BridgeError("--reset-attention-mask is not supported with context parallelism yet (a document's "
-                          "attention would have to follow it across CP ranks); use --cp 1")
 
 
 def _check_context_parallel(cfg: TrainConfig, model: ModelConfig) -> None:
