@@ -10,7 +10,8 @@ def run_verify(args: argparse.Namespace) -> int:
 
     result = verify(args.hf_src, args.checkpoint, prompts=read_prompts(args.prompts), dtype=args.dtype,
                     device=args.device, sequence_parallel=args.sequence_parallel, cp=args.cp,
-                    cp_comm_type=cp_comm_type_from_flag(args.cp_comm_type), write_json=not args.no_json)
+                    cp_comm_type=cp_comm_type_from_flag(args.cp_comm_type), packed=args.packed,
+                    write_json=not args.no_json)
     print(result.table())
     return 0 if result.passed else 1
 
@@ -25,6 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "bf16 that bridge is as close to transformers fp32 as transformers' own bf16 run is")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cpu: one gloo process per rank; cuda: one GPU per rank with NCCL")
+    p.add_argument("--packed", action="store_true",
+                   help="run the prompts packed into one sequence, each attending only to itself (as training with "
+                        "--reset-attention-mask --reset-position-ids); transformers runs each alone")
     p.add_argument("--sequence-parallel", action="store_true",
                    help="run the sharded model with sequence parallelism (prompts cut to a multiple of TP)")
     p.add_argument("--cp", "--context-parallel-size", dest="cp", type=int, default=1,

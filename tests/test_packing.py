@@ -379,3 +379,21 @@ def test_sft_packed_training_resumes_bitwise(tiny_hf, tmp_path: Path) -> None:
     assert first["stopped_by"] == "exit-interval"
     resumed = train(TrainConfig(**{**base, "load": str(tmp_path / "split")}, save=str(tmp_path / "split")))
     assert resumed["loss_curve"] == full["loss_curve"] and len(full["loss_curve"]) == 4  # bitwise
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cp", [1, 2])
+def test_verify_packed_runs_the_prompts_in_one_sequence(tiny_hf, tmp_path: Path, cp: int) -> None:
+    """`bridge verify --packed`: the prompts packed into one sequence through bridge give transformers' logits of each
+    prompt alone (fp32 bound), with CP too."""
+    import json
+
+    from bridge.api import import_hf
+    from bridge.cli.main import main
+
+    hf = tiny_hf("qwen3")
+    ckpt = import_hf(hf, tmp_path / "ckpt")
+    args = ["verify", str(hf), str(ckpt), "--packed"] + (["--cp", str(cp)] if cp > 1 else [])
+    assert main(args) == 0
+    result = json.loads((ckpt / "verify.json").read_text())
+    assert result["passed"] and result["layout"]["packed"] and result["overall"]["top1"] == 1.0

@@ -165,8 +165,29 @@ def hf_logits(folder: Path, token_lists: Sequence[Sequence[int]], dtype: str, de
     return out
 
 
+def packed_batch(token_lists: Sequence[Sequence[int]], device: torch.device) -> dict[str, torch.Tensor]:
+    """The prompts packed into one sequence as the trainer packs documents with --reset-attention-mask and
+    --reset-position-ids: one micro-batch [1, S], positions restarting at each prompt, the prompts' boundaries."""
+    lengths = [len(t) for t in token_lists]
+    bounds = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+    return {"tokens": torch.tensor([[i for t in token_lists for i in t]], device=device),
+            "position_ids": torch.cat([torch.arange(n) for n in lengths])[None].to(device),
+            "cu_seqlens": bounds.to(device), "max_seqlen": torch.tensor(sum(lengths))}
+
+
+def _rank_batches(token_lists: Sequence[Sequence[int]], packed: bool, cp: int, cp_rank: int,
+                  device: torch.device) -> list[Any]:
+    """This CP rank's chunks of each prompt, or of the one packed sequence (its boundaries stay whole)."""
+    if not packed:
+        return [split_sequence(torch.tensor([list(ids)], device=device), cp, cp_rank, dim=1) for ids in token_lists]
+    batch = packed_batch(token_lists, device)
+    return [{k: v if k in ("cu_seqlens", "max_seqlen") else split_sequence(v, cp, cp_rank, dim=1)
+             for k, v in batch.items()}]
+
+
 def rank_logits(checkpoints: Sequence[str], token_lists: Sequence[Sequence[int]], dtype: str, device: str,
-                sequence_parallel: bool, cp: int = 1, cp_comm_type: str = "p2p") -> list[list[torch.Tensor] | None]:
+                sequence_parallel: bool, cp: int = 1, cp_comm_type: str = "p2p",
+                packed: bool = False) -> list[list[torch.Tensor] | None]:
     """Runs on every rank: load this rank's shard of each checkpoint and run the prompts through the pipeline.
 
     With context parallelism each CP rank runs its two chunks of every prompt and the logits are gathered
@@ -187,10 +208,11 @@ def rank_logits(checkpoints: Sequence[str], token_lists: Sequence[Sequence[int]]
         load_rank_checkpoint(chunks, reader.load_rank(ps.tp_rank, ps.pp_rank, **ep))
         for chunk in chunks:
             chunk.eval()
-        batches = [split_sequence(torch.tensor([list(ids)], device=dev), cp, ps.cp_rank, dim=1) for ids in token_lists]
-        outs = forward_only(chunks, ps, batches)  # last stage: [s/cp, 1, V_pad/tp] each
+        outs = forward_only(chunks, ps, _rank_batches(token_lists, packed, cp, ps.cp_rank, dev))  # [s/cp, 1, V/tp]
         full = [gather_sequence(gather_from_tp(o, ps.tp_group), ps.cp_group, cp)[:, 0, : meta.config.vocab_size]
                 .float().cpu() for o in outs]
+        if packed:  # back to one [s, V] per prompt
+            full = list(full[0].split([len(t) for t in token_lists]))
         holder = ps.is_last_stage and ps.tp_rank == 0 and ps.dp_rank == 0 and ps.cp_rank == 0
         results.append(full if holder else None)
         del chunks
@@ -199,8 +221,9 @@ def rank_logits(checkpoints: Sequence[str], token_lists: Sequence[Sequence[int]]
 
 def sharded_logits(checkpoints: Sequence[Path], token_lists: Sequence[Sequence[int]], *, dtype: str = "fp32",
                    device: str = "cpu", sequence_parallel: bool = False, cp: int = 1,
-                   cp_comm_type: str = "p2p") -> list[list[torch.Tensor]]:
-    """Start the ranks once for several checkpoints of one layout; per checkpoint, logits [s, V] per prompt."""
+                   cp_comm_type: str = "p2p", packed: bool = False) -> list[list[torch.Tensor]]:
+    """Start the ranks once for several checkpoints of one layout; per checkpoint, logits [s, V] per prompt (`packed`:
+    all prompts in one sequence, each attending only to itself, as packed training documents)."""
     layouts = {CheckpointMeta.load(Path(c)).layout for c in checkpoints}
     if len(layouts) != 1:
         raise BridgeError(f"checkpoints verified together must share one layout, got {sorted(l.name for l in layouts)}")
@@ -210,7 +233,7 @@ def sharded_logits(checkpoints: Sequence[Path], token_lists: Sequence[Sequence[i
     backend = "nccl" if device == "cuda" else "gloo"
     log.info("starting %d ranks (%s) for layout %s", world, backend, layout.name)
     per_rank = launch(rank_logits, world, [str(c) for c in checkpoints], [list(t) for t in token_lists], dtype, device,
-                      sequence_parallel, cp, cp_comm_type, backend=backend)
+                      sequence_parallel, cp, cp_comm_type, packed, backend=backend)
     order = ParallelState(layout, world, 0, cp=cp, create_groups=False)
     return per_rank[order.rank_of(0, 0, layout.pp - 1, 0)]  # the last stage's tp 0, dp 0, cp 0
 
@@ -284,8 +307,10 @@ def compare(prompts: Sequence[str], ref: Sequence[torch.Tensor], ours: Sequence[
 
 def verify(hf_src: str | Path, checkpoint: str | Path, *, prompts: Sequence[str] | None = None, dtype: str = "fp32",
            device: str = "cpu", sequence_parallel: bool = False, cp: int = 1, cp_comm_type: str = "p2p",
-           write_json: bool = True) -> VerifyResult:
-    """Compare the checkpoint's logits with transformers' on `prompts`; write `verify.json` into the checkpoint."""
+           packed: bool = False, write_json: bool = True) -> VerifyResult:
+    """Compare the checkpoint's logits with transformers' on `prompts`; write `verify.json` into the checkpoint.
+    `packed`: bridge runs the prompts packed into one sequence (document attention and positions, as training with
+    --reset-attention-mask --reset-position-ids), transformers each prompt alone."""
     if dtype not in VERIFY_DTYPES:
         raise BridgeError(f"--dtype {dtype} is not one of {', '.join(VERIFY_DTYPES)}")
     if device not in DEVICES:
@@ -311,12 +336,13 @@ def verify(hf_src: str | Path, checkpoint: str | Path, *, prompts: Sequence[str]
     ref = hf_logits(folder, tokens, "fp32", device)  # one model at a time: fp32, freed, then bf16
     hf_bf16 = hf_logits(folder, tokens, "bf16", device) if dtype == "bf16" else None
     ours = sharded_logits([ckpt], tokens, dtype=dtype, device=device, sequence_parallel=sequence_parallel, cp=cp,
-                          cp_comm_type=cp_comm_type)[0]
+                          cp_comm_type=cp_comm_type, packed=packed)[0]
     rows, overall, ok, criterion = compare(texts, ref, ours, dtype, hf_bf16)
     iteration = read_tracker(ckpt)  # the one sharded_logits read: the tracker's
     result = VerifyResult(checkpoint=str(ckpt), hf_source=str(hf_src), dtype=dtype, device=device, iteration=iteration,
                           layout={**meta.layout.to_json(), **({"cp": cp, "cp_comm_type": cp_comm_type} if cp > 1 else {}),
-                                  **({"sequence_parallel": True} if sequence_parallel and meta.layout.tp > 1 else {})},
+                                  **({"sequence_parallel": True} if sequence_parallel and meta.layout.tp > 1 else {}),
+                                  **({"packed": True} if packed else {})},
                           transformer_impl=meta.transformer_impl, prompts=rows,
                           overall=overall, passed=ok, criterion=criterion,
                           hf_bf16=None if hf_bf16 is None else bf16_baseline(ref, hf_bf16))
