@@ -74,8 +74,8 @@ def test_micro_batches_carry_the_documents_of_their_samples(tmp_path: Path) -> N
 #: Documents of different lengths, each ending with EOD, packed into samples of SEQ tokens (ids clear of specials).
 SEQ, DOC_LENGTHS = 48, ([9, 17, 5, 17], [30, 11, 7])
 FLAGS = PackingFlags(reset_attention_mask=True, reset_position_ids=True, eod_mask_loss=True)
-LAYOUTS = {"tp1": dict(), "tp2": dict(tp=2), "pp2": dict(pp=2)}
-PACKED_MODELS = ("llama31", "qwen3")
+LAYOUTS = {"tp1": dict(), "tp2": dict(tp=2), "tp2-sp": dict(tp=2), "pp2": dict(pp=2)}
+PACKED_MODELS = ("llama31", "qwen3", "mixtral")  # dense, q/k norm, MoE
 
 
 def _packed_batch(eod: int) -> tuple[dict[str, torch.Tensor], list[list[torch.Tensor]]]:
@@ -110,7 +110,8 @@ def _hf_document_losses(hf_dir: Path, documents: list[list[torch.Tensor]]) -> to
     return torch.stack(rows)
 
 
-def _packed_losses(checkpoints: list[str], batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor] | None:
+def _packed_losses(checkpoints: list[str], batches: list[dict[str, torch.Tensor]],
+                   sequence_parallel: list[bool]) -> list[torch.Tensor] | None:
     """Rank body: each checkpoint's per-token losses [b, s] of its batch, from the last pipeline stage's rank 0."""
     import torch.distributed as dist
 
@@ -118,8 +119,8 @@ def _packed_losses(checkpoints: list[str], batches: list[dict[str, torch.Tensor]
     from tests.model_fixtures import rank_model
 
     results = []
-    for ckpt, batch in zip(checkpoints, batches):
-        ps, chunks = rank_model(ckpt, dist.get_world_size(), mask_padded_vocab=True)
+    for ckpt, batch, sp in zip(checkpoints, batches, sequence_parallel):
+        ps, chunks = rank_model(ckpt, dist.get_world_size(), mask_padded_vocab=True, sequence_parallel=sp)
         out = forward_only(chunks, ps, [batch])
         results.append(out[0] if out and ps.tp_rank == 0 else None)
     return results
@@ -136,12 +137,12 @@ def packed_results(tiny_hf, tmp_path_factory: pytest.TempPathFactory) -> dict[tu
     results: dict[tuple[str, str, bool], Any] = {}
     batch, documents = _packed_batch(EOD)
     plain = {k: v for k, v in batch.items() if k in ("tokens", "labels")}
-    for world, layouts in ((1, ["tp1"]), (2, ["tp2", "pp2"])):
+    for world, layouts in ((1, ["tp1"]), (2, ["tp2", "tp2-sp", "pp2"])):
         cases = [(m, lay, on) for m in PACKED_MODELS for lay in layouts for on in (True, False)]
         ckpts = {(m, lay): str(import_hf(tiny_hf(m), root / f"{m}-{lay}", ParallelLayout(**LAYOUTS[lay])))
                  for m in PACKED_MODELS for lay in layouts}
         outs = launch(_packed_losses, world, [ckpts[(m, lay)] for m, lay, _ in cases],
-                      [batch if on else plain for _, _, on in cases])
+                      [batch if on else plain for _, _, on in cases], [lay.endswith("-sp") for _, lay, _ in cases])
         for i, case in enumerate(cases):
             results[case] = next(r[i] for r in outs if r[i] is not None)
     for m in PACKED_MODELS:
