@@ -89,6 +89,7 @@ def train_once(warmup: int, *, catch: bool = False, **config: Any) -> dict[str, 
     mem = [r["peak_mem_gib"] for r in records if r.get("peak_mem_gib") is not None]
     tokens_per_step = records[0]["tokens_per_s"] * records[0]["step_s"]
     return {"tokens_per_s": tokens_per_step / statistics.median(r["step_s"] for r in records), "mfu": median("mfu"),
+            "real_tokens_per_s": median("real_tokens_per_s"), "packing_efficiency": median("packing_efficiency"),
             "tflops_per_gpu": median("tflops_per_gpu"), "peak_mem_gib": max(mem) if mem else None,
             "moe_aux_loss": records[-1].get("moe_aux_loss"), "losses": [r["loss"] for r in summary["records"]]}
 
