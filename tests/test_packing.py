@@ -398,3 +398,26 @@ def test_verify_packed_runs_the_prompts_in_one_sequence(tiny_hf, tmp_path: Path,
     assert main(args) == 0
     result = json.loads((ckpt / "verify.json").read_text())
     assert result["passed"] and result["layout"]["packed"] and result["overall"]["top1"] == 1.0
+
+
+def _eager_and_compiled_losses(ckpt: str, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank body: the packed batch's per-token losses through the eager layers, then through compiled ones."""
+    from bridge.parallel.pipeline import forward_only
+    from bridge.training.model import compile_chunks
+    from tests.model_fixtures import rank_model
+
+    ps, chunks = rank_model(ckpt, 1, mask_padded_vocab=True)
+    eager = forward_only(chunks, ps, [batch])[0]
+    compile_chunks(chunks)
+    return eager, forward_only(chunks, ps, [batch])[0]
+
+
+@pytest.mark.slow
+def test_compiled_layers_take_packed_documents(tiny_hf, tmp_path: Path) -> None:
+    from bridge.api import import_hf
+    from bridge.launch import launch
+
+    batch, _ = _packed_batch(EOD)
+    ckpt = str(import_hf(tiny_hf("qwen3"), tmp_path / "ckpt"))
+    eager, compiled = launch(_eager_and_compiled_losses, 1, ckpt, batch)[0]
+    assert torch.allclose(eager, compiled, atol=1e-5, rtol=0)
