@@ -1,11 +1,12 @@
 """Start N local ranks with torchrun's environment and collect what each returns.
 
-Ranks are forked from a multiprocessing fork server that has imported torch and bridge once
-(`bridge.rank_server`), so starting them costs milliseconds however many there are; each gets the
-launcher's environment as it is at the launch, plus RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
-MASTER_PORT or a `file://` rendezvous, initialises torch.distributed (gloo on CPU, NCCL with one GPU
-per rank), runs `fn(*args)` and hands its return value back through a file. If one rank fails, the
-others are stopped (they would wait forever in a collective) and the first failure is raised.
+CPU (gloo) ranks are forked from a multiprocessing fork server that has imported torch and bridge once
+(`bridge.rank_server`), so starting them costs milliseconds however many there are; NCCL ranks are spawned
+(`_rank_context` says why). Each gets the launcher's environment as it is at the launch, plus RANK /
+WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT or a `file://` rendezvous, initialises
+torch.distributed (gloo on CPU, NCCL with one GPU per rank), runs `fn(*args)` and hands its return value
+back through a file. If one rank fails, the others are stopped (they would wait forever in a collective)
+and the first failure is raised.
 
 On TCP the parent hosts the rendezvous store, as torchrun's agent does: it binds port 0 itself and keeps
 the socket until the ranks are done (TORCHELASTIC_USE_AGENT_STORE tells every rank to connect as a
@@ -133,7 +134,7 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "
                           "use fewer ranks or --device cpu")
     if threads is None and backend == "gloo":
         threads = max(1, (os.cpu_count() or 1) // world_size)
-    ctx = _rank_context()
+    ctx = _rank_context(backend)
     with tempfile.TemporaryDirectory(prefix="bridge-launch-") as tmp:
         rdzv = f"file://{tmp}/rendezvous" if rendezvous == "file" else "tcp"
         store = _host_store(world_size) if rdzv == "tcp" else None
@@ -162,10 +163,12 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "
         return _collect(Path(tmp), world_size)
 
 
-def _rank_context() -> Any:
-    """The fork server's context, with `bridge.rank_server` preloaded (spawn where there is no fork server).
-    The server is one per launcher process and outlives a launch, so later launches start at once."""
-    if "forkserver" not in mp.get_all_start_methods():
+def _rank_context(backend: str) -> Any:
+    """The fork server's context, with `bridge.rank_server` preloaded, for gloo ranks; the server is one per launcher
+    process and outlives a launch, so later launches start at once. NCCL ranks are spawned: a CUDA driver that any
+    import initialised in the server would be unusable in the ranks forked from it, and the forked path has not run
+    on GPUs yet (a GPU job starts its ranks once, so it gains little)."""
+    if backend != "gloo" or "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(["bridge.rank_server"])

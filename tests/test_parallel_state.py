@@ -92,3 +92,10 @@ def test_nccl_without_gpus_is_a_user_error() -> None:
         pytest.skip("GPUs present")
     with pytest.raises(BridgeError, match="GPUs"):
         launch(_group_members, 2, backend="nccl")
+
+
+def test_cpu_ranks_fork_from_the_server_and_gpu_ranks_are_spawned() -> None:
+    from bridge.launch import _rank_context
+
+    assert _rank_context("gloo").get_start_method() == "forkserver"
+    assert _rank_context("nccl").get_start_method() == "spawn"
