@@ -20,6 +20,7 @@ with SIGINT ignored and take it as KeyboardInterrupt once their worker runs.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import pickle
@@ -42,6 +43,8 @@ from bridge.processes import process_alive
 
 log = logging.getLogger(__name__)
 
+#: prctl(2) option: the signal this process gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
 #: Seconds between launcher checks where there is no pidfd to wait on (not Linux).
 _PARENT_POLL_S = 0.5
 #: Seconds interrupted ranks get to exit before they are killed.
@@ -50,8 +53,11 @@ _INTERRUPT_GRACE_S = 5.0
 
 def _die_with_launcher(launcher: int) -> None:
     """Exit when the launcher dies, whatever killed it: a rank left alone would train on (and hold its GPU).
-    The kernel's parent-death signal cannot tell: a rank's parent is the fork server, which lives on while
-    any rank does (each holds the server's keep-alive pipe)."""
+    A spawned rank's parent is the launcher: the kernel kills it with its parent (PR_SET_PDEATHSIG, Linux), even
+    while it is stuck in C code. A forked rank's parent is the fork server, which lives on while any rank does (each
+    holds the server's keep-alive pipe): a thread watches the launcher itself, for every rank."""
+    if sys.platform.startswith("linux") and os.getppid() == launcher:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     threading.Thread(target=_watch_launcher, args=(launcher,), daemon=True, name="bridge-launcher-watch").start()
 
 
