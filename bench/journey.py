@@ -173,12 +173,15 @@ def train_kill_resume(j: Journey, cmd: list[str], save: Path, kill_after: int) -
         while latest_iteration(save) < kill_after:
             if proc.poll() is not None:
                 sys.exit(f"training ended before its checkpoint {kill_after}:\n{(j.logs / 'train.log').read_text()[-4000:]}")
-            time.sleep(0.2)
+            time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)
         j.finish("train", proc, began, gpu, expect_ok=False, note=f"killed (SIGKILL) after the save of iteration {kill_after}")
     resumed_from = latest_iteration(save)
     resume = list(cmd)
     resume[resume.index("--load") + 1] = str(save)
+    # a run that outpaced the kill (a tiny model trains its last steps between two polls) still resumes for a save
+    iters = resume.index("--train-iters") + 1
+    resume[iters] = str(max(int(resume[iters]), resumed_from + kill_after))
     j.run("train-resume", resume, note=f"resumed from iteration {resumed_from}")
     saved = [int(m) for m in re.findall(r"saved checkpoint .*iter_(\d+)", (j.logs / "train-resume.log").read_text())]
     if not saved or min(saved) <= resumed_from:
