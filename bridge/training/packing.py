@@ -35,25 +35,26 @@ def document_segments(inputs: torch.Tensor, eod: int) -> torch.Tensor:
     return torch.cumsum(ends, dim=1) - ends
 
 
+def _document_starts(segments: torch.Tensor) -> torch.Tensor:
+    """[b, s] document numbers -> [b, s] True where a document starts (every sample starts one)."""
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return starts
+
+
 def document_positions(segments: torch.Tensor) -> torch.Tensor:
     """[b, s] document numbers -> [b, s] position of each token within its document."""
     b, s = segments.shape
     index = torch.arange(s, device=segments.device).expand(b, s)
-    starts = torch.ones_like(segments, dtype=torch.bool)
-    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
-    first = torch.where(starts, index, torch.zeros_like(index))
+    first = torch.where(_document_starts(segments), index, torch.zeros_like(index))
     return index - torch.cummax(first, dim=1).values
 
 
-def varlen_boundaries(segments: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """[b, s] document numbers -> (cu_seqlens [N+1] int32, the longest document): the documents of the flattened
-    [b*s] batch as varlen attention kernels take them (a document never spans two samples)."""
-    b, s = segments.shape
-    starts = torch.ones_like(segments, dtype=torch.bool)
-    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
-    begin = torch.nonzero(starts.flatten()).flatten()
-    cu = torch.cat([begin, torch.tensor([b * s])]).to(torch.int32)
-    return cu, int((cu[1:] - cu[:-1]).max())
+def varlen_boundaries(segments: torch.Tensor) -> torch.Tensor:
+    """[b, s] document numbers -> cu_seqlens [N+1] int32: the documents of the flattened [b*s] batch as varlen
+    attention kernels take them (a document never spans two samples)."""
+    begin = torch.nonzero(_document_starts(segments).flatten()).flatten()
+    return torch.cat([begin, torch.tensor([segments.numel()])]).to(torch.int32)
 
 
 def pack_fields(inputs: torch.Tensor, loss_mask: torch.Tensor, eod: int, flags: PackingFlags) -> dict[str, torch.Tensor]:
@@ -63,7 +64,7 @@ def pack_fields(inputs: torch.Tensor, loss_mask: torch.Tensor, eod: int, flags: 
     out: dict[str, torch.Tensor] = {}
     segments = document_segments(inputs, eod) if flags.reset_attention_mask or flags.reset_position_ids else None
     if flags.reset_attention_mask:
-        out["cu_seqlens"], _ = varlen_boundaries(segments)
+        out["cu_seqlens"] = varlen_boundaries(segments)
         # the kernels' bound on a document's length: the sample's, one constant, so a compiled layer (which would
         # specialise on the int) is not recompiled for each batch's longest document
         out["max_seqlen"] = torch.tensor(inputs.shape[1])
