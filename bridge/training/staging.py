@@ -9,8 +9,7 @@ An async save must keep its copies past the training step. Those go to pinned ho
 stager keeps from one save to the next (the boxes of every save are the same) and pins in the background
 while training starts (`reserve`), as Megatron-LM's persistent async workers keep theirs; the copies are
 queued without waiting (`kept_ready()` says when they have landed), so the stall of training is the time
-to queue them.
-Pageable copies ran at 1.4 GB/s on an H100 host: 28 s of stall for an 8B-shaped 8-layer model.
+to queue them (docs/performance.md has what pageable copies cost).
 """
 from __future__ import annotations
 
@@ -46,9 +45,7 @@ class HostStager:
         if self.device.type != "cuda":
             return
         for slot, nbytes in enumerate(sizes):
-            if slot == len(self._kept):
-                self._kept.append(torch.empty(nbytes, dtype=torch.uint8, pin_memory=True))
-                self.kept_bytes += nbytes
+            self._pinned_slot(slot, nbytes)
 
     def begin_kept(self) -> None:
         """A new save's kept copies start over in the buffers of the previous one (whose writes are done)."""
@@ -76,13 +73,17 @@ class HostStager:
             self.kept_bytes += nbytes
             return view.detach().clone()
         slot, self._next_kept = self._next_kept, self._next_kept + 1
-        if slot == len(self._kept) or self._kept[slot].numel() < nbytes:
-            buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-            self.kept_bytes += nbytes - (self._kept[slot].numel() if slot < len(self._kept) else 0)
-            self._kept[slot:slot + 1] = [buffer]
-        out = self._kept[slot][:nbytes].view(view.dtype).view(view.shape)
+        out = self._pinned_slot(slot, nbytes)[:nbytes].view(view.dtype).view(view.shape)
         out.copy_(view.detach(), non_blocking=True)  # stream-ordered: later optimizer steps cannot overtake it
         return out
+
+    def _pinned_slot(self, slot: int, nbytes: int) -> torch.Tensor:
+        """The kept buffer `slot` (the slot-th box of a save), pinned and grown to at least `nbytes`."""
+        if slot == len(self._kept) or self._kept[slot].numel() < nbytes:
+            held = self._kept[slot].numel() if slot < len(self._kept) else 0
+            self._kept[slot:slot + 1] = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)]
+            self.kept_bytes += nbytes - held
+        return self._kept[slot]
 
     def kept_ready(self) -> Any:
         """What a reader of kept copies waits on (`.synchronize()`): a CUDA event after the queued copies, or
