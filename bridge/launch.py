@@ -13,9 +13,10 @@ the socket until the ranks are done (TORCHELASTIC_USE_AGENT_STORE tells every ra
 client), so concurrent launches on one machine never race for a port.
 
 Ranks never outlive the launcher: a thread in each waits on the launcher's pidfd (Linux; elsewhere it
-polls the pid) and exits the rank when the launcher is gone, so a launcher killed by SIGKILL or the OOM
-killer does not leave ranks training. Ctrl-C stops every rank quietly and the launcher raises KeyboardInterrupt once: ranks start
-with SIGINT ignored and take it as KeyboardInterrupt once their worker runs.
+polls the pid) and exits the rank when the launcher is gone, and a spawned rank also asks the kernel to
+kill it with its parent (PR_SET_PDEATHSIG); so a launcher killed by SIGKILL or the OOM killer does not
+leave ranks training. Ctrl-C stops every rank quietly and the launcher raises KeyboardInterrupt once:
+ranks start with SIGINT ignored and take it as KeyboardInterrupt once their worker runs.
 """
 from __future__ import annotations
 
