@@ -242,7 +242,7 @@ def _reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, boun
 def test_both_document_attention_paths_match_a_written_out_reference(window: int | None, dv: int) -> None:
     """The CPU's document-by-document path, and the CUDA varlen path's plumbing (its kernel replaced by one that checks
     what it is given and computes the reference), against per-document attention written out by hand."""
-    from bridge.nn.attention import Documents, varlen_attention
+    from bridge.nn.attention import Documents, VarlenKernel, varlen_attention
     from bridge.nn.core_attention import CoreAttention
 
     torch.manual_seed(0)
@@ -258,14 +258,17 @@ def test_both_document_attention_paths_match_a_written_out_reference(window: int
     looped = CoreAttention(window)(q, k, v, documents)  # [s, b, nq, dv]
     assert torch.allclose(looped.transpose(0, 1).reshape(b * s, nq, dv), expected, atol=1e-5)
 
-    def kernel(q_, k_, v_, cu_q, cu_k, max_q, max_k, *, scale, window_size, enable_gqa):  # noqa: ANN001, ANN202
-        assert cu_q is cu and cu_k is cu and max_q == max_k == longest and enable_gqa
+    def kernel(q_, k_, v_, cu_q, cu_k, max_q, max_k, *, scale, window_size, enable_gqa=False):  # noqa: ANN001, ANN202
+        assert cu_q is cu and cu_k is cu and max_q == max_k == longest
+        assert k_.shape[1] == (ng if enable_gqa else nq)  # without grouped queries, k and v come per q head
         assert q_.shape[-1] == k_.shape[-1] == v_.shape[-1] == d  # v padded to one head size for flash
         assert window_size == ((-1, 0) if window is None else (window - 1, 0))
         w = None if window_size[0] < 0 else window_size[0] + 1
         return _reference_attention(q_, k_, v_, cu_q.tolist(), w, scale)
 
-    assert torch.allclose(varlen_attention(*flat, documents, window, d ** -0.5, kernel=kernel), expected, atol=1e-5)
+    for grouped in (True, False):  # torch's kernel with grouped queries, and torch 2.11's without
+        out = varlen_attention(*flat, documents, window, d ** -0.5, kernel=VarlenKernel(kernel, grouped))
+        assert torch.allclose(out, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("flags,needle", [

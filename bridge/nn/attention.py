@@ -212,16 +212,24 @@ def document_ids(cu_seqlens: torch.Tensor, b: int, s: int) -> torch.Tensor:
     return torch.cumsum(starts, 0).view(b, s)
 
 
-def _varlen_kernel() -> Callable | None:
-    """torch's flash-attention varlen kernel, where this torch has the form used here (GQA and windows)."""
-    try:
-        import inspect
+class VarlenKernel(NamedTuple):
+    """A flash-attention varlen kernel in torch's form, and whether it takes fewer k/v heads than q heads."""
 
+    fn: Callable
+    grouped: bool
+
+
+def _varlen_kernel() -> VarlenKernel | None:
+    """torch's flash-attention varlen kernel, where this torch has the form used here (causal through windows);
+    torch 2.11's has no grouped queries, later ones do."""
+    import inspect
+
+    try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    wanted = {"enable_gqa", "window_size", "scale"}
-    return varlen_attn if wanted <= set(inspect.signature(varlen_attn).parameters) else None
+    parameters = set(inspect.signature(varlen_attn).parameters)
+    return VarlenKernel(varlen_attn, "enable_gqa" in parameters) if {"window_size", "scale"} <= parameters else None
 
 
 _VARLEN = _varlen_kernel()
@@ -233,7 +241,7 @@ def varlen_runs(q: torch.Tensor) -> bool:
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: Documents,
-                     sliding_window: int | None, scale: float | None, kernel: Callable | None = None) -> torch.Tensor:
+                     sliding_window: int | None, scale: float | None, kernel: VarlenKernel | None = None) -> torch.Tensor:
     """Causal attention within each document of flattened tokens: q [T, nq, d], k [T, ng, d], v [T, ng, dv] ->
     [T, nq, dv]. A narrower v (MLA) is zero-padded to d (flash takes one head size) and the extra columns dropped;
     a window W keeps, as transformers does, the keys with q - kv < W."""
@@ -243,5 +251,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document
         v = F.pad(v, (0, q.shape[-1] - dv))
     window = (-1, 0) if sliding_window is None else (sliding_window - 1, 0)
     cu, longest = documents.cu_seqlens, documents.max_seqlen
-    out = kernel(q, k, v, cu, cu, longest, longest, scale=scale, window_size=window, enable_gqa=True)
+    gqa = {"enable_gqa": True} if kernel.grouped else {}
+    if not kernel.grouped and k.shape[1] != q.shape[1]:  # every q head gets its own copy of its group's k, v
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    out = kernel.fn(q, k, v, cu, cu, longest, longest, scale=scale, window_size=window, **gqa)
     return out[..., :dv]
