@@ -45,10 +45,13 @@ class CheckpointMeta:
     format: str = "torch"
     source: dict[str, Any] = field(default_factory=dict)
     bridge_version: str = "0.1.0"
+    #: Vocabulary rows a checkpoint bridge did not write holds (Megatron-Bridge keeps the vocabulary unpadded, or
+    #: pads it otherwise than `layout` would); None: `layout`'s padding, which bridge writes.
+    padded_vocab: int | None = None
 
     @property
     def padded_vocab_size(self) -> int:
-        return self.layout.padded_vocab_size(self.config.vocab_size)
+        return self.padded_vocab or self.layout.padded_vocab_size(self.config.vocab_size)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -264,6 +264,18 @@ class DcpReader:
             raise BridgeError(f"{self.folder} holds no tensor {key}")
         return entry
 
+    def has_bytes(self, key: str) -> bool:
+        return isinstance(self.metadata.state_dict_metadata.get(key), BytesStorageMetadata)
+
+    def read_bytes(self, key: str) -> bytes:
+        """A byte blob (DCP's `io.BytesIO` values: Megatron Core's ShardedObjects, its common state)."""
+        info = self.metadata.storage_data.get(MetadataIndex(key)) if self.has_bytes(key) else None
+        if info is None:
+            raise BridgeError(f"{self.folder} holds no byte entry {key}")
+        with open(self.folder / info.relative_path, "rb") as handle:
+            handle.seek(info.offset)
+            return handle.read(info.length)
+
     def read(self, key: str, offsets: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:
         """The region [offsets, offsets + sizes) of global tensor `key`, assembled from the chunks it overlaps."""
         entry = self.tensor_meta(key)

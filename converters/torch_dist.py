@@ -1,9 +1,12 @@
 """Megatron-LM's `torch_dist` checkpoint format: global, layout-independent keys in DCP files.
 
-Facts (megatron/core/dist_checkpointing, checked against megatron-core 0.16.1's own `save`):
+Facts (megatron/core/dist_checkpointing, checked against the own `save` of megatron-core 0.16.1 and 0.19.2):
 - The iteration folder (`release/` or `iter_{N:07d}/`) holds DCP files (`__{rank}_{n}.distcp`, `.metadata`),
-  `common.pt` (the non-sharded state: `args`, `checkpoint_version`, `iteration`) and `metadata.json`
-  (`sharded_backend: torch_dist`, version 1; `common_backend: torch`, version 1).
+  the common (non-sharded) state (`args`, `checkpoint_version`, `iteration`, ...) and `metadata.json`.
+- Up to Megatron Core 0.18 the common state is `common.pt` and `metadata.json` adds `common_backend: torch`,
+  version 1. From 0.19 it is the DCP byte entry `common_state/shard_0_1` holding `torch.save([state])` (the
+  ShardedObject `common_state`), `metadata.json` names the sharded backend only, and a `common.pt` present is
+  still read first, with a deprecation warning.
 - Keys are the TE-spec names without the layer index; homogeneous layers are stacked on a leading
   layer axis: `decoder.layers.self_attention.linear_qkv.weight` `[L, (nq+2ng)d, h]`. The local spec maps
   its norms to the same keys (`sharded_state_dict_keys_map`), so one folder serves both specs.
@@ -19,6 +22,7 @@ import argparse
 import io
 import json
 import logging
+import pickle
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -42,8 +46,13 @@ log = logging.getLogger(__name__)
 FORMATS = ("torch", "torch_dist")
 CONFIG_FILE = "metadata.json"
 COMMON_FILE = "common.pt"
+#: metadata.json beside a `common.pt` (what Megatron Core up to 0.18 writes and needs).
 BACKEND_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                   "common_backend": "torch", "common_backend_version": 1}
+#: metadata.json of Megatron Core 0.19, whose common state lives inside the DCP files.
+DCP_COMMON_BACKEND_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
+#: Megatron Core 0.19's common state: `ShardedObject("common_state", ..., (1,), (0,)).unique_key`.
+COMMON_STATE_KEY = "common_state/shard_0_1"
 #: Modules whose `_extra_state` Megatron Core puts in the sharded state dict (both layer specs).
 EXTRA_STATE_MODULES: tuple[str, ...] = ("self_attention.linear_qkv", "self_attention.linear_proj",
                                         "mlp.linear_fc1", "mlp.linear_fc2")
@@ -100,8 +109,9 @@ def checkpoint_format(root: Path, iteration: int | str | None = None, recorded: 
 class TorchDistSink:
     """Global Megatron tensors -> stacked DCP chunks (one per layer), then extra state, common state, config."""
 
-    def __init__(self, root: Path, meta: CheckpointMeta, args: argparse.Namespace, iteration: int | str = "release") -> None:
-        self.root, self.meta, self.iteration = root, meta, iteration
+    def __init__(self, root: Path, meta: CheckpointMeta, args: argparse.Namespace, iteration: int | str = "release",
+                 common_pt: bool = True) -> None:
+        self.root, self.meta, self.iteration, self.common_pt = root, meta, iteration, common_pt
         self.folder = root / iteration_dir_name(iteration)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.args = argparse.Namespace(**{**vars(args), "ckpt_format": "torch_dist"})
@@ -123,13 +133,49 @@ class TorchDistSink:
         for layer in range(num_layers):
             for module in EXTRA_STATE_MODULES:
                 self.writer.add_bytes(extra_state_key(module, layer, num_layers), blob)
-        self.writer.close()
         iteration = 0 if self.iteration == "release" else int(self.iteration)
-        common = io.BytesIO()  # written by Python, so a full disk is an OSError (torch's own file writer aborts)
-        torch.save({"args": self.args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration}, common)
-        (self.folder / COMMON_FILE).write_bytes(common.getvalue())
-        (self.folder / CONFIG_FILE).write_text(json.dumps(BACKEND_CONFIG))  # last: marks the folder complete
+        common = {"args": self.args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration}
+        self.writer.add_bytes(COMMON_STATE_KEY, torch_bytes([common]))  # where Megatron Core 0.19 reads it
+        self.writer.close()
+        if self.common_pt:  # written by Python, so a full disk is an OSError (torch's own file writer aborts)
+            (self.folder / COMMON_FILE).write_bytes(torch_bytes(common))
+        config = BACKEND_CONFIG if self.common_pt else DCP_COMMON_BACKEND_CONFIG
+        (self.folder / CONFIG_FILE).write_text(json.dumps(config))  # last: marks the folder complete
         (self.root / TRACKER).write_text(str(self.iteration))
+
+
+def torch_bytes(obj: Any) -> bytes:
+    """`torch.save(obj)` as bytes."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def read_common_state(folder: Path, dcp: DcpReader) -> dict[str, Any]:
+    """The common state of a torch_dist iteration folder: Megatron Core 0.19's DCP entry, else `common.pt`, else {}.
+
+    Loaded with weights_only=True and only `argparse.Namespace` allowed; anything else is refused in one line.
+    """
+    if dcp.has_bytes(COMMON_STATE_KEY):
+        where, data = f"{folder}/{COMMON_STATE_KEY}", dcp.read_bytes(COMMON_STATE_KEY)
+    elif (folder / COMMON_FILE).is_file():
+        where, data = str(folder / COMMON_FILE), (folder / COMMON_FILE).read_bytes()
+    else:
+        return {}
+    state = _load_common(where, data)
+    state = state[0] if isinstance(state, list) and len(state) == 1 else state  # the ShardedObject's payload list
+    if not isinstance(state, dict):
+        raise BridgeError(f"{where} holds a {type(state).__name__}, not Megatron's common state dict")
+    return state
+
+
+def _load_common(where: str, data: bytes) -> Any:
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        try:
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BridgeError(f"cannot read Megatron's common state {where}: {first}") from None
 
 
 class TorchDistReader:
@@ -156,12 +202,12 @@ class TorchDistReader:
         bare = [k[len(self.prefix):] for k in self.dcp.tensor_keys() if k.startswith(self.prefix)]
         return [k for k in bare if not k.startswith(NON_MODEL_PREFIXES)]
 
+    def common_state(self) -> dict[str, Any]:
+        return read_common_state(self.folder, self.dcp)
+
     def args(self) -> argparse.Namespace | None:
-        path = self.folder / COMMON_FILE
-        if not path.is_file():
-            return None
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True).get("args")
+        args = self.common_state().get("args")
+        return args if isinstance(args, argparse.Namespace) else None
 
     def _locate(self, key: str) -> tuple[str, int | None]:
         """Stacked key and layer, or a per-layer key (non-homogeneous models store `decoder.layers.{g}.`)."""
@@ -209,7 +255,8 @@ class TorchDistReader:
         torch_dist is layout-independent, so a training or verify rank of any TP/PP/EP reads its shard here:
         each global tensor of its stage (and EP rank) is read (one at a time) and split with the usual rules.
         """
-        meta = replace(self.ckpt_meta, layout=layout or self.ckpt_meta.layout)
+        # any padding: the source trims the rows to the vocabulary, the rank's split pads them as `layout` does
+        meta = replace(self.ckpt_meta, layout=layout or self.ckpt_meta.layout, padded_vocab=None)
         source = TorchDistSource(self, meta, self.conversions)
         collector = _RankCollector(meta.layout, tp_rank, pp_rank, ep_rank)
         sink = engine.MegatronSink(self.root, meta, lambda t, p: argparse.Namespace(), writer=collector)
