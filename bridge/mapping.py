@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import itertools
-import re
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -11,6 +10,7 @@ import torch
 from bridge import transforms
 from bridge.config import ModelConfig, MoEConfig
 from bridge.errors import BridgeError
+from bridge.params import kind_of
 
 ToMegatron = Callable[..., torch.Tensor]
 ToHF = Callable[[torch.Tensor, ModelConfig], list[torch.Tensor]]
@@ -88,61 +88,9 @@ def expand(rows: Sequence[Row], num_layers: int, moe: MoEConfig | None = None) -
         yield Conversion(row.megatron, row.hf, row.transform, None)
 
 
-def _mla_q_rows(cfg: ModelConfig) -> int:
-    return cfg.num_attention_heads * (cfg.mla.qk_head_dim + cfg.mla.qk_pos_emb_head_dim)
-
-
-def _proj_cols(cfg: ModelConfig) -> int:
-    return cfg.num_attention_heads * (cfg.mla.v_head_dim if cfg.mla else cfg.kv_channels)
-
-
-def _shared_ffn(cfg: ModelConfig) -> int:
-    return cfg.moe.shared_expert_ffn_hidden_size
-
-
-_H: Callable[[ModelConfig], tuple[int, ...]] = lambda cfg: (cfg.hidden_size,)  # noqa: E731
-#: Global (TP=1, unpadded vocabulary) shape of each Megatron weight kind, from the config: what a source
-#: tensor must be before it is converted. Keys are global names without the layer and expert index.
-SHAPES: dict[str, Callable[[ModelConfig], tuple[int, ...]]] = {
-    "embedding.word_embeddings.weight": lambda cfg: (cfg.vocab_size, cfg.hidden_size),
-    "output_layer.weight": lambda cfg: (cfg.vocab_size, cfg.hidden_size),
-    "decoder.final_layernorm.weight": _H,
-    "input_layernorm.weight": _H,
-    "pre_mlp_layernorm.weight": _H,
-    "self_attention.linear_qkv.layer_norm_weight": _H,
-    "self_attention.linear_qkv.weight": lambda cfg: (cfg.qkv_rows, cfg.hidden_size),
-    "self_attention.linear_qkv.bias": lambda cfg: (cfg.qkv_rows,),
-    "self_attention.q_layernorm.weight": lambda cfg: (cfg.kv_channels,),
-    "self_attention.k_layernorm.weight": lambda cfg: (cfg.kv_channels,),
-    "self_attention.linear_proj.weight": lambda cfg: (cfg.hidden_size, _proj_cols(cfg)),
-    "self_attention.linear_q_proj.weight": lambda cfg: (_mla_q_rows(cfg), cfg.hidden_size),
-    "self_attention.linear_q_down_proj.weight": lambda cfg: (cfg.mla.q_lora_rank, cfg.hidden_size),
-    "self_attention.linear_q_up_proj.layer_norm_weight": lambda cfg: (cfg.mla.q_lora_rank,),
-    "self_attention.linear_q_up_proj.weight": lambda cfg: (_mla_q_rows(cfg), cfg.mla.q_lora_rank),
-    "self_attention.linear_kv_down_proj.weight": lambda cfg: (cfg.mla.kv_lora_rank + cfg.mla.qk_pos_emb_head_dim, cfg.hidden_size),
-    "self_attention.linear_kv_up_proj.layer_norm_weight": lambda cfg: (cfg.mla.kv_lora_rank,),
-    "self_attention.linear_kv_up_proj.weight": lambda cfg: (cfg.num_attention_heads * (cfg.mla.qk_head_dim + cfg.mla.v_head_dim),
-                                                            cfg.mla.kv_lora_rank),
-    "mlp.linear_fc1.layer_norm_weight": _H,
-    "mlp.linear_fc1.weight": lambda cfg: (2 * cfg.ffn_hidden_size, cfg.hidden_size),
-    "mlp.linear_fc2.weight": lambda cfg: (cfg.hidden_size, cfg.ffn_hidden_size),
-    "mlp.router.weight": lambda cfg: (cfg.num_experts, cfg.hidden_size),
-    "mlp.router.expert_bias": lambda cfg: (cfg.num_experts,),
-    "mlp.experts.linear_fc1.weight": lambda cfg: (2 * cfg.moe.moe_ffn_hidden_size, cfg.hidden_size),
-    "mlp.experts.linear_fc2.weight": lambda cfg: (cfg.hidden_size, cfg.moe.moe_ffn_hidden_size),
-    "mlp.shared_experts.linear_fc1.weight": lambda cfg: (2 * _shared_ffn(cfg), cfg.hidden_size),
-    "mlp.shared_experts.linear_fc2.weight": lambda cfg: (cfg.hidden_size, _shared_ffn(cfg)),
-    "mlp.shared_experts.gate_weight": lambda cfg: (1, cfg.hidden_size),
-}
-_INDEXES = re.compile(r"^decoder\.layers\.\d+\.|(?<=experts\.)local_experts\.\d+\.")
-
-
 def megatron_shape(key: str, cfg: ModelConfig) -> tuple[int, ...]:
-    """The global shape a Megatron weight must have for this config (vocabulary unpadded)."""
-    try:
-        return SHAPES[_INDEXES.sub("", key)](cfg)
-    except KeyError:
-        raise BridgeError(f"internal: no shape rule for Megatron parameter {key}") from None
+    """The global shape a Megatron weight must have for this config (vocabulary unpadded), from its kind."""
+    return kind_of(key).shape(cfg)
 
 
 def expected_hf_shapes(conv: Conversion, cfg: ModelConfig) -> list[tuple[int, ...]]:

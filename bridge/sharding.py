@@ -1,7 +1,7 @@
-"""Architecture-agnostic TP sharding rules keyed by Megatron parameter kind, and pipeline placement of keys."""
+"""TP split and gather of a global tensor by its parameter kind (declared in bridge.params), and where a global key
+lands: pipeline stage, virtual chunk, EP rank and the name written in that file."""
 from __future__ import annotations
 
-import enum
 import re
 from dataclasses import dataclass
 
@@ -9,53 +9,14 @@ import torch
 
 from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
+from bridge.params import LOCAL_NAMES, TE_EXTRA, Split, kind_of
 
-
-class Split(enum.Enum):
-    COLUMN = "column"          # split dim 0
-    ROW = "row"                # split dim 1
-    VOCAB = "vocab"            # pad rows to the padded vocab, then split dim 0
-    GATED_COLUMN = "gated"     # [gate; up]: each rank gets [gate_r; up_r]
-    REPLICATED = "replicated"
-
-
-#: Parameter kind (the key's tail) -> how TP splits it. Longest matching tail wins.
-RULES: dict[str, Split] = {
-    "word_embeddings.weight": Split.VOCAB,
-    "output_layer.weight": Split.VOCAB,
-    "linear_qkv.weight": Split.COLUMN,
-    "linear_qkv.bias": Split.COLUMN,
-    "linear_proj.weight": Split.ROW,
-    "linear_fc1.weight": Split.GATED_COLUMN,
-    "linear_fc2.weight": Split.ROW,
-    "layer_norm_weight": Split.REPLICATED,
-    "layernorm.weight": Split.REPLICATED,
-    "q_layernorm.weight": Split.REPLICATED,
-    "k_layernorm.weight": Split.REPLICATED,
-    "final_layernorm.weight": Split.REPLICATED,
-    # MoE: the router and the shared-expert gate are replicated; expert fc1/fc2 use the fc1/fc2 rules
-    # above, split over the expert-TP group (`etp`) instead of TP.
-    "router.weight": Split.REPLICATED,
-    "router.expert_bias": Split.REPLICATED,
-    "shared_experts.gate_weight": Split.REPLICATED,
-    # MLA (TE spec): down-projections are duplicated TELinear; up-projections column parallel.
-    "linear_q_proj.weight": Split.COLUMN,
-    "linear_q_down_proj.weight": Split.REPLICATED,
-    "linear_kv_down_proj.weight": Split.REPLICATED,
-    "linear_q_up_proj.weight": Split.COLUMN,
-    "linear_kv_up_proj.weight": Split.COLUMN,
-}
-
-
-#: RULES' tails, longest first, so that a specific tail wins over a shorter one it ends with.
-_TAILS = sorted(RULES, key=len, reverse=True)
+__all__ = ["Split", "LocalKey", "rule_for", "split", "gather", "localize", "extra_state_keys", "is_expert_key"]
 
 
 def rule_for(key: str) -> Split:
-    for tail in _TAILS:
-        if key.endswith(tail):
-            return RULES[tail]
-    raise BridgeError(f"no sharding rule for Megatron parameter {key}; bridge does not know how TP splits it")
+    """How TP splits the parameter `key` (any spelling bridge.params.kind_of takes)."""
+    return kind_of(key).split
 
 
 def split(tensor: torch.Tensor, rule: Split, tp: int, padded_vocab: int) -> list[torch.Tensor]:
@@ -92,12 +53,6 @@ def gather(shards: list[torch.Tensor], rule: Split, vocab_size: int) -> torch.Te
     return torch.cat(shards, dim=0 if rule is Split.COLUMN else 1)
 
 
-#: TE-spec names that the local spec spells differently (megatron/core/models/gpt/gpt_layer_specs.py).
-LOCAL_SPEC_RENAMES: dict[str, str] = {
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-}
-
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 #: Global expert keys use SequentialMLP's names with the *global* expert index (like the global layer index).
 _EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.(weight|bias|_extra_state)$")
@@ -127,7 +82,7 @@ def localize(key: str, layout: ParallelLayout, num_layers: int, transformer_impl
         layer, rest = int(match.group(1)), match.group(2)
         ep_rank = None
         if transformer_impl == "local":
-            rest = LOCAL_SPEC_RENAMES.get(rest, rest)
+            rest = LOCAL_NAMES.get(rest, rest)
         expert = _EXPERT.match(rest)
         if expert:
             if num_experts <= 0:
@@ -144,24 +99,6 @@ def localize(key: str, layout: ParallelLayout, num_layers: int, transformer_impl
     return LocalKey(layout.pp - 1, layout.chunks - 1, key)
 
 
-#: TE modules (relative to a layer) whose weights are followed by `_extra_state` entries: module -> entries.
-_TE_EXTRA_AFTER: dict[str, tuple[str, ...]] = {
-    "self_attention.linear_qkv": ("self_attention.linear_qkv", "self_attention.core_attention"),
-    "self_attention.linear_proj": ("self_attention.linear_proj",),
-    "mlp.linear_fc1": ("mlp.linear_fc1",),
-    "mlp.linear_fc2": ("mlp.linear_fc2",),
-    "input_layernorm": ("input_layernorm",),          # TENorm: MLA layers
-    "pre_mlp_layernorm": ("pre_mlp_layernorm",),      # TENorm: MoE layers
-    "mlp.shared_experts.linear_fc1": ("mlp.shared_experts.linear_fc1",),
-    "mlp.shared_experts.linear_fc2": ("mlp.shared_experts.linear_fc2",),
-    "self_attention.linear_q_proj": ("self_attention.linear_q_proj",),
-    "self_attention.linear_q_down_proj": ("self_attention.linear_q_down_proj",),
-    "self_attention.linear_q_up_proj": ("self_attention.linear_q_up_proj",),
-    "self_attention.linear_kv_down_proj": ("self_attention.linear_kv_down_proj",),
-    "self_attention.linear_kv_up_proj": ("self_attention.linear_kv_up_proj", "self_attention.core_attention"),
-}
-
-
 def extra_state_keys(module: str, layout: ParallelLayout, num_experts: int = 0) -> list[str]:
     """Global `_extra_state` keys that follow the weights of `module` (e.g. `decoder.layers.3.mlp.linear_fc1`)
     in the TE spec. Grouped experts have one entry per EP rank's module: emitted with local expert 0."""
@@ -174,4 +111,4 @@ def extra_state_keys(module: str, layout: ParallelLayout, num_experts: int = 0) 
         if layout.moe_grouped_gemm and layout.expert_place(int(expert.group(1)), num_experts)[1] != 0:
             return []
         return [f"{module}._extra_state"]
-    return [f"{prefix}.{entry}._extra_state" for entry in _TE_EXTRA_AFTER.get(rest, ())]
+    return [f"{prefix}.{entry}._extra_state" for entry in TE_EXTRA.get(rest, ())]

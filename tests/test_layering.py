@@ -17,9 +17,9 @@ SOURCES: dict[str, Path] = {"bridge": ROOT / "bridge", "bridge.models": ROOT / "
 
 #: Bottom to top. `pkg.*` is a package with all its modules (its __init__ included); other names are single modules.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("core", ("bridge", "bridge.config", "bridge.layout", "bridge.mapping", "bridge.sharding", "bridge.transforms",
-              "bridge.errors", "bridge.checkpoint", "bridge.memory", "bridge.fused", "bridge.tiny", "bridge.hub",
-              "bridge.processes")),
+    ("core", ("bridge", "bridge.config", "bridge.layout", "bridge.mapping", "bridge.params", "bridge.sharding",
+              "bridge.transforms", "bridge.errors", "bridge.checkpoint", "bridge.memory", "bridge.fused", "bridge.tiny",
+              "bridge.hub", "bridge.processes")),
     ("models", ("bridge.models.*",)),
     ("converters", ("bridge.converters.*",)),
     ("data", ("bridge.data.*",)),  # the runtime: data, parallel and nn, where nn builds on parallel, never the reverse

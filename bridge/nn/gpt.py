@@ -27,28 +27,22 @@ from bridge.nn.rope import RotaryEmbedding
 from bridge.nn.transformer import TransformerLayer
 from bridge.parallel.context import local_positions
 from bridge.parallel.state import ParallelState
+from bridge.params import Partial, Split, kind_of
 
 log = logging.getLogger(__name__)
 
 
-_REPLICATED_TAILS = ("layer_norm_weight", "layernorm.weight", "final_layernorm.weight", "linear_proj.bias",
-                     "linear_fc2.bias", "mlp.router.weight", "shared_experts.gate_weight", "linear_q_down_proj.weight",
-                     "linear_kv_down_proj.weight")
-_HEAD_NORMS = ("q_layernorm.weight", "k_layernorm.weight")
-
-
 def tp_replicated(name: str) -> bool:
     """Same tensor on every TP rank (norms, row-parallel biases): counted once in the gradient norm."""
-    return name.endswith(_REPLICATED_TAILS) or name.endswith(_HEAD_NORMS)
+    return kind_of(name).split is Split.REPLICATED
 
 
 def tp_partial(name: str, sequence_parallel: bool, tp: int) -> bool:
     """A replicated weight whose gradient on one TP rank covers only part of the data and must be summed over TP
     (Megatron's finalize_model_grads): with SP, norms and row-parallel biases outside the TP regions (each rank
     sees its sequence shard only); always, the q/k norms (each rank normalises only its own heads)."""
-    if tp == 1:
-        return False
-    return name.endswith(_HEAD_NORMS) or (sequence_parallel and tp_replicated(name))
+    partial = kind_of(name).partial
+    return tp > 1 and (partial is Partial.HEADS or (sequence_parallel and partial is Partial.SEQUENCE))
 
 
 class LanguageModelEmbedding(nn.Module):

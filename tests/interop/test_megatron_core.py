@@ -2,7 +2,7 @@
 
 Skipped when megatron-core or triton is absent (install .ci/requirements-interop.txt). Transformer
 Engine cannot be installed here, so the TE-spec names are checked against Megatron Core indirectly:
-the local spec differs from them only by the norm renames in bridge.sharding.LOCAL_SPEC_RENAMES.
+the local spec differs from them only by the norm renames that bridge.params declares (`ParamKind.local`).
 """
 from __future__ import annotations
 
