@@ -84,6 +84,19 @@ class MLAConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LayerSpec:
+    """How one transformer layer departs from the Llama block. Every field's default is Llama's, so a family that
+    does not set it is unchanged; a family's `config_from_hf` builds one per layer (ModelConfig.layers) from its HF
+    config, and the model builds each layer from its spec (docs/adding-an-architecture.md)."""
+
+    rope: bool = True
+    """False: no positional rotation in this layer's attention (SmolLM3's NoPE layers; Megatron's no_rope_freq)."""
+
+
+LLAMA_LAYER = LayerSpec()
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """A dense decoder-only transformer, described once for every format."""
 
@@ -111,9 +124,14 @@ class ModelConfig:
     """Source dtype name (`fp32|bf16|fp16`)."""
     moe: MoEConfig | None = None
     mla: MLAConfig | None = None
+    layers: tuple[LayerSpec, ...] = ()
+    """One LayerSpec per layer, for families whose layers differ from the Llama block; empty: all are LLAMA_LAYER."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if self.layers and len(self.layers) != self.num_layers:
+            raise BridgeError(f"{len(self.layers)} layer specs for {self.num_layers} layers; the config is inconsistent")
         if self.num_attention_heads % self.num_query_groups:
             raise BridgeError(
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of "
@@ -133,12 +151,18 @@ class ModelConfig:
     def qkv_rows(self) -> int:
         return (self.num_attention_heads + 2 * self.num_query_groups) * self.kv_channels
 
+    def layer(self, index: int) -> LayerSpec:
+        """The spec of the layer with this global index."""
+        return self.layers[index] if self.layers else LLAMA_LAYER
+
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data.pop("extra")
+        if not self.layers:
+            data.pop("layers")  # the Llama block: bridge.json as before layer specs existed
         return data
 
     @classmethod
@@ -150,6 +174,7 @@ class ModelConfig:
             data["moe"] = MoEConfig(**data["moe"])
         if data.get("mla"):
             data["mla"] = MLAConfig(**data["mla"])
+        data["layers"] = tuple(LayerSpec(**spec) for spec in data.get("layers", ()))
         return cls(**data)
 
     def is_moe_layer(self, layer: int) -> bool:
@@ -208,6 +233,8 @@ def megatron_args(cfg: ModelConfig, *, padded_vocab_size: int, tp: int, pp: int,
         vars(args).update(_moe_args(cfg, cfg.moe, moe_grouped_gemm))
     if cfg.mla:
         vars(args).update(_mla_args(cfg.mla))
+    if not all(cfg.layer(i).rope for i in range(cfg.num_layers)):
+        args.no_rope_freq = [int(not cfg.layer(i).rope) for i in range(cfg.num_layers)]  # 1: this layer skips RoPE
     return args
 
 

@@ -26,9 +26,10 @@ class SelfAttention(nn.Module):
     """linear_qkv (query-group-interleaved fused QKV) -> q/k norm -> RoPE -> attention -> linear_proj."""
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState, *, te: bool, sequence_parallel: bool,
-                 dtype: torch.dtype, device: torch.device | None) -> None:
+                 dtype: torch.dtype, device: torch.device | None, rope: bool = True) -> None:
         super().__init__()
         tp = ps.tp
+        self.rope = rope  # False: a NoPE layer (LayerSpec.rope)
         self.heads_per_group, self.groups, self.d = cfg.heads_per_group, cfg.num_query_groups // tp, cfg.kv_channels
         common = dict(tp=tp, group=ps.tp_group, sequence_parallel=sequence_parallel, dtype=dtype, device=device)
         column, row = (TEColumnParallelLinear, TERowParallelLinear) if te else (ColumnParallelLinear, RowParallelLinear)
@@ -46,7 +47,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 documents: Documents | None = None) -> torch.Tensor:
         qkv = self.linear_qkv(x)  # [s, b, ng/tp * (hpg + 2) * d]
-        if self.q_layernorm is None and rope_qkv.supported(qkv, self.d):
+        if self.q_layernorm is None and self.rope and rope_qkv.supported(qkv, self.d):
             q, k, v = rope_qkv.rope_qkv(qkv, *rope, self.groups, self.heads_per_group)  # one Triton kernel
         else:
             q, k, v = self.split_and_rotate(qkv, rope)
@@ -54,13 +55,16 @@ class SelfAttention(nn.Module):
         return self.linear_proj(out.flatten(2))  # [s(/tp), b, h]
 
     def split_and_rotate(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """The plain form of `rope_qkv` (and the only one with q/k norms): q [s, b, nq/tp, d], k and v [s, b, ng/tp, d]."""
+        """The plain form of `rope_qkv` (and the only one with q/k norms or without RoPE): q [s, b, nq/tp, d], k and v
+        [s, b, ng/tp, d]."""
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.groups, (self.heads_per_group + 2) * self.d)
         q, k, v = qkv.split([self.heads_per_group * self.d, self.d, self.d], dim=-1)
         q = q.reshape(s, b, self.groups * self.heads_per_group, self.d)
         if self.q_layernorm is not None:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
+        if not self.rope:
+            return q, k, v
         return apply_rope(q, *rope), apply_rope(k, *rope), v
 
 
@@ -105,7 +109,7 @@ class TransformerLayer(nn.Module):
         if mla:
             self.self_attention = MLASelfAttention(cfg, ps, **kwargs)
         else:
-            self.self_attention = SelfAttention(cfg, ps, **kwargs)
+            self.self_attention = SelfAttention(cfg, ps, rope=cfg.layer(layer).rope, **kwargs)
         self.pre_norm_separate = not te or moe
         if self.pre_norm_separate:
             self.pre_mlp_layernorm = norm()
