@@ -33,9 +33,20 @@ def add_format_flag(parser: argparse.ArgumentParser, default: str | None) -> Non
                         + ("" if default else "; default: the source's"))
 
 
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    """Where and how the Megatron folder is written: iteration folder name, torch_dist's common state."""
+    parser.add_argument("--out-iteration", type=int, default=None,
+                        help="write the checkpoint as iteration N (iter_000000N/, the tracker says N) instead of release/; "
+                             "Megatron-Bridge looks for iter_* folders, Megatron-LM needs N >= 1")
+    parser.add_argument("--common-pt", action=argparse.BooleanOptionalAction, default=True,
+                        help="torch_dist: also write common.pt, which Megatron Core up to 0.18 needs (default); "
+                             "--no-common-pt keeps the common state only inside the DCP files, as Megatron Core 0.19 "
+                             "writes it (0.19 reads a common.pt first and warns that it is deprecated)")
+
+
 def add_hf_config(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--hf-config", help="for a Megatron-LM checkpoint without bridge.json: the HF model (folder "
-                        "or Hub id) it started from; gives the architecture, config and tokenizer")
+    parser.add_argument("--hf-config", help="for a Megatron-LM or Megatron-Bridge checkpoint (no bridge.json): the HF "
+                        "model (folder or Hub id) it started from; gives the architecture, config and tokenizer")
 
 
 def layout_from(args: argparse.Namespace) -> ParallelLayout:
@@ -53,7 +64,8 @@ def run_import(args: argparse.Namespace) -> int:
     layout = layout_from(args)
     out = api.import_hf(args.source, args.out, layout, dtype=args.dtype,
                         transformer_impl=args.transformer_impl or "transformer_engine",
-                        revision=args.revision, token=args.token, overwrite=args.overwrite, format=args.format)
+                        revision=args.revision, token=args.token, overwrite=args.overwrite, format=args.format,
+                        out_iteration=args.out_iteration, common_pt=args.common_pt)
     print(f"imported {args.source} -> {out} ({args.format}, {layout.name})")
     return 0
 
@@ -69,7 +81,7 @@ def run_reshard(args: argparse.Namespace) -> int:
     layout = layout_from(args)
     out = api.reshard(args.checkpoint, args.out, layout, transformer_impl=args.transformer_impl,
                       dtype=args.dtype, overwrite=args.overwrite, iteration=args.iteration, format=args.format,
-                      hf_config=args.hf_config)
+                      hf_config=args.hf_config, out_iteration=args.out_iteration, common_pt=args.common_pt)
     print(f"resharded {args.checkpoint} -> {out} ({layout.name})")
     return 0
 
@@ -111,6 +123,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--token", help="Hub token (default: HF_TOKEN or the login cache)")
     add_layout_flags(p)
     add_format_flag(p, "torch")
+    add_output_flags(p)
     add_common(p)
     p.set_defaults(func=run_import)
 
@@ -130,6 +143,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_hf_config(p)
     add_layout_flags(p)
     add_format_flag(p, None)
+    add_output_flags(p)
     add_common(p)
     p.set_defaults(func=run_reshard)
 

@@ -19,7 +19,8 @@ from bridge.config import DTYPE_NAMES, DTYPES, ModelConfig, megatron_args
 from bridge.converters import engine
 from bridge.converters.foreign import meta_from_megatron
 from bridge.converters.hf import SafetensorsReader, parse_size
-from bridge.converters.megatron_legacy import LegacyCheckpointReader, iteration_dir_name
+from bridge.converters.megatron_legacy import LegacyCheckpointReader, LegacyCheckpointWriter, iteration_dir_name
+from bridge.converters.megatron_stack import complete_args, run_config_yaml
 from bridge.converters.torch_dist import FORMATS, TorchDistReader, TorchDistSink, TorchDistSource, checkpoint_format
 from bridge.errors import BridgeError
 from bridge.hub import resolve_source
@@ -71,8 +72,12 @@ def default_out(source: str, layout: ParallelLayout) -> Path:
 
 def import_hf(source: str | Path, out: str | Path | None = None, layout: ParallelLayout | None = None, *,
               dtype: str = "auto", transformer_impl: str = "transformer_engine", revision: str | None = None,
-              token: str | None = None, overwrite: bool = False, format: str = "torch") -> Path:
-    """HF model (folder or Hub id) -> Megatron checkpoint (`torch` sharded for `layout`, or `torch_dist`)."""
+              token: str | None = None, overwrite: bool = False, format: str = "torch", out_iteration: int | None = None,
+              common_pt: bool = True) -> Path:
+    """HF model (folder or Hub id) -> Megatron checkpoint (`torch` sharded for `layout`, or `torch_dist`).
+
+    `out_iteration` names the folder `iter_{N:07d}/` instead of `release/` (Megatron-Bridge looks for `iter_*`);
+    `common_pt=False` leaves torch_dist's common state only inside the DCP files (Megatron Core 0.19's layout)."""
     layout = layout or ParallelLayout()
     _check_format(format)
     _check_impl(transformer_impl)
@@ -90,7 +95,7 @@ def import_hf(source: str | Path, out: str | Path | None = None, layout: Paralle
                                 skip_prefixes=family(cfg.architecture).hf_skip(cfg))
     needed = engine.megatron_bytes(hf_source, meta) + hf_meta_bytes(folder)
     with atomic_output_dir(out_path, overwrite, sources=(folder,), needed=needed) as tmp:
-        engine.run(hf_source, _megatron_sink(tmp, meta), len(convs), "import")
+        engine.run(hf_source, _megatron_sink(tmp, meta, out_iteration, common_pt), len(convs), "import")
         copy_hf_meta(folder, tmp / HF_META_DIR)
         meta.save(tmp)
     log.info("wrote %s (%s, %s, %s)", out_path, format, layout.name, dtype_name)
@@ -107,16 +112,28 @@ def _check_format(format: str) -> None:
         raise BridgeError(f"--format {format} is not one of {', '.join(FORMATS)} (Megatron-LM's --ckpt-format)")
 
 
-def _megatron_sink(tmp: Path, meta: CheckpointMeta) -> engine.Sink:
+def _out_iteration(iteration: int | None) -> int | str:
+    """`release` unless an iteration number is asked for (which must be one Megatron can name)."""
+    if iteration is None:
+        return "release"
+    if iteration < 0:
+        raise BridgeError(f"--out-iteration {iteration} must be 0 or more (Megatron-LM loads 1 or more)")
+    return iteration
+
+
+def _megatron_sink(tmp: Path, meta: CheckpointMeta, out_iteration: int | None = None, common_pt: bool = True) -> engine.Sink:
     """The sink for `meta.format`, with the `args` Megatron-LM stores (and checks) in the checkpoint."""
     cfg, layout = meta.config, meta.layout
+    iteration = _out_iteration(out_iteration)
     args = lambda tp_rank=0, pp_rank=0: megatron_args(  # noqa: E731
         cfg, padded_vocab_size=meta.padded_vocab_size, tp=layout.tp, pp=layout.pp, vpp=layout.vpp,
         transformer_impl=meta.transformer_impl, dtype=meta.dtype, divisible_by=layout.make_vocab_size_divisible_by,
         ep=layout.ep, etp=layout.etp, moe_grouped_gemm=layout.moe_grouped_gemm)
+    number = 0 if iteration == "release" else int(iteration)
+    stored = lambda tp_rank=0, pp_rank=0: complete_args(args(tp_rank, pp_rank), number)  # noqa: E731
     if meta.format == "torch_dist":
-        return TorchDistSink(tmp, meta, args())
-    return engine.MegatronSink(tmp, meta, args)
+        return TorchDistSink(tmp, meta, stored(), iteration, common_pt, run_config_yaml(meta, stored()))
+    return engine.MegatronSink(tmp, meta, stored, writer=LegacyCheckpointWriter(tmp, layout, stored, iteration))
 
 
 @dataclass(frozen=True)
@@ -180,8 +197,10 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str = "auto", m
 
 
 def reshard(checkpoint: str | Path, out: str | Path, layout: ParallelLayout, *, transformer_impl: str | None = None,
-            dtype: str = "auto", overwrite: bool = False, iteration: int | None = None, format: str | None = None, hf_config: str | None = None) -> Path:
-    """Megatron checkpoint -> the same model in another layout, spec, dtype or format (torch <-> torch_dist)."""
+            dtype: str = "auto", overwrite: bool = False, iteration: int | None = None, format: str | None = None,
+            hf_config: str | None = None, out_iteration: int | None = None, common_pt: bool = True) -> Path:
+    """Megatron checkpoint -> the same model in another layout, spec, dtype or format (torch <-> torch_dist);
+    `out_iteration` and `common_pt` as for `import_hf`."""
     ckpt = open_checkpoint(checkpoint, iteration, hf_config)
     cfg = ckpt.meta.config
     layout.validate(cfg)
@@ -196,7 +215,7 @@ def reshard(checkpoint: str | Path, out: str | Path, layout: ParallelLayout, *, 
     source = _Cast(ckpt.source(), None if dtype == "auto" else DTYPES[dtype_name])
     needed = engine.megatron_bytes(source, meta) + hf_meta_bytes(ckpt.hf_meta)
     with atomic_output_dir(Path(out), overwrite, sources=(ckpt.path, ckpt.hf_meta), needed=needed) as tmp:
-        engine.run(source, _megatron_sink(tmp, meta), len(source.source.conversions), "reshard")
+        engine.run(source, _megatron_sink(tmp, meta, out_iteration, common_pt), len(source.source.conversions), "reshard")
         copy_hf_meta(ckpt.hf_meta, tmp / HF_META_DIR)
         meta.save(tmp)
     return Path(out)

@@ -21,13 +21,11 @@ from bridge.checkpoint import CheckpointMeta
 from bridge.config import ModelConfig
 from bridge.converters.dcp import DcpReader
 from bridge.converters.megatron_legacy import FILE_NAME, SAFE_GLOBALS, check_iteration, iteration_dir_name, read_tracker
-from bridge.converters.torch_dist import checkpoint_format, read_common_state
+from bridge.converters.torch_dist import RUN_CONFIG, checkpoint_format, read_common_state
 from bridge.converters.torch_zip import load_index
 from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
 
-#: Megatron-Bridge's run configuration (megatron/bridge/training/utils/checkpoint_utils.py CONFIG_FILE).
-RUN_CONFIG = "run_config.yaml"
 EMBEDDING = "embedding.word_embeddings.weight"
 #: Megatron-LM `args` name -> how to read it from a Megatron-Bridge `model:` section (TransformerConfig /
 #: GPTModelProvider fields); names both spell alike are copied as they are.

@@ -53,6 +53,8 @@ BACKEND_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
 DCP_COMMON_BACKEND_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
 #: Megatron Core 0.19's common state: `ShardedObject("common_state", ..., (1,), (0,)).unique_key`.
 COMMON_STATE_KEY = "common_state/shard_0_1"
+#: Megatron-Bridge's run configuration, in the iteration folder (megatron/bridge/training/utils/checkpoint_utils.py).
+RUN_CONFIG = "run_config.yaml"
 #: Modules whose `_extra_state` Megatron Core puts in the sharded state dict (both layer specs).
 EXTRA_STATE_MODULES: tuple[str, ...] = ("self_attention.linear_qkv", "self_attention.linear_proj",
                                         "mlp.linear_fc1", "mlp.linear_fc2")
@@ -110,8 +112,9 @@ class TorchDistSink:
     """Global Megatron tensors -> stacked DCP chunks (one per layer), then extra state, common state, config."""
 
     def __init__(self, root: Path, meta: CheckpointMeta, args: argparse.Namespace, iteration: int | str = "release",
-                 common_pt: bool = True) -> None:
-        self.root, self.meta, self.iteration, self.common_pt = root, meta, iteration, common_pt
+                 common_pt: bool = True, run_config: str | None = None) -> None:
+        """`run_config`: Megatron-Bridge's `run_config.yaml` text, written into the iteration folder."""
+        self.root, self.meta, self.iteration, self.common_pt, self.run_config = root, meta, iteration, common_pt, run_config
         self.folder = root / iteration_dir_name(iteration)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.args = argparse.Namespace(**{**vars(args), "ckpt_format": "torch_dist"})
@@ -137,6 +140,8 @@ class TorchDistSink:
         common = {"args": self.args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration}
         self.writer.add_bytes(COMMON_STATE_KEY, torch_bytes([common]))  # where Megatron Core 0.19 reads it
         self.writer.close()
+        if self.run_config is not None:
+            (self.folder / RUN_CONFIG).write_text(self.run_config)
         if self.common_pt:  # written by Python, so a full disk is an OSError (torch's own file writer aborts)
             (self.folder / COMMON_FILE).write_bytes(torch_bytes(common))
         config = BACKEND_CONFIG if self.common_pt else DCP_COMMON_BACKEND_CONFIG
