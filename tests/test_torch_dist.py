@@ -5,6 +5,8 @@ own dist_checkpointing loading bridge's folders and saving ones bridge reads (te
 """
 from __future__ import annotations
 
+import argparse
+import io
 import json
 from pathlib import Path
 
@@ -88,9 +90,17 @@ def test_megatron_on_disk_facts(tiny_hf, tmp_path: Path) -> None:
     folder = ckpt / "release"
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "release"
     assert json.loads((folder / "metadata.json").read_text()) == BACKEND_CONFIG
-    assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp", "common.pt", "metadata.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp", "common.pt", "metadata.json",
+                                                        "run_config.yaml"]
     common = load_pt(folder / "common.pt")
     assert common["checkpoint_version"] == 3.0 and common["iteration"] == 0 and common["args"].tensor_model_parallel_size == 2
+    # Megatron Core 0.19's copy: the ShardedObject `common_state`, a DCP byte entry holding torch.save([state])
+    blob = {"common_state/shard_0_1": io.BytesIO()}
+    dcp.load(blob, storage_reader=dcp.FileSystemReader(str(folder)), no_dist=True)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        loaded = blob["common_state/shard_0_1"]  # DCP gives the bytes, or the object it loaded from them
+        (inside,) = torch.load(io.BytesIO(loaded.getvalue()), weights_only=True) if isinstance(loaded, io.BytesIO) else loaded
+    assert vars(inside["args"]) == vars(common["args"]) and inside["iteration"] == 0
     md = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
     L, h = 4, 64
     fc1 = md["decoder.layers.mlp.linear_fc1.weight"]
