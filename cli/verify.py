@@ -11,7 +11,7 @@ def run_verify(args: argparse.Namespace) -> int:
     result = verify(args.hf_src, args.checkpoint, prompts=read_prompts(args.prompts), dtype=args.dtype,
                     device=args.device, sequence_parallel=args.sequence_parallel, cp=args.cp,
                     cp_comm_type=cp_comm_type_from_flag(args.cp_comm_type), packed=args.packed,
-                    write_json=not args.no_json)
+                    write_json=not args.no_json, hf_config=args.hf_config)
     print(result.table())
     return 0 if result.passed else 1
 
@@ -19,7 +19,9 @@ def run_verify(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("verify", help="compare a checkpoint's logits with transformers' (table + exit code)")
     p.add_argument("hf_src", help="the HF model the checkpoint was imported from (folder or Hub id)")
-    p.add_argument("checkpoint", help="bridge checkpoint folder")
+    p.add_argument("checkpoint", help="bridge checkpoint folder, or a Megatron-LM / Megatron-Bridge one with --hf-config")
+    p.add_argument("--hf-config", help="for a checkpoint without bridge.json (Megatron-LM, Megatron-Bridge): the HF "
+                   "model (folder or Hub id) it started from, usually HF_SRC")
     p.add_argument("--prompts", help="text file, one prompt per line (default: a built-in set of 4)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                    help="bridge's compute dtype; fp32 checks max |diff| <= 1e-4 x logit scale against transformers fp32, "

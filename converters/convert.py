@@ -152,8 +152,9 @@ class OpenCheckpoint:
         return engine.MegatronSource(self.reader, self.meta, conversions(self.meta.config))
 
 
-def open_checkpoint(path: str | Path, iteration: int | None = None, hf_config: str | None = None) -> OpenCheckpoint:
-    """Open a bridge checkpoint, or a Megatron-LM one (no bridge.json) together with its HF model's config."""
+def checkpoint_meta(path: str | Path, iteration: int | None = None, hf_config: str | None = None) -> tuple[CheckpointMeta, Path]:
+    """The CheckpointMeta of a bridge checkpoint, or of a Megatron-LM / Megatron-Bridge one (no bridge.json) read
+    together with its HF model's config, and the folder of its HF config and tokenizer files."""
     root = Path(path)
     if not root.is_dir():
         raise BridgeError(f"no checkpoint folder {root}")
@@ -163,10 +164,17 @@ def open_checkpoint(path: str | Path, iteration: int | None = None, hf_config: s
         hf_meta = resolve_source(hf_config)
         meta = meta_from_megatron(root, load_hf_config(hf_meta), iteration)
     else:
-        raise BridgeError(f"{root} is not a bridge checkpoint (no {META_FILE}); for a Megatron-LM checkpoint pass "
-                          "--hf-config with the HF model it started from")
+        raise BridgeError(f"{root} is not a bridge checkpoint (no {META_FILE}); for a Megatron-LM or Megatron-Bridge "
+                          "checkpoint pass --hf-config with the HF model it started from")
     fmt = checkpoint_format(root, iteration, meta.format)  # from the folder: Megatron-LM may have re-saved it
-    meta = replace(meta, format=fmt)
+    return replace(meta, format=fmt), hf_meta
+
+
+def open_checkpoint(path: str | Path, iteration: int | None = None, hf_config: str | None = None) -> OpenCheckpoint:
+    """Open a bridge checkpoint, or a Megatron-LM / Megatron-Bridge one (no bridge.json) with its HF model's config."""
+    root = Path(path)
+    meta, hf_meta = checkpoint_meta(root, iteration, hf_config)
+    fmt = meta.format
     if fmt == "torch_dist":
         return OpenCheckpoint(root, meta, TorchDistReader(root, meta, conversions(meta.config), iteration), hf_meta)
     return OpenCheckpoint(root, meta, LegacyCheckpointReader(root, meta.layout, iteration), hf_meta)

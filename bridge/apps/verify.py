@@ -25,6 +25,7 @@ import torch
 
 from bridge.checkpoint import CheckpointMeta
 from bridge.config import DTYPES
+from bridge.converters.convert import checkpoint_meta
 from bridge.converters.megatron_legacy import read_tracker
 from bridge.converters.torch_dist import open_rank_reader
 from bridge.errors import BridgeError
@@ -187,19 +188,20 @@ def _rank_batches(token_lists: Sequence[Sequence[int]], packed: bool, cp: int, c
 
 def rank_logits(checkpoints: Sequence[str], token_lists: Sequence[Sequence[int]], dtype: str, device: str,
                 sequence_parallel: bool, cp: int = 1, cp_comm_type: str = "p2p",
-                packed: bool = False) -> list[list[torch.Tensor] | None]:
+                packed: bool = False, hf_config: str | None = None) -> list[list[torch.Tensor] | None]:
     """Runs on every rank: load this rank's shard of each checkpoint and run the prompts through the pipeline.
 
     With context parallelism each CP rank runs its two chunks of every prompt and the logits are gathered
     back into sequence order. Returns, on the rank holding TP rank 0 and CP rank 0 of the last stage, per
-    checkpoint the full logits [s, V] per prompt; None elsewhere.
+    checkpoint the full logits [s, V] per prompt; None elsewhere. `hf_config`: the HF model of checkpoints without
+    bridge.json (Megatron-LM, Megatron-Bridge).
     """
     import torch.distributed as dist
 
     dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
     results: list[list[torch.Tensor] | None] = []
     for ckpt in checkpoints:
-        meta = CheckpointMeta.load(Path(ckpt))
+        meta = checkpoint_meta(Path(ckpt), hf_config=hf_config)[0]
         ps = ParallelState(meta.layout, dist.get_world_size(), dist.get_rank(), cp=cp, cp_comm_type=cp_comm_type)
         chunks = build_model_chunks(meta.config, ps, transformer_impl=meta.transformer_impl,
                                     sequence_parallel=sequence_parallel, params_dtype=DTYPES[dtype], device=dev)
@@ -221,10 +223,10 @@ def rank_logits(checkpoints: Sequence[str], token_lists: Sequence[Sequence[int]]
 
 def sharded_logits(checkpoints: Sequence[Path], token_lists: Sequence[Sequence[int]], *, dtype: str = "fp32",
                    device: str = "cpu", sequence_parallel: bool = False, cp: int = 1,
-                   cp_comm_type: str = "p2p", packed: bool = False) -> list[list[torch.Tensor]]:
+                   cp_comm_type: str = "p2p", packed: bool = False, hf_config: str | None = None) -> list[list[torch.Tensor]]:
     """Start the ranks once for several checkpoints of one layout; per checkpoint, logits [s, V] per prompt (`packed`:
     all prompts in one sequence, each attending only to itself, as packed training documents)."""
-    layouts = {CheckpointMeta.load(Path(c)).layout for c in checkpoints}
+    layouts = {checkpoint_meta(Path(c), hf_config=hf_config)[0].layout for c in checkpoints}
     if len(layouts) != 1:
         raise BridgeError(f"checkpoints verified together must share one layout, got {sorted(l.name for l in layouts)}")
     layout = layouts.pop()
@@ -233,7 +235,7 @@ def sharded_logits(checkpoints: Sequence[Path], token_lists: Sequence[Sequence[i
     backend = "nccl" if device == "cuda" else "gloo"
     log.info("starting %d ranks (%s) for layout %s", world, backend, layout.name)
     per_rank = launch(rank_logits, world, [str(c) for c in checkpoints], [list(t) for t in token_lists], dtype, device,
-                      sequence_parallel, cp, cp_comm_type, packed, backend=backend)
+                      sequence_parallel, cp, cp_comm_type, packed, hf_config, backend=backend)
     order = ParallelState(layout, world, 0, cp=cp, create_groups=False)
     return per_rank[order.rank_of(0, 0, layout.pp - 1, 0)]  # the last stage's tp 0, dp 0, cp 0
 
@@ -305,12 +307,22 @@ def compare(prompts: Sequence[str], ref: Sequence[torch.Tensor], ours: Sequence[
     return rows, overall, ok, criterion
 
 
+def _check_rank_files(meta: CheckpointMeta, ckpt: Path) -> None:
+    """Legacy rank files are loaded as they are, so their vocabulary rows must be the padding bridge's model has
+    (a torch_dist folder is re-padded on load)."""
+    standard = meta.layout.padded_vocab_size(meta.config.vocab_size)
+    if meta.format == "torch" and meta.padded_vocab_size != standard:
+        raise BridgeError(f"{ckpt} holds {meta.padded_vocab_size} vocabulary rows, not the {standard} bridge's model pads "
+                          "to; reshard it first (bridge reshard --hf-config ...) and verify the result")
+
+
 def verify(hf_src: str | Path, checkpoint: str | Path, *, prompts: Sequence[str] | None = None, dtype: str = "fp32",
            device: str = "cpu", sequence_parallel: bool = False, cp: int = 1, cp_comm_type: str = "p2p",
-           packed: bool = False, write_json: bool = True) -> VerifyResult:
+           packed: bool = False, write_json: bool = True, hf_config: str | None = None) -> VerifyResult:
     """Compare the checkpoint's logits with transformers' on `prompts`; write `verify.json` into the checkpoint.
     `packed`: bridge runs the prompts packed into one sequence (document attention and positions, as training with
-    --reset-attention-mask --reset-position-ids), transformers each prompt alone."""
+    --reset-attention-mask --reset-position-ids), transformers each prompt alone. `hf_config`: for a checkpoint
+    without bridge.json (Megatron-LM, Megatron-Bridge), the HF model it started from."""
     if dtype not in VERIFY_DTYPES:
         raise BridgeError(f"--dtype {dtype} is not one of {', '.join(VERIFY_DTYPES)}")
     if device not in DEVICES:
@@ -318,7 +330,8 @@ def verify(hf_src: str | Path, checkpoint: str | Path, *, prompts: Sequence[str]
     if device == "cuda" and not torch.cuda.is_available():
         raise BridgeError("--device cuda but no CUDA GPU is visible; use --device cpu")
     ckpt = Path(checkpoint)
-    meta = CheckpointMeta.load(ckpt)
+    meta = checkpoint_meta(ckpt, hf_config=hf_config)[0]
+    _check_rank_files(meta, ckpt)
     check_context_parallel(cp, cp_comm_type, meta.config, meta.layout.tp)
     folder = resolve_source(str(hf_src))
     hf_cfg = load_hf_config(folder)
@@ -336,7 +349,7 @@ def verify(hf_src: str | Path, checkpoint: str | Path, *, prompts: Sequence[str]
     ref = hf_logits(folder, tokens, "fp32", device)  # one model at a time: fp32, freed, then bf16
     hf_bf16 = hf_logits(folder, tokens, "bf16", device) if dtype == "bf16" else None
     ours = sharded_logits([ckpt], tokens, dtype=dtype, device=device, sequence_parallel=sequence_parallel, cp=cp,
-                          cp_comm_type=cp_comm_type, packed=packed)[0]
+                          cp_comm_type=cp_comm_type, packed=packed, hf_config=hf_config)[0]
     rows, overall, ok, criterion = compare(texts, ref, ours, dtype, hf_bf16)
     iteration = read_tracker(ckpt)  # the one sharded_logits read: the tracker's
     result = VerifyResult(checkpoint=str(ckpt), hf_source=str(hf_src), dtype=dtype, device=device, iteration=iteration,

@@ -199,3 +199,13 @@ def test_megatron_core_loads_bridge_output_without_a_deprecation_warning(tiny_hf
     if new:
         assert found[1]["messages"] == [], found[1]["messages"]
         assert any("deprecated" in m for m in found[0]["messages"]), "Megatron Core 0.19 no longer prefers common.pt"
+
+
+def test_verify_takes_a_megatron_bridge_run_with_hf_config(written, capsys) -> None:
+    """`bridge verify` of a Megatron-Bridge folder at TP=2 (unpadded vocabulary): its ranks read the layout from
+    run_config.yaml and the weights from Megatron Core's files; the logits are transformers'."""
+    hf, root = written["qwen3-tied", 2, 1000]
+    assert main(["verify", str(hf), str(root), "--no-json"]) == 1
+    assert "pass --hf-config" in capsys.readouterr().err
+    assert main(["verify", str(hf), str(root), "--hf-config", str(hf), "--no-json"]) == 0, capsys.readouterr()
+    assert "layout tp=2 pp=1" in capsys.readouterr().out
