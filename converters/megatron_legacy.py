@@ -21,8 +21,21 @@ from bridge.converters.torch_zip import IncrementalTorchWriter, load_index, read
 TRACKER = "latest_checkpointed_iteration.txt"
 FILE_NAME = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0
+#: Enum classes Megatron-LM pickles in its `args`: `attention_backend` and `exit_signal` of a Megatron-LM 0.19.2
+#: `parse_args()` namespace, and the other enums megatron/core/safe_globals.py allows. bridge reads none of them.
+ARG_ENUMS: tuple[str, ...] = ("megatron.core.transformer.enums.AttnBackend", "megatron.core.transformer.enums.CudaGraphScope",
+                              "megatron.core.transformer.enums.CudaGraphModule",
+                              "megatron.core.transformer.enums.InferenceCudaGraphScope", "megatron.core.enums.ModelType",
+                              "signal.Signals")
+
+
+def enum_value(value: Any) -> Any:
+    """What an enum member of Megatron's `args` loads as: its value (its class, Megatron's, is never imported)."""
+    return value
+
+
 #: Non-tensor globals a Megatron checkpoint may pickle; loaded with weights_only=True and this allow-list.
-SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+SAFE_GLOBALS: list[Any] = [argparse.Namespace, *((enum_value, name) for name in ARG_ENUMS)]
 
 
 def iteration_dir_name(iteration: int | str) -> str:

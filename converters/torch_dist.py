@@ -179,8 +179,11 @@ def _load_common(where: str, data: bytes) -> Any:
         try:
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BridgeError(f"cannot read Megatron's common state {where}: {first}") from None
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+            cause = next((line for line in lines if "Unsupported global" in line), lines[0])  # weights_only's reason
+            cause = cause.split(". Please use")[0]  # not torch's advice to allow-list it
+            raise BridgeError(f"cannot read Megatron's common state {where}: {cause} (bridge unpickles only "
+                              "argparse.Namespace and the enums of Megatron-LM's args)") from None
 
 
 class TorchDistReader:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +52,15 @@ FOLDERS = ((1, 1000, "megatron-bridge"), (1, 1024, "megatron-lm"), (2, 1000, "me
 
 def megatron_lm_common(cfg: Any, tp: int, rows: int) -> dict[str, Any]:
     """Megatron-LM's common state: `args` (the fields its checkpoint loader and bridge read), version, iteration."""
+    from megatron.core.transformer.enums import AttnBackend
+
     args = argparse.Namespace(
         num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.intermediate_size,
         num_attention_heads=cfg.num_attention_heads, group_query_attention=True, num_query_groups=cfg.num_key_value_heads,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None,
         padded_vocab_size=rows, make_vocab_size_divisible_by=8, ckpt_format="torch_dist", transformer_impl="local",
-        untie_embeddings_and_output_weights=not cfg.tie_word_embeddings, bf16=False, fp16=False)
+        untie_embeddings_and_output_weights=not cfg.tie_word_embeddings, bf16=False, fp16=False,
+        attention_backend=AttnBackend.auto, exit_signal=signal.SIGTERM)  # enums every Megatron-LM 0.19 namespace holds
     return {"args": args, "checkpoint_version": 3.0, "iteration": ITERATION}
 
 
@@ -148,6 +152,17 @@ def test_folders_have_megatron_core_019_layout(written) -> None:
                                                                       "sharded_backend_version": 1}
 
 
+@pytest.fixture
+def no_megatron_safe_globals() -> Any:
+    """Importing Megatron Core registers its classes (AttnBackend, ...) with torch.load process-wide; bridge must read
+    Megatron's args without them, as it does in a process that never imports Megatron."""
+    saved = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    yield
+    torch.serialization.add_safe_globals(saved)
+
+
+@pytest.mark.usefixtures("no_megatron_safe_globals")
 @pytest.mark.parametrize("tp,rows,writer", FOLDERS)
 def test_export_is_bit_exact(written, tmp_path: Path, tp: int, rows: int, writer: str, capsys) -> None:
     for name in MODELS:
