@@ -23,6 +23,7 @@ DENSE_MODELS: dict[str, str] = {
     "qwen2": "Qwen--Qwen2.5-7B",                      # qkv bias
     "qwen3": "Qwen--Qwen3-8B",                        # q/k norm
     "qwen3-tied": "Qwen--Qwen3-0.6B",                 # tied, head_dim > hidden/heads
+    "smollm3": "HuggingFaceTB--SmolLM3-3B",           # NoPE every 4th layer, tied
 }
 
 
@@ -41,6 +42,7 @@ PARITY_MODELS: dict[str, str] = {
     "mistral": "mistral",
     "qwen2": "qwen2",                 # qkv bias
     "qwen3": "qwen3-tied",            # qk-norm, head_dim != hidden/heads, tied
+    "smollm3": "smollm3",             # NoPE layers
 }
 #: The layouts those tests shard them into.
 PARITY_LAYOUTS = [ParallelLayout(), ParallelLayout(tp=2), ParallelLayout(pp=2), ParallelLayout(tp=2, pp=2),
@@ -51,6 +53,7 @@ _TINY_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size"
 #: Per-model overrides on top of bridge.tiny's scaled-down shapes.
 MODEL_OVERRIDES: dict[str, dict[str, Any]] = {
     "llama2": {"num_key_value_heads": 8},  # keep Llama 2's MHA
+    "smollm3": {"no_rope_layers": [1, 1, 1, 0], "layer_types": ["full_attention"] * 4},  # the real pattern, 4 layers
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 32},
     "qwen3-moe": {**_TINY_MOE, "decoder_sparse_step": 2},              # dense and MoE layers alternate
     "qwen2-moe": {**_TINY_MOE, "shared_expert_intermediate_size": 48, "mlp_only_layers": [2]},

@@ -73,6 +73,25 @@ def test_layout_matches_single_process(setup: dict[str, Path], reference: dict, 
     assert worst <= 1e-5
 
 
+#: Families whose layers differ from Llama's inside the model (NoPE layers).
+FAMILIES = ("smollm3",)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_family_at_tp2_matches_single_process(tiny_hf, tmp_path: Path, arch: str) -> None:
+    """5 steps at TP=2 with sequence parallelism give the family's single-process losses."""
+    ckpt = import_hf(tiny_hf(arch), tmp_path / "ckpt")
+    data = write_random_corpus(tmp_path / "corpus", seed=1, documents=40)
+    base = dict(load=str(ckpt), data_path=[str(data)], micro_batch_size=2, global_batch_size=4, seq_length=80,
+                train_iters=5, lr=1e-3, lr_warmup_iters=1, eval_interval=5, eval_iters=1, progress=False, device="cpu")
+    curves = {name: [loss for _, loss in train(TrainConfig(**base, save=str(tmp_path / name), **kw))["loss_curve"]]
+              for name, kw in {"single": dict(nproc=1), "tp2": dict(nproc=2, tp=2, sequence_parallel=True)}.items()}
+    ref, got = curves["single"], curves["tp2"]
+    rel = max(abs(a - b) / abs(b) for a, b in zip(got, ref))
+    print(f"{arch} tp2-sp: max relative loss difference over 5 steps {rel:.2e}")
+    assert len(got) == 5 and rel <= 1e-5, (arch, got, ref)
+
+
 def _master_weights(run: Path, iteration: int, out: Path) -> dict[str, torch.Tensor]:
     """A bf16 run's fp32 master weights as HF tensors: a copy of its checkpoint with the masters written over the
     bf16 model weights, exported in fp32 (export merges the TP shards)."""

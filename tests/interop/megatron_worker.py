@@ -71,8 +71,10 @@ def megatron_logits(checkpoints: Sequence[str], token_lists: Sequence[Sequence[i
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tp)
         model_parallel_cuda_manual_seed(0, inference_rng_tracker=True)
         scaling = cfg.rope_scaling
+        nope = [int(not cfg.layer(i).rope) for i in range(cfg.num_layers)]  # SmolLM3's NoPE layers: Megatron's list
         model = GPTModel(
-            _transformer_config(cfg, layout), get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization="RMSNorm"),
+            _transformer_config(cfg, layout, no_rope_freq=nope if any(nope) else None),
+            get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization="RMSNorm"),
             vocab_size=meta.padded_vocab_size, max_sequence_length=cfg.max_position_embeddings,
             share_embeddings_and_output_weights=cfg.tie_word_embeddings, position_embedding_type="rope",
             rotary_base=int(cfg.rotary_base), rope_scaling=scaling is not None,
