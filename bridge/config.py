@@ -30,6 +30,22 @@ class RopeScaling:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LongRope:
+    """LongRoPE (Phi-3.5's `longrope`, once `su`): per-frequency divisors, `short_factor` while the longest position
+    is within `original_max_position_embeddings` and `long_factor` beyond it, and cos/sin scaled by
+    `attention_factor` (transformers' `_compute_longrope_parameters` and `longrope_frequency_update`)."""
+
+    short_factor: tuple[float, ...]
+    long_factor: tuple[float, ...]
+    original_max_position_embeddings: int
+    attention_factor: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "short_factor", tuple(float(f) for f in self.short_factor))
+        object.__setattr__(self, "long_factor", tuple(float(f) for f in self.long_factor))
+
+
+@dataclass(frozen=True, kw_only=True)
 class MoEConfig:
     """Mixture-of-Experts hyper-parameters (Megatron's `--num-experts`, `--moe-*` flags)."""
 
@@ -116,6 +132,9 @@ class ModelConfig:
     norm_epsilon: float = 1e-5
     rotary_base: float = 10000.0
     rope_scaling: RopeScaling | None = None
+    long_rope: LongRope | None = None
+    rotary_percent: float = 1.0
+    """The fraction of each head's dimensions that RoPE rotates, the first ones (HF partial_rotary_factor)."""
     tie_word_embeddings: bool = False
     add_qkv_bias: bool = False
     qk_layernorm: bool = False
@@ -161,8 +180,9 @@ class ModelConfig:
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data.pop("extra")
-        if not self.layers:
-            data.pop("layers")  # the Llama block: bridge.json as before layer specs existed
+        for name in _WRITTEN_WHEN_SET:  # at Llama's defaults: bridge.json as before these fields existed
+            if data[name] == _DEFAULTS[name]:
+                data.pop(name)
         return data
 
     @classmethod
@@ -174,11 +194,18 @@ class ModelConfig:
             data["moe"] = MoEConfig(**data["moe"])
         if data.get("mla"):
             data["mla"] = MLAConfig(**data["mla"])
+        if data.get("long_rope"):
+            data["long_rope"] = LongRope(**data["long_rope"])
         data["layers"] = tuple(LayerSpec(**spec) for spec in data.get("layers", ()))
         return cls(**data)
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe is not None and layer in self.moe.moe_layers
+
+
+#: Fields that only some families set, left out of bridge.json at their default (an older bridge reads the file).
+_WRITTEN_WHEN_SET = ("layers", "long_rope", "rotary_percent")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in _WRITTEN_WHEN_SET}
 
 
 def megatron_args(cfg: ModelConfig, *, padded_vocab_size: int, tp: int, pp: int, vpp: int | None,
@@ -198,7 +225,7 @@ def megatron_args(cfg: ModelConfig, *, padded_vocab_size: int, tp: int, pp: int,
         seq_length=min(cfg.max_position_embeddings, 4096),
         position_embedding_type="rope",
         rotary_base=cfg.rotary_base,
-        rotary_percent=1.0,
+        rotary_percent=cfg.rotary_percent,
         use_rope_scaling=scaling is not None,
         rope_scaling_factor=scaling.factor if scaling else 8.0,
         normalization="RMSNorm",

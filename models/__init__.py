@@ -10,7 +10,7 @@ from bridge.config import ModelConfig
 from bridge.errors import BridgeError
 from bridge.hub import load_pretrained
 from bridge.mapping import Conversion, Row, expand
-from bridge.models import deepseek, llama, mistral, mixtral, qwen, qwen_moe, smollm3
+from bridge.models import deepseek, llama, mistral, mixtral, phi3, qwen, qwen_moe, smollm3
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ FAMILIES: dict[str, Family] = {
     "MixtralForCausalLM": Family("MixtralForCausalLM", mixtral.config_from_hf, mixtral.rows),
     "Qwen2MoeForCausalLM": Family("Qwen2MoeForCausalLM", qwen_moe.qwen2_moe_config_from_hf, qwen_moe.rows),
     "Qwen3MoeForCausalLM": Family("Qwen3MoeForCausalLM", qwen_moe.qwen3_moe_config_from_hf, qwen_moe.rows),
+    "Phi3ForCausalLM": Family("Phi3ForCausalLM", phi3.config_from_hf, phi3.rows),
     "SmolLM3ForCausalLM": Family("SmolLM3ForCausalLM", smollm3.config_from_hf, llama.rows),
     "DeepseekV3ForCausalLM": Family("DeepseekV3ForCausalLM", deepseek.config_from_hf, deepseek.rows, deepseek.hf_skip),
 }

@@ -5,9 +5,10 @@ below switch on the config's qkv bias / qk-norm flags.
 """
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Callable
 
-from bridge.config import DTYPE_NAMES, ModelConfig, RopeScaling
+from bridge.config import DTYPE_NAMES, LongRope, ModelConfig, RopeScaling
 from bridge.errors import BridgeError
 from bridge.mapping import COPY, FUSE_GATE_UP, FUSE_QKV, Row
 
@@ -60,29 +61,50 @@ def routed_expert_rows() -> list[Row]:
     ]
 
 
-def rope_from_hf(hf: Any) -> tuple[float, RopeScaling | None]:
-    """RoPE base and llama3 scaling from either transformers 5 (`rope_parameters`) or 4 (`rope_theta`/`rope_scaling`)."""
+def rope_from_hf(hf: Any) -> dict[str, Any]:
+    """ModelConfig's RoPE fields from either transformers 5 (`rope_parameters`) or 4 (`rope_theta`/`rope_scaling`):
+    the base, the rotated fraction of a head and the type's own parameters (ROPE_TYPES)."""
     params = dict(getattr(hf, "rope_parameters", None) or {})
     if not params:
         params = dict(getattr(hf, "rope_scaling", None) or {})
         params.setdefault("rope_theta", getattr(hf, "rope_theta", 10000.0))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    base = float(params.get("rope_theta", 10000.0))
-    if rope_type in (None, "default"):
-        return base, None
-    if rope_type == "llama3":
-        return base, RopeScaling(
-            factor=float(params["factor"]),
-            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
-        )
-    raise BridgeError(f"rope type {rope_type!r} is not supported for {hf.architectures}; supported: default, llama3")
+    rope_type = params.get("rope_type", params.get("type")) or "default"
+    if rope_type not in ROPE_TYPES:
+        raise BridgeError(f"rope type {rope_type!r} is not supported for {hf.architectures}; supported: "
+                          f"{', '.join(ROPE_TYPES)}")
+    fraction = params.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", None)) or 1.0
+    return dict(rotary_base=float(params.get("rope_theta", 10000.0)), rotary_percent=float(fraction),
+                **ROPE_TYPES[rope_type](hf, params))
+
+
+def _llama3(hf: Any, params: dict[str, Any]) -> dict[str, Any]:
+    return dict(rope_scaling=RopeScaling(
+        factor=float(params["factor"]),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
+    ))
+
+
+def _long_rope(hf: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """As transformers computes it: the default attention factor comes from max / original positions."""
+    original = int(params.get("original_max_position_embeddings") or hf.original_max_position_embeddings)
+    factor = params.get("factor") or hf.max_position_embeddings / original
+    attention = params.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return dict(long_rope=LongRope(short_factor=params["short_factor"], long_factor=params["long_factor"],
+                                   original_max_position_embeddings=original, attention_factor=float(attention)))
+
+
+#: HF rope_type -> the ModelConfig fields it sets besides the base (`su`: LongRoPE's first name, as transformers reads).
+ROPE_TYPES: dict[str, Callable[[Any, dict[str, Any]], dict[str, Any]]] = {
+    "default": lambda hf, params: {}, "llama3": _llama3, "longrope": _long_rope, "su": _long_rope,
+}
 
 
 def common_fields(hf: Any) -> dict[str, Any]:
     """ModelConfig fields every Llama-like HF config spells the same way."""
-    base, scaling = rope_from_hf(hf)
     heads = hf.num_attention_heads
     dtype = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None)
     return dict(
@@ -96,8 +118,7 @@ def common_fields(hf: Any) -> dict[str, Any]:
         vocab_size=hf.vocab_size,
         max_position_embeddings=hf.max_position_embeddings,
         norm_epsilon=float(hf.rms_norm_eps),
-        rotary_base=base,
-        rope_scaling=scaling,
+        **rope_from_hf(hf),
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         params_dtype=DTYPE_NAMES.get(_as_dtype(dtype), "fp32"),
     )

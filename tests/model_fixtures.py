@@ -24,6 +24,8 @@ DENSE_MODELS: dict[str, str] = {
     "qwen3": "Qwen--Qwen3-8B",                        # q/k norm
     "qwen3-tied": "Qwen--Qwen3-0.6B",                 # tied, head_dim > hidden/heads
     "smollm3": "HuggingFaceTB--SmolLM3-3B",           # NoPE every 4th layer, tied
+    "phi3": "microsoft--Phi-3-mini-4k-instruct",      # fused qkv_proj and gate_up_proj (+ LongRoPE, partial rotary)
+    "phi4": "microsoft--phi-4",                       # Phi-3's names with GQA
 }
 
 
@@ -43,6 +45,7 @@ PARITY_MODELS: dict[str, str] = {
     "qwen2": "qwen2",                 # qkv bias
     "qwen3": "qwen3-tied",            # qk-norm, head_dim != hidden/heads, tied
     "smollm3": "smollm3",             # NoPE layers
+    "phi3": "phi3",                   # fused HF qkv/gate_up, LongRoPE, partial rotary, sliding window
 }
 #: The layouts those tests shard them into.
 PARITY_LAYOUTS = [ParallelLayout(), ParallelLayout(tp=2), ParallelLayout(pp=2), ParallelLayout(tp=2, pp=2),
@@ -54,6 +57,12 @@ _TINY_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size"
 MODEL_OVERRIDES: dict[str, dict[str, Any]] = {
     "llama2": {"num_key_value_heads": 8},  # keep Llama 2's MHA
     "smollm3": {"no_rope_layers": [1, 1, 1, 0], "layer_types": ["full_attention"] * 4},  # the real pattern, 4 layers
+    # Phi-3-mini's shape (MHA) with Phi-3.5's LongRoPE and Phi-4-mini's partial rotary: half of each 16-wide head
+    # rotates; the verify prompts (24 to 93 tokens) fall on both sides of the 64 original positions and the window
+    "phi3": {"num_attention_heads": 4, "num_key_value_heads": 4, "original_max_position_embeddings": 64,
+             "sliding_window": 32, "partial_rotary_factor": 0.5,
+             "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6],
+                              "long_factor": [1.2, 2.0, 3.5, 5.0]}},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 32},
     "qwen3-moe": {**_TINY_MOE, "decoder_sparse_step": 2},              # dense and MoE layers alternate
     "qwen2-moe": {**_TINY_MOE, "shared_expert_intermediate_size": 48, "mlp_only_layers": [2]},

@@ -73,13 +73,14 @@ def test_layout_matches_single_process(setup: dict[str, Path], reference: dict, 
     assert worst <= 1e-5
 
 
-#: Families whose layers differ from Llama's inside the model (NoPE layers).
-FAMILIES = ("smollm3",)
+#: Families whose layers differ from Llama's inside the model (NoPE layers; LongRoPE with partial rotary and a window).
+FAMILIES = ("smollm3", "phi3")
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_family_at_tp2_matches_single_process(tiny_hf, tmp_path: Path, arch: str) -> None:
-    """5 steps at TP=2 with sequence parallelism give the family's single-process losses."""
+    """5 steps at TP=2 with sequence parallelism give the family's single-process losses. 80-token samples: past the
+    Phi-3 fixture's 64 original positions (LongRoPE's long table) and its 32-token window."""
     ckpt = import_hf(tiny_hf(arch), tmp_path / "ckpt")
     data = write_random_corpus(tmp_path / "corpus", seed=1, documents=40)
     base = dict(load=str(ckpt), data_path=[str(data)], micro_batch_size=2, global_batch_size=4, seq_length=80,

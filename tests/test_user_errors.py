@@ -89,3 +89,14 @@ def test_inspect_shows_the_whole_layout_and_no_none(tiny_ckpt: Path, capsys: pyt
     assert "layout        tp=1 pp=1 (" in out and "None" not in out
     moe = layout_text(ParallelLayout(tp=2, pp=2, vpp=2, ep=4, moe_grouped_gemm=True).to_json())
     assert moe == "tp=2 pp=2 vpp=2 ep=4 grouped-gemm (TEGroupedMLP)"
+
+
+def test_long_rope_under_context_parallelism_is_refused(tiny_hf, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """LongRoPE picks its table from the whole sequence's longest position, which no CP rank sees."""
+    from bridge.api import import_hf
+
+    ckpt = import_hf(tiny_hf("phi3"), tmp_path / "phi3")
+    capsys.readouterr()  # making the model and the checkpoint: not the error under test
+    assert main(["train", "--load", str(ckpt), "--mock-data", "--seq-length", "32", "--cp", "2", "--nproc", "2"]) == 1
+    err = _one_line(capsys)
+    assert "LongRoPE does not run under context parallelism" in err and "--cp 1" in err

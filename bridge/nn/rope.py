@@ -1,4 +1,5 @@
-"""Rotary position embeddings (non-interleaved, `rotate_half`), with Llama-3 frequency scaling.
+"""Rotary position embeddings (non-interleaved, `rotate_half`), with Llama-3 frequency scaling, LongRoPE and partial
+rotary (the first `rotary_percent` of each head's dimensions rotate, the rest pass through).
 
 Both transformers and Megatron Core rotate the two halves of each head; the cos/sin tables are
 computed in fp32 and cast to the activation dtype, as transformers does, so bf16 runs agree too.
@@ -29,22 +30,46 @@ def inv_frequencies(dim: int, base: float, scaling: RopeScaling | None) -> torch
     return torch.where(medium, smoothed, scaled)
 
 
+def rotary_dim(cfg: ModelConfig) -> int:
+    """How many of a head's dimensions rotate (transformers' int(head_dim * partial_rotary_factor))."""
+    return int(cfg.kv_channels * cfg.rotary_percent)
+
+
+def long_rope_frequencies(dim: int, base: float, factors: tuple[float, ...]) -> torch.Tensor:
+    """LongRoPE's inv_freq: each of RoPE's frequencies divided by its factor."""
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    return 1.0 / (torch.tensor(factors, dtype=torch.float32) * base ** exponents)
+
+
 class RotaryEmbedding(nn.Module):
-    """Position ids -> (cos, sin) tables [s, b, 1, d]. `inv_freq` is a non-persistent buffer: not in the state dict,
-    as in Megatron Core, where it is a plain attribute."""
+    """Position ids -> (cos, sin) tables [s, b, 1, rotary dim]. `inv_freq` is a non-persistent buffer: not in the
+    state dict, as in Megatron Core, where it is a plain attribute. LongRoPE keeps a second table, `long_inv_freq`,
+    used for every position when the longest position id is past the original context (as transformers switches)."""
 
     def __init__(self, cfg: ModelConfig, device: torch.device | None = None) -> None:
         super().__init__()
-        self.attention_scaling = 1.0
+        self.attention_scaling, self.long_rope = 1.0, cfg.long_rope
         if cfg.mla is not None:  # MLA: RoPE on the qk_pos_emb_head_dim part only, YaRN-scaled
             inv_freq, self.attention_scaling = yarn_frequencies(cfg)
+        elif cfg.long_rope is not None:
+            dim, long = rotary_dim(cfg), cfg.long_rope
+            inv_freq = long_rope_frequencies(dim, cfg.rotary_base, long.short_factor)
+            long_inv_freq = long_rope_frequencies(dim, cfg.rotary_base, long.long_factor)
+            self.register_buffer("long_inv_freq", long_inv_freq.to(device), persistent=False)
+            self.attention_scaling = long.attention_factor
         else:
-            inv_freq = inv_frequencies(cfg.kv_channels, cfg.rotary_base, cfg.rope_scaling)
+            inv_freq = inv_frequencies(rotary_dim(cfg), cfg.rotary_base, cfg.rope_scaling)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+
+    def frequencies(self, position_ids: torch.Tensor) -> torch.Tensor:
+        if self.long_rope is None:
+            return self.inv_freq
+        beyond = position_ids.max() + 1 > self.long_rope.original_max_position_embeddings  # a tensor: no host sync
+        return torch.where(beyond, self.long_inv_freq, self.inv_freq)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # position_ids: [b, s]
-        freqs = position_ids.t().float().unsqueeze(-1) * self.inv_freq.float()  # [s, b, d/2]
+        freqs = position_ids.t().float().unsqueeze(-1) * self.frequencies(position_ids).float()  # [s, b, d/2]
         emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(2)  # [s, b, 1, d]
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
 
@@ -81,5 +106,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [s, b, heads, d]; cos/sin: [s, b, 1, d]."""
-    return x * cos + rotate_half(x) * sin
+    """x: [s, b, heads, d]; cos/sin: [s, b, 1, r], r <= d: the first r dimensions rotate, the others pass."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rot, rest = x[..., :r], x[..., r:]
+    return torch.cat([rot * cos + rotate_half(rot) * sin, rest], dim=-1)

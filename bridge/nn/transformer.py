@@ -47,7 +47,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 documents: Documents | None = None) -> torch.Tensor:
         qkv = self.linear_qkv(x)  # [s, b, ng/tp * (hpg + 2) * d]
-        if self.q_layernorm is None and self.rope and rope_qkv.supported(qkv, self.d):
+        if self.q_layernorm is None and self.rope and rope[0].shape[-1] == self.d and rope_qkv.supported(qkv, self.d):
             q, k, v = rope_qkv.rope_qkv(qkv, *rope, self.groups, self.heads_per_group)  # one Triton kernel
         else:
             q, k, v = self.split_and_rotate(qkv, rope)

@@ -77,7 +77,7 @@ def megatron_logits(checkpoints: Sequence[str], token_lists: Sequence[Sequence[i
             get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization="RMSNorm"),
             vocab_size=meta.padded_vocab_size, max_sequence_length=cfg.max_position_embeddings,
             share_embeddings_and_output_weights=cfg.tie_word_embeddings, position_embedding_type="rope",
-            rotary_base=int(cfg.rotary_base), rope_scaling=scaling is not None,
+            rotary_percent=cfg.rotary_percent, rotary_base=int(cfg.rotary_base), rope_scaling=scaling is not None,
             rope_scaling_factor=scaling.factor if scaling else 8.0)
         state = LegacyCheckpointReader(Path(ckpt), layout).load_rank(parallel_state.get_tensor_model_parallel_rank(), 0)
         model.load_state_dict(state["model"], strict=True)

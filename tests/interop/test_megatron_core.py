@@ -16,8 +16,8 @@ from bridge.apps.verify import DEFAULT_PROMPTS, compare, encode, hf_logits
 from tests.interop.common import DENSE_MODELS, MEGATRON_CORE_MARKS
 
 pytestmark = MEGATRON_CORE_MARKS
-#: and SmolLM3 (NoPE layers: Megatron's no_rope_freq)
-MODELS = (*DENSE_MODELS, "smollm3")
+#: and SmolLM3 (NoPE layers: Megatron's no_rope_freq) and Phi-4 (HF's fused qkv_proj and gate_up_proj, GQA)
+MODELS = (*DENSE_MODELS, "smollm3", "phi4")
 
 
 def test_megatron_core_gpt_matches_hf(tiny_hf, tmp_path: Path) -> None:
