@@ -9,7 +9,7 @@ import torch
 from bridge.layout import ParallelLayout
 from bridge.models import family
 from bridge.nn import build_model_chunks
-from bridge.params import KINDS, LOCAL_NAMES, kind_of
+from bridge.params import KINDS, LOCAL_NAMES, Partial, Split, kind_of
 from bridge.parallel.state import ParallelState
 from bridge.sharding import extra_state_keys, split
 from bridge.tiny import tiny_config
@@ -56,6 +56,19 @@ def test_local_spec_names_agree_with_the_kinds_they_share_a_name_with() -> None:
     for te_name, local in LOCAL_NAMES.items():
         te, other = KINDS[te_name], kind_of(f"decoder.layers.0.{local}")
         assert (te.split, te.partial) == (other.split, other.partial), (te_name, local)
+
+
+#: How Megatron-Bridge's mappings split over TP (param_mapping.py): its AutoMapping reads the type from the module.
+MEGATRON_BRIDGE_SPLITS = {
+    "AutoMapping (column)": {Split.COLUMN, Split.VOCAB}, "AutoMapping (row)": {Split.ROW},
+    "AutoMapping (replicated)": {Split.REPLICATED}, "QKVMapping": {Split.COLUMN}, "GatedMLPMapping": {Split.GATED_COLUMN},
+}
+
+
+def test_every_kind_splits_as_megatron_bridge_does_and_only_replicated_ones_are_partial() -> None:
+    for kind in KINDS.values():
+        assert kind.split in MEGATRON_BRIDGE_SPLITS[kind.megatron_bridge], kind.name
+        assert kind.partial is Partial.NO or kind.split is Split.REPLICATED, kind.name
 
 
 def test_an_undeclared_parameter_is_named_in_the_error() -> None:

@@ -44,22 +44,52 @@ def _swap_qk_rows(ckpt: Path, rank_dir: str) -> None:
     torch.save(state, path)
 
 
+#: Checkpoints broken on purpose (verify must fail them) -> the model whose logits they are compared with.
+BROKEN = {"broken": "llama-untied", "smollm3-rope-everywhere": "smollm3", "phi3-v-for-k": "phi3"}
+
+
+def _broken_checkpoints(models: dict, tmp_path: Path, layout: ParallelLayout,
+                        monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """A swap of q and k rows in one rank file; SmolLM3 without its layer specs (RoPE in the NoPE layers); Phi-3
+    imported with a mapping that reads v where k is."""
+    from bridge import transforms
+    from bridge.mapping import Transform
+    from bridge.models import phi3
+
+    ckpts = {"broken": import_hf(models["llama-untied"][0], tmp_path / "broken", layout)}
+    _swap_qk_rows(ckpts["broken"], "mp_rank_01")
+    ckpts["smollm3-rope-everywhere"] = import_hf(models["smollm3"][0], tmp_path / "smollm3-rope", layout)
+    meta_file = ckpts["smollm3-rope-everywhere"] / "bridge.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["config"]["layers"]
+    meta_file.write_text(json.dumps(meta))
+
+    def v_for_k(qkv: torch.Tensor, cfg: Any) -> torch.Tensor:
+        d = cfg.kv_channels
+        q, k, v = qkv.split([cfg.num_attention_heads * d, cfg.num_query_groups * d, cfg.num_query_groups * d])
+        return transforms.fuse_qkv(q, v, k, cfg)
+
+    monkeypatch.setattr(phi3, "FUSED_QKV", Transform("fused_qkv", v_for_k, phi3.FUSED_QKV.to_hf))
+    ckpts["phi3-v-for-k"] = import_hf(models["phi3"][0], tmp_path / "phi3-v-for-k", layout)
+    return ckpts
+
+
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: layout.name)
-def test_logits_match_transformers_fp32(models: dict, tmp_path: Path, layout: ParallelLayout) -> None:
+def test_logits_match_transformers_fp32(models: dict, tmp_path: Path, layout: ParallelLayout,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     ckpts = {key: import_hf(folder, tmp_path / key, layout) for key, (folder, _) in models.items()}
     if layout.tp == 2 and layout.pp == 2:  # the local spec too
         for key in ("llama-tied", "qwen2"):
             ckpts[f"{key}-local"] = import_hf(models[key][0], tmp_path / f"{key}-local", layout, transformer_impl="local")
-    if layout.tp == 2 and layout.pp == 1:  # and a broken one, to see the check can fail
-        ckpts["broken"] = import_hf(models["llama-untied"][0], tmp_path / "broken", layout)
-        _swap_qk_rows(ckpts["broken"], "mp_rank_01")
+    if layout.tp == 2 and layout.pp == 1:  # and broken ones, to see the check can fail
+        ckpts.update(_broken_checkpoints(models, tmp_path, layout, monkeypatch))
     ours = dict(zip(ckpts, sharded_logits(list(ckpts.values()), TOKENS)))
     for key, logits in ours.items():
-        ref = models[key.removesuffix("-local") if key != "broken" else "llama-untied"][1]
+        ref = models[BROKEN.get(key, key.removesuffix("-local"))][1]
         _, overall, passed, criterion = compare(DEFAULT_PROMPTS, ref, logits, "fp32")
         print(f"{layout.name:14} {key:14} max abs {overall.max_abs:.3e} mean abs {overall.mean_abs:.3e} "
               f"top-1 {overall.top1:.1%} {'PASS' if passed else 'FAIL'}")
-        assert passed == (key != "broken"), f"{key} at {layout.name}: {criterion}"
+        assert passed == (key not in BROKEN), f"{key} at {layout.name}: {criterion}"
 
 
 def test_sequence_parallel_logits_match(models: dict, tmp_path: Path) -> None:
