@@ -76,6 +76,10 @@ def args_from_run_config(path: Path) -> argparse.Namespace:
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict) or not isinstance(model.get("num_layers"), int):
         raise BridgeError(f"{path} has no `model:` section with num_layers; it is not Megatron-Bridge's run configuration")
+    wrong = [f"{name}: {model[name]!r}" for name in _SAME_NAMES if name in model
+             and not (model[name] is None or type(model[name]) is (bool if name in ("bf16", "fp16") else int))]
+    if wrong:
+        raise BridgeError(f"{path}: `model:` has {', '.join(wrong)}; expected whole numbers (bf16/fp16: true or false)")
     args = argparse.Namespace(**{name: model[name] for name in _SAME_NAMES if name in model})
     for name, read in _FROM_RUN_CONFIG.items():
         setattr(args, name, read(model))

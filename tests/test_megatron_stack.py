@@ -11,6 +11,7 @@ import io
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import yaml
@@ -18,6 +19,7 @@ import yaml
 from bridge.cli.main import main
 from bridge.converters.foreign import args_from_run_config
 from bridge.converters.megatron_stack import ARG_DEFAULTS
+from bridge.errors import BridgeError
 from tests.model_fixtures import load_pt
 from tests.test_convert_roundtrip import assert_identical
 from tests.test_foreign_checkpoint import strip_bridge_files
@@ -92,3 +94,16 @@ def test_negative_out_iteration_is_one_line(tiny_hf, tmp_path: Path, capsys) -> 
     assert main(["import", str(hf), "--out", str(tmp_path / "x"), "--out-iteration", "-1"]) == 1
     err = capsys.readouterr().err.strip()
     assert "--out-iteration -1 must be 0 or more" in err and "\n" not in err and not (tmp_path / "x").exists()
+
+
+def test_run_config_with_a_wrong_value_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "run_config.yaml"
+    path.write_text(yaml.safe_dump({"model": {"num_layers": 4, "tensor_model_parallel_size": "2"}}))
+    with pytest.raises(BridgeError, match=r"tensor_model_parallel_size: '2'; expected whole numbers"):
+        args_from_run_config(path)
+    path.write_text("model: [unclosed")
+    with pytest.raises(BridgeError, match="cannot read"):
+        args_from_run_config(path)
+    path.write_text(yaml.safe_dump({"train": {}}))
+    with pytest.raises(BridgeError, match="no `model:` section"):
+        args_from_run_config(path)
