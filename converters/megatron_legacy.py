@@ -21,11 +21,14 @@ from bridge.converters.torch_zip import IncrementalTorchWriter, load_index, read
 TRACKER = "latest_checkpointed_iteration.txt"
 FILE_NAME = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0
-#: Enum classes Megatron-LM pickles in its `args`: `attention_backend` and `exit_signal` of a Megatron-LM 0.19.2
-#: `parse_args()` namespace, and the other enums megatron/core/safe_globals.py allows. bridge reads none of them.
+#: Enum classes Megatron-LM pickles beside the weights: `attention_backend` and `exit_signal` of a Megatron-LM 0.19.2
+#: `parse_args()` namespace, the rerun state machine's state in a training checkpoint's common state, and the other
+#: enums megatron/core/safe_globals.py allows. bridge reads none of them.
 ARG_ENUMS: tuple[str, ...] = ("megatron.core.transformer.enums.AttnBackend", "megatron.core.transformer.enums.CudaGraphScope",
                               "megatron.core.transformer.enums.CudaGraphModule",
                               "megatron.core.transformer.enums.InferenceCudaGraphScope", "megatron.core.enums.ModelType",
+                              "megatron.core.rerun_state_machine.RerunDiagnostic",
+                              "megatron.core.rerun_state_machine.RerunMode", "megatron.core.rerun_state_machine.RerunState",
                               "signal.Signals")
 
 

@@ -159,7 +159,8 @@ def torch_bytes(obj: Any) -> bytes:
 def read_common_state(folder: Path, dcp: DcpReader) -> dict[str, Any]:
     """The common state of a torch_dist iteration folder: Megatron Core 0.19's DCP entry, else `common.pt`, else {}.
 
-    Loaded with weights_only=True and only `argparse.Namespace` allowed; anything else is refused in one line.
+    Loaded with weights_only=True, allowing `argparse.Namespace` and Megatron's enums (as their values,
+    megatron_legacy.ARG_ENUMS); anything else is refused in one line.
     """
     if dcp.has_bytes(COMMON_STATE_KEY):
         where, data = f"{folder}/{COMMON_STATE_KEY}", dcp.read_bytes(COMMON_STATE_KEY)
