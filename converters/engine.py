@@ -21,6 +21,7 @@ from bridge.config import ModelConfig
 from bridge.converters import fp8
 from bridge.converters.hf import PlannedTensor, SafetensorsReader, StreamingSafetensorsWriter
 from bridge.converters.megatron_legacy import LegacyCheckpointReader, LegacyCheckpointWriter
+from bridge.converters.overlap import prefetched
 from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
 from bridge.memory import return_large_buffers_to_os
@@ -38,8 +39,6 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 #: Bytes a file spends per tensor besides its data (zip record headers, alignment, index entries): for space checks.
 PER_TENSOR_OVERHEAD = 512
-#: Elements checked for NaN/Inf at a time, so the temporary mask stays small next to the tensor.
-_FINITE_CHUNK = 1 << 24
 
 
 def _listing(names: Sequence[str], limit: int = 12) -> str:
@@ -163,9 +162,13 @@ def check_stored(what: str, found: Iterable[Found], advice: str) -> None:
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or Inf in `tensor`, checked a slice at a time so that the mask stays small."""
-    flat = tensor.reshape(-1)
-    return all(bool(torch.isfinite(flat[i:i + _FINITE_CHUNK]).all()) for i in range(0, flat.numel(), _FINITE_CHUNK))
+    """No NaN or Inf in `tensor`. Its minimum and maximum are finite exactly when every element is (both propagate
+    NaN): one vectorised reduction and no mask, where `isfinite(...).all()` on bf16 cost an import more than its
+    reads."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _localize(meta: CheckpointMeta, key: str) -> LocalKey:
@@ -416,10 +419,12 @@ class HFSink:
 
 
 def run(source: Source, sink: Sink, total: int, description: str) -> None:
-    """Stream every tensor from source to sink; then both sides check that nothing was left over."""
+    """Stream every tensor from source to sink, reading the next while writing the current; then both sides check
+    that nothing was left over."""
     return_large_buffers_to_os()
     # disable=None: a bar only on a terminal; a log file would fill with its carriage-return redraws
-    for conv, tensor in tqdm(source.tensors(), total=total, desc=description, unit="tensor", leave=False, disable=None):
+    for conv, tensor in tqdm(prefetched(source.tensors()), total=total, desc=description, unit="tensor", leave=False,
+                             disable=None):
         sink.put(conv, tensor)
         del tensor
     source.finish()

@@ -235,6 +235,19 @@ def test_nan_and_inf_weights_are_reported(tiny_hf, tmp_path: Path, caplog) -> No
     assert warnings == [f"2 tensors hold NaN or Inf values (converted as they are): {DOWN}, {O_PROJ}"], warnings
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_finite_check_finds_every_nan_and_inf(dtype: torch.dtype) -> None:
+    """One bad value anywhere (first, middle, last; in a vectorised body or the scalar tail) against isfinite."""
+    assert engine.all_finite(torch.empty(0, dtype=dtype))
+    for n in (1, 7, 33, 100_003):
+        x = torch.randn(n).to(dtype)
+        assert engine.all_finite(x)
+        for pos, bad in itertools.product({0, n // 2, n - 1}, (float("nan"), float("inf"), -float("inf"))):
+            y = x.clone()
+            y[pos] = bad
+            assert not engine.all_finite(y.view(1, n)), (n, pos, bad)
+
+
 @pytest.mark.parametrize("value", ["0", "-128"])
 def test_vocab_multiple_must_be_positive(value: str, tiny_hf, tmp_path: Path, capsys) -> None:
     err = one_error(capsys, "import", str(tiny_hf("llama31")), "--out", str(tmp_path / "out"),
