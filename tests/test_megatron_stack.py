@@ -50,6 +50,7 @@ def test_no_common_pt_out_iteration_folder(tiny_hf, tmp_path: Path, capsys) -> N
     assert state["args"].ckpt_format == "torch_dist" and state["args"].tensor_model_parallel_size == 2
     assert set(ARG_DEFAULTS) <= set(vars(state["args"]))
     strip_bridge_files(ckpt)  # read back as a foreign folder: its args come from the DCP entry alone
+    (folder / "run_config.yaml").unlink()
     assert main(["export", str(ckpt), "--out", str(tmp_path / "hf"), "--hf-config", str(hf)]) == 0
     assert_identical(hf, tmp_path / "hf")
 
