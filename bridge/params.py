@@ -80,7 +80,7 @@ def _shared_ffn(cfg: ModelConfig) -> int:
 
 _COLUMN, _ROW, _REPLICATED = "AutoMapping (column)", "AutoMapping (row)", "AutoMapping (replicated)"
 _SEQ = Partial.SEQUENCE
-A, M = "self_attention.", "mlp."
+_A, _M = "self_attention.", "mlp."  # layer-relative prefixes
 
 #: The declaration. Layer kinds are relative to `decoder.layers.{i}.`; the others are whole keys.
 KINDS: dict[str, ParamKind] = {k.name: k for k in (
@@ -88,57 +88,59 @@ KINDS: dict[str, ParamKind] = {k.name: k for k in (
     ParamKind("output_layer.weight", Split.VOCAB, lambda cfg: (cfg.vocab_size, cfg.hidden_size), _COLUMN),
     ParamKind("decoder.final_layernorm.weight", Split.REPLICATED, _h, _REPLICATED, _SEQ),
     # attention
-    ParamKind(A + "linear_qkv.layer_norm_weight", Split.REPLICATED, _h, _REPLICATED, _SEQ, local="input_layernorm.weight"),
-    ParamKind(A + "linear_qkv.weight", Split.COLUMN, lambda cfg: (cfg.qkv_rows, cfg.hidden_size), "QKVMapping",
-              te_extra=(A + "linear_qkv", A + "core_attention")),
-    ParamKind(A + "linear_qkv.bias", Split.COLUMN, lambda cfg: (cfg.qkv_rows,), "QKVMapping"),
-    ParamKind(A + "q_layernorm.weight", Split.REPLICATED, lambda cfg: (cfg.kv_channels,), _REPLICATED, Partial.HEADS),
-    ParamKind(A + "k_layernorm.weight", Split.REPLICATED, lambda cfg: (cfg.kv_channels,), _REPLICATED, Partial.HEADS),
-    ParamKind(A + "linear_proj.weight", Split.ROW, lambda cfg: (cfg.hidden_size, _proj_cols(cfg)), _ROW,
-              te_extra=(A + "linear_proj",)),
-    ParamKind(A + "linear_proj.bias", Split.REPLICATED, _h, _REPLICATED, _SEQ),
+    ParamKind(_A + "linear_qkv.layer_norm_weight", Split.REPLICATED, _h, _REPLICATED, _SEQ,
+              local="input_layernorm.weight"),
+    ParamKind(_A + "linear_qkv.weight", Split.COLUMN, lambda cfg: (cfg.qkv_rows, cfg.hidden_size), "QKVMapping",
+              te_extra=(_A + "linear_qkv", _A + "core_attention")),
+    ParamKind(_A + "linear_qkv.bias", Split.COLUMN, lambda cfg: (cfg.qkv_rows,), "QKVMapping"),
+    ParamKind(_A + "q_layernorm.weight", Split.REPLICATED, lambda cfg: (cfg.kv_channels,), _REPLICATED, Partial.HEADS),
+    ParamKind(_A + "k_layernorm.weight", Split.REPLICATED, lambda cfg: (cfg.kv_channels,), _REPLICATED, Partial.HEADS),
+    ParamKind(_A + "linear_proj.weight", Split.ROW, lambda cfg: (cfg.hidden_size, _proj_cols(cfg)), _ROW,
+              te_extra=(_A + "linear_proj",)),
+    ParamKind(_A + "linear_proj.bias", Split.REPLICATED, _h, _REPLICATED, _SEQ),
     ParamKind("input_layernorm.weight", Split.REPLICATED, _h, _REPLICATED, _SEQ,  # TENorm: MLA layers
               te_extra=("input_layernorm",)),
     # MLA (TE spec): down-projections are duplicated TELinear, up-projections column parallel
-    ParamKind(A + "linear_q_proj.weight", Split.COLUMN, lambda cfg: (_mla_q_rows(cfg), cfg.hidden_size), _COLUMN,
-              te_extra=(A + "linear_q_proj",)),
-    ParamKind(A + "linear_q_down_proj.weight", Split.REPLICATED, lambda cfg: (cfg.mla.q_lora_rank, cfg.hidden_size),
-              _REPLICATED, _SEQ, te_extra=(A + "linear_q_down_proj",)),
-    ParamKind(A + "linear_q_up_proj.layer_norm_weight", Split.REPLICATED, lambda cfg: (cfg.mla.q_lora_rank,),
+    ParamKind(_A + "linear_q_proj.weight", Split.COLUMN, lambda cfg: (_mla_q_rows(cfg), cfg.hidden_size), _COLUMN,
+              te_extra=(_A + "linear_q_proj",)),
+    ParamKind(_A + "linear_q_down_proj.weight", Split.REPLICATED, lambda cfg: (cfg.mla.q_lora_rank, cfg.hidden_size),
+              _REPLICATED, _SEQ, te_extra=(_A + "linear_q_down_proj",)),
+    ParamKind(_A + "linear_q_up_proj.layer_norm_weight", Split.REPLICATED, lambda cfg: (cfg.mla.q_lora_rank,),
               _REPLICATED, _SEQ),
-    ParamKind(A + "linear_q_up_proj.weight", Split.COLUMN, lambda cfg: (_mla_q_rows(cfg), cfg.mla.q_lora_rank),
-              _COLUMN, te_extra=(A + "linear_q_up_proj",)),
-    ParamKind(A + "linear_kv_down_proj.weight", Split.REPLICATED,
+    ParamKind(_A + "linear_q_up_proj.weight", Split.COLUMN, lambda cfg: (_mla_q_rows(cfg), cfg.mla.q_lora_rank),
+              _COLUMN, te_extra=(_A + "linear_q_up_proj",)),
+    ParamKind(_A + "linear_kv_down_proj.weight", Split.REPLICATED,
               lambda cfg: (cfg.mla.kv_lora_rank + cfg.mla.qk_pos_emb_head_dim, cfg.hidden_size), _REPLICATED, _SEQ,
-              te_extra=(A + "linear_kv_down_proj",)),
-    ParamKind(A + "linear_kv_up_proj.layer_norm_weight", Split.REPLICATED, lambda cfg: (cfg.mla.kv_lora_rank,),
+              te_extra=(_A + "linear_kv_down_proj",)),
+    ParamKind(_A + "linear_kv_up_proj.layer_norm_weight", Split.REPLICATED, lambda cfg: (cfg.mla.kv_lora_rank,),
               _REPLICATED, _SEQ),
-    ParamKind(A + "linear_kv_up_proj.weight", Split.COLUMN,
+    ParamKind(_A + "linear_kv_up_proj.weight", Split.COLUMN,
               lambda cfg: (cfg.num_attention_heads * (cfg.mla.qk_head_dim + cfg.mla.v_head_dim), cfg.mla.kv_lora_rank),
-              _COLUMN, te_extra=(A + "linear_kv_up_proj", A + "core_attention")),
+              _COLUMN, te_extra=(_A + "linear_kv_up_proj", _A + "core_attention")),
     # dense MLP
-    ParamKind(M + "linear_fc1.layer_norm_weight", Split.REPLICATED, _h, _REPLICATED, _SEQ,
+    ParamKind(_M + "linear_fc1.layer_norm_weight", Split.REPLICATED, _h, _REPLICATED, _SEQ,
               local="pre_mlp_layernorm.weight"),
-    ParamKind(M + "linear_fc1.weight", Split.GATED_COLUMN, lambda cfg: (2 * cfg.ffn_hidden_size, cfg.hidden_size),
-              "GatedMLPMapping", te_extra=(M + "linear_fc1",)),
-    ParamKind(M + "linear_fc2.weight", Split.ROW, lambda cfg: (cfg.hidden_size, cfg.ffn_hidden_size), _ROW,
-              te_extra=(M + "linear_fc2",)),
-    ParamKind(M + "linear_fc2.bias", Split.REPLICATED, _h, _REPLICATED, _SEQ),
+    ParamKind(_M + "linear_fc1.weight", Split.GATED_COLUMN, lambda cfg: (2 * cfg.ffn_hidden_size, cfg.hidden_size),
+              "GatedMLPMapping", te_extra=(_M + "linear_fc1",)),
+    ParamKind(_M + "linear_fc2.weight", Split.ROW, lambda cfg: (cfg.hidden_size, cfg.ffn_hidden_size), _ROW,
+              te_extra=(_M + "linear_fc2",)),
+    ParamKind(_M + "linear_fc2.bias", Split.REPLICATED, _h, _REPLICATED, _SEQ),
     # MoE: expert fc1/fc2 split over the expert-TP group (`etp`) instead of TP
     ParamKind("pre_mlp_layernorm.weight", Split.REPLICATED, _h, _REPLICATED, _SEQ,  # TENorm: MoE layers
               te_extra=("pre_mlp_layernorm",)),
-    ParamKind(M + "router.weight", Split.REPLICATED, lambda cfg: (cfg.num_experts, cfg.hidden_size), _REPLICATED, _SEQ),
-    ParamKind(M + "router.expert_bias", Split.REPLICATED, lambda cfg: (cfg.num_experts,), _REPLICATED),  # a buffer
-    ParamKind(M + "experts.linear_fc1.weight", Split.GATED_COLUMN,
+    ParamKind(_M + "router.weight", Split.REPLICATED, lambda cfg: (cfg.num_experts, cfg.hidden_size), _REPLICATED,
+              _SEQ),
+    ParamKind(_M + "router.expert_bias", Split.REPLICATED, lambda cfg: (cfg.num_experts,), _REPLICATED),  # a buffer
+    ParamKind(_M + "experts.linear_fc1.weight", Split.GATED_COLUMN,
               lambda cfg: (2 * cfg.moe.moe_ffn_hidden_size, cfg.hidden_size), "GatedMLPMapping"),
-    ParamKind(M + "experts.linear_fc2.weight", Split.ROW, lambda cfg: (cfg.hidden_size, cfg.moe.moe_ffn_hidden_size),
+    ParamKind(_M + "experts.linear_fc2.weight", Split.ROW, lambda cfg: (cfg.hidden_size, cfg.moe.moe_ffn_hidden_size),
               _ROW),
-    ParamKind(M + "shared_experts.linear_fc1.weight", Split.GATED_COLUMN,
+    ParamKind(_M + "shared_experts.linear_fc1.weight", Split.GATED_COLUMN,
               lambda cfg: (2 * _shared_ffn(cfg), cfg.hidden_size), "GatedMLPMapping",
-              te_extra=(M + "shared_experts.linear_fc1",)),
-    ParamKind(M + "shared_experts.linear_fc2.weight", Split.ROW, lambda cfg: (cfg.hidden_size, _shared_ffn(cfg)), _ROW,
-              te_extra=(M + "shared_experts.linear_fc2",)),
-    ParamKind(M + "shared_experts.gate_weight", Split.REPLICATED, lambda cfg: (1, cfg.hidden_size), _REPLICATED, _SEQ),
+              te_extra=(_M + "shared_experts.linear_fc1",)),
+    ParamKind(_M + "shared_experts.linear_fc2.weight", Split.ROW, lambda cfg: (cfg.hidden_size, _shared_ffn(cfg)), _ROW,
+              te_extra=(_M + "shared_experts.linear_fc2",)),
+    ParamKind(_M + "shared_experts.gate_weight", Split.REPLICATED, lambda cfg: (1, cfg.hidden_size), _REPLICATED, _SEQ),
 )}
 
 #: What each key is called in the local spec, where that differs (derived from KINDS).
@@ -148,7 +150,8 @@ _BY_LOCAL_NAME: dict[str, ParamKind] = {k.local: k for k in KINDS.values() if k.
 TE_EXTRA: dict[str, tuple[str, ...]] = {k.module: k.te_extra for k in KINDS.values() if k.te_extra}
 
 #: The layer prefix, a SequentialMLP expert's index and a grouped-GEMM expert's weight number: not part of a kind.
-_INDEXES = re.compile(r"^decoder\.layers\.\d+\.|(?<=experts\.)local_experts\.\d+\.|(?<=experts\.linear_fc[12]\.weight)\d+$")
+_INDEXES = re.compile(r"^decoder\.layers\.\d+\.|(?<=experts\.)local_experts\.\d+\."
+                      r"|(?<=experts\.linear_fc[12]\.weight)\d+$")
 
 
 def kind_of(key: str) -> ParamKind:
