@@ -70,12 +70,14 @@ def run_config(meta: CheckpointMeta, args: argparse.Namespace) -> dict[str, Any]
         "normalization": "RMSNorm", "layernorm_epsilon": cfg.norm_epsilon, "gated_linear_unit": True,
         "activation_func": _function("torch.nn.functional.silu"), "add_bias_linear": False,
         "add_qkv_bias": cfg.add_qkv_bias, "qk_layernorm": cfg.qk_layernorm, "position_embedding_type": "rope",
-        "rotary_base": int(cfg.rotary_base), "rotary_percent": 1.0, "rope_scaling": cfg.rope_scaling is not None,
+        "rotary_base": int(cfg.rotary_base), "rotary_percent": cfg.rotary_percent, "rope_scaling": cfg.rope_scaling is not None,
         "rope_scaling_factor": cfg.rope_scaling.factor if cfg.rope_scaling else 1.0,
         "hidden_dropout": 0.0, "attention_dropout": 0.0, "transformer_impl": meta.transformer_impl,
         "params_dtype": _function(_DTYPES[meta.dtype]), "bf16": meta.dtype == "bf16", "fp16": meta.dtype == "fp16",
         "transformer_layer_spec": _function("megatron.bridge.models.gpt_provider.default_layer_spec"),
     }
+    if getattr(args, "no_rope_freq", None):  # NoPE layers (SmolLM3): the per-layer pattern, as in the args
+        model["no_rope_freq"] = list(args.no_rope_freq)
     checkpoint = {"_target_": "megatron.bridge.training.config.CheckpointConfig", "ckpt_format": meta.format,
                   "save": None, "load": None}  # the folder may be moved: no path recorded
     return {"_target_": "megatron.bridge.training.config.ConfigContainer", "model": model, "checkpoint": checkpoint}

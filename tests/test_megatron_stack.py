@@ -80,6 +80,17 @@ def test_run_config_describes_the_checkpoint(tiny_hf, tmp_path: Path) -> None:
     assert args.untie_embeddings_and_output_weights == (not hf_cfg["tie_word_embeddings"])
 
 
+@pytest.mark.parametrize("name", ["smollm3", "phi3"])
+def test_run_config_carries_the_rope_of_each_layer(name: str, tiny_hf, tmp_path: Path) -> None:
+    """SmolLM3's NoPE layers (Megatron's no_rope_freq: 1 skips RoPE) and Phi-3's partial rotary, from the HF config."""
+    hf = tiny_hf(name)
+    assert main(["import", str(hf), "--out", str(tmp_path / "dist"), "--format", "torch_dist"]) == 0
+    model = yaml.safe_load((tmp_path / "dist" / "release" / "run_config.yaml").read_text())["model"]
+    hf_cfg = json.loads((hf / "config.json").read_text())
+    assert model["rotary_percent"] == hf_cfg.get("partial_rotary_factor", 1.0)
+    assert model.get("no_rope_freq") == ([1 - f for f in hf_cfg["no_rope_layers"]] if "no_rope_layers" in hf_cfg else None)
+
+
 def test_legacy_args_are_complete(tiny_hf, tmp_path: Path) -> None:
     hf = tiny_hf("qwen3")
     ckpt = tmp_path / "legacy"
