@@ -119,3 +119,13 @@ def test_run_config_with_a_wrong_value_is_one_line(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"train": {}}))
     with pytest.raises(BridgeError, match="no `model:` section"):
         args_from_run_config(path)
+
+
+def test_sliding_window_is_written_in_flash_attentions_terms(tiny_hf, tmp_path: Path) -> None:
+    """transformers' window W keeps the keys with q - k < W; Megatron's window_size (left, 0) goes to flash attention
+    and Transformer Engine, which keep keys q - left .. q: W keys need left = W - 1."""
+    hf = tiny_hf("phi3")  # Phi-3-mini's window, cut to 32 for the tiny model
+    window = json.loads((hf / "config.json").read_text())["sliding_window"]
+    assert main(["import", str(hf), "--out", str(tmp_path / "ckpt")]) == 0
+    args = load_pt(tmp_path / "ckpt" / "release" / "mp_rank_00" / "model_optim_rng.pt")["args"]
+    assert tuple(args.window_size) == (window - 1, 0)
