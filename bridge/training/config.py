@@ -15,6 +15,8 @@ from bridge.errors import BridgeError
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 RECOMPUTE = ("full", "selective")
+#: Megatron-Bridge's LoRA target names (bridge.nn.lora.TARGETS), all adapted by default as there.
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 
 @dataclass(kw_only=True)
@@ -113,6 +115,18 @@ class TrainConfig:
     """SDPA kernel on CUDA: auto | flash | fused (cuDNN) | unfused (Megatron-LM's --attention-backend names)."""
     compile: bool = False
     """torch.compile each transformer layer (CUDA runs; the first steps pay the compilation)."""
+    # parameter-efficient fine-tuning (bridge.nn.lora; docs/lora.md)
+    lora_rank: int | None = None
+    """LoRA on the --lora-target-modules linears with this rank; the base is frozen (no gradients, no optimizer
+    state) and checkpoints hold only the adapter, its optimizer state and the path of the base checkpoint."""
+    lora_alpha: float = 32.0
+    """The adapter's output is scaled by alpha / rank (Megatron-Bridge's and peft's convention)."""
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    lora_use_dora: bool = False
+    """DoRA: a trained per-row magnitude over the direction of W + BA (peft's use_dora)."""
+    lora_resume: str | None = None
+    """Set by bridge, not a flag: the LoRA run --load named, whose adapter and optimizer resume; `load` is its base."""
     # checkpoints and evaluation
     save: str | None = None
     save_interval: int | None = None

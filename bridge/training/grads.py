@@ -81,6 +81,8 @@ class ParamAndGradBuffer:
         for v, chunk in enumerate(chunks):
             regular, experts, deferred = [], [], []
             for name, p in reversed(list(chunk.named_parameters())):
+                if not p.requires_grad:  # frozen (a LoRA base): no gradient, no buffer, no optimizer state
+                    continue
                 is_tied = id(p) in tied
                 dup = (tp_replicated(name) and ps.tp_rank != 0) or (is_tied and not ps.is_first_stage)
                 sum_over = "embedding" if is_tied else "tp" if tp_partial(name, sequence_parallel, ps.tp) else None

@@ -19,6 +19,7 @@ from torch import nn
 
 from bridge.converters.megatron_legacy import CHECKPOINT_VERSION, FILE_NAME, model_keys
 from bridge.converters.torch_zip import IncrementalTorchWriter
+from bridge.nn.lora import checkpoint_state
 from bridge.parallel.state import ParallelState
 from bridge.training.grads import Entry
 from bridge.training.optimizer import STATE_NAMES, MixedPrecisionAdamW, state_key
@@ -41,7 +42,7 @@ def write_rank_files(tmp: Path, iteration: int, ps: ParallelState, chunks: Seque
         main = IncrementalTorchWriter(folder / FILE_NAME)
         opt = IncrementalTorchWriter(folder / DISTRIB_OPTIM_FILE) if sharded else main
         for key, chunk in zip(model_keys(ps.layout), chunks):
-            state[key] = {name: main.tensor(stager.host(t)) for name, t in chunk.state_dict().items()}
+            state[key] = {name: main.tensor(stager.host(t)) for name, t in checkpoint_state(chunk).items()}
     params: dict[str, dict[str, Any]] = {}
     for entry, name, tensor in _optimizer_tensors(optimizer, ps, stager, sharded):
         params.setdefault(state_key(optimizer.chunks, entry), {})[name] = opt.tensor(tensor.view(entry.param.shape))

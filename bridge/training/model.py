@@ -16,8 +16,11 @@ from bridge.errors import BridgeError
 from bridge.models import conversions
 from bridge.nn import build_model_chunks, load_rank_checkpoint, sync_tied_embeddings
 from bridge.nn.fp8 import apply_fp8, first_last_layers
+from bridge.nn.lora import apply_lora, load_adapter_state
+from bridge.converters.megatron_legacy import LegacyCheckpointReader, model_keys
 from bridge.parallel.state import ParallelState
 from bridge.training.config import TrainConfig
+from bridge.training.lora_run import lora_spec
 from bridge.training.plan import Plan
 from bridge.training.resume import dist_training_entries
 
@@ -48,6 +51,8 @@ def build_chunks(cfg: TrainConfig, plan: Plan, ps: ParallelState, device: torch.
     elif ps.ep > 1:
         _distinct_expert_init(chunks, cfg.seed + 1000 * ps.pp_rank + ps.tp_rank, ps.ep_rank)
     sync_tied_embeddings(chunks)
+    if cfg.lora_rank is not None:
+        state = add_adapters(chunks, cfg, ps)
     if cfg.fp8:  # FP8 compute only: parameters, state dicts and checkpoints are unchanged
         bf16 = (first_last_layers(plan.model.num_layers, cfg.num_layers_at_start_in_bf16,
                                   cfg.num_layers_at_end_in_bf16) if cfg.first_last_layers_bf16 else ())
@@ -57,6 +62,24 @@ def build_chunks(cfg: TrainConfig, plan: Plan, ps: ParallelState, device: torch.
     if cfg.compile:
         compile_chunks(chunks)
     return chunks, state
+
+
+def add_adapters(chunks: Sequence[nn.Module], cfg: TrainConfig, ps: ParallelState) -> dict[str, Any] | None:
+    """Freeze the loaded base, add the adapters, keep the base in the training dtype (it has no fp32 master to
+    come from); a resumed LoRA run's adapter comes from its own rank file, whose training entries are returned."""
+    apply_lora(chunks, lora_spec(cfg))
+    if cfg.bf16:
+        for chunk in chunks:
+            for p in chunk.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(torch.bfloat16)
+    if cfg.lora_resume is None:
+        return None
+    meta = CheckpointMeta.load(Path(cfg.lora_resume))
+    state = LegacyCheckpointReader(Path(cfg.lora_resume), meta.layout).load_rank(
+        ps.tp_rank, ps.pp_rank, ps.ep_rank if ps.ep > 1 else 0)
+    load_adapter_state(chunks, [state[k] for k in model_keys(meta.layout)])
+    return state
 
 
 def compile_chunks(chunks: Sequence[nn.Module]) -> None:

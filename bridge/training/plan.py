@@ -23,6 +23,7 @@ from bridge.parallel.context import check_seq_length
 from bridge.parallel.state import check_context_parallel
 from bridge.training.checkpoint_flags import check_checkpoint_flags
 from bridge.training.config import LR_DECAY_STYLES, RECOMPUTE, TrainConfig
+from bridge.training.lora_run import check_lora
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -156,6 +157,7 @@ def _check_expert_parallel(cfg: TrainConfig, dp: int, meta: CheckpointMeta | Non
 def make_plan(cfg: TrainConfig) -> Plan:
     """Validate everything checkable without starting a process; BridgeError on the first problem."""
     _check_numbers(cfg)
+    check_lora(cfg)
     model, meta, impl = _model(cfg)
     grouped = meta.layout.moe_grouped_gemm if meta is not None else False  # keep the checkpoint's expert names
     layout = ParallelLayout(tp=cfg.tp, pp=cfg.pp, vpp=cfg.vpp, ep=cfg.ep, moe_grouped_gemm=grouped)

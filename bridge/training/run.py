@@ -22,6 +22,7 @@ from bridge.launch import launch
 from bridge.parallel.state import init_distributed
 from bridge.training.checkpointing import remove_partial
 from bridge.training.config import TrainConfig
+from bridge.training.lora_run import resolve_lora_resume
 from bridge.training.plan import Plan, make_plan
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def resolve_load(cfg: TrainConfig, plan: Plan, *, do_reshard: bool = True) -> Tr
     old = plan.load_meta.layout
     iteration = read_tracker(Path(cfg.load))
     has_optimizer = plan.load_meta.format == "torch" and "optimizer" in LegacyCheckpointReader(Path(cfg.load), old).state(0, 0)
-    if has_optimizer and not cfg.finetune:
+    if has_optimizer and not cfg.finetune and cfg.lora_rank is None:  # a LoRA base's optimizer state is unused
         raise BridgeError(f"{cfg.load} is a training checkpoint at {old.name}; resume it with --tp {old.tp} --pp {old.pp}"
                           f"{f' --vpp {old.vpp}' if old.vpp else ''}, or pass --finetune to load only its weights "
                           f"(resharded to {plan.layout.name}) with a fresh optimizer; checkpoints saved with "
@@ -101,6 +102,7 @@ def _rank_main(cfg: TrainConfig, plan: Plan) -> dict[str, Any] | None:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Validate, then train on `--nproc` spawned ranks or as this torchrun rank; rank 0's summary."""
     default_cuda_allocator(cfg.resolved_device())
+    cfg = resolve_lora_resume(cfg)  # --load of a LoRA run: its base, and the adapter to resume
     plan = make_plan(cfg)
     # no --global-batch-size: one micro-batch per DP rank and step (Megatron-LM's default)
     cfg = dataclasses.replace(cfg, global_batch_size=plan.global_microbatches * cfg.micro_batch_size)

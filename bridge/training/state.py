@@ -24,6 +24,7 @@ from bridge.training.config import TrainConfig
 from bridge.training.data import (Documents, MockDataset, PackedDataset, WholeDocumentDataset, split_documents,
                                   step_micro_batches)
 from bridge.training.grads import ParamAndGradBuffer
+from bridge.training.lora_run import write_lora
 from bridge.training.lr import LRSchedule
 from bridge.training.model import build_chunks, resume_state
 from bridge.training.optimizer import AdamConfig, MixedPrecisionAdamW
@@ -176,7 +177,7 @@ def setup_rank(cfg: TrainConfig, plan: Plan) -> RankSetup:
     resume = resume_state(state, cfg)
     if resume is not None:
         ts = resume["train_state"]
-        restore_optimizer(optimizer, resume["optimizer"], Path(cfg.load), int(ts["iteration"]), ps, plan.model,
+        restore_optimizer(optimizer, resume["optimizer"], Path(cfg.lora_resume or cfg.load), int(ts["iteration"]), ps, plan.model,
                           plan.transformer_impl)
         rs.iteration, rs.consumed = int(ts["iteration"]), int(ts["consumed_train_samples"])
         rs.loss_curve, rs.valid_curve = [list(x) for x in ts["loss_curve"]], [list(x) for x in ts["valid_curve"]]
@@ -209,3 +210,5 @@ def _prepare_save(cfg: TrainConfig, plan: Plan, start: int) -> None:
                           dtype="bf16" if cfg.bf16 else "fp32", source=source, format=cfg.ckpt_format)
     with disk_space_checked(save, ckpt.NO_SPACE_ADVICE):
         ckpt.write_meta(save, meta, _hf_meta_folder(cfg))
+        if cfg.lora_rank is not None:
+            write_lora(save, cfg, cfg.load_as_given or cfg.load)

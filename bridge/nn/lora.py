@@ -1,0 +1,255 @@
+"""LoRA and DoRA adapters on the Megatron-named parallel linears, split over TP the way Megatron-Bridge splits them.
+
+An adapter is a submodule `adapter` of the linear it adapts, so the base weights keep their Megatron names
+(`...linear_qkv.weight`) and the adapter's are `...linear_qkv.adapter.linear_in.weight` (A, [r, in]),
+`...adapter.linear_out.weight` (B, [out, r]) and, for DoRA, `...adapter.magnitude` ([out]). The linear computes
+    y = base(x) + scaling * B A dropout(x)                                  (LoRA, scaling = alpha / r)
+    y = base(x) + (g - 1) * (base(x) - bias) + g * scaling * B A dropout(x),  g = m / ||W + scaling B A||_row  (DoRA)
+where x is what the base's matrix multiplies (after the fused RMSNorm of a TE LayerNormColumnParallelLinear) and
+the row norm is taken without gradient, as peft and the DoRA paper do.
+
+Tensor parallelism (Megatron-Bridge's ParallelLinearAdapter; docs/lora.md states the layout):
+- column-parallel base (W [out/tp, in]): A is split over the rank r, its output all-gathered to [.., r]; B is
+  split over `out` like W (fc1's [gate_r; up_r] included), so B_r's rows line up with W_r's;
+- row-parallel base (W [out, in/tp]): A is split over `in` like W, its output summed over TP; B is split over
+  `out` and its output all-gathered, then (sequence parallel) scattered along the sequence like the base's.
+The DoRA magnitude is split over `out` like B in both cases.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import zlib
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from bridge.errors import BridgeError
+from bridge.nn.layers import rms_norm
+from bridge.parallel import collectives as C
+from bridge.sharding import Split, rule_for
+from bridge.sharding import split as tp_split
+
+#: Megatron-Bridge's target names -> (module path inside a transformer layer, how the base is split over TP).
+TARGETS: dict[str, tuple[str, str]] = {
+    "linear_qkv": ("self_attention.linear_qkv", "column"),
+    "linear_proj": ("self_attention.linear_proj", "row"),
+    "linear_fc1": ("mlp.linear_fc1", "column"),
+    "linear_fc2": ("mlp.linear_fc2", "row"),
+}
+ADAPTER_TAILS = ("adapter.linear_in.weight", "adapter.linear_out.weight", "adapter.magnitude")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoRASpec:
+    """What is adapted and how (Megatron-Bridge's LoRA fields: dim = rank, alpha, dropout, target_modules)."""
+
+    rank: int
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = tuple(TARGETS)
+    use_dora: bool = False
+    seed: int = 1234
+    """Seeds A's initialisation per (layer, target), the same global tensor at every layout."""
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "target_modules": list(self.target_modules)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "LoRASpec":
+        fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**{**fields, "target_modules": tuple(fields.get("target_modules", TARGETS))})
+
+
+def check_spec(spec: LoRASpec) -> None:
+    """One line per bad setting, before any process starts."""
+    if spec.rank < 1:
+        raise BridgeError(f"--lora-rank must be >= 1, got {spec.rank}")
+    if not 0.0 <= spec.dropout < 1.0:
+        raise BridgeError(f"--lora-dropout must be in [0, 1), got {spec.dropout}")
+    unknown = [t for t in spec.target_modules if t not in TARGETS]
+    if unknown or not spec.target_modules:
+        raise BridgeError(f"--lora-target-modules {' '.join(unknown) or '(none)'} matches no adaptable linear; "
+                          f"choose from {' '.join(TARGETS)}")
+
+
+def adapter_split(base_kind: str, base_rule: Split, param: str) -> Split:
+    """How TP splits one adapter tensor of a base split `base_kind` (column/row) by `base_rule`."""
+    if param == "linear_in.weight":
+        return Split.COLUMN if base_kind == "column" else Split.ROW
+    return base_rule if base_kind == "column" else Split.COLUMN  # B and the magnitude follow the output rows
+
+
+class LoRAAdapter(nn.Module):
+    """This TP rank's share of one adapter; `forward(x, base_out)` adds it to the base linear's output."""
+
+    def __init__(self, base: nn.Module, kind: str, base_rule: Split, spec: LoRASpec, *, global_in: int,
+                 global_out: int, tp: int) -> None:
+        super().__init__()
+        self.kind, self.spec, self.group, self.tp = kind, spec, base.group, tp
+        self.sequence_parallel = base.sequence_parallel
+        self.base_rule = base_rule
+        r, dtype, device = spec.rank, torch.float32, base.weight.device
+        if kind == "column" and r % tp:
+            raise BridgeError(f"--lora-rank {r} must be divisible by --tp {tp}: a column-parallel base splits A over the rank")
+        in_shape = (r // tp, global_in) if kind == "column" else (r, global_in // tp)
+        self.linear_in = nn.Linear(in_shape[1], in_shape[0], bias=False, dtype=dtype, device=device)
+        self.linear_out = nn.Linear(r, global_out // tp, bias=False, dtype=dtype, device=device)
+        nn.init.zeros_(self.linear_out.weight)
+        self.magnitude = nn.Parameter(torch.ones(global_out // tp, dtype=dtype, device=device)) if spec.use_dora else None
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout else nn.Identity()
+
+    def lora(self, x: torch.Tensor) -> torch.Tensor:
+        """scaling * B A x for this rank: [s(/tp), b, in(/tp)] -> the base output's shape before any TP reduction
+        (column: [s, b, out/tp]; row: [s(/tp), b, out], already gathered and scattered like the base's)."""
+        g, a, b = self.group, self.linear_in.weight, self.linear_out.weight
+        if self.kind == "column":
+            x = C.gather_from_sp(x, g) if self.sequence_parallel else C.copy_to_tp(x, g)  # [s, b, in]
+            u = C.copy_to_tp(C.gather_from_tp(F.linear(self.dropout(x), a), g), g)  # [s, b, r]
+            return F.linear(u, b) * self.spec.scaling  # [s, b, out/tp]
+        u = C.copy_to_tp(C.reduce_from_tp(F.linear(self.dropout(x), a), g), g)  # [s, b, r]
+        y = C.gather_from_tp(F.linear(u, b), g) * self.spec.scaling  # [s, b, out]
+        return C.scatter_to_sp(y, g) if self.sequence_parallel else y
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, bias: torch.Tensor | None,
+                weight: torch.Tensor) -> torch.Tensor:
+        delta = self.lora(x)
+        if self.magnitude is None:
+            return base_out + delta.to(base_out.dtype)
+        scale = self._magnitude_scale(weight)  # [out(/tp)] as the output's last dimension
+        plain = base_out if bias is None else base_out - bias
+        return (base_out + (scale - 1) * plain + scale * delta).to(base_out.dtype)
+
+    def _magnitude_scale(self, weight: torch.Tensor) -> torch.Tensor:
+        """m / ||W + scaling B A|| per output row, the norm without gradient (peft's DoRA), laid out like the output."""
+        with torch.no_grad():
+            norm = self._row_norms(weight)  # [out/tp]: this rank's rows
+        scale = self.magnitude / norm
+        if self.kind == "column":
+            return scale
+        # row base: the output holds every row; under SP each rank's gradient covers its sequence shard: summed
+        return C.gather_from_sp(scale, self.group, tensor_parallel_output_grad=self.sequence_parallel)
+
+    def _row_norms(self, weight: torch.Tensor) -> torch.Tensor:
+        """||W + scaling B A||_2 over each output row this rank's magnitude covers."""
+        a, b, s, g = self.linear_in.weight.float(), self.linear_out.weight.float(), self.spec.scaling, self.group
+        if self.kind == "column":  # W_r [out/tp, in], B_r [out/tp, r], A split over r
+            full_a = C.all_gather(a, g, 0) if self.tp > 1 else a
+            return (weight.float() + s * b @ full_a).norm(dim=1)
+        full_b = C.all_gather(b, g, 0) if self.tp > 1 else b  # row base: W [out, in/tp], A [r, in/tp]
+        squares = (weight.float() + s * full_b @ a).pow(2).sum(dim=1)  # [out], partial over the input shards
+        return C.split(C.all_reduce(squares, g).sqrt(), g, 0)  # this rank's rows of the full norms
+
+
+def _adapted_forward(module: nn.Module, base_forward: Callable[..., torch.Tensor], x: torch.Tensor,
+                     *args: Any, **kwargs: Any) -> torch.Tensor:
+    """The base linear's forward plus its adapter; the adapter sees the input after the fused norm, as HF's
+    q_proj/gate_proj (which peft adapts) see the output of input_layernorm/post_attention_layernorm."""
+    out = base_forward(x, *args, **kwargs)
+    if getattr(module, "norm_eps", None) is not None:
+        x = rms_norm(x, module.layer_norm_weight, module.norm_eps)
+    return module.adapter(x, out, module.bias, module.weight)
+
+
+def adapted_modules(chunk: nn.Module, spec: LoRASpec) -> Iterator[tuple[int, str, str, nn.Module]]:
+    """(global layer, target name, chunk-local module path, module) of every linear `spec` adapts in a chunk."""
+    for local, layer in enumerate(chunk.decoder.layers):
+        for target in spec.target_modules:
+            path, _ = TARGETS[target]
+            module = layer.get_submodule(path) if _has(layer, path) else None
+            if module is not None and getattr(module, "weight", None) is not None:
+                yield chunk.layer_numbers[local], target, f"decoder.layers.{local}.{path}", module
+
+
+def _has(layer: nn.Module, path: str) -> bool:
+    try:
+        layer.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _init_a(global_shape: tuple[int, int], seed: int, layer: int, target: str) -> torch.Tensor:
+    """A's global initial value (kaiming-uniform, a = sqrt(5): U(+-1/sqrt(in)), nn.Linear's and peft's default),
+    drawn from its own seed, so every TP/PP layout starts from the same adapter."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + layer * 101 + zlib.crc32(target.encode()) % 97)
+    bound = 1.0 / math.sqrt(global_shape[1])
+    return (torch.rand(global_shape, generator=generator, dtype=torch.float64) * 2 - 1).mul(bound).float()
+
+
+def apply_lora(chunks: Sequence[nn.Module], spec: LoRASpec, seed: int | None = None) -> list[str]:
+    """Freeze every base weight and add an adapter to each target linear; returns the adapted modules' global
+    paths. Raises a one-line error when a target matches no linear of the model (e.g. linear_fc1 on an all-MoE model,
+    whose expert linears bridge does not adapt)."""
+    for chunk in chunks:
+        for p in chunk.parameters():
+            p.requires_grad_(False)
+    found: dict[str, list[str]] = {t: [] for t in spec.target_modules}
+    for chunk in chunks:
+        tp, tp_rank = chunk.ps.tp, chunk.ps.tp_rank
+        for layer, target, path, module in adapted_modules(chunk, spec):
+            kind = TARGETS[target][1]
+            rule = rule_for(f"{path}.weight")
+            out_local, in_local = module.weight.shape
+            g_out, g_in = (out_local * tp, in_local) if kind == "column" else (out_local, in_local * tp)
+            adapter = LoRAAdapter(module, kind, rule, spec, global_in=g_in, global_out=g_out, tp=tp)
+            a = _init_a((spec.rank, g_in), spec.seed if seed is None else seed, layer, target)
+            with torch.no_grad():
+                adapter.linear_in.weight.copy_(tp_split(a, adapter_split(kind, rule, "linear_in.weight"), tp, 0)[tp_rank])
+            module.adapter = adapter
+            if adapter.magnitude is not None:
+                with torch.no_grad():
+                    adapter.magnitude.copy_(adapter._row_norms(module.weight))  # DoRA starts as the base: m = ||W||
+            module.forward = functools.partial(_adapted_forward, module, module.forward)
+            found[target].append(f"decoder.layers.{layer}.{TARGETS[target][0]}")
+    _check_found(chunks, found)
+    return sorted(p for paths in found.values() for p in paths)
+
+
+def _check_found(chunks: Sequence[nn.Module], found: dict[str, list[str]]) -> None:
+    """A target present on no stage at all is a user error; checked over the pipeline where one is running."""
+    counts = torch.tensor([len(v) for v in found.values()], dtype=torch.int64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(counts)
+    empty = [t for t, n in zip(found, counts.tolist()) if n == 0]
+    if empty:
+        arch = chunks[0].cfg.architecture
+        raise BridgeError(f"--lora-target-modules {' '.join(empty)} matches no linear layer of {arch} (MoE expert "
+                          "linears are not adapted); drop it or choose from the model's dense linears")
+
+
+def adapter_state(chunk: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors of a chunk by their state-dict names: what a LoRA checkpoint stores for the model."""
+    return {k: v for k, v in chunk.state_dict().items() if k.endswith(ADAPTER_TAILS)}
+
+
+def is_adapted(chunk: nn.Module) -> bool:
+    return any(k.endswith(ADAPTER_TAILS) for k, _ in chunk.named_parameters())
+
+
+def load_adapter_state(chunks: Sequence[nn.Module], shards: Sequence[dict[str, torch.Tensor]]) -> None:
+    """Load each chunk's adapter tensors strictly (every adapter tensor present, nothing else)."""
+    for v, (chunk, shard) in enumerate(zip(chunks, shards)):
+        expected = set(adapter_state(chunk))
+        missing, unexpected = sorted(expected - set(shard)), sorted(set(shard) - expected)
+        if missing or unexpected:
+            raise BridgeError(f"the LoRA checkpoint's chunk {v} does not match this run's adapters: missing "
+                              f"{missing[:6]}, unexpected {unexpected[:6]}; resume with the run's own --lora-* flags")
+        params = dict(chunk.named_parameters())
+        with torch.no_grad():
+            for name, tensor in shard.items():
+                params[name].copy_(tensor)
+
+
+def checkpoint_state(chunk: nn.Module) -> dict[str, torch.Tensor]:
+    """What a training checkpoint stores of a chunk: the adapters alone when it has any (the base is referenced, not
+    copied), else the whole state dict."""
+    return adapter_state(chunk) if is_adapted(chunk) else chunk.state_dict()

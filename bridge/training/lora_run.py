@@ -1,0 +1,96 @@
+"""LoRA runs on disk: `SAVE/lora.json` names the adapter's settings and the base checkpoint it was trained on.
+
+A LoRA run's `iter_N/` files hold only the adapter tensors (under their Megatron names), their optimizer state and
+the usual training entries; the base weights stay where they were and are referenced by absolute path, so a
+checkpoint costs the adapter's size. `bridge train --load RUN` resumes it (the base is loaded from the reference),
+`bridge export RUN` merges it into the base, `bridge export RUN --adapter` writes a PEFT folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from bridge.checkpoint import META_FILE, CheckpointMeta
+from bridge.errors import BridgeError
+from bridge.nn.lora import LoRASpec, check_spec
+from bridge.training.config import TrainConfig
+
+LORA_FILE = "lora.json"
+
+
+def is_lora_run(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / LORA_FILE).is_file()
+
+
+def read_lora(folder: str | os.PathLike) -> tuple[LoRASpec, Path]:
+    """(the adapter's settings, the base checkpoint) of a LoRA run; one line when either is unusable."""
+    path = Path(folder) / LORA_FILE
+    if not path.is_file():
+        raise BridgeError(f"{folder} has no adapter ({LORA_FILE}): it was not trained with --lora-rank; "
+                          "export it without --adapter")
+    data = json.loads(path.read_text())
+    base = Path(data["base"])
+    if not (base / META_FILE).is_file():
+        raise BridgeError(f"the base checkpoint {base} of the LoRA run {folder} is gone; the run stores only the "
+                          "adapter: put the base back at that path")
+    return LoRASpec.from_json(data["lora"]), base
+
+
+def lora_spec(cfg: TrainConfig) -> LoRASpec:
+    return LoRASpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                    target_modules=tuple(cfg.lora_target_modules), use_dora=cfg.lora_use_dora, seed=cfg.seed)
+
+
+def write_lora(save: Path, cfg: TrainConfig, base: str) -> None:
+    """`lora.json` (write-then-rename), once per save folder."""
+    data = {"lora": lora_spec(cfg).to_json(), "base": str(Path(base).resolve())}
+    tmp = save / (LORA_FILE + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, save / LORA_FILE)
+
+
+def _flags(spec: LoRASpec) -> dict[str, Any]:
+    return {"lora_rank": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
+            "lora_target_modules": list(spec.target_modules), "lora_use_dora": spec.use_dora}
+
+
+def resolve_lora_resume(cfg: TrainConfig) -> TrainConfig:
+    """`--load RUN` of a LoRA run: load the base it references and resume the adapter from RUN; the run's adapter
+    settings stand (flags that contradict them are refused, one line)."""
+    if cfg.load is None or not is_lora_run(cfg.load) or cfg.lora_resume is not None:
+        return cfg
+    spec, base = read_lora(cfg.load)
+    saved = _flags(spec)
+    if cfg.lora_rank is not None:
+        given = {k: getattr(cfg, k) for k in saved}
+        differ = sorted(k for k in saved if given[k] != saved[k] and not (k == "lora_target_modules"
+                                                                          and set(given[k]) == set(saved[k])))
+        if differ:
+            flags = ", ".join(f"--{k.replace('_', '-')} {given[k]} (saved: {saved[k]})" for k in differ)
+            raise BridgeError(f"{cfg.load} is a LoRA run with other settings: {flags}; drop the --lora-* flags to resume it")
+    meta = CheckpointMeta.load(Path(cfg.load))
+    here = (cfg.tp, cfg.pp, cfg.vpp, cfg.ep)
+    there = (meta.layout.tp, meta.layout.pp, meta.layout.vpp, meta.layout.ep)
+    if here != there:
+        raise BridgeError(f"{cfg.load} was trained at {meta.layout.name}; resume its adapter with --tp {there[0]} "
+                          f"--pp {there[1]}{f' --vpp {there[2]}' if there[2] else ''}{f' --ep {there[3]}' if there[3] > 1 else ''}")
+    return dataclasses.replace(cfg, **saved, load=str(base), lora_resume=str(cfg.load))
+
+
+def check_lora(cfg: TrainConfig) -> None:
+    """LoRA flags that cannot work together, before any process starts."""
+    if cfg.lora_rank is None:
+        if cfg.lora_use_dora:
+            raise BridgeError("--lora-use-dora adapts with DoRA: give --lora-rank too")
+        return
+    check_spec(lora_spec(cfg))
+    if cfg.load is None:
+        raise BridgeError("--lora-rank trains an adapter on a pretrained base: give --load CHECKPOINT")
+    if cfg.ckpt_format != "torch":
+        raise BridgeError("LoRA runs save with --ckpt-format torch (the adapter's per-rank files); drop --ckpt-format "
+                          f"{cfg.ckpt_format}")
+    if cfg.fp8:
+        raise BridgeError("--fp8 is not supported with --lora-rank yet; train the adapter in --bf16")
