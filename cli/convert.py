@@ -71,8 +71,10 @@ def run_import(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    out = api.export_hf(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                        overwrite=args.overwrite, iteration=args.iteration, hf_config=args.hf_config)
+    from bridge.apps.adapter import export
+
+    out = export(args.checkpoint, args.out, adapter=args.adapter, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                 overwrite=args.overwrite, iteration=args.iteration, hf_config=args.hf_config)
     print(f"exported {args.checkpoint} -> {out}")
     return 0
 
@@ -132,6 +134,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.add_argument("--iteration", type=int, help="iteration to export (default: latest)")
+    p.add_argument("--adapter", action="store_true", help="a LoRA run's adapter as an HF PEFT folder (without: the "
+                                                          "adapter merged into its base)")
     add_hf_config(p)
     add_common(p)
     p.set_defaults(func=run_export)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -187,12 +187,15 @@ def _write_hf_config(hf_meta: Path, out: Path, dtype_name: str) -> None:
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str = "auto", max_shard_size: str = "5GB",
-              overwrite: bool = False, iteration: int | None = None, hf_config: str | None = None) -> Path:
-    """Megatron checkpoint -> HF folder (safetensors shards + index, config, tokenizer). Returns `out`."""
+              overwrite: bool = False, iteration: int | None = None, hf_config: str | None = None,
+              adjust: Callable[[engine.Source], engine.Source] | None = None) -> Path:
+    """Megatron checkpoint -> HF folder (safetensors shards + index, config, tokenizer). Returns `out`.
+
+    `adjust` wraps the checkpoint's tensor source (a LoRA adapter merged into its base: bridge.apps.adapter)."""
     ckpt = open_checkpoint(checkpoint, iteration, hf_config)
     dtype_name = _dtype_name(dtype, ckpt.meta.dtype)
     cap = parse_size(max_shard_size)
-    source = ckpt.source()
+    source = ckpt.source() if adjust is None else adjust(ckpt.source())
     out_path = Path(out)
     cast = None if dtype == "auto" else DTYPES[dtype_name]
     needed = engine.hf_bytes(source, ckpt.meta.config, cast) + hf_meta_bytes(ckpt.hf_meta)

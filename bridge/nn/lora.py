@@ -28,18 +28,32 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from bridge import transforms
+from bridge.config import ModelConfig
 from bridge.errors import BridgeError
 from bridge.nn.layers import rms_norm
 from bridge.parallel import collectives as C
 from bridge.sharding import Split, rule_for
 from bridge.sharding import split as tp_split
 
-#: Megatron-Bridge's target names -> (module path inside a transformer layer, how the base is split over TP).
-TARGETS: dict[str, tuple[str, str]] = {
-    "linear_qkv": ("self_attention.linear_qkv", "column"),
-    "linear_proj": ("self_attention.linear_proj", "row"),
-    "linear_fc1": ("mlp.linear_fc1", "column"),
-    "linear_fc2": ("mlp.linear_fc2", "row"),
+@dataclass(frozen=True)
+class Target:
+    """One adaptable linear: where it is in a layer, how TP splits its base, and the HF linears fused into it."""
+
+    path: str
+    kind: str
+    """column | row: the base's TP split."""
+    fuse: Callable[..., torch.Tensor] | None = None
+    """How the HF parts' rows are fused (q, k, v -> linear_qkv; gate, up -> linear_fc1); None: one HF linear."""
+    parts: int = 1
+
+
+#: Megatron-Bridge's target names.
+TARGETS: dict[str, Target] = {
+    "linear_qkv": Target("self_attention.linear_qkv", "column", transforms.fuse_qkv, 3),
+    "linear_proj": Target("self_attention.linear_proj", "row"),
+    "linear_fc1": Target("mlp.linear_fc1", "column", transforms.fuse_gate_up, 2),
+    "linear_fc2": Target("mlp.linear_fc2", "row"),
 }
 ADAPTER_TAILS = ("adapter.linear_in.weight", "adapter.linear_out.weight", "adapter.magnitude")
 
@@ -53,6 +67,9 @@ class LoRASpec:
     dropout: float = 0.0
     target_modules: tuple[str, ...] = tuple(TARGETS)
     use_dora: bool = False
+    canonical: bool = False
+    """Megatron-Bridge's CanonicalLoRA: each HF linear fused into linear_qkv / linear_fc1 keeps an A of its own (the
+    form of an adapter trained with peft on q/k/v and gate/up, `bridge import --adapter`); fused, they share one."""
     seed: int = 1234
     """Seeds A's initialisation per (layer, target), the same global tensor at every layout."""
 
@@ -92,14 +109,17 @@ class LoRAAdapter(nn.Module):
     """This TP rank's share of one adapter; `forward(x, base_out)` adds it to the base linear's output."""
 
     def __init__(self, base: nn.Module, kind: str, base_rule: Split, spec: LoRASpec, *, global_in: int,
-                 global_out: int, tp: int) -> None:
+                 global_out: int, tp: int, mask: torch.Tensor | None = None) -> None:
         super().__init__()
         self.kind, self.spec, self.group, self.tp = kind, spec, base.group, tp
         self.sequence_parallel = base.sequence_parallel
         self.base_rule = base_rule
-        r, dtype, device = spec.rank, torch.float32, base.weight.device
+        r, dtype, device = spec.rank * (1 if mask is None else mask.shape[1] // spec.rank), torch.float32, base.weight.device
+        # canonical parts: B is block-sparse (part j's rows use only A_j's columns); the mask keeps it so
+        self.register_buffer("mask", None if mask is None else mask.to(device), persistent=False)
         if kind == "column" and r % tp:
-            raise BridgeError(f"--lora-rank {r} must be divisible by --tp {tp}: a column-parallel base splits A over the rank")
+            raise BridgeError(f"--lora-rank {spec.rank} (x {r // spec.rank} parts) must be divisible by --tp {tp}: a "
+                              "column-parallel base splits A over the rank")
         in_shape = (r // tp, global_in) if kind == "column" else (r, global_in // tp)
         self.linear_in = nn.Linear(in_shape[1], in_shape[0], bias=False, dtype=dtype, device=device)
         self.linear_out = nn.Linear(r, global_out // tp, bias=False, dtype=dtype, device=device)
@@ -110,7 +130,7 @@ class LoRAAdapter(nn.Module):
     def lora(self, x: torch.Tensor) -> torch.Tensor:
         """scaling * B A x for this rank: [s(/tp), b, in(/tp)] -> the base output's shape before any TP reduction
         (column: [s, b, out/tp]; row: [s(/tp), b, out], already gathered and scattered like the base's)."""
-        g, a, b = self.group, self.linear_in.weight, self.linear_out.weight
+        g, a, b = self.group, self.linear_in.weight, self.b()
         if self.kind == "column":
             x = C.gather_from_sp(x, g) if self.sequence_parallel else C.copy_to_tp(x, g)  # [s, b, in]
             u = C.copy_to_tp(C.gather_from_tp(F.linear(self.dropout(x), a), g), g)  # [s, b, r]
@@ -118,6 +138,11 @@ class LoRAAdapter(nn.Module):
         u = C.copy_to_tp(C.reduce_from_tp(F.linear(self.dropout(x), a), g), g)  # [s, b, r]
         y = C.gather_from_tp(F.linear(u, b), g) * self.spec.scaling  # [s, b, out]
         return C.scatter_to_sp(y, g) if self.sequence_parallel else y
+
+    def b(self) -> torch.Tensor:
+        """B as it acts: masked to its parts' blocks for a canonical adapter."""
+        w = self.linear_out.weight
+        return w if self.mask is None else w * self.mask.to(w.dtype)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, bias: torch.Tensor | None,
                 weight: torch.Tensor) -> torch.Tensor:
@@ -140,7 +165,7 @@ class LoRAAdapter(nn.Module):
 
     def _row_norms(self, weight: torch.Tensor) -> torch.Tensor:
         """||W + scaling B A||_2 over each output row this rank's magnitude covers."""
-        a, b, s, g = self.linear_in.weight.float(), self.linear_out.weight.float(), self.spec.scaling, self.group
+        a, b, s, g = self.linear_in.weight.float(), self.b().float(), self.spec.scaling, self.group
         if self.kind == "column":  # W_r [out/tp, in], B_r [out/tp, r], A split over r
             full_a = C.all_gather(a, g, 0) if self.tp > 1 else a
             return (weight.float() + s * b @ full_a).norm(dim=1)
@@ -163,7 +188,7 @@ def adapted_modules(chunk: nn.Module, spec: LoRASpec) -> Iterator[tuple[int, str
     """(global layer, target name, chunk-local module path, module) of every linear `spec` adapts in a chunk."""
     for local, layer in enumerate(chunk.decoder.layers):
         for target in spec.target_modules:
-            path, _ = TARGETS[target]
+            path = TARGETS[target].path
             module = layer.get_submodule(path) if _has(layer, path) else None
             if module is not None and getattr(module, "weight", None) is not None:
                 yield chunk.layer_numbers[local], target, f"decoder.layers.{local}.{path}", module
@@ -175,6 +200,22 @@ def _has(layer: nn.Module, path: str) -> bool:
         return True
     except AttributeError:
         return False
+
+
+def part_mask(target: Target, cfg: ModelConfig, rank: int) -> torch.Tensor | None:
+    """The global [out, parts * rank] block mask of a canonical adapter's B: HF part j's rows (fused the way the
+    base's are) take only columns [j * rank, (j + 1) * rank). None for a target of one HF linear."""
+    if target.fuse is None:
+        return None
+    rows = {"linear_qkv": (cfg.num_attention_heads * cfg.kv_channels, cfg.num_query_groups * cfg.kv_channels,
+                           cfg.num_query_groups * cfg.kv_channels),
+            "linear_fc1": (cfg.ffn_hidden_size, cfg.ffn_hidden_size)}[target.path.rsplit(".", 1)[1]]
+    blocks = []
+    for j, n in enumerate(rows):
+        block = torch.zeros(n, target.parts * rank)
+        block[:, j * rank:(j + 1) * rank] = 1.0
+        blocks.append(block)
+    return target.fuse(*blocks, cfg)
 
 
 def _init_a(global_shape: tuple[int, int], seed: int, layer: int, target: str) -> torch.Tensor:
@@ -196,12 +237,16 @@ def apply_lora(chunks: Sequence[nn.Module], spec: LoRASpec, seed: int | None = N
     for chunk in chunks:
         tp, tp_rank = chunk.ps.tp, chunk.ps.tp_rank
         for layer, target, path, module in adapted_modules(chunk, spec):
-            kind = TARGETS[target][1]
+            kind = TARGETS[target].kind
             rule = rule_for(f"{path}.weight")
             out_local, in_local = module.weight.shape
             g_out, g_in = (out_local * tp, in_local) if kind == "column" else (out_local, in_local * tp)
-            adapter = LoRAAdapter(module, kind, rule, spec, global_in=g_in, global_out=g_out, tp=tp)
-            a = _init_a((spec.rank, g_in), spec.seed if seed is None else seed, layer, target)
+            mask = part_mask(TARGETS[target], chunk.cfg, spec.rank) if spec.canonical else None
+            if mask is not None:
+                mask = tp_split(mask, rule, tp, 0)[tp_rank]
+            adapter = LoRAAdapter(module, kind, rule, spec, global_in=g_in, global_out=g_out, tp=tp, mask=mask)
+            a = _init_a((adapter.linear_in.weight.shape[0] * (tp if kind == "column" else 1), g_in),
+                        spec.seed if seed is None else seed, layer, target)
             with torch.no_grad():
                 adapter.linear_in.weight.copy_(tp_split(a, adapter_split(kind, rule, "linear_in.weight"), tp, 0)[tp_rank])
             module.adapter = adapter
@@ -209,7 +254,7 @@ def apply_lora(chunks: Sequence[nn.Module], spec: LoRASpec, seed: int | None = N
                 with torch.no_grad():
                     adapter.magnitude.copy_(adapter._row_norms(module.weight))  # DoRA starts as the base: m = ||W||
             module.forward = functools.partial(_adapted_forward, module, module.forward)
-            found[target].append(f"decoder.layers.{layer}.{TARGETS[target][0]}")
+            found[target].append(f"decoder.layers.{layer}.{TARGETS[target].path}")
     _check_found(chunks, found)
     return sorted(p for paths in found.values() for p in paths)
 

@@ -125,6 +125,8 @@ class TrainConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     lora_use_dora: bool = False
     """DoRA: a trained per-row magnitude over the direction of W + BA (peft's use_dora)."""
+    lora_canonical: bool = False
+    """Set by bridge, not a flag: q/k/v and gate/up keep an A each (an adapter imported from peft; bridge.nn.lora)."""
     lora_resume: str | None = None
     """Set by bridge, not a flag: the LoRA run --load named, whose adapter and optimizer resume; `load` is its base."""
     # checkpoints and evaluation
