@@ -5,6 +5,7 @@ import argparse
 import json
 
 from bridge import api
+from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
 
 
@@ -62,11 +63,25 @@ def add_common(parser: argparse.ArgumentParser) -> None:
 
 def run_import(args: argparse.Namespace) -> int:
     layout = layout_from(args)
+    if args.adapter or args.base:
+        return _import_adapter(args, layout)
+    if args.source is None:
+        raise BridgeError("give the HF model to import (a folder or Hub id), or --adapter PEFT_FOLDER --base CHECKPOINT")
     out = api.import_hf(args.source, args.out, layout, dtype=args.dtype,
                         transformer_impl=args.transformer_impl or "transformer_engine",
                         revision=args.revision, token=args.token, overwrite=args.overwrite, format=args.format,
                         out_iteration=args.out_iteration, common_pt=args.common_pt)
     print(f"imported {args.source} -> {out} ({args.format}, {layout.name})")
+    return 0
+
+
+def _import_adapter(args: argparse.Namespace, layout: ParallelLayout) -> int:
+    from bridge.apps.adapter import import_adapter
+
+    if not (args.adapter and args.base and args.out) or args.source:
+        raise BridgeError("an adapter import takes --adapter PEFT_FOLDER --base CHECKPOINT --out RUN (no HF model)")
+    out = import_adapter(args.adapter, args.base, args.out, layout, overwrite=args.overwrite)
+    print(f"imported {args.adapter} -> {out} (a LoRA run on {args.base}, {layout.name})")
     return 0
 
 
@@ -119,7 +134,10 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("import", help="HF model (folder or Hub id) -> sharded Megatron checkpoint")
-    p.add_argument("source", help="local HF folder or Hub id (e.g. meta-llama/Llama-3.2-1B)")
+    p.add_argument("source", nargs="?", help="local HF folder or Hub id (e.g. meta-llama/Llama-3.2-1B)")
+    p.add_argument("--adapter", help="an HF PEFT LoRA/DoRA folder to import as a LoRA run on --base (bridge train "
+                                     "--load OUT continues it)")
+    p.add_argument("--base", help="with --adapter: the bridge checkpoint of the adapter's base model")
     p.add_argument("--out", help="output folder (default: <model name>-tp{N}-pp{M})")
     p.add_argument("--revision", help="Hub branch, tag or commit")
     p.add_argument("--token", help="Hub token (default: HF_TOKEN or the login cache)")

@@ -26,7 +26,7 @@ from bridge.converters.convert import export_hf, open_checkpoint
 from bridge.converters.megatron_legacy import LegacyCheckpointReader, LegacyCheckpointWriter
 from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
-from bridge.mapping import Conversion
+from bridge.mapping import Conversion, expected_hf_shapes
 from bridge.models import conversions
 from bridge.nn.lora import TARGETS, LoRASpec, adapter_split
 from bridge.sharding import gather, rule_for, split
@@ -187,3 +187,127 @@ def export(checkpoint: str | Path, out: str | Path, *, adapter: bool = False, **
         kwargs.pop("hf_config", None)
         return export_merged(checkpoint, out, **kwargs)
     return export_hf(checkpoint, out, **kwargs)
+
+
+# ---- bridge import --adapter: a PEFT folder -> a LoRA run on a bridge base checkpoint ---------------------------------
+#: peft options whose adapters bridge's LoRA does not compute; a folder using one is refused rather than changed.
+_UNSUPPORTED = {"use_rslora": False, "fan_in_fan_out": False, "bias": "none", "modules_to_save": None,
+                "target_parameters": None, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None}
+
+
+def read_peft_config(folder: Path) -> dict[str, Any]:
+    path = folder / ADAPTER_CONFIG
+    if not path.is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
+        raise BridgeError(f"{folder} is not an HF PEFT adapter folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    config = json.loads(path.read_text())
+    if config.get("peft_type") != "LORA":
+        raise BridgeError(f"{folder} holds a {config.get('peft_type')} adapter; bridge imports LoRA and DoRA adapters")
+    odd = [f"{k}={config[k]!r}" for k, plain in _UNSUPPORTED.items() if config.get(k, plain) not in (plain, None, {}, [])]
+    if odd:
+        raise BridgeError(f"{folder} uses peft options bridge's LoRA does not compute: {', '.join(odd)}")
+    return config
+
+
+def from_peft(cfg: ModelConfig, state: dict[str, torch.Tensor], folder: Path) -> tuple[dict[str, torch.Tensor], list[str], bool]:
+    """peft's state dict -> (global Megatron adapter tensors, the targets adapted, canonical). Every peft tensor is
+    used once and must fit the base's shapes; a fused linear takes all its HF parts or none."""
+    by_name = {c.megatron: c for c in conversions(cfg)}
+    left = dict(state)
+    convs = [(name, t, by_name.get(f"decoder.layers.{layer}.{t.path}.weight"))
+             for layer in range(cfg.num_layers) for name, t in TARGETS.items()]
+    chosen = [(name, conv) for name, _, conv in convs if conv is not None
+              and any(f"{PEFT_PREFIX}{h.removesuffix('.weight')}.lora_A.weight" in state for h in conv.hf)]
+    parts = {conv.megatron: [_peft_part(left, h, conv, cfg, folder) for h in conv.hf] for _, conv in chosen}
+    if left:
+        raise BridgeError(f"{folder}'s base model does not match the checkpoint: the base has no linear for "
+                          f"{sorted(left)[:6]}")
+    canonical = any(len(p) > 1 and not all(torch.equal(p[0][0], q[0]) for q in p[1:]) for p in parts.values())
+    out: dict[str, torch.Tensor] = {}
+    for key, conv in ((c.megatron, c) for _, c in chosen):
+        module, ps = key.removesuffix(".weight"), parts[key]
+        rank = ps[0][0].shape[0]
+        if canonical and len(ps) > 1:
+            out[f"{module}.adapter.linear_in.weight"] = torch.cat([a for a, _, _ in ps])
+            blocks = [torch.zeros(b.shape[0], len(ps) * rank, dtype=b.dtype) for _, b, _ in ps]
+            for j, (block, (_, b, _)) in enumerate(zip(blocks, ps)):
+                block[:, j * rank:(j + 1) * rank] = b
+            out[f"{module}.adapter.linear_out.weight"] = conv.to_megatron(blocks, cfg)
+        else:
+            out[f"{module}.adapter.linear_in.weight"] = ps[0][0]
+            out[f"{module}.adapter.linear_out.weight"] = conv.to_megatron([b for _, b, _ in ps], cfg)
+        if ps[0][2] is not None:
+            out[f"{module}.adapter.magnitude"] = conv.to_megatron([m for _, _, m in ps], cfg)
+    targets = sorted({name for name, _ in chosen}, key=list(TARGETS).index)
+    for name in targets:
+        every = [c.megatron for n, _, c in convs if n == name and c is not None]
+        if len(every) != sum(1 for n, _ in chosen if n == name):
+            raise BridgeError(f"{folder} adapts {name} in some layers only; bridge adapts a target in every layer")
+    return out, targets, canonical
+
+
+def _peft_part(left: dict[str, torch.Tensor], hf_weight: str, conv: Conversion, cfg: ModelConfig,
+               folder: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(A, B, magnitude or None) of one HF linear, taken out of `left`, checked against the base's shape."""
+    module = hf_weight.removesuffix(".weight")
+    names = [f"{PEFT_PREFIX}{module}.{s}" for s in PEFT_NAMES.values()]
+    if names[0] not in left or names[1] not in left:
+        fused = ", ".join(h.removesuffix(".weight").rsplit(".", 1)[1] for h in conv.hf)
+        raise BridgeError(f"{folder} adapts some of {fused} but not {module}: bridge adapts the fused "
+                          f"{conv.megatron.rsplit('.', 2)[1]} as a whole; adapt all of {fused} or none")
+    a, b, m = left.pop(names[0]).float(), left.pop(names[1]).float(), left.pop(names[2], None)
+    rows, cols = dict(zip(conv.hf, expected_hf_shapes(conv, cfg)))[hf_weight]
+    if a.shape[1] != cols or b.shape[0] != rows or b.shape[1] != a.shape[0]:
+        raise BridgeError(f"{folder}'s base model does not match the checkpoint: {module} has A {tuple(a.shape)} and "
+                          f"B {tuple(b.shape)}, the checkpoint's {hf_weight} is {rows} x {cols}")
+    return a, b, None if m is None else m.float()
+
+
+def import_adapter(folder: str | Path, base: str | Path, out: str | Path, layout: ParallelLayout | None = None, *,
+                   overwrite: bool = False) -> Path:
+    """An HF PEFT folder -> a LoRA run on `base` (iteration 0, no optimizer state) that `bridge train --load OUT`
+    continues and `bridge export OUT --adapter` writes back."""
+    folder, base = Path(folder), Path(base)
+    config = read_peft_config(folder)
+    ckpt = open_checkpoint(base)
+    cfg, layout = ckpt.meta.config, layout or ckpt.meta.layout
+    layout.validate(cfg)
+    with safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, targets, canonical = from_peft(cfg, state, folder)
+    if not targets:
+        raise BridgeError(f"{folder}'s base model does not match the checkpoint: none of its modules is a linear bridge adapts")
+    rank = int(config["r"])
+    if any(k.endswith("linear_in.weight") and v.shape[0] not in (rank, 2 * rank, 3 * rank) for k, v in tensors.items()):
+        raise BridgeError(f"{folder}'s tensors are not of rank r={rank} as its {ADAPTER_CONFIG} says")
+    spec = LoRASpec(rank=rank, alpha=float(config.get("lora_alpha", rank)), dropout=float(config.get("lora_dropout", 0.0)),
+                    target_modules=tuple(targets), use_dora=bool(config.get("use_dora", False)), canonical=canonical)
+    meta = CheckpointMeta(config=cfg, layout=layout, transformer_impl=ckpt.meta.transformer_impl, dtype="fp32",
+                          source={"adapter": str(folder.resolve()), "trained_from": str(base.resolve())})
+    with atomic_output_dir(Path(out), overwrite, sources=(folder, base), needed=hf_meta_bytes(ckpt.hf_meta)) as tmp:
+        _write_adapter(tmp, meta, spec, tensors)
+        copy_hf_meta(ckpt.hf_meta, tmp / HF_META_DIR)
+        meta.save(tmp)
+        (tmp / LORA_FILE).write_text(json.dumps({"lora": spec.to_json(), "base": str(base.resolve())}, indent=2) + "\n")
+    log.info("wrote %s: %s adapter of rank %d on %s", out, "DoRA" if spec.use_dora else "LoRA", rank, base)
+    return Path(out)
+
+
+def _write_adapter(root: Path, meta: CheckpointMeta, spec: LoRASpec, tensors: dict[str, torch.Tensor]) -> None:
+    """Iteration 0's rank files: each rank's shard of every adapter tensor, under its stage-local name."""
+    cfg, layout = meta.config, meta.layout
+    args = lambda tp_rank=0, pp_rank=0: megatron_args(  # noqa: E731
+        cfg, padded_vocab_size=meta.padded_vocab_size, tp=layout.tp, pp=layout.pp, vpp=layout.vpp,
+        transformer_impl=meta.transformer_impl, dtype=meta.dtype, divisible_by=layout.make_vocab_size_divisible_by,
+        ep=layout.ep, etp=layout.etp, moe_grouped_gemm=layout.moe_grouped_gemm)
+    writer = LegacyCheckpointWriter(root, layout, args, iteration=0)
+    for key, tensor in tensors.items():
+        match = _LAYER.match(key)
+        place = layout.place(int(match.group(1)), cfg.num_layers)
+        module, param = key.split(".adapter.")
+        kind = next(t.kind for t in TARGETS.values() if module.endswith(t.path))
+        shards = split(tensor.contiguous(), adapter_split(kind, rule_for(f"{module}.weight"), param), layout.tp, 0)
+        name = f"decoder.layers.{place.local_index}.{match.group(2)}.adapter.{param}"
+        for tp_rank, shard in enumerate(shards):
+            for ep_rank in range(layout.ep):
+                writer.add(tp_rank, place.pp_rank, place.chunk, name, shard.contiguous(), ep_rank)
+    writer.close()

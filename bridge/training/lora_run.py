@@ -15,7 +15,9 @@ from typing import Any
 
 from bridge.checkpoint import META_FILE, CheckpointMeta
 from bridge.errors import BridgeError
-from bridge.nn.lora import LoRASpec, check_spec
+from bridge.config import ModelConfig
+from bridge.models import conversions
+from bridge.nn.lora import TARGETS, LoRASpec, check_spec
 from bridge.training.config import TrainConfig
 
 LORA_FILE = "lora.json"
@@ -79,6 +81,18 @@ def resolve_lora_resume(cfg: TrainConfig) -> TrainConfig:
         raise BridgeError(f"{cfg.load} was trained at {meta.layout.name}; resume its adapter with --tp {there[0]} "
                           f"--pp {there[1]}{f' --vpp {there[2]}' if there[2] else ''}{f' --ep {there[3]}' if there[3] > 1 else ''}")
     return dataclasses.replace(cfg, **saved, load=str(base), lora_resume=str(cfg.load))
+
+
+def check_targets(cfg: TrainConfig, model: ModelConfig) -> None:
+    """Every --lora-target-modules name must match a linear of the model: linear_fc1 on an all-MoE model (whose
+    expert linears bridge does not adapt) or linear_qkv on an MLA model match none."""
+    if cfg.lora_rank is None:
+        return
+    keys = [c.megatron for c in conversions(model)]
+    empty = [t for t in cfg.lora_target_modules if not any(k.endswith(f"{TARGETS[t].path}.weight") for k in keys)]
+    if empty:
+        raise BridgeError(f"--lora-target-modules {' '.join(empty)} matches no linear layer of {model.architecture} "
+                          "(MoE expert linears are not adapted); drop it or choose from the model's dense linears")
 
 
 def check_lora(cfg: TrainConfig) -> None:

@@ -23,7 +23,7 @@ from bridge.parallel.context import check_seq_length
 from bridge.parallel.state import check_context_parallel
 from bridge.training.checkpoint_flags import check_checkpoint_flags
 from bridge.training.config import LR_DECAY_STYLES, RECOMPUTE, TrainConfig
-from bridge.training.lora_run import check_lora
+from bridge.training.lora_run import check_lora, check_targets
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -159,6 +159,7 @@ def make_plan(cfg: TrainConfig) -> Plan:
     _check_numbers(cfg)
     check_lora(cfg)
     model, meta, impl = _model(cfg)
+    check_targets(cfg, model)
     grouped = meta.layout.moe_grouped_gemm if meta is not None else False  # keep the checkpoint's expert names
     layout = ParallelLayout(tp=cfg.tp, pp=cfg.pp, vpp=cfg.vpp, ep=cfg.ep, moe_grouped_gemm=grouped)
     layout.validate(model)
