@@ -130,6 +130,49 @@ def test_peft_adapter_gives_the_merged_export(env: dict[str, Any], model: str, n
     assert (merged - plain).abs().max().item() > 1e-3 * scale
 
 
+def _live_losses(pairs: list[tuple[str, str]]) -> list[torch.Tensor]:
+    """In a launched rank: per-token losses of bridge's own model, base checkpoint + the run's adapter, per pair."""
+    from bridge.checkpoint import CheckpointMeta
+    from bridge.converters.megatron_legacy import LegacyCheckpointReader
+    from bridge.nn.lora import apply_lora, load_adapter_state
+    from bridge.training.lora_run import read_lora
+    from tests.model_fixtures import rank_model
+
+    tokens = torch.randint(3, 300, (2, 17), generator=torch.Generator().manual_seed(2))
+    out = []
+    for base, save in pairs:
+        _, chunks = rank_model(base, 1, mask_padded_vocab=True)
+        apply_lora(chunks, read_lora(save)[0])
+        meta = CheckpointMeta.load(Path(save))
+        load_adapter_state(chunks, [LegacyCheckpointReader(Path(save), meta.layout).load_rank(0, 0)["model"]])
+        with torch.no_grad():
+            out.append(chunks[0](tokens[:, :-1], labels=tokens[:, 1:]))  # [b, s]
+    return out
+
+
+def test_live_adapter_computes_the_merged_model(env: dict[str, Any]) -> None:
+    """bridge's model with the adapter (as it trained) against transformers on the merged export."""
+    from transformers import AutoModelForCausalLM
+
+    from bridge.launch import launch
+
+    keys = [("llama31", "single", {}), ("qwen3", "dora-single", dict(lora_use_dora=True))]
+    for model, name, kw in keys:
+        run(env, model, name, **kw)
+    pairs = [(str(env["ckpt"][m]), str(env["runs"][f"{m}-{n}"]["save"])) for m, n, _ in keys]
+    (live,) = launch(_live_losses, 1, pairs)
+    tokens = torch.randint(3, 300, (2, 17), generator=torch.Generator().manual_seed(2))
+    for (model, name, _), ours in zip(keys, live):
+        merged = env["root"] / "exports" / f"{model}-{name}-merged"
+        if not merged.is_dir():
+            export_merged(env["runs"][f"{model}-{name}"]["save"], merged)
+        with torch.no_grad():
+            logits = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(tokens[:, :-1]).logits
+            theirs = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
+        print(f"{model} {name}: max |per-token loss difference| {(ours - theirs).abs().max().item():.2e}")
+        assert (ours - theirs).abs().max().item() <= 1e-5
+
+
 def test_checkpoint_is_the_adapter_and_the_base_is_untouched(env: dict[str, Any]) -> None:
     single = run(env, "llama31", "single")
     rank_file = single["save"] / "iter_0000005" / "mp_rank_00" / "model_optim_rng.pt"
