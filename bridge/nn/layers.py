@@ -130,8 +130,9 @@ class _ColumnParallelMatmul(torch.autograd.Function):
         reduce = (C.reduce_scatter_async(grad_input, ctx.group) if ctx.sequence_parallel
                   else C.all_reduce_async(grad_input, ctx.group))
         grad_2d = grad.reshape(-1, grad.shape[-1])
-        grad_weight = grad_2d.t().matmul(total.reshape(-1, total.shape[-1]))
-        grad_bias = grad_2d.sum(0) if ctx.has_bias else None
+        # a frozen weight (a LoRA base) needs no gradient: skip its GEMM
+        grad_weight = grad_2d.t().matmul(total.reshape(-1, total.shape[-1])) if ctx.needs_input_grad[1] else None
+        grad_bias = grad_2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return reduce.wait(), grad_weight, grad_bias, None, None
 
 
