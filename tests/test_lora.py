@@ -262,3 +262,22 @@ def _saved_peft(env: dict[str, Any], tmp_path: Path, model: str, targets: list[s
     get_peft_model(AutoModelForCausalLM.from_pretrained(env["hf"][model]),
                    LoraConfig(r=4, lora_alpha=8, target_modules=targets)).save_pretrained(out)
     return out
+
+
+def test_push_adapter_with_its_card(env: dict[str, Any], hub, capsys: pytest.CaptureFixture) -> None:
+    from huggingface_hub import snapshot_download
+
+    from tests.hub_fixture import TOKEN, USER
+
+    single = run(env, "llama31", "single")
+    assert main(["push", str(single["save"]), f"{USER}/tiny-lora", "--adapter", "--token", TOKEN]) == 0
+    local = Path(snapshot_download(f"{USER}/tiny-lora", token=TOKEN))
+    assert sorted(p.name for p in local.iterdir() if not p.name.startswith(".")) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "loss_curve.png"]
+    pushed, exported = load_file(local / "adapter_model.safetensors"), _adapter(env, "llama31-single")
+    assert pushed.keys() == exported.keys() and all(torch.equal(pushed[k], exported[k]) for k in pushed)
+    card = (local / "README.md").read_text()
+    assert "library_name: peft" in card and "- lora" in card and "A LoRA adapter (HF PEFT format) for" in card
+    assert "| Rank (r) | 4 |" in card and "| Alpha | 8 |" in card and "`q_proj`" in card and "`linear_qkv`" in card
+    assert "![training loss](loss_curve.png)" in card and "PeftModel.from_pretrained(base" in card
+    assert "| Base model | a local folder `hf-llama31" in card and str(env["hf"]["llama31"]) not in card

@@ -129,6 +129,27 @@ def _provenance(meta: dict, source: dict[str, str], hub_url: str) -> list[str]:
     return lines + [""]
 
 
+def _adapter(peft: dict, source: dict[str, str], lora: dict) -> list[str]:
+    """What the adapter is: LoRA or DoRA, on which base model, rank, alpha, dropout and the modules it adapts."""
+    base = _base_name(peft, source)
+    kind = "DoRA" if peft.get("use_dora") else "LoRA"
+    megatron = (lora.get("lora") or {}).get("target_modules")
+    rows = [("Base model", base), ("Rank (r)", peft.get("r")), ("Alpha", peft.get("lora_alpha")),
+            ("Dropout", peft.get("lora_dropout")), ("Target modules", ", ".join(f"`{t}`" for t in peft.get("target_modules") or [])),
+            *([("Megatron modules trained", ", ".join(f"`{t}`" for t in megatron))] if megatron else [])]
+    return [f"A {kind} adapter (HF PEFT format) for {base}, trained with bridge; load it on the base model with peft.",
+            "", "## Adapter", "", "| | |", "|---|---|", *[f"| {k} | {_fmt(v)} |" for k, v in rows if v is not None], ""]
+
+
+def _base_name(peft: dict, source: dict[str, str]) -> str:
+    """The base model as a reader can find it: its Hub id, else the name of the local folder it was imported from
+    (a path on the machine that trained it means nothing elsewhere)."""
+    if source.get("repo_id"):
+        return f"`{source['repo_id']}`"
+    local = source.get("local") or Path(str(peft.get("base_model_name_or_path") or "")).name
+    return f"a local folder `{local}`" if local else "its base model"
+
+
 def _training(summary: dict) -> tuple[list[str], dict[str, bytes]]:
     rows = [(label, summary[key]) for key, label in (
         ("iterations", "Iterations"), ("tokens", "Tokens"),
@@ -191,9 +212,11 @@ def build_model_card(
     source = _source_info(meta)
     card_meta = _source_card_metadata(dirs, source)
     config = _read_json([hf_folder], "config.json") or {}
+    peft = _read_json([hf_folder], "adapter_config.json")
     tags = ["bridge", *(["megatron-lm"] if meta else []), *([config["model_type"]] if config.get("model_type") else [])]
+    tags += ["peft", "dora" if peft.get("use_dora") else "lora"] if isinstance(peft, dict) else []
     data = ModelCardData(
-        library_name="transformers",
+        library_name="peft" if isinstance(peft, dict) else "transformers",
         base_model=source.get("repo_id") or card_meta.get("base_model"),
         license=card_meta.get("license"),
         license_name=card_meta.get("license_name"),
@@ -201,11 +224,19 @@ def build_model_card(
         tags=tags,
     )
     lines = ["---", data.to_yaml(), "---", "", f"# {repo_id.split('/')[-1]}", ""]
+    if isinstance(peft, dict):
+        lines += _adapter(peft, source, _read_json(dirs, "lora.json") or {})
     lines += _provenance(meta, source, constants.ENDPOINT)
     summary = _read_json(dirs, "train_summary.json")
     training, assets = _training(summary) if isinstance(summary, dict) else ([], {})
     lines += training + _verification(_verified_here(_read_json(dirs, "verify.json"), checkpoint))
     args = f'"{repo_id}"' + (f', revision="{revision}"' if revision and revision != "main" else "")
+    if isinstance(peft, dict):
+        base = f'"{source.get("repo_id") or "<the base model: " + _base_name(peft, source).strip("`") + ">"}"'
+        return ModelCard("\n".join(lines + [
+            "## Use", "", "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
+            f"base = AutoModelForCausalLM.from_pretrained({base})", f"model = PeftModel.from_pretrained(base, {args})",
+            "```", ""]), assets)
     lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
               f"model = AutoModelForCausalLM.from_pretrained({args})",
               f"tokenizer = AutoTokenizer.from_pretrained({args})", "```", ""]

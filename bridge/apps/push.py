@@ -58,34 +58,39 @@ def push_to_hub(
     token: str | None = None,
     commit_message: str | None = None,
     endpoint: str | None = None,
+    adapter: bool = False,
 ) -> str:
     """Push `source` (HF folder, or bridge checkpoint folder with `bridge.json`) to `repo_id`; return the commit URL.
 
     The URL ends with the commit oid. `revision` is a branch, created from `main` if missing. `token=None`
     lets huggingface_hub find one (`HF_TOKEN`, then the login cache). `endpoint` overrides `HF_ENDPOINT`.
-    `private` applies when the repo is created; an existing repo keeps its visibility.
+    `private` applies when the repo is created; an existing repo keeps its visibility. `adapter`: push a LoRA run's
+    adapter as a PEFT folder (without it a LoRA run is pushed merged into its base).
     """
     src = Path(source).expanduser()
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise BridgeError(f"{repo_id!r} is not a repo id; give it as <user or org>/<name>, e.g. me/my-llama")
     target = _Target(repo_id, revision, private, token, endpoint)
-    with _as_hf_folder(src) as (folder, checkpoint):
+    with _as_hf_folder(src, adapter) as (folder, checkpoint):
         card = build_model_card(folder, repo_id, checkpoint=checkpoint, revision=revision)
         message = commit_message or f"{'Export' if checkpoint else 'Upload'} {src.name} with bridge"
         return _push_with_retries(folder, card, message, target)
 
 
 @contextmanager
-def _as_hf_folder(src: Path) -> Iterator[tuple[Path, Path | None]]:
+def _as_hf_folder(src: Path, adapter: bool = False) -> Iterator[tuple[Path, Path | None]]:
     """(HF folder to upload, checkpoint it came from). A checkpoint is exported into a staging folder
-    beside it (streamed, memory bounded by export), removed when the push is over."""
+    beside it (streamed, memory bounded by export), removed when the push is over; a LoRA run merged into its base,
+    or with `adapter` as a PEFT folder."""
     if (src / "bridge.json").is_file():
-        from bridge.converters.convert import export_hf  # imported here: pushing an HF folder never loads torch
+        from bridge.apps.adapter import export  # imported here: pushing an HF folder never loads torch
 
         with _staging_dir(src) as tmp:
-            logger.info("exporting %s to Hugging Face format for the push", src)
-            yield Path(export_hf(src, tmp / "hf")), src
-    elif (src / "config.json").is_file():
+            logger.info("exporting %s to Hugging Face %s for the push", src, "PEFT format" if adapter else "format")
+            yield Path(export(src, tmp / "hf", adapter=adapter)), src
+    elif adapter:
+        raise BridgeError(f"--adapter pushes a bridge LoRA run's adapter; {src} is not a bridge checkpoint")
+    elif (src / "config.json").is_file() or (src / "adapter_config.json").is_file():
         yield src, None
     elif src.is_dir():
         raise BridgeError(f"{src} holds neither config.json (an HF folder) nor bridge.json (a bridge checkpoint)")
