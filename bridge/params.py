@@ -143,6 +143,27 @@ KINDS: dict[str, ParamKind] = {k.name: k for k in (
     ParamKind(_M + "shared_experts.gate_weight", Split.REPLICATED, lambda cfg: (1, cfg.hidden_size), _REPLICATED, _SEQ),
 )}
 
+
+
+def _rank_shaped(cfg: ModelConfig) -> tuple[int, ...]:
+    raise BridgeError("internal: an adapter tensor's shape follows its LoRA rank, which the model config does not hold")
+
+
+def _adapter_kinds() -> list[ParamKind]:
+    """LoRA/DoRA tensors on the adaptable linears (bridge.nn.lora), split over TP as Megatron-Bridge's
+    ParallelLinearAdapter splits them: A over the rank for a column-parallel base (its output all-gathered), over the
+    input like the base for a row-parallel one; B and the DoRA magnitude over the output rows, like a column-parallel
+    base's weight (fc1's [gate_r; up_r] included) or, for a row-parallel base, in plain blocks (its output
+    all-gathered). Every gradient is complete on its rank."""
+    bases = ((A + "linear_qkv", Split.COLUMN, Split.COLUMN), (A + "linear_proj", Split.ROW, Split.COLUMN),
+             (M + "linear_fc1", Split.COLUMN, Split.GATED_COLUMN), (M + "linear_fc2", Split.ROW, Split.COLUMN))
+    return [ParamKind(f"{base}.adapter.{tail}", split, _rank_shaped, "LoRA (ParallelLinearAdapter)")
+            for base, a_split, out_split in bases
+            for tail, split in (("linear_in.weight", a_split), ("linear_out.weight", out_split), ("magnitude", out_split))]
+
+
+KINDS.update({k.name: k for k in _adapter_kinds()})
+
 #: What each key is called in the local spec, where that differs (derived from KINDS).
 LOCAL_NAMES: dict[str, str] = {k.name: k.local for k in KINDS.values() if k.local}
 _BY_LOCAL_NAME: dict[str, ParamKind] = {k.local: k for k in KINDS.values() if k.local and k.local not in KINDS}

@@ -28,7 +28,7 @@ from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
 from bridge.mapping import Conversion, expected_hf_shapes
 from bridge.models import conversions
-from bridge.nn.lora import TARGETS, LoRASpec, adapter_split
+from bridge.nn.lora import TARGETS, LoRASpec
 from bridge.sharding import gather, rule_for, split
 from bridge.training.lora_run import LORA_FILE, read_lora
 
@@ -81,9 +81,7 @@ def read_adapter(run: Path, iteration: int | None = None) -> tuple[LoRASpec, Pat
         raise BridgeError(f"{run}'s adapter does not match its {LORA_FILE}: missing {missing[:6]}, unexpected {unexpected[:6]}")
     tensors = {}
     for key, by_rank in shards.items():
-        module, param = key.split(".adapter.")
-        kind = next(t.kind for t in TARGETS.values() if module.endswith(t.path))
-        tensors[key] = gather([by_rank[r] for r in range(layout.tp)], adapter_split(kind, rule_for(f"{module}.weight"), param), 0)
+        tensors[key] = gather([by_rank[r] for r in range(layout.tp)], rule_for(key), 0)
     return spec, base, meta, tensors
 
 
@@ -303,10 +301,8 @@ def _write_adapter(root: Path, meta: CheckpointMeta, spec: LoRASpec, tensors: di
     for key, tensor in tensors.items():
         match = _LAYER.match(key)
         place = layout.place(int(match.group(1)), cfg.num_layers)
-        module, param = key.split(".adapter.")
-        kind = next(t.kind for t in TARGETS.values() if module.endswith(t.path))
-        shards = split(tensor.contiguous(), adapter_split(kind, rule_for(f"{module}.weight"), param), layout.tp, 0)
-        name = f"decoder.layers.{place.local_index}.{match.group(2)}.adapter.{param}"
+        shards = split(tensor.contiguous(), rule_for(key), layout.tp, 0)
+        name = f"decoder.layers.{place.local_index}.{match.group(2)}.adapter.{match.group(3)}"
         for tp_rank, shard in enumerate(shards):
             for ep_rank in range(layout.ep):
                 writer.add(tp_rank, place.pp_rank, place.chunk, name, shard.contiguous(), ep_rank)

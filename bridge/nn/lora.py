@@ -13,7 +13,8 @@ Tensor parallelism (Megatron-Bridge's ParallelLinearAdapter; docs/lora.md states
   split over `out` like W (fc1's [gate_r; up_r] included), so B_r's rows line up with W_r's;
 - row-parallel base (W [out, in/tp]): A is split over `in` like W, its output summed over TP; B is split over
   `out` and its output all-gathered, then (sequence parallel) scattered along the sequence like the base's.
-The DoRA magnitude is split over `out` like B in both cases.
+The DoRA magnitude is split over `out` like B in both cases. bridge.params declares these splits with every other
+parameter kind; conversion reads the same declaration.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from bridge.config import ModelConfig
 from bridge.errors import BridgeError
 from bridge.nn.layers import rms_norm
 from bridge.parallel import collectives as C
-from bridge.sharding import Split, rule_for
+from bridge.sharding import rule_for
 from bridge.sharding import split as tp_split
 
 @dataclass(frozen=True)
@@ -97,22 +98,14 @@ def check_spec(spec: LoRASpec) -> None:
                           f"choose from {' '.join(TARGETS)}")
 
 
-def adapter_split(base_kind: str, base_rule: Split, param: str) -> Split:
-    """How TP splits one adapter tensor of a base split `base_kind` (column/row) by `base_rule`."""
-    if param == "linear_in.weight":
-        return Split.COLUMN if base_kind == "column" else Split.ROW
-    return base_rule if base_kind == "column" else Split.COLUMN  # B and the magnitude follow the output rows
-
-
 class LoRAAdapter(nn.Module):
     """This TP rank's share of one adapter; `forward(x, base_out)` adds it to the base linear's output."""
 
-    def __init__(self, base: nn.Module, kind: str, base_rule: Split, spec: LoRASpec, *, global_in: int,
-                 global_out: int, tp: int, mask: torch.Tensor | None = None) -> None:
+    def __init__(self, base: nn.Module, kind: str, spec: LoRASpec, *, global_in: int, global_out: int, tp: int,
+                 mask: torch.Tensor | None = None) -> None:
         super().__init__()
         self.kind, self.spec, self.group, self.tp = kind, spec, base.group, tp
         self.sequence_parallel = base.sequence_parallel
-        self.base_rule = base_rule
         r, dtype, device = spec.rank * (1 if mask is None else mask.shape[1] // spec.rank), torch.float32, base.weight.device
         # canonical parts: B is block-sparse (part j's rows use only A_j's columns); the mask keeps it so
         self.register_buffer("mask", None if mask is None else mask.to(device), persistent=False)
@@ -236,17 +229,16 @@ def apply_lora(chunks: Sequence[nn.Module], spec: LoRASpec, seed: int | None = N
         tp, tp_rank = chunk.ps.tp, chunk.ps.tp_rank
         for layer, target, path, module in adapted_modules(chunk, spec):
             kind = TARGETS[target].kind
-            rule = rule_for(f"{path}.weight")
             out_local, in_local = module.weight.shape
             g_out, g_in = (out_local * tp, in_local) if kind == "column" else (out_local, in_local * tp)
             mask = part_mask(TARGETS[target], chunk.cfg, spec.rank) if spec.canonical else None
             if mask is not None:
-                mask = tp_split(mask, rule, tp, 0)[tp_rank]
-            adapter = LoRAAdapter(module, kind, rule, spec, global_in=g_in, global_out=g_out, tp=tp, mask=mask)
+                mask = tp_split(mask, rule_for(f"{path}.adapter.linear_out.weight"), tp, 0)[tp_rank]
+            adapter = LoRAAdapter(module, kind, spec, global_in=g_in, global_out=g_out, tp=tp, mask=mask)
             a = _init_a((adapter.linear_in.weight.shape[0] * (tp if kind == "column" else 1), g_in),
                         spec.seed if seed is None else seed, layer, target)
             with torch.no_grad():
-                adapter.linear_in.weight.copy_(tp_split(a, adapter_split(kind, rule, "linear_in.weight"), tp, 0)[tp_rank])
+                adapter.linear_in.weight.copy_(tp_split(a, rule_for(f"{path}.adapter.linear_in.weight"), tp, 0)[tp_rank])
             module.adapter = adapter
             if adapter.magnitude is not None:
                 with torch.no_grad():
