@@ -87,7 +87,7 @@ _FLAGS: list[tuple[tuple[str, ...], dict]] = [
                                     help="attention kernel on CUDA: fused = cuDNN (default auto: measured fastest)")),
     (("--compile",), dict(action="store_true", help="torch.compile every transformer layer")),
     (("--lora-rank",), dict(type=int, help="train a LoRA adapter of this rank on a frozen base (docs/lora.md)")),
-    (("--lora-alpha",), dict(type=float, help="LoRA scaling numerator: the adapter's output is x alpha/rank (32)")),
+    (("--lora-alpha",), dict(type=float, help="LoRA scaling numerator: the adapter's output is x alpha/rank")),
     (("--lora-dropout",), dict(type=float, help="dropout on the adapter's input (default 0)")),
     (("--lora-target-modules",), dict(nargs="+", help="linears to adapt: linear_qkv linear_proj linear_fc1 "
                                                       "linear_fc2 (default all)")),
