@@ -167,10 +167,16 @@ class ColumnParallelLinear(nn.Module):
             self.layer_norm_weight = nn.Parameter(torch.ones(in_features, dtype=dtype, device=device))
         if self.weight is not None:
             nn.init.normal_(self.weight, std=0.02)
+        self.adapter: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         if self.norm_eps is not None:
             x = rms_norm(x, self.layer_norm_weight, self.norm_eps)
+        out = self._project(x, weight)
+        # a LoRA/DoRA adapter (bridge.nn.lora) sees what the matrix multiplies: the normed input, as peft's on q_proj
+        return out if self.adapter is None else self.adapter(x, out, self.bias, self.weight)
+
+    def _project(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         weight = self.weight if weight is None else weight  # `weight` given: the tied output layer's embedding
         if fuses_weight_grad(weight, self.group, self.fp8):
             return _LinearIntoMainGrad.apply(x, weight, self.bias, weight.main_grad)
@@ -201,8 +207,13 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features // tp, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         nn.init.normal_(self.weight, std=0.02)
+        self.adapter: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._project(x)
+        return out if self.adapter is None else self.adapter(x, out, self.bias, self.weight)  # LoRA (bridge.nn.lora)
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
         if fuses_weight_grad(self.weight, self.group, self.fp8):
             return _LinearIntoMainGrad.apply(x, self.weight, self.bias, self.weight.main_grad)  # TP = 1: no sum
         partial = linear(x, self.weight, None, self.fp8)  # [s, b, out], this rank's share of the sum

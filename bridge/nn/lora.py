@@ -18,7 +18,6 @@ parameter kind; conversion reads the same declaration.
 """
 from __future__ import annotations
 
-import functools
 import math
 import zlib
 from dataclasses import asdict, dataclass
@@ -31,7 +30,6 @@ from torch import nn
 from bridge import transforms
 from bridge.config import ModelConfig
 from bridge.errors import BridgeError
-from bridge.nn.layers import rms_norm
 from bridge.parallel import collectives as C
 from bridge.sharding import rule_for
 from bridge.sharding import split as tp_split
@@ -166,16 +164,6 @@ class LoRAAdapter(nn.Module):
         return C.split(C.all_reduce(squares, g).sqrt(), g, 0)  # this rank's rows of the full norms
 
 
-def _adapted_forward(module: nn.Module, base_forward: Callable[..., torch.Tensor], x: torch.Tensor,
-                     *args: Any, **kwargs: Any) -> torch.Tensor:
-    """The base linear's forward plus its adapter; the adapter sees the input after the fused norm, as HF's
-    q_proj/gate_proj (which peft adapts) see the output of input_layernorm/post_attention_layernorm."""
-    out = base_forward(x, *args, **kwargs)
-    if getattr(module, "norm_eps", None) is not None:
-        x = rms_norm(x, module.layer_norm_weight, module.norm_eps)
-    return module.adapter(x, out, module.bias, module.weight)
-
-
 def adapted_modules(chunk: nn.Module, spec: LoRASpec) -> Iterator[tuple[int, str, str, nn.Module]]:
     """(global layer, target name, chunk-local module path, module) of every linear `spec` adapts in a chunk."""
     for local, layer in enumerate(chunk.decoder.layers):
@@ -243,7 +231,6 @@ def apply_lora(chunks: Sequence[nn.Module], spec: LoRASpec, seed: int | None = N
             if adapter.magnitude is not None:
                 with torch.no_grad():
                     adapter.magnitude.copy_(adapter._row_norms(module.weight))  # DoRA starts as the base: m = ||W||
-            module.forward = functools.partial(_adapted_forward, module, module.forward)
             found[target].append(f"decoder.layers.{layer}.{TARGETS[target].path}")
     return sorted(p for paths in found.values() for p in paths)
 
