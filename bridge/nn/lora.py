@@ -34,6 +34,7 @@ from bridge.parallel import collectives as C
 from bridge.sharding import rule_for
 from bridge.sharding import split as tp_split
 
+
 @dataclass(frozen=True)
 class Target:
     """One adaptable linear: where it is in a layer, how TP splits its base, and the HF linears fused into it."""
@@ -169,17 +170,17 @@ def adapted_modules(chunk: nn.Module, spec: LoRASpec) -> Iterator[tuple[int, str
     for local, layer in enumerate(chunk.decoder.layers):
         for target in spec.target_modules:
             path = TARGETS[target].path
-            module = layer.get_submodule(path) if _has(layer, path) else None
+            module = _submodule(layer, path)
             if module is not None and getattr(module, "weight", None) is not None:
                 yield chunk.layer_numbers[local], target, f"decoder.layers.{local}.{path}", module
 
 
-def _has(layer: nn.Module, path: str) -> bool:
+def _submodule(layer: nn.Module, path: str) -> nn.Module | None:
+    """`layer`'s module at `path`, None where this layer has none (an MoE layer's mlp.linear_fc1, MLA's linear_qkv)."""
     try:
-        layer.get_submodule(path)
-        return True
+        return layer.get_submodule(path)
     except AttributeError:
-        return False
+        return None
 
 
 def part_mask(target: Target, cfg: ModelConfig, rank: int) -> torch.Tensor | None:
@@ -206,7 +207,7 @@ def _init_a(global_shape: tuple[int, int], seed: int, layer: int, target: str) -
     return (torch.rand(global_shape, generator=generator, dtype=torch.float64) * 2 - 1).mul(bound).float()
 
 
-def apply_lora(chunks: Sequence[nn.Module], spec: LoRASpec, seed: int | None = None) -> list[str]:
+def apply_lora(chunks: Sequence[nn.Module], spec: LoRASpec) -> list[str]:
     """Freeze every base weight and add an adapter to each target linear; returns the adapted modules' global
     paths (bridge.training.lora_run checks beforehand that every target matches some linear of the model)."""
     for chunk in chunks:
@@ -224,7 +225,7 @@ def apply_lora(chunks: Sequence[nn.Module], spec: LoRASpec, seed: int | None = N
                 mask = tp_split(mask, rule_for(f"{path}.adapter.linear_out.weight"), tp, 0)[tp_rank]
             adapter = LoRAAdapter(module, kind, spec, global_in=g_in, global_out=g_out, tp=tp, mask=mask)
             a = _init_a((adapter.linear_in.weight.shape[0] * (tp if kind == "column" else 1), g_in),
-                        spec.seed if seed is None else seed, layer, target)
+                        spec.seed, layer, target)
             with torch.no_grad():
                 adapter.linear_in.weight.copy_(tp_split(a, rule_for(f"{path}.adapter.linear_in.weight"), tp, 0)[tp_rank])
             module.adapter = adapter
