@@ -9,6 +9,7 @@
 - bad input is one line."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import warnings
@@ -20,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from bridge.api import import_hf
-from bridge.apps.adapter import export_adapter, export_merged, import_adapter
+from bridge.apps.adapter import export_adapter, export_merged, import_adapter, read_adapter, to_peft
 from bridge.cli.main import main
 from bridge.layout import ParallelLayout
 from bridge.training import TrainConfig, train
@@ -199,31 +200,40 @@ def test_resume_is_exact(env: dict[str, Any]) -> None:
     assert _losses(resumed) == _losses(full["summary"])
 
 
-def test_import_of_a_folder_peft_wrote_round_trips_and_trains(env: dict[str, Any]) -> None:
+@pytest.mark.parametrize("model, targets, dora", [
+    ("qwen3", ALL_LINEARS, True),
+    ("llama31", ["q_proj", "v_proj"], False),  # peft's default targets: k_proj, part of linear_qkv, left out
+])
+def test_import_of_a_folder_peft_wrote_round_trips_and_trains(env: dict[str, Any], model: str, targets: list[str],
+                                                              dora: bool) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    root = env["root"] / "import"
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(env["hf"]["qwen3"]),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEARS, use_dora=True))
+    root = env["root"] / f"import-{model}"
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(env["hf"][model]),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=dora))
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for n, p in peft_model.named_parameters():
             if "lora_B" in n:  # peft starts B at zero: give the round trip something to carry
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
-    model.save_pretrained(root / "peft")
-    imported = import_adapter(root / "peft", env["ckpt"]["qwen3"], root / "run", ParallelLayout(tp=2))
+    peft_model.save_pretrained(root / "peft")
+    imported = import_adapter(root / "peft", env["ckpt"][model], root / "run", ParallelLayout(tp=2))
     export_adapter(imported, root / "back")
     theirs, ours = load_file(root / "peft" / "adapter_model.safetensors"), load_file(root / "back" / "adapter_model.safetensors")
     assert theirs.keys() == ours.keys()
     assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    assert sorted(json.loads((root / "back" / "adapter_config.json").read_text())["target_modules"]) == sorted(targets)
     summary = train(TrainConfig(load=str(imported), data_path=[str(env["data"])], micro_batch_size=2, global_batch_size=4,
                                 seq_length=32, train_iters=2, lr=2e-2, eval_interval=0, eval_iters=1, progress=False,
                                 save=str(root / "continued"), device="cpu", nproc=2, tp=2))
     assert summary["iterations"] == 2
     export_adapter(root / "continued", root / "continued-adapter")
     trained = load_file(root / "continued-adapter" / "adapter_model.safetensors")
-    assert trained.keys() == theirs.keys() and any(not torch.equal(trained[k], theirs[k]) for k in theirs)
+    assert trained.keys() == theirs.keys() and all(not torch.equal(trained[k], theirs[k]) for k in theirs if "lora_B" in k)
+    spec, _, meta, tensors = read_adapter(root / "continued")
+    whole = to_peft(meta.config, dataclasses.replace(spec, absent_parts=()), tensors)  # the parts left out too
+    assert [k for k in whole if k not in trained] == [k for k in whole if "k_proj" in k and not whole[k].any()]
 
 
 def _one_line(capsys: pytest.CaptureFixture) -> str:
@@ -243,10 +253,10 @@ def test_bad_input_is_one_line(env: dict[str, Any], tmp_path: Path, capsys: pyte
     assert "linear_fc1 linear_fc2 matches no linear layer of MixtralForCausalLM" in _one_line(capsys)
     assert main(["export", llama, "--out", str(tmp_path / "a"), "--adapter"]) == 1
     assert "has no adapter (lora.json): it was not trained with --lora-rank" in _one_line(capsys)
-    model = _saved_peft(env, tmp_path, "llama31", ["q_proj", "v_proj"])  # peft's default targets: k_proj left out
+    model = _saved_peft(env, tmp_path, "llama31", ["q_proj", "v_proj"], use_dora=True)  # k_proj left out
     capsys.readouterr()  # transformers' loading bars
     assert main(["import", "--adapter", str(model), "--base", llama, "--out", str(tmp_path / "b")]) == 1
-    assert "adapt all of q_proj, k_proj, v_proj or none" in _one_line(capsys)
+    assert "is a DoRA adapter on some of the linears fused into linear_qkv" in _one_line(capsys)
     model = _saved_peft(env, tmp_path, "qwen3", ALL_LINEARS)
     capsys.readouterr()
     assert main(["import", "--adapter", str(model), "--base", llama, "--out", str(tmp_path / "c")]) == 1
@@ -254,13 +264,13 @@ def test_bad_input_is_one_line(env: dict[str, Any], tmp_path: Path, capsys: pyte
     assert not any(p.name.startswith(("b", "c")) for p in tmp_path.iterdir())
 
 
-def _saved_peft(env: dict[str, Any], tmp_path: Path, model: str, targets: list[str]) -> Path:
+def _saved_peft(env: dict[str, Any], tmp_path: Path, model: str, targets: list[str], **kw: Any) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / f"peft-{model}-{len(targets)}"
     get_peft_model(AutoModelForCausalLM.from_pretrained(env["hf"][model]),
-                   LoraConfig(r=4, lora_alpha=8, target_modules=targets)).save_pretrained(out)
+                   LoraConfig(r=4, lora_alpha=8, target_modules=targets, **kw)).save_pretrained(out)
     return out
 
 

@@ -42,15 +42,15 @@ PEFT_NAMES = {"linear_in.weight": "lora_A.weight", "linear_out.weight": "lora_B.
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)\.adapter\.(linear_in\.weight|linear_out\.weight|magnitude)$")
 
 
-def adapted(cfg: ModelConfig, spec: LoRASpec) -> list[tuple[str, Conversion]]:
-    """(global Megatron module, the mapping conversion of its weight) of every linear the spec adapts."""
+def adapted(cfg: ModelConfig, spec: LoRASpec) -> list[tuple[str, str, Conversion]]:
+    """(target, global Megatron module, the mapping conversion of its weight) of every linear the spec adapts."""
     by_name = {c.megatron: c for c in conversions(cfg)}
     out = []
     for layer in range(cfg.num_layers):
         for target in spec.target_modules:
             module = f"decoder.layers.{layer}.{TARGETS[target].path}"
             if f"{module}.weight" in by_name:
-                out.append((module, by_name[f"{module}.weight"]))
+                out.append((target, module, by_name[f"{module}.weight"]))
     return out
 
 
@@ -75,7 +75,7 @@ def read_adapter(run: Path, iteration: int | None = None) -> tuple[LoRASpec, Pat
         if ep_rank and not torch.equal(tensor, shards[key][tp_rank]):
             raise BridgeError(f"{key} differs between EP ranks 0 and {ep_rank}; the checkpoint is inconsistent")
         shards.setdefault(key, {})[tp_rank] = tensor
-    expected = {f"{m}.adapter.{p}" for m, _ in adapted(cfg, spec) for p in _params(spec)}
+    expected = {f"{m}.adapter.{p}" for _, m, _ in adapted(cfg, spec) for p in _params(spec)}
     missing, unexpected = sorted(expected - set(shards)), sorted(set(shards) - expected)
     if missing or unexpected:
         raise BridgeError(f"{run}'s adapter does not match its {LORA_FILE}: missing {missing[:6]}, unexpected {unexpected[:6]}")
@@ -88,7 +88,7 @@ def read_adapter(run: Path, iteration: int | None = None) -> tuple[LoRASpec, Pat
 def to_peft(cfg: ModelConfig, spec: LoRASpec, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Global Megatron adapter tensors -> peft's state dict (HF module names, fused parts split)."""
     out: dict[str, torch.Tensor] = {}
-    for module, conv in adapted(cfg, spec):
+    for target, module, conv in adapted(cfg, spec):
         a, b = tensors[f"{module}.adapter.linear_in.weight"], tensors[f"{module}.adapter.linear_out.weight"]
         names = [n.removesuffix(".weight") for n in conv.hf]
         parts = len(names)
@@ -96,6 +96,8 @@ def to_peft(cfg: ModelConfig, spec: LoRASpec, tensors: dict[str, torch.Tensor]) 
         m_parts = conv.to_hf(tensors[f"{module}.adapter.magnitude"], cfg) if spec.use_dora else [None] * parts
         canonical = a.shape[0] == parts * spec.rank and parts > 1
         for j, (name, b_j, m_j) in enumerate(zip(names, b_parts, m_parts)):
+            if (target, j) in spec.absent_parts:  # imported from peft without it: zero, and left out again
+                continue
             cols = slice(j * spec.rank, (j + 1) * spec.rank) if canonical else slice(None)
             out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a[cols].clone()  # its own storage: parts share A
             out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b_j[:, cols].contiguous()
@@ -107,7 +109,8 @@ def to_peft(cfg: ModelConfig, spec: LoRASpec, tensors: dict[str, torch.Tensor]) 
 def peft_config(spec: LoRASpec, cfg: ModelConfig, base_name: str | None) -> dict[str, Any]:
     """adapter_config.json: the fields peft reads (it fills the rest with its defaults). Targets are the HF modules'
     short names for a dense model, their full names where an MoE model's other linears could share a short name."""
-    modules = [n.removesuffix(".weight") for _, conv in adapted(cfg, spec) for n in conv.hf]
+    modules = [n.removesuffix(".weight") for target, _, conv in adapted(cfg, spec) for j, n in enumerate(conv.hf)
+               if (target, j) not in spec.absent_parts]
     targets = sorted(modules) if cfg.moe else sorted({m.rsplit(".", 1)[1] for m in modules})
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name, "r": spec.rank,
             "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "target_modules": targets, "use_dora": spec.use_dora,
@@ -206,57 +209,97 @@ def read_peft_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def from_peft(cfg: ModelConfig, state: dict[str, torch.Tensor], folder: Path) -> tuple[dict[str, torch.Tensor], list[str], bool]:
-    """peft's state dict -> (global Megatron adapter tensors, the targets adapted, canonical). Every peft tensor is
-    used once and must fit the base's shapes; a fused linear takes all its HF parts or none."""
+Part = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"] | None
+"""One HF linear's (A, B, DoRA magnitude or None), None where peft did not adapt it."""
+
+
+def from_peft(cfg: ModelConfig, state: dict[str, torch.Tensor], folder: Path, rank: int,
+              dora: bool) -> tuple[dict[str, torch.Tensor], list[str], bool, tuple[tuple[str, int], ...]]:
+    """peft's state dict -> (global Megatron adapter tensors, the targets adapted, canonical, absent parts). Every
+    peft tensor is used once and must fit the base's shapes. A fused linear peft adapted only in part (its default
+    q_proj and v_proj) is canonical with zero factors for the absent parts, which then stay zero in training."""
     by_name = {c.megatron: c for c in conversions(cfg)}
     left = dict(state)
-    convs = [(name, t, by_name.get(f"decoder.layers.{layer}.{t.path}.weight"))
-             for layer in range(cfg.num_layers) for name, t in TARGETS.items()]
-    chosen = [(name, conv) for name, _, conv in convs if conv is not None
-              and any(f"{PEFT_PREFIX}{h.removesuffix('.weight')}.lora_A.weight" in state for h in conv.hf)]
-    parts = {conv.megatron: [_peft_part(left, h, conv, cfg, folder) for h in conv.hf] for _, conv in chosen}
+    chosen = [(name, by_name[key]) for layer in range(cfg.num_layers) for name, t in TARGETS.items()
+              if (key := f"decoder.layers.{layer}.{t.path}.weight") in by_name
+              and any(f"{PEFT_PREFIX}{h.removesuffix('.weight')}.lora_A.weight" in state for h in by_name[key].hf)]
+    parts = {conv.megatron: [_peft_part(left, h, conv, cfg, folder, rank) for h in conv.hf] for _, conv in chosen}
     if left:
         raise BridgeError(f"{folder}'s base model does not match the checkpoint: the base has no linear for "
                           f"{sorted(left)[:6]}")
-    canonical = any(len(p) > 1 and not all(torch.equal(p[0][0], q[0]) for q in p[1:]) for p in parts.values())
+    targets = _whole_targets(cfg, chosen, folder)
+    absent = _absent_parts(chosen, parts, folder)
+    if absent and dora:
+        raise BridgeError(f"{folder} is a DoRA adapter on some of the linears fused into {absent[0][0]}: their "
+                          "magnitudes would train the others too; adapt all of them or none")
+    canonical = bool(absent) or any(len(p) > 1 and not all(torch.equal(p[0][0], q[0]) for q in p[1:])
+                                    for p in parts.values())
     out: dict[str, torch.Tensor] = {}
-    for key, conv in ((c.megatron, c) for _, c in chosen):
-        module, ps = key.removesuffix(".weight"), parts[key]
-        rank = ps[0][0].shape[0]
-        if canonical and len(ps) > 1:
-            out[f"{module}.adapter.linear_in.weight"] = torch.cat([a for a, _, _ in ps])
-            blocks = [torch.zeros(b.shape[0], len(ps) * rank, dtype=b.dtype) for _, b, _ in ps]
-            for j, (block, (_, b, _)) in enumerate(zip(blocks, ps)):
-                block[:, j * rank:(j + 1) * rank] = b
-            out[f"{module}.adapter.linear_out.weight"] = conv.to_megatron(blocks, cfg)
-        else:
-            out[f"{module}.adapter.linear_in.weight"] = ps[0][0]
-            out[f"{module}.adapter.linear_out.weight"] = conv.to_megatron([b for _, b, _ in ps], cfg)
-        if ps[0][2] is not None:
-            out[f"{module}.adapter.magnitude"] = conv.to_megatron([m for _, _, m in ps], cfg)
+    for _, conv in chosen:
+        out.update(_fused(conv, parts[conv.megatron], cfg, rank, canonical))
+    return out, targets, canonical, absent
+
+
+def _fused(conv: Conversion, ps: list[Part], cfg: ModelConfig, rank: int, canonical: bool) -> dict[str, torch.Tensor]:
+    """One Megatron linear's adapter from its HF parts: a shared A, or (canonical) the parts' As stacked and B
+    block-sparse, part j's rows in columns [j r, (j+1) r); an absent part's factors are zero."""
+    module, present = conv.megatron.removesuffix(".weight"), next(p for p in ps if p is not None)
+    rows = [shape[0] for shape in expected_hf_shapes(conv, cfg)]
+    n = len(ps) if canonical else 1
+    a = torch.zeros(n * rank, present[0].shape[1])
+    blocks = [torch.zeros(r, n * rank) for r in rows]
+    for j, part in enumerate(ps):
+        if part is not None:
+            cols = slice(j * rank, (j + 1) * rank) if canonical else slice(0, rank)
+            a[cols], blocks[j][:, cols] = part[0], part[1]
+    out = {f"{module}.adapter.linear_in.weight": a, f"{module}.adapter.linear_out.weight": conv.to_megatron(blocks, cfg)}
+    if present[2] is not None:
+        out[f"{module}.adapter.magnitude"] = conv.to_megatron([p[2] for p in ps], cfg)
+    return out
+
+
+def _whole_targets(cfg: ModelConfig, chosen: list[tuple[str, Conversion]], folder: Path) -> list[str]:
+    """The targets peft adapted, each in every layer that has it (bridge adapts a target in every layer)."""
+    keys = [c.megatron for c in conversions(cfg)]
     targets = sorted({name for name, _ in chosen}, key=list(TARGETS).index)
     for name in targets:
-        every = [c.megatron for n, _, c in convs if n == name and c is not None]
-        if len(every) != sum(1 for n, _ in chosen if n == name):
+        every = sum(1 for layer in range(cfg.num_layers) if f"decoder.layers.{layer}.{TARGETS[name].path}.weight" in keys)
+        if every != sum(1 for n, _ in chosen if n == name):
             raise BridgeError(f"{folder} adapts {name} in some layers only; bridge adapts a target in every layer")
-    return out, targets, canonical
+    return targets
+
+
+def _absent_parts(chosen: list[tuple[str, Conversion]], parts: dict[str, list[Part]],
+                  folder: Path) -> tuple[tuple[str, int], ...]:
+    """(target, part index) of every fused part peft left out, the same in every layer."""
+    found: dict[str, set[tuple[int, ...]]] = {}
+    for name, conv in chosen:
+        found.setdefault(name, set()).add(tuple(j for j, p in enumerate(parts[conv.megatron]) if p is None))
+    uneven = [name for name, sets in found.items() if len(sets) > 1]
+    if uneven:
+        raise BridgeError(f"{folder} adapts different parts of {uneven[0]} in different layers; bridge adapts the "
+                          "same ones in every layer")
+    return tuple((name, j) for name, sets in found.items() for j in next(iter(sets)))
 
 
 def _peft_part(left: dict[str, torch.Tensor], hf_weight: str, conv: Conversion, cfg: ModelConfig,
-               folder: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(A, B, magnitude or None) of one HF linear, taken out of `left`, checked against the base's shape."""
+               folder: Path, rank: int) -> Part:
+    """(A, B, magnitude or None) of one HF linear, taken out of `left` and checked against the base's shape and the
+    rank; None where peft did not adapt it."""
     module = hf_weight.removesuffix(".weight")
     names = [f"{PEFT_PREFIX}{module}.{s}" for s in PEFT_NAMES.values()]
+    if names[0] not in left and names[1] not in left:
+        return None
     if names[0] not in left or names[1] not in left:
-        fused = ", ".join(h.removesuffix(".weight").rsplit(".", 1)[1] for h in conv.hf)
-        raise BridgeError(f"{folder} adapts some of {fused} but not {module}: bridge adapts the fused "
-                          f"{conv.megatron.rsplit('.', 2)[1]} as a whole; adapt all of {fused} or none")
+        raise BridgeError(f"{folder} holds only one of lora_A and lora_B for {module}")
     a, b, m = left.pop(names[0]).float(), left.pop(names[1]).float(), left.pop(names[2], None)
     rows, cols = dict(zip(conv.hf, expected_hf_shapes(conv, cfg)))[hf_weight]
-    if a.shape[1] != cols or b.shape[0] != rows or b.shape[1] != a.shape[0]:
+    if a.shape[1] != cols or b.shape[0] != rows:
         raise BridgeError(f"{folder}'s base model does not match the checkpoint: {module} has A {tuple(a.shape)} and "
                           f"B {tuple(b.shape)}, the checkpoint's {hf_weight} is {rows} x {cols}")
+    if a.shape[0] != rank or b.shape[1] != rank:
+        raise BridgeError(f"{folder}'s {module} is of rank {a.shape[0]}, not r={rank} as its {ADAPTER_CONFIG} says "
+                          "(rank_pattern is not supported)")
     return a, b, None if m is None else m.float()
 
 
@@ -271,14 +314,12 @@ def import_adapter(folder: str | Path, base: str | Path, out: str | Path, layout
     layout.validate(cfg)
     with safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
-    tensors, targets, canonical = from_peft(cfg, state, folder)
+    rank, dora = int(config["r"]), bool(config.get("use_dora", False))
+    tensors, targets, canonical, absent = from_peft(cfg, state, folder, rank, dora)
     if not targets:
         raise BridgeError(f"{folder}'s base model does not match the checkpoint: none of its modules is a linear bridge adapts")
-    rank = int(config["r"])
-    if any(k.endswith("linear_in.weight") and v.shape[0] not in (rank, 2 * rank, 3 * rank) for k, v in tensors.items()):
-        raise BridgeError(f"{folder}'s tensors are not of rank r={rank} as its {ADAPTER_CONFIG} says")
     spec = LoRASpec(rank=rank, alpha=float(config.get("lora_alpha", rank)), dropout=float(config.get("lora_dropout", 0.0)),
-                    target_modules=tuple(targets), use_dora=bool(config.get("use_dora", False)), canonical=canonical)
+                    target_modules=tuple(targets), use_dora=dora, canonical=canonical, absent_parts=absent)
     meta = CheckpointMeta(config=cfg, layout=layout, transformer_impl=ckpt.meta.transformer_impl, dtype="fp32",
                           source={"adapter": str(folder.resolve()), "trained_from": str(base.resolve())})
     with atomic_output_dir(Path(out), overwrite, sources=(folder, base), needed=hf_meta_bytes(ckpt.hf_meta)) as tmp:

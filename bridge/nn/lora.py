@@ -69,6 +69,9 @@ class LoRASpec:
     canonical: bool = False
     """Megatron-Bridge's CanonicalLoRA: each HF linear fused into linear_qkv / linear_fc1 keeps an A of its own (the
     form of an adapter trained with peft on q/k/v and gate/up, `bridge import --adapter`); fused, they share one."""
+    absent_parts: tuple[tuple[str, int], ...] = ()
+    """(target, part) of the HF linears a canonical adapter leaves out (peft's default q_proj, v_proj: k_proj is part 1
+    of linear_qkv): their factors are zero, stay zero in training, and are not exported."""
     seed: int = 1234
     """Seeds A's initialisation per (layer, target), the same global tensor at every layout."""
 
@@ -77,12 +80,14 @@ class LoRASpec:
         return self.alpha / self.rank
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "target_modules": list(self.target_modules)}
+        return {**asdict(self), "target_modules": list(self.target_modules),
+                "absent_parts": [list(p) for p in self.absent_parts]}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "LoRASpec":
         fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**{**fields, "target_modules": tuple(fields.get("target_modules", TARGETS))})
+        return cls(**{**fields, "target_modules": tuple(fields.get("target_modules", TARGETS)),
+                      "absent_parts": tuple((t, int(j)) for t, j in fields.get("absent_parts", ()))})
 
 
 def check_spec(spec: LoRASpec) -> None:

@@ -127,6 +127,8 @@ class TrainConfig:
     """DoRA: a trained per-row magnitude over the direction of W + BA (peft's use_dora)."""
     lora_canonical: bool = False
     """Set by bridge, not a flag: q/k/v and gate/up keep an A each (an adapter imported from peft; bridge.nn.lora)."""
+    lora_absent_parts: list[list[Any]] = field(default_factory=list)
+    """Set by bridge, not a flag: [target, part] of the HF linears an imported adapter leaves out (bridge.nn.lora)."""
     lora_resume: str | None = None
     """Set by bridge, not a flag: the LoRA run --load named, whose adapter and optimizer resume; `load` is its base."""
     # checkpoints and evaluation

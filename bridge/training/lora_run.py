@@ -44,7 +44,8 @@ def read_lora(folder: str | os.PathLike) -> tuple[LoRASpec, Path]:
 def lora_spec(cfg: TrainConfig) -> LoRASpec:
     return LoRASpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                     target_modules=tuple(cfg.lora_target_modules), use_dora=cfg.lora_use_dora,
-                    canonical=cfg.lora_canonical, seed=cfg.seed)
+                    canonical=cfg.lora_canonical, absent_parts=tuple((t, int(j)) for t, j in cfg.lora_absent_parts),
+                    seed=cfg.seed)
 
 
 def write_lora(save: Path, cfg: TrainConfig, base: str) -> None:
@@ -57,7 +58,8 @@ def write_lora(save: Path, cfg: TrainConfig, base: str) -> None:
 
 def _flags(spec: LoRASpec) -> dict[str, Any]:
     return {"lora_rank": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
-            "lora_target_modules": list(spec.target_modules), "lora_use_dora": spec.use_dora, "lora_canonical": spec.canonical}
+            "lora_target_modules": list(spec.target_modules), "lora_use_dora": spec.use_dora, "lora_canonical": spec.canonical,
+            "lora_absent_parts": [list(p) for p in spec.absent_parts]}
 
 
 def resolve_lora_resume(cfg: TrainConfig) -> TrainConfig:
@@ -68,7 +70,7 @@ def resolve_lora_resume(cfg: TrainConfig) -> TrainConfig:
     spec, base = read_lora(cfg.load)
     saved = _flags(spec)
     if cfg.lora_rank is not None:
-        given = {k: getattr(cfg, k) for k in saved if k != "lora_canonical"}
+        given = {k: getattr(cfg, k) for k in saved if k not in ("lora_canonical", "lora_absent_parts")}
         differ = sorted(k for k in given if given[k] != saved[k] and not (k == "lora_target_modules"
                                                                           and set(given[k]) == set(saved[k])))
         if differ:
