@@ -10,8 +10,8 @@ FLAGS = {
     "import": {"--tp", "--tensor-model-parallel-size", "--pp", "--pipeline-model-parallel-size", "--vpp",
                "--virtual-pipeline-model-parallel-size", "--make-vocab-size-divisible-by", "--transformer-impl",
                "--dtype", "--out", "--revision", "--token", "--overwrite", "--format", "--ckpt-format",
-               "--ep", "--expert-model-parallel-size", "--etp", "--moe-grouped-gemm"},
-    "export": {"--out", "--max-shard-size", "--iteration", "--dtype", "--overwrite", "--hf-config"},
+               "--ep", "--expert-model-parallel-size", "--etp", "--moe-grouped-gemm", "--adapter", "--base"},
+    "export": {"--out", "--max-shard-size", "--iteration", "--dtype", "--overwrite", "--hf-config", "--adapter"},
     "reshard": {"--out", "--tp", "--pp", "--vpp", "--transformer-impl", "--format", "--hf-config"},
     "verify": {"--prompts", "--dtype", "--device", "--sequence-parallel", "--cp", "--context-parallel-size"},
     "train": {"--load", "--save", "--data", "--data-path", "--nproc", "--tp", "--tensor-model-parallel-size",
@@ -19,8 +19,9 @@ FLAGS = {
               "--micro-batch-size", "--global-batch-size", "--seq-length", "--train-iters", "--lr", "--min-lr",
               "--lr-decay-style", "--lr-warmup-iters", "--weight-decay", "--clip-grad", "--adam-beta1",
               "--adam-beta2", "--bf16", "--recompute", "--save-interval", "--eval-interval", "--eval-iters",
-              "--seed", "--tensorboard-dir", "--split", "--config"},
-    "push": {"--revision", "--private", "--token", "--commit-message"},
+              "--seed", "--tensorboard-dir", "--split", "--config", "--lora-rank", "--lora-alpha", "--lora-dropout",
+              "--lora-target-modules", "--lora-use-dora"},
+    "push": {"--revision", "--private", "--token", "--commit-message", "--adapter"},
 }
 
 

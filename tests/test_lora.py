@@ -21,9 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from bridge.api import import_hf
-from bridge.apps.adapter import export_adapter, export_merged, import_adapter, read_adapter, to_peft
+from bridge.apps.adapter import export_adapter, export_merged, read_adapter, to_peft
 from bridge.cli.main import main
-from bridge.layout import ParallelLayout
 from bridge.training import TrainConfig, train
 from tests.model_fixtures import load_pt, write_random_corpus
 
@@ -218,7 +217,9 @@ def test_import_of_a_folder_peft_wrote_round_trips_and_trains(env: dict[str, Any
             if "lora_B" in n:  # peft starts B at zero: give the round trip something to carry
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
     peft_model.save_pretrained(root / "peft")
-    imported = import_adapter(root / "peft", env["ckpt"][model], root / "run", ParallelLayout(tp=2))
+    assert main(["import", "--adapter", str(root / "peft"), "--base", str(env["ckpt"][model]), "--tp", "2",
+                 "--out", str(root / "run")]) == 0
+    imported = root / "run"
     export_adapter(imported, root / "back")
     theirs, ours = load_file(root / "peft" / "adapter_model.safetensors"), load_file(root / "back" / "adapter_model.safetensors")
     assert theirs.keys() == ours.keys()
