@@ -104,8 +104,8 @@ def check_lora(cfg: TrainConfig) -> None:
             raise BridgeError("--lora-use-dora adapts with DoRA: give --lora-rank too")
         return
     check_spec(lora_spec(cfg))
-    if cfg.load is None:
-        raise BridgeError("--lora-rank trains an adapter on a pretrained base: give --load CHECKPOINT")
+    if cfg.load is None and cfg.save:  # --model-config: a random base, for benchmarks; nothing to refer a save to
+        raise BridgeError("a LoRA run's checkpoints refer to their base: give the base with --load CHECKPOINT")
     if cfg.ckpt_format != "torch":
         raise BridgeError("LoRA runs save with --ckpt-format torch (the adapter's per-rank files); drop --ckpt-format "
                           f"{cfg.ckpt_format}")
