@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import shutil
 import json
 import warnings
 from pathlib import Path
@@ -263,6 +264,13 @@ def test_bad_input_is_one_line(env: dict[str, Any], tmp_path: Path, capsys: pyte
     assert main(["import", "--adapter", str(model), "--base", llama, "--out", str(tmp_path / "c")]) == 1
     assert "base model does not match the checkpoint" in _one_line(capsys)
     assert not any(p.name.startswith(("b", "c")) for p in tmp_path.iterdir())
+    moved = tmp_path / "moved"  # a run whose base has since moved on to another iteration
+    shutil.copytree(run(env, "llama31", "single")["save"], moved)
+    record = json.loads((moved / "lora.json").read_text())
+    assert record["base_iteration"] == "release"
+    (moved / "lora.json").write_text(json.dumps({**record, "base_iteration": "7"}))
+    assert main(["export", str(moved), "--out", str(tmp_path / "d")]) == 1
+    assert "is at iteration release, the adapter was trained on its iteration 7" in _one_line(capsys)
 
 
 def _saved_peft(env: dict[str, Any], tmp_path: Path, model: str, targets: list[str], **kw: Any) -> Path:

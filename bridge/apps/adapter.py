@@ -30,7 +30,7 @@ from bridge.mapping import Conversion, expected_hf_shapes
 from bridge.models import conversions
 from bridge.nn.lora import TARGETS, LoRASpec
 from bridge.sharding import gather, rule_for, split
-from bridge.training.lora_run import LORA_FILE, read_lora
+from bridge.training.lora_run import LORA_FILE, read_lora, write_lora
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +326,7 @@ def import_adapter(folder: str | Path, base: str | Path, out: str | Path, layout
         _write_adapter(tmp, meta, spec, tensors)
         copy_hf_meta(ckpt.hf_meta, tmp / HF_META_DIR)
         meta.save(tmp)
-        (tmp / LORA_FILE).write_text(json.dumps({"lora": spec.to_json(), "base": str(base.resolve())}, indent=2) + "\n")
+        write_lora(tmp, spec, base)
     log.info("wrote %s: %s adapter of rank %d on %s", out, "DoRA" if spec.use_dora else "LoRA", rank, base)
     return Path(out)
 

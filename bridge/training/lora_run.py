@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.checkpoint import META_FILE, CheckpointMeta
+from bridge.converters.megatron_legacy import TRACKER
 from bridge.errors import BridgeError
 from bridge.config import ModelConfig
 from bridge.models import conversions
@@ -38,7 +39,17 @@ def read_lora(folder: str | os.PathLike) -> tuple[LoRASpec, Path]:
     if not (base / META_FILE).is_file():
         raise BridgeError(f"the base checkpoint {base} of the LoRA run {folder} is gone; the run stores only the "
                           "adapter: put the base back at that path")
+    now = base_iteration(base)
+    if now != data.get("base_iteration", now):
+        raise BridgeError(f"the base checkpoint {base} of the LoRA run {folder} is at iteration {now}, the adapter was "
+                          f"trained on its iteration {data['base_iteration']}; the run refers to the base, not a copy")
     return LoRASpec.from_json(data["lora"]), base
+
+
+def base_iteration(base: Path) -> str | None:
+    """The iteration a base checkpoint's tracker names (`release` for an import): an adapter is trained on that one."""
+    tracker = base / TRACKER
+    return tracker.read_text().strip() if tracker.is_file() else None
 
 
 def lora_spec(cfg: TrainConfig) -> LoRASpec:
@@ -48,9 +59,10 @@ def lora_spec(cfg: TrainConfig) -> LoRASpec:
                     seed=cfg.seed)
 
 
-def write_lora(save: Path, cfg: TrainConfig, base: str) -> None:
-    """`lora.json` (write-then-rename), once per save folder."""
-    data = {"lora": lora_spec(cfg).to_json(), "base": str(Path(base).resolve())}
+def write_lora(save: Path, spec: LoRASpec, base: str | os.PathLike) -> None:
+    """`lora.json` (write-then-rename), once per save folder: the adapter's settings, and the base checkpoint by
+    absolute path and the iteration its tracker names."""
+    data = {"lora": spec.to_json(), "base": str(Path(base).resolve()), "base_iteration": base_iteration(Path(base))}
     tmp = save / (LORA_FILE + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, save / LORA_FILE)

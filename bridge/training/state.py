@@ -24,7 +24,7 @@ from bridge.training.config import TrainConfig
 from bridge.training.data import (Documents, MockDataset, PackedDataset, WholeDocumentDataset, split_documents,
                                   step_micro_batches)
 from bridge.training.grads import ParamAndGradBuffer
-from bridge.training.lora_run import write_lora
+from bridge.training.lora_run import lora_spec, write_lora
 from bridge.training.lr import LRSchedule
 from bridge.training.model import build_chunks, resume_state
 from bridge.training.optimizer import AdamConfig, MixedPrecisionAdamW
@@ -211,4 +211,4 @@ def _prepare_save(cfg: TrainConfig, plan: Plan, start: int) -> None:
     with disk_space_checked(save, ckpt.NO_SPACE_ADVICE):
         ckpt.write_meta(save, meta, _hf_meta_folder(cfg))
         if cfg.lora_rank is not None:
-            write_lora(save, cfg, cfg.load_as_given or cfg.load)
+            write_lora(save, lora_spec(cfg), cfg.load_as_given or cfg.load)
