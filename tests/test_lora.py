@@ -1,6 +1,7 @@
 """LoRA and DoRA on CPU/gloo, fp32, tiny Llama, Qwen3 and Mixtral, judged by peft and transformers:
 - TP=2 with SP and the distributed optimizer over DP=2, and PP=2, give the single-process losses (1e-5 relative)
   and the same adapter; DoRA the same at TP=2;
+- Mixtral's routed experts' adapters at EP=2 the same;
 - the adapter exported as a PEFT folder, loaded by peft on the HF base without a missing/unexpected-key warning,
   gives the logits of the merged export loaded by plain transformers, and both differ from the base;
 - the checkpoint holds the adapter and its optimizer state only, the base checkpoint stays bitwise unchanged, a run
@@ -74,6 +75,7 @@ def _adapter(env: dict[str, Any], key: str) -> dict[str, torch.Tensor]:
     ("llama31", "tp2-sp-dp2-distopt", dict(nproc=4, tp=2, sequence_parallel=True, use_distributed_optimizer=True)),
     ("llama31", "pp2", dict(nproc=2, pp=2)),
     ("qwen3", "dora-tp2-sp", dict(nproc=2, tp=2, sequence_parallel=True, lora_use_dora=True)),
+    ("mixtral", "ep2", dict(nproc=2, ep=2)),  # the routed experts' adapters split over EP
 ])
 def test_layout_matches_single_process(env: dict[str, Any], model: str, name: str, layout: dict[str, Any]) -> None:
     dora = dict(lora_use_dora=True) if layout.get("lora_use_dora") else {}
@@ -118,7 +120,7 @@ def _logits(env: dict[str, Any], model: str, key: str) -> tuple[torch.Tensor, to
 @pytest.mark.parametrize("model, name, layout", [
     ("llama31", "tp2-sp-dp2-distopt", dict(nproc=4, tp=2, sequence_parallel=True, use_distributed_optimizer=True)),
     ("qwen3", "dora-tp2-sp", dict(nproc=2, tp=2, sequence_parallel=True, lora_use_dora=True)),
-    ("mixtral", "ep2", dict(nproc=2, ep=2, lora_target_modules=["linear_qkv", "linear_proj"])),
+    ("mixtral", "ep2", dict(nproc=2, ep=2)),
 ])
 def test_peft_adapter_gives_the_merged_export(env: dict[str, Any], model: str, name: str, layout: dict[str, Any]) -> None:
     run(env, model, name, **layout)
@@ -157,7 +159,7 @@ def test_live_adapter_computes_the_merged_model(env: dict[str, Any]) -> None:
 
     from bridge.launch import launch
 
-    keys = [("llama31", "single", {}), ("qwen3", "dora-single", dict(lora_use_dora=True))]
+    keys = [("llama31", "single", {}), ("qwen3", "dora-single", dict(lora_use_dora=True)), ("mixtral", "single", {})]
     for model, name, kw in keys:
         run(env, model, name, **kw)
     pairs = [(str(env["ckpt"][m]), str(env["runs"][f"{m}-{n}"]["save"])) for m, n, _ in keys]
@@ -251,8 +253,8 @@ def test_bad_input_is_one_line(env: dict[str, Any], tmp_path: Path, capsys: pyte
     assert "--lora-rank must be >= 1, got 0" in _one_line(capsys)
     assert main([*train_args, "--load", llama, "--lora-rank", "4", "--lora-target-modules", "q_proj"]) == 1
     assert "q_proj matches no adaptable linear; choose from linear_qkv" in _one_line(capsys)
-    assert main([*train_args, "--load", mixtral, "--lora-rank", "4"]) == 1
-    assert "linear_fc1 linear_fc2 matches no linear layer of MixtralForCausalLM" in _one_line(capsys)
+    assert main([*train_args, "--load", mixtral, "--lora-rank", "4", "--tp", "2", "--nproc", "2"]) == 1
+    assert "adapts MixtralForCausalLM's routed experts, which bridge does with neither --tp > 1" in _one_line(capsys)
     assert main(["export", llama, "--out", str(tmp_path / "a"), "--adapter"]) == 1
     assert "has no adapter (lora.json): it was not trained with --lora-rank" in _one_line(capsys)
     model = _saved_peft(env, tmp_path, "llama31", ["q_proj", "v_proj"], use_dora=True)  # k_proj left out

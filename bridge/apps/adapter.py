@@ -48,9 +48,12 @@ def adapted(cfg: ModelConfig, spec: LoRASpec) -> list[tuple[str, str, Conversion
     out = []
     for layer in range(cfg.num_layers):
         for target in spec.target_modules:
-            module = f"decoder.layers.{layer}.{TARGETS[target].path}"
-            if f"{module}.weight" in by_name:
-                out.append((target, module, by_name[f"{module}.weight"]))
+            t = TARGETS[target]
+            experts = [t.expert_path.format(e) for e in range(cfg.num_experts)] if t.expert_path and cfg.moe else []
+            for path in [t.path, *experts]:
+                module = f"decoder.layers.{layer}.{path}"
+                if f"{module}.weight" in by_name:
+                    out.append((target, module, by_name[f"{module}.weight"]))
     return out
 
 
@@ -70,9 +73,10 @@ def read_adapter(run: Path, iteration: int | None = None) -> tuple[LoRASpec, Pat
         if match is None:
             raise BridgeError(f"{run} holds {name}, not an adapter tensor; a LoRA run's files hold only the adapter")
         layer = layout.global_layer(pp_rank, chunk, int(match.group(1)), cfg.num_layers)
-        key = f"decoder.layers.{layer}.{match.group(2)}.adapter.{match.group(3)}"
+        module, routed = _global_expert(match.group(2), layout, ep_rank, cfg.num_experts)
+        key = f"decoder.layers.{layer}.{module}.adapter.{match.group(3)}"
         tensor = reader.get(tp_rank, pp_rank, chunk, name, ep_rank)
-        if ep_rank and not torch.equal(tensor, shards[key][tp_rank]):
+        if ep_rank and not routed and not torch.equal(tensor, shards[key][tp_rank]):
             raise BridgeError(f"{key} differs between EP ranks 0 and {ep_rank}; the checkpoint is inconsistent")
         shards.setdefault(key, {})[tp_rank] = tensor
     expected = {f"{m}.adapter.{p}" for _, m, _ in adapted(cfg, spec) for p in _params(spec)}
@@ -85,10 +89,49 @@ def read_adapter(run: Path, iteration: int | None = None) -> tuple[LoRASpec, Pat
     return spec, base, meta, tensors
 
 
+_LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])$")
+
+
+def _global_expert(module: str, layout: ParallelLayout, ep_rank: int, num_experts: int) -> tuple[str, bool]:
+    """(the module with a routed expert's global index for its local one, whether it is a routed expert's)."""
+    match = _LOCAL_EXPERT.match(module)
+    if match is None:
+        return module, False
+    e = layout.global_expert(ep_rank, int(match.group(1)), num_experts)
+    return f"mlp.experts.local_experts.{e}.{match.group(2)}", True
+
+
+#: transformers 5 holds a MoE layer's routed experts as 3-D parameters of one module (Mixtral, Qwen3-MoE:
+#: gate_up_proj [E, 2I, H] = [gate; up] per expert, down_proj [E, H, I]); peft adapts them as `target_parameters`.
+HF_EXPERTS = "model.layers.{}.mlp.experts"
+EXPERT_PARAMETERS = {"linear_fc1": "gate_up_proj", "linear_fc2": "down_proj"}
+
+
+def _expert_peft(cfg: ModelConfig, spec: LoRASpec, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Routed experts' adapters -> peft's ParamWrapper tensors, one pair per layer and parameter: lora_A [E r, in]
+    (expert-major: rows [e r, (e+1) r) are A_e) and lora_B [out, r E] (column j E + e is column j of B_e). peft wraps
+    the parameters in `target_parameters`' order, so gate_up_proj's wrapper sits inside down_proj's (`base_layer.`)."""
+    present = [t for t in EXPERT_PARAMETERS if t in spec.target_modules] if cfg.num_experts else []
+    out: dict[str, torch.Tensor] = {}
+    for layer in range(cfg.num_layers):
+        for target in present:
+            keys = [f"decoder.layers.{layer}.{TARGETS[target].expert_path.format(e)}.adapter" for e in range(cfg.num_experts)]
+            if f"{keys[0]}.linear_in.weight" not in tensors:
+                continue
+            a = torch.cat([tensors[f"{k}.linear_in.weight"] for k in keys])  # [E r, in]
+            b = torch.stack([tensors[f"{k}.linear_out.weight"] for k in keys], dim=2)  # [out, r, E]
+            inner = ".base_layer" if target == present[0] and len(present) > 1 else ""
+            prefix = f"{PEFT_PREFIX}{HF_EXPERTS.format(layer)}{inner}"
+            out[f"{prefix}.lora_A.weight"], out[f"{prefix}.lora_B.weight"] = a, b.reshape(b.shape[0], -1).contiguous()
+    return out
+
+
 def to_peft(cfg: ModelConfig, spec: LoRASpec, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Global Megatron adapter tensors -> peft's state dict (HF module names, fused parts split)."""
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = _expert_peft(cfg, spec, tensors)
     for target, module, conv in adapted(cfg, spec):
+        if ".experts.local_experts." in module:
+            continue
         a, b = tensors[f"{module}.adapter.linear_in.weight"], tensors[f"{module}.adapter.linear_out.weight"]
         names = [n.removesuffix(".weight") for n in conv.hf]
         parts = len(names)
@@ -109,11 +152,14 @@ def to_peft(cfg: ModelConfig, spec: LoRASpec, tensors: dict[str, torch.Tensor]) 
 def peft_config(spec: LoRASpec, cfg: ModelConfig, base_name: str | None) -> dict[str, Any]:
     """adapter_config.json: the fields peft reads (it fills the rest with its defaults). Targets are the HF modules'
     short names for a dense model, their full names where an MoE model's other linears could share a short name."""
-    modules = [n.removesuffix(".weight") for target, _, conv in adapted(cfg, spec) for j, n in enumerate(conv.hf)
-               if (target, j) not in spec.absent_parts]
+    modules = [n.removesuffix(".weight") for target, module, conv in adapted(cfg, spec) for j, n in enumerate(conv.hf)
+               if (target, j) not in spec.absent_parts and ".experts.local_experts." not in module]
     targets = sorted(modules) if cfg.moe else sorted({m.rsplit(".", 1)[1] for m in modules})
+    routed = [f"experts.{p}" for t, p in EXPERT_PARAMETERS.items() if t in spec.target_modules
+              and any(".experts.local_experts." in m for _, m, _ in adapted(cfg, spec))]
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name, "r": spec.rank,
-            "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "target_modules": targets, "use_dora": spec.use_dora,
+            "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "target_modules": targets,
+            "target_parameters": routed or None, "use_dora": spec.use_dora,
             "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True,
             "inference_mode": True, "modules_to_save": None}
 

@@ -45,14 +45,17 @@ class Target:
     fuse: Callable[..., torch.Tensor] | None = None
     """How the HF parts' rows are fused (q, k, v -> linear_qkv; gate, up -> linear_fc1); None: one HF linear."""
     parts: int = 1
+    expert_path: str | None = None
+    """The same linear in each routed expert (SequentialMLP's names, `{}` the expert), which Megatron-Bridge's target
+    name matches too."""
 
 
 #: Megatron-Bridge's target names.
 TARGETS: dict[str, Target] = {
     "linear_qkv": Target("self_attention.linear_qkv", "column", transforms.fuse_qkv, 3),
     "linear_proj": Target("self_attention.linear_proj", "row"),
-    "linear_fc1": Target("mlp.linear_fc1", "column", transforms.fuse_gate_up, 2),
-    "linear_fc2": Target("mlp.linear_fc2", "row"),
+    "linear_fc1": Target("mlp.linear_fc1", "column", transforms.fuse_gate_up, 2, "mlp.experts.local_experts.{}.linear_fc1"),
+    "linear_fc2": Target("mlp.linear_fc2", "row", expert_path="mlp.experts.local_experts.{}.linear_fc2"),
 }
 ADAPTER_TAILS = ("adapter.linear_in.weight", "adapter.linear_out.weight", "adapter.magnitude")
 
@@ -170,14 +173,40 @@ class LoRAAdapter(nn.Module):
         return C.split(C.all_reduce(squares, g).sqrt(), g, 0)  # this rank's rows of the full norms
 
 
-def adapted_modules(chunk: nn.Module, spec: LoRASpec) -> Iterator[tuple[int, str, str, nn.Module]]:
-    """(global layer, target name, chunk-local module path, module) of every linear `spec` adapts in a chunk."""
+class ExpertAdapter(nn.Module):
+    """One routed expert's LoRA (A [r, in], B [out, r]); the experts' batched GEMMs apply it (bridge.nn.moe). Expert
+    weights are not split over TP here, and are reduced over expert-DP like the expert itself."""
+
+    def __init__(self, base: nn.Module, spec: LoRASpec) -> None:
+        super().__init__()
+        out, inp = base.weight.shape
+        self.scaling = spec.scaling
+        self.linear_in = nn.Linear(inp, spec.rank, bias=False, dtype=torch.float32, device=base.weight.device)
+        self.linear_out = nn.Linear(spec.rank, out, bias=False, dtype=torch.float32, device=base.weight.device)
+        nn.init.zeros_(self.linear_out.weight)
+        for p in self.parameters():
+            p.allreduce = False  # Megatron's mark: reduced over the expert-data-parallel group
+
+
+def adapted_modules(chunk: nn.Module, spec: LoRASpec) -> Iterator[tuple[str, str, str, nn.Module]]:
+    """(seed key, target name, chunk-local module path, module) of every linear `spec` adapts in a chunk; the seed key
+    names the global layer (and expert), so every layout draws the same initial A."""
     for local, layer in enumerate(chunk.decoder.layers):
         for target in spec.target_modules:
             path = TARGETS[target].path
             module = _submodule(layer, path)
             if module is not None and getattr(module, "weight", None) is not None:
-                yield chunk.layer_numbers[local], target, f"decoder.layers.{local}.{path}", module
+                yield f"{chunk.layer_numbers[local]}", target, f"decoder.layers.{local}.{path}", module
+            for j, expert in _local_experts(layer, TARGETS[target]):
+                e = chunk.ps.layout.global_expert(chunk.ps.ep_rank, j, chunk.cfg.num_experts)
+                path = TARGETS[target].expert_path.format(j)
+                yield f"{chunk.layer_numbers[local]}.{e}", target, f"decoder.layers.{local}.{path}", expert
+
+
+def _local_experts(layer: nn.Module, target: Target) -> list[tuple[int, nn.Module]]:
+    """(local index, linear) of the target's linear in this layer's routed experts (SequentialMLP's), if any."""
+    experts = _submodule(layer, "mlp.experts.local_experts") if target.expert_path else None
+    return [] if experts is None else [(j, _submodule(layer, target.expert_path.format(j))) for j in range(len(experts))]
 
 
 def _submodule(layer: nn.Module, path: str) -> nn.Module | None:
@@ -204,16 +233,16 @@ def part_mask(target: Target, cfg: ModelConfig, rank: int) -> torch.Tensor | Non
     return target.fuse(*blocks, cfg)
 
 
-def _init_a(global_shape: tuple[int, int], seed: int, layer: int, target: str) -> torch.Tensor:
+def _init_a(global_shape: tuple[int, int], seed: int, where: str, target: str) -> torch.Tensor:
     """A's global initial value (kaiming-uniform, a = sqrt(5): U(+-1/sqrt(in)), nn.Linear's and peft's default),
-    drawn from its own seed, so every TP/PP layout starts from the same adapter."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + layer * 101 + zlib.crc32(target.encode()) % 97)
+    drawn from its own seed (the run's, the layer's and expert's, the target's), so every layout starts alike."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{where}:{target}".encode()))
     bound = 1.0 / math.sqrt(global_shape[1])
     return (torch.rand(global_shape, generator=generator, dtype=torch.float64) * 2 - 1).mul(bound).float()
 
 
 def apply_lora(chunks: Sequence[nn.Module], spec: LoRASpec) -> list[str]:
-    """Freeze every base weight and add an adapter to each target linear; returns the adapted modules' global
+    """Freeze every base weight and add an adapter to each target linear; returns the adapted modules' chunk-local
     paths (bridge.training.lora_run checks beforehand that every target matches some linear of the model)."""
     for chunk in chunks:
         for p in chunk.parameters():
@@ -221,7 +250,14 @@ def apply_lora(chunks: Sequence[nn.Module], spec: LoRASpec) -> list[str]:
     found: dict[str, list[str]] = {t: [] for t in spec.target_modules}
     for chunk in chunks:
         tp, tp_rank = chunk.ps.tp, chunk.ps.tp_rank
-        for layer, target, path, module in adapted_modules(chunk, spec):
+        for where, target, path, module in adapted_modules(chunk, spec):
+            if ".experts." in path:
+                module.adapter = ExpertAdapter(module, spec)
+                with torch.no_grad():
+                    module.adapter.linear_in.weight.copy_(_init_a(tuple(module.adapter.linear_in.weight.shape),
+                                                                  spec.seed, where, target))
+                found[target].append(path)
+                continue
             kind = TARGETS[target].kind
             out_local, in_local = module.weight.shape
             g_out, g_in = (out_local * tp, in_local) if kind == "column" else (out_local, in_local * tp)
@@ -230,14 +266,14 @@ def apply_lora(chunks: Sequence[nn.Module], spec: LoRASpec) -> list[str]:
                 mask = tp_split(mask, rule_for(f"{path}.adapter.linear_out.weight"), tp, 0)[tp_rank]
             adapter = LoRAAdapter(module, kind, spec, global_in=g_in, global_out=g_out, tp=tp, mask=mask)
             a = _init_a((adapter.linear_in.weight.shape[0] * (tp if kind == "column" else 1), g_in),
-                        spec.seed, layer, target)
+                        spec.seed, where, target)
             with torch.no_grad():
                 adapter.linear_in.weight.copy_(tp_split(a, rule_for(f"{path}.adapter.linear_in.weight"), tp, 0)[tp_rank])
             module.adapter = adapter
             if adapter.magnitude is not None:
                 with torch.no_grad():
                     adapter.magnitude.copy_(adapter._row_norms(module.weight))  # DoRA starts as the base: m = ||W||
-            found[target].append(f"decoder.layers.{layer}.{TARGETS[target].path}")
+            found[target].append(path)
     return sorted(p for paths in found.values() for p in paths)
 
 

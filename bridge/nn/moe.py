@@ -80,6 +80,7 @@ class _ExpertLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(rows, cols, dtype=dtype, device=device))
         nn.init.normal_(self.weight, std=0.02)
+        self.adapter: nn.Module | None = None  # LoRA (bridge.nn.lora), applied in Experts.forward
 
 
 class _TEExpertLinear(TEExtraState, _ExpertLinear):
@@ -136,9 +137,21 @@ class Experts(nn.Module):
         slot = torch.arange(rows.shape[0], device=rows.device) - (torch.cumsum(counts, 0) - counts)[expert]
         padded = rows.new_zeros(n, max(cap, 1), rows.shape[1])
         padded = padded.index_put((expert, slot), rows)  # [n, cap, h]
-        gate, up = torch.bmm(padded, fc1.transpose(1, 2)).chunk(2, dim=-1)  # [n, cap, F/tp] each
-        out = torch.bmm(F.silu(gate) * up, fc2.transpose(1, 2))  # [n, cap, h]
+        gate, up = self._adapted(padded, torch.bmm(padded, fc1.transpose(1, 2)), "linear_fc1").chunk(2, dim=-1)
+        hidden = F.silu(gate) * up  # [n, cap, F/tp]
+        out = self._adapted(hidden, torch.bmm(hidden, fc2.transpose(1, 2)), "linear_fc2")  # [n, cap, h]
         return out[expert, slot]
+
+    def _adapted(self, x: torch.Tensor, out: torch.Tensor, name: str) -> torch.Tensor:
+        """`out` plus each local expert's LoRA, scaling B_e A_e x, where bridge.nn.lora adapted the experts' `name`
+        linears: x [n, cap, in] -> [n, cap, out] (padding rows are zero, so is their delta)."""
+        if self.grouped or getattr(self.local_experts[0], name).adapter is None:
+            return out
+        adapters = [getattr(e, name).adapter for e in self.local_experts]
+        a = torch.stack([ad.linear_in.weight for ad in adapters])  # [n, r, in]
+        b = torch.stack([ad.linear_out.weight for ad in adapters])  # [n, out, r]
+        delta = torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+        return out + delta.to(out.dtype) * adapters[0].scaling
 
 
 class SharedExperts(nn.Module):

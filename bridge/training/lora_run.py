@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -97,16 +98,32 @@ def resolve_lora_resume(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, **saved, load=str(base), lora_resume=str(cfg.load))
 
 
-def check_targets(cfg: TrainConfig, model: ModelConfig) -> None:
-    """Every --lora-target-modules name must match a linear of the model: linear_fc1 on an all-MoE model (whose
-    expert linears bridge does not adapt) or linear_qkv on an MLA model match none."""
+def check_targets(cfg: TrainConfig, model: ModelConfig, grouped_experts: bool = False) -> None:
+    """Every --lora-target-modules name must match a linear of the model (linear_qkv matches none on an MLA model);
+    adapted routed experts take no expert TP, DoRA or dropout (peft adapts fused experts without either)."""
     if cfg.lora_rank is None:
         return
     keys = [c.megatron for c in conversions(model)]
-    empty = [t for t in cfg.lora_target_modules if not any(k.endswith(f"{TARGETS[t].path}.weight") for k in keys)]
+    empty = [t for t in cfg.lora_target_modules if not any(_matches(k, TARGETS[t]) for k in keys)]
     if empty:
-        raise BridgeError(f"--lora-target-modules {' '.join(empty)} matches no linear layer of {model.architecture} "
-                          "(MoE expert linears are not adapted); drop it or choose from the model's dense linears")
+        raise BridgeError(f"--lora-target-modules {' '.join(empty)} matches no linear layer of {model.architecture}; "
+                          f"drop it or choose from {' '.join(TARGETS)}")
+    experts = [t for t in cfg.lora_target_modules if TARGETS[t].expert_path and any(".experts.local_experts." in k
+               and k.endswith(f"{t}.weight") for k in keys)]
+    why = {"--tp > 1 (expert TP)": cfg.tp > 1, "--lora-use-dora": cfg.lora_use_dora, "--lora-dropout": cfg.lora_dropout > 0,
+           "--moe-grouped-gemm experts": grouped_experts}
+    bad = [flag for flag, on in why.items() if on]
+    if experts and bad:
+        raise BridgeError(f"--lora-target-modules {' '.join(experts)} adapts {model.architecture}'s routed experts, "
+                          f"which bridge does with neither {' nor '.join(bad)}; change that, or adapt linear_qkv "
+                          "linear_proj only")
+
+
+def _matches(key: str, target: Any) -> bool:
+    """Whether a global Megatron weight key is the target's dense linear or one routed expert's."""
+    tail = key.split(".", 3)[-1] if key.startswith("decoder.layers.") else key
+    return tail == f"{target.path}.weight" or (target.expert_path is not None and re.fullmatch(
+        target.expert_path.replace(".", r"\.").replace("{}", r"\d+") + r"\.weight", tail) is not None)
 
 
 def check_lora(cfg: TrainConfig) -> None:

@@ -159,7 +159,7 @@ def make_plan(cfg: TrainConfig) -> Plan:
     _check_numbers(cfg)
     check_lora(cfg)
     model, meta, impl = _model(cfg)
-    check_targets(cfg, model)
+    check_targets(cfg, model, grouped_experts=meta is not None and meta.layout.moe_grouped_gemm)
     grouped = meta.layout.moe_grouped_gemm if meta is not None else False  # keep the checkpoint's expert names
     layout = ParallelLayout(tp=cfg.tp, pp=cfg.pp, vpp=cfg.vpp, ep=cfg.ep, moe_grouped_gemm=grouped)
     layout.validate(model)
