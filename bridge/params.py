@@ -155,14 +155,14 @@ def _adapter_kinds() -> list[ParamKind]:
     input like the base for a row-parallel one; B and the DoRA magnitude over the output rows, like a column-parallel
     base's weight (fc1's [gate_r; up_r] included) or, for a row-parallel base, in plain blocks (its output
     all-gathered). Every gradient is complete on its rank."""
-    bases = ((A + "linear_qkv", Split.COLUMN, Split.COLUMN), (A + "linear_proj", Split.ROW, Split.COLUMN),
-             (M + "linear_fc1", Split.COLUMN, Split.GATED_COLUMN), (M + "linear_fc2", Split.ROW, Split.COLUMN),
+    bases = ((_A + "linear_qkv", Split.COLUMN, Split.COLUMN), (_A + "linear_proj", Split.ROW, Split.COLUMN),
+             (_M + "linear_fc1", Split.COLUMN, Split.GATED_COLUMN), (_M + "linear_fc2", Split.ROW, Split.COLUMN),
              # routed experts' adapters: whole per expert (LoRA on experts runs without expert TP)
-             (M + "experts.linear_fc1", Split.REPLICATED, Split.REPLICATED),
-             (M + "experts.linear_fc2", Split.REPLICATED, Split.REPLICATED))
+             (_M + "experts.linear_fc1", Split.REPLICATED, Split.REPLICATED),
+             (_M + "experts.linear_fc2", Split.REPLICATED, Split.REPLICATED))
     return [ParamKind(f"{base}.adapter.{tail}", split, _rank_shaped, "LoRA (ParallelLinearAdapter)")
-            for base, a_split, out_split in bases
-            for tail, split in (("linear_in.weight", a_split), ("linear_out.weight", out_split), ("magnitude", out_split))]
+            for base, a_split, b_split in bases
+            for tail, split in (("linear_in.weight", a_split), ("linear_out.weight", b_split), ("magnitude", b_split))]
 
 
 KINDS.update({k.name: k for k in _adapter_kinds()})
