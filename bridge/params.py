@@ -151,18 +151,19 @@ def _rank_shaped(cfg: ModelConfig) -> tuple[int, ...]:
 
 def _adapter_kinds() -> list[ParamKind]:
     """LoRA/DoRA tensors on the adaptable linears (bridge.nn.lora), split over TP as Megatron-Bridge's
-    ParallelLinearAdapter splits them: A over the rank for a column-parallel base (its output all-gathered), over the
-    input like the base for a row-parallel one; B and the DoRA magnitude over the output rows, like a column-parallel
-    base's weight (fc1's [gate_r; up_r] included) or, for a row-parallel base, in plain blocks (its output
-    all-gathered). Every gradient is complete on its rank."""
-    bases = ((_A + "linear_qkv", Split.COLUMN, Split.COLUMN), (_A + "linear_proj", Split.ROW, Split.COLUMN),
-             (_M + "linear_fc1", Split.COLUMN, Split.GATED_COLUMN), (_M + "linear_fc2", Split.ROW, Split.COLUMN),
-             # routed experts' adapters: whole per expert (LoRA on experts runs without expert TP)
-             (_M + "experts.linear_fc1", Split.REPLICATED, Split.REPLICATED),
-             (_M + "experts.linear_fc2", Split.REPLICATED, Split.REPLICATED))
-    return [ParamKind(f"{base}.adapter.{tail}", split, _rank_shaped, "LoRA (ParallelLinearAdapter)")
+    ParallelLinearAdapter splits them: A over the rank for a column-parallel base (its linear_in a ColumnParallelLinear
+    gathering its output), over the input like the base for a row-parallel one (a RowParallelLinear); B and the DoRA
+    magnitude over the output rows (linear_out a ColumnParallelLinear), like a column-parallel base's weight (fc1's
+    [gate_r; up_r] included) or, for a row-parallel base, in plain blocks (its output all-gathered). Routed experts'
+    adapters are declared as the dense ones (bridge adapts experts without expert TP). Every gradient is complete."""
+    column, row, gated = (Split.COLUMN, _COLUMN), (Split.ROW, _ROW), (Split.GATED_COLUMN, "GatedMLPMapping")
+    bases = [(_A + "linear_qkv", column, column), (_A + "linear_proj", row, column)]
+    bases += [(f"{_M}{experts}linear_fc1", column, gated) for experts in ("", "experts.")]
+    bases += [(f"{_M}{experts}linear_fc2", row, column) for experts in ("", "experts.")]
+    return [ParamKind(f"{base}.adapter.{tail}", split, _rank_shaped, mapping)
             for base, a_split, b_split in bases
-            for tail, split in (("linear_in.weight", a_split), ("linear_out.weight", b_split), ("magnitude", b_split))]
+            for tail, (split, mapping) in (("linear_in.weight", a_split), ("linear_out.weight", b_split),
+                                           ("magnitude", b_split))]
 
 
 KINDS.update({k.name: k for k in _adapter_kinds()})
