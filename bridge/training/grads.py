@@ -84,7 +84,7 @@ class ParamAndGradBuffer:
                 if not p.requires_grad:  # frozen (a LoRA base): no gradient, no buffer, no optimizer state
                     continue
                 is_tied = id(p) in tied
-                dup = (tp_replicated(name) and ps.tp_rank != 0) or (is_tied and not ps.is_first_stage)
+                dup = (ps.tp_rank != 0 and tp_replicated(name)) or (is_tied and not ps.is_first_stage)
                 sum_over = "embedding" if is_tied else "tp" if tp_partial(name, sequence_parallel, ps.tp) else None
                 expert = not getattr(p, "allreduce", True)
                 entry = Entry(v, name, p, 0, p.numel(), dup, p.ndim == 1, sum_over, expert)
