@@ -107,6 +107,34 @@ class LayerSpec:
 
     rope: bool = True
     """False: no positional rotation in this layer's attention (SmolLM3's NoPE layers; Megatron's no_rope_freq)."""
+    local_rope: bool = False
+    """True: this layer rotates with the local table (ModelConfig.local_rotary_base, unscaled), the others with the
+    global one (Gemma 3's sliding layers: base 10k; its full layers: 1M, linearly scaled)."""
+    window: int | None = None
+    """A sliding window for this layer alone (Gemma's sliding layers); None: the model's `sliding_window`, if any."""
+    pre_norms: bool = True
+    """False: no norm before attention and MLP (OLMo 2 normalises their outputs instead)."""
+    post_norms: bool = False
+    """True: a norm on the attention output and on the MLP output, before each residual add (Gemma 2/3, OLMo 2;
+    Megatron-Bridge's `linear_proj.post_layernorm` / `linear_fc2.post_layernorm`)."""
+    activation: str = "silu"
+    """The gated MLP's activation: `silu` (SwiGLU) or `gelu_tanh` (Gemma's GeGLU, HF `gelu_pytorch_tanh`)."""
+    attention_softcap: float | None = None
+    """Attention scores become tanh(s / cap) * cap before the softmax (Gemma 2's attn_logit_softcapping)."""
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise BridgeError(f"activation {self.activation!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
+        if not (self.pre_norms or self.post_norms):
+            raise BridgeError("a layer with neither pre- nor post-norms is not supported")
+
+
+#: The gated MLP's activations (LayerSpec.activation); bridge.nn.transformer holds their functions.
+ACTIVATIONS = ("silu", "gelu_tanh")
+#: How an RMSNorm applies its weight (ModelConfig.norm_style), each as its HF family computes it:
+#: `llama` casts the normalised input back to its dtype, then scales; `fp32-scale` scales in fp32, then casts (OLMo 2);
+#: `zero-centered` scales by (1 + w) in fp32, then casts (Gemma; Megatron's layernorm_zero_centered_gamma).
+NORM_STYLES = ("llama", "fp32-scale", "zero-centered")
 
 
 LLAMA_LAYER = LayerSpec()
@@ -145,12 +173,28 @@ class ModelConfig:
     mla: MLAConfig | None = None
     layers: tuple[LayerSpec, ...] = ()
     """One LayerSpec per layer, for families whose layers differ from the Llama block; empty: all are LLAMA_LAYER."""
+    norm_style: str = "llama"
+    """How every RMSNorm of the model applies its weight (NORM_STYLES)."""
+    qk_norm_full_width: bool = False
+    """q/k norms over the whole q and k projections rather than per head (OLMo 2): weights [heads * d]."""
+    local_rotary_base: float | None = None
+    """The base of the local RoPE table of the layers whose spec says `local_rope` (Gemma 3's rope_local_base_freq)."""
+    rotary_linear_factor: float = 1.0
+    """HF `linear` RoPE scaling: positions divided by this factor (Gemma 3's full layers)."""
+    softmax_scale: float | None = None
+    """The attention scores' scale; None: 1/sqrt(kv_channels) (Gemma: query_pre_attn_scalar ** -0.5)."""
+    embedding_multiplier: float | None = None
+    """The embedding's output times this, cast to the embedding's dtype first, as HF does (Gemma: sqrt(hidden))."""
+    final_logit_softcap: float | None = None
+    """Logits become tanh(z / cap) * cap (Gemma 2's final_logit_softcapping)."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
         if self.layers and len(self.layers) != self.num_layers:
             raise BridgeError(f"{len(self.layers)} layer specs for {self.num_layers} layers; the config is inconsistent")
+        if self.norm_style not in NORM_STYLES:
+            raise BridgeError(f"norm style {self.norm_style!r} is not one of {', '.join(NORM_STYLES)}")
         if self.num_attention_heads % self.num_query_groups:
             raise BridgeError(
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of "
@@ -174,6 +218,19 @@ class ModelConfig:
         """The spec of the layer with this global index."""
         return self.layers[index] if self.layers else LLAMA_LAYER
 
+    def window(self, index: int) -> int | None:
+        """The sliding window of the layer with this global index, if it has one."""
+        return self.layer(index).window or self.sliding_window
+
+    @property
+    def windows(self) -> set[int]:
+        """Every window some layer has."""
+        return {w for w in map(self.window, range(self.num_layers)) if w is not None}
+
+    @property
+    def attention_softcaps(self) -> bool:
+        return any(self.layer(i).attention_softcap for i in range(self.num_layers))
+
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
@@ -183,6 +240,8 @@ class ModelConfig:
         for name in _WRITTEN_WHEN_SET:  # at Llama's defaults: bridge.json as before these fields existed
             if data[name] == _DEFAULTS[name]:
                 data.pop(name)
+        if "layers" in data:  # each spec with only what departs from Llama's layer
+            data["layers"] = [{k: v for k, v in spec.items() if v != _LAYER_DEFAULTS[k]} for spec in data["layers"]]
         return data
 
     @classmethod
@@ -204,8 +263,10 @@ class ModelConfig:
 
 
 #: Fields that only some families set, left out of bridge.json at their default (an older bridge reads the file).
-_WRITTEN_WHEN_SET = ("layers", "long_rope", "rotary_percent")
+_WRITTEN_WHEN_SET = ("layers", "long_rope", "rotary_percent", "norm_style", "qk_norm_full_width", "local_rotary_base",
+                     "rotary_linear_factor", "softmax_scale", "embedding_multiplier", "final_logit_softcap")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in _WRITTEN_WHEN_SET}
+_LAYER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LayerSpec)}
 
 
 def megatron_args(cfg: ModelConfig, *, padded_vocab_size: int, tp: int, pp: int, vpp: int | None,
@@ -261,6 +322,11 @@ def megatron_args(cfg: ModelConfig, *, padded_vocab_size: int, tp: int, pp: int,
         vars(args).update(_moe_args(cfg, cfg.moe, moe_grouped_gemm))
     if cfg.mla:
         vars(args).update(_mla_args(cfg.mla))
+    specs = [cfg.layer(i) for i in range(cfg.num_layers)]
+    args.swiglu = all(spec.activation == "silu" for spec in specs)  # Gemma's GeGLU: Megatron-LM has no flag for it
+    args.layernorm_zero_centered_gamma = cfg.norm_style == "zero-centered"
+    if cfg.softmax_scale is not None:
+        args.softmax_scale = cfg.softmax_scale
     if not all(cfg.layer(i).rope for i in range(cfg.num_layers)):
         args.no_rope_freq = [int(not cfg.layer(i).rope) for i in range(cfg.num_layers)]  # 1: this layer skips RoPE
     return args

@@ -74,6 +74,11 @@ def _proj_cols(cfg: ModelConfig) -> int:
     return cfg.num_attention_heads * (cfg.mla.v_head_dim if cfg.mla else cfg.kv_channels)
 
 
+def _qk_norm(heads: Callable[[ModelConfig], int]) -> Shape:
+    """A q/k norm's weight: one head's channels, or every head's where the norm spans the projection (OLMo 2)."""
+    return lambda cfg: ((heads(cfg) * cfg.kv_channels,) if cfg.qk_norm_full_width else (cfg.kv_channels,))
+
+
 def _shared_ffn(cfg: ModelConfig) -> int:
     return cfg.moe.shared_expert_ffn_hidden_size
 
@@ -93,11 +98,16 @@ KINDS: dict[str, ParamKind] = {k.name: k for k in (
     ParamKind(_A + "linear_qkv.weight", Split.COLUMN, lambda cfg: (cfg.qkv_rows, cfg.hidden_size), "QKVMapping",
               te_extra=(_A + "linear_qkv", _A + "core_attention")),
     ParamKind(_A + "linear_qkv.bias", Split.COLUMN, lambda cfg: (cfg.qkv_rows,), "QKVMapping"),
-    ParamKind(_A + "q_layernorm.weight", Split.REPLICATED, lambda cfg: (cfg.kv_channels,), _REPLICATED, Partial.HEADS),
-    ParamKind(_A + "k_layernorm.weight", Split.REPLICATED, lambda cfg: (cfg.kv_channels,), _REPLICATED, Partial.HEADS),
+    # full-width q/k norms (OLMo 2) are replicated too: each TP rank applies, and has a gradient for, its heads' slice
+    ParamKind(_A + "q_layernorm.weight", Split.REPLICATED, _qk_norm(lambda cfg: cfg.num_attention_heads), _REPLICATED,
+              Partial.HEADS),
+    ParamKind(_A + "k_layernorm.weight", Split.REPLICATED, _qk_norm(lambda cfg: cfg.num_query_groups), _REPLICATED,
+              Partial.HEADS),
     ParamKind(_A + "linear_proj.weight", Split.ROW, lambda cfg: (cfg.hidden_size, _proj_cols(cfg)), _ROW,
               te_extra=(_A + "linear_proj",)),
     ParamKind(_A + "linear_proj.bias", Split.REPLICATED, _h, _REPLICATED, _SEQ),
+    # post-norms (Gemma 2/3, OLMo 2): on the summed output of linear_proj / linear_fc2, outside the TP region
+    ParamKind(_A + "linear_proj.post_layernorm.weight", Split.REPLICATED, _h, _REPLICATED, _SEQ),
     ParamKind("input_layernorm.weight", Split.REPLICATED, _h, _REPLICATED, _SEQ,  # TENorm: MLA layers
               te_extra=("input_layernorm",)),
     # MLA (TE spec): down-projections are duplicated TELinear, up-projections column parallel
@@ -125,6 +135,7 @@ KINDS: dict[str, ParamKind] = {k.name: k for k in (
     ParamKind(_M + "linear_fc2.weight", Split.ROW, lambda cfg: (cfg.hidden_size, cfg.ffn_hidden_size), _ROW,
               te_extra=(_M + "linear_fc2",)),
     ParamKind(_M + "linear_fc2.bias", Split.REPLICATED, _h, _REPLICATED, _SEQ),
+    ParamKind(_M + "linear_fc2.post_layernorm.weight", Split.REPLICATED, _h, _REPLICATED, _SEQ),
     # MoE: expert fc1/fc2 split over the expert-TP group (`etp`) instead of TP
     ParamKind("pre_mlp_layernorm.weight", Split.REPLICATED, _h, _REPLICATED, _SEQ,  # TENorm: MoE layers
               te_extra=("pre_mlp_layernorm",)),

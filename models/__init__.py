@@ -10,7 +10,7 @@ from bridge.config import ModelConfig
 from bridge.errors import BridgeError
 from bridge.hub import load_pretrained
 from bridge.mapping import Conversion, Row, expand
-from bridge.models import deepseek, llama, mistral, mixtral, phi3, qwen, qwen_moe, smollm3
+from bridge.models import deepseek, gemma, llama, mistral, mixtral, olmo2, phi3, qwen, qwen_moe, smollm3
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,9 @@ FAMILIES: dict[str, Family] = {
     "Qwen3MoeForCausalLM": Family("Qwen3MoeForCausalLM", qwen_moe.qwen3_moe_config_from_hf, qwen_moe.rows),
     "Phi3ForCausalLM": Family("Phi3ForCausalLM", phi3.config_from_hf, phi3.rows),
     "SmolLM3ForCausalLM": Family("SmolLM3ForCausalLM", smollm3.config_from_hf, llama.rows),
+    "Gemma2ForCausalLM": Family("Gemma2ForCausalLM", gemma.gemma2_config_from_hf, gemma.rows),
+    "Gemma3ForCausalLM": Family("Gemma3ForCausalLM", gemma.gemma3_config_from_hf, gemma.rows),
+    "Olmo2ForCausalLM": Family("Olmo2ForCausalLM", olmo2.config_from_hf, olmo2.rows),
     "DeepseekV3ForCausalLM": Family("DeepseekV3ForCausalLM", deepseek.config_from_hf, deepseek.rows, deepseek.hf_skip),
 }
 

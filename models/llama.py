@@ -103,8 +103,9 @@ ROPE_TYPES: dict[str, Callable[[Any, dict[str, Any]], dict[str, Any]]] = {
 }
 
 
-def common_fields(hf: Any) -> dict[str, Any]:
-    """ModelConfig fields every Llama-like HF config spells the same way."""
+def common_fields(hf: Any, rope: dict[str, Any] | None = None) -> dict[str, Any]:
+    """ModelConfig fields every Llama-like HF config spells the same way; `rope`: the RoPE fields where the family
+    reads them itself (Gemma 3's per-layer-type rope_parameters)."""
     heads = hf.num_attention_heads
     dtype = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None)
     return dict(
@@ -118,7 +119,7 @@ def common_fields(hf: Any) -> dict[str, Any]:
         vocab_size=hf.vocab_size,
         max_position_embeddings=hf.max_position_embeddings,
         norm_epsilon=float(hf.rms_norm_eps),
-        **rope_from_hf(hf),
+        **(rope_from_hf(hf) if rope is None else rope),
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         params_dtype=DTYPE_NAMES.get(_as_dtype(dtype), "fp32"),
     )

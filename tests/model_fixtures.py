@@ -26,6 +26,9 @@ DENSE_MODELS: dict[str, str] = {
     "smollm3": "HuggingFaceTB--SmolLM3-3B",           # NoPE every 4th layer, tied
     "phi3": "microsoft--Phi-3-mini-4k-instruct",      # fused qkv_proj and gate_up_proj (+ LongRoPE, partial rotary)
     "phi4": "microsoft--phi-4",                       # Phi-3's names with GQA
+    "gemma2": "google--gemma-2-2b",                   # (1+w) pre+post norms, GeGLU, softcaps, alternate windows, tied
+    "gemma3": "google--gemma-3-1b-it",                # Gemma 2's block with q/k norms, local and global RoPE
+    "olmo2": "allenai--OLMo-2-7B-Olmo2Config-defaults",  # post-norms only, q/k norms over the whole projection
 }
 
 
@@ -46,6 +49,9 @@ PARITY_MODELS: dict[str, str] = {
     "qwen3": "qwen3-tied",            # qk-norm, head_dim != hidden/heads, tied
     "smollm3": "smollm3",             # NoPE layers
     "phi3": "phi3",                   # fused HF qkv/gate_up, LongRoPE, partial rotary, sliding window
+    "gemma2": "gemma2",               # softcaps, (1+w) post-norms, GeGLU, embedding scale, alternate windows
+    "gemma3": "gemma3",               # q/k norms, local/global RoPE (linear scaling), 3:1 windows
+    "olmo2": "olmo2",                 # post-norms only, full-width q/k norms (summed over TP)
 }
 #: The layouts those tests shard them into.
 PARITY_LAYOUTS = [ParallelLayout(), ParallelLayout(tp=2), ParallelLayout(pp=2), ParallelLayout(tp=2, pp=2),
@@ -63,6 +69,12 @@ MODEL_OVERRIDES: dict[str, dict[str, Any]] = {
              "sliding_window": 32, "partial_rotary_factor": 0.5,
              "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6],
                               "long_factor": [1.2, 2.0, 3.5, 5.0]}},
+    # windows of 16 tokens: the verify prompts (24 to 93 tokens) outgrow them; the softcaps scaled down to bite on
+    # random weights (50 and 30 would leave tiny models' scores and logits nearly uncapped)
+    "gemma2": {"sliding_window": 16, "attn_logit_softcapping": 1.5, "final_logit_softcapping": 2.0},
+    # Gemma 3-1B's 5:1 pattern cut to 4 layers (the full one last), and the linear RoPE scaling of its larger sizes
+    "gemma3": {"sliding_window": 16, "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+               "rope_scaling": {"rope_type": "linear", "factor": 8.0}},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 32},
     "qwen3-moe": {**_TINY_MOE, "decoder_sparse_step": 2},              # dense and MoE layers alternate
     "qwen2-moe": {**_TINY_MOE, "shared_expert_intermediate_size": 48, "mlp_only_layers": [2]},

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bridge.nn.attention import Documents, block_kernel, document_ids, sdpa_pads_v, varlen_attention, varlen_runs
+from bridge.errors import BridgeError
 from bridge.nn.layers import TEExtraState
 from bridge.parallel.collectives import Group
 from bridge.parallel.context import cp_attention, window_mask
@@ -26,12 +27,18 @@ class CoreAttention(nn.Module):
     bridge.parallel.ulysses), after which attention runs as without CP. The ring has no sliding window; where a
     window cuts the sequence the all-gather runs instead (training refuses p2p for such a run up front, verify
     needs only the numbers).
+
+    With `softcap` (Gemma 2) the scores are tanh(s / cap) * cap before the softmax, which no SDPA kernel does: the
+    plain matmul-softmax runs instead (`softcapped_attention`), on every device, without context parallelism.
     """
 
     def __init__(self, sliding_window: int | None, *, cp: int = 1, cp_rank: int = 0, cp_group: Group = None,
-                 cp_comm_type: str = CP_COMM_TYPES[0], softmax_scale: float | None = None) -> None:
+                 cp_comm_type: str = CP_COMM_TYPES[0], softmax_scale: float | None = None,
+                 softcap: float | None = None) -> None:
         super().__init__()
-        self.sliding_window, self.softmax_scale = sliding_window, softmax_scale
+        if softcap is not None and cp > 1:
+            raise BridgeError("attention logit softcapping does not run under context parallelism: use --cp 1")
+        self.sliding_window, self.softmax_scale, self.softcap = sliding_window, softmax_scale, softcap
         self.cp, self.cp_rank, self.cp_group, self.cp_comm_type = cp, cp_rank, cp_group, cp_comm_type
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: Documents | None = None) -> torch.Tensor:
@@ -48,7 +55,7 @@ class CoreAttention(nn.Module):
         document lengths, and no [s, s] mask exists."""
         s, b, nq, _ = q.shape
         flat = [t.transpose(0, 1).reshape(b * s, t.shape[2], t.shape[3]) for t in (q, k, v)]  # [b*s, heads, d]
-        if varlen_runs(flat[0]):
+        if varlen_runs(flat[0]) and self.softcap is None:
             out = varlen_attention(*flat, documents, self.sliding_window, self.softmax_scale)
         else:
             bounds = documents.cu_seqlens.tolist()
@@ -62,6 +69,9 @@ class CoreAttention(nn.Module):
     def _whole_sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention over a whole sequence: causal, within the sliding window where the sequence outgrows it."""
         s = q.shape[2]
+        if self.softcap is not None:
+            window = self.sliding_window if self._windowed(s) else None
+            return softcapped_attention(q, k, v, self.softcap, self.softmax_scale, window)
         if not self._windowed(s):
             return self._causal(q, k, v)
         mask = window_mask(torch.arange(s, device=q.device), s, self.sliding_window)  # transformers' q - kv < W
@@ -88,6 +98,21 @@ class CoreAttention(nn.Module):
             return ring_attention(q, k, v, kernel_for=block_kernel, **where)
         segments = None if documents is None else document_ids(documents.cu_seqlens, q.shape[0], q.shape[2] * self.cp)
         return cp_attention(q, k, v, sliding_window=self.sliding_window, segments=segments, **where)
+
+
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float, scale: float | None,
+                         window: int | None) -> torch.Tensor:
+    """Causal attention with the scores soft-capped, in transformers' order of operations (eager_attention_forward:
+    scale, cap, mask, softmax in fp32, cast back): q [b, nq, s, d], k/v [b, ng, s, d] -> [b, nq, s, d]. It holds the
+    [b, nq, s, s] scores; a GPU wants FlexAttention with a score_mod for long sequences."""
+    heads, s = q.shape[1], q.shape[2]
+    k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))  # GQA: each query head's KV head
+    scores = torch.matmul(q, k.transpose(2, 3)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    scores = torch.tanh(scores / softcap) * softcap
+    allowed = window_mask(torch.arange(s, device=q.device), s, window)  # [s, s]: causal, within the window
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
 
 
 class TECoreAttention(TEExtraState, CoreAttention):

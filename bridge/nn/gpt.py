@@ -71,12 +71,15 @@ class TransformerBlock(nn.Module):
         self.layers = nn.ModuleList(
             TransformerLayer(cfg, ps, transformer_impl=transformer_impl, sequence_parallel=sequence_parallel,
                              dtype=dtype, device=device, layer=first_layer + i) for i in range(num_layers))
-        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype=dtype, device=device) if post_process else None
+        self.final_layernorm = (RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype=dtype, device=device,
+                                        style=cfg.norm_style) if post_process else None)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                documents: Documents | None = None) -> torch.Tensor:
+                documents: Documents | None = None,
+                local_rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`local_rope`: the table of the layers whose spec says `local_rope` (Gemma 3's sliding layers)."""
         for layer in self.layers:
-            x = layer(x, rope, documents)
+            x = layer(x, local_rope if layer.local_rope else rope, documents)
         return x if self.final_layernorm is None else self.final_layernorm(x)
 
 
@@ -101,6 +104,8 @@ class GPTModel(nn.Module):
         kw = dict(sequence_parallel=sequence_parallel, dtype=params_dtype, device=device)
         self.embedding = LanguageModelEmbedding(cfg, ps, **kw) if self.pre_process else None
         self.rotary_pos_emb = RotaryEmbedding(cfg, device=torch.device(device) if device else None)
+        self.local_rotary_pos_emb = (RotaryEmbedding(cfg, device=torch.device(device) if device else None, local=True)
+                                     if any(cfg.layer(i).local_rope for i in range(cfg.num_layers)) else None)
         self.layer_numbers = ps.layout.chunk_layers(ps.pp_rank, chunk, cfg.num_layers)
         self.decoder = TransformerBlock(cfg, ps, len(self.layer_numbers), post_process=self.post_process,
                                         transformer_impl=transformer_impl, first_layer=self.layer_numbers.start, **kw)
@@ -131,6 +136,8 @@ class GPTModel(nn.Module):
                 raise BridgeError(f"sequence parallelism splits the sequence over tp={self.ps.tp}: length {s} is not "
                                   "divisible; pad or cut the sequences")
             hidden = self.embedding(tokens_or_hidden)  # [s(/tp), b, h]
+            if self.cfg.embedding_multiplier is not None:  # HF casts the factor to the embedding's dtype first
+                hidden = hidden * torch.tensor(self.cfg.embedding_multiplier, dtype=hidden.dtype)
         else:
             hidden = tokens_or_hidden
             s = hidden.shape[0] * (self.ps.tp if self.sequence_parallel else 1)
@@ -140,12 +147,16 @@ class GPTModel(nn.Module):
                          else torch.arange(s, device=hidden.device))
             position_ids = positions.unsqueeze(0).expand(b, s)
         rope = self.rotary_pos_emb(position_ids, hidden.dtype)  # cos, sin: [s, b, 1, d]
+        local_rope = None if self.local_rotary_pos_emb is None else self.local_rotary_pos_emb(position_ids, hidden.dtype)
         documents = None if cu_seqlens is None else Documents(cu_seqlens, int(max_seqlen))
-        hidden = self.decoder(hidden, rope, documents)
+        hidden = self.decoder(hidden, rope, documents, local_rope)
         if not self.post_process:
             return hidden
         weight = self.embedding.word_embeddings.weight if self.output_layer.weight is None else None
         logits = self.output_layer(hidden, weight)  # [s, b, V_pad/tp]
+        cap = self.cfg.final_logit_softcap
+        if cap is not None:  # elementwise, so each TP rank caps its vocabulary shard; HF's order of operations
+            logits = torch.tanh(logits / cap) * cap
         if labels is None:
             return logits
         vocab = self.cfg.vocab_size if self.mask_padded_vocab else None

@@ -31,15 +31,17 @@ class TEExtraState:
 
 
 class RMSNorm(nn.Module):
-    """HF's and TE's RMSNorm: normalise in fp32, cast back, then scale (bit-compatible with transformers)."""
+    """HF's and TE's RMSNorm: normalise in fp32, then apply the weight as the family's HF code does (`style`, one of
+    bridge.config.NORM_STYLES), so that it is bit-compatible with transformers."""
 
-    def __init__(self, size: int, eps: float, *, dtype: torch.dtype, device: torch.device | None = None) -> None:
+    def __init__(self, size: int, eps: float, *, dtype: torch.dtype, device: torch.device | None = None,
+                 style: str = "llama") -> None:
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device))
+        self.eps, self.style = eps, style
+        self.weight = nn.Parameter(norm_weight_init(size, style, dtype, device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, self.style)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fp8: Any = None) -> torch.Tensor:
@@ -50,10 +52,27 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fp8
     return out if bias is None else out + bias.to(out.dtype)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, style: str = "llama",
+             mean_square: torch.Tensor | None = None) -> torch.Tensor:
+    """x / rms(x), weighted in the family's `style`. `mean_square` (fp32, [..., 1]): computed elsewhere, for a norm
+    over a width that tensor parallelism splits (OLMo 2's q/k norms)."""
     x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
+    if mean_square is None:
+        mean_square = x32.pow(2).mean(-1, keepdim=True)
+    return _APPLY_WEIGHT[style](x32 * torch.rsqrt(mean_square + eps), weight, x.dtype)
+
+
+def norm_weight_init(size: int, style: str, dtype: torch.dtype, device: torch.device | None) -> torch.Tensor:
+    """The weight that leaves the input unscaled: 1, or 0 where the weight is applied as 1 + w."""
+    return (torch.zeros if style == "zero-centered" else torch.ones)(size, dtype=dtype, device=device)
+
+
+#: NORM_STYLES -> how the weight meets the normalised fp32 input (transformers' Llama, OLMo 2 and Gemma RMSNorms).
+_APPLY_WEIGHT = {
+    "llama": lambda x32, w, dtype: w * x32.to(dtype),
+    "fp32-scale": lambda x32, w, dtype: (w * x32).to(dtype),
+    "zero-centered": lambda x32, w, dtype: (x32 * (1.0 + w.float())).to(dtype),
+}
 
 
 @torch.library.custom_op("bridge::accumulate_weight_grad", mutates_args=("main_grad",))
@@ -153,25 +172,25 @@ class ColumnParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, *, tp: int, group: Group, bias: bool = False,
                  norm_eps: float | None = None, sequence_parallel: bool = False, skip_weight: bool = False,
-                 dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | None = None, norm_style: str = "llama") -> None:
         super().__init__()
         if out_features % tp:
             raise ValueError(f"output size {out_features} is not divisible by tp {tp}")
-        self.group, self.sequence_parallel, self.norm_eps = group, sequence_parallel, norm_eps
+        self.group, self.sequence_parallel, self.norm_eps, self.norm_style = group, sequence_parallel, norm_eps, norm_style
         self.fp8: Any = None  # a torchao Float8LinearConfig when FP8 training converts this layer
         # skip_weight: the weight lives elsewhere and comes with forward() (tied output layer on one stage)
         self.weight = None if skip_weight else nn.Parameter(
             torch.empty(out_features // tp, in_features, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features // tp, dtype=dtype, device=device)) if bias else None
         if norm_eps is not None:
-            self.layer_norm_weight = nn.Parameter(torch.ones(in_features, dtype=dtype, device=device))
+            self.layer_norm_weight = nn.Parameter(norm_weight_init(in_features, norm_style, dtype, device))
         if self.weight is not None:
             nn.init.normal_(self.weight, std=0.02)
         self.adapter: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         if self.norm_eps is not None:
-            x = rms_norm(x, self.layer_norm_weight, self.norm_eps)
+            x = rms_norm(x, self.layer_norm_weight, self.norm_eps, self.norm_style)
         out = self._project(x, weight)
         # a LoRA/DoRA adapter (bridge.nn.lora) sees what the matrix multiplies: the normed input, as peft's on q_proj
         return out if self.adapter is None else self.adapter(x, out, self.bias, self.weight)
@@ -198,8 +217,12 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, *, tp: int, group: Group, bias: bool = False,
                  sequence_parallel: bool = False, dtype: torch.dtype = torch.float32,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, post_norm: tuple[float, str] | None = None) -> None:
         super().__init__()
+        # post_norm (eps, style): an RMSNorm on the summed output, `post_layernorm` (Megatron-Bridge's
+        # TERowParallelLinearLayerNorm for Gemma): a norm after attention or the MLP, before the residual add
+        self.post_layernorm = None if post_norm is None else RMSNorm(out_features, post_norm[0], dtype=dtype,
+                                                                     device=device, style=post_norm[1])
         if in_features % tp:
             raise ValueError(f"input size {in_features} is not divisible by tp {tp}")
         self.group, self.sequence_parallel = group, sequence_parallel
@@ -211,7 +234,9 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._project(x)
-        return out if self.adapter is None else self.adapter(x, out, self.bias, self.weight)  # LoRA (bridge.nn.lora)
+        if self.adapter is not None:  # LoRA (bridge.nn.lora), on the matrix's output as peft's on o_proj/down_proj
+            out = self.adapter(x, out, self.bias, self.weight)
+        return out if self.post_layernorm is None else self.post_layernorm(out)  # after the adapter, as in HF
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         if fuses_weight_grad(self.weight, self.group, self.fp8):

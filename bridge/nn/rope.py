@@ -46,10 +46,12 @@ class RotaryEmbedding(nn.Module):
     state dict, as in Megatron Core, where it is a plain attribute. LongRoPE keeps a second table, `long_inv_freq`,
     used for every position when the longest position id is past the original context (as transformers switches)."""
 
-    def __init__(self, cfg: ModelConfig, device: torch.device | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, device: torch.device | None = None, local: bool = False) -> None:
         super().__init__()
         self.attention_scaling, self.long_rope = 1.0, cfg.long_rope
-        if cfg.mla is not None:  # MLA: RoPE on the qk_pos_emb_head_dim part only, YaRN-scaled
+        if local:  # the local table of the layers whose spec says so (Gemma 3): its own base, no scaling
+            inv_freq = inv_frequencies(rotary_dim(cfg), cfg.local_rotary_base, None)
+        elif cfg.mla is not None:  # MLA: RoPE on the qk_pos_emb_head_dim part only, YaRN-scaled
             inv_freq, self.attention_scaling = yarn_frequencies(cfg)
         elif cfg.long_rope is not None:
             dim, long = rotary_dim(cfg), cfg.long_rope
@@ -57,8 +59,8 @@ class RotaryEmbedding(nn.Module):
             long_inv_freq = long_rope_frequencies(dim, cfg.rotary_base, long.long_factor)
             self.register_buffer("long_inv_freq", long_inv_freq.to(device), persistent=False)
             self.attention_scaling = long.attention_factor
-        else:
-            inv_freq = inv_frequencies(rotary_dim(cfg), cfg.rotary_base, cfg.rope_scaling)
+        else:  # HF's linear scaling divides the positions, here the frequencies: the same products
+            inv_freq = inv_frequencies(rotary_dim(cfg), cfg.rotary_base, cfg.rope_scaling) / cfg.rotary_linear_factor
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
 
     def frequencies(self, position_ids: torch.Tensor) -> torch.Tensor:
