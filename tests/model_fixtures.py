@@ -69,11 +69,14 @@ MODEL_OVERRIDES: dict[str, dict[str, Any]] = {
              "sliding_window": 32, "partial_rotary_factor": 0.5,
              "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6],
                               "long_factor": [1.2, 2.0, 3.5, 5.0]}},
-    # windows of 16 tokens: the verify prompts (24 to 93 tokens) outgrow them; the softcaps scaled down to bite on
-    # random weights (50 and 30 would leave tiny models' scores and logits nearly uncapped)
-    "gemma2": {"sliding_window": 16, "attn_logit_softcapping": 1.5, "final_logit_softcapping": 2.0},
+    # query_pre_attn_scalar = head_dim, as in the real configs (256); windows of 16 tokens, which the verify prompts
+    # (24 to 93 tokens) outgrow; softcaps scaled down to bite on random weights (at 50 and 30 a tiny model's scores
+    # and logits are as good as uncapped, and a checkpoint read without them would pass)
+    "gemma2": {"query_pre_attn_scalar": 16, "sliding_window": 16, "attn_logit_softcapping": 0.1,
+               "final_logit_softcapping": 2.0},
     # Gemma 3-1B's 5:1 pattern cut to 4 layers (the full one last), and the linear RoPE scaling of its larger sizes
-    "gemma3": {"sliding_window": 16, "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+    "gemma3": {"query_pre_attn_scalar": 16, "sliding_window": 16,
+               "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
                "rope_scaling": {"rope_type": "linear", "factor": 8.0}},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 32},
     "qwen3-moe": {**_TINY_MOE, "decoder_sparse_step": 2},              # dense and MoE layers alternate

@@ -15,8 +15,9 @@ from bridge.sharding import extra_state_keys, split
 from bridge.tiny import tiny_config
 from tests.model_fixtures import MODEL_OVERRIDES, real_config
 
-#: One model per block shape: qkv bias, q/k norm, a gated shared expert, MLA with a router bias and a dense layer.
-MODELS = ("qwen2", "qwen3", "qwen2-moe", "deepseek-v3")
+#: One model per block shape: qkv bias, q/k norm, a gated shared expert, MLA with a router bias and a dense layer,
+#: pre+post norms with per-head q/k norms (Gemma 3), post-norms only with full-width q/k norms (OLMo 2).
+MODELS = ("qwen2", "qwen3", "qwen2-moe", "deepseek-v3", "gemma3", "olmo2")
 
 
 def _rank_state(name: str, impl: str, tp_rank: int) -> tuple[object, ParallelLayout, dict[str, torch.Tensor]]:

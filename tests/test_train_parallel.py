@@ -73,8 +73,9 @@ def test_layout_matches_single_process(setup: dict[str, Path], reference: dict, 
     assert worst <= 1e-5
 
 
-#: Families whose layers differ from Llama's inside the model (NoPE layers; LongRoPE with partial rotary and a window).
-FAMILIES = ("smollm3", "phi3")
+#: Families whose layers differ from Llama's inside the model (NoPE layers; LongRoPE with partial rotary and a window;
+#: softcaps, post-norms and alternate windows; q/k norms and two RoPE tables; post-norms only and full-width q/k norms).
+FAMILIES = ("smollm3", "phi3", "gemma2", "gemma3", "olmo2")
 
 
 @pytest.mark.parametrize("arch", FAMILIES)

@@ -5,6 +5,7 @@ One spawned group per layout checks every architecture at once (start-up dominat
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,7 +46,37 @@ def _swap_qk_rows(ckpt: Path, rank_dir: str) -> None:
 
 
 #: Checkpoints broken on purpose (verify must fail them) -> the model whose logits they are compared with.
-BROKEN = {"broken": "llama-untied", "smollm3-rope-everywhere": "smollm3", "phi3-v-for-k": "phi3"}
+BROKEN = {"broken": "llama-untied", "smollm3-rope-everywhere": "smollm3", "phi3-v-for-k": "phi3",
+          "gemma2-pre-post-swapped": "gemma2", "gemma2-no-embedding-scale": "gemma2",
+          "gemma2-no-attention-softcap": "gemma2", "gemma2-no-final-softcap": "gemma2",
+          "gemma3-one-rope-table": "gemma3", "olmo2-post-norms-swapped": "olmo2"}
+
+
+def _edit_config(ckpt: Path, edit: Callable[[dict], None]) -> Path:
+    """A checkpoint whose bridge.json config is edited: the tensors are right, the model read from it is not."""
+    meta_file = ckpt / "bridge.json"
+    meta = json.loads(meta_file.read_text())
+    edit(meta["config"])
+    meta_file.write_text(json.dumps(meta))
+    return ckpt
+
+
+def _swapped_rows(architecture: str, a: str, b: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Import `architecture` with a mapping that reads HF tensor `a` where `b` belongs and back."""
+    from bridge.models import FAMILIES, Family
+
+    original = FAMILIES[architecture]
+    swap = {a: b, b: a}
+
+    def rows(cfg: Any) -> list:
+        return [replace(r, hf=tuple(next((n.replace(k, v) for k, v in swap.items() if k in n), n) for n in r.hf))
+                for r in original.rows(cfg)]
+
+    monkeypatch.setitem(FAMILIES, architecture, Family(architecture, original.config_from_hf, rows))
+
+
+def _drop_layer_field(name: str) -> Callable[[dict], None]:
+    return lambda config: [spec.pop(name, None) for spec in config["layers"]]
 
 
 def _broken_checkpoints(models: dict, tmp_path: Path, layout: ParallelLayout,
@@ -71,6 +102,24 @@ def _broken_checkpoints(models: dict, tmp_path: Path, layout: ParallelLayout,
 
     monkeypatch.setattr(phi3, "FUSED_QKV", Transform("fused_qkv", v_for_k, phi3.FUSED_QKV.to_hf))
     ckpts["phi3-v-for-k"] = import_hf(models["phi3"][0], tmp_path / "phi3-v-for-k", layout)
+    ckpts.update(_broken_block_shapes(models, tmp_path, layout, monkeypatch))
+    return ckpts
+
+
+def _broken_block_shapes(models: dict, tmp_path: Path, layout: ParallelLayout,
+                         monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """Gemma 2 imported with its post-attention and pre-MLP norms swapped, or read without its embedding scale or
+    either softcap; Gemma 3 with every layer on the global RoPE table; OLMo 2 with its two post-norms swapped."""
+    edits = {"gemma2-no-embedding-scale": lambda config: config.pop("embedding_multiplier"),
+             "gemma2-no-attention-softcap": _drop_layer_field("attention_softcap"),
+             "gemma2-no-final-softcap": lambda config: config.pop("final_logit_softcap"),
+             "gemma3-one-rope-table": _drop_layer_field("local_rope")}
+    ckpts = {key: _edit_config(import_hf(models[BROKEN[key]][0], tmp_path / key, layout), edit)
+             for key, edit in edits.items()}
+    _swapped_rows("Gemma2ForCausalLM", "post_attention_layernorm", "pre_feedforward_layernorm", monkeypatch)
+    _swapped_rows("Olmo2ForCausalLM", "post_attention_layernorm", "post_feedforward_layernorm", monkeypatch)
+    for key in ("gemma2-pre-post-swapped", "olmo2-post-norms-swapped"):
+        ckpts[key] = import_hf(models[BROKEN[key]][0], tmp_path / key, layout)
     return ckpts
 
 
