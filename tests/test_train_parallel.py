@@ -80,8 +80,10 @@ FAMILIES = ("smollm3", "phi3", "gemma2", "gemma3", "olmo2")
 
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_family_at_tp2_matches_single_process(tiny_hf, tmp_path: Path, arch: str) -> None:
-    """5 steps at TP=2 with sequence parallelism give the family's single-process losses. 80-token samples: past the
-    Phi-3 fixture's 64 original positions (LongRoPE's long table) and its 32-token window."""
+    """5 steps at TP=2 with sequence parallelism give the family's single-process losses and, exported, its norm
+    weights (Adam's steps hardly depend on a gradient's scale, so a replicated norm whose partial gradient is not
+    summed over TP shows in its weights, not in the losses; the matrices are the layout test's). 80-token samples: past the Phi-3 fixture's 64 original positions
+    (LongRoPE's long table) and its 32-token window, and the Gemma fixtures' 16-token windows."""
     ckpt = import_hf(tiny_hf(arch), tmp_path / "ckpt")
     data = write_random_corpus(tmp_path / "corpus", seed=1, documents=40)
     base = dict(load=str(ckpt), data_path=[str(data)], micro_batch_size=2, global_batch_size=4, seq_length=80,
@@ -92,6 +94,12 @@ def test_family_at_tp2_matches_single_process(tiny_hf, tmp_path: Path, arch: str
     rel = max(abs(a - b) / abs(b) for a, b in zip(got, ref))
     print(f"{arch} tp2-sp: max relative loss difference over 5 steps {rel:.2e}")
     assert len(got) == 5 and rel <= 1e-5, (arch, got, ref)
+    ours, theirs = (load_file(export_hf(tmp_path / name, tmp_path / f"hf-{name}") / "model.safetensors")
+                    for name in ("tp2", "single"))
+    assert ours.keys() == theirs.keys()
+    worst = max((ours[k] - theirs[k]).abs().max().item() for k in theirs if "norm" in k)
+    print(f"{arch} tp2-sp: max |norm weight difference| after export {worst:.2e}")
+    assert worst <= 1e-5, worst  # 1% of one step (lr 1e-3)
 
 
 def _master_weights(run: Path, iteration: int, out: Path) -> dict[str, torch.Tensor]:

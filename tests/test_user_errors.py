@@ -100,3 +100,18 @@ def test_long_rope_under_context_parallelism_is_refused(tiny_hf, tmp_path: Path,
     assert main(["train", "--load", str(ckpt), "--mock-data", "--seq-length", "32", "--cp", "2", "--nproc", "2"]) == 1
     err = _one_line(capsys)
     assert "LongRoPE does not run under context parallelism" in err and "--cp 1" in err
+
+
+def test_attention_softcaps_under_context_parallelism_are_refused(tiny_hf, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """Gemma 2 soft-caps its attention scores, which the CP exchanges' kernels do not: training and verify refuse it
+    before a process starts."""
+    from bridge.api import import_hf
+
+    ckpt = import_hf(tiny_hf("gemma2"), tmp_path / "gemma2")
+    capsys.readouterr()
+    assert main(["train", "--load", str(ckpt), "--mock-data", "--seq-length", "32", "--cp", "2", "--nproc", "2"]) == 1
+    err = _one_line(capsys)
+    assert "soft-caps its attention scores" in err and "--cp 1" in err
+    assert main(["verify", str(tiny_hf("gemma2")), str(ckpt), "--cp", "2"]) == 1
+    assert "soft-caps its attention scores" in _one_line(capsys)

@@ -261,7 +261,8 @@ def _check_context_parallel(cfg: TrainConfig, model: ModelConfig) -> None:
     if cfg.cp == 1:
         return
     check_seq_length(cfg.seq_length, cfg.cp)
-    if cfg.cp_comm_type == "p2p" and model.sliding_window is not None and cfg.seq_length > model.sliding_window:
+    window = min(model.windows, default=None)  # per layer for Gemma: the shortest cuts first
+    if cfg.cp_comm_type == "p2p" and window is not None and cfg.seq_length > window:
         raise BridgeError(f"--cp-comm-type p2p (the ring) has no sliding window, and {model.architecture}'s window of "
-                          f"{model.sliding_window} tokens is shorter than --seq-length {cfg.seq_length}: "
+                          f"{window} tokens is shorter than --seq-length {cfg.seq_length}: "
                           f"pass --cp-comm-type all_gather or a2a")
