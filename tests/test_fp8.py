@@ -33,10 +33,13 @@ def _model(hf: Path):  # noqa: ANN202
     return GPTModel(load_hf_config(hf), ps, params_dtype=torch.bfloat16, mask_padded_vocab=True)
 
 
-def test_fp8_converts_the_transformer_linears_and_keeps_the_state_dict(hf: Path) -> None:
+@pytest.mark.parametrize("name", ["llama32-tied", "gemma2", "olmo2"])
+def test_fp8_converts_the_transformer_linears_and_keeps_the_state_dict(tiny_hf, name: str) -> None:
+    """Also for the block shapes whose linears carry a post-norm (Gemma 2: GeGLU and softcaps around them; OLMo 2:
+    no pre-norm, full-width q/k norms): the same four linears convert, each within FP8's rounding of bf16."""
     from bridge.nn.fp8 import apply_fp8
 
-    model = _model(hf)
+    model = _model(tiny_hf(name))
     before = {k: (v.dtype, v.shape) for k, v in model.state_dict().items()}
     converted = apply_fp8([model], "tensorwise", emulate=True)
     layers = model.cfg.num_layers
