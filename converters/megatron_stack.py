@@ -33,6 +33,9 @@ ARG_DEFAULTS: dict[str, Any] = {
     "layernorm_epsilon": None, "tokenizer_model": None,
 }
 _GPT_PROVIDER = "megatron.bridge.models.gpt_provider.GPTModelProvider"
+#: LayerSpec.activation -> the function Megatron-Bridge's providers name for it (Gemma's: Megatron Core's fast_gelu,
+#: the tanh GELU).
+_ACTIVATIONS = {"silu": "torch.nn.functional.silu", "gelu_tanh": "megatron.core.activations.fast_gelu"}
 _DTYPES = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}
 
 
@@ -68,7 +71,8 @@ def run_config(meta: CheckpointMeta, args: argparse.Namespace) -> dict[str, Any]
         "make_vocab_size_divisible_by": meta.layout.make_vocab_size_divisible_by,
         "share_embeddings_and_output_weights": cfg.tie_word_embeddings,
         "normalization": "RMSNorm", "layernorm_epsilon": cfg.norm_epsilon, "gated_linear_unit": True,
-        "activation_func": _function("torch.nn.functional.silu"), "add_bias_linear": False,
+        "activation_func": _function(_ACTIVATIONS[cfg.layer(0).activation]), "add_bias_linear": False,
+        "layernorm_zero_centered_gamma": cfg.norm_style == "zero-centered",
         "add_qkv_bias": cfg.add_qkv_bias, "qk_layernorm": cfg.qk_layernorm, "position_embedding_type": "rope",
         "rotary_base": int(cfg.rotary_base), "rotary_percent": cfg.rotary_percent, "rope_scaling": cfg.rope_scaling is not None,
         "rope_scaling_factor": cfg.rope_scaling.factor if cfg.rope_scaling else 1.0,
@@ -76,6 +80,8 @@ def run_config(meta: CheckpointMeta, args: argparse.Namespace) -> dict[str, Any]
         "params_dtype": _function(_DTYPES[meta.dtype]), "bf16": meta.dtype == "bf16", "fp16": meta.dtype == "fp16",
         "transformer_layer_spec": _function("megatron.bridge.models.gpt_provider.default_layer_spec"),
     }
+    if cfg.softmax_scale is not None:  # Gemma's query_pre_attn_scalar ** -0.5
+        model["softmax_scale"] = cfg.softmax_scale
     if getattr(args, "no_rope_freq", None):  # NoPE layers (SmolLM3): the per-layer pattern, as in the args
         model["no_rope_freq"] = list(args.no_rope_freq)
     checkpoint = {"_target_": "megatron.bridge.training.config.CheckpointConfig", "ckpt_format": meta.format,

@@ -91,6 +91,17 @@ def test_run_config_carries_the_rope_of_each_layer(name: str, tiny_hf, tmp_path:
     assert model.get("no_rope_freq") == ([1 - f for f in hf_cfg["no_rope_layers"]] if "no_rope_layers" in hf_cfg else None)
 
 
+def test_run_config_carries_gemmas_norms_activation_and_scale(tiny_hf, tmp_path: Path) -> None:
+    """Gemma 2's (1 + w) norms, tanh GELU and query_pre_attn_scalar, as Megatron-Bridge's Gemma providers name them
+    (what the GPT provider cannot build, the softcaps and post-norms, docs/formats.md lists)."""
+    hf = tiny_hf("gemma2")
+    assert main(["import", str(hf), "--out", str(tmp_path / "dist"), "--format", "torch_dist"]) == 0
+    model = yaml.safe_load((tmp_path / "dist" / "release" / "run_config.yaml").read_text())["model"]
+    assert model["layernorm_zero_centered_gamma"] is True
+    assert model["activation_func"]["_target_"] == "megatron.core.activations.fast_gelu"
+    assert model["softmax_scale"] == json.loads((hf / "config.json").read_text())["query_pre_attn_scalar"] ** -0.5
+
+
 def test_legacy_args_are_complete(tiny_hf, tmp_path: Path) -> None:
     hf = tiny_hf("qwen3")
     ckpt = tmp_path / "legacy"
