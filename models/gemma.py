@@ -1,8 +1,8 @@
 """Gemma 2 (Gemma2ForCausalLM) and Gemma 3's text model (Gemma3ForCausalLM): Llama's projections in a block with norms
 before and after attention and the MLP, all of them (1 + w) RMSNorms whose w both formats store; GeGLU with tanh GELU;
 the embedding scaled by sqrt(hidden); scores scaled by query_pre_attn_scalar ** -0.5; sliding and full layers
-(`layer_types`). Gemma 2 soft-caps the attention scores and the logits; Gemma 3 has per-head q/k norms instead, and
-rotates its sliding layers with a local RoPE base. Megatron names are Megatron-Bridge's (gemma2_bridge.py,
+(`layer_types`). Gemma 2 soft-caps the attention scores and the logits; Gemma 3 has per-head q/k norms instead (and
+caps the logits only where its config says so), and rotates its sliding layers with a local RoPE base. Megatron names are Megatron-Bridge's (gemma2_bridge.py,
 gemma3_bridge.py)."""
 from __future__ import annotations
 
@@ -82,8 +82,8 @@ def _gemma3_rope(hf: Any) -> dict[str, Any]:
 
 def gemma3_config_from_hf(hf: Any) -> ModelConfig:
     _checked(hf)
-    check_unsupported(hf, {"attn_logit_softcapping": "Gemma 3 is read without softcaps",
-                           "final_logit_softcapping": "Gemma 3 is read without softcaps"})
+    check_unsupported(hf, {"attn_logit_softcapping": "transformers' Gemma 3 attention does not apply it"})
     return ModelConfig(**common_fields(hf, rope=_gemma3_rope(hf)), qk_layernorm=True,
-                       **_gemma_fields(hf, local_rope=lambda kind: kind == "sliding_attention"))
+                       **_gemma_fields(hf, local_rope=lambda kind: kind == "sliding_attention"),
+                       final_logit_softcap=hf.final_logit_softcapping)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -170,3 +171,20 @@ def test_interrupted_conversion_leaves_nothing(tiny_hf, tmp_path) -> None:
     assert proc.returncode == 130, err
     assert "interrupted" in err
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("name, overrides, needle", [
+    ("gemma2", {"hidden_activation": "gelu"}, "hidden_activation gelu is not supported; supported: gelu_pytorch_tanh"),
+    ("gemma3", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope types 'yarn' (full layers)"),
+    ("gemma3", {"attn_logit_softcapping": 50.0}, "transformers' Gemma 3 attention does not apply it"),
+    ("olmo2", {"hidden_act": "gelu"}, "hidden_act gelu is not supported"),
+])
+def test_gemma_and_olmo2_options_their_block_cannot_hold_are_one_line(name: str, overrides: dict, needle: str) -> None:
+    from bridge.errors import BridgeError
+    from bridge.models import family
+    from bridge.tiny import tiny_config
+    from tests.model_fixtures import MODEL_OVERRIDES, real_config
+
+    hf = tiny_config(real_config(name), **{**MODEL_OVERRIDES.get(name, {}), **overrides})
+    with pytest.raises(BridgeError, match=re.escape(needle)):
+        family(hf.architectures[0]).config_from_hf(hf)
