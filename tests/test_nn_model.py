@@ -139,3 +139,16 @@ def test_sliding_window_attention_sees_only_the_last_w_positions() -> None:
     scores = (qh @ kh.transpose(-1, -2) / 8 ** 0.5).masked_fill(~allowed, float("-inf"))
     expected = (scores.softmax(-1) @ vh).transpose(0, 1)  # [s, 4, d]
     assert (out[:, 0] - expected).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_flex_softcapped_attention_is_the_plain_math(window: int | None) -> None:
+    """CUDA runs Gemma 2's soft-capped attention through FlexAttention (score_mod: the cap; block mask: causal, the
+    window): its eager reference on the CPU gives the plain math's values (transformers' order), with grouped K/V.
+    FlexAttention has no CPU backward, and its compiled kernel is CUDA's: both are for a GPU run to check."""
+    from bridge.nn.core_attention import flex_softcapped_attention, math_softcapped_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, heads, 19, 16, generator=gen) for heads in (4, 2, 2))
+    flex = flex_softcapped_attention(q, k, v, 0.5, 0.3, window, compiled=False)
+    torch.testing.assert_close(flex, math_softcapped_attention(q, k, v, 0.5, 0.3, window), rtol=0, atol=1e-6)

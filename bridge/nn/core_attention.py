@@ -4,6 +4,9 @@ and MLA (bridge.nn.mla), build on it while the layer builds on both.
 """
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,7 +32,8 @@ class CoreAttention(nn.Module):
     needs only the numbers).
 
     With `softcap` (Gemma 2) the scores are tanh(s / cap) * cap before the softmax, which no SDPA kernel does: the
-    plain matmul-softmax runs instead (`softcapped_attention`), on every device, without context parallelism.
+    plain matmul-softmax runs instead on the CPU, FlexAttention on CUDA (`softcapped_attention`); not under context
+    parallelism.
     """
 
     def __init__(self, sliding_window: int | None, *, cp: int = 1, cp_rank: int = 0, cp_group: Group = None,
@@ -102,9 +106,17 @@ class CoreAttention(nn.Module):
 
 def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float, scale: float | None,
                          window: int | None) -> torch.Tensor:
-    """Causal attention with the scores soft-capped, in transformers' order of operations (eager_attention_forward:
-    scale, cap, mask, softmax in fp32, cast back): q [b, nq, s, d], k/v [b, ng, s, d] -> [b, nq, s, d]. It holds the
-    [b, nq, s, s] scores; a GPU wants FlexAttention with a score_mod for long sequences."""
+    """Causal attention with the scores soft-capped: q [b, nq, s, d], k/v [b, ng, s, d] -> [b, nq, s, d]. On CUDA
+    through compiled FlexAttention (no [s, s] scores in memory), elsewhere as the plain math."""
+    if q.is_cuda:
+        return flex_softcapped_attention(q, k, v, softcap, scale, window)
+    return math_softcapped_attention(q, k, v, softcap, scale, window)
+
+
+def math_softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float, scale: float | None,
+                              window: int | None) -> torch.Tensor:
+    """transformers' order of operations (eager_attention_forward: scale, cap, mask, softmax in fp32, cast back), so
+    that CPU fp32 runs are bit-exact with it; it holds the [b, nq, s, s] scores."""
     heads, s = q.shape[1], q.shape[2]
     k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))  # GQA: each query head's KV head
     scores = torch.matmul(q, k.transpose(2, 3)) * (q.shape[-1] ** -0.5 if scale is None else scale)
@@ -113,6 +125,34 @@ def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, soft
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, v)
+
+
+def flex_softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float, scale: float | None,
+                              window: int | None, compiled: bool = True) -> torch.Tensor:
+    """The same attention through FlexAttention: the cap as its score_mod, causality and the window as its block mask
+    (transformers' q - kv < W). `compiled` false: FlexAttention's eager reference, which runs anywhere (the tests)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def cap(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
+            kv_idx: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(score / softcap) * softcap
+
+    def allowed(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        causal = q_idx >= kv_idx
+        return causal if window is None else causal & (q_idx - kv_idx < window)
+
+    s = q.shape[2]
+    mask = create_block_mask(allowed, None, None, s, s, device=q.device)
+    kernel = _compiled_flex() if compiled else flex_attention
+    return kernel(q, k, v, score_mod=cap, block_mask=mask, scale=scale, enable_gqa=True)
+
+
+@functools.cache
+def _compiled_flex() -> Callable[..., torch.Tensor]:
+    """FlexAttention runs as a fused kernel only compiled; compiled once per process."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
 
 
 class TECoreAttention(TEExtraState, CoreAttention):
