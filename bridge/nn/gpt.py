@@ -136,8 +136,8 @@ class GPTModel(nn.Module):
                 raise BridgeError(f"sequence parallelism splits the sequence over tp={self.ps.tp}: length {s} is not "
                                   "divisible; pad or cut the sequences")
             hidden = self.embedding(tokens_or_hidden)  # [s(/tp), b, h]
-            if self.cfg.embedding_multiplier is not None:  # HF casts the factor to the embedding's dtype first
-                hidden = hidden * torch.tensor(self.cfg.embedding_multiplier, dtype=hidden.dtype)
+            if self.cfg.embedding_multiplier is not None:  # HF's fp32 factor, cast to the embedding's dtype first
+                hidden = hidden * torch.tensor(self.cfg.embedding_multiplier, device=hidden.device).to(hidden.dtype)
         else:
             hidden = tokens_or_hidden
             s = hidden.shape[0] * (self.ps.tp if self.sequence_parallel else 1)

@@ -118,7 +118,8 @@ class TENorm(TEExtraState, RMSNorm):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm residual block. `forward` is a pure function of (hidden, rope, documents), so activation
+    """Residual block: pre-norms, post-norms or both, as the layer's spec says (`cfg.layer(layer)`; post-norms sit
+    inside linear_proj and linear_fc2). `forward` is a pure function of (hidden, rope, documents), so activation
     recomputation can wrap it (torch.utils.checkpoint) without knowing its insides.
 
     `layer` (global index) picks MoE vs dense MLP; MLA models use MLASelfAttention with a separate input norm.
