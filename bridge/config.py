@@ -195,6 +195,8 @@ class ModelConfig:
             raise BridgeError(f"{len(self.layers)} layer specs for {self.num_layers} layers; the config is inconsistent")
         if self.norm_style not in NORM_STYLES:
             raise BridgeError(f"norm style {self.norm_style!r} is not one of {', '.join(NORM_STYLES)}")
+        if self.local_rotary_base is None and any(spec.local_rope for spec in self.layers):
+            raise BridgeError("layer specs ask for the local RoPE table, but local_rotary_base is not set")
         if self.num_attention_heads % self.num_query_groups:
             raise BridgeError(
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of "
@@ -229,6 +231,7 @@ class ModelConfig:
 
     @property
     def attention_softcaps(self) -> bool:
+        """Whether some layer soft-caps its scores (what context parallelism cannot run)."""
         return any(self.layer(i).attention_softcap for i in range(self.num_layers))
 
     def replace(self, **changes: Any) -> "ModelConfig":
