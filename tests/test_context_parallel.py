@@ -356,6 +356,19 @@ def test_verify_at_cp2_matches_transformers(setup: dict[str, Path]) -> None:
         verify(setup["hf"], setup["ckpt"], cp=2, cp_comm_type="ring", write_json=False)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name, exchange", [("gemma3", "p2p"), ("olmo2", "a2a")])
+def test_verify_at_cp2_of_other_block_shapes(tiny_hf, tmp_path: Path, name: str, exchange: str) -> None:
+    """Gemma 3 at CP=2 (its full layer around the ring, its 16-token windows through the all-gather, both RoPE tables
+    at each rank's positions) and OLMo 2 (full-width q/k norms before a2a trades heads for the sequence)."""
+    from bridge.api import import_hf
+    from bridge.apps.verify import verify
+
+    ckpt = import_hf(tiny_hf(name), tmp_path / name)
+    result = verify(tiny_hf(name), ckpt, cp=2, cp_comm_type=exchange, write_json=False)
+    assert result.passed and result.layout["cp"] == 2, result.table()
+
+
 def test_verify_cli_takes_train_spellings_of_the_exchange(setup: dict[str, Path],
                                                           capsys: pytest.CaptureFixture) -> None:
     """`bridge verify --cp-comm-type` reads what `bridge train`'s does: Megatron's "allgather" and its per-layer list
