@@ -107,7 +107,8 @@ KINDS: dict[str, ParamKind] = {k.name: k for k in (
               te_extra=(_A + "linear_proj",)),
     ParamKind(_A + "linear_proj.bias", Split.REPLICATED, _h, _REPLICATED, _SEQ),
     # post-norms (Gemma 2/3, OLMo 2): on the summed output of linear_proj / linear_fc2, outside the TP region
-    ParamKind(_A + "linear_proj.post_layernorm.weight", Split.REPLICATED, _h, _REPLICATED, _SEQ),
+    ParamKind(_A + "linear_proj.post_layernorm.weight", Split.REPLICATED, _h, _REPLICATED, _SEQ,  # a TENorm
+              te_extra=(_A + "linear_proj.post_layernorm",)),
     ParamKind("input_layernorm.weight", Split.REPLICATED, _h, _REPLICATED, _SEQ,  # TENorm: MLA layers
               te_extra=("input_layernorm",)),
     # MLA (TE spec): down-projections are duplicated TELinear, up-projections column parallel
@@ -135,7 +136,8 @@ KINDS: dict[str, ParamKind] = {k.name: k for k in (
     ParamKind(_M + "linear_fc2.weight", Split.ROW, lambda cfg: (cfg.hidden_size, cfg.ffn_hidden_size), _ROW,
               te_extra=(_M + "linear_fc2",)),
     ParamKind(_M + "linear_fc2.bias", Split.REPLICATED, _h, _REPLICATED, _SEQ),
-    ParamKind(_M + "linear_fc2.post_layernorm.weight", Split.REPLICATED, _h, _REPLICATED, _SEQ),
+    ParamKind(_M + "linear_fc2.post_layernorm.weight", Split.REPLICATED, _h, _REPLICATED, _SEQ,
+              te_extra=(_M + "linear_fc2.post_layernorm",)),
     # MoE: expert fc1/fc2 split over the expert-TP group (`etp`) instead of TP
     ParamKind("pre_mlp_layernorm.weight", Split.REPLICATED, _h, _REPLICATED, _SEQ,  # TENorm: MoE layers
               te_extra=("pre_mlp_layernorm",)),

@@ -208,6 +208,11 @@ class ColumnParallelLinear(nn.Module):
         return linear(x, weight, self.bias, self.fp8)  # [s, b, out/tp]
 
 
+class TENorm(TEExtraState, RMSNorm):
+    """TE spec's stand-alone `TENorm` (MoE layers' pre_mlp_layernorm, MLA's input_layernorm, the post-norm of
+    Megatron-Bridge's TERowParallelLinearLayerNorm): has `_extra_state`."""
+
+
 class RowParallelLinear(nn.Module):
     """y = x W^T (+ b) with W split by columns over TP: [s, b, in/tp] -> [s, b, out], summed over TP.
 
@@ -215,14 +220,16 @@ class RowParallelLinear(nn.Module):
     bias (replicated) is added after the reduction.
     """
 
+    post_norm_class: type[RMSNorm] = RMSNorm
+
     def __init__(self, in_features: int, out_features: int, *, tp: int, group: Group, bias: bool = False,
                  sequence_parallel: bool = False, dtype: torch.dtype = torch.float32,
                  device: torch.device | None = None, post_norm: tuple[float, str] | None = None) -> None:
         super().__init__()
         # post_norm (eps, style): an RMSNorm on the summed output, `post_layernorm` (Megatron-Bridge's
         # TERowParallelLinearLayerNorm for Gemma): a norm after attention or the MLP, before the residual add
-        self.post_layernorm = None if post_norm is None else RMSNorm(out_features, post_norm[0], dtype=dtype,
-                                                                     device=device, style=post_norm[1])
+        self.post_layernorm = None if post_norm is None else self.post_norm_class(
+            out_features, post_norm[0], dtype=dtype, device=device, style=post_norm[1])
         if in_features % tp:
             raise ValueError(f"input size {in_features} is not divisible by tp {tp}")
         self.group, self.sequence_parallel = group, sequence_parallel
@@ -251,7 +258,9 @@ class TEColumnParallelLinear(TEExtraState, ColumnParallelLinear):
 
 
 class TERowParallelLinear(TEExtraState, RowParallelLinear):
-    """TE spec's `TERowParallelLinear`."""
+    """TE spec's `TERowParallelLinear` (with a post-norm: Megatron-Bridge's TERowParallelLinearLayerNorm)."""
+
+    post_norm_class = TENorm
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -14,8 +14,8 @@ from bridge.config import LLAMA_LAYER, LayerSpec, ModelConfig
 from bridge.nn import rope_qkv
 from bridge.nn.attention import Documents
 from bridge.nn.core_attention import CoreAttention, TECoreAttention
-from bridge.nn.layers import (ColumnParallelLinear, RMSNorm, RowParallelLinear, TEColumnParallelLinear,
-                              TEExtraState, TERowParallelLinear, rms_norm)
+from bridge.nn.layers import (ColumnParallelLinear, RMSNorm, RowParallelLinear, TEColumnParallelLinear, TENorm,
+                              TERowParallelLinear, rms_norm)
 from bridge.nn.mla import MLASelfAttention
 from bridge.nn.moe import MoELayer
 from bridge.nn.rope import apply_rope
@@ -111,10 +111,6 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.linear_fc1(x).chunk(2, dim=-1)  # [s, b, F/tp] each
         return self.linear_fc2(self.activation(gate) * up)
-
-
-class TENorm(TEExtraState, RMSNorm):
-    """TE spec's stand-alone `TENorm` (MoE layers' pre_mlp_layernorm, MLA's input_layernorm): has `_extra_state`."""
 
 
 class TransformerLayer(nn.Module):
