@@ -125,3 +125,15 @@ def test_no_import_cycles() -> None:
     graph = import_graph()
     cycles = sorted(f"{a} -> {b} -> ... -> {a}" for a in graph for b in graph[a] if a in reachable(graph, b))
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_the_command_line_starts_without_the_trainer() -> None:
+    """Building the CLI (every command pays it at start) reads `bridge train`'s flags from bridge.training.config
+    alone: the trainer's modules load only when a run starts."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from bridge.cli.main import build_parser; build_parser(); "
+            "print(sorted(m for m in sys.modules if m.startswith(('bridge.training.', 'bridge.nn', 'bridge.parallel'))))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "['bridge.training.config']", loaded

@@ -90,7 +90,7 @@ def default_cuda_allocator(device: str) -> None:
 
 
 def _rank_main(cfg: TrainConfig, plan: Plan) -> dict[str, Any] | None:
-    # imported here: the ranks' code; `bridge --help` imports this module (through bridge.training) and not the loop
+    # imported here: the ranks' code, which the launching process never runs
     from bridge.training.loop import train_rank
 
     logging.basicConfig(level=logging.INFO if dist.get_rank() == 0 else logging.WARNING, format="%(message)s")
