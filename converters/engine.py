@@ -21,7 +21,6 @@ from bridge.config import ModelConfig
 from bridge.converters import fp8
 from bridge.converters.hf import PlannedTensor, SafetensorsReader, StreamingSafetensorsWriter
 from bridge.converters.megatron_legacy import LegacyCheckpointReader, LegacyCheckpointWriter
-from bridge.converters.overlap import prefetched
 from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
 from bridge.memory import return_large_buffers_to_os
@@ -419,12 +418,10 @@ class HFSink:
 
 
 def run(source: Source, sink: Sink, total: int, description: str) -> None:
-    """Stream every tensor from source to sink, reading the next while writing the current; then both sides check
-    that nothing was left over."""
+    """Stream every tensor from source to sink; then both sides check that nothing was left over."""
     return_large_buffers_to_os()
     # disable=None: a bar only on a terminal; a log file would fill with its carriage-return redraws
-    for conv, tensor in tqdm(prefetched(source.tensors()), total=total, desc=description, unit="tensor", leave=False,
-                             disable=None):
+    for conv, tensor in tqdm(source.tensors(), total=total, desc=description, unit="tensor", leave=False, disable=None):
         sink.put(conv, tensor)
         del tensor
     source.finish()
