@@ -15,14 +15,12 @@ after --warmup and peak memory is torch's max_memory_allocated of that process.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from bench.train import MODELS, train_once, write_config
+from bench.train import MODELS, run_baseline, timed_hf_steps, train_once, write_config
 
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -56,46 +54,7 @@ def peft_baseline(config_dir: str, opts: dict[str, Any]) -> dict[str, Any]:
     if opts["recompute"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
-    step_fn = torch.compile(model) if opts["compile"] else model
-    micro = opts["global_batch_size"] // opts["micro_batch_size"]
-    times = []
-    for _ in range(opts["warmup"] + opts["steps"]):
-        start = time.perf_counter()
-        for _ in range(micro):
-            ids = torch.randint(0, config.vocab_size, (opts["micro_batch_size"], opts["seq_length"] + 1), device=device)
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                loss = step_fn(input_ids=ids[:, :-1], labels=ids[:, 1:]).loss / micro
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return {"step_s": times[opts["warmup"]:], "peak_mem_gib": peak}
-
-
-def _worker(config_dir: str, opts: dict[str, Any], queue: mp.Queue) -> None:
-    try:
-        queue.put(peft_baseline(config_dir, opts))
-    except Exception as exc:  # noqa: BLE001 - an out-of-memory baseline is a result
-        queue.put({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"})
-
-
-def run_peft(config_dir: Path, opts: dict[str, Any]) -> dict[str, Any]:
-    """The baseline in its own process on a GPU (memory not shared with bridge's run); in this one on the CPU."""
-    if opts["device"] == "cpu":
-        return peft_baseline(str(config_dir), opts)
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_worker, args=(str(config_dir), opts, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    return timed_hf_steps(model, [p for p in model.parameters() if p.requires_grad], opts)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -116,7 +75,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         opts = {**{k: getattr(args, k) for k in ("micro_batch_size", "global_batch_size", "seq_length", "steps",
                                                   "warmup", "compile", "rank", "alpha", "recompute")},
                 "device": device or "cuda"}
-        h = run_peft(config_dir, opts)
+        h = run_baseline(peft_baseline, config_dir, opts)
         if "error" in h:
             rows.append({"run": "HF + peft + compile", "error": h["error"]})
         else:

@@ -105,6 +105,34 @@ def parse_layout(text: str) -> dict[str, Any]:
             "sequence_parallel": tp > 1 and "sp" in text.split("-")}
 
 
+def timed_hf_steps(model: Any, params: list[Any], opts: dict[str, Any]) -> dict[str, Any]:
+    """Train an HF model as HF Trainer does (bf16 autocast, `torch.compile` unless opts says not, fused AdamW on
+    `params`, clipping at 1.0) on random tokens -> the step times after the warm-up and the peak memory."""
+    import torch
+
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    step_fn = torch.compile(model) if opts["compile"] else model
+    micro = opts["global_batch_size"] // opts["micro_batch_size"]
+    times = []
+    for _ in range(opts["warmup"] + opts["steps"]):
+        start = time.perf_counter()
+        for _ in range(micro):
+            ids = torch.randint(0, vocab, (opts["micro_batch_size"], opts["seq_length"] + 1), device=device)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = step_fn(input_ids=ids[:, :-1], labels=ids[:, 1:]).loss / micro
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return {"step_s": times[opts["warmup"]:], "peak_mem_gib": peak}
+
+
 def hf_baseline(config_dir: str, opts: dict[str, Any]) -> dict[str, Any]:
     """HF LlamaForCausalLM, fp32 parameters, bf16 autocast, torch.compile, fused AdamW, clipping 1.0 -> step times."""
     import torch
@@ -115,38 +143,24 @@ def hf_baseline(config_dir: str, opts: dict[str, Any]) -> dict[str, Any]:
     config = AutoConfig.from_pretrained(config_dir)
     config._attn_implementation = "sdpa"
     model = LlamaForCausalLM(config).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    step_fn = torch.compile(model) if opts["compile"] else model
-    micro = opts["global_batch_size"] // opts["micro_batch_size"]
-    times = []
-    for _ in range(opts["warmup"] + opts["steps"]):
-        start = time.perf_counter()
-        for _ in range(micro):
-            ids = torch.randint(0, config.vocab_size, (opts["micro_batch_size"], opts["seq_length"] + 1), device=device)
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                loss = step_fn(input_ids=ids[:, :-1], labels=ids[:, 1:]).loss / micro
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return {"step_s": times[opts["warmup"]:], "peak_mem_gib": peak}
+    return timed_hf_steps(model, list(model.parameters()), opts)
 
 
-def _hf_worker(config_dir: str, opts: dict[str, Any], queue: mp.Queue) -> None:
-    queue.put(hf_baseline(config_dir, opts))
+def _baseline_worker(fn: Any, config_dir: str, opts: dict[str, Any], queue: mp.Queue) -> None:
+    try:
+        queue.put(fn(config_dir, opts))
+    except Exception as exc:  # noqa: BLE001 - an out-of-memory baseline is a result
+        queue.put({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"})
 
 
-def run_hf(config_dir: Path, opts: dict[str, Any]) -> dict[str, Any]:
-    """The baseline in its own process on a GPU (memory not shared with bridge's run); in this one on the CPU."""
+def run_baseline(fn: Any, config_dir: Path, opts: dict[str, Any]) -> dict[str, Any]:
+    """A baseline `fn(config_dir, opts)` in its own process on a GPU (memory not shared with bridge's run), in this
+    one on the CPU; a run that fails (out of memory) comes back as {"error": ...}."""
     if opts["device"] == "cpu":
-        return hf_baseline(str(config_dir), opts)
+        return fn(str(config_dir), opts)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_hf_worker, args=(str(config_dir), opts, queue))
+    proc = ctx.Process(target=_baseline_worker, args=(fn, str(config_dir), opts, queue))
     proc.start()
     result = queue.get()
     proc.join()
@@ -206,7 +220,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.baseline:
             opts = {**{k: getattr(args, k) for k in ("micro_batch_size", "global_batch_size", "seq_length", "steps",
                                                       "warmup", "compile")}, "device": device or "cuda"}
-            h = run_hf(config_dir, opts)
+            h = run_baseline(hf_baseline, config_dir, opts)
+            if "error" in h:
+                rows.append({"run": "HF + compile + fused AdamW", "error": h["error"]})
+                return {"model": args.model, "seq_length": args.seq_length, "rows": rows}
             tps = args.global_batch_size * args.seq_length / statistics.median(h["step_s"])
             rows.append({"run": "HF + compile + fused AdamW", "tokens_per_s": tps, "per_gpu": tps, "mfu_%": None,
                          "peak_gib": h["peak_mem_gib"]})
