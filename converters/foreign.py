@@ -19,7 +19,6 @@ import yaml
 
 from bridge.checkpoint import CheckpointMeta
 from bridge.config import ModelConfig
-from bridge.converters.dcp import DcpReader
 from bridge.converters.megatron_legacy import FILE_NAME, SAFE_GLOBALS, check_iteration, iteration_dir_name, read_tracker
 from bridge.converters.torch_dist import RUN_CONFIG, checkpoint_format, read_common_state
 from bridge.converters.torch_zip import load_index
@@ -51,6 +50,8 @@ def read_megatron_args(root: Path, iteration: int | None = None) -> tuple[argpar
     """
     folder = _iteration_folder(root, iteration)
     if checkpoint_format(root, iteration) == "torch_dist":
+        from bridge.converters.dcp import DcpReader  # torch.distributed.checkpoint loads only for this format
+
         state, where = read_common_state(folder, DcpReader(folder)), f"{folder}'s common state"
     else:
         files = sorted(folder.glob(f"mp_rank_*/{FILE_NAME}"))
@@ -100,6 +101,8 @@ def _vocab_rows(root: Path, iteration: int | None, fmt: str, args: argparse.Name
     """Rows of the stored embedding: the DCP's global shape (torch_dist), else `args.padded_vocab_size`."""
     if fmt == "torch_dist":
         folder = _iteration_folder(root, iteration)
+        from bridge.converters.dcp import DcpReader
+
         dcp = DcpReader(folder)
         key = next((k for k in dcp.tensor_keys() if k.endswith(EMBEDDING) and k.removesuffix(EMBEDDING) in
                     ("", "model.", "model.module.", "model.module.module.")), None)

@@ -26,13 +26,12 @@ import pickle
 import re
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
 from bridge.checkpoint import CheckpointMeta
 from bridge.converters import engine
-from bridge.converters.dcp import DcpReader, DcpWriter
 from bridge.converters.megatron_legacy import (CHECKPOINT_VERSION, SAFE_GLOBALS, TRACKER, LegacyCheckpointReader,
                                                check_iteration, iteration_dir_name, model_keys, read_tracker,
                                                state_dict_position)
@@ -40,6 +39,9 @@ from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
 from bridge.mapping import Conversion, megatron_shape
 from bridge.sharding import Split, localize, rule_for, split
+
+if TYPE_CHECKING:
+    from bridge.converters.dcp import DcpReader
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +120,8 @@ class TorchDistSink:
         self.folder = root / iteration_dir_name(iteration)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.args = argparse.Namespace(**{**vars(args), "ckpt_format": "torch_dist"})
+        from bridge.converters.dcp import DcpWriter  # torch.distributed.checkpoint loads only for this format
+
         self.writer = DcpWriter(self.folder)
 
     def put(self, conv: Conversion, tensor: torch.Tensor) -> None:
@@ -201,6 +205,8 @@ class TorchDistReader:
         self.folder = root / iteration_dir_name(self.iteration)
         if not (self.folder / CONFIG_FILE).is_file():
             raise BridgeError(f"{self.folder} has no {CONFIG_FILE}; the torch_dist checkpoint is incomplete (interrupted save?)")
+        from bridge.converters.dcp import DcpReader  # torch.distributed.checkpoint loads only for this format
+
         self.dcp = DcpReader(self.folder)
         keys = self.dcp.tensor_keys()
         self.prefix = next((p for p in MODEL_PREFIXES if f"{p}embedding.word_embeddings.weight" in keys), "")

@@ -129,11 +129,12 @@ def test_no_import_cycles() -> None:
 
 def test_the_command_line_starts_without_the_trainer() -> None:
     """Building the CLI (every command pays it at start) reads `bridge train`'s flags from bridge.training.config
-    alone: the trainer's modules load only when a run starts."""
+    alone: the trainer's modules load only when a run starts, torch.distributed.checkpoint only for `torch_dist`."""
     import subprocess
     import sys
 
     code = ("import sys; from bridge.cli.main import build_parser; build_parser(); "
-            "print(sorted(m for m in sys.modules if m.startswith(('bridge.training.', 'bridge.nn', 'bridge.parallel'))))")
+            "print(sorted(m for m in sys.modules if m.startswith(('bridge.training.', 'bridge.nn', 'bridge.parallel',"
+            " 'torch.distributed.checkpoint'))))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "['bridge.training.config']", loaded
