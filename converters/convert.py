@@ -6,6 +6,7 @@ They join the model families' mappings (bridge.models) to the formats and the st
 """
 from __future__ import annotations
 
+import argparse
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -121,16 +122,22 @@ def _out_iteration(iteration: int | None) -> int | str:
     return iteration
 
 
+def checkpoint_args(meta: CheckpointMeta) -> argparse.Namespace:
+    """Megatron-LM's `args` for the model, layout and dtype `meta` describes (a fresh namespace per call: the
+    writers may set per-rank fields on it)."""
+    cfg, layout = meta.config, meta.layout
+    return megatron_args(cfg, padded_vocab_size=meta.padded_vocab_size, tp=layout.tp, pp=layout.pp, vpp=layout.vpp,
+                         transformer_impl=meta.transformer_impl, dtype=meta.dtype,
+                         divisible_by=layout.make_vocab_size_divisible_by, ep=layout.ep, etp=layout.etp,
+                         moe_grouped_gemm=layout.moe_grouped_gemm)
+
+
 def _megatron_sink(tmp: Path, meta: CheckpointMeta, out_iteration: int | None = None, common_pt: bool = True) -> engine.Sink:
     """The sink for `meta.format`, with the `args` Megatron-LM stores (and checks) in the checkpoint."""
-    cfg, layout = meta.config, meta.layout
+    layout = meta.layout
     iteration = _out_iteration(out_iteration)
-    args = lambda tp_rank=0, pp_rank=0: megatron_args(  # noqa: E731
-        cfg, padded_vocab_size=meta.padded_vocab_size, tp=layout.tp, pp=layout.pp, vpp=layout.vpp,
-        transformer_impl=meta.transformer_impl, dtype=meta.dtype, divisible_by=layout.make_vocab_size_divisible_by,
-        ep=layout.ep, etp=layout.etp, moe_grouped_gemm=layout.moe_grouped_gemm)
     number = 0 if iteration == "release" else int(iteration)
-    stored = lambda tp_rank=0, pp_rank=0: complete_args(args(tp_rank, pp_rank), number)  # noqa: E731
+    stored = lambda tp_rank=0, pp_rank=0: complete_args(checkpoint_args(meta), number)  # noqa: E731
     if meta.format == "torch_dist":
         return TorchDistSink(tmp, meta, stored(), iteration, common_pt, run_config_yaml(meta, stored()))
     return engine.MegatronSink(tmp, meta, stored, writer=LegacyCheckpointWriter(tmp, layout, stored, iteration))

@@ -21,8 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from bridge.checkpoint import HF_META_DIR, CheckpointMeta, atomic_output_dir, copy_hf_meta, hf_meta_bytes
-from bridge.config import ModelConfig, megatron_args
-from bridge.converters.convert import export_hf, open_checkpoint
+from bridge.config import ModelConfig
+from bridge.converters.convert import checkpoint_args, export_hf, open_checkpoint
 from bridge.converters.megatron_legacy import LegacyCheckpointReader, LegacyCheckpointWriter
 from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
@@ -380,11 +380,7 @@ def import_adapter(folder: str | Path, base: str | Path, out: str | Path, layout
 def _write_adapter(root: Path, meta: CheckpointMeta, spec: LoRASpec, tensors: dict[str, torch.Tensor]) -> None:
     """Iteration 0's rank files: each rank's shard of every adapter tensor, under its stage-local name."""
     cfg, layout = meta.config, meta.layout
-    args = lambda tp_rank=0, pp_rank=0: megatron_args(  # noqa: E731
-        cfg, padded_vocab_size=meta.padded_vocab_size, tp=layout.tp, pp=layout.pp, vpp=layout.vpp,
-        transformer_impl=meta.transformer_impl, dtype=meta.dtype, divisible_by=layout.make_vocab_size_divisible_by,
-        ep=layout.ep, etp=layout.etp, moe_grouped_gemm=layout.moe_grouped_gemm)
-    writer = LegacyCheckpointWriter(root, layout, args, iteration=0)
+    writer = LegacyCheckpointWriter(root, layout, lambda tp_rank=0, pp_rank=0: checkpoint_args(meta), iteration=0)
     for key, tensor in tensors.items():
         match = _LAYER.match(key)
         place = layout.place(int(match.group(1)), cfg.num_layers)
