@@ -39,6 +39,13 @@ MODELS: dict[str, dict[str, Any]] = {
                         num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
                         rope_theta=500000.0, max_position_embeddings=131072,
                         rope_scaling={**_LLAMA3_ROPE, "factor": 8.0}),
+    # Gemma-2-2B's config.json: softcapped attention and logits, alternate 4096-token windows, head_dim 256
+    "gemma-2-2b": dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", hidden_size=2304,
+                       intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+                       head_dim=256, vocab_size=256000, tie_word_embeddings=True, rope_theta=10000.0,
+                       max_position_embeddings=8192, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256,
+                       attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096,
+                       rms_norm_eps=1e-6, bos_token_id=2, eos_token_id=1, pad_token_id=0),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, vocab_size=512, tie_word_embeddings=True,
                  rope_theta=10000.0, max_position_embeddings=256),
@@ -134,15 +141,17 @@ def timed_hf_steps(model: Any, params: list[Any], opts: dict[str, Any]) -> dict[
 
 
 def hf_baseline(config_dir: str, opts: dict[str, Any]) -> dict[str, Any]:
-    """HF LlamaForCausalLM, fp32 parameters, bf16 autocast, torch.compile, fused AdamW, clipping 1.0 -> step times."""
+    """The HF model of the config, fp32 parameters, bf16 autocast, torch.compile, fused AdamW, clipping 1.0 -> step
+    times. Attention is SDPA, except where SDPA would drop part of the model: Gemma 2's attention softcap runs in
+    transformers' eager attention, as its documentation asks for training."""
     import torch
-    from transformers import AutoConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     device = torch.device(opts["device"])
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(config_dir)
-    config._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(config).to(device)
+    softcapped = getattr(config, "attn_logit_softcapping", None) is not None
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager" if softcapped else "sdpa").to(device)
     return timed_hf_steps(model, list(model.parameters()), opts)
 
 

@@ -100,6 +100,19 @@ def test_verify_llama_1b(llama_1b: Path, tmp_path: Path, layout: ParallelLayout,
         assert result.passed, result.table()
 
 
+@pytest.mark.parametrize("name", ["gemma2", "phi3"])
+def test_verify_real_shape_bf16(name: str, tmp_path: Path) -> None:
+    """Gemma-2-2B (softcaps, alternate windows, (1+w) norms) and Phi-3-mini (fused qkv/gate_up, LongRoPE) at their
+    real sizes, random weights: `bridge verify --dtype bf16 --device cuda` agrees with transformers on >= 99% of
+    top-1 tokens, one GPU."""
+    config = json.loads(real_config(name).read_text())
+    hf = random_hf(tmp_path / "hf", config)
+    ckpt = import_hf(hf, tmp_path / "ckpt", ParallelLayout(), dtype="bf16")
+    result = verify(hf, ckpt, dtype="bf16", device="cuda", write_json=False)
+    print(result.table())
+    assert result.passed and result.overall.top1 >= 0.99, result.table()
+
+
 @gpus(2)
 @pytest.mark.parametrize("model", sorted(MOE_MODELS))
 def test_cp2_ep2_moe(model: str, tmp_path: Path) -> None:
