@@ -39,10 +39,10 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-iteration", type=int, default=None,
                         help="write the checkpoint as iteration N (iter_000000N/, the tracker says N) instead of release/; "
                              "Megatron-Bridge looks for iter_* folders, Megatron-LM needs N >= 1")
-    parser.add_argument("--common-pt", action=argparse.BooleanOptionalAction, default=True,
-                        help="torch_dist: also write common.pt, which Megatron Core up to 0.18 needs (default); "
-                             "--no-common-pt keeps the common state only inside the DCP files, as Megatron Core 0.19 "
-                             "writes it (0.19 reads a common.pt first and warns that it is deprecated)")
+    parser.add_argument("--common-pt", action=argparse.BooleanOptionalAction, default=False,
+                        help="torch_dist: also write common.pt, which Megatron Core up to 0.18 needs; by default the "
+                             "common state is only inside the DCP files, as Megatron Core 0.19 writes it (0.19 reads a "
+                             "common.pt first and warns that it is deprecated)")
 
 
 def add_hf_config(parser: argparse.ArgumentParser) -> None:

@@ -74,11 +74,12 @@ def default_out(source: str, layout: ParallelLayout) -> Path:
 def import_hf(source: str | Path, out: str | Path | None = None, layout: ParallelLayout | None = None, *,
               dtype: str = "auto", transformer_impl: str = "transformer_engine", revision: str | None = None,
               token: str | None = None, overwrite: bool = False, format: str = "torch", out_iteration: int | None = None,
-              common_pt: bool = True) -> Path:
+              common_pt: bool = False) -> Path:
     """HF model (folder or Hub id) -> Megatron checkpoint (`torch` sharded for `layout`, or `torch_dist`).
 
     `out_iteration` names the folder `iter_{N:07d}/` instead of `release/` (Megatron-Bridge looks for `iter_*`);
-    `common_pt=False` leaves torch_dist's common state only inside the DCP files (Megatron Core 0.19's layout)."""
+    torch_dist's common state goes inside the DCP files, as Megatron Core 0.19 writes it; `common_pt=True` also
+    writes `common.pt`, which Megatron Core up to 0.18 needs (0.19 then warns that reading it is deprecated)."""
     layout = layout or ParallelLayout()
     _check_format(format)
     _check_impl(transformer_impl)
@@ -132,7 +133,7 @@ def checkpoint_args(meta: CheckpointMeta) -> argparse.Namespace:
                          moe_grouped_gemm=layout.moe_grouped_gemm)
 
 
-def _megatron_sink(tmp: Path, meta: CheckpointMeta, out_iteration: int | None = None, common_pt: bool = True) -> engine.Sink:
+def _megatron_sink(tmp: Path, meta: CheckpointMeta, out_iteration: int | None = None, common_pt: bool = False) -> engine.Sink:
     """The sink for `meta.format`, with the `args` Megatron-LM stores (and checks) in the checkpoint."""
     layout = meta.layout
     iteration = _out_iteration(out_iteration)
@@ -216,7 +217,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str = "auto", m
 
 def reshard(checkpoint: str | Path, out: str | Path, layout: ParallelLayout, *, transformer_impl: str | None = None,
             dtype: str = "auto", overwrite: bool = False, iteration: int | None = None, format: str | None = None,
-            hf_config: str | None = None, out_iteration: int | None = None, common_pt: bool = True) -> Path:
+            hf_config: str | None = None, out_iteration: int | None = None, common_pt: bool = False) -> Path:
     """Megatron checkpoint -> the same model in another layout, spec, dtype or format (torch <-> torch_dist);
     `out_iteration` and `common_pt` as for `import_hf`."""
     ckpt = open_checkpoint(checkpoint, iteration, hf_config)

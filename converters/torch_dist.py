@@ -114,7 +114,7 @@ class TorchDistSink:
     """Global Megatron tensors -> stacked DCP chunks (one per layer), then extra state, common state, config."""
 
     def __init__(self, root: Path, meta: CheckpointMeta, args: argparse.Namespace, iteration: int | str = "release",
-                 common_pt: bool = True, run_config: str | None = None) -> None:
+                 common_pt: bool = False, run_config: str | None = None) -> None:
         """`run_config`: Megatron-Bridge's `run_config.yaml` text, written into the iteration folder."""
         self.root, self.meta, self.iteration, self.common_pt, self.run_config = root, meta, iteration, common_pt, run_config
         self.folder = root / iteration_dir_name(iteration)

@@ -35,11 +35,11 @@ def _dcp_common_state(folder: Path) -> dict:
     return state
 
 
-def test_no_common_pt_out_iteration_folder(tiny_hf, tmp_path: Path, capsys) -> None:
+def test_default_folder_is_megatron_core_019s_layout(tiny_hf, tmp_path: Path, capsys) -> None:
+    """No common.pt by default: the common state (args included) lives only inside the DCP files."""
     hf = tiny_hf("llama32-tied")
     ckpt = tmp_path / "dist"
-    assert main(["import", str(hf), "--out", str(ckpt), "--format", "torch_dist", "--tp", "2", "--out-iteration", "3",
-                 "--no-common-pt"]) == 0
+    assert main(["import", str(hf), "--out", str(ckpt), "--format", "torch_dist", "--tp", "2", "--out-iteration", "3"]) == 0
     folder = ckpt / "iter_0000003"
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "3" and not (ckpt / "release").exists()
     assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp", "metadata.json", "run_config.yaml"]

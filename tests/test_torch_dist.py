@@ -86,7 +86,7 @@ def test_rank_shards_equal_legacy_files(impl: str, tiny_hf, tmp_path: Path) -> N
 
 def test_megatron_on_disk_facts(tiny_hf, tmp_path: Path) -> None:
     src = tiny_hf("llama31")
-    ckpt = api.import_hf(src, tmp_path / "dist", ParallelLayout(tp=2), format="torch_dist")
+    ckpt = api.import_hf(src, tmp_path / "dist", ParallelLayout(tp=2), format="torch_dist", common_pt=True)
     folder = ckpt / "release"
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "release"
     assert json.loads((folder / "metadata.json").read_text()) == BACKEND_CONFIG

@@ -25,6 +25,7 @@ from bridge.api import export_hf, import_hf, inspect_checkpoint
 from bridge.cli.main import main
 from bridge.converters.dcp import DcpReader
 from bridge.converters.megatron_legacy import TRACKER, read_tracker
+from bridge.converters.torch_dist import read_common_state
 from bridge.launch import launch
 from bridge.training import TrainConfig, train
 from bridge.training.rng import rng_from_bytes
@@ -111,7 +112,12 @@ def test_each_dp_rank_writes_only_its_shard(dense: dict[str, Any]) -> None:
     assert set(model) == {"__0_0.distcp"}  # the model once, by DP rank 0
     sizes = {p.name: p.stat().st_size for p in folder.glob("*.distcp")}
     assert sizes["__1_0.distcp"] < 4 * (total / 2) * 1.1  # rank 1: its optimizer shard and nothing else
-    assert (folder / "metadata.json").is_file() and (folder / "common.pt").is_file()
+    # Megatron Core 0.19's layout: no common.pt, the common state is rank 0's DCP byte entry
+    assert json.loads((folder / "metadata.json").read_text()) == {"sharded_backend": "torch_dist",
+                                                                  "sharded_backend_version": 1}
+    assert not (folder / "common.pt").exists()
+    common = read_common_state(folder, DcpReader(folder))
+    assert common["iteration"] == 2 and common["train_state"]["iteration"] == 2 and "optimizer" in common
 
 
 def test_resume_at_the_same_layout_is_bitwise_exact(dense: dict[str, Any]) -> None:
@@ -225,7 +231,7 @@ def test_export_push_and_inspect_read_a_training_checkpoint(dense: dict[str, Any
     assert info["format"] == "torch_dist" and info["iteration"] == 5
     assert info["parameters"] == inspect_checkpoint(tmp_path / "legacy")["parameters"]
     assert {f["path"] for f in info["files"]} == {f"iter_0000005/{name}" for name in
-                                                  ("__0_0.distcp", "__1_0.distcp", ".metadata", "common.pt")}
+                                                  ("__0_0.distcp", "__1_0.distcp", ".metadata")}
 
 
 def _staging_peaks(runs: list[tuple[TrainConfig, Any]], limit: int) -> list[dict[str, int]]:

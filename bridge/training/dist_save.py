@@ -1,8 +1,9 @@
 """Training checkpoints in Megatron's `torch_dist` format, written in parallel by every rank.
 
-    iter_N/__{rank}_0.distcp   each rank's chunks: the model boxes it owns, its optimizer pieces, its RNG blob
+    iter_N/__{rank}_0.distcp   each rank's chunks: the model boxes it owns, its optimizer pieces, its RNG blob;
+                               rank 0's also the common state (args, iteration, optimizer header, scheduler,
+                               train_state) as Megatron Core 0.19 stores it, the byte entry `common_state/shard_0_1`
     iter_N/.metadata           every rank's chunk table, gathered to rank 0 and merged
-    iter_N/common.pt           args, iteration, optimizer header (step, hyper-parameters), scheduler, train_state
     iter_N/metadata.json       last: marks the folder complete
 
 The model part is what `bridge import --format torch_dist` writes (stacked `[L, ...]` keys, `_extra_state`
@@ -26,8 +27,8 @@ from torch import nn
 
 from bridge.converters.dcp_parts import DcpPart, DcpPartWriter, write_metadata
 from bridge.converters.megatron_legacy import CHECKPOINT_VERSION
-from bridge.converters.torch_dist import (BACKEND_CONFIG, COMMON_FILE, CONFIG_FILE, EXTRA_STATE_MODULES,
-                                          extra_state_blob, extra_state_key)
+from bridge.converters.torch_dist import (COMMON_STATE_KEY, CONFIG_FILE, DCP_COMMON_BACKEND_CONFIG, EXTRA_STATE_MODULES,
+                                          extra_state_blob, extra_state_key, torch_bytes)
 from bridge.errors import BridgeError
 from bridge.parallel.state import ParallelState
 from bridge.training.optimizer import MixedPrecisionAdamW
@@ -58,12 +59,11 @@ class Chunk:
 
 @dataclass
 class StagedSave:
-    """What one rank writes: chunks (device views, or host copies once staged), blobs, and rank 0's common state."""
+    """What one rank writes: chunks (device views, or host copies once staged) and blobs (rank 0's: the common state)."""
 
     rank: int
     chunks: Iterator[Chunk] | list[Chunk]
     blobs: dict[str, bytes]
-    common: dict[str, Any] | None
     meta: dict[str, Any] = field(default_factory=dict)
     ready: Any = None
     """For kept (async) chunks on CUDA: the event after their host copies, waited on before writing."""
@@ -145,7 +145,6 @@ def stage(view: RankView, iteration: int, entries: dict[str, Any], stager: HostS
         chunks = [Chunk(c.key, c.global_shape, c.offsets, stager.host(c.data, keep=True)) for c in chunks]
         ready = stager.kept_ready()
     blobs = {rng_key(ps.rank, ps.world_size): rng_bytes()}
-    common = None
     if ps.rank == 0:
         layers = view.model.num_layers
         blob = extra_state_blob(view.transformer_impl)
@@ -154,7 +153,8 @@ def stage(view: RankView, iteration: int, entries: dict[str, Any], stager: HostS
                   "optimizer": {**view.optimizer.header(), "param_state_sharding_type": SHARDING_TYPE},
                   "opt_param_scheduler": entries["opt_param_scheduler"], "train_state": entries["train_state"],
                   "parallel": parallel_signature(ps)}
-    return StagedSave(ps.rank, chunks, blobs, common, ready=ready)
+        blobs[COMMON_STATE_KEY] = torch_bytes([common])  # the ShardedObject `common_state`, as Megatron Core 0.19
+    return StagedSave(ps.rank, chunks, blobs, ready=ready)
 
 
 def parallel_signature(ps: ParallelState) -> dict[str, int]:
@@ -176,9 +176,8 @@ def write_files(folder: Path, staged: StagedSave, stager: HostStager) -> DcpPart
     return writer.close()
 
 
-def finish(folder: Path, part: DcpPart | BaseException, common: dict[str, Any] | None, rank: int) -> None:
-    """Collective: gather every rank's chunk table to rank 0, which writes `.metadata`, `common.pt` and, last,
-    `metadata.json`. A rank whose write failed makes every rank raise the same one-line error."""
+def finish(folder: Path, part: DcpPart | BaseException, rank: int) -> None:
+    """Collective: gather every rank's chunk table to rank 0, which writes `.metadata` and, last, `metadata.json`. A rank whose write failed makes every rank raise the same one-line error."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     failure = f"{type(part).__name__}: {part}" if isinstance(part, BaseException) else None
     failures: list[Any] = [failure]
@@ -195,5 +194,4 @@ def finish(folder: Path, part: DcpPart | BaseException, common: dict[str, Any] |
         dist.gather_object(part, parts, dst=0)
     if rank == 0:
         write_metadata(folder, parts)
-        torch.save(common, folder / COMMON_FILE)
-        (folder / CONFIG_FILE).write_text(json.dumps(BACKEND_CONFIG))
+        (folder / CONFIG_FILE).write_text(json.dumps(DCP_COMMON_BACKEND_CONFIG))

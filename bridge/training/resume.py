@@ -2,7 +2,7 @@
 
 - legacy, whole tensors per weight name in `model_optim_rng.pt` (`params`) or, saved with the distributed
   optimizer, in `distrib_optim.pt` beside it (`params_file`, memory-mapped): any DP size, the same TP/PP;
-- torch_dist (`common.pt` holds `train_state`): every piece of this rank's state is read back as the
+- torch_dist (the common state holds `train_state`): every piece of this rank's state is read back as the
   global boxes it covers, so the checkpoint resumes at any TP/PP/DP/EP. The per-rank RNG blobs are
   restored only at the layout that saved them; elsewhere the run's seed is used.
 """
@@ -15,7 +15,7 @@ import torch
 
 from bridge.converters.dcp import DcpReader
 from bridge.converters.megatron_legacy import SAFE_GLOBALS, iteration_dir_name
-from bridge.converters.torch_dist import COMMON_FILE
+from bridge.converters.torch_dist import read_common_state
 from bridge.parallel.state import ParallelState
 from bridge.training.dist_save import optimizer_key, parallel_signature, rng_key
 from bridge.training.optimizer import MixedPrecisionAdamW, Piece
@@ -29,8 +29,7 @@ TIED_HEAD = "output_layer.weight"
 def dist_training_entries(folder: Path, ps: ParallelState) -> dict[str, Any]:
     """`optimizer`, `train_state`, `opt_param_scheduler`, `rng_state` of a torch_dist training checkpoint; {} for an
     import (no training state). `optimizer` carries the folder its pieces are read from."""
-    with torch.serialization.safe_globals(SAFE_GLOBALS):
-        common = torch.load(folder / COMMON_FILE, map_location="cpu", weights_only=True)
+    common = read_common_state(folder, DcpReader(folder))  # Megatron Core 0.19's DCP entry, or an older common.pt
     if "train_state" not in common:
         return {}
     rng = None

@@ -33,7 +33,6 @@ class _Pending:
 
     iteration: int
     tmp: Path
-    common: dict[str, Any] | None
     summary: dict[str, Any] | None
     thread: threading.Thread
     result: DcpPart | BaseException | None = None
@@ -82,11 +81,11 @@ class Checkpointer:
             staged = dist_save.stage(self._view(), iteration, entries, self.stager, keep=self.async_save)
             if not self.async_save:
                 part = dist_save.write_files(tmp, staged, self.stager)
-                dist_save.finish(tmp, part, staged.common, ps.rank)
+                dist_save.finish(tmp, part, ps.rank)
                 self._commit(iteration, tmp, summary)
                 self.stall_s.append(time.perf_counter() - start)
                 return
-        pending = _Pending(iteration, tmp, staged.common, summary, thread=None)  # type: ignore[arg-type]
+        pending = _Pending(iteration, tmp, summary, thread=None)  # type: ignore[arg-type]
         pending.thread = threading.Thread(target=self._write, args=(pending, staged), name=f"save-{iteration}")
         pending.thread.start()
         self.pending = pending
@@ -105,7 +104,7 @@ class Checkpointer:
             return
         pending.thread.join()
         with ckpt.written_or_removed(pending.tmp):
-            dist_save.finish(pending.tmp, pending.result, pending.common, self.rs.ps.rank)
+            dist_save.finish(pending.tmp, pending.result, self.rs.ps.rank)
             self._commit(pending.iteration, pending.tmp, pending.summary)
 
     def _commit(self, iteration: int, tmp: Path, summary: dict[str, Any] | None) -> None:

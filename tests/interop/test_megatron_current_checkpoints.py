@@ -16,9 +16,9 @@ a tiny HF model through bridge's import and Megatron's load, whose logits are ch
   by `save_checkpoint` (megatron/bridge/training/checkpointing.py) into `iter_{N:07d}/`.
 - `bridge export --hf-config` gives the HF weights back bit for bit from every folder; the layout comes from the
   `args` or, without them, from `run_config.yaml`.
-- Megatron Core loads bridge's own `torch_dist` output; with 0.19, a folder written with `--no-common-pt` loads with no
-  warning at all (0.19 reads a `common.pt` first, with a deprecation warning, so the default folder, which keeps it for
-  Megatron Core up to 0.18, loads with that warning).
+- Megatron Core loads bridge's own `torch_dist` output; with 0.19, the default folder (common state inside the DCP
+  files) loads with no warning at all; one written with `--common-pt`, for Megatron Core up to 0.18, loads with 0.19's
+  deprecation warning (0.19 reads a `common.pt` first).
 Skipped when megatron-core or triton is absent (install .ci/requirements-interop.txt).
 """
 from __future__ import annotations
@@ -201,11 +201,11 @@ def test_megatron_core_loads_bridge_output_without_a_deprecation_warning(tiny_hf
     from tests.interop.megatron_current_worker import DCP_COMMON_STATE, core_version, load_messages
 
     hf = tiny_hf(MODELS["qwen3-tied"], vocab_size=VOCAB)
-    both = import_hf(hf, tmp_path / "default", format="torch_dist", transformer_impl="local")
-    current = tmp_path / "current"
-    assert main(["import", str(hf), "--out", str(current), "--format", "torch_dist", "--transformer-impl", "local",
-                 "--no-common-pt"]) == 0
-    assert not (current / "release" / "common.pt").exists()
+    both = tmp_path / "with-common-pt"
+    assert main(["import", str(hf), "--out", str(both), "--format", "torch_dist", "--transformer-impl", "local",
+                 "--common-pt"]) == 0
+    current = import_hf(hf, tmp_path / "default", format="torch_dist", transformer_impl="local")
+    assert not (current / "release" / "common.pt").exists() and (both / "release" / "common.pt").exists()
     new = core_version() >= DCP_COMMON_STATE
     found = launch(load_messages, 1, [str(both), str(current)] if new else [str(both)])[0]
     for state in found:
