@@ -1,4 +1,4 @@
-"""LoRA and DoRA on CPU/gloo, fp32, tiny Llama, Qwen3 and Mixtral, judged by peft and transformers:
+"""LoRA and DoRA on CPU/gloo, fp32, tiny Llama, Qwen3, Mixtral, Phi-3 and Gemma 2, judged by peft and transformers:
 - TP=2 with SP and the distributed optimizer over DP=2, and PP=2, give the single-process losses (1e-5 relative)
   and the same adapter; DoRA the same at TP=2;
 - Mixtral's routed experts' adapters at EP=2 the same;
@@ -42,7 +42,7 @@ def _digest(folder: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def env(tiny_hf, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("lora")
-    hf = {name: tiny_hf(name) for name in ("llama31", "qwen3", "mixtral")}
+    hf = {name: tiny_hf(name) for name in ("llama31", "qwen3", "mixtral", "phi3", "gemma2")}
     ckpt = {name: import_hf(folder, root / f"ckpt-{name}") for name, folder in hf.items()}
     return {"root": root, "hf": hf, "ckpt": ckpt, "digest": {n: _digest(c) for n, c in ckpt.items()},
             "data": write_random_corpus(root / "corpus", seed=0, documents=60), "runs": {}}
@@ -121,6 +121,8 @@ def _logits(env: dict[str, Any], model: str, key: str) -> tuple[torch.Tensor, to
     ("llama31", "tp2-sp-dp2-distopt", dict(nproc=4, tp=2, sequence_parallel=True, use_distributed_optimizer=True)),
     ("qwen3", "dora-tp2-sp", dict(nproc=2, tp=2, sequence_parallel=True, lora_use_dora=True)),
     ("mixtral", "ep2", dict(nproc=2, ep=2)),
+    ("phi3", "tp2", dict(nproc=2, tp=2)),      # HF's fused qkv_proj and gate_up_proj: one peft module each
+    ("gemma2", "tp2", dict(nproc=2, tp=2)),    # post-norms after o_proj and down_proj, GeGLU, softcaps
 ])
 def test_peft_adapter_gives_the_merged_export(env: dict[str, Any], model: str, name: str, layout: dict[str, Any]) -> None:
     run(env, model, name, **layout)
