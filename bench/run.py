@@ -41,6 +41,7 @@ SUITES: dict[str, tuple[str, str]] = {
     "moe": ("moe", "four GPUs: Mixtral-shaped MoE training, tokens/s and MFU per expert-parallel layout"),
     "kernels": ("microbench", "one GPU (ring: several): attention backends, RoPE kernels, context-parallel attention"),
     "lora-1gpu": ("lora", "one GPU: LoRA r=16 on all linears of the Llama-3.1-8B shape against HF + peft + torch.compile"),
+    "weights-1gpu": ("stream", "one GPU: export_hf_weights from a live 8B-shaped model into a preallocated consumer, GB/s"),
     "journey": ("journey.py", "one GPU: the whole user journey at real size, every step a `bridge` command"),
     "checkpoint": ("checkpoint.py", "one GPU: checkpoint saves during training, memory, save time, async stall"),
 }
