@@ -34,16 +34,26 @@ def rows(cfg: ModelConfig) -> list[Row]:
         Row(M_ATTN + "linear_kv_up_proj.layer_norm_weight", (ATTN + "kv_a_layernorm.weight",)),
         Row(M_ATTN + "linear_kv_up_proj.weight", (ATTN + "kv_b_proj.weight",)),
         Row(M_ATTN + "linear_proj.weight", (ATTN + "o_proj.weight",)),
+        *mlp_rows(cfg),
+        Row("decoder.final_layernorm.weight", ("model.norm.weight",)),
+        *([] if cfg.tie_word_embeddings else [Row("output_layer.weight", ("lm_head.weight",))]),
+    ]
+
+
+def mlp_rows(cfg: ModelConfig) -> list[Row]:
+    """Dense layers' SwiGLU MLP; MoE layers' router with its score-correction bias, shared experts and routed experts
+    (DeepSeek-V3 and GLM-4.5 name them alike)."""
+    return [
         *swiglu_mlp_rows(layers="dense"),
         Row("decoder.layers.{}.pre_mlp_layernorm.weight", ("model.layers.{}.post_attention_layernorm.weight",), layers="moe"),
         Row(M_MLP + "router.weight", (MLP + "gate.weight",), layers="moe"),
-        Row(M_MLP + "router.expert_bias", (MLP + "gate.e_score_correction_bias",), layers="moe"),
-        Row(M_MLP + "shared_experts.linear_fc1.weight",
-            (MLP + "shared_experts.gate_proj.weight", MLP + "shared_experts.up_proj.weight"), FUSE_GATE_UP, layers="moe"),
-        Row(M_MLP + "shared_experts.linear_fc2.weight", (MLP + "shared_experts.down_proj.weight",), layers="moe"),
+        *([Row(M_MLP + "router.expert_bias", (MLP + "gate.e_score_correction_bias",), layers="moe")]
+          if cfg.moe.expert_bias else []),
+        *([Row(M_MLP + "shared_experts.linear_fc1.weight",
+               (MLP + "shared_experts.gate_proj.weight", MLP + "shared_experts.up_proj.weight"), FUSE_GATE_UP, layers="moe"),
+           Row(M_MLP + "shared_experts.linear_fc2.weight", (MLP + "shared_experts.down_proj.weight",), layers="moe")]
+          if cfg.moe.shared_expert_ffn_hidden_size else []),
         *routed_expert_rows(),
-        Row("decoder.final_layernorm.weight", ("model.norm.weight",)),
-        *([] if cfg.tie_word_embeddings else [Row("output_layer.weight", ("lm_head.weight",))]),
     ]
 
 
@@ -57,6 +67,23 @@ def moe_layers(hf: Any) -> tuple[int, ...]:
     freq = getattr(hf, "moe_layer_freq", 1) or 1
     first = getattr(hf, "first_k_dense_replace", 0) or 0
     return tuple(i for i in range(hf.num_hidden_layers) if i >= first and i % freq == 0)
+
+
+def moe_from_hf(hf: Any) -> MoEConfig:
+    """DeepSeek-V3's MoE fields (GLM-4.5 has the same): sigmoid scores with the correction bias (`noaux_tc`),
+    group-limited top-k, renormalised and scaled weights, shared experts of n_shared_experts x the expert width."""
+    shared = getattr(hf, "n_shared_experts", 0) or 0
+    return MoEConfig(
+        num_experts=getattr(hf, "n_routed_experts", None) or getattr(hf, "num_local_experts"),
+        router_topk=hf.num_experts_per_tok, moe_ffn_hidden_size=hf.moe_intermediate_size, moe_layers=moe_layers(hf),
+        shared_expert_ffn_hidden_size=shared * hf.moe_intermediate_size or None,
+        score_function=getattr(hf, "scoring_func", "sigmoid"),
+        expert_bias=getattr(hf, "topk_method", "noaux_tc") == "noaux_tc",
+        normalize_topk=bool(getattr(hf, "norm_topk_prob", True)),
+        topk_scaling_factor=float(getattr(hf, "routed_scaling_factor", 1.0) or 1.0),
+        num_groups=getattr(hf, "n_group", None), group_topk=getattr(hf, "topk_group", None),
+        aux_loss_coeff=float(getattr(hf, "aux_loss_alpha", 0.0) or 0.0),
+    )
 
 
 def _mla(hf: Any) -> MLAConfig:
@@ -82,19 +109,8 @@ def config_from_hf(hf: Any) -> ModelConfig:
         raise BridgeError("DeepSeek with attention_bias=true is not supported: Megatron's MLA has no biases")
     if getattr(hf, "rope_interleave", True) is False:
         raise BridgeError("DeepSeek with rope_interleave=false is not supported: Megatron's MLA de-interleaves RoPE dims")
-    experts = getattr(hf, "n_routed_experts", None) or getattr(hf, "num_local_experts")
-    scoring = getattr(hf, "scoring_func", "sigmoid")
     params = dict(getattr(hf, "rope_parameters", None) or {})
-    moe = MoEConfig(
-        num_experts=experts, router_topk=hf.num_experts_per_tok, moe_ffn_hidden_size=hf.moe_intermediate_size,
-        moe_layers=moe_layers(hf),
-        shared_expert_ffn_hidden_size=(hf.n_shared_experts * hf.moe_intermediate_size) if getattr(hf, "n_shared_experts", 0) else None,
-        score_function=scoring, expert_bias=getattr(hf, "topk_method", "noaux_tc") == "noaux_tc",
-        normalize_topk=bool(getattr(hf, "norm_topk_prob", True)),
-        topk_scaling_factor=float(getattr(hf, "routed_scaling_factor", 1.0) or 1.0),
-        num_groups=getattr(hf, "n_group", None), group_topk=getattr(hf, "topk_group", None),
-        aux_loss_coeff=float(getattr(hf, "aux_loss_alpha", 0.0) or 0.0),
-    )
+    moe = moe_from_hf(hf)
     mla = _mla(hf)
     quant = getattr(hf, "quantization_config", None) or {}
     quant = quant if isinstance(quant, dict) else quant.to_dict()

@@ -20,23 +20,30 @@ M_MLP = "decoder.layers.{}.mlp."
 
 def rows(cfg: ModelConfig) -> list[Row]:
     """The mapping table. Megatron's TE-spec names; the local spec is a rename applied later."""
-    table = [
+    return [
         Row("embedding.word_embeddings.weight", ("model.embed_tokens.weight",)),
+        *attention_rows(cfg),
+        *swiglu_mlp_rows(),
+        Row("decoder.final_layernorm.weight", ("model.norm.weight",)),
+        *([] if cfg.tie_word_embeddings else [Row("output_layer.weight", ("lm_head.weight",), COPY)]),
+    ]
+
+
+def attention_rows(cfg: ModelConfig) -> list[Row]:
+    """Llama's attention with its fused input norm, and the qkv bias and q/k norms where the config has them (Qwen,
+    GLM-4.5)."""
+    table = [
         Row(M_ATTN + "linear_qkv.layer_norm_weight", ("model.layers.{}.input_layernorm.weight",)),
         Row(M_ATTN + "linear_qkv.weight", (ATTN + "q_proj.weight", ATTN + "k_proj.weight", ATTN + "v_proj.weight"), FUSE_QKV),
         Row(M_ATTN + "linear_qkv.bias", (ATTN + "q_proj.bias", ATTN + "k_proj.bias", ATTN + "v_proj.bias"), FUSE_QKV),
         Row(M_ATTN + "q_layernorm.weight", (ATTN + "q_norm.weight",)),
         Row(M_ATTN + "k_layernorm.weight", (ATTN + "k_norm.weight",)),
         Row(M_ATTN + "linear_proj.weight", (ATTN + "o_proj.weight",)),
-        *swiglu_mlp_rows(),
-        Row("decoder.final_layernorm.weight", ("model.norm.weight",)),
-        Row("output_layer.weight", ("lm_head.weight",), COPY),
     ]
     absent = {
         "linear_qkv.bias": not cfg.add_qkv_bias,
         "q_layernorm.weight": not cfg.qk_layernorm,
         "k_layernorm.weight": not cfg.qk_layernorm,
-        "output_layer.weight": cfg.tie_word_embeddings,
     }
     return [r for r in table if not any(r.megatron.endswith(tail) and drop for tail, drop in absent.items())]
 
