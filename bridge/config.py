@@ -187,6 +187,9 @@ class ModelConfig:
     """The embedding's output times this, cast to the embedding's dtype first, as HF does (Gemma: sqrt(hidden))."""
     final_logit_softcap: float | None = None
     """Logits become tanh(z / cap) * cap (Gemma 2's final_logit_softcapping)."""
+    mtp_layers: int = 0
+    """Multi-token prediction layers the checkpoint holds after the decoder (HF num_nextn_predict_layers, Megatron's
+    mtp_num_layers). bridge's model does not run them: conversion keeps them, training carries them unchanged."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -267,7 +270,8 @@ class ModelConfig:
 
 #: Fields that only some families set, left out of bridge.json at their default (an older bridge reads the file).
 _WRITTEN_WHEN_SET = ("layers", "long_rope", "rotary_percent", "norm_style", "qk_norm_full_width", "local_rotary_base",
-                     "rotary_linear_factor", "softmax_scale", "embedding_multiplier", "final_logit_softcap")
+                     "rotary_linear_factor", "softmax_scale", "embedding_multiplier", "final_logit_softcap",
+                     "mtp_layers")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in _WRITTEN_WHEN_SET}
 _LAYER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LayerSpec)}
 
@@ -330,6 +334,8 @@ def megatron_args(cfg: ModelConfig, *, padded_vocab_size: int, tp: int, pp: int,
     args.layernorm_zero_centered_gamma = cfg.norm_style == "zero-centered"
     if cfg.softmax_scale is not None:
         args.softmax_scale = cfg.softmax_scale
+    if cfg.mtp_layers:
+        args.mtp_num_layers = cfg.mtp_layers
     if not all(cfg.layer(i).rope for i in range(cfg.num_layers)):
         args.no_rope_freq = [int(not cfg.layer(i).rope) for i in range(cfg.num_layers)]  # 1: this layer skips RoPE
     return args

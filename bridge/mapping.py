@@ -65,27 +65,31 @@ class Conversion:
 
 
 def expand(rows: Sequence[Row], num_layers: int, moe: MoEConfig | None = None) -> Iterator[Conversion]:
-    """Bind rows to layers in Megatron's state-dict order: embedding, layer 0 rows, layer 1 rows, ..., head.
+    """Bind rows to layers in Megatron's state-dict order: embedding, layer 0 rows, layer 1 rows, ..., the rows after
+    the layers (final norm, MTP layers, head) in their order.
 
-    Per-expert rows are emitted expert by expert (e0 fc1, e0 fc2, e1 fc1, ...), one tensor at a time.
+    Per-expert rows are emitted expert by expert (e0 fc1, e0 fc2, e1 fc1, ...), one tensor at a time; an MTP layer's
+    expert rows (no layer index) too.
     """
     pre = [r for r in rows if not r.per_layer and r.megatron.startswith("embedding.")]
     post = [r for r in rows if not r.per_layer and not r.megatron.startswith("embedding.")]
     if moe is None and any(r.layers != "all" or r.experts for r in rows):
         raise BridgeError("internal: MoE mapping rows need the model's MoE config")
-    for row in pre:
-        yield Conversion(row.megatron, row.hf, row.transform, None)
+    yield from _bind(pre, None, moe)
     for layer in range(num_layers):
         kind = "moe" if moe is not None and layer in moe.moe_layers else "dense"
-        present = [r for r in rows if r.per_layer and r.layers in ("all", kind)]
-        for is_expert, group in itertools.groupby(present, key=lambda r: r.experts):
-            block = list(group)
-            for expert in range(moe.num_experts) if is_expert and moe else [None]:
-                for row in block:
-                    yield Conversion(row.megatron.format(layer, e=expert), tuple(n.format(layer, e=expert) for n in row.hf),
-                                     row.transform, layer, expert)
-    for row in post:
-        yield Conversion(row.megatron, row.hf, row.transform, None)
+        yield from _bind([r for r in rows if r.per_layer and r.layers in ("all", kind)], layer, moe)
+    yield from _bind(post, None, moe)
+
+
+def _bind(rows: Sequence[Row], layer: int | None, moe: MoEConfig | None) -> Iterator[Conversion]:
+    """`rows` bound to one layer (None: rows without a layer index), each block of expert rows once per expert."""
+    for is_expert, group in itertools.groupby(rows, key=lambda r: r.experts):
+        block = list(group)
+        for expert in range(moe.num_experts) if is_expert and moe else [None]:
+            for row in block:
+                yield Conversion(row.megatron.format(layer, e=expert), tuple(n.format(layer, e=expert) for n in row.hf),
+                                 row.transform, layer, expert)
 
 
 def megatron_shape(key: str, cfg: ModelConfig) -> tuple[int, ...]:

@@ -86,8 +86,10 @@ def _shared_ffn(cfg: ModelConfig) -> int:
 _COLUMN, _ROW, _REPLICATED = "AutoMapping (column)", "AutoMapping (row)", "AutoMapping (replicated)"
 _SEQ = Partial.SEQUENCE
 _A, _M = "self_attention.", "mlp."  # layer-relative prefixes
+_MTP = "mtp."  # an MTP layer's own kinds: `mtp.layers.{i}.enorm.weight` is kind `mtp.enorm.weight`
 
-#: The declaration. Layer kinds are relative to `decoder.layers.{i}.`; the others are whole keys.
+#: The declaration. Layer kinds are relative to `decoder.layers.{i}.` (and to an MTP layer's
+#: `mtp.layers.{i}.transformer_layer.`); the others are whole keys.
 KINDS: dict[str, ParamKind] = {k.name: k for k in (
     ParamKind("embedding.word_embeddings.weight", Split.VOCAB, lambda cfg: (cfg.vocab_size, cfg.hidden_size), _COLUMN),
     ParamKind("output_layer.weight", Split.VOCAB, lambda cfg: (cfg.vocab_size, cfg.hidden_size), _COLUMN),
@@ -154,6 +156,13 @@ KINDS: dict[str, ParamKind] = {k.name: k for k in (
     ParamKind(_M + "shared_experts.linear_fc2.weight", Split.ROW, lambda cfg: (cfg.hidden_size, _shared_ffn(cfg)), _ROW,
               te_extra=(_M + "shared_experts.linear_fc2",)),
     ParamKind(_M + "shared_experts.gate_weight", Split.REPLICATED, lambda cfg: (1, cfg.hidden_size), _REPLICATED, _SEQ),
+    # a multi-token prediction layer's own modules (Megatron Core's MultiTokenPredictionLayer, TE spec: TENorms and a
+    # TEColumnParallelLinear); its `transformer_layer` holds the layer kinds above
+    ParamKind(_MTP + "enorm.weight", Split.REPLICATED, _h, _REPLICATED, _SEQ, te_extra=("enorm",)),
+    ParamKind(_MTP + "hnorm.weight", Split.REPLICATED, _h, _REPLICATED, _SEQ, te_extra=("hnorm",)),
+    ParamKind(_MTP + "eh_proj.weight", Split.COLUMN, lambda cfg: (cfg.hidden_size, 2 * cfg.hidden_size), _COLUMN,
+              te_extra=("eh_proj",)),
+    ParamKind(_MTP + "final_layernorm.weight", Split.REPLICATED, _h, _REPLICATED, _SEQ, te_extra=("final_layernorm",)),
 )}
 
 
@@ -187,14 +196,18 @@ _BY_LOCAL_NAME: dict[str, ParamKind] = {k.local: k for k in KINDS.values() if k.
 #: TE module (relative to its layer) -> the `_extra_state` entries that follow its tensors (derived from KINDS).
 TE_EXTRA: dict[str, tuple[str, ...]] = {k.module: k.te_extra for k in KINDS.values() if k.te_extra}
 
-#: The layer prefix, a SequentialMLP expert's index and a grouped-GEMM expert's weight number: not part of a kind.
-_INDEXES = re.compile(r"^decoder\.layers\.\d+\.|(?<=experts\.)local_experts\.\d+\."
+#: The layer prefix (a decoder layer's, an MTP layer's transformer layer's), a SequentialMLP expert's index and a
+#: grouped-GEMM expert's weight number: not part of a kind.
+_INDEXES = re.compile(r"^decoder\.layers\.\d+\.|^mtp\.layers\.\d+\.transformer_layer\.|(?<=experts\.)local_experts\.\d+\."
                       r"|(?<=experts\.linear_fc[12]\.weight)\d+$")
+#: An MTP layer's index before its own modules.
+_MTP_INDEX = re.compile(r"^mtp\.layers\.\d+\.")
 
 
 def kind_of(key: str) -> ParamKind:
-    """The kind of any Megatron key: global or stage-local layer index, TE or local spec, either expert layout."""
-    name = _INDEXES.sub("", key)
+    """The kind of any Megatron key: global or stage-local layer index, TE or local spec, either expert layout,
+    decoder or MTP layer."""
+    name = _MTP_INDEX.sub(_MTP, _INDEXES.sub("", key))
     kind = KINDS.get(name) or _BY_LOCAL_NAME.get(name)
     if kind is None:
         raise BridgeError(f"{key} is not a Megatron parameter kind bridge knows (bridge/params.py declares them)")

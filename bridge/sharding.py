@@ -11,7 +11,7 @@ from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
 from bridge.params import LOCAL_NAMES, TE_EXTRA, Split, kind_of
 
-__all__ = ["Split", "LocalKey", "rule_for", "split", "gather", "localize", "extra_state_keys", "is_expert_key"]
+__all__ = ["Split", "LocalKey", "rule_for", "split", "gather", "localize", "extra_state_keys", "is_expert_key", "is_mtp_key"]
 
 
 def rule_for(key: str) -> Split:
@@ -54,6 +54,10 @@ def gather(shards: list[torch.Tensor], rule: Split, vocab_size: int) -> torch.Te
 
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+#: An MTP layer's transformer layer (Megatron Core builds the MTP block on the last stage, in its last virtual chunk)
+#: and an MTP layer's own modules (enorm, hnorm, eh_proj, final_layernorm).
+_MTP_LAYER = re.compile(r"^(mtp\.layers\.\d+\.transformer_layer)\.(.*)$")
+_MTP_MODULE = re.compile(r"^(mtp\.layers\.\d+)\.([^.]+)$")
 #: Global expert keys use SequentialMLP's names with the *global* expert index (like the global layer index).
 _EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.(weight|bias|_extra_state)$")
 _LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.*)$")
@@ -75,37 +79,58 @@ def is_expert_key(key: str) -> bool:
     return ".mlp.experts.local_experts." in key
 
 
+def is_mtp_key(key: str) -> bool:
+    """A multi-token prediction layer's tensor (ModelConfig.mtp_layers): converted and carried, never run."""
+    return key.startswith("mtp.")
+
+
 def localize(key: str, layout: ParallelLayout, num_layers: int, transformer_impl: str, num_experts: int = 0) -> LocalKey:
     """Global key (global layer/expert index, TE names) -> stage, chunk, EP rank and the name written in that file."""
     match = _LAYER.match(key)
     if match:
-        layer, rest = int(match.group(1)), match.group(2)
-        ep_rank = None
-        if transformer_impl == "local":
-            rest = LOCAL_NAMES.get(rest, rest)
-        expert = _EXPERT.match(rest)
-        if expert:
-            if num_experts <= 0:
-                raise BridgeError(f"internal: expert key {key} localized without the number of experts")
-            ep_rank, local = layout.expert_place(int(expert.group(1)), num_experts)
-            module, kind = expert.group(2), expert.group(3)
-            rest = (f"mlp.experts.{module}.{kind}{local}" if layout.moe_grouped_gemm and kind != "_extra_state"
-                    else f"mlp.experts.{module}._extra_state" if layout.moe_grouped_gemm
-                    else f"mlp.experts.local_experts.{local}.{module}.{kind}")
-        place = layout.place(layer, num_layers)
+        rest, ep_rank = _layer_local(key, match.group(2), layout, transformer_impl, num_experts)
+        place = layout.place(int(match.group(1)), num_layers)
         return LocalKey(place.pp_rank, place.chunk, f"decoder.layers.{place.local_index}.{rest}", ep_rank)
     if key.startswith("embedding."):
         return LocalKey(0, 0, key)
+    match = _MTP_LAYER.match(key)
+    if match:
+        rest, ep_rank = _layer_local(key, match.group(2), layout, transformer_impl, num_experts)
+        return LocalKey(layout.pp - 1, layout.chunks - 1, f"{match.group(1)}.{rest}", ep_rank)
     return LocalKey(layout.pp - 1, layout.chunks - 1, key)
+
+
+def _layer_local(key: str, rest: str, layout: ParallelLayout, transformer_impl: str,
+                 num_experts: int) -> tuple[str, int | None]:
+    """A layer-relative name as its file holds it (local-spec names, an expert's EP-local name) and its EP rank."""
+    if transformer_impl == "local":
+        rest = LOCAL_NAMES.get(rest, rest)
+    expert = _EXPERT.match(rest)
+    if not expert:
+        return rest, None
+    if num_experts <= 0:
+        raise BridgeError(f"internal: expert key {key} localized without the number of experts")
+    ep_rank, local = layout.expert_place(int(expert.group(1)), num_experts)
+    module, kind = expert.group(2), expert.group(3)
+    rest = (f"mlp.experts.{module}.{kind}{local}" if layout.moe_grouped_gemm and kind != "_extra_state"
+            else f"mlp.experts.{module}._extra_state" if layout.moe_grouped_gemm
+            else f"mlp.experts.local_experts.{local}.{module}.{kind}")
+    return rest, ep_rank
 
 
 def extra_state_keys(module: str, layout: ParallelLayout, num_experts: int = 0) -> list[str]:
     """Global `_extra_state` keys that follow the weights of `module` (e.g. `decoder.layers.3.mlp.linear_fc1`)
     in the TE spec. Grouped experts have one entry per EP rank's module: emitted with local expert 0."""
+    own = _MTP_MODULE.match(module)
+    if own:  # an MTP layer's own TE module
+        return [f"{own.group(1)}.{entry}._extra_state" for entry in TE_EXTRA.get(f"mtp.{own.group(2)}", ())]
     match = _LAYER.match(module)
-    if not match:
+    if match:
+        prefix, rest = f"decoder.layers.{match.group(1)}", match.group(2)
+    elif (match := _MTP_LAYER.match(module)):
+        prefix, rest = match.group(1), match.group(2)
+    else:
         return []
-    prefix, rest = f"decoder.layers.{match.group(1)}", match.group(2)
     expert = _LOCAL_EXPERT.match(rest)
     if expert:
         if layout.moe_grouped_gemm and layout.expert_place(int(expert.group(1)), num_experts)[1] != 0:

@@ -75,7 +75,8 @@ def model_keys(layout: ParallelLayout) -> list[str]:
 
 
 def state_dict_position(name: str) -> tuple[int, int]:
-    """Sort key giving Megatron's module order: embedding, layers by index, final norm, output layer.
+    """Sort key giving Megatron's module order: embedding, layers by index, final norm, MTP layers by index, output
+    layer.
 
     Python's sort is stable, so names inside one layer keep the order they were written in.
     """
@@ -83,7 +84,9 @@ def state_dict_position(name: str) -> tuple[int, int]:
         return 0, 0
     if name.startswith("decoder.layers."):
         return 1, int(name.split(".")[2])
-    return (2, 0) if name.startswith("decoder.") else (3, 0)
+    if name.startswith("mtp.layers."):
+        return 3, int(name.split(".")[2])
+    return (2, 0) if name.startswith("decoder.") else (4, 0)
 
 
 class LegacyCheckpointWriter:

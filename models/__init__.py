@@ -10,7 +10,7 @@ from bridge.config import ModelConfig
 from bridge.errors import BridgeError
 from bridge.hub import load_pretrained
 from bridge.mapping import Conversion, Row, expand
-from bridge.models import deepseek, gemma, llama, mistral, mixtral, olmo2, phi3, qwen, qwen_moe, smollm3
+from bridge.models import deepseek, gemma, glm4_moe, llama, mistral, mixtral, olmo2, phi3, qwen, qwen_moe, smollm3
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ FAMILIES: dict[str, Family] = {
     "Gemma3ForCausalLM": Family("Gemma3ForCausalLM", gemma.gemma3_config_from_hf, gemma.rows),
     "Olmo2ForCausalLM": Family("Olmo2ForCausalLM", olmo2.config_from_hf, olmo2.rows),
     "DeepseekV3ForCausalLM": Family("DeepseekV3ForCausalLM", deepseek.config_from_hf, deepseek.rows, deepseek.hf_skip),
+    "Glm4MoeForCausalLM": Family("Glm4MoeForCausalLM", glm4_moe.config_from_hf, glm4_moe.rows),
 }
 
 

@@ -38,6 +38,9 @@ MOE_MODELS: dict[str, str] = {
     "qwen3-moe": "Qwen--Qwen3-30B-A3B",
     "qwen2-moe": "Qwen--Qwen1.5-MoE-A2.7B",           # qkv bias, gated shared expert
     "deepseek-v3": "deepseek-ai--DeepSeek-V3",        # MLA, sigmoid router + bias, groups, shared expert, dense first layer
+    # Glm4MoeConfig's defaults (GLM-4.5-Air's shape; no copy of the released config.json was found): qkv bias, partial
+    # rotary, DeepSeek-V3's router and shared expert, a dense first layer, and an MTP layer kept through conversion
+    "glm4.5-air": "zai-org--GLM-4.5-Air-Glm4MoeConfig-defaults",
 }
 
 #: The dense models of the logit-parity tests (model and verify), under their test ids -> DENSE_MODELS keys.
@@ -89,7 +92,50 @@ MODEL_OVERRIDES: dict[str, dict[str, Any]] = {
         "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32,
                          "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
     },
+    # On top of the defaults: qkv bias as both released GLM-4.5 configs have it (the defaults leave it off), head_dim
+    # 16 != hidden/heads as the released 128 (partial rotary 0.5: 8 of its 16 dims rotate), GLM-4.5's routed scale
+    # 2.5, and top-2 of 8 experts in 2 groups of 4, one kept (group-limited, and Megatron's group score agrees)
+    "glm4.5-air": {"head_dim": 16, "attention_bias": True, "n_routed_experts": 8, "num_experts_per_tok": 2,
+                   "moe_intermediate_size": 32, "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5},
 }
+
+
+def add_glm_checkpoint_tensors(folder: Path, config: Any) -> None:
+    """What a GLM-4.5 checkpoint holds beyond what save_pretrained writes of transformers' model: a score-correction
+    bias that is not zero (transformers initialises it to zero, and a conversion that dropped it would pass), and the
+    `num_nextn_predict_layers` MTP layers transformers does not build (`model.layers.{L+i}.*`: a decoder MoE layer,
+    enorm, hnorm, eh_proj, shared_head.norm, and embed_tokens and shared_head.head as copies of the model's)."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    generator = torch.Generator().manual_seed(1)
+
+    def randn(like: torch.Tensor, std: float, mean: float = 0.0) -> torch.Tensor:
+        return (mean + std * torch.randn(like.shape, generator=generator)).to(like.dtype)
+
+    for name, tensor in list(tensors.items()):
+        if name.endswith("e_score_correction_bias"):  # std 0.05 against sigmoid scores of 0.5 +- 0.04: routing moves
+            tensors[name] = randn(tensor, 0.05)
+    last, h = f"model.layers.{config.num_hidden_layers - 1}.", config.hidden_size
+    dtype = tensors["model.norm.weight"].dtype
+    for i in range(config.num_nextn_predict_layers):
+        mtp = f"model.layers.{config.num_hidden_layers + i}."
+        for name, tensor in list(tensors.items()):
+            if name.startswith(last):
+                norm = "norm" in name
+                tensors[mtp + name[len(last):]] = randn(tensor, 0.1 if norm or "bias" in name else 0.02, 1.0 if norm else 0.0)
+        one = torch.ones(h, dtype=dtype)
+        tensors.update({mtp + "enorm.weight": randn(one, 0.1, 1.0), mtp + "hnorm.weight": randn(one, 0.1, 1.0),
+                        mtp + "shared_head.norm.weight": randn(one, 0.1, 1.0),
+                        mtp + "eh_proj.weight": randn(torch.empty(h, 2 * h, dtype=dtype), 0.02),
+                        mtp + "embed_tokens.weight": tensors["model.embed_tokens.weight"].clone(),
+                        mtp + "shared_head.head.weight": tensors["lm_head.weight"].clone()})
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+#: Per-model steps after save_pretrained: tensors a released checkpoint holds that transformers' model does not.
+AFTER_SAVE: dict[str, Callable[[Path, Any], None]] = {"glm4.5-air": add_glm_checkpoint_tensors}
 
 
 def write_random_corpus(prefix: Path, *, seed: int, documents: int, max_length: int = 80) -> Path:
@@ -144,6 +190,7 @@ def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
             out = tmp_path_factory.mktemp(f"hf-{name}")
             config = tiny_config(real_config(name), **{**MODEL_OVERRIDES.get(name, {}), **overrides})
             cache[key] = save_tiny_model(config, out, dtype=dtype)
+            AFTER_SAVE.get(name, lambda folder, config: None)(cache[key], config)
         return cache[key]
 
     return make
