@@ -20,6 +20,7 @@ from torch import nn
 from bridge.checkpoint import TRANSFORMER_IMPLS
 from bridge.config import ModelConfig
 from bridge.errors import BridgeError
+from bridge.models import conversions
 from bridge.nn.attention import Documents
 from bridge.nn.cross_entropy import vocab_parallel_cross_entropy
 from bridge.nn.layers import ColumnParallelLinear, RMSNorm, VocabParallelEmbedding
@@ -28,6 +29,7 @@ from bridge.nn.transformer import TransformerLayer
 from bridge.parallel.context import local_positions
 from bridge.parallel.state import ParallelState
 from bridge.params import Partial, Split, kind_of
+from bridge.sharding import extra_state_keys, is_mtp_key, localize
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,8 @@ class GPTModel(nn.Module):
                 cfg.hidden_size, ps.layout.padded_vocab_size(cfg.vocab_size), tp=ps.tp, group=ps.tp_group,
                 skip_weight=tied_here, **kw)
         self.vocab_start = self.ps.tp_rank * ps.layout.padded_vocab_size(cfg.vocab_size) // ps.tp
+        self.carried: dict[str, torch.Tensor] = {}
+        """Rank-file entries this model does not run, kept as loaded for the saves: the MTP layers (set_aside_mtp)."""
 
     def shared_embedding_or_output_weight(self) -> torch.Tensor | None:
         """The tensor tied embeddings share on this chunk: the embedding on the first, the head on the last."""
@@ -180,9 +184,10 @@ def _state_key(state: dict[str, Any], chunk: int, chunks: int) -> str:
 
 
 def load_rank_checkpoint(chunks: Sequence[GPTModel], state: dict[str, Any]) -> None:
-    """Load one rank's `model_optim_rng.pt` dict (`model` or `model0..`) into its chunks, strictly."""
+    """Load one rank's `model_optim_rng.pt` dict (`model` or `model0..`) into its chunks, strictly; the MTP layers'
+    tensors go to the last chunk's `carried`, as they are (see `set_aside_mtp`)."""
     for v, model in enumerate(chunks):
-        shard = state[_state_key(state, v, len(chunks))]
+        shard = set_aside_mtp(model, state[_state_key(state, v, len(chunks))])
         expected = set(model.state_dict())
         missing, unexpected = sorted(expected - set(shard)), sorted(set(shard) - expected)
         if missing or unexpected:
@@ -193,6 +198,33 @@ def load_rank_checkpoint(chunks: Sequence[GPTModel], state: dict[str, Any]) -> N
             model.load_state_dict(shard, strict=True)
         except RuntimeError as exc:
             raise BridgeError(f"cannot load chunk {v}: {str(exc).splitlines()[-1].strip()}") from exc
+
+
+def set_aside_mtp(model: GPTModel, shard: dict[str, Any]) -> dict[str, Any]:
+    """`shard` without the MTP layers' entries, which become `model.carried`: the model does not run them, the
+    trainer neither trains nor drops them (a save writes them back unchanged). Only the chunk whose rank file holds
+    them takes them, and only all of them (any other MTP entry is left in `shard`, where loading names it)."""
+    present = {key for key in shard if is_mtp_key(key)}
+    if not present or present != _mtp_keys(model):
+        return shard
+    model.carried = {key: shard[key] for key in sorted(present)}
+    log.info("rank tp=%d pp=%d ep=%d: %d tensors of %d MTP layers kept aside (not run, not trained, saved unchanged)",
+             model.ps.tp_rank, model.ps.pp_rank, model.ps.ep_rank, len(present), model.cfg.mtp_layers)
+    return {key: value for key, value in shard.items() if key not in present}
+
+
+def _mtp_keys(model: GPTModel) -> set[str]:
+    """The stage-local names of the MTP entries this chunk's rank file holds: every MTP tensor (the experts of this
+    EP rank) and, in the TE spec, their `_extra_state`, on the last stage's last chunk only."""
+    cfg, layout = model.cfg, model.ps.layout
+    if not (cfg.mtp_layers and model.post_process):
+        return set()
+    keys = [conv.megatron for conv in conversions(cfg) if is_mtp_key(conv.megatron)]
+    if model.transformer_impl == "transformer_engine":
+        keys += [extra for module in dict.fromkeys(k.rsplit(".", 1)[0] for k in keys)
+                 for extra in extra_state_keys(module, layout, cfg.num_experts)]
+    places = [localize(key, layout, cfg.num_layers, model.transformer_impl, cfg.num_experts) for key in keys]
+    return {p.name for p in places if p.ep_rank in (None, model.ps.ep_rank)}
 
 
 def _tied_weight(chunks: Sequence[GPTModel]) -> torch.Tensor | None:

@@ -302,5 +302,7 @@ def load_adapter_state(chunks: Sequence[nn.Module], shards: Sequence[dict[str, t
 
 def checkpoint_state(chunk: nn.Module) -> dict[str, torch.Tensor]:
     """What a training checkpoint stores of a chunk: the adapters alone when it has any (the base is referenced, not
-    copied), else the whole state dict."""
-    return adapter_state(chunk) if is_adapted(chunk) else chunk.state_dict()
+    copied), else the whole state dict and the entries carried unchanged from the loaded file (MTP layers)."""
+    if is_adapted(chunk):
+        return adapter_state(chunk)
+    return {**chunk.state_dict(), **getattr(chunk, "carried", {})}
