@@ -32,6 +32,8 @@ _FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--vpp",), dict(type=int, help="virtual pipeline chunks per stage (interleaved 1F1B)")),
     (("--ep", "--expert-model-parallel-size"), dict(dest="ep", type=int, help="expert parallelism (MoE; divides DP x CP)")),
     (("--moe-router-bias-update-rate",), dict(type=float, help="DeepSeek-V3 expert-bias step (default 1e-3)")),
+    (("--mtp-num-layers",), dict(type=int, help="Megatron's MTP training: not available; a checkpoint's MTP layers are "
+                                                "carried unchanged")),
     (("--cp", "--context-parallel-size"), dict(dest="cp", type=int,
                                                 help="context parallelism: split each sequence over CP ranks")),
     (("--sequence-parallel",), dict(action="store_true", help="split layer norms and dropout over the TP ranks "

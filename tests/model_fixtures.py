@@ -94,9 +94,11 @@ MODEL_OVERRIDES: dict[str, dict[str, Any]] = {
     },
     # On top of the defaults: qkv bias as both released GLM-4.5 configs have it (the defaults leave it off), head_dim
     # 16 != hidden/heads as the released 128 (partial rotary 0.5: 8 of its 16 dims rotate), GLM-4.5's routed scale
-    # 2.5, and top-2 of 8 experts in 2 groups of 4, one kept (group-limited, and Megatron's group score agrees)
+    # 2.5, top-2 of 8 experts in 2 groups of 4, one kept (group-limited, and Megatron's group score agrees), and an
+    # end-of-document token for the trainer (the defaults have none)
     "glm4.5-air": {"head_dim": 16, "attention_bias": True, "n_routed_experts": 8, "num_experts_per_tok": 2,
-                   "moe_intermediate_size": 32, "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5},
+                   "moe_intermediate_size": 32, "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5,
+                   "eos_token_id": 2},
 }
 
 

@@ -16,8 +16,9 @@ from bridge.tiny import tiny_config
 from tests.model_fixtures import MODEL_OVERRIDES, real_config
 
 #: One model per block shape: qkv bias, q/k norm, a gated shared expert, MLA with a router bias and a dense layer,
-#: pre+post norms with per-head q/k norms (Gemma 3), post-norms only with full-width q/k norms (OLMo 2).
-MODELS = ("qwen2", "qwen3", "qwen2-moe", "deepseek-v3", "gemma3", "olmo2")
+#: pre+post norms with per-head q/k norms (Gemma 3), post-norms only with full-width q/k norms (OLMo 2), qkv bias with
+#: a router bias and an ungated shared expert (GLM-4.5).
+MODELS = ("qwen2", "qwen3", "qwen2-moe", "deepseek-v3", "gemma3", "olmo2", "glm4.5-air")
 
 
 def _rank_state(name: str, impl: str, tp_rank: int) -> tuple[object, ParallelLayout, dict[str, torch.Tensor]]:
@@ -77,3 +78,11 @@ def test_an_undeclared_parameter_is_named_in_the_error() -> None:
 
     with pytest.raises(BridgeError, match=r"decoder\.layers\.0\.mlp\.linear_fc3\.weight is not a Megatron parameter"):
         kind_of("decoder.layers.0.mlp.linear_fc3.weight")
+
+
+def test_mtp_layer_keys_are_their_layer_kinds_or_the_mtp_kinds() -> None:
+    """An MTP layer's transformer layer holds the decoder layer's kinds; its own modules are the `mtp.` kinds."""
+    assert kind_of("mtp.layers.0.transformer_layer.mlp.experts.linear_fc1.weight3") is KINDS["mlp.experts.linear_fc1.weight"]
+    assert kind_of("mtp.layers.1.transformer_layer.self_attention.linear_qkv.bias") is KINDS["self_attention.linear_qkv.bias"]
+    assert kind_of("mtp.layers.0.eh_proj.weight").split is Split.COLUMN
+    assert kind_of("mtp.layers.0.final_layernorm.weight") is not KINDS["decoder.final_layernorm.weight"]

@@ -108,6 +108,9 @@ class TrainConfig:
     in fp32 into an fp32 buffer). Applies without TP and DP (bridge.nn.layers._LinearIntoMainGrad)."""
     moe_router_bias_update_rate: float = 1e-3
     """DeepSeek-V3's expert-bias step after every optimizer step (Megatron's default); routers without a bias ignore it."""
+    mtp_num_layers: int | None = None
+    """Megatron's multi-token prediction training: not available (refused); a checkpoint's MTP layers (GLM-4.5) are
+    carried unchanged into the saves."""
     rope_fusion: bool = True
     """Split q/k/v and apply RoPE in one Triton kernel on CUDA (Megatron's default; bridge.nn.rope_qkv)."""
     recompute: str | None = None

@@ -5,6 +5,7 @@ minutes later inside a collective (or worse, train with silently wrong batches).
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from bridge.parallel.state import check_context_parallel
 from bridge.training.checkpoint_flags import check_checkpoint_flags
 from bridge.training.config import LR_DECAY_STYLES, RECOMPUTE, TrainConfig
 from bridge.training.lora_run import check_lora, check_targets
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,7 +67,22 @@ def _model(cfg: TrainConfig) -> tuple[ModelConfig, CheckpointMeta | None, str]:
     folder = path if path.is_dir() else path.parent
     if not (folder / "config.json").is_file():
         raise BridgeError(f"--model-config {path} is not an HF config.json (or a folder holding one)")
-    return load_hf_config(folder), None, "transformer_engine"
+    model = load_hf_config(folder)
+    if model.mtp_layers:
+        log.info("random initialisation without the config's %d MTP layers: bridge's model does not build them",
+                 model.mtp_layers)
+    return model.replace(mtp_layers=0), None, "transformer_engine"
+
+
+def _check_mtp(cfg: TrainConfig, model: ModelConfig) -> None:
+    """MTP layers are carried, not trained: Megatron's --mtp-num-layers is refused, and so is a torch_dist save,
+    which writes the model's own tensors only and would drop them."""
+    if cfg.mtp_num_layers:
+        raise BridgeError(f"--mtp-num-layers {cfg.mtp_num_layers}: bridge does not train multi-token prediction layers; "
+                          f"drop the flag (a checkpoint's MTP layers are carried unchanged into the saves)")
+    if model.mtp_layers and cfg.ckpt_format == "torch_dist":
+        raise BridgeError(f"--ckpt-format torch_dist would drop {model.architecture}'s {model.mtp_layers} MTP layers, "
+                          "which bridge carries but does not train: use --ckpt-format torch")
 
 
 def _check_data(cfg: TrainConfig, vocab_size: int) -> None:
@@ -190,6 +208,7 @@ def make_plan(cfg: TrainConfig) -> Plan:
                           f"of --pp {cfg.pp}; raise --global-batch-size or lower --micro-batch-size")
     _check_grad_dtype(cfg)
     check_checkpoint_flags(cfg)
+    _check_mtp(cfg, model)
     if cfg.resolved_device() == "cuda":
         import torch
 
