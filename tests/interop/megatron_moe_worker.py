@@ -37,6 +37,9 @@ MLA_TE_TO_LOCAL: dict[str, str] = {
 #: TE modules with `_extra_state` whose local counterparts (RMSNorm, DotProductAttention) have none.
 _TE_ONLY_EXTRA = re.compile(r"\.(input_layernorm|pre_mlp_layernorm|self_attention\.core_attention)\._extra_state$")
 _LAYER_KEY = re.compile(r"^(decoder\.layers\.\d+\.)(.*)$")
+#: An MTP layer's transformer layer: `transformer_layer` in checkpoints (Megatron-Bridge's name, and the one Megatron
+#: Core 0.19.2 maps its GPT MTP layers to in sharded checkpoints), `mtp_model_layer` as Megatron Core 0.19.2's module.
+_MTP_LAYER = re.compile(r"^(mtp\.layers\.\d+\.)transformer_layer\.")
 
 
 def _moe_fields(cfg) -> dict[str, Any]:  # noqa: ANN001
@@ -71,6 +74,7 @@ def _moe_config(cfg, layout):  # noqa: ANN001, ANN202
     from megatron.core.transformer.transformer_config import MLATransformerConfig
 
     fields = {**_moe_fields(cfg), "expert_model_parallel_size": layout.ep, **(_mla_fields(cfg) if cfg.mla else {})}
+    fields.update(mtp_num_layers=cfg.mtp_layers or None)
     return _transformer_config(cfg, layout, MLATransformerConfig if cfg.mla else None, **fields)
 
 
@@ -116,7 +120,7 @@ def megatron_moe_logits(checkpoints: Sequence[str], token_lists: Sequence[Sequen
 
         multi_latent_attention.HAVE_TE = False
     from megatron.core import parallel_state
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -138,12 +142,14 @@ def megatron_moe_logits(checkpoints: Sequence[str], token_lists: Sequence[Sequen
         if cfg.mla:
             for layer in spec.layer_specs:
                 layer.submodules.self_attention.submodules.core_attention = _mla_core_attention()
+        mtp = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False) if cfg.mtp_layers else None
         model = GPTModel(config, spec, vocab_size=meta.padded_vocab_size, max_sequence_length=cfg.max_position_embeddings,
                          share_embeddings_and_output_weights=cfg.tie_word_embeddings, position_embedding_type="rope",
-                         rotary_base=int(cfg.rotary_base))
+                         rotary_base=int(cfg.rotary_base), rotary_percent=cfg.rotary_percent, mtp_block_spec=mtp)
         ep_rank = parallel_state.get_expert_model_parallel_rank()
         state = LegacyCheckpointReader(Path(ckpt), layout).load_rank(parallel_state.get_tensor_model_parallel_rank(), 0,
                                                                       ep_rank)["model"]
+        state = {_MTP_LAYER.sub(r"\1mtp_model_layer.", k): v for k, v in state.items()}
         model.load_state_dict(te_mla_to_local(state) if cfg.mla else state, strict=True)
         outs = full_logits(model, token_lists, cfg.vocab_size)
         results.append(outs if dist.get_rank() == 0 else None)

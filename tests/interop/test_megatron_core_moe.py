@@ -31,7 +31,7 @@ from bridge.apps.verify import DEFAULT_PROMPTS, compare, encode, hf_logits
 from tests.interop.common import MEGATRON_CORE_MARKS
 
 pytestmark = MEGATRON_CORE_MARKS
-MODELS = ("mixtral", "qwen3-moe", "qwen2-moe", "deepseek-v3")
+MODELS = ("mixtral", "qwen3-moe", "qwen2-moe", "deepseek-v3", "glm4.5-air")
 #: On top of tests/model_fixtures.MODEL_OVERRIDES (see the module docstring).
 OVERRIDES = {"deepseek-v3": {"n_routed_experts": 16, "num_experts_per_tok": 4}}
 IMPL = {"deepseek-v3": "transformer_engine"}  # MLA: see the module docstring
