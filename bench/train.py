@@ -46,6 +46,17 @@ MODELS: dict[str, dict[str, Any]] = {
                        max_position_embeddings=8192, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256,
                        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096,
                        rms_norm_eps=1e-6, bos_token_id=2, eos_token_id=1, pad_token_id=0),
+    # GLM-4.5-Air's shape (Glm4MoeConfig's defaults with the released head_dim, qkv bias and RoPE base) at 4 of its 46
+    # layers: one dense, three MoE of 128 experts (top-8, one shared); ~8.5B parameters, ~136 GB with fp32 masters and
+    # Adam, so one 80 GB card needs --layers 2 (not run yet)
+    "glm-4.5-air-4l": dict(architectures=["Glm4MoeForCausalLM"], model_type="glm4_moe", hidden_size=4096,
+                           intermediate_size=10944, num_hidden_layers=4, num_attention_heads=96, num_key_value_heads=8,
+                           head_dim=128, vocab_size=151552, tie_word_embeddings=False, attention_bias=True,
+                           rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "partial_rotary_factor": 0.5},
+                           max_position_embeddings=131072, n_routed_experts=128, num_experts_per_tok=8,
+                           moe_intermediate_size=1408, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
+                           topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=True, use_qk_norm=False,
+                           num_nextn_predict_layers=0),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, vocab_size=512, tie_word_embeddings=True,
                  rope_theta=10000.0, max_position_embeddings=256),
