@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
+from bridge.parallel.collectives import gather_from_tp
 from tests.interop.megatron_worker import _transformer_config, full_logits
 
 #: Where the TE MLA spec and the local MLA spec (megatron/core/models/gpt/gpt_layer_specs.py) name a weight
@@ -107,10 +108,34 @@ def te_mla_to_local(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def megatron_moe_logits(checkpoints: Sequence[str], token_lists: Sequence[Sequence[int]]) -> list[list[torch.Tensor] | None]:
-    """Per checkpoint (EP and TP, PP=1): full logits [s, V] per prompt on rank 0, None elsewhere."""
-    torch.cuda.current_device = lambda: "cpu"  # Megatron Core asks for the device in many places
+def megatron_moe_logits(checkpoints: Sequence[str], token_lists: Sequence[Sequence[int]],
+                        mtp: bool = False) -> list[list[torch.Tensor] | None]:
+    """Per checkpoint (EP and TP, PP=1): full logits [s, V] per prompt on rank 0, None elsewhere. `mtp`: the logits of
+    the MTP layer instead, [s - 1, V] per prompt (position i predicts token i + 2; the last position, whose next token
+    Megatron rolls in as padding, is cut)."""
     import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    results: list[list[torch.Tensor] | None] = []
+    for ckpt in checkpoints:
+        model, cfg = _load_model(ckpt)
+        captured: list[torch.Tensor] = []
+        if mtp:  # the MTP layer's output (after its final_layernorm), through the shared output layer
+            model.mtp.layers[0].register_forward_hook(lambda module, args, out: captured.append(out[0]))
+        outs = full_logits(model, token_lists, cfg.vocab_size)
+        if mtp:
+            group = parallel_state.get_tensor_model_parallel_group()
+            with torch.no_grad():
+                outs = [gather_from_tp(model.output_layer(h)[0].contiguous(), group)[:-1, 0, :cfg.vocab_size].float()
+                        for h in captured]
+        results.append(outs if dist.get_rank() == 0 else None)
+    return results
+
+
+def _load_model(ckpt: str):  # noqa: ANN202 - (Megatron Core GPTModel, bridge ModelConfig)
+    """Megatron Core's GPTModel (local spec; the MTP block where the config has MTP layers) for this rank, loaded
+    strictly from its EP rank's file."""
+    torch.cuda.current_device = lambda: "cpu"  # Megatron Core asks for the device in many places
     from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):  # 0.16.1 without TE leaves the name undefined (NameError)
@@ -127,30 +152,26 @@ def megatron_moe_logits(checkpoints: Sequence[str], token_lists: Sequence[Sequen
     from bridge.checkpoint import CheckpointMeta
     from bridge.converters.megatron_legacy import LegacyCheckpointReader
 
-    results: list[list[torch.Tensor] | None] = []
-    for ckpt in checkpoints:
-        meta = CheckpointMeta.load(Path(ckpt))
-        cfg, layout = meta.config, meta.layout
-        assert layout.pp == 1 and not layout.moe_grouped_gemm
-        assert meta.transformer_impl == ("transformer_engine" if cfg.mla else "local")
-        assert layout.tp == 1 or not cfg.mla, "the local MLA spec splits the down-projections over TP"
-        parallel_state.destroy_model_parallel()
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tp, expert_model_parallel_size=layout.ep)
-        model_parallel_cuda_manual_seed(0, inference_rng_tracker=True)
-        config = _moe_config(cfg, layout)
-        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
-        if cfg.mla:
-            for layer in spec.layer_specs:
-                layer.submodules.self_attention.submodules.core_attention = _mla_core_attention()
-        mtp = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False) if cfg.mtp_layers else None
-        model = GPTModel(config, spec, vocab_size=meta.padded_vocab_size, max_sequence_length=cfg.max_position_embeddings,
-                         share_embeddings_and_output_weights=cfg.tie_word_embeddings, position_embedding_type="rope",
-                         rotary_base=int(cfg.rotary_base), rotary_percent=cfg.rotary_percent, mtp_block_spec=mtp)
-        ep_rank = parallel_state.get_expert_model_parallel_rank()
-        state = LegacyCheckpointReader(Path(ckpt), layout).load_rank(parallel_state.get_tensor_model_parallel_rank(), 0,
-                                                                      ep_rank)["model"]
-        state = {_MTP_LAYER.sub(r"\1mtp_model_layer.", k): v for k, v in state.items()}
-        model.load_state_dict(te_mla_to_local(state) if cfg.mla else state, strict=True)
-        outs = full_logits(model, token_lists, cfg.vocab_size)
-        results.append(outs if dist.get_rank() == 0 else None)
-    return results
+    meta = CheckpointMeta.load(Path(ckpt))
+    cfg, layout = meta.config, meta.layout
+    assert layout.pp == 1 and not layout.moe_grouped_gemm
+    assert meta.transformer_impl == ("transformer_engine" if cfg.mla else "local")
+    assert layout.tp == 1 or not cfg.mla, "the local MLA spec splits the down-projections over TP"
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tp, expert_model_parallel_size=layout.ep)
+    model_parallel_cuda_manual_seed(0, inference_rng_tracker=True)
+    config = _moe_config(cfg, layout)
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+    if cfg.mla:
+        for layer in spec.layer_specs:
+            layer.submodules.self_attention.submodules.core_attention = _mla_core_attention()
+    mtp = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False) if cfg.mtp_layers else None
+    model = GPTModel(config, spec, vocab_size=meta.padded_vocab_size, max_sequence_length=cfg.max_position_embeddings,
+                     share_embeddings_and_output_weights=cfg.tie_word_embeddings, position_embedding_type="rope",
+                     rotary_base=int(cfg.rotary_base), rotary_percent=cfg.rotary_percent, mtp_block_spec=mtp)
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    state = LegacyCheckpointReader(Path(ckpt), layout).load_rank(parallel_state.get_tensor_model_parallel_rank(), 0,
+                                                                  ep_rank)["model"]
+    state = {_MTP_LAYER.sub(r"\1mtp_model_layer.", k): v for k, v in state.items()}
+    model.load_state_dict(te_mla_to_local(state) if cfg.mla else state, strict=True)
+    return model, cfg

@@ -14,6 +14,13 @@ four MoE families bridge converts:
   real DeepSeek-V3 (8 of 256, 4 groups). bridge writes MLA for the Transformer Engine spec only (the local spec
   splits the MLA down-projections over TP) and Megatron Core cannot build that spec without Transformer Engine, so
   the worker loads its file into the local MLA spec after the TE -> local renames (megatron_moe_worker.MLA_TE_TO_LOCAL).
+- GLM-4.5: qkv bias and partial rotary (`rotary_percent` 0.5) with DeepSeek-V3's router and shared expert, and its
+  MTP layer, which Megatron Core builds (`mtp_block_spec`) and loads strictly under its module name `mtp_model_layer`
+  (bridge writes the checkpoint name `transformer_layer`). The MTP layer's own logits are checked too, against the
+  same computation built from transformers' GLM decoder layer and the checkpoint's tensors (Megatron Core's and vLLM's
+  MTP: the main model's normalised last hidden state at i and token i + 1's embedding, each normalised, projected
+  from [embedding; hidden], one decoder layer, shared_head.norm, the shared head); one with enorm and hnorm swapped
+  must fail.
 
 Skipped without megatron-core and triton."""
 from __future__ import annotations
@@ -80,3 +87,69 @@ def test_megatron_core_moe_matches_hf(hf_dirs, references, tmp_path: Path, ep: i
         print(f"{name} ep={ep}: Megatron Core vs transformers max abs {overall.max_abs:.2e} top-1 {overall.top1:.0%}")
         assert passed, f"{name} at EP={ep}: Megatron Core's logits differ from transformers': {criterion}"
         assert overall.top1 == 1.0
+
+
+def _mtp_reference(hf: Path, token_lists: list[list[int]]) -> list[torch.Tensor]:
+    """The MTP layer's logits per prompt, [s - 1, V] (position i predicts token i + 2), from transformers' own GLM
+    decoder layer, RMSNorm and model, with the checkpoint's `model.layers.{L}` tensors (see the module docstring)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeDecoderLayer
+
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    config = model.config
+    prefix = f"model.layers.{config.num_hidden_layers}."
+    tensors = {k[len(prefix):]: v for k, v in load_file(hf / "model.safetensors").items() if k.startswith(prefix)}
+    own = {name: tensors.pop(name) for name in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
+                                                "embed_tokens.weight", "shared_head.head.weight")}
+    experts = range(config.n_routed_experts)
+    expert = lambda e, name: tensors.pop(f"mlp.experts.{e}.{name}.weight")  # noqa: E731
+    tensors["mlp.experts.gate_up_proj"] = torch.stack([torch.cat([expert(e, "gate_proj"), expert(e, "up_proj")]) for e in experts])
+    tensors["mlp.experts.down_proj"] = torch.stack([expert(e, "down_proj") for e in experts])
+    layer = Glm4MoeDecoderLayer(config, config.num_hidden_layers).eval()
+    layer.load_state_dict(tensors, strict=True)
+
+    def norm(x: torch.Tensor, name: str) -> torch.Tensor:
+        return own[name] * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps))
+
+    out = []
+    with torch.no_grad():
+        for ids in token_lists:
+            ids = torch.tensor([list(ids)])
+            s = ids.shape[1] - 1
+            hidden = model.model(ids).last_hidden_state[:, :s]  # after the model's final norm, as Megatron's block
+            x = torch.cat([norm(model.model.embed_tokens(ids[:, 1:]), "enorm.weight"), norm(hidden, "hnorm.weight")], -1)
+            x = x @ own["eh_proj.weight"].t()
+            positions = torch.arange(s)[None]
+            mask = torch.full((s, s), float("-inf")).triu(1)[None, None]
+            x = layer(x, attention_mask=mask, position_ids=positions,
+                      position_embeddings=model.model.rotary_emb(x, positions))
+            out.append(model.lm_head(norm(x, "shared_head.norm.weight"))[0])
+    return out
+
+
+def test_megatron_core_mtp_layer_matches_transformers_modules(hf_dirs, references, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import replace
+
+    from bridge.models import FAMILIES, Family
+    from tests.interop.megatron_moe_worker import megatron_moe_logits
+
+    hf, tokens = hf_dirs[MODELS.index("glm4.5-air")], references[0]
+    reference = _mtp_reference(hf, tokens)
+    ckpts = {"glm4.5-air": import_hf(hf, tmp_path / "ok", ParallelLayout(ep=2), transformer_impl="local")}
+    original = FAMILIES["Glm4MoeForCausalLM"]
+    swap = {".enorm.weight": ".hnorm.weight", ".hnorm.weight": ".enorm.weight"}
+
+    def rows(cfg):  # noqa: ANN001, ANN202 - the mapping with the MTP layer's enorm and hnorm read from each other
+        swapped = lambda name: next((name.replace(a, b) for a, b in swap.items() if name.endswith(a)), name)  # noqa: E731
+        return [replace(r, hf=tuple(map(swapped, r.hf))) for r in original.rows(cfg)]
+
+    monkeypatch.setitem(FAMILIES, "Glm4MoeForCausalLM", Family("Glm4MoeForCausalLM", original.config_from_hf, rows))
+    ckpts["enorm-hnorm-swapped"] = import_hf(hf, tmp_path / "swapped", ParallelLayout(ep=2), transformer_impl="local")
+    megatron = launch(megatron_moe_logits, 2, [str(c) for c in ckpts.values()], tokens, True)[0]
+    for name, ours in zip(ckpts, megatron):
+        _, overall, passed, criterion = compare(DEFAULT_PROMPTS, reference, ours, "fp32")
+        print(f"{name} MTP layer: Megatron Core vs transformers' modules max abs {overall.max_abs:.2e} "
+              f"top-1 {overall.top1:.0%}")
+        assert passed == (name == "glm4.5-air"), f"{name}: {criterion}"
