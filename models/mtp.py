@@ -26,8 +26,8 @@ def rows(cfg: ModelConfig, layer_rows: Sequence[Row]) -> list[Row]:
     its own four modules."""
     out = []
     for i in range(cfg.mtp_layers):
-        hf = f"model.layers.{cfg.num_layers + i}."
-        out += [dataclasses.replace(row, megatron=row.megatron.replace("decoder.layers.{}.", f"mtp.layers.{i}.transformer_layer."),
+        hf, megatron = f"model.layers.{cfg.num_layers + i}.", f"mtp.layers.{i}.transformer_layer."
+        out += [dataclasses.replace(row, megatron=row.megatron.replace("decoder.layers.{}.", megatron),
                                     hf=tuple(name.replace("model.layers.{}.", hf) for name in row.hf), layers="all")
                 for row in layer_rows if row.layers in ("all", "moe")]
         out += [Row(f"mtp.layers.{i}.enorm.weight", (hf + "enorm.weight",)),

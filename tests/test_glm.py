@@ -240,7 +240,8 @@ def test_config_reads_glm_fields(tiny_hf) -> None:
 
     cfg = load_hf_config(tiny_hf("glm4.5-air", use_qk_norm=True))
     moe = cfg.moe
-    assert (cfg.add_qkv_bias, cfg.qk_layernorm, cfg.rotary_percent, cfg.kv_channels, cfg.mtp_layers) == (True, True, 0.5, 16, 1)
-    assert (moe.moe_layers, moe.score_function, moe.expert_bias, moe.num_groups, moe.group_topk) == ((1, 2, 3), "sigmoid", True, 2, 1)
+    assert (cfg.add_qkv_bias, cfg.qk_layernorm, cfg.rotary_percent, cfg.kv_channels) == (True, True, 0.5, 16)
+    assert (cfg.mtp_layers, moe.moe_layers, moe.score_function, moe.expert_bias) == (1, (1, 2, 3), "sigmoid", True)
+    assert (moe.num_groups, moe.group_topk) == (2, 1)
     assert (moe.topk_scaling_factor, moe.normalize_topk, moe.shared_expert_ffn_hidden_size) == (2.5, True, 32)
     assert json.loads(json.dumps(cfg.to_json()))["mtp_layers"] == 1

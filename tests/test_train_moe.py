@@ -38,6 +38,7 @@ RUNS = {
     # GLM-4.5: partial rotary, qkv bias, DeepSeek's router; its MTP layer is carried, not trained
     ("glm4.5-air", "ep2"): dict(nproc=2, ep=2),
     ("glm4.5-air", "ep2-tp2"): dict(nproc=4, ep=2, tp=2),
+    ("glm4.5-air", "cp2-ep2"): dict(nproc=2, cp=2, ep=2),  # partial rotary on each CP rank's two chunks
 }
 
 

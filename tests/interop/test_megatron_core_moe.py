@@ -104,7 +104,8 @@ def _mtp_reference(hf: Path, token_lists: list[list[int]]) -> list[torch.Tensor]
                                                 "embed_tokens.weight", "shared_head.head.weight")}
     experts = range(config.n_routed_experts)
     expert = lambda e, name: tensors.pop(f"mlp.experts.{e}.{name}.weight")  # noqa: E731
-    tensors["mlp.experts.gate_up_proj"] = torch.stack([torch.cat([expert(e, "gate_proj"), expert(e, "up_proj")]) for e in experts])
+    tensors["mlp.experts.gate_up_proj"] = torch.stack([torch.cat([expert(e, "gate_proj"), expert(e, "up_proj")])
+                                                       for e in experts])
     tensors["mlp.experts.down_proj"] = torch.stack([expert(e, "down_proj") for e in experts])
     layer = Glm4MoeDecoderLayer(config, config.num_hidden_layers).eval()
     layer.load_state_dict(tensors, strict=True)
