@@ -11,7 +11,8 @@ from bridge.errors import BridgeError
 from bridge.layout import ParallelLayout
 from bridge.params import LOCAL_NAMES, TE_EXTRA, Split, kind_of
 
-__all__ = ["Split", "LocalKey", "rule_for", "split", "gather", "localize", "extra_state_keys", "is_expert_key", "is_mtp_key"]
+__all__ = ["Split", "LocalKey", "rule_for", "split", "gather", "localize", "extra_state_keys", "is_expert_key",
+           "is_mtp_key"]
 
 
 def rule_for(key: str) -> Split:
@@ -85,7 +86,8 @@ def is_mtp_key(key: str) -> bool:
 
 
 def localize(key: str, layout: ParallelLayout, num_layers: int, transformer_impl: str, num_experts: int = 0) -> LocalKey:
-    """Global key (global layer/expert index, TE names) -> stage, chunk, EP rank and the name written in that file."""
+    """Global key (global layer/expert index, TE names) -> stage, chunk, EP rank and the name written in that file.
+    MTP layers go to the last stage's last chunk, where Megatron Core builds its MTP block."""
     match = _LAYER.match(key)
     if match:
         rest, ep_rank = _layer_local(key, match.group(2), layout, transformer_impl, num_experts)
