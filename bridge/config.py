@@ -46,6 +46,24 @@ class LongRope:
 
 
 @dataclass(frozen=True, kw_only=True)
+class YaRN:
+    """YaRN RoPE scaling (HF `rope_type: yarn`; transformers' `_compute_yarn_parameters`): the frequencies between
+    the two correction dimensions ramp from their original values to `factor` times slower, and cos/sin are scaled
+    by the attention factor. `truncate` false (GPT-OSS) keeps the correction range's ends fractional instead of
+    rounding them outwards to whole dimensions."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    """cos/sin scale; None: from the factor (and mscale / mscale_all_dim where both are set), as transformers."""
+    truncate: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
 class MoEConfig:
     """Mixture-of-Experts hyper-parameters (Megatron's `--num-experts`, `--moe-*` flags)."""
 
@@ -118,7 +136,14 @@ class LayerSpec:
     """True: a norm on the attention output and on the MLP output, before each residual add (Gemma 2/3, OLMo 2;
     Megatron-Bridge's `linear_proj.post_layernorm` / `linear_fc2.post_layernorm`)."""
     activation: str = "silu"
-    """The gated MLP's activation: `silu` (SwiGLU) or `gelu_tanh` (Gemma's GeGLU, HF `gelu_pytorch_tanh`)."""
+    """The gated MLP's activation: `silu` (SwiGLU), `gelu_tanh` (Gemma's GeGLU, HF `gelu_pytorch_tanh`) or
+    `quick_gelu` (x * sigmoid(1.702 x): GPT-OSS's experts)."""
+    glu_clamp: float | None = None
+    """The gated MLP's inputs clamped before the activation: the gate to at most this, the linear half to
+    [-clamp, clamp] (GPT-OSS's swiglu_limit; Megatron's activation_func_clamp_value)."""
+    glu_linear_offset: float = 0.0
+    """Added to the linear half before the product: act(gate) * (up + offset) (GPT-OSS: 1; Megatron's
+    glu_linear_offset)."""
     attention_softcap: float | None = None
     """Attention scores become tanh(s / cap) * cap before the softmax (Gemma 2's attn_logit_softcapping)."""
 
@@ -129,8 +154,8 @@ class LayerSpec:
             raise BridgeError("a layer with neither pre- nor post-norms is not supported")
 
 
-#: The gated MLP's activations (LayerSpec.activation); bridge.nn.transformer holds their functions.
-ACTIVATIONS = ("silu", "gelu_tanh")
+#: The gated MLP's activations (LayerSpec.activation); bridge.nn.activations holds their functions.
+ACTIVATIONS = ("silu", "gelu_tanh", "quick_gelu")
 #: How an RMSNorm applies its weight (ModelConfig.norm_style), each as its HF family computes it:
 #: `llama` casts the normalised input back to its dtype, then scales; `fp32-scale` scales in fp32, then casts (OLMo 2);
 #: `zero-centered` scales by (1 + w) in fp32, then casts (Gemma; Megatron's layernorm_zero_centered_gamma).
@@ -161,10 +186,17 @@ class ModelConfig:
     rotary_base: float = 10000.0
     rope_scaling: RopeScaling | None = None
     long_rope: LongRope | None = None
+    yarn: YaRN | None = None
     rotary_percent: float = 1.0
     """The fraction of each head's dimensions that RoPE rotates, the first ones (HF partial_rotary_factor)."""
     tie_word_embeddings: bool = False
     add_qkv_bias: bool = False
+    add_bias_linear: bool = False
+    """Biases on linear_proj, the router and the routed experts' linear_fc1/linear_fc2 (GPT-OSS; Megatron's
+    add_bias_linear). Dense MLP layers with biases are not supported."""
+    attention_sinks: bool = False
+    """A learned logit per head joins every softmax's denominator, with no value (GPT-OSS's `sinks`; Megatron's
+    softmax_type learnable, `core_attention.softmax_offset`)."""
     qk_layernorm: bool = False
     sliding_window: int | None = None
     params_dtype: str = "fp32"
@@ -261,6 +293,8 @@ class ModelConfig:
             data["mla"] = MLAConfig(**data["mla"])
         if data.get("long_rope"):
             data["long_rope"] = LongRope(**data["long_rope"])
+        if data.get("yarn"):
+            data["yarn"] = YaRN(**data["yarn"])
         data["layers"] = tuple(LayerSpec(**spec) for spec in data.get("layers", ()))
         return cls(**data)
 
@@ -269,9 +303,9 @@ class ModelConfig:
 
 
 #: Fields that only some families set, left out of bridge.json at their default (an older bridge reads the file).
-_WRITTEN_WHEN_SET = ("layers", "long_rope", "rotary_percent", "norm_style", "qk_norm_full_width", "local_rotary_base",
-                     "rotary_linear_factor", "softmax_scale", "embedding_multiplier", "final_logit_softcap",
-                     "mtp_layers")
+_WRITTEN_WHEN_SET = ("layers", "long_rope", "yarn", "rotary_percent", "norm_style", "qk_norm_full_width",
+                     "local_rotary_base", "rotary_linear_factor", "softmax_scale", "embedding_multiplier",
+                     "final_logit_softcap", "mtp_layers", "add_bias_linear", "attention_sinks")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in _WRITTEN_WHEN_SET}
 _LAYER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LayerSpec)}
 

@@ -100,6 +100,8 @@ KINDS: dict[str, ParamKind] = {k.name: k for k in (
     ParamKind(_A + "linear_qkv.weight", Split.COLUMN, lambda cfg: (cfg.qkv_rows, cfg.hidden_size), "QKVMapping",
               te_extra=(_A + "linear_qkv", _A + "core_attention")),
     ParamKind(_A + "linear_qkv.bias", Split.COLUMN, lambda cfg: (cfg.qkv_rows,), "QKVMapping"),
+    # attention sinks (GPT-OSS): one logit per query head, so split over TP with the heads
+    ParamKind(_A + "core_attention.softmax_offset", Split.COLUMN, lambda cfg: (cfg.num_attention_heads,), _COLUMN),
     # full-width q/k norms (OLMo 2) are replicated too: each TP rank applies, and has a gradient for, its heads' slice
     ParamKind(_A + "q_layernorm.weight", Split.REPLICATED, _qk_norm(lambda cfg: cfg.num_attention_heads), _REPLICATED,
               Partial.HEADS),
@@ -145,11 +147,17 @@ KINDS: dict[str, ParamKind] = {k.name: k for k in (
               te_extra=("pre_mlp_layernorm",)),
     ParamKind(_M + "router.weight", Split.REPLICATED, lambda cfg: (cfg.num_experts, cfg.hidden_size), _REPLICATED,
               _SEQ),
+    ParamKind(_M + "router.bias", Split.REPLICATED, lambda cfg: (cfg.num_experts,), _REPLICATED, _SEQ),
     ParamKind(_M + "router.expert_bias", Split.REPLICATED, lambda cfg: (cfg.num_experts,), _REPLICATED),  # a buffer
     ParamKind(_M + "experts.linear_fc1.weight", Split.GATED_COLUMN,
               lambda cfg: (2 * cfg.moe.moe_ffn_hidden_size, cfg.hidden_size), "GatedMLPMapping"),
     ParamKind(_M + "experts.linear_fc2.weight", Split.ROW, lambda cfg: (cfg.hidden_size, cfg.moe.moe_ffn_hidden_size),
               _ROW),
+    # expert biases (GPT-OSS): fc1's split as its rows; fc2's added once, after the row-parallel product, and its
+    # gradient complete on every TP rank (bridge.nn.moe)
+    ParamKind(_M + "experts.linear_fc1.bias", Split.GATED_COLUMN, lambda cfg: (2 * cfg.moe.moe_ffn_hidden_size,),
+              "GatedMLPMapping"),
+    ParamKind(_M + "experts.linear_fc2.bias", Split.REPLICATED, _h, _REPLICATED),
     ParamKind(_M + "shared_experts.linear_fc1.weight", Split.GATED_COLUMN,
               lambda cfg: (2 * _shared_ffn(cfg), cfg.hidden_size), "GatedMLPMapping",
               te_extra=(_M + "shared_experts.linear_fc1",)),
@@ -197,9 +205,9 @@ _BY_LOCAL_NAME: dict[str, ParamKind] = {k.local: k for k in KINDS.values() if k.
 TE_EXTRA: dict[str, tuple[str, ...]] = {k.module: k.te_extra for k in KINDS.values() if k.te_extra}
 
 #: The layer prefix (a decoder layer's, an MTP layer's transformer layer's), a SequentialMLP expert's index and a
-#: grouped-GEMM expert's weight number: not part of a kind.
+#: grouped-GEMM expert's weight (or bias) number: not part of a kind.
 _INDEXES = re.compile(r"^decoder\.layers\.\d+\.|^mtp\.layers\.\d+\.transformer_layer\.|(?<=experts\.)local_experts\.\d+\."
-                      r"|(?<=experts\.linear_fc[12]\.weight)\d+$")
+                      r"|(?<=experts\.linear_fc[12]\.weight)\d+$|(?<=experts\.linear_fc[12]\.bias)\d+$")
 #: An MTP layer's index before its own modules.
 _MTP_INDEX = re.compile(r"^mtp\.layers\.\d+\.")
 

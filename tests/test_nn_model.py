@@ -142,13 +142,37 @@ def test_sliding_window_attention_sees_only_the_last_w_positions() -> None:
 
 
 @pytest.mark.parametrize("window", [None, 7])
-def test_flex_softcapped_attention_is_the_plain_math(window: int | None) -> None:
-    """CUDA runs Gemma 2's soft-capped attention through FlexAttention (score_mod: the cap; block mask: causal, the
-    window): its eager reference on the CPU gives the plain math's values (transformers' order), with grouped K/V.
-    FlexAttention has no CPU backward, and its compiled kernel is CUDA's: both are for a GPU run to check."""
-    from bridge.nn.core_attention import flex_softcapped_attention, math_softcapped_attention
+@pytest.mark.parametrize("softcap, sinks", [(0.5, False), (None, True), (0.5, True)], ids=["softcap", "sinks", "both"])
+def test_flex_scored_attention_is_the_plain_math(window: int | None, softcap: float | None, sinks: bool) -> None:
+    """CUDA runs Gemma 2's soft-capped attention and GPT-OSS's attention with sinks through FlexAttention (score_mod:
+    the cap; block mask: causal, the window; the sinks from its log-sum-exp): its eager reference on the CPU gives the
+    plain math's values (transformers' order), with grouped K/V. FlexAttention has no CPU backward, and its compiled
+    kernel is CUDA's: both are for a GPU run to check (the sinks' gradient through the log-sum-exp is checked below)."""
+    from bridge.nn.core_attention import flex_scored_attention, math_scored_attention
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, heads, 19, 16, generator=gen) for heads in (4, 2, 2))
-    flex = flex_softcapped_attention(q, k, v, 0.5, 0.3, window, compiled=False)
-    torch.testing.assert_close(flex, math_softcapped_attention(q, k, v, 0.5, 0.3, window), rtol=0, atol=1e-6)
+    logits = torch.randn(4, generator=gen) * 2 if sinks else None
+    flex = flex_scored_attention(q, k, v, 0.3, window, softcap, logits, compiled=False)
+    torch.testing.assert_close(flex, math_scored_attention(q, k, v, 0.3, window, softcap, logits), rtol=0, atol=1e-6)
+    if sinks:  # and the sinks matter: without them the output is another
+        assert (flex - math_scored_attention(q, k, v, 0.3, window, softcap)).abs().max() > 1e-2
+
+def test_sinks_from_the_log_sum_exp_give_the_sinks_values_and_gradients() -> None:
+    """On CUDA the sinks rescale FlexAttention's output by sigmoid(lse - sink) (`with_sinks`), and their gradient,
+    like q's and k's through the lse, comes from autograd through that product. Here a differentiable kernel that
+    returns the lse (the plain math's) stands in for FlexAttention: values and every gradient equal those of the
+    softmax with the sinks as one more column (transformers' form)."""
+    from bridge.nn.attention import BLOCK_KERNELS
+    from bridge.nn.core_attention import math_scored_attention, with_sinks
+
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, heads, 13, 16, generator=gen).requires_grad_() for heads in (4, 2, 2))
+    sinks = (torch.randn(4, generator=gen) * 2).requires_grad_()
+    out, lse, _ = BLOCK_KERNELS["math"].forward(q, k, v, True, 0.25)
+    ours, reference = with_sinks(out, lse, sinks), math_scored_attention(q, k, v, 0.25, None, None, sinks)
+    weights = torch.randn(reference.shape, generator=gen)
+    for got, want in zip(torch.autograd.grad((ours * weights).sum(), (q, k, v, sinks)),
+                         torch.autograd.grad((reference * weights).sum(), (q, k, v, sinks))):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)

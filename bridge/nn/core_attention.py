@@ -31,19 +31,25 @@ class CoreAttention(nn.Module):
     window cuts the sequence the all-gather runs instead (training refuses p2p for such a run up front, verify
     needs only the numbers).
 
-    With `softcap` (Gemma 2) the scores are tanh(s / cap) * cap before the softmax, which no SDPA kernel does: the
-    plain matmul-softmax runs instead on the CPU, FlexAttention on CUDA (`softcapped_attention`); not under context
-    parallelism.
+    With `softcap` (Gemma 2) the scores are tanh(s / cap) * cap before the softmax, and with `sinks` (GPT-OSS) a
+    learned logit per head, `softmax_offset`, joins each softmax's denominator without a value; no SDPA kernel does
+    either: the plain matmul-softmax runs instead on the CPU, FlexAttention on CUDA (`scored_attention`); neither
+    under context parallelism.
     """
 
     def __init__(self, sliding_window: int | None, *, cp: int = 1, cp_rank: int = 0, cp_group: Group = None,
                  cp_comm_type: str = CP_COMM_TYPES[0], softmax_scale: float | None = None,
-                 softcap: float | None = None) -> None:
+                 softcap: float | None = None, sinks: int = 0, dtype: torch.dtype = torch.float32,
+                 device: torch.device | None = None) -> None:
+        """`sinks`: this rank's number of heads, each with a sink (0: none)."""
         super().__init__()
         if softcap is not None and cp > 1:
             raise BridgeError("attention logit softcapping does not run under context parallelism: use --cp 1")
+        if sinks and cp > 1:
+            raise BridgeError("attention sinks do not run under context parallelism: use --cp 1")
         self.sliding_window, self.softmax_scale, self.softcap = sliding_window, softmax_scale, softcap
         self.cp, self.cp_rank, self.cp_group, self.cp_comm_type = cp, cp_rank, cp_group, cp_comm_type
+        self.softmax_offset = nn.Parameter(torch.zeros(sinks, dtype=dtype, device=device)) if sinks else None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: Documents | None = None) -> torch.Tensor:
         # q: [s, b, nq, d]; k: [s, b, ng, d]; v: [s, b, ng, dv] (dv = d but for MLA)
@@ -59,7 +65,7 @@ class CoreAttention(nn.Module):
         document lengths, and no [s, s] mask exists."""
         s, b, nq, _ = q.shape
         flat = [t.transpose(0, 1).reshape(b * s, t.shape[2], t.shape[3]) for t in (q, k, v)]  # [b*s, heads, d]
-        if varlen_runs(flat[0]) and self.softcap is None:
+        if varlen_runs(flat[0]) and self.softcap is None and self.softmax_offset is None:
             out = varlen_attention(*flat, documents, self.sliding_window, self.softmax_scale)
         else:
             bounds = documents.cu_seqlens.tolist()
@@ -73,9 +79,9 @@ class CoreAttention(nn.Module):
     def _whole_sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention over a whole sequence: causal, within the sliding window where the sequence outgrows it."""
         s = q.shape[2]
-        if self.softcap is not None:
+        if self.softcap is not None or self.softmax_offset is not None:
             window = self.sliding_window if self._windowed(s) else None
-            return softcapped_attention(q, k, v, self.softcap, self.softmax_scale, window)
+            return scored_attention(q, k, v, self.softmax_scale, window, self.softcap, self.softmax_offset)
         if not self._windowed(s):
             return self._causal(q, k, v)
         mask = window_mask(torch.arange(s, device=q.device), s, self.sliding_window)  # transformers' q - kv < W
@@ -104,34 +110,54 @@ class CoreAttention(nn.Module):
         return cp_attention(q, k, v, sliding_window=self.sliding_window, segments=segments, **where)
 
 
-def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float, scale: float | None,
-                         window: int | None) -> torch.Tensor:
-    """Causal attention with the scores soft-capped: q [b, nq, s, d], k/v [b, ng, s, d] -> [b, nq, s, d]. On CUDA
-    through compiled FlexAttention (no [s, s] scores in memory), elsewhere as the plain math."""
+def scored_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, window: int | None,
+                     softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention whose scores are soft-capped, or whose softmax has sinks: q [b, nq, s, d], k/v [b, ng, s, d]
+    -> [b, nq, s, d]. On CUDA through compiled FlexAttention (no [s, s] scores in memory), elsewhere as the plain
+    math."""
     if q.is_cuda:
-        return flex_softcapped_attention(q, k, v, softcap, scale, window)
-    return math_softcapped_attention(q, k, v, softcap, scale, window)
+        return flex_scored_attention(q, k, v, scale, window, softcap, sinks)
+    return math_scored_attention(q, k, v, scale, window, softcap, sinks)
 
 
-def math_softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float, scale: float | None,
-                              window: int | None) -> torch.Tensor:
+def math_scored_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+                          window: int | None, softcap: float | None = None,
+                          sinks: torch.Tensor | None = None) -> torch.Tensor:
     """transformers' order of operations (eager_attention_forward: scale, cap, mask, softmax in fp32, cast back), so
     that CPU fp32 runs are bit-exact with it; it holds the [b, nq, s, s] scores."""
     heads, s = q.shape[1], q.shape[2]
     k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))  # GQA: each query head's KV head
     scores = torch.matmul(q, k.transpose(2, 3)) * (q.shape[-1] ** -0.5 if scale is None else scale)
-    scores = torch.tanh(scores / softcap) * softcap
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     allowed = window_mask(torch.arange(s, device=q.device), s, window)  # [s, s]: causal, within the window
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs, v)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32) if sinks is None else softmax_with_sinks(scores, sinks)
+    return torch.matmul(probs.to(q.dtype), v)
 
 
-def flex_softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float, scale: float | None,
-                              window: int | None, compiled: bool = True) -> torch.Tensor:
+def softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """Softmax of [b, heads, sq, sk] scores whose denominators also hold exp(sink) of the row's head, in fp32: as
+    transformers' GPT-OSS (the sinks a last column, the row maximum subtracted, that column dropped after)."""
+    b, heads, sq, _ = scores.shape
+    logits = torch.cat([scores, sinks.to(scores.dtype).view(1, heads, 1, 1).expand(b, heads, sq, 1)], dim=-1)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    return torch.softmax(logits, dim=-1, dtype=torch.float32)[..., :-1]
+
+
+def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """An attention output [b, heads, s, d] and its rows' log-sum-exp [b, heads, s] -> the output had each row's
+    softmax also held exp(sink): Z / (Z + e^sink) = sigmoid(lse - sink) times it (differentiable in lse)."""
+    return out * torch.sigmoid(lse.float() - sinks.float().view(1, -1, 1)).unsqueeze(-1).to(out.dtype)
+
+
+def flex_scored_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, window: int | None,
+                          softcap: float | None = None, sinks: torch.Tensor | None = None,
+                          compiled: bool = True) -> torch.Tensor:
     """The same attention through FlexAttention: the cap as its score_mod, causality and the window as its block mask
-    (transformers' q - kv < W). `compiled` false: FlexAttention's eager reference, which runs anywhere (the tests)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    (transformers' q - kv < W), the sinks from its log-sum-exp (`with_sinks`). `compiled` false: FlexAttention's
+    eager reference, which runs anywhere (the tests; forward only off CUDA)."""
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
     def cap(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
             kv_idx: torch.Tensor) -> torch.Tensor:
@@ -144,7 +170,12 @@ def flex_softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     s = q.shape[2]
     mask = create_block_mask(allowed, None, None, s, s, device=q.device)
     kernel = _compiled_flex() if compiled else flex_attention
-    return kernel(q, k, v, score_mod=cap, block_mask=mask, scale=scale, enable_gqa=True)
+    score_mod = None if softcap is None else cap
+    if sinks is None:
+        return kernel(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=True)
+    out, aux = kernel(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=True,
+                      return_aux=AuxRequest(lse=True))
+    return with_sinks(out, aux.lse, sinks)
 
 
 @functools.cache

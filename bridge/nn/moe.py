@@ -7,6 +7,8 @@ Routing (Megatron's TopKRouter, matching transformers for each family):
 - sigmoid (DeepSeek-V3): scores + `expert_bias` choose (group-limited: best groups by the sum of their top-2
   scores, as transformers' DeepseekV3TopkRouter), weights are the unbiased scores, optionally renormalised,
   times `topk_scaling_factor`.
+Router logits may have a bias (GPT-OSS). Experts apply their layer's gated activation (bridge.nn.activations: GPT-OSS's
+clamped quick-GELU with its offset) and may have biases: fc1's split like its rows, fc2's added by TP rank 0 only.
 Expert tensor parallelism equals TP here (each rank holds [gate_r; up_r] / fc2 columns of every local
 expert); expert outputs are summed over TP before they are weighted, so router gradients are complete.
 With sequence parallelism each TP rank routes its own sequence shard (the router weight's gradient is then summed
@@ -20,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bridge.config import ModelConfig, MoEConfig
+from bridge.config import LLAMA_LAYER, LayerSpec, ModelConfig, MoEConfig
+from bridge.nn.activations import gated
 from bridge.nn.layers import (ColumnParallelLinear, RowParallelLinear, TEColumnParallelLinear, TEExtraState,
                               TERowParallelLinear)
 from bridge.parallel import collectives as C
@@ -29,13 +32,15 @@ from bridge.parallel.state import ParallelState
 
 
 class Router(nn.Module):
-    """`weight` [E, h]; `expert_bias` [E] (fp32 buffer, DeepSeek's score correction, updated outside autograd)."""
+    """`weight` [E, h], `bias` [E] (GPT-OSS: in the logits); `expert_bias` [E] (fp32 buffer, DeepSeek's score
+    correction, updated outside autograd)."""
 
     def __init__(self, cfg: ModelConfig, moe: MoEConfig, *, dtype: torch.dtype, device: torch.device | None) -> None:
         super().__init__()
         self.moe = moe
         self.weight = nn.Parameter(torch.empty(moe.num_experts, cfg.hidden_size, dtype=dtype, device=device))
         nn.init.normal_(self.weight, std=0.02)
+        self.bias = nn.Parameter(torch.zeros(moe.num_experts, dtype=dtype, device=device)) if cfg.add_bias_linear else None
         if moe.expert_bias:
             self.register_buffer("expert_bias", torch.zeros(moe.num_experts, dtype=torch.float32, device=device))
             self.register_buffer("local_tokens_per_expert", torch.zeros(moe.num_experts, device=device), persistent=False)
@@ -44,7 +49,7 @@ class Router(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """tokens [T, h] -> (weights [T, k], experts [T, k], logits [T, E])."""
-        logits = F.linear(tokens, self.weight)  # [T, E]
+        logits = F.linear(tokens, self.weight, self.bias)  # [T, E]
         moe, k = self.moe, self.moe.router_topk
         if moe.score_function == "softmax":
             if moe.pre_softmax:
@@ -76,10 +81,11 @@ def _group_limited(choice: torch.Tensor, groups: int, keep: int) -> torch.Tensor
 
 
 class _ExpertLinear(nn.Module):
-    def __init__(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device | None) -> None:
+    def __init__(self, rows: int, cols: int, bias: bool, dtype: torch.dtype, device: torch.device | None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(rows, cols, dtype=dtype, device=device))
         nn.init.normal_(self.weight, std=0.02)
+        self.bias = nn.Parameter(torch.zeros(rows, dtype=dtype, device=device)) if bias else None
         self.adapter: nn.Module | None = None  # LoRA (bridge.nn.lora), applied in Experts.forward
 
 
@@ -88,46 +94,63 @@ class _TEExpertLinear(TEExtraState, _ExpertLinear):
 
 
 class _ExpertMLP(nn.Module):
-    def __init__(self, h: int, f: int, te: bool, dtype: torch.dtype, device: torch.device | None) -> None:
+    def __init__(self, h: int, f: int, te: bool, bias: bool, dtype: torch.dtype, device: torch.device | None) -> None:
         super().__init__()
         linear = _TEExpertLinear if te else _ExpertLinear
-        self.linear_fc1, self.linear_fc2 = linear(2 * f, h, dtype, device), linear(h, f, dtype, device)
+        self.linear_fc1, self.linear_fc2 = linear(2 * f, h, bias, dtype, device), linear(h, f, bias, dtype, device)
 
 
 class _GroupedLinear(TEExtraState, nn.Module):
-    """TEGroupedLinear's names: `weight0`, `weight1`, ... plus one `_extra_state`."""
+    """TEGroupedLinear's names: `weight0`, `weight1`, ... (and `bias0`, ... with biases) plus one `_extra_state`."""
 
-    def __init__(self, n: int, rows: int, cols: int, dtype: torch.dtype, device: torch.device | None) -> None:
+    def __init__(self, n: int, rows: int, cols: int, bias: bool, dtype: torch.dtype, device: torch.device | None) -> None:
         super().__init__()
         self.n = n
         for j in range(n):
             self.register_parameter(f"weight{j}", nn.Parameter(torch.randn(rows, cols, dtype=dtype, device=device) * 0.02))
+        for j in range(n if bias else 0):
+            self.register_parameter(f"bias{j}", nn.Parameter(torch.zeros(rows, dtype=dtype, device=device)))
 
-    def stacked(self) -> torch.Tensor:
-        return torch.stack([getattr(self, f"weight{j}") for j in range(self.n)])
+    def stacked(self, name: str = "weight") -> torch.Tensor:
+        return torch.stack([getattr(self, f"{name}{j}") for j in range(self.n)])
+
+
+class _OnOneRank(torch.autograd.Function):
+    """The experts' fc2 bias, added by one TP rank only: the experts' outputs are partial sums that are summed over TP
+    next, and the bias must count once. Its gradient is the same on every TP rank (the sum's gradient reaches each
+    rank whole), so every rank gets it, as a replicated parameter's must be."""
+
+    @staticmethod
+    def forward(ctx, bias: torch.Tensor, add: bool) -> torch.Tensor:  # noqa: ANN001
+        return bias.clone() if add else torch.zeros_like(bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        return grad, None
 
 
 class Experts(nn.Module):
     """This rank's E/EP experts (FFN split over TP): rows grouped by local expert -> one padded batched GEMM pair."""
 
     def __init__(self, cfg: ModelConfig, moe: MoEConfig, ps: ParallelState, *, te: bool, grouped: bool,
-                 dtype: torch.dtype, device: torch.device | None) -> None:
+                 dtype: torch.dtype, device: torch.device | None, spec: LayerSpec = LLAMA_LAYER) -> None:
         super().__init__()
         n, h, f = moe.num_experts // ps.layout.ep, cfg.hidden_size, moe.moe_ffn_hidden_size // ps.tp
-        self.grouped = grouped
+        self.grouped, self.spec, self.biased, self.adds_fc2_bias = grouped, spec, cfg.add_bias_linear, ps.tp_rank == 0
         if grouped:
-            self.linear_fc1 = _GroupedLinear(n, 2 * f, h, dtype, device)
-            self.linear_fc2 = _GroupedLinear(n, h, f, dtype, device)
+            self.linear_fc1 = _GroupedLinear(n, 2 * f, h, self.biased, dtype, device)
+            self.linear_fc2 = _GroupedLinear(n, h, f, self.biased, dtype, device)
         else:
-            self.local_experts = nn.ModuleList(_ExpertMLP(h, f, te, dtype, device) for _ in range(n))
+            self.local_experts = nn.ModuleList(_ExpertMLP(h, f, te, self.biased, dtype, device) for _ in range(n))
         for param in self.parameters():
             param.allreduce = False  # Megatron's mark: reduced over the expert-data-parallel group, not DP
 
-    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def weights(self, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+        """fc1's and fc2's weights (or biases) of every local expert, stacked."""
         if self.grouped:
-            return self.linear_fc1.stacked(), self.linear_fc2.stacked()
-        return (torch.stack([e.linear_fc1.weight for e in self.local_experts]),
-                torch.stack([e.linear_fc2.weight for e in self.local_experts]))
+            return self.linear_fc1.stacked(name), self.linear_fc2.stacked(name)
+        return (torch.stack([getattr(e.linear_fc1, name) for e in self.local_experts]),
+                torch.stack([getattr(e.linear_fc2, name) for e in self.local_experts]))
 
     def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """rows [N, h] grouped by local expert, counts [n] -> [N, h] (this TP rank's partial sum)."""
@@ -137,9 +160,13 @@ class Experts(nn.Module):
         slot = torch.arange(rows.shape[0], device=rows.device) - (torch.cumsum(counts, 0) - counts)[expert]
         padded = rows.new_zeros(n, max(cap, 1), rows.shape[1])
         padded = padded.index_put((expert, slot), rows)  # [n, cap, h]
-        gate, up = self._adapted(padded, torch.bmm(padded, fc1.transpose(1, 2)), "linear_fc1").chunk(2, dim=-1)
-        hidden = F.silu(gate) * up  # [n, cap, F/tp]
+        fc1_bias, fc2_bias = self.weights("bias") if self.biased else (None, None)  # [n, 2F/tp], [n, h]
+        h1 = torch.bmm(padded, fc1.transpose(1, 2))
+        gate, up = self._adapted(padded, h1 if fc1_bias is None else h1 + fc1_bias[:, None], "linear_fc1").chunk(2, dim=-1)
+        hidden = gated(gate, up, self.spec)  # [n, cap, F/tp]
         out = self._adapted(hidden, torch.bmm(hidden, fc2.transpose(1, 2)), "linear_fc2")  # [n, cap, h]
+        if fc2_bias is not None:
+            out = out + _OnOneRank.apply(fc2_bias, self.adds_fc2_bias)[:, None]
         return out[expert, slot]
 
     def _adapted(self, x: torch.Tensor, out: torch.Tensor, name: str) -> torch.Tensor:
@@ -176,13 +203,14 @@ class MoELayer(nn.Module):
     """Megatron's `MoELayer` (the layer's `mlp`): router -> dispatch -> experts -> combine (+ shared experts)."""
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState, *, te: bool, sequence_parallel: bool, dtype: torch.dtype,
-                 device: torch.device | None) -> None:
+                 device: torch.device | None, spec: LayerSpec = LLAMA_LAYER) -> None:
         super().__init__()
         moe = cfg.moe
         self.moe, self.ps = moe, ps
         self.sequence_parallel = sequence_parallel and ps.tp > 1
         self.router = Router(cfg, moe, dtype=dtype, device=device)
-        self.experts = Experts(cfg, moe, ps, te=te, grouped=ps.layout.moe_grouped_gemm, dtype=dtype, device=device)
+        self.experts = Experts(cfg, moe, ps, te=te, grouped=ps.layout.moe_grouped_gemm, dtype=dtype, device=device,
+                               spec=spec)
         self.shared_experts = (SharedExperts(cfg, moe, ps, te=te, sequence_parallel=sequence_parallel, dtype=dtype,
                                              device=device) if moe.shared_expert_ffn_hidden_size else None)
         self.aux_loss_scale = 1.0

@@ -1,5 +1,5 @@
-"""Rotary position embeddings (non-interleaved, `rotate_half`), with Llama-3 frequency scaling, LongRoPE and partial
-rotary (the first `rotary_percent` of each head's dimensions rotate, the rest pass through).
+"""Rotary position embeddings (non-interleaved, `rotate_half`), with Llama-3 frequency scaling, YaRN, LongRoPE and
+partial rotary (the first `rotary_percent` of each head's dimensions rotate, the rest pass through).
 
 Both transformers and Megatron Core rotate the two halves of each head; the cos/sin tables are
 computed in fp32 and cast to the activation dtype, as transformers does, so bf16 runs agree too.
@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from bridge.config import ModelConfig, RopeScaling
+from bridge.config import ModelConfig, RopeScaling, YaRN
 
 
 def inv_frequencies(dim: int, base: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -53,6 +53,8 @@ class RotaryEmbedding(nn.Module):
             inv_freq = inv_frequencies(rotary_dim(cfg), cfg.local_rotary_base, None)
         elif cfg.mla is not None:  # MLA: RoPE on the qk_pos_emb_head_dim part only, YaRN-scaled
             inv_freq, self.attention_scaling = yarn_frequencies(cfg)
+        elif cfg.yarn is not None:
+            inv_freq, self.attention_scaling = yarn_inv_freq(rotary_dim(cfg), cfg.rotary_base, cfg.yarn)
         elif cfg.long_rope is not None:
             dim, long = rotary_dim(cfg), cfg.long_rope
             inv_freq = long_rope_frequencies(dim, cfg.rotary_base, long.short_factor)
@@ -82,24 +84,42 @@ def yarn_mscale(scale: float, m: float = 1.0) -> float:
 
 
 def yarn_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
-    """inv_freq and the cos/sin factor for MLA's rope dims (transformers' `_compute_yarn_parameters`)."""
-    mla, dim, base = cfg.mla, cfg.mla.qk_pos_emb_head_dim, cfg.rotary_base
-    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    """inv_freq and the cos/sin factor for MLA's rope dims."""
+    mla, dim = cfg.mla, cfg.mla.qk_pos_emb_head_dim
     if mla.rope_type != "yarn":
-        return 1.0 / pos_freqs, 1.0
-    factor, old_len = mla.rotary_scaling_factor, mla.original_max_position_embeddings
+        return 1.0 / cfg.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim), 1.0
+    return yarn_inv_freq(dim, cfg.rotary_base, YaRN(
+        factor=mla.rotary_scaling_factor, original_max_position_embeddings=mla.original_max_position_embeddings,
+        beta_fast=mla.beta_fast, beta_slow=mla.beta_slow, mscale=mla.mscale, mscale_all_dim=mla.mscale_all_dim))
+
+
+def yarn_inv_freq(dim: int, base: float, yarn: YaRN) -> tuple[torch.Tensor, float]:
+    """YaRN's inv_freq for `dim` rotated dimensions and its cos/sin factor (transformers' `_compute_yarn_parameters`):
+    below the correction range the frequencies keep their values (extrapolation), above it they are `factor` times
+    slower (interpolation), linearly ramped between."""
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    factor, old_len = yarn.factor, yarn.original_max_position_embeddings
 
     def correction_dim(rotations: float) -> float:
         return (dim * math.log(old_len / (rotations * 2 * math.pi))) / (2 * math.log(base))
 
-    low = max(math.floor(correction_dim(mla.beta_fast)), 0)
-    high = min(math.ceil(correction_dim(mla.beta_slow)), dim - 1)
+    low, high = correction_dim(yarn.beta_fast), correction_dim(yarn.beta_slow)
+    if yarn.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / ((high - low) or 0.001)).clamp(0, 1)
     extrapolation = 1 - ramp
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
-    scaling = (yarn_mscale(factor, mla.mscale) / yarn_mscale(factor, mla.mscale_all_dim)
-               if mla.mscale and mla.mscale_all_dim else yarn_mscale(factor))
-    return inv_freq, scaling
+    return inv_freq, yarn_attention_factor(yarn)
+
+
+def yarn_attention_factor(yarn: YaRN) -> float:
+    """The cos/sin scale: given, or from the factor (and the two mscales where both are set), as transformers."""
+    if yarn.attention_factor is not None:
+        return yarn.attention_factor
+    if yarn.mscale and yarn.mscale_all_dim:
+        return yarn_mscale(yarn.factor, yarn.mscale) / yarn_mscale(yarn.factor, yarn.mscale_all_dim)
+    return yarn_mscale(yarn.factor)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -7,11 +7,12 @@ TE spec: the pre-attention / pre-MLP RMSNorms are fused into `linear_qkv` / `lin
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bridge.config import LLAMA_LAYER, LayerSpec, ModelConfig
+from bridge.errors import BridgeError
 from bridge.nn import rope_qkv
+from bridge.nn.activations import gated
 from bridge.nn.attention import Documents
 from bridge.nn.core_attention import CoreAttention, TECoreAttention
 from bridge.nn.layers import (ColumnParallelLinear, RMSNorm, RowParallelLinear, TEColumnParallelLinear, TENorm,
@@ -21,9 +22,6 @@ from bridge.nn.moe import MoELayer
 from bridge.nn.rope import apply_rope
 from bridge.parallel import collectives as C
 from bridge.parallel.state import ParallelState
-
-#: LayerSpec.activation -> the gate's function (HF's `silu` and `gelu_pytorch_tanh`).
-ACTIVATION_FUNCTIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 class SelfAttention(nn.Module):
@@ -42,8 +40,9 @@ class SelfAttention(nn.Module):
                                  norm_eps=cfg.norm_epsilon if te and spec.pre_norms else None, **common)
         self.core_attention = (TECoreAttention if te else CoreAttention)(
             window, cp=ps.cp, cp_rank=ps.cp_rank, cp_group=ps.cp_group, cp_comm_type=ps.cp_comm_type,
-            softmax_scale=cfg.softmax_scale, softcap=spec.attention_softcap)
-        self.linear_proj = row(cfg.num_attention_heads * cfg.kv_channels, cfg.hidden_size,
+            softmax_scale=cfg.softmax_scale, softcap=spec.attention_softcap,
+            sinks=cfg.num_attention_heads // tp if cfg.attention_sinks else 0, dtype=dtype, device=device)
+        self.linear_proj = row(cfg.num_attention_heads * cfg.kv_channels, cfg.hidden_size, bias=cfg.add_bias_linear,
                                post_norm=(cfg.norm_epsilon, cfg.norm_style) if spec.post_norms else None, **common)
         self.q_layernorm = self.k_layernorm = None
         if cfg.qk_layernorm:
@@ -100,17 +99,19 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, ps: ParallelState, *, te: bool, sequence_parallel: bool,
                  dtype: torch.dtype, device: torch.device | None, spec: LayerSpec = LLAMA_LAYER) -> None:
         super().__init__()
+        if cfg.add_bias_linear:
+            raise BridgeError(f"{cfg.architecture} with dense MLP layers and linear biases is not supported")
         common = dict(tp=ps.tp, group=ps.tp_group, sequence_parallel=sequence_parallel, dtype=dtype, device=device)
         column, row = (TEColumnParallelLinear, TERowParallelLinear) if te else (ColumnParallelLinear, RowParallelLinear)
         self.linear_fc1 = column(cfg.hidden_size, 2 * cfg.ffn_hidden_size, norm_style=cfg.norm_style,
                                  norm_eps=cfg.norm_epsilon if te and spec.pre_norms else None, **common)
         self.linear_fc2 = row(cfg.ffn_hidden_size, cfg.hidden_size,
                               post_norm=(cfg.norm_epsilon, cfg.norm_style) if spec.post_norms else None, **common)
-        self.activation = ACTIVATION_FUNCTIONS[spec.activation]
+        self.spec = spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.linear_fc1(x).chunk(2, dim=-1)  # [s, b, F/tp] each
-        return self.linear_fc2(self.activation(gate) * up)
+        return self.linear_fc2(gated(gate, up, self.spec))
 
 
 class TransformerLayer(nn.Module):
@@ -142,7 +143,7 @@ class TransformerLayer(nn.Module):
         if self.pre_norm_separate:
             self.pre_mlp_layernorm = norm()
         if moe:
-            self.mlp = MoELayer(cfg, ps, **kwargs)
+            self.mlp = MoELayer(cfg, ps, spec=spec, **kwargs)
         else:
             self.mlp = MLP(cfg, ps, spec=spec, **kwargs)
 

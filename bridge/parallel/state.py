@@ -57,8 +57,8 @@ def check_cp_comm_type(cp_comm_type: str) -> None:
 def check_context_parallel(cp: int, cp_comm_type: str, model: ModelConfig, tp: int) -> None:
     """One-line errors for what `bridge train` and `bridge verify` both refuse: a CP degree below 1, an exchange
     bridge does not have, a2a where the heads of a TP rank do not split evenly over CP, and LongRoPE, whose table
-    depends on the longest position of the whole sequence, which no CP rank sees; and attention softcaps (Gemma 2),
-    which the CP exchanges' kernels do not apply."""
+    depends on the longest position of the whole sequence, which no CP rank sees; and attention softcaps (Gemma 2) and
+    sinks (GPT-OSS), which the CP exchanges' kernels do not apply."""
     if cp < 1:
         raise BridgeError(f"--cp must be >= 1, got {cp}")
     check_cp_comm_type(cp_comm_type)
@@ -68,6 +68,9 @@ def check_context_parallel(cp: int, cp_comm_type: str, model: ModelConfig, tp: i
     if cp > 1 and model.attention_softcaps:
         raise BridgeError(f"{model.architecture} soft-caps its attention scores, which context parallelism does not "
                           "do: use --cp 1")
+    if cp > 1 and model.attention_sinks:
+        raise BridgeError(f"{model.architecture} adds attention sinks to its softmax, which context parallelism does "
+                          "not do: use --cp 1")
     if cp > 1 and cp_comm_type == "a2a":
         check_model_heads(model, tp, cp)
 
