@@ -105,9 +105,12 @@ def hf_meta_bytes(src: Path) -> int:
 
 
 def set_config_dtype(config_path: Path, dtype: "torch.dtype") -> None:
-    """Record the weights' dtype in an HF config.json (`dtype` in transformers 5, `torch_dtype` before)."""
+    """Record the weights' dtype in an HF config.json (`dtype` in transformers 5, `torch_dtype` before). The weights
+    bridge writes are never quantised: a source's `quantization_config` (DeepSeek-V3's FP8, GPT-OSS's MXFP4) no longer
+    describes them and goes."""
     config: dict[str, Any] = json.loads(config_path.read_text())
     config["dtype" if "dtype" in config else "torch_dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("quantization_config", None)
     config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 

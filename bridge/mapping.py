@@ -41,6 +41,9 @@ class Row:
     """Which layers have this weight: `all`, `dense` (non-MoE layers) or `moe`."""
     experts: bool = False
     """One conversion per routed expert: `{e}` in the names is the global expert index."""
+    stacked: bool = False
+    """With `experts`: the HF tensors hold every expert of the layer stacked on dim 0 (GPT-OSS's `gate_up_proj`
+    [E, h, 2F]), and each expert's conversion reads and writes its own index of them."""
 
     @property
     def per_layer(self) -> bool:
@@ -56,6 +59,8 @@ class Conversion:
     transform: Transform
     layer: int | None
     expert: int | None = None
+    hf_index: int | None = None
+    """Index on dim 0 of the HF tensors that this conversion's part is (a stacked expert row); None: all of them."""
 
     def to_megatron(self, hf_tensors: Sequence[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
         return self.transform.to_megatron(*hf_tensors, cfg)
@@ -89,7 +94,7 @@ def _bind(rows: Sequence[Row], layer: int | None, moe: MoEConfig | None) -> Iter
         for expert in range(moe.num_experts) if is_expert and moe else [None]:
             for row in block:
                 yield Conversion(row.megatron.format(layer, e=expert), tuple(n.format(layer, e=expert) for n in row.hf),
-                                 row.transform, layer, expert)
+                                 row.transform, layer, expert, expert if row.stacked else None)
 
 
 def megatron_shape(key: str, cfg: ModelConfig) -> tuple[int, ...]:
@@ -99,6 +104,7 @@ def megatron_shape(key: str, cfg: ModelConfig) -> tuple[int, ...]:
 
 def expected_hf_shapes(conv: Conversion, cfg: ModelConfig) -> list[tuple[int, ...]]:
     """The shapes the HF tensors of a conversion must have: the Megatron shape taken back through the transform
-    on the meta device (no data)."""
+    on the meta device (no data); a stacked row's tensors hold every expert."""
     target = torch.empty(megatron_shape(conv.megatron, cfg), device="meta")
-    return [tuple(t.shape) for t in conv.to_hf(target, cfg)]
+    stack = () if conv.hf_index is None else (cfg.num_experts,)
+    return [(*stack, *t.shape) for t in conv.to_hf(target, cfg)]

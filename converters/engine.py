@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from bridge.checkpoint import CheckpointMeta
 from bridge.config import ModelConfig
-from bridge.converters import fp8
+from bridge.converters import fp8, mxfp4
 from bridge.converters.hf import PlannedTensor, SafetensorsReader, StreamingSafetensorsWriter
 from bridge.converters.megatron_legacy import LegacyCheckpointReader, LegacyCheckpointWriter
 from bridge.errors import BridgeError
@@ -66,7 +66,9 @@ class HFSource:
         self.skipped = sorted(n for n in reader.names() if skip_prefixes and n.startswith(tuple(skip_prefixes)))
         if self.skipped:
             log.info("not converting %d HF tensors under %s (no Megatron counterpart)", len(self.skipped), ", ".join(skip_prefixes))
-        self._scales = fp8.scale_names(reader.names(), {n for conv in conversions for n in conv.hf})
+        needed = {n for conv in conversions for n in conv.hf}
+        self._scales = fp8.scale_names(reader.names(), needed)
+        self._mxfp4 = mxfp4.quantised_names(reader.names(), needed)
         self.nonfinite: list[str] = []
         self._check_accounting()
         self._check_headers()
@@ -74,7 +76,8 @@ class HFSource:
     def _check_accounting(self) -> None:
         needed = {name for conv in self.conversions for name in conv.hf}
         available = {n for n in self.reader.names() if not n.endswith(DERIVED_HF_SUFFIXES)}
-        available -= set(self.skipped) | set(self._scales.values())
+        available -= set(self.skipped) | set(self._scales.values()) | {n for pair in self._mxfp4.values() for n in pair}
+        available |= set(self._mxfp4)  # read through its blocks and scales
         if self.cfg.tie_word_embeddings:
             available.discard(TIED_HF_HEAD)  # checked equal to the embedding in finish()
         missing, unexpected = needed - available, available - needed
@@ -87,22 +90,29 @@ class HFSource:
     def _check_headers(self) -> None:
         """Every tensor's stored shape and dtype against what the config implies, from the headers alone, before
         anything is written: a transposed or mis-sized weight, or an integer one, would convert into garbage."""
-        found = ((name, self._stored(name), shape, FLOAT_DTYPES + (FP8_DTYPES if name in self._scales else ()))
-                 for name, shape in self._expected_shapes())
+        found = ((name, self._stored(name), shape, allowed) for name, shape, allowed in self._expected())
         check_stored(f"{self.reader.folder} does not match its config.json", found,
                      "check that config.json belongs to these weights and that they are stored as floats "
-                     "(FP8 only with their weight_scale_inv)")
+                     "(FP8 only with their weight_scale_inv, uint8 only as MXFP4 _blocks and _scales)")
 
-    def _expected_shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:
-        """(HF name, shape it must have) of every tensor read: mapped weights, FP8 scales, a tied head's copy."""
+    def _expected(self) -> Iterator[tuple[str, tuple[int, ...], tuple[torch.dtype, ...]]]:
+        """(stored name, shape, dtypes it may have) of every tensor read: mapped weights (an MXFP4 one as its blocks
+        and scales), FP8 scales, a tied head's copy; a stacked tensor once, though every expert reads it."""
+        seen: set[str] = set()
         for conv in self.conversions:
             for name, shape in zip(conv.hf, expected_hf_shapes(conv, self.cfg)):
-                yield name, shape
+                if name in seen:
+                    continue
+                seen.add(name)
+                if name in self._mxfp4:
+                    yield from zip(self._mxfp4[name], mxfp4.stored_shapes(shape), ((torch.uint8,),) * 2)
+                    continue
+                yield name, shape, FLOAT_DTYPES + (FP8_DTYPES if name in self._scales else ())
                 if name in self._scales and len(shape) == 2:
                     b0, b1 = self.cfg.extra.get("fp8_block") or fp8.DEFAULT_BLOCK
-                    yield self._scales[name], (math.ceil(shape[0] / b0), math.ceil(shape[1] / b1))
+                    yield self._scales[name], (math.ceil(shape[0] / b0), math.ceil(shape[1] / b1)), FLOAT_DTYPES
         if self.cfg.tie_word_embeddings and TIED_HF_HEAD in self.reader.names():
-            yield TIED_HF_HEAD, (self.cfg.vocab_size, self.cfg.hidden_size)
+            yield TIED_HF_HEAD, (self.cfg.vocab_size, self.cfg.hidden_size), FLOAT_DTYPES
 
     def _stored(self, name: str) -> torch.Tensor | None:
         """The stored tensor on `meta`; None for a dtype torch cannot represent here (U16, F8_E8M0, ...)."""
@@ -112,24 +122,34 @@ class HFSource:
             return None
 
     def tensors(self, meta: bool = False) -> Iterator[tuple[Conversion, torch.Tensor]]:
-        fetch = self._meta if meta else self._get
+        fetch = self._meta if meta else self.read
         for conv in self.conversions:
-            tensor = conv.to_megatron([fetch(name) for name in conv.hf], self.cfg)
+            tensor = conv.to_megatron([fetch(name, conv.hf_index) for name in conv.hf], self.cfg)
             yield conv, tensor if self.dtype is None else tensor.to(self.dtype)
 
-    def _get(self, name: str) -> torch.Tensor:
-        """One HF tensor; FP8 block-quantised weights come back dequantised (bf16), one tensor at a time."""
-        if name in self._scales:
+    def read(self, name: str, index: int | None = None) -> torch.Tensor:
+        """One HF tensor, or its `index` on dim 0 (an expert of a stacked tensor); FP8 block-quantised and MXFP4
+        weights come back dequantised (bf16), one tensor (one expert) at a time."""
+        if name in self._mxfp4:
+            blocks, scales = self._mxfp4[name]
+            tensor = mxfp4.dequantize(self.reader.get(blocks, index), self.reader.get(scales, index))
+        elif name in self._scales:
             tensor = fp8.dequantize(self.reader.get(name), self.reader.get(self._scales[name]), self.cfg.extra.get("fp8_block"))
         else:
-            tensor = self.reader.get(name)
+            tensor = self.reader.get(name, index)
         if not all_finite(tensor):
-            self.nonfinite.append(name)
+            self.nonfinite.append(name if index is None else f"{name}[{index}]")
         return tensor
 
-    def _meta(self, name: str) -> torch.Tensor:
-        tensor = self.reader.meta(name)
-        return torch.empty(tensor.shape, dtype=torch.bfloat16, device="meta") if name in self._scales else tensor
+    def _meta(self, name: str, index: int | None = None) -> torch.Tensor:
+        if name in self._mxfp4:
+            shape = mxfp4.dequantized_shape(tuple(self.reader.meta(self._mxfp4[name][0]).shape))
+            tensor = torch.empty(shape, dtype=torch.bfloat16, device="meta")
+        else:
+            tensor = self.reader.meta(name)
+            if name in self._scales:
+                tensor = torch.empty(tensor.shape, dtype=torch.bfloat16, device="meta")
+        return tensor if index is None else tensor[index]
 
     def finish(self) -> None:
         if self.nonfinite:
@@ -391,10 +411,14 @@ def megatron_bytes(source: Source, meta: CheckpointMeta) -> int:
 
 
 def hf_plan(source: Source, cfg: ModelConfig, dtype: torch.dtype | None) -> list[PlannedTensor]:
-    """Name, dtype and shape of every HF tensor an export writes, from the source's metadata (no data)."""
-    return [PlannedTensor(name, dtype or t.dtype, tuple(t.shape))
-            for conv, tensor in source.tensors(meta=True)
-            for name, t in zip(conv.hf, conv.to_hf(tensor, cfg))]
+    """Name, dtype and shape of every HF tensor an export writes, from the source's metadata (no data); a stacked
+    tensor once, with every expert."""
+    plan: dict[str, PlannedTensor] = {}
+    for conv, tensor in source.tensors(meta=True):
+        stack = () if conv.hf_index is None else (cfg.num_experts,)
+        for name, t in zip(conv.hf, conv.to_hf(tensor, cfg)):
+            plan.setdefault(name, PlannedTensor(name, dtype or t.dtype, (*stack, *t.shape)))
+    return list(plan.values())
 
 
 def hf_bytes(source: Source, cfg: ModelConfig, dtype: torch.dtype | None) -> int:
@@ -411,7 +435,7 @@ class HFSink:
 
     def put(self, conv: Conversion, tensor: torch.Tensor) -> None:
         for name, hf_tensor in zip(conv.hf, conv.to_hf(tensor, self.cfg)):
-            self.writer.write(name, hf_tensor if self.dtype is None else hf_tensor.to(self.dtype))
+            self.writer.write(name, hf_tensor if self.dtype is None else hf_tensor.to(self.dtype), conv.hf_index)
 
     def close(self) -> None:
         self.writer.close()

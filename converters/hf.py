@@ -101,12 +101,13 @@ class SafetensorsReader:
     def names(self) -> set[str]:
         return set(self._files)
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor. The file is mapped only for this read: a handle kept open would keep every
-        page read so far resident (file-backed RSS grows to the model's size)."""
+    def get(self, name: str, index: int | None = None) -> torch.Tensor:
+        """Read one tensor, or only its `index` on dim 0 (one expert of a stacked tensor). The file is mapped only
+        for this read: a handle kept open would keep every page read so far resident (file-backed RSS grows to the
+        model's size)."""
         try:
             with safe_open(str(self._files[name]), framework="pt") as handle:
-                return handle.get_tensor(name)
+                return handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
         except KeyError:
             raise BridgeError(f"tensor {name} is not in {self.folder}") from None
         except SafetensorError as exc:
@@ -163,6 +164,7 @@ class StreamingSafetensorsWriter:
             fname = SINGLE_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             self._start_shard(folder / fname, shard)
         self._pending = set(self._plan)
+        self._parts: dict[str, set[int | None]] = {}
 
     @staticmethod
     def _split(plan: list[PlannedTensor], cap: int) -> list[list[PlannedTensor]]:
@@ -194,19 +196,26 @@ class StreamingSafetensorsWriter:
             self._where[name] = (path, base + off)
         self._files[path] = handle
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, part: int | None = None) -> None:
+        """Write a planned tensor, or its index `part` on dim 0 (one expert of a stacked tensor: the tensor is done
+        when every index has been written)."""
         planned = self._plan.get(name)
-        if planned is None or name not in self._pending:
+        done = self._parts.setdefault(name, set())
+        if planned is None or name not in self._pending or part in done or (part is None and done):
             raise BridgeError(f"internal: tensor {name} was not planned or was written twice")
-        if tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
-            raise BridgeError(f"internal: {name} is {tuple(tensor.shape)} {tensor.dtype}, planned {planned.shape} {planned.dtype}")
+        shape = planned.shape if part is None else planned.shape[1:]
+        if tuple(tensor.shape) != shape or tensor.dtype != planned.dtype or (part is not None and part >= planned.shape[0]):
+            raise BridgeError(f"internal: {name}[{part}] is {tuple(tensor.shape)} {tensor.dtype}, planned {planned.shape} "
+                              f"{planned.dtype}")
         path, offset = self._where[name]
         handle = self._files[path]
-        handle.seek(offset)
         flat = tensor.detach().contiguous().reshape(-1)
+        handle.seek(offset + (part or 0) * flat.numel() * flat.element_size())
         if flat.numel():
             handle.write(flat.view(torch.uint8).numpy().data)
-        self._pending.discard(name)
+        done.add(part)
+        if part is None or len(done) == planned.shape[0]:
+            self._pending.discard(name)
 
     def close(self) -> None:
         """Finish the files and the index; every planned tensor must have been written."""

@@ -76,7 +76,7 @@ def load_hf_weights(chunks: Sequence[GPTModel], folder: Path) -> None:
         tied_head = conv.megatron == "embedding.word_embeddings.weight" and cfg.tie_word_embeddings and ps.pp > 1
         if not _owns(loc, ps) and not (tied_head and ps.is_last_stage):
             continue  # another stage's (or EP rank's) tensor: not even read
-        tensor = conv.to_megatron([reader.get(n) for n in conv.hf], cfg)
+        tensor = conv.to_megatron([source.read(n, conv.hf_index) for n in conv.hf], cfg)
         put(conv.megatron, tensor)
         if tied_head:
             put("output_layer.weight", tensor)
@@ -148,6 +148,9 @@ def export_hf_weights(chunks: Sequence[GPTModel], *, names: Collection[str] | No
     model = chunks[0]
     cfg, ps = model.cfg, model.ps
     convs = conversions(model.cfg)
+    if any(conv.hf_index is not None for conv in convs):
+        raise BridgeError(f"{cfg.architecture} keeps each layer's experts in one HF tensor, which streaming one "
+                          "Megatron tensor at a time does not assemble; save a checkpoint and `bridge export` it")
     wanted = set(names) if names is not None else None
     if wanted is not None:
         unknown = wanted - {n for c in convs for n in c.hf}
