@@ -333,7 +333,7 @@ def megatron_args(cfg: ModelConfig, *, padded_vocab_size: int, tp: int, pp: int,
         normalization="RMSNorm",
         norm_epsilon=cfg.norm_epsilon,
         swiglu=True,
-        add_bias_linear=False,
+        add_bias_linear=cfg.add_bias_linear,
         add_qkv_bias=cfg.add_qkv_bias,
         qk_layernorm=cfg.qk_layernorm,
         untie_embeddings_and_output_weights=not cfg.tie_word_embeddings,
@@ -365,6 +365,7 @@ def megatron_args(cfg: ModelConfig, *, padded_vocab_size: int, tp: int, pp: int,
         vars(args).update(_mla_args(cfg.mla))
     specs = [cfg.layer(i) for i in range(cfg.num_layers)]
     args.swiglu = all(spec.activation == "silu" for spec in specs)  # Gemma's GeGLU: Megatron-LM has no flag for it
+    vars(args).update(_layer_args(cfg, specs))
     args.layernorm_zero_centered_gamma = cfg.norm_style == "zero-centered"
     if cfg.softmax_scale is not None:
         args.softmax_scale = cfg.softmax_scale
@@ -372,6 +373,33 @@ def megatron_args(cfg: ModelConfig, *, padded_vocab_size: int, tp: int, pp: int,
         args.mtp_num_layers = cfg.mtp_layers
     if not all(cfg.layer(i).rope for i in range(cfg.num_layers)):
         args.no_rope_freq = [int(not cfg.layer(i).rope) for i in range(cfg.num_layers)]  # 1: this layer skips RoPE
+    return args
+
+
+def _layer_args(cfg: ModelConfig, specs: list[LayerSpec]) -> dict[str, Any]:
+    """GPT-OSS's features in Megatron-LM's arguments (its GPT-OSS flags: --quick-geglu, --glu-linear-offset,
+    --activation-func-clamp-value, --softmax-type learnable, --window-size with --window-attn-skip-freq, YaRN's)."""
+    args: dict[str, Any] = {}
+    if cfg.attention_sinks:
+        args["softmax_type"] = "learnable"
+    if all(spec.activation == "quick_gelu" for spec in specs):
+        args["quick_geglu"] = True
+    clamps, offsets = {spec.glu_clamp for spec in specs}, {spec.glu_linear_offset for spec in specs}
+    if len(clamps) == 1 and None not in clamps:
+        args["activation_func_clamp_value"] = clamps.pop()
+    if len(offsets) == 1 and 0.0 not in offsets:
+        args["glu_linear_offset"] = offsets.pop()
+    windows = {spec.window for spec in specs} - {None}
+    full = [i + 1 for i, spec in enumerate(specs) if spec.window is None]  # Megatron counts layers from 1
+    if cfg.sliding_window is None and len(windows) == 1 and full and all(n % full[0] == 0 for n in full) \
+            and len(full) == cfg.num_layers // full[0]:  # every k-th layer full, the others windowed
+        args.update(window_size=(windows.pop() - 1, 0), window_attn_skip_freq=full[0])
+    if cfg.yarn is not None:
+        yarn = cfg.yarn
+        args.update(position_embedding_type="yarn", yarn_rotary_scaling_factor=yarn.factor,
+                    yarn_original_max_position_embeddings=yarn.original_max_position_embeddings,
+                    yarn_beta_fast=yarn.beta_fast, yarn_beta_slow=yarn.beta_slow, yarn_mscale=yarn.mscale,
+                    yarn_mscale_all_dim=yarn.mscale_all_dim, yarn_correction_range_round_to_int=yarn.truncate)
     return args
 
 

@@ -39,9 +39,11 @@ def save_tiny_model(config: Any, out: Path, *, dtype: torch.dtype = torch.float3
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name or name.endswith(".bias"):
+            if "norm" in name or name.endswith((".bias", "_bias")):
                 # Norms start at 1 and biases at 0: random values make layout mistakes visible.
                 param.add_(torch.randn_like(param) * 0.1)
+            elif name.endswith(".sinks"):  # attention sinks start near 0; trained ones are logits of order one
+                param.copy_(torch.randn_like(param))
     model = model.to(dtype)
     model.save_pretrained(out, safe_serialization=True)
     return out

@@ -35,7 +35,8 @@ ARG_DEFAULTS: dict[str, Any] = {
 _GPT_PROVIDER = "megatron.bridge.models.gpt_provider.GPTModelProvider"
 #: LayerSpec.activation -> the function Megatron-Bridge's providers name for it (Gemma's: Megatron Core's fast_gelu,
 #: the tanh GELU).
-_ACTIVATIONS = {"silu": "torch.nn.functional.silu", "gelu_tanh": "megatron.core.activations.fast_gelu"}
+_ACTIVATIONS = {"silu": "torch.nn.functional.silu", "gelu_tanh": "megatron.core.activations.fast_gelu",
+                "quick_gelu": "megatron.core.fusions.fused_bias_geglu.quick_gelu"}
 _DTYPES = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}
 
 

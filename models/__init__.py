@@ -10,7 +10,8 @@ from bridge.config import ModelConfig
 from bridge.errors import BridgeError
 from bridge.hub import load_pretrained
 from bridge.mapping import Conversion, Row, expand
-from bridge.models import deepseek, gemma, glm4_moe, llama, mistral, mixtral, olmo2, phi3, qwen, qwen_moe, smollm3
+from bridge.models import (deepseek, gemma, glm4_moe, gpt_oss, llama, mistral, mixtral, olmo2, phi3, qwen, qwen_moe,
+                           smollm3)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ FAMILIES: dict[str, Family] = {
     "Olmo2ForCausalLM": Family("Olmo2ForCausalLM", olmo2.config_from_hf, olmo2.rows),
     "DeepseekV3ForCausalLM": Family("DeepseekV3ForCausalLM", deepseek.config_from_hf, deepseek.rows, deepseek.hf_skip),
     "Glm4MoeForCausalLM": Family("Glm4MoeForCausalLM", glm4_moe.config_from_hf, glm4_moe.rows),
+    "GptOssForCausalLM": Family("GptOssForCausalLM", gpt_oss.config_from_hf, gpt_oss.rows),
 }
 
 

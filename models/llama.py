@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from bridge.config import DTYPE_NAMES, LongRope, ModelConfig, RopeScaling
+from bridge.config import DTYPE_NAMES, LongRope, ModelConfig, RopeScaling, YaRN
 from bridge.errors import BridgeError
 from bridge.mapping import COPY, FUSE_GATE_UP, FUSE_QKV, Row
 
@@ -104,9 +104,20 @@ def _long_rope(hf: Any, params: dict[str, Any]) -> dict[str, Any]:
                                    original_max_position_embeddings=original, attention_factor=float(attention)))
 
 
+def _yarn(hf: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """As transformers reads it: no factor means max / original positions; `truncate` defaults to true."""
+    original = int(params["original_max_position_embeddings"])
+    optional = {key: float(params[key]) for key in ("mscale", "mscale_all_dim", "attention_factor")
+                if params.get(key) is not None}
+    return dict(yarn=YaRN(factor=float(params.get("factor") or hf.max_position_embeddings / original),
+                          original_max_position_embeddings=original, beta_fast=float(params.get("beta_fast") or 32),
+                          beta_slow=float(params.get("beta_slow") or 1), truncate=bool(params.get("truncate", True)),
+                          **optional))
+
+
 #: HF rope_type -> the ModelConfig fields it sets besides the base (`su`: LongRoPE's first name, as transformers reads).
 ROPE_TYPES: dict[str, Callable[[Any, dict[str, Any]], dict[str, Any]]] = {
-    "default": lambda hf, params: {}, "llama3": _llama3, "longrope": _long_rope, "su": _long_rope,
+    "default": lambda hf, params: {}, "llama3": _llama3, "longrope": _long_rope, "su": _long_rope, "yarn": _yarn,
 }
 
 

@@ -41,6 +41,7 @@ MOE_MODELS: dict[str, str] = {
     # Glm4MoeConfig's defaults (GLM-4.5-Air's shape; no copy of the released config.json was found): qkv bias, partial
     # rotary, DeepSeek-V3's router and shared expert, a dense first layer, and an MTP layer kept through conversion
     "glm4.5-air": "zai-org--GLM-4.5-Air-Glm4MoeConfig-defaults",
+    "gpt-oss": "openai--gpt-oss-20b",                 # sinks, alternate windows, YaRN, biases, clamped SwiGLU, stacked experts
 }
 
 #: The dense models of the logit-parity tests (model and verify), under their test ids -> DENSE_MODELS keys.
@@ -99,6 +100,15 @@ MODEL_OVERRIDES: dict[str, dict[str, Any]] = {
     "glm4.5-air": {"head_dim": 16, "attention_bias": True, "n_routed_experts": 8, "num_experts_per_tok": 2,
                    "moe_intermediate_size": 32, "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5,
                    "eos_token_id": 2},
+    # the real pattern (sliding first) on 4 layers with 16-token windows, which the verify prompts (24 to 93 tokens)
+    # outgrow; YaRN as released (truncate false) but over 64 original positions; the SwiGLU clamp scaled down to bite
+    # on random weights (at 7 nothing of a tiny model reaches it: a quarter of its gate/up values pass 0.2); no MXFP4
+    "gpt-oss": {
+        "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 32, "sliding_window": 16,
+        "layer_types": ["sliding_attention", "full_attention"] * 2, "swiglu_limit": 0.2, "quantization_config": None,
+        "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "truncate": False},
+    },
 }
 
 

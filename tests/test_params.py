@@ -17,8 +17,8 @@ from tests.model_fixtures import MODEL_OVERRIDES, real_config
 
 #: One model per block shape: qkv bias, q/k norm, a gated shared expert, MLA with a router bias and a dense layer,
 #: pre+post norms with per-head q/k norms (Gemma 3), post-norms only with full-width q/k norms (OLMo 2), qkv bias with
-#: a router bias and an ungated shared expert (GLM-4.5).
-MODELS = ("qwen2", "qwen3", "qwen2-moe", "deepseek-v3", "gemma3", "olmo2", "glm4.5-air")
+#: a router bias and an ungated shared expert (GLM-4.5), sinks with linear and expert biases (GPT-OSS).
+MODELS = ("qwen2", "qwen3", "qwen2-moe", "deepseek-v3", "gemma3", "olmo2", "glm4.5-air", "gpt-oss")
 
 
 def _rank_state(name: str, impl: str, tp_rank: int) -> tuple[object, ParallelLayout, dict[str, torch.Tensor]]:

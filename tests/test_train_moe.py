@@ -1,8 +1,9 @@
 """CPU/gloo acceptance for MoE training: 10 fp32 steps at EP=2, EP=2 x TP=2 (and with the distributed optimizer or
 sequence parallelism), CP=2, and EP=2 spread over CP=2 give the single-process losses (1e-5 relative) for tiny
-Mixtral, Qwen3-MoE, Qwen2-MoE, DeepSeek-V3 and GLM-4.5 (whose MTP layer is carried unchanged); checkpoints are saved
-per EP rank in Megatron's names and `bridge export` of them gives the single-process weights; the aux loss is
-trained and reported; DeepSeek's expert bias moves after every step; bad EP settings fail before any spawn."""
+Mixtral, Qwen3-MoE, Qwen2-MoE, DeepSeek-V3, GLM-4.5 (whose MTP layer is carried unchanged) and GPT-OSS;
+checkpoints are saved per EP rank in Megatron's names and `bridge export` of them gives the single-process weights;
+the aux loss is trained and reported; DeepSeek's expert bias moves after every step; bad EP settings fail before any
+spawn."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,6 +40,9 @@ RUNS = {
     ("glm4.5-air", "ep2"): dict(nproc=2, ep=2),
     ("glm4.5-air", "ep2-tp2"): dict(nproc=4, ep=2, tp=2),
     ("glm4.5-air", "cp2-ep2"): dict(nproc=2, cp=2, ep=2),  # partial rotary on each CP rank's two chunks
+    # sinks, router and expert biases (fc2's added on one TP rank, its gradient on all), the clamped SwiGLU
+    ("gpt-oss", "ep2"): dict(nproc=2, ep=2),
+    ("gpt-oss", "ep2-tp2"): dict(nproc=4, ep=2, tp=2),
 }
 
 

@@ -113,6 +113,10 @@ def check_targets(cfg: TrainConfig, model: ModelConfig, grouped_experts: bool = 
     why = {"--tp > 1 (expert TP)": cfg.tp > 1, "--lora-use-dora": cfg.lora_use_dora, "--lora-dropout": cfg.lora_dropout > 0,
            "--moe-grouped-gemm experts": grouped_experts}
     bad = [flag for flag, on in why.items() if on]
+    if experts and any(c.hf_index is not None for c in conversions(model)):
+        raise BridgeError(f"--lora-target-modules {' '.join(experts)} adapts {model.architecture}'s routed experts, "
+                          "whose HF form (every expert in one tensor, gate and up interleaved) bridge writes no peft "
+                          "adapter for; adapt linear_qkv linear_proj only")
     if experts and bad:
         raise BridgeError(f"--lora-target-modules {' '.join(experts)} adapts {model.architecture}'s routed experts, "
                           f"which bridge does with neither {' nor '.join(bad)}; change that, or adapt linear_qkv "
