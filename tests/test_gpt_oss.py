@@ -85,8 +85,8 @@ def _mxfp4_checkpoint(src: Path, out: Path) -> dict[str, torch.Tensor]:
 def test_mxfp4_experts_import_as_transformers_dequantises_them(tiny_hf, tmp_path: Path) -> None:
     """A tiny GPT-OSS with MXFP4 experts, imported at EP=2 x TP=2 and exported: each expert weight is transformers'
     dequantisation of the stored bytes, the rest is copied, no _blocks/_scales name and no quantization_config
-    remains, and transformers reads the export to the same logits as the MXFP4 folder it dequantises itself."""
-    from transformers import AutoModelForCausalLM, Mxfp4Config
+    remains, and transformers reads the export to the same logits as the MXFP4 folder it dequantises itself (verify's
+    reference for an MXFP4 source)."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     src = tiny_hf("gpt-oss", dtype=torch.bfloat16)
@@ -102,11 +102,9 @@ def test_mxfp4_experts_import_as_transformers_dequantises_them(tiny_hf, tmp_path
             assert torch.equal(tensor, want), name
         else:
             assert torch.equal(tensor, stored[name]), name
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "mxfp4", quantization_config=Mxfp4Config(dequantize=True))
-    ours = AutoModelForCausalLM.from_pretrained(out)
-    ids = torch.tensor([TOKENS[0]])
-    with torch.no_grad():
-        assert torch.equal(ours(ids).logits, theirs(ids).logits)
+    theirs = hf_logits(tmp_path / "mxfp4", TOKENS[:2], "fp32", "cpu")  # verify's reference: dequantised by transformers
+    for ours, reference in zip(hf_logits(out, TOKENS[:2], "fp32", "cpu"), theirs):
+        assert torch.equal(ours, reference)
 
 
 # ---- what the logit check must catch -------------------------------------------------------------------------------
@@ -257,3 +255,20 @@ def test_exported_layout_names_match_megatron_bridge(tiny_hf, tmp_path: Path) ->
                      "self_attention.linear_qkv.weight"]
     sinks = load_file(tiny_hf("gpt-oss") / "model.safetensors")["model.layers.0.self_attn.sinks"]
     assert torch.equal(model["decoder.layers.0.self_attention.core_attention.softmax_offset"], sinks[4:])  # TP rank 1
+
+
+def test_fp8_takes_the_attention_linears_and_their_biases(tiny_hf) -> None:
+    """--fp8 (torchao, emulated on the CPU) converts linear_qkv and linear_proj of every layer, biases added after the
+    FP8 product; the experts stay in bf16 (as every family's); gradients reach the biases and the sinks."""
+    from bridge.nn import GPTModel
+    from bridge.nn.fp8 import apply_fp8
+
+    model = GPTModel(load_hf_config(tiny_hf("gpt-oss")), ParallelState(ParallelLayout(), 1, 0, create_groups=False),
+                     params_dtype=torch.bfloat16)
+    converted = apply_fp8([model], "tensorwise", emulate=True)
+    assert converted == [f"0.decoder.layers.{i}.self_attention.{m}" for i in range(4) for m in ("linear_qkv", "linear_proj")]
+    tokens = torch.randint(0, 300, (2, 33), generator=torch.Generator().manual_seed(0))
+    model(tokens[:, :-1], labels=tokens[:, 1:]).mean().backward()
+    attention = model.decoder.layers[0].self_attention
+    for param in (attention.linear_qkv.bias, attention.linear_proj.bias, attention.core_attention.softmax_offset):
+        assert param.grad is not None and param.grad.abs().sum() > 0

@@ -153,7 +153,7 @@ def hf_logits(folder: Path, token_lists: Sequence[Sequence[int]], dtype: str, de
     """transformers' logits per prompt, [s, V] in fp32 on the CPU."""
     from transformers import AutoModelForCausalLM
 
-    model = load_pretrained(AutoModelForCausalLM, folder, dtype=DTYPES[dtype]).to(device).eval()
+    model = load_pretrained(AutoModelForCausalLM, folder, dtype=DTYPES[dtype], **_dequantised(folder)).to(device).eval()
     out = []
     with torch.no_grad():
         for ids in token_lists:
@@ -164,6 +164,17 @@ def hf_logits(folder: Path, token_lists: Sequence[Sequence[int]], dtype: str, de
     if device == "cuda":
         torch.cuda.empty_cache()
     return out
+
+
+def _dequantised(folder: Path) -> dict[str, Any]:
+    """transformers' options that load an MXFP4 folder (GPT-OSS) dequantised, as bridge imports it: its own MXFP4
+    kernels would come from the Hub and run other arithmetic; the reference is the weights' values."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    if (config.get("quantization_config") or {}).get("quant_method") != "mxfp4":
+        return {}
+    from transformers import Mxfp4Config
+
+    return {"quantization_config": Mxfp4Config(dequantize=True)}
 
 
 def packed_batch(token_lists: Sequence[Sequence[int]], device: torch.device) -> dict[str, torch.Tensor]:
