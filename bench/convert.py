@@ -3,13 +3,16 @@
     python bench/run.py convert                    # Llama-3.2-1B shape (bf16, 2.3 GiB) and a 2x deeper one, TP=2
     python bench/run.py convert --layers 16 --tp 4 --workdir /scratch/bench
     python bench/run.py convert --moe              # DeepSeek-V3 shape, 10 layers, 16 experts (~20 GB), EP=2
+    python bench/run.py convert --gpt-oss --ep 8   # GPT-OSS-120b shape, 2 layers, MXFP4 experts: import at EP=8
 
 Dense: a random bf16 Llama-shaped HF folder; the baseline reads the same safetensors bytes with
 `safetensors.torch.load_file` and writes them with one `torch.save` (what a hand-written converter does). Ratio =
 baseline time / bridge time (>= 1: bridge is faster). --moe keeps DeepSeek-V3's layer structure and full widths
 (hidden 7168, MLA, 3 dense layers, routed experts of width 2048, a shared expert, the sigmoid router's bias, the
 129k vocabulary) and scales only the number of layers and experts, so the largest tensor (the 1.7 GiB embedding)
-is the real one; it is imported at EP and exported back. The memory budget of a conversion is 2 x the largest
+is the real one; it is imported at EP and exported back. --gpt-oss writes GPT-OSS-120b's tensors at their real
+sizes (128 experts of 2880, hidden 2880, the 201k vocabulary), experts in MXFP4 as the Hub stores them (random
+bytes), on 2 of its 36 layers, and imports them at EP. The memory budget of a conversion is 2 x the largest
 tensor + 1 GiB. Each step runs in a fresh interpreter that reports its own peak RSS (VmHWM), with the page cache
 dropped before it where the OS lets us (root), so every step reads from and writes to the disk.
 """
@@ -34,6 +37,11 @@ LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32
 LLAMA_TINY = dict(LLAMA_1B, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=16, vocab_size=512)
 DEEPSEEK_V3 = ROOT / "tests" / "configs" / "deepseek-ai--DeepSeek-V3" / "config.json"
+GPT_OSS_20B = ROOT / "tests" / "configs" / "openai--gpt-oss-20b" / "config.json"
+#: GPT-OSS-120b's differences from gpt-oss-20b's config.json (its layers, and every tensor the same size).
+GPT_OSS_120B = dict(num_hidden_layers=36, num_local_experts=128)
+GPT_OSS_TINY = dict(hidden_size=64, intermediate_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    vocab_size=512, num_local_experts=8, num_experts_per_tok=2, pad_token_id=0, eos_token_id=1)
 DEEPSEEK_TINY = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_attention_heads=4,
                      num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
                      v_head_dim=16, vocab_size=512, n_group=1, topk_group=1, num_experts_per_tok=2)
@@ -129,6 +137,60 @@ def _checkpoint_shapes(state: dict[str, Any]) -> list[tuple[str, tuple[int, ...]
     return out
 
 
+def write_mxfp4_hf(folder: Path, config: dict[str, Any]) -> tuple[int, int]:
+    """A GPT-OSS HF folder of `config` whose experts' weights are MXFP4 `_blocks` and `_scales` (random bytes, scales
+    around 2^0), the rest random bf16, written tensor by tensor: (total, largest) bytes as stored."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bridge.converters import mxfp4
+    from bridge.converters.hf import PlannedTensor, StreamingSafetensorsWriter
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    hf_config = AutoConfig.for_model(config["model_type"], **{k: v for k, v in config.items()
+                                                              if k not in ("model_type", "quantization_config")})
+    with torch.device("meta"):
+        state = AutoModelForCausalLM.from_config(hf_config).state_dict()
+    plan = []
+    for name, t in state.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            blocks, scales = mxfp4.stored_shapes(tuple(t.shape))
+            plan += [PlannedTensor(name + mxfp4.BLOCKS, torch.uint8, blocks),
+                     PlannedTensor(name + mxfp4.SCALES, torch.uint8, scales)]
+        else:
+            plan.append(PlannedTensor(name, torch.bfloat16, tuple(t.shape)))
+    writer = StreamingSafetensorsWriter(folder, plan, max_shard_size=5 * 10**9)
+    gen = torch.Generator().manual_seed(0)
+    for p in plan:
+        if p.name.endswith(mxfp4.SCALES):
+            data = torch.randint(120, 128, p.shape, generator=gen, dtype=torch.uint8)
+        elif p.dtype == torch.uint8:
+            data = torch.randint(0, 256, p.shape, generator=gen, dtype=torch.uint8)
+        else:
+            data = (torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype)
+        writer.write(p.name, data)
+        del data
+    writer.close()
+    return sum(p.nbytes for p in plan), max(p.nbytes for p in plan)
+
+
+def gpt_oss_row(root: Path, layers: int, ep: int, smoke: bool) -> dict[str, Any]:
+    """GPT-OSS-120b's tensors on `layers` of its layers, MXFP4 experts, imported at EP (dequantised to bf16)."""
+    config = json.loads(GPT_OSS_20B.read_text())
+    config.update(GPT_OSS_120B, num_hidden_layers=layers, layer_types=config["layer_types"][:layers])
+    config.update(GPT_OSS_TINY if smoke else {})
+    src, ckpt = root / "hf-gpt-oss", root / "ckpt-gpt-oss"
+    total, largest = write_mxfp4_hf(src, config)
+    imp = step(BRIDGE, "import", str(src), "--out", str(ckpt), "--ep", str(ep), in_process=smoke)
+    written = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
+    for path in (src, ckpt):
+        shutil.rmtree(path)
+    return {"model": f"gpt-oss-120b shape, {layers} layers, MXFP4 experts, EP={ep}", "model_gib": total / GIB,
+            "largest_gib": largest / GIB, "import_s": imp["seconds"], "import_rss": _gib(imp["peak_rss"]),
+            "written_gib": written / GIB}
+
+
 def dense_row(root: Path, layers: int, tp: int, smoke: bool) -> dict[str, Any]:
     src, ckpt, hf, base = (root / f"{n}-{layers}" for n in ("hf", "ckpt", "out", "baseline"))
     config = dict(LLAMA_TINY if smoke else LLAMA_1B, architectures=["LlamaForCausalLM"], model_type="llama",
@@ -171,9 +233,11 @@ def _gib(n: float | None) -> float | None:
 
 
 def configure(p: argparse.ArgumentParser, suite: str) -> None:
-    p.add_argument("--layers", type=int, nargs="+", help="dense model depths (default 16 32); --moe: one (default 10)")
+    p.add_argument("--layers", type=int, nargs="+",
+                   help="dense model depths (default 16 32); --moe: one (default 10); --gpt-oss: one (default 2)")
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--moe", action="store_true", help="the DeepSeek-V3-shaped MoE instead of the dense Llama")
+    p.add_argument("--gpt-oss", action="store_true", help="GPT-OSS-120b's tensors, MXFP4 experts: import only")
     p.add_argument("--experts", type=int, default=16, help="--moe: routed experts per MoE layer (DeepSeek-V3: 256)")
     p.add_argument("--dense", type=int, default=3, help="--moe: first dense layers (DeepSeek-V3: 3)")
     p.add_argument("--ep", type=int, default=2)
@@ -185,8 +249,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.workdir.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="bridge-bench-", dir=args.workdir))
     try:
-        if args.smoke:  # both models, tiny, every step in this process
-            rows = [dense_row(root, 2, 2, smoke=True), moe_row(root, 3, 4, 1, 2, smoke=True)]
+        if args.smoke:  # every model, tiny, every step in this process
+            rows = [dense_row(root, 2, 2, smoke=True), moe_row(root, 3, 4, 1, 2, smoke=True),
+                    gpt_oss_row(root, 2, 2, smoke=True)]
+        elif args.gpt_oss:
+            rows = [gpt_oss_row(root, (args.layers or [2])[0], args.ep, smoke=False)]
         elif args.moe:
             rows = [moe_row(root, (args.layers or [10])[0], args.experts, args.dense, args.ep, smoke=False)]
         else:

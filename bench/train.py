@@ -57,6 +57,17 @@ MODELS: dict[str, dict[str, Any]] = {
                            moe_intermediate_size=1408, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
                            topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=True, use_qk_norm=False,
                            num_nextn_predict_layers=0),
+    # GPT-OSS-20b's config.json (tests/configs; its experts in bf16, not MXFP4) at 4 of its 24 layers: sinks, windows of
+    # 128 on alternate layers, YaRN, 32 experts of 2880 taking 4. 4.45B parameters: with bf16 weights, fp32 gradients,
+    # fp32 master weights and Adam about 80 GB before activations, so an H200 (on an H100: --layers 2)
+    "gpt-oss-20b-4l": dict(architectures=["GptOssForCausalLM"], model_type="gpt_oss", hidden_size=2880,
+                           intermediate_size=2880, num_hidden_layers=4, num_attention_heads=64, num_key_value_heads=8,
+                           head_dim=64, vocab_size=201088, tie_word_embeddings=False, num_local_experts=32,
+                           num_experts_per_tok=4, sliding_window=128, layer_types=["sliding_attention", "full_attention"],
+                           rope_theta=150000.0, max_position_embeddings=131072, attention_bias=True, swiglu_limit=7.0,
+                           rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                         "original_max_position_embeddings": 4096, "truncate": False},
+                           router_aux_loss_coef=0.9, eos_token_id=200002, pad_token_id=199999),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, vocab_size=512, tie_word_embeddings=True,
                  rope_theta=10000.0, max_position_embeddings=256),
@@ -69,6 +80,9 @@ def write_config(name: str, folder: Path, layers: int | None = None, **overrides
     folder.mkdir(parents=True, exist_ok=True)
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "rms_norm_eps": 1e-5, "bos_token_id": 1,
               "eos_token_id": 2, **MODELS[name], **({"num_hidden_layers": layers} if layers else {}), **overrides}
+    if "layer_types" in config:  # a per-layer pattern, repeated over the layers
+        config["layer_types"] = [config["layer_types"][i % len(config["layer_types"])]
+                                 for i in range(config["num_hidden_layers"])]
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
 
@@ -154,15 +168,16 @@ def timed_hf_steps(model: Any, params: list[Any], opts: dict[str, Any]) -> dict[
 def hf_baseline(config_dir: str, opts: dict[str, Any]) -> dict[str, Any]:
     """The HF model of the config, fp32 parameters, bf16 autocast, torch.compile, fused AdamW, clipping 1.0 -> step
     times. Attention is SDPA, except where SDPA would drop part of the model: Gemma 2's attention softcap runs in
-    transformers' eager attention, as its documentation asks for training."""
+    transformers' eager attention, as its documentation asks for training, and so do GPT-OSS's sinks (transformers
+    has no SDPA path for them)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     device = torch.device(opts["device"])
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(config_dir)
-    softcapped = getattr(config, "attn_logit_softcapping", None) is not None
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager" if softcapped else "sdpa").to(device)
+    eager = getattr(config, "attn_logit_softcapping", None) is not None or config.model_type == "gpt_oss"
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager" if eager else "sdpa").to(device)
     return timed_hf_steps(model, list(model.parameters()), opts)
 
 
