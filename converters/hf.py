@@ -204,9 +204,10 @@ class StreamingSafetensorsWriter:
         if planned is None or name not in self._pending or part in done or (part is None and done):
             raise BridgeError(f"internal: tensor {name} was not planned or was written twice")
         shape = planned.shape if part is None else planned.shape[1:]
-        if tuple(tensor.shape) != shape or tensor.dtype != planned.dtype or (part is not None and part >= planned.shape[0]):
-            raise BridgeError(f"internal: {name}[{part}] is {tuple(tensor.shape)} {tensor.dtype}, planned {planned.shape} "
-                              f"{planned.dtype}")
+        outside = part is not None and part >= planned.shape[0]
+        if tuple(tensor.shape) != shape or tensor.dtype != planned.dtype or outside:
+            raise BridgeError(f"internal: {name}[{part}] is {tuple(tensor.shape)} {tensor.dtype}, planned "
+                              f"{planned.shape} {planned.dtype}")
         path, offset = self._where[name]
         handle = self._files[path]
         flat = tensor.detach().contiguous().reshape(-1)

@@ -44,9 +44,9 @@ def test_unknown_architecture_lists_supported(tiny_hf, tmp_path, capsys) -> None
     config["model_type"] = "llama"
     (src / "config.json").write_text(json.dumps(config))
     expect_error(capsys, tmp_path, "architecture FalconForCausalLM is not supported; supported: DeepseekV3ForCausalLM, "
-                 "Gemma2ForCausalLM, Gemma3ForCausalLM, Glm4MoeForCausalLM, LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, "
-                 "Olmo2ForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, Qwen2MoeForCausalLM, Qwen3ForCausalLM, "
-                 "Qwen3MoeForCausalLM, SmolLM3ForCausalLM", "import", str(src))
+                 "Gemma2ForCausalLM, Gemma3ForCausalLM, Glm4MoeForCausalLM, GptOssForCausalLM, LlamaForCausalLM, "
+                 "MistralForCausalLM, MixtralForCausalLM, Olmo2ForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, "
+                 "Qwen2MoeForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, SmolLM3ForCausalLM", "import", str(src))
 
 
 @pytest.mark.parametrize("flags,needle", [

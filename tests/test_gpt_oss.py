@@ -135,7 +135,8 @@ def _halves_gate_up(gate_up: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return gate_up.t() if gate_up.dim() == 2 else gate_up
 
 
-def test_mapping_and_block_mistakes_fail_the_logit_check(tiny_hf, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mapping_and_block_mistakes_fail_the_logit_check(tiny_hf, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """intermediate_size = hidden_size (64; the released models: 2880 both), so a down_proj read without its transpose
     has the right shape and only the logits can tell. Each mistake must fail where the right model passes."""
     src = tiny_hf("gpt-oss", intermediate_size=64)
@@ -143,9 +144,9 @@ def test_mapping_and_block_mistakes_fail_the_logit_check(tiny_hf, tmp_path: Path
     ckpt = import_hf(src, tmp_path / "right")
     no_sinks = lambda cfg: cfg.replace(attention_sinks=False)  # noqa: E731
     no_clamp = lambda cfg: cfg.replace(layers=tuple(replace(s, glu_clamp=None) for s in cfg.layers))  # noqa: E731
-    cases: dict[str, list[torch.Tensor]] = {"right": _logits(ckpt), "without sinks": _logits(ckpt, no_sinks),
-                                            "without the SwiGLU clamp": _logits(ckpt, no_clamp),
-                                            "experts 0 and 1 swapped": _logits(_swap_experts(import_hf(src, tmp_path / "s")))}
+    cases: dict[str, list[torch.Tensor]] = {
+        "right": _logits(ckpt), "without sinks": _logits(ckpt, no_sinks), "without the SwiGLU clamp": _logits(ckpt, no_clamp),
+        "experts 0 and 1 swapped": _logits(_swap_experts(import_hf(src, tmp_path / "s")))}
     monkeypatch.setattr(gpt_oss, "TRANSPOSED", COPY)
     cases["down_proj not transposed"] = _logits(import_hf(src, tmp_path / "t"))
     monkeypatch.undo()
@@ -266,7 +267,8 @@ def test_fp8_takes_the_attention_linears_and_their_biases(tiny_hf) -> None:
     model = GPTModel(load_hf_config(tiny_hf("gpt-oss")), ParallelState(ParallelLayout(), 1, 0, create_groups=False),
                      params_dtype=torch.bfloat16)
     converted = apply_fp8([model], "tensorwise", emulate=True)
-    assert converted == [f"0.decoder.layers.{i}.self_attention.{m}" for i in range(4) for m in ("linear_qkv", "linear_proj")]
+    assert converted == [f"0.decoder.layers.{i}.self_attention.{m}" for i in range(4)
+                         for m in ("linear_qkv", "linear_proj")]
     tokens = torch.randint(0, 300, (2, 33), generator=torch.Generator().manual_seed(0))
     model(tokens[:, :-1], labels=tokens[:, 1:]).mean().backward()
     attention = model.decoder.layers[0].self_attention

@@ -40,7 +40,8 @@ class Router(nn.Module):
         self.moe = moe
         self.weight = nn.Parameter(torch.empty(moe.num_experts, cfg.hidden_size, dtype=dtype, device=device))
         nn.init.normal_(self.weight, std=0.02)
-        self.bias = nn.Parameter(torch.zeros(moe.num_experts, dtype=dtype, device=device)) if cfg.add_bias_linear else None
+        self.bias = (nn.Parameter(torch.zeros(moe.num_experts, dtype=dtype, device=device)) if cfg.add_bias_linear
+                     else None)
         if moe.expert_bias:
             self.register_buffer("expert_bias", torch.zeros(moe.num_experts, dtype=torch.float32, device=device))
             self.register_buffer("local_tokens_per_expert", torch.zeros(moe.num_experts, device=device), persistent=False)
@@ -103,7 +104,8 @@ class _ExpertMLP(nn.Module):
 class _GroupedLinear(TEExtraState, nn.Module):
     """TEGroupedLinear's names: `weight0`, `weight1`, ... (and `bias0`, ... with biases) plus one `_extra_state`."""
 
-    def __init__(self, n: int, rows: int, cols: int, bias: bool, dtype: torch.dtype, device: torch.device | None) -> None:
+    def __init__(self, n: int, rows: int, cols: int, bias: bool, dtype: torch.dtype,
+                 device: torch.device | None) -> None:
         super().__init__()
         self.n = n
         for j in range(n):
@@ -161,8 +163,9 @@ class Experts(nn.Module):
         padded = rows.new_zeros(n, max(cap, 1), rows.shape[1])
         padded = padded.index_put((expert, slot), rows)  # [n, cap, h]
         fc1_bias, fc2_bias = self.weights("bias") if self.biased else (None, None)  # [n, 2F/tp], [n, h]
-        h1 = torch.bmm(padded, fc1.transpose(1, 2))
-        gate, up = self._adapted(padded, h1 if fc1_bias is None else h1 + fc1_bias[:, None], "linear_fc1").chunk(2, dim=-1)
+        h1 = torch.bmm(padded, fc1.transpose(1, 2))  # [n, cap, 2F/tp]
+        h1 = h1 if fc1_bias is None else h1 + fc1_bias[:, None]
+        gate, up = self._adapted(padded, h1, "linear_fc1").chunk(2, dim=-1)
         hidden = gated(gate, up, self.spec)  # [n, cap, F/tp]
         out = self._adapted(hidden, torch.bmm(hidden, fc2.transpose(1, 2)), "linear_fc2")  # [n, cap, h]
         if fc2_bias is not None:
