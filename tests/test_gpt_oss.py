@@ -169,6 +169,17 @@ def test_stacked_expert_tensor_short_of_an_expert_is_refused(tiny_hf, tmp_path: 
         import_hf(tmp_path / "short", tmp_path / "m")
 
 
+def test_rank_file_missing_an_experts_bias_is_refused(tiny_hf, tmp_path: Path) -> None:
+    ckpt = import_hf(tiny_hf("gpt-oss"), tmp_path / "c", ParallelLayout(ep=2))
+    path = ckpt / "release" / "mp_rank_00_001" / "model_optim_rng.pt"
+    state = load_pt(path)
+    del state["model"]["decoder.layers.3.mlp.experts.local_experts.0.linear_fc2.bias"]
+    torch.save(state, path)
+    with pytest.raises(BridgeError, match=r"missing 1: pp0/ep1/chunk0:decoder\.layers\.3\.mlp\.experts\.local_experts\.0"
+                                          r"\.linear_fc2\.bias"):
+        export_hf(ckpt, tmp_path / "hf")
+
+
 # ---- the config --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("truncate", [False, True])
 def test_yarn_frequencies_are_transformers_own(truncate: bool) -> None:

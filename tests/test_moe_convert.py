@@ -81,8 +81,10 @@ def test_grouped_gemm_names(tiny_hf, tmp_path: Path) -> None:
     assert "decoder.layers.1.pre_mlp_layernorm.weight" in model and "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in model
 
 
-def test_reshard_between_ep_layouts_is_bit_exact(tiny_hf, tmp_path: Path) -> None:
-    src = tiny_hf("deepseek-v3")
+@pytest.mark.parametrize("arch, experts", [("deepseek-v3", {}), ("gpt-oss", {"num_local_experts": 8})])
+def test_reshard_between_ep_layouts_is_bit_exact(arch: str, experts: dict, tiny_hf, tmp_path: Path) -> None:
+    """Through EP=4, TP=2 x EP=2 grouped, PP=2 x EP=8 x TP=2 with ETP=1, and back; GPT-OSS with 8 experts for EP=8."""
+    src = tiny_hf(arch, **experts)
     a = api.import_hf(src, tmp_path / "ep4", ParallelLayout(ep=4))
     b = api.reshard(a, tmp_path / "tp2ep2g", ParallelLayout(tp=2, ep=2, moe_grouped_gemm=True))
     c = api.reshard(b, tmp_path / "pp2ep8", ParallelLayout(pp=2, ep=8, tp=2, etp=1))
