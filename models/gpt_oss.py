@@ -16,8 +16,8 @@ import torch
 
 from bridge.config import LayerSpec, ModelConfig, MoEConfig
 from bridge.errors import BridgeError
-from bridge.mapping import COPY, FUSE_QKV, Row, Transform
-from bridge.models.llama import ATTN, M_ATTN, M_MLP, MLP, common_fields
+from bridge.mapping import COPY, Row, Transform
+from bridge.models.llama import ATTN, M_ATTN, M_MLP, MLP, attention_rows, common_fields
 
 EXPERTS = MLP + "experts."
 #: The sigmoid's gain in Megatron's quick_gelu, x * sigmoid(1.702 x), which GPT-OSS's activation is.
@@ -57,11 +57,8 @@ def rows(cfg: ModelConfig) -> list[Row]:
     expert = dict(layers="moe", experts=True, stacked=True)
     return [
         Row("embedding.word_embeddings.weight", ("model.embed_tokens.weight",)),
-        Row(M_ATTN + "linear_qkv.layer_norm_weight", ("model.layers.{}.input_layernorm.weight",)),
-        Row(M_ATTN + "linear_qkv.weight", (ATTN + "q_proj.weight", ATTN + "k_proj.weight", ATTN + "v_proj.weight"), FUSE_QKV),
-        Row(M_ATTN + "linear_qkv.bias", (ATTN + "q_proj.bias", ATTN + "k_proj.bias", ATTN + "v_proj.bias"), FUSE_QKV),
         Row(M_ATTN + "core_attention.softmax_offset", (ATTN + "sinks",)),
-        Row(M_ATTN + "linear_proj.weight", (ATTN + "o_proj.weight",)),
+        *attention_rows(cfg),  # with the qkv bias; linear_proj's weight last, its bias next (one module's rows in a run)
         Row(M_ATTN + "linear_proj.bias", (ATTN + "o_proj.bias",)),
         Row("decoder.layers.{}.pre_mlp_layernorm.weight", ("model.layers.{}.post_attention_layernorm.weight",), layers="moe"),
         Row(M_MLP + "router.weight", (MLP + "router.weight",), layers="moe"),
