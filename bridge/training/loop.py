@@ -309,8 +309,6 @@ class Trainer:
             record["valid_loss"] = evaluate(rs)
             rs.valid_curve.append([rs.iteration, record["valid_loss"]])
         self.records.append(record)
-        if self.saver is not None:
-            self.saver.step_finished()
         if rs.iteration % cfg.log_interval == 0 or "valid_loss" in record:
             self.log.write({k: v for k, v in record.items() if not k.startswith("_")})
             if self.print_lines:

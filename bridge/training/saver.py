@@ -45,8 +45,7 @@ class Checkpointer:
                  keep_last: int | None = None) -> None:
         self.save_dir, self.rs, self.fmt, self.async_save, self.keep_last = save, rs, fmt, async_save, keep_last
         self.stager = HostStager(rs.device)
-        self._pins_host_copies = fmt == "torch_dist" and async_save
-        self._reserving: threading.Thread | None = None
+        self._reserving = self._reserve_host_copies() if fmt == "torch_dist" and async_save else None
         self.pending: _Pending | None = None
         self.stall_s: list[float] = []
         """Seconds each save held up training (for async saves: the staging to host)."""
@@ -57,23 +56,17 @@ class Checkpointer:
         rs = self.rs
         return dist_save.RankView(rs.ps, rs.chunks, rs.optimizer, rs.plan.model, rs.plan.transformer_impl)
 
-    def step_finished(self) -> None:
-        """After each training step. After the first, start pinning the async saves' host buffers in the background
-        (HostStager.reserve). Not earlier: the first step compiles, and inductor's autotuning of the compiled
-        optimizer update copies the flat optimizer buffers (GiBs each) to pinned host memory, which fails with
-        "CUDA error: out of memory" when the save's buffers are being pinned at the same time."""
-        if self._pins_host_copies and self._reserving is None:
-            sizes = [c.data.numel() * c.data.element_size()
-                     for c in dist_save.rank_chunks(self._view(), self.stager.limit_bytes)]
-            self._reserving = threading.Thread(target=self.stager.reserve, args=(sizes,), name="pin-host-buffers",
-                                               daemon=True)
-            self._reserving.start()
+    def _reserve_host_copies(self) -> threading.Thread:
+        """Pin the async saves' host buffers while training starts (HostStager.reserve)."""
+        sizes = [c.data.numel() * c.data.element_size() for c in dist_save.rank_chunks(self._view(), self.stager.limit_bytes)]
+        thread = threading.Thread(target=self.stager.reserve, args=(sizes,), name="pin-host-buffers", daemon=True)
+        thread.start()
+        return thread
 
     def save(self, iteration: int, entries: dict[str, Any], summary: dict[str, Any] | None) -> None:
         """Collective: every rank calls it at the same iteration."""
         self.finalize()
         start = time.perf_counter()
-        self.step_finished()  # a save before any step's end (none in the loop) still finds its buffers
         if self._reserving is not None:  # pinning not finished by the first save: the rest counts as its stall
             self._reserving.join()
         entries, summary = copy.deepcopy(entries), copy.deepcopy(summary)  # the loss curves go on growing
