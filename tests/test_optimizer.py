@@ -157,3 +157,20 @@ def test_fused_weight_gradient_adds_bf16_products_into_the_buffer(buffer_dtype: 
     assert torch.allclose(main_grad.double(), exact, rtol=0, atol=tolerance), (main_grad.double() - exact).abs().max()
     if buffer_dtype == torch.float32:  # the bf16 result would be visibly coarser: the fp32 path is really taken
         assert (main_grad.double() - exact).abs().max() < (exact.to(torch.bfloat16).double() - exact).abs().max()
+
+
+def test_update_compiles_without_searching_kernel_configurations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the in-place AdamW update is compiled with inductor's pointwise autotuning off (bridge.fused): the
+    search saves every mutated argument first, at the 8B shape GiBs of pinned host memory per optimizer buffer."""
+    from bridge import fused as fused_module
+
+    compiled: list[dict] = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(kw) or fn)
+    monkeypatch.setattr(fused_module, "_COMPILED", {})
+    seen: list[dict] = []
+    real = fused_module.fused
+    monkeypatch.setattr("bridge.training.optimizer.fused",
+                        lambda fn, device, **kw: seen.append(kw) or real(fn, torch.device("cuda"), **kw))
+    setup(torch.float32, 1 << 20)
+    assert seen == [{"dynamic": True, "in_place": True}]
+    assert compiled == [{"dynamic": True, "options": {"triton.autotune_pointwise": False}}]

@@ -119,7 +119,7 @@ class MixedPrecisionAdamW:
                     span.decay[a - span.lo:b - span.lo] = not e.no_decay
         buffer.fp32_init = None  # the masters hold what they need; free the fp32 copy
         self.step_count = torch.zeros((), dtype=torch.float32, device=self.device)
-        self._update = fused(adamw_update, self.device, dynamic=True)
+        self._update = fused(adamw_update, self.device, dynamic=True, in_place=True)
         # the gradient views the norm reads, per kind [dense, expert], each distinct weight once: built once (the
         # buffer is never reallocated), not on every step
         self._norm_views = [[buffer.grad_data[p.lo:p.hi] for p in self.pieces
