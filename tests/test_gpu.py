@@ -50,13 +50,15 @@ MOE_MODELS = {"deepseek-v3": DEEPSEEK, "mixtral": MIXTRAL}
 
 
 def random_hf(out: Path, config: dict[str, Any], seed: int = 0) -> Path:
-    """The HF model of `config` with seeded random weights, unit-variance embedding, saved in bf16."""
+    """The HF model of `config` with seeded random weights, unit-variance embedding, saved in bf16. Initialised on
+    the GPU: a real-size model's random init takes minutes on the CPU."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     data = {k: v for k, v in config.items() if k != "_name_or_path"}
     hf_config = AutoConfig.for_model(data.pop("model_type"), **data)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     with torch.no_grad():
         emb = model.get_input_embeddings().weight
         emb.mul_(1.0 / emb.std())
