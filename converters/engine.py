@@ -331,11 +331,16 @@ class MegatronSink:
         self.meta = meta
         self.writer = writer or LegacyCheckpointWriter(root, meta.layout, args)
         self._module: str | None = None
+        self._finished: set[str] = set()
 
     def put(self, conv: Conversion, tensor: torch.Tensor) -> None:
         module = conv.megatron.rsplit(".", 1)[0]
         if module != self._module:
             self._flush_extra_state()
+            if module in self._finished:  # its _extra_state is written: a family's rows must keep a module together
+                raise RuntimeError(f"mapping rows of {module} are not consecutive ({conv.megatron} comes after "
+                                   "another module's rows); order the family's rows by module")
+            self._finished.add(module)
             self._module = module
         cfg, layout = self.meta.config, self.meta.layout
         self._write(conv.megatron, tensor)

@@ -261,3 +261,23 @@ def test_shard_size_must_be_positive_and_finite(size: str, ckpt: Path, tmp_path:
     err = one_error(capsys, "export", str(ckpt), "--out", str(tmp_path / "out"), f"--max-shard-size={size}")
     assert f"size {size!r} must be a positive, finite number of bytes" in err, err
     assert leftovers(tmp_path) == []
+
+
+def test_a_module_whose_rows_are_split_is_a_mapping_error(tiny_hf, tmp_path: Path) -> None:
+    """The TE `_extra_state` of a module is written after its last row; a family whose rows come back to a module
+    after another one's would write it twice, so the sink stops at the first row out of place."""
+    from bridge.checkpoint import CheckpointMeta
+    from bridge.mapping import Conversion
+
+    ckpt = api.import_hf(tiny_hf("llama31"), tmp_path / "ckpt")
+    meta = CheckpointMeta.load(ckpt)
+    added: list[str] = []
+    writer = namedtuple("Writer", "add close")(lambda *a, **kw: added.append(a[3]), lambda: None)
+    sink = engine.MegatronSink(tmp_path / "out", meta, lambda tp, pp: None, writer=writer)
+    rows = ["decoder.layers.0.self_attention.linear_qkv.weight", "decoder.layers.0.self_attention.linear_proj.weight",
+            "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight"]
+    sink.put(Conversion(rows[0], (), None, 0), torch.zeros(4, 4))  # one TP rank: any shape is its one shard
+    sink.put(Conversion(rows[1], (), None, 0), torch.zeros(4, 4))
+    with pytest.raises(RuntimeError, match="linear_qkv are not consecutive"):
+        sink.put(Conversion(rows[2], (), None, 0), torch.zeros(4))
+    assert sum(name.endswith("linear_qkv._extra_state") for name in added) == 1
