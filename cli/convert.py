@@ -50,6 +50,12 @@ def add_hf_config(parser: argparse.ArgumentParser) -> None:
                         "model (folder or Hub id) it started from; gives the architecture, config and tokenizer")
 
 
+def add_workers_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--workers", type=int, default=1,
+                        help=f"convert in N processes, one per share of the tensors (balanced by bytes), to use more "
+                             f"cores; memory stays bounded per process. {what}")
+
+
 def layout_from(args: argparse.Namespace) -> ParallelLayout:
     return ParallelLayout(tp=args.tp, pp=args.pp, vpp=args.vpp, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
                           ep=args.ep, etp=args.etp, moe_grouped_gemm=args.moe_grouped_gemm)
@@ -70,7 +76,7 @@ def run_import(args: argparse.Namespace) -> int:
     out = api.import_hf(args.source, args.out, layout, dtype=args.dtype,
                         transformer_impl=args.transformer_impl or "transformer_engine",
                         revision=args.revision, token=args.token, overwrite=args.overwrite, format=args.format,
-                        out_iteration=args.out_iteration, common_pt=args.common_pt)
+                        out_iteration=args.out_iteration, common_pt=args.common_pt, workers=args.workers)
     print(f"imported {args.source} -> {out} ({args.format}, {layout.name})")
     return 0
 
@@ -89,7 +95,7 @@ def run_export(args: argparse.Namespace) -> int:
     from bridge.apps.adapter import export
 
     out = export(args.checkpoint, args.out, adapter=args.adapter, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                 overwrite=args.overwrite, iteration=args.iteration, hf_config=args.hf_config)
+                 overwrite=args.overwrite, iteration=args.iteration, hf_config=args.hf_config, workers=args.workers)
     print(f"exported {args.checkpoint} -> {out}")
     return 0
 
@@ -98,7 +104,8 @@ def run_reshard(args: argparse.Namespace) -> int:
     layout = layout_from(args)
     out = api.reshard(args.checkpoint, args.out, layout, transformer_impl=args.transformer_impl,
                       dtype=args.dtype, overwrite=args.overwrite, iteration=args.iteration, format=args.format,
-                      hf_config=args.hf_config, out_iteration=args.out_iteration, common_pt=args.common_pt)
+                      hf_config=args.hf_config, out_iteration=args.out_iteration, common_pt=args.common_pt,
+                      workers=args.workers)
     print(f"resharded {args.checkpoint} -> {out} ({layout.name})")
     return 0
 
@@ -144,6 +151,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_layout_flags(p)
     add_format_flag(p, "torch")
     add_output_flags(p)
+    add_workers_flag(p, "Needs --format torch_dist: each process writes its own __N_0.distcp (1: one __0_0.distcp).")
     add_common(p)
     p.set_defaults(func=run_import)
 
@@ -155,6 +163,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter", action="store_true", help="a LoRA run's adapter as an HF PEFT folder (without: the "
                                                           "adapter merged into its base)")
     add_hf_config(p)
+    add_workers_flag(p, "Each process writes its own shard files: the tensors are the same byte for byte, the "
+                        "shard boundaries differ from --workers 1 (each process splits its tensors by --max-shard-size).")
     add_common(p)
     p.set_defaults(func=run_export)
 
@@ -166,6 +176,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_layout_flags(p)
     add_format_flag(p, None)
     add_output_flags(p)
+    add_workers_flag(p, "Needs --format torch_dist, as for import.")
     add_common(p)
     p.set_defaults(func=run_reshard)
 

@@ -19,10 +19,11 @@ from bridge.checkpoint import (HF_META_DIR, META_FILE, TRANSFORMER_IMPLS, Checkp
 from bridge.config import DTYPE_NAMES, DTYPES, ModelConfig, megatron_args
 from bridge.converters import engine
 from bridge.converters.foreign import meta_from_megatron
-from bridge.converters.hf import SafetensorsReader, parse_size
+from bridge.converters.hf import PlannedTensor, SafetensorsReader, StreamingSafetensorsWriter, parse_size, shard_files, write_index
 from bridge.converters.megatron_legacy import LegacyCheckpointReader, LegacyCheckpointWriter, iteration_dir_name
 from bridge.converters.megatron_stack import complete_args, run_config_yaml
 from bridge.converters.torch_dist import FORMATS, TorchDistReader, TorchDistSink, TorchDistSource, checkpoint_format
+from bridge.converters.workers import balanced_groups, check_workers, run_in_processes
 from bridge.errors import BridgeError
 from bridge.hub import resolve_source
 from bridge.layout import ParallelLayout
@@ -74,14 +75,17 @@ def default_out(source: str, layout: ParallelLayout) -> Path:
 def import_hf(source: str | Path, out: str | Path | None = None, layout: ParallelLayout | None = None, *,
               dtype: str = "auto", transformer_impl: str = "transformer_engine", revision: str | None = None,
               token: str | None = None, overwrite: bool = False, format: str = "torch", out_iteration: int | None = None,
-              common_pt: bool = False) -> Path:
+              common_pt: bool = False, workers: int = 1) -> Path:
     """HF model (folder or Hub id) -> Megatron checkpoint (`torch` sharded for `layout`, or `torch_dist`).
+
+    `workers` > 1 (torch_dist only) converts in that many processes, each writing its own DCP data file.
 
     `out_iteration` names the folder `iter_{N:07d}/` instead of `release/` (Megatron-Bridge looks for `iter_*`);
     torch_dist's common state goes inside the DCP files, as Megatron Core 0.19 writes it; `common_pt=True` also
     writes `common.pt`, which Megatron Core up to 0.18 needs (0.19 then warns that reading it is deprecated)."""
     layout = layout or ParallelLayout()
     _check_format(format)
+    _check_workers(workers, format)
     _check_impl(transformer_impl)
     folder = resolve_source(str(source), revision=revision, token=token)
     cfg = load_hf_config(folder)
@@ -93,15 +97,80 @@ def import_hf(source: str | Path, out: str | Path | None = None, layout: Paralle
                           source={"id": str(source), "revision": revision, "path": str(folder)})
     out_path = Path(out) if out else default_out(str(source), layout)
     convs = conversions(cfg)
-    hf_source = engine.HFSource(SafetensorsReader(folder), cfg, convs, None if dtype == "auto" else DTYPES[dtype_name],
-                                skip_prefixes=family(cfg.architecture).hf_skip(cfg))
+    opener = _OpenHF(folder, None if dtype == "auto" else DTYPES[dtype_name], tuple(family(cfg.architecture).hf_skip(cfg)))
+    hf_source = opener()
     needed = engine.megatron_bytes(hf_source, meta) + hf_meta_bytes(folder)
     with atomic_output_dir(out_path, overwrite, sources=(folder,), needed=needed) as tmp:
-        engine.run(hf_source, _megatron_sink(tmp, meta, out_iteration, common_pt), len(convs), "import")
+        if workers > 1:
+            _torch_dist_in_processes(hf_source, opener, tmp, meta, out_iteration, common_pt, workers)
+        else:
+            engine.run(hf_source, _megatron_sink(tmp, meta, out_iteration, common_pt), len(convs), "import")
         copy_hf_meta(folder, tmp / HF_META_DIR)
         meta.save(tmp)
     log.info("wrote %s (%s, %s, %s)", out_path, format, layout.name, dtype_name)
     return out_path
+
+
+@dataclass(frozen=True)
+class _OpenHF:
+    """Opens an import's source: in the parent, and again in each process of an import over several (a source holds
+    open files and callables, so each process opens its own)."""
+
+    folder: Path
+    dtype: torch.dtype | None
+    skip_prefixes: tuple[str, ...]
+
+    def __call__(self) -> engine.HFSource:
+        cfg = load_hf_config(self.folder)
+        return engine.HFSource(SafetensorsReader(self.folder), cfg, conversions(cfg), self.dtype, self.skip_prefixes)
+
+
+@dataclass(frozen=True)
+class _OpenCheckpoint:
+    """Opens a Megatron checkpoint's source (cast to `dtype` where given), in the parent and in each process."""
+
+    path: Path
+    iteration: int | None
+    hf_config: str | None
+    dtype: torch.dtype | None = None
+
+    def __call__(self) -> _Cast:
+        return _Cast(open_checkpoint(self.path, self.iteration, self.hf_config).source(), self.dtype)
+
+
+def _check_workers(workers: int, format: str) -> None:
+    check_workers(workers)
+    if workers > 1 and format != "torch_dist":
+        raise BridgeError(f"--workers {workers} writes --format torch_dist (one DCP data file per process); "
+                          "the torch format's rank files are written by one process, use --workers 1")
+
+
+def _torch_dist_in_processes(source: Any, opener: Callable[[], Any], tmp: Path, meta: CheckpointMeta,
+                             out_iteration: int | None, common_pt: bool, workers: int) -> None:
+    """A torch_dist output written by `workers` processes, each its share of the conversions (a module's rows kept
+    together, shares of about equal bytes) into `__{w}_0.distcp`; then `.metadata` from their chunk tables, checked
+    to hold every target once, and the folder's other files, as one process writes them."""
+    convs = source.conversions
+    sizes = [tensor.nbytes for _, tensor in source.tensors(meta=True)]
+    shares = balanced_groups(sizes, [{c.megatron.rsplit(".", 1)[0]} for c in convs], workers)
+    calls = [(opener, tmp, meta, out_iteration, common_pt, part, share) for part, share in enumerate(shares)]
+    results = run_in_processes(_torch_dist_share, calls)
+    source.finish_shares([report for _, report in results])
+    sink = TorchDistSink(tmp, meta, _stored_args(meta, out_iteration), _out_iteration(out_iteration), common_pt,
+                         run_config_yaml(meta, _stored_args(meta, out_iteration)), data=False)
+    sink.close_parts([part for part, _ in results], convs)
+
+
+def _torch_dist_share(opener: Callable[[], Any], tmp: Path, meta: CheckpointMeta, out_iteration: int | None,
+                      common_pt: bool, part: int, share: range) -> tuple[Any, list[str]]:
+    """One process's share of a torch_dist output: its DCP data file's chunk table and its report for the checks.
+    Part 0 also holds the entries every output has once (extra state, common state)."""
+    source = opener()
+    sink = TorchDistSink(tmp, meta, _stored_args(meta, out_iteration), _out_iteration(out_iteration), common_pt, part=part)
+    for conv, tensor in source.tensors(only=source.conversions[share.start:share.stop]):
+        sink.put(conv, tensor)
+        del tensor
+    return sink.close_part(shared=part == 0), source.share_report()
 
 
 def _check_impl(impl: str) -> None:
@@ -137,11 +206,16 @@ def _megatron_sink(tmp: Path, meta: CheckpointMeta, out_iteration: int | None = 
     """The sink for `meta.format`, with the `args` Megatron-LM stores (and checks) in the checkpoint."""
     layout = meta.layout
     iteration = _out_iteration(out_iteration)
-    number = 0 if iteration == "release" else int(iteration)
-    stored = lambda tp_rank=0, pp_rank=0: complete_args(checkpoint_args(meta), number)  # noqa: E731
+    stored = lambda tp_rank=0, pp_rank=0: _stored_args(meta, out_iteration)  # noqa: E731
     if meta.format == "torch_dist":
         return TorchDistSink(tmp, meta, stored(), iteration, common_pt, run_config_yaml(meta, stored()))
     return engine.MegatronSink(tmp, meta, stored, writer=LegacyCheckpointWriter(tmp, layout, stored, iteration))
+
+
+def _stored_args(meta: CheckpointMeta, out_iteration: int | None) -> argparse.Namespace:
+    """The `args` Megatron-LM stores (and checks) in the checkpoint: a fresh namespace per call."""
+    iteration = _out_iteration(out_iteration)
+    return complete_args(checkpoint_args(meta), 0 if iteration == "release" else int(iteration))
 
 
 @dataclass(frozen=True)
@@ -196,10 +270,15 @@ def _write_hf_config(hf_meta: Path, out: Path, dtype_name: str) -> None:
 
 def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str = "auto", max_shard_size: str = "5GB",
               overwrite: bool = False, iteration: int | None = None, hf_config: str | None = None,
-              adjust: Callable[[engine.Source], engine.Source] | None = None) -> Path:
+              adjust: Callable[[engine.Source], engine.Source] | None = None, workers: int = 1) -> Path:
     """Megatron checkpoint -> HF folder (safetensors shards + index, config, tokenizer). Returns `out`.
 
-    `adjust` wraps the checkpoint's tensor source (a LoRA adapter merged into its base: bridge.apps.adapter)."""
+    `adjust` wraps the checkpoint's tensor source (a LoRA adapter merged into its base: bridge.apps.adapter).
+    `workers` > 1 converts in that many processes, each writing its own shard files: the same tensors, byte for
+    byte, with shard boundaries of their own (each process's tensors split by `max_shard_size`)."""
+    check_workers(workers)
+    if workers > 1 and adjust is not None:
+        raise BridgeError(f"--workers {workers} exports a plain checkpoint; a LoRA run's merged export runs in one process")
     ckpt = open_checkpoint(checkpoint, iteration, hf_config)
     dtype_name = _dtype_name(dtype, ckpt.meta.dtype)
     cap = parse_size(max_shard_size)
@@ -208,18 +287,56 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str = "auto", m
     cast = None if dtype == "auto" else DTYPES[dtype_name]
     needed = engine.hf_bytes(source, ckpt.meta.config, cast) + hf_meta_bytes(ckpt.hf_meta)
     with atomic_output_dir(out_path, overwrite, sources=(ckpt.path, ckpt.hf_meta), needed=needed) as tmp:
-        sink = engine.HFSink(tmp, ckpt.meta.config, source, cast, cap)
-        engine.run(source, sink, len(source.conversions), "export")
+        if workers > 1:
+            _export_in_processes(source, _OpenCheckpoint(ckpt.path, iteration, hf_config), tmp, cast, cap, workers)
+        else:
+            sink = engine.HFSink(tmp, ckpt.meta.config, source, cast, cap)
+            engine.run(source, sink, len(source.conversions), "export")
         _write_hf_config(ckpt.hf_meta, tmp, dtype_name)
     log.info("wrote %s", out_path)
     return out_path
 
 
+def _export_in_processes(source: Any, opener: _OpenCheckpoint, tmp: Path, cast: torch.dtype | None, cap: int,
+                         workers: int) -> None:
+    """An export by `workers` processes: shares of about equal bytes (the rows that write one HF tensor together),
+    each split into its own shard files, numbered across all; the parent checks that every tensor of the checkpoint
+    was read by some process and writes the index."""
+    cfg = source.meta.config
+    plan = {p.name: p for p in engine.hf_plan(source, cfg, cast)}
+    convs = source.conversions
+    sizes = [tensor.nbytes for _, tensor in source.tensors(meta=True)]
+    shares = balanced_groups(sizes, [set(c.hf) for c in convs], workers)
+    groups = [StreamingSafetensorsWriter.split([plan[n] for n in dict.fromkeys(n for c in convs[s.start:s.stop] for n in c.hf)], cap)
+              for s in shares]
+    names = iter(shard_files(groups).items())
+    files = [dict(next(names) for _ in group) for group in groups]
+    calls = [(opener, tmp, cfg, cast, share, own) for share, own in zip(shares, files)]
+    source.finish_shares(run_in_processes(_export_share, calls))
+    if sum(map(len, files)) > 1:
+        where = {p.name: name for own in files for name, shard in own.items() for p in shard}
+        write_index(tmp, where, sum(p.nbytes for p in plan.values()))
+
+
+def _export_share(opener: _OpenCheckpoint, tmp: Path, cfg: ModelConfig, cast: torch.dtype | None, share: range,
+                  files: dict[str, list[PlannedTensor]]) -> list[str]:
+    """One process's share of an export: its shard files; returns its report for the whole-model check."""
+    source = opener()
+    writer = StreamingSafetensorsWriter(tmp, [p for shard in files.values() for p in shard], 0, files=files)
+    sink = engine.HFSink(tmp, cfg, source, cast, 0, writer=writer)
+    for conv, tensor in source.tensors(only=source.conversions[share.start:share.stop]):
+        sink.put(conv, tensor)
+        del tensor
+    sink.close()
+    return source.share_report()
+
+
 def reshard(checkpoint: str | Path, out: str | Path, layout: ParallelLayout, *, transformer_impl: str | None = None,
             dtype: str = "auto", overwrite: bool = False, iteration: int | None = None, format: str | None = None,
-            hf_config: str | None = None, out_iteration: int | None = None, common_pt: bool = False) -> Path:
+            hf_config: str | None = None, out_iteration: int | None = None, common_pt: bool = False,
+            workers: int = 1) -> Path:
     """Megatron checkpoint -> the same model in another layout, spec, dtype or format (torch <-> torch_dist);
-    `out_iteration` and `common_pt` as for `import_hf`."""
+    `out_iteration`, `common_pt` and `workers` as for `import_hf`."""
     ckpt = open_checkpoint(checkpoint, iteration, hf_config)
     cfg = ckpt.meta.config
     layout.validate(cfg)
@@ -229,12 +346,17 @@ def reshard(checkpoint: str | Path, out: str | Path, layout: ParallelLayout, *, 
     format = format or ckpt.meta.format
     _check_spec(cfg, impl, layout, format)
     _check_format(format)
+    _check_workers(workers, format)
     meta = CheckpointMeta(config=cfg, layout=layout, transformer_impl=impl, dtype=dtype_name, format=format,
                           source={**ckpt.meta.source, "resharded_from": str(ckpt.path)})
-    source = _Cast(ckpt.source(), None if dtype == "auto" else DTYPES[dtype_name])
+    opener = _OpenCheckpoint(ckpt.path, iteration, hf_config, None if dtype == "auto" else DTYPES[dtype_name])
+    source = _Cast(ckpt.source(), opener.dtype)
     needed = engine.megatron_bytes(source, meta) + hf_meta_bytes(ckpt.hf_meta)
     with atomic_output_dir(Path(out), overwrite, sources=(ckpt.path, ckpt.hf_meta), needed=needed) as tmp:
-        engine.run(source, _megatron_sink(tmp, meta, out_iteration, common_pt), len(source.source.conversions), "reshard")
+        if workers > 1:
+            _torch_dist_in_processes(source, opener, tmp, meta, out_iteration, common_pt, workers)
+        else:
+            engine.run(source, _megatron_sink(tmp, meta, out_iteration, common_pt), len(source.conversions), "reshard")
         copy_hf_meta(ckpt.hf_meta, tmp / HF_META_DIR)
         meta.save(tmp)
     return Path(out)
@@ -243,15 +365,22 @@ def reshard(checkpoint: str | Path, out: str | Path, layout: ParallelLayout, *, 
 class _Cast:
     """A source wrapper that casts every tensor (reshard with --dtype)."""
 
-    def __init__(self, source: engine.Source, dtype: torch.dtype | None) -> None:
+    def __init__(self, source: Any, dtype: torch.dtype | None) -> None:
         self.source, self.dtype = source, dtype
+        self.meta, self.conversions = source.meta, source.conversions
 
-    def tensors(self, meta: bool = False):  # noqa: ANN201
-        for conv, tensor in self.source.tensors(meta):
+    def tensors(self, meta: bool = False, only: Any = None):  # noqa: ANN201
+        for conv, tensor in self.source.tensors(meta, only=only):
             yield conv, tensor if self.dtype is None else tensor.to(self.dtype)
 
     def finish(self) -> None:
         self.source.finish()
+
+    def share_report(self) -> list[str]:
+        return self.source.share_report()
+
+    def finish_shares(self, reports: Any) -> None:
+        self.source.finish_shares(reports)
 
 
 def inspect_checkpoint(checkpoint: str | Path, iteration: int | None = None, hf_config: str | None = None) -> dict[str, Any]:

@@ -40,8 +40,9 @@ class DcpPartWriter(DcpWriter):
         return DcpPart(self._tensors, self._bytes, self._storage)
 
 
-def write_metadata(folder: Path, parts: list[DcpPart]) -> None:
-    """Merge every rank's part into `.metadata`; a tensor not covered exactly once by the chunks is an error."""
+def write_metadata(folder: Path, parts: list[DcpPart], expected: set[str] | None = None) -> None:
+    """Merge every rank's part into `.metadata`; a tensor not covered exactly once by the chunks is an error, and so
+    is a key missing from or added to `expected` (when given: a part that never arrived leaves no other trace)."""
     tensors: dict[str, TensorStorageMetadata] = {}
     blobs: dict[str, BytesStorageMetadata] = {}
     storage: dict[MetadataIndex, _StorageInfo] = {}
@@ -57,6 +58,8 @@ def write_metadata(folder: Path, parts: list[DcpPart]) -> None:
                 raise BridgeError(f"{key} was written by two ranks")
             blobs[key] = blob
         storage.update(part.storage)
+    if expected is not None:
+        _check_keys(expected, set(tensors) | set(blobs))
     for key, entry in tensors.items():
         covered = sum(torch.Size(c.sizes).numel() for c in entry.chunks)
         if covered != entry.size.numel():
@@ -66,3 +69,11 @@ def write_metadata(folder: Path, parts: list[DcpPart]) -> None:
                                                                       load_id=None))
     with open(folder / METADATA_FILE, "wb") as handle:
         pickle.dump(metadata, handle)
+
+
+def _check_keys(expected: set[str], written: set[str]) -> None:
+    missing, unexpected = sorted(expected - written), sorted(written - expected)
+    if missing or unexpected:
+        parts = [f"missing {len(missing)}: {', '.join(missing[:8])}" if missing else "",
+                 f"unexpected {len(unexpected)}: {', '.join(unexpected[:8])}" if unexpected else ""]
+        raise BridgeError("the parts of the checkpoint do not hold every entry once: " + "; ".join(p for p in parts if p))

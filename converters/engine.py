@@ -121,9 +121,10 @@ class HFSource:
         except KeyError:
             return None
 
-    def tensors(self, meta: bool = False) -> Iterator[tuple[Conversion, torch.Tensor]]:
+    def tensors(self, meta: bool = False, only: Sequence[Conversion] | None = None) -> Iterator[tuple[Conversion, torch.Tensor]]:
+        """Every conversion's tensor, or those of `only` (one process's share of a conversion in several)."""
         fetch = self._meta if meta else self.read
-        for conv in self.conversions:
+        for conv in self.conversions if only is None else only:
             tensor = conv.to_megatron([fetch(name, conv.hf_index) for name in conv.hf], self.cfg)
             yield conv, tensor if self.dtype is None else tensor.to(self.dtype)
 
@@ -160,6 +161,15 @@ class HFSource:
                 raise BridgeError("config says tie_word_embeddings but lm_head.weight differs from embed_tokens; "
                                   "set tie_word_embeddings=false in config.json")
 
+    def share_report(self) -> list[str]:
+        """What one process of a conversion over several reports for the whole-model checks: its non-finite reads."""
+        return self.nonfinite
+
+    def finish_shares(self, reports: Sequence[list[str]]) -> None:
+        """`finish` for a conversion over several processes, from every process's `share_report`."""
+        self.nonfinite = [name for report in reports for name in report]
+        self.finish()
+
 
 #: What `check_stored` takes per tensor: its label, the stored tensor on `meta` (None: a dtype torch cannot
 #: represent), the shape it must have and the dtypes it may have.
@@ -188,6 +198,13 @@ def all_finite(tensor: torch.Tensor) -> bool:
         return True
     low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def check_leftover(reports: Sequence[Sequence[str]]) -> None:
+    """Every tensor of a checkpoint was read: by this process, or (several reports) by at least one of them."""
+    left = sorted(set(reports[0]).intersection(*reports[1:]))
+    if left:
+        raise BridgeError(f"{len(left)} tensors of the checkpoint were not converted: {_listing(left)}")
 
 
 def _localize(meta: CheckpointMeta, key: str) -> LocalKey:
@@ -263,9 +280,9 @@ class MegatronSource:
             return loc.ep_rank or 0, self.meta.layout.expert_tp
         return 0, self.meta.layout.tp
 
-    def tensors(self, meta: bool = False) -> Iterator[tuple[Conversion, torch.Tensor]]:
+    def tensors(self, meta: bool = False, only: Sequence[Conversion] | None = None) -> Iterator[tuple[Conversion, torch.Tensor]]:
         vocab = self.meta.config.vocab_size
-        for conv in self.conversions:
+        for conv in self.conversions if only is None else only:
             loc, rule = self._local(conv.megatron), rule_for(conv.megatron)
             ep_rank, n = self._shards(conv.megatron, loc)
             if meta:
@@ -304,15 +321,25 @@ class MegatronSource:
         return out
 
     def finish(self) -> None:
+        check_leftover([self.leftover()])
+
+    def share_report(self) -> list[str]:
+        """What one process of a conversion over several reports for the whole-model check: what it left unread."""
+        return self.leftover()
+
+    def finish_shares(self, reports: Sequence[list[str]]) -> None:
+        check_leftover(reports)
+
+    def leftover(self) -> list[str]:
+        """What was not read, once the entries without weights of their own are checked and counted as read: in a
+        conversion over several processes, a tensor is left over when every process left it."""
         for loc in self._extra_keys():
             for e in _ep_ranks(loc, self.meta.layout):
                 for tp_rank in range(self.meta.layout.tp):
                     if loc.name == "output_layer.weight" and e == 0:
                         self._check_tied_copy(tp_rank, loc.pp_rank, loc.chunk)
                     self.reader.mark_consumed(tp_rank, loc.pp_rank, loc.chunk, loc.name, e)
-        left = self.reader.unconsumed()
-        if left:
-            raise BridgeError(f"{len(left)} tensors of the checkpoint were not converted: {_listing(left)}")
+        return self.reader.unconsumed()
 
     def _check_tied_copy(self, tp_rank: int, pp_rank: int, chunk: int) -> None:
         head = self.reader.get(tp_rank, pp_rank, chunk, "output_layer.weight")
@@ -434,9 +461,11 @@ def hf_bytes(source: Source, cfg: ModelConfig, dtype: torch.dtype | None) -> int
 class HFSink:
     """Global Megatron tensors -> HF tensors (inverse mapping) -> streamed safetensors shards."""
 
-    def __init__(self, folder: Path, cfg: ModelConfig, source: Source, dtype: torch.dtype | None, max_shard_size: int) -> None:
+    def __init__(self, folder: Path, cfg: ModelConfig, source: Source, dtype: torch.dtype | None, max_shard_size: int,
+                 writer: StreamingSafetensorsWriter | None = None) -> None:
+        """`writer`: one process's shard files, in a conversion over several."""
         self.cfg, self.dtype = cfg, dtype
-        self.writer = StreamingSafetensorsWriter(folder, hf_plan(source, cfg, dtype), max_shard_size)
+        self.writer = writer or StreamingSafetensorsWriter(folder, hf_plan(source, cfg, dtype), max_shard_size)
 
     def put(self, conv: Conversion, tensor: torch.Tensor) -> None:
         for name, hf_tensor in zip(conv.hf, conv.to_hf(tensor, self.cfg)):

@@ -146,6 +146,20 @@ def parse_size(text: str) -> int:
     return int(size)
 
 
+def shard_files(groups: list[list[list[PlannedTensor]]]) -> dict[str, list[PlannedTensor]]:
+    """File name -> tensors for shards given group by group (one group per process), numbered across all groups."""
+    shards = [shard for group in groups for shard in group]
+    if len(shards) == 1:
+        return {SINGLE_NAME: shards[0]}
+    return {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": shard for i, shard in enumerate(shards)}
+
+
+def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """`model.safetensors.index.json`: which shard file holds each tensor."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
 class StreamingSafetensorsWriter:
     """Write a planned set of tensors into size-capped safetensors shards as they arrive, in any order.
 
@@ -154,20 +168,23 @@ class StreamingSafetensorsWriter:
     so memory never holds more than the tensor being written.
     """
 
-    def __init__(self, folder: Path, plan: Iterable[PlannedTensor], max_shard_size: int) -> None:
+    def __init__(self, folder: Path, plan: Iterable[PlannedTensor], max_shard_size: int,
+                 files: dict[str, list[PlannedTensor]] | None = None) -> None:
+        """`files`: the shard files to write and what each holds, in place of splitting `plan` (one process's share
+        of an export over several: the parent names every file and writes the index)."""
         self.folder = folder
         self._plan = {p.name: p for p in plan}
-        shards = self._split(list(self._plan.values()), max_shard_size)
+        self._index = files is None
+        files = files if files is not None else shard_files([self.split(list(self._plan.values()), max_shard_size)])
         self._where: dict[str, tuple[Path, int]] = {}
         self._files: dict[Path, object] = {}
-        for i, shard in enumerate(shards):
-            fname = SINGLE_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        for fname, shard in files.items():
             self._start_shard(folder / fname, shard)
         self._pending = set(self._plan)
         self._parts: dict[str, set[int | None]] = {}
 
     @staticmethod
-    def _split(plan: list[PlannedTensor], cap: int) -> list[list[PlannedTensor]]:
+    def split(plan: list[PlannedTensor], cap: int) -> list[list[PlannedTensor]]:
         shards: list[list[PlannedTensor]] = [[]]
         size = 0
         for p in plan:
@@ -224,9 +241,6 @@ class StreamingSafetensorsWriter:
             handle.close()
         if self._pending:
             raise BridgeError(f"{len(self._pending)} HF tensors were never produced: {', '.join(sorted(self._pending)[:10])}")
-        if len(self._files) > 1:
-            index = {
-                "metadata": {"total_size": sum(p.nbytes for p in self._plan.values())},
-                "weight_map": {name: path.name for name, (path, _) in sorted(self._where.items())},
-            }
-            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        if self._index and len(self._files) > 1:
+            write_index(self.folder, {name: path.name for name, (path, _) in self._where.items()},
+                        sum(p.nbytes for p in self._plan.values()))

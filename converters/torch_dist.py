@@ -42,6 +42,7 @@ from bridge.sharding import Split, localize, rule_for, split
 
 if TYPE_CHECKING:
     from bridge.converters.dcp import DcpReader
+    from bridge.converters.dcp_parts import DcpPart
 
 log = logging.getLogger(__name__)
 
@@ -114,15 +115,22 @@ class TorchDistSink:
     """Global Megatron tensors -> stacked DCP chunks (one per layer), then extra state, common state, config."""
 
     def __init__(self, root: Path, meta: CheckpointMeta, args: argparse.Namespace, iteration: int | str = "release",
-                 common_pt: bool = False, run_config: str | None = None) -> None:
-        """`run_config`: Megatron-Bridge's `run_config.yaml` text, written into the iteration folder."""
+                 common_pt: bool = False, run_config: str | None = None, part: int | None = None,
+                 data: bool = True) -> None:
+        """`run_config`: Megatron-Bridge's `run_config.yaml` text, written into the iteration folder.
+
+        A conversion in several processes gives each its `part`: it writes `__{part}_0.distcp` and `close_part`
+        returns its chunk table; the parent's sink (`data=False`: no data file) merges them in `close_parts`.
+        """
         self.root, self.meta, self.iteration, self.common_pt, self.run_config = root, meta, iteration, common_pt, run_config
         self.folder = root / iteration_dir_name(iteration)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.args = argparse.Namespace(**{**vars(args), "ckpt_format": "torch_dist"})
         from bridge.converters.dcp import DcpWriter  # torch.distributed.checkpoint loads only for this format
+        from bridge.converters.dcp_parts import DcpPartWriter
 
-        self.writer = DcpWriter(self.folder)
+        if data:
+            self.writer = DcpWriter(self.folder) if part is None else DcpPartWriter(self.folder, f"__{part}_0.distcp")
 
     def put(self, conv: Conversion, tensor: torch.Tensor) -> None:
         if rule_for(conv.megatron) is Split.VOCAB:
@@ -135,19 +143,48 @@ class TorchDistSink:
                                   tensor.unsqueeze(0))
 
     def close(self) -> None:
+        self._add_shared()
+        self.writer.close()
+        self._finish_folder()
+
+    def close_part(self, shared: bool) -> DcpPart:
+        """Finish this process's data file; the one `shared` also holds the extra and common state entries."""
+        if shared:
+            self._add_shared()
+        return self.writer.close()
+
+    def close_parts(self, parts: Sequence[DcpPart], conversions: Sequence[Conversion]) -> None:
+        """`.metadata` from every process's chunk table, checked to hold every target of `conversions` and every
+        shared entry, each tensor covered exactly once; then the folder's other files, as `close` writes them."""
+        from bridge.converters.dcp_parts import write_metadata
+
+        write_metadata(self.folder, list(parts), expected={dcp_key(c.megatron)[0] for c in conversions} | self._shared_keys())
+        self._finish_folder()
+
+    def _shared_keys(self) -> set[str]:
+        num_layers = self.meta.config.num_layers
+        return {extra_state_key(m, layer, num_layers) for layer in range(num_layers) for m in EXTRA_STATE_MODULES} \
+            | {COMMON_STATE_KEY}
+
+    def _common(self) -> dict[str, Any]:
+        iteration = 0 if self.iteration == "release" else int(self.iteration)
+        return {"args": self.args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration}
+
+    def _add_shared(self) -> None:
+        """Every layer's `_extra_state` entries and the common state, into the data file."""
         num_layers = self.meta.config.num_layers
         blob = extra_state_blob(self.meta.transformer_impl)
         for layer in range(num_layers):
             for module in EXTRA_STATE_MODULES:
                 self.writer.add_bytes(extra_state_key(module, layer, num_layers), blob)
-        iteration = 0 if self.iteration == "release" else int(self.iteration)
-        common = {"args": self.args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration}
-        self.writer.add_bytes(COMMON_STATE_KEY, torch_bytes([common]))  # where Megatron Core 0.19 reads it
-        self.writer.close()
+        self.writer.add_bytes(COMMON_STATE_KEY, torch_bytes([self._common()]))  # where Megatron Core 0.19 reads it
+
+    def _finish_folder(self) -> None:
+        """run_config.yaml, common.pt, metadata.json (last but the tracker: it marks the folder complete)."""
         if self.run_config is not None:
             (self.folder / RUN_CONFIG).write_text(self.run_config)
         if self.common_pt:  # written by Python, so a full disk is an OSError (torch's own file writer aborts)
-            (self.folder / COMMON_FILE).write_bytes(torch_bytes(common))
+            (self.folder / COMMON_FILE).write_bytes(torch_bytes(self._common()))
         config = BACKEND_CONFIG if self.common_pt else DCP_COMMON_BACKEND_CONFIG
         (self.folder / CONFIG_FILE).write_text(json.dumps(config))  # last: marks the folder complete
         (self.root / TRACKER).write_text(str(self.iteration))
@@ -362,9 +399,17 @@ class TorchDistSource:
             yield conv, self.reader.get(conv.megatron, rows=vocab if is_vocab else None)
 
     def finish(self) -> None:
-        left = self.reader.unconsumed()
-        if left:
-            raise BridgeError(f"{len(left)} tensors of the checkpoint were not converted: {engine._listing(left)}")
+        engine.check_leftover([self.leftover()])
+
+    def leftover(self) -> list[str]:
+        """What was not read (a conversion over several processes: left over when every process left it)."""
+        return self.reader.unconsumed()
+
+    def share_report(self) -> list[str]:
+        return self.leftover()
+
+    def finish_shares(self, reports: Sequence[list[str]]) -> None:
+        engine.check_leftover(reports)
 
 
 def open_rank_reader(root: Path, meta: CheckpointMeta, conversions: Sequence[Conversion],

@@ -226,6 +226,9 @@ def export_merged(run: str | Path, out: str | Path, *, dtype: str = "auto", max_
 def export(checkpoint: str | Path, out: str | Path, *, adapter: bool = False, **kwargs: Any) -> Path:
     """`bridge export`: a LoRA run merged (or, with `adapter`, as a PEFT folder); any other checkpoint as it is."""
     is_run = (Path(checkpoint) / LORA_FILE).is_file()
+    workers = kwargs.pop("workers", 1)
+    if (adapter or is_run) and workers != 1:
+        raise BridgeError(f"--workers {workers} exports a plain checkpoint; a LoRA run exports in one process")
     if adapter:
         if kwargs.get("hf_config") is not None:
             raise BridgeError("--adapter exports a bridge LoRA run; --hf-config is for Megatron-LM checkpoints")
@@ -233,7 +236,7 @@ def export(checkpoint: str | Path, out: str | Path, *, adapter: bool = False, **
     if is_run:
         kwargs.pop("hf_config", None)
         return export_merged(checkpoint, out, **kwargs)
-    return export_hf(checkpoint, out, **kwargs)
+    return export_hf(checkpoint, out, workers=workers, **kwargs)
 
 
 # ---- bridge import --adapter: a PEFT folder -> a LoRA run on a bridge base checkpoint ---------------------------------
