@@ -4,6 +4,7 @@
     python bench/run.py convert --layers 16 --tp 4 --workdir /scratch/bench
     python bench/run.py convert --moe              # DeepSeek-V3 shape, 10 layers, 16 experts (~20 GB), EP=2
     python bench/run.py convert --gpt-oss --ep 8   # GPT-OSS-120b shape, 2 layers, MXFP4 experts: import at EP=8
+    python bench/run.py convert --layers 16 --workers 1 2 --repeats 3   # torch_dist import in 1 and 2 processes
 
 Dense: a random bf16 Llama-shaped HF folder; the baseline reads the same safetensors bytes with
 `safetensors.torch.load_file` and writes them with one `torch.save` (what a hand-written converter does). Ratio =
@@ -49,12 +50,13 @@ DEEPSEEK_TINY = dict(hidden_size=64, intermediate_size=128, moe_intermediate_siz
 #: A step in a fresh interpreter. Peak RSS is VmHWM from /proc: ru_maxrss would carry the parent's high-water mark
 #: into the child across fork + exec and charge the benchmark's own memory to the step.
 CHILD = r"""
-import json, sys, time
+import json, resource, sys, time
 sys.path.insert(0, {root!r})
 t0 = time.perf_counter()
 {body}
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
-print(json.dumps({{"seconds": time.perf_counter() - t0, "peak_rss": hwm * 1024}}))
+children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+print(json.dumps({{"seconds": time.perf_counter() - t0, "peak_rss": hwm * 1024, "child_peak_rss": children}}))
 """
 BRIDGE = "from bridge.cli.main import main\nassert main(sys.argv[1:]) == 0"
 BASELINE = "from bench.convert import baseline\nbaseline(*sys.argv[1:])"
@@ -208,6 +210,40 @@ def dense_row(root: Path, layers: int, tp: int, smoke: bool) -> dict[str, Any]:
             "export_s": exp["seconds"], "export_vs_base": b["seconds"] / exp["seconds"], "export_rss": _gib(exp["peak_rss"])}
 
 
+def workers_rows(root: Path, layers: int, counts: list[int], repeats: int, smoke: bool) -> list[dict[str, Any]]:
+    """`bridge import --format torch_dist --workers N` for each N, against the baseline, `repeats` rounds interleaved
+    (baseline, N1, N2, ... per round, so that drift in the machine's load falls on every count alike); medians.
+    A worker's peak RSS is ru_maxrss of the step's largest child: an upper bound, since a spawned process starts with
+    its parent's high-water mark."""
+    import statistics
+
+    src = root / f"hf-{layers}"
+    config = dict(LLAMA_TINY if smoke else LLAMA_1B, architectures=["LlamaForCausalLM"], model_type="llama",
+                  num_hidden_layers=layers, torch_dtype="bfloat16")
+    total, largest = write_hf(src, config)
+    runs: dict[str, list[dict[str, Any]]] = {"baseline": [], **{f"w{n}": [] for n in counts}}
+    for _ in range(repeats):
+        base = root / "baseline"
+        base.mkdir()
+        runs["baseline"].append(step(BASELINE, str(src), str(base), in_process=smoke))
+        shutil.rmtree(base)
+        for n in counts:
+            ckpt = root / f"ckpt-w{n}"
+            runs[f"w{n}"].append(step(BRIDGE, "import", str(src), "--out", str(ckpt), "--format", "torch_dist",
+                                      "--workers", str(n), in_process=smoke))
+            shutil.rmtree(ckpt)
+    shutil.rmtree(src)
+    floor = statistics.median(r["seconds"] for r in runs["baseline"])
+    rows = []
+    for name, found in runs.items():
+        seconds = statistics.median(r["seconds"] for r in found)
+        rows.append({"model": f"llama {layers} layers, {total / GIB:.2f} GiB", "step": name if name == "baseline"
+                     else f"import torch_dist --workers {name[1:]}", "seconds": seconds, "all_s": [r["seconds"] for r in found],
+                     "vs_baseline": floor / seconds, "rss": _gib(max(r["peak_rss"] or 0 for r in found)),
+                     "worker_rss": _gib(max(r.get("child_peak_rss") or 0 for r in found)), "largest_gib": largest / GIB})
+    return rows
+
+
 def moe_row(root: Path, layers: int, experts: int, dense: int, ep: int, smoke: bool) -> dict[str, Any]:
     """DeepSeek-V3's config.json with fewer layers and experts, bf16 (no FP8 scales), no MTP layer."""
     config = json.loads(DEEPSEEK_V3.read_text())
@@ -241,6 +277,9 @@ def configure(p: argparse.ArgumentParser, suite: str) -> None:
     p.add_argument("--experts", type=int, default=16, help="--moe: routed experts per MoE layer (DeepSeek-V3: 256)")
     p.add_argument("--dense", type=int, default=3, help="--moe: first dense layers (DeepSeek-V3: 3)")
     p.add_argument("--ep", type=int, default=2)
+    p.add_argument("--workers", type=int, nargs="+",
+                   help="dense: import to torch_dist with each of these process counts (e.g. 1 2) instead of the usual row")
+    p.add_argument("--repeats", type=int, default=3, help="--workers: rounds, interleaved; medians are reported")
     p.add_argument("--workdir", type=Path, help="scratch folder (default: a temporary one); needs ~2x the model")
 
 
@@ -252,6 +291,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.smoke:  # every model, tiny, every step in this process
             rows = [dense_row(root, 2, 2, smoke=True), moe_row(root, 3, 4, 1, 2, smoke=True),
                     gpt_oss_row(root, 2, 2, smoke=True)]
+        elif args.workers:
+            rows = [row for layers in args.layers or [16]
+                    for row in workers_rows(root, layers, args.workers, args.repeats, smoke=False)]
         elif args.gpt_oss:
             rows = [gpt_oss_row(root, (args.layers or [2])[0], args.ep, smoke=False)]
         elif args.moe:

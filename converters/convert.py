@@ -97,7 +97,7 @@ def import_hf(source: str | Path, out: str | Path | None = None, layout: Paralle
                           source={"id": str(source), "revision": revision, "path": str(folder)})
     out_path = Path(out) if out else default_out(str(source), layout)
     convs = conversions(cfg)
-    opener = _OpenHF(folder, None if dtype == "auto" else DTYPES[dtype_name], tuple(family(cfg.architecture).hf_skip(cfg)))
+    opener = _OpenHF(folder, cfg, None if dtype == "auto" else DTYPES[dtype_name], tuple(family(cfg.architecture).hf_skip(cfg)))
     hf_source = opener()
     needed = engine.megatron_bytes(hf_source, meta) + hf_meta_bytes(folder)
     with atomic_output_dir(out_path, overwrite, sources=(folder,), needed=needed) as tmp:
@@ -114,15 +114,16 @@ def import_hf(source: str | Path, out: str | Path | None = None, layout: Paralle
 @dataclass(frozen=True)
 class _OpenHF:
     """Opens an import's source: in the parent, and again in each process of an import over several (a source holds
-    open files and callables, so each process opens its own)."""
+    open files and callables, so each process opens its own). The config travels parsed: reading config.json
+    again would load transformers' config classes in every process (0.6 s of CPU each)."""
 
     folder: Path
+    cfg: ModelConfig
     dtype: torch.dtype | None
     skip_prefixes: tuple[str, ...]
 
     def __call__(self) -> engine.HFSource:
-        cfg = load_hf_config(self.folder)
-        return engine.HFSource(SafetensorsReader(self.folder), cfg, conversions(cfg), self.dtype, self.skip_prefixes)
+        return engine.HFSource(SafetensorsReader(self.folder), self.cfg, conversions(self.cfg), self.dtype, self.skip_prefixes)
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,18 @@ hold threads (torch's pools, a progress bar) that a fork would copy in a locked 
 """
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
+import signal
+import sys
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Collection, Sequence
 
 from bridge.errors import BridgeError
+
+#: prctl(2) option: the signal this process gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
 
 
 def check_workers(workers: int) -> None:
@@ -95,8 +101,12 @@ def _outcome(link: Any, proc: Any) -> Any:
 
 
 def _entry(task: Callable[..., Any], call: tuple[Any, ...], link: Connection, threads: int) -> None:
-    """A process's body: run its share with its part of the cores, send back the result or a one-line failure."""
+    """A process's body: run its share with its part of the cores, send back the result or a one-line failure.
+    It dies with the parent (Linux): a parent killed outright leaves no process writing into its output."""
     import torch
+
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
     torch.set_num_threads(threads)
     try:
