@@ -1,4 +1,4 @@
-"""`--workers N`: import to torch_dist and export in N processes give what one process gives, tensor for tensor, and a
+"""`--workers N`: import (and reshard) to torch_dist and export in N processes give what one process gives, tensor for tensor, and a
 failing process leaves no output."""
 from __future__ import annotations
 
@@ -56,6 +56,7 @@ def test_import_torch_dist_and_export_in_two_processes(tiny_hf, tmp_path: Path) 
         p.name for p in (two / "release").iterdir() if p.name != "__1_0.distcp")
     assert (one / "bridge.json").read_text() == (two / "bridge.json").read_text()
     assert_same_entries(one, two)
+    assert_same_entries(one, api.reshard(one, tmp_path / "resharded", ParallelLayout(), workers=2))
     assert_identical(src, api.export_hf(two, tmp_path / "hf", workers=2, max_shard_size="200KB"))
 
 
