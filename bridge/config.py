@@ -222,6 +222,10 @@ class ModelConfig:
     mtp_layers: int = 0
     """Multi-token prediction layers the checkpoint holds after the decoder (HF num_nextn_predict_layers, Megatron's
     mtp_num_layers). bridge's model does not run them: conversion keeps them, training carries them unchanged."""
+    mtp_shared_copies: bool = True
+    """Whether the HF checkpoint stores each MTP layer's own `embed_tokens` and `shared_head.head` (copies of the
+    model's embedding and head, which Megatron's MTP shares): set from the files on import (bridge.models.mtp.as_stored),
+    so that export writes them back only where the source had them."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -305,7 +309,7 @@ class ModelConfig:
 #: Fields that only some families set, left out of bridge.json at their default (an older bridge reads the file).
 _WRITTEN_WHEN_SET = ("layers", "long_rope", "yarn", "rotary_percent", "norm_style", "qk_norm_full_width",
                      "local_rotary_base", "rotary_linear_factor", "softmax_scale", "embedding_multiplier",
-                     "final_logit_softcap", "mtp_layers", "add_bias_linear", "attention_sinks")
+                     "final_logit_softcap", "mtp_layers", "mtp_shared_copies", "add_bias_linear", "attention_sinks")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in _WRITTEN_WHEN_SET}
 _LAYER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LayerSpec)}
 

@@ -27,7 +27,7 @@ from bridge.converters.workers import balanced_groups, check_workers, run_in_pro
 from bridge.errors import BridgeError
 from bridge.hub import resolve_source
 from bridge.layout import ParallelLayout
-from bridge.models import conversions, family, load_hf_config
+from bridge.models import conversions, family, load_hf_config, mtp
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def import_hf(source: str | Path, out: str | Path | None = None, layout: Paralle
     _check_workers(workers, format)
     _check_impl(transformer_impl)
     folder = resolve_source(str(source), revision=revision, token=token)
-    cfg = load_hf_config(folder)
+    cfg = mtp.as_stored(load_hf_config(folder), SafetensorsReader(folder).names())
     layout.validate(cfg)
     _check_spec(cfg, transformer_impl, layout, format)
     _warn_inexpressible(cfg)

@@ -12,7 +12,7 @@ back from them. bridge's model does not run the MTP layers (ModelConfig.mtp_laye
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Collection, Sequence
 
 import torch
 
@@ -37,15 +37,32 @@ def rows(cfg: ModelConfig, layer_rows: Sequence[Row]) -> list[Row]:
     return out
 
 
-def with_shared_copies(table: Sequence[Row], cfg: ModelConfig) -> list[Row]:
-    """`table` with the MTP layers' copies of the embedding and of the output layer added to those two rows."""
-    if not cfg.mtp_layers:
-        return list(table)
+def _shared_copies(cfg: ModelConfig) -> dict[str, list[str]]:
+    """Megatron row -> the HF names of the MTP layers' copies of it (the embedding's and the head's)."""
     layers = [f"model.layers.{cfg.num_layers + i}." for i in range(cfg.mtp_layers)]
     copies = {"embedding.word_embeddings.weight": [p + "embed_tokens.weight" for p in layers],
               "output_layer.weight": [p + "shared_head.head.weight" for p in layers]}
     if cfg.tie_word_embeddings:  # the head is the embedding
         copies["embedding.word_embeddings.weight"] += copies.pop("output_layer.weight")
+    return copies
+
+
+def as_stored(cfg: ModelConfig, names: Collection[str]) -> ModelConfig:
+    """`cfg` with `mtp_shared_copies` as the HF files `names` have them. Checkpoints differ: some store every MTP
+    layer's `embed_tokens` and `shared_head.head`, others (GLM-4.6's, an HF export of Megatron-Bridge) none. Some but
+    not all stays `True`, so that accounting names the missing ones."""
+    wanted = {name for names_of in _shared_copies(cfg).values() for name in names_of}
+    if not cfg.mtp_layers or not names or wanted & set(names):
+        return cfg
+    return cfg.replace(mtp_shared_copies=False)
+
+
+def with_shared_copies(table: Sequence[Row], cfg: ModelConfig) -> list[Row]:
+    """`table` with the MTP layers' copies of the embedding and of the output layer added to those two rows, where
+    the HF checkpoint stores them."""
+    if not (cfg.mtp_layers and cfg.mtp_shared_copies):
+        return list(table)
+    copies = _shared_copies(cfg)
     return [dataclasses.replace(row, hf=row.hf + tuple(copies[row.megatron]),
                                 transform=_copies(row.transform, len(copies[row.megatron])))
             if row.megatron in copies else row for row in table]

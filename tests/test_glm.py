@@ -127,6 +127,25 @@ def test_mtp_copy_of_the_embedding_must_equal_it(tiny_hf, tmp_path: Path, capsys
     assert "embed_tokens or shared_head.head differs from the model's embedding" in err and len(err.splitlines()) == 1
 
 
+def test_checkpoint_without_the_mtp_copies_round_trips_without_them(tiny_hf, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """Some checkpoints (GLM-4.6's, an HF export of Megatron-Bridge's) store no MTP `embed_tokens`/`shared_head.head`:
+    such a folder imports, and exports back without them, bit for bit; one with only some of them is refused by
+    name."""
+    src = tmp_path / "hf"
+    shutil.copytree(tiny_hf("glm4.5-air"), src)
+    tensors = load_file(src / "model.safetensors")
+    without = {k: v for k, v in tensors.items() if k not in (MTP + "embed_tokens.weight", MTP + "shared_head.head.weight")}
+    save_file(without, src / "model.safetensors", metadata={"format": "pt"})
+    ckpt = import_hf(src, tmp_path / "m", ParallelLayout(ep=2))
+    assert json.loads((ckpt / "bridge.json").read_text())["config"]["mtp_shared_copies"] is False
+    assert_identical(src, export_hf(ckpt, tmp_path / "back"))
+    save_file({**without, MTP + "embed_tokens.weight": tensors[MTP + "embed_tokens.weight"]}, src / "model.safetensors",
+              metadata={"format": "pt"})
+    assert main(["import", str(src), "--out", str(tmp_path / "partial")]) == 1
+    assert f"missing 1: {MTP}shared_head.head.weight" in capsys.readouterr().err
+
+
 def test_a_rank_file_missing_an_mtp_tensor_does_not_load(tiny_hf, tmp_path: Path) -> None:
     """The MTP entries are set aside on load only when all of them are there; otherwise loading names them."""
     from bridge.checkpoint import CheckpointMeta

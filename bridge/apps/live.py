@@ -20,7 +20,7 @@ from bridge.converters.hf import PlannedTensor, SafetensorsReader, StreamingSafe
 from bridge.errors import BridgeError
 from bridge.hub import load_pretrained
 from bridge.mapping import Conversion
-from bridge.models import conversions
+from bridge.models import conversions, mtp
 from bridge.nn.gpt import GPTModel
 from bridge.sharding import LocalKey, Split, gather, localize, rule_for, split
 
@@ -54,9 +54,9 @@ def load_hf_weights(chunks: Sequence[GPTModel], folder: Path) -> None:
     """Fill this rank's chunks from an HF folder: read, map, shard, keep this rank's piece. Strict:
     every parameter is written exactly once, or the error lists the ones that were not."""
     model = chunks[0]
-    cfg, ps, layout = model.cfg, model.ps, model.ps.layout
-    convs = conversions(model.cfg)
     reader = SafetensorsReader(folder)
+    cfg, ps, layout = mtp.as_stored(model.cfg, reader.names()), model.ps, model.ps.layout
+    convs = conversions(cfg)
     source = HFSource(reader, cfg, convs, dtype=None)  # checks the folder against the mapping first
     written: set[tuple[int, str]] = set()
     padded = layout.padded_vocab_size(cfg.vocab_size)
