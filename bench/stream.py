@@ -13,12 +13,11 @@ written: twice that through memory).
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from bench.microbench import _ms
 from bench.train import MODELS, write_config
 
 
@@ -26,23 +25,6 @@ def configure(p: argparse.ArgumentParser, suite: str) -> None:
     p.add_argument("--model", choices=sorted(MODELS), default="llama-8b-8l", help="shape; --layers sets the depth")
     p.add_argument("--layers", type=int, default=32, help="layers of the shape (Llama-3.1-8B: 32)")
     p.add_argument("--reps", type=int, default=10)
-
-
-def _timed(fn: Callable[[], Any], device: str, reps: int) -> float:
-    """Median seconds of fn(), one warm-up call first."""
-    import torch
-
-    fn()
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -88,7 +70,7 @@ def _measure(args: argparse.Namespace, device: str) -> dict[str, Any]:
         assert torch.equal(consumer[name], tensor), name
     rows = []
     for what, fn in (("copy of the parameters (floor)", floor), ("export_hf_weights -> consumer", stream)):
-        seconds = _timed(fn, device, args.reps)
-        rows.append({"run": what, "ms": seconds * 1e3, "GB/s": nbytes / seconds / 1e9})
+        ms = _ms(fn, device, args.reps, each=True, warmup=1)  # median of whole streams, each synchronised
+        rows.append({"run": what, "ms": ms, "GB/s": nbytes / ms / 1e6})
     rows[1]["vs_floor"] = rows[0]["ms"] / rows[1]["ms"]
     return {"model": args.model, "layers": args.layers, "GB": nbytes / 1e9, "tensors": len(consumer), "rows": rows}
