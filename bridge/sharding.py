@@ -29,11 +29,14 @@ def split(tensor: torch.Tensor, rule: Split, tp: int, padded_vocab: int) -> list
         if pad < 0:
             raise BridgeError(f"vocabulary of {tensor.shape[0]} rows exceeds the padded size {padded_vocab}")
         if pad:
-            tensor = torch.cat([tensor, tensor.new_zeros(pad, *tensor.shape[1:])])
+            tensor = torch.nn.functional.pad(tensor, (0, 0) * (tensor.dim() - 1) + (0, pad))
         return [s.contiguous() for s in tensor.chunk(tp, dim=0)]
     if rule is Split.GATED_COLUMN:
-        gate, up = tensor.chunk(2, dim=0)
-        return [torch.cat([g, u]) for g, u in zip(gate.chunk(tp), up.chunk(tp))]
+        # rank t holds its rows of gate, then its rows of up: one reordering copy serves every rank (views of it),
+        # where a torch.cat per rank would cost as much and, on `meta`, import torch._dynamo
+        rows = tensor.shape[0] // (2 * tp)
+        gated = tensor.reshape(2, tp, rows, *tensor.shape[1:]).transpose(0, 1).contiguous()
+        return [s.flatten(0, 1) for s in gated]
     dim = 0 if rule is Split.COLUMN else 1
     return [s.contiguous() for s in tensor.chunk(tp, dim=dim)]
 
