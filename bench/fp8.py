@@ -73,16 +73,22 @@ def _smooth(losses: list[float], window: int = 20) -> list[float]:
     return [statistics.mean(losses[i - window:i]) for i in range(window, len(losses) + 1)]
 
 
+def compare_losses(losses: list[float], base: list[float]) -> dict[str, Any]:
+    """How far a loss curve is from `base` (same steps): the largest relative gap of their 20-step moving averages, how
+    many of those windows differ by more than 1%, and the relative gap of the means of the last 20 steps."""
+    tail = slice(-min(20, len(losses)), None)
+    windows = [a / b - 1 for a, b in zip(_smooth(losses), _smooth(base))]
+    return {"smoothed_max_%": 100 * max(abs(w) for w in windows),
+            "windows_over_1%": f"{sum(abs(w) > 0.01 for w in windows)}/{len(windows)}",
+            "final_%": 100 * abs(statistics.mean(losses[tail]) / statistics.mean(base[tail]) - 1)}
+
+
 def compare(row: dict[str, Any], base: dict[str, Any]) -> None:
     """Add to `row` its speed-up and loss differences against the bf16 run `base` (same seed and data)."""
     if "error" in row or "error" in base or row is base:
         return
     row["vs_bf16"] = row["tokens_per_s"] / base["tokens_per_s"]
-    tail = slice(-min(20, len(row["losses"])), None)
-    windows = [a / b - 1 for a, b in zip(_smooth(row["losses"]), _smooth(base["losses"]))]
-    row["smoothed_max_%"] = 100 * max(abs(w) for w in windows)
-    row["windows_over_1%"] = f"{sum(abs(w) > 0.01 for w in windows)}/{len(windows)}"
-    row["final_%"] = 100 * abs(statistics.mean(row["losses"][tail]) / statistics.mean(base["losses"][tail]) - 1)
+    row.update(compare_losses(row["losses"], base["losses"]))
 
 
 def configure(p: argparse.ArgumentParser, suite: str) -> None:

@@ -37,6 +37,7 @@ SUITES: dict[str, tuple[str, str]] = {
     "layouts-4gpu": ("train", "four GPUs: 8B shape (8 layers), tokens/s and MFU per parallel layout"),
     "cp-sweep": ("cp", "GPUs: context parallel degrees x K/V exchanges at a long sequence, tokens/s and memory"),
     "packing-1gpu": ("packing", "one GPU: packed SFT real tokens/s against padding per sample and against no attention reset"),
+    "learning-1gpu": ("learning", "one GPU: bridge and HF from the same checkpoint on the same tokens, loss curves over 300 steps"),
     "fp8": ("fp8", "one GPU: FP8 against bf16, speed; --loss: loss curves on real text"),
     "moe": ("moe", "four GPUs: Mixtral-shaped MoE training, tokens/s and MFU per expert-parallel layout"),
     "kernels": ("microbench", "one GPU (ring: several): attention backends, RoPE kernels, context-parallel attention"),

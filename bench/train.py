@@ -123,7 +123,8 @@ def train_once(warmup: int, *, catch: bool = False, **config: Any) -> dict[str, 
     return {"tokens_per_s": tokens_per_step / statistics.median(r["step_s"] for r in records), "mfu": median("mfu"),
             "real_tokens_per_s": median("real_tokens_per_s"), "packing_efficiency": median("packing_efficiency"),
             "tflops_per_gpu": median("tflops_per_gpu"), "peak_mem_gib": max(mem) if mem else None,
-            "moe_aux_loss": records[-1].get("moe_aux_loss"), "losses": [r["loss"] for r in summary["records"]]}
+            "moe_aux_loss": records[-1].get("moe_aux_loss"), "losses": [r["loss"] for r in summary["records"]],
+            "lrs": [r["lr"] for r in summary["records"]]}
 
 
 def parse_layout(text: str) -> dict[str, Any]:
