@@ -4,6 +4,7 @@ non-finite gradients skip the step, and the optimizer state survives a state_dic
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -174,3 +175,32 @@ def test_update_compiles_without_searching_kernel_configurations(monkeypatch: py
     setup(torch.float32, 1 << 20)
     assert seen == [{"dynamic": True, "in_place": True}]
     assert compiled == [{"dynamic": True, "options": {"triton.autotune_pointwise": False}}]
+
+
+class WideChunk(TinyChunk):
+    """TinyChunk's parameters at 32M elements (128 MiB in fp32), so their copies show in the process's peak RSS."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Parameter(torch.randn(8192, 4096))
+        self.norm = nn.Parameter(torch.ones(8192))
+
+
+def _rss(field: str) -> int:
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's peak-RSS reset")
+def test_building_the_optimizer_peaks_at_what_it_keeps() -> None:
+    """The fp32 copy the buffer keeps for the masters is never alive beside the masters and moments: building the
+    optimizer raises the peak RSS by what the optimizer keeps, not by another fp32 copy of every weight."""
+    chunk = WideChunk()
+    ps = ParallelState(ParallelLayout(), 1, 0, create_groups=False)
+    buffer = ParamAndGradBuffer([chunk], ps, param_dtype=torch.bfloat16, grad_dtype=torch.float32, bucket_size=None,
+                                distributed=False, sequence_parallel=False)
+    fp32_bytes = buffer.param_data.numel() * 4
+    Path("/proc/self/clear_refs").write_text("5\n")  # VmHWM := VmRSS
+    opt = MixedPrecisionAdamW(buffer, ps, CFG)
+    overshoot = _rss("VmHWM:") - _rss("VmRSS:")
+    assert opt.spans  # alive until the RSS is read
+    assert overshoot < fp32_bytes // 4, f"peak RSS was {overshoot / 2**20:.0f} MiB above what the optimizer keeps"

@@ -109,7 +109,7 @@ class MixedPrecisionAdamW:
         self.buffer, self.ps, self.cfg = buffer, ps, cfg
         self.chunks = len(buffer.sync_enabled)
         self.device = buffer.param_data.device
-        self.spans = [self._span(lo, hi) for lo, hi in self._owned_ranges()]
+        self.spans = self._spans(self._owned_ranges())
         self.pieces: list[Piece] = []
         for span in self.spans:
             for e in buffer.entries:
@@ -117,7 +117,6 @@ class MixedPrecisionAdamW:
                 if a < b:
                     self.pieces.append(Piece(e, a, b, span))
                     span.decay[a - span.lo:b - span.lo] = not e.no_decay
-        buffer.fp32_init = None  # the masters hold what they need; free the fp32 copy
         self.step_count = torch.zeros((), dtype=torch.float32, device=self.device)
         self._update = fused(adamw_update, self.device, dynamic=True, in_place=True)
         # the gradient views the norm reads, per kind [dense, expert], each distinct weight once: built once (the
@@ -136,10 +135,16 @@ class MixedPrecisionAdamW:
                 ranges.append((lo, hi))
         return ranges
 
-    def _span(self, lo: int, hi: int) -> Span:
-        zeros = lambda: torch.zeros(hi - lo, dtype=torch.float32, device=self.device)  # noqa: E731
-        return Span(lo, hi, self.buffer.fp32_init[lo:hi].clone(), zeros(), zeros(),
-                    torch.zeros(hi - lo, dtype=torch.bool, device=self.device))
+    def _spans(self, ranges: list[tuple[int, int]]) -> list[Span]:
+        """The state of each owned range. Why in this order: the buffer's fp32 copy of the weights is as large as all
+        the masters together (without sharding, it is them), so it is taken or copied first and freed before the
+        moments are allocated: the fp32 copy, masters and moments never coexist (2.8B parameters: 10.4 GiB less)."""
+        init = self.buffer.fp32_init
+        masters = [init if (lo, hi) == (0, init.numel()) else init[lo:hi].clone() for lo, hi in ranges]
+        self.buffer.fp32_init = init = None
+        zeros = lambda n, dtype=torch.float32: torch.zeros(n, dtype=dtype, device=self.device)  # noqa: E731
+        return [Span(lo, hi, master, zeros(hi - lo), zeros(hi - lo), zeros(hi - lo, torch.bool))
+                for (lo, hi), master in zip(ranges, masters)]
 
     # ---- one step --------------------------------------------------------------------------
     def grad_norm(self) -> torch.Tensor:
