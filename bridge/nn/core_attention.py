@@ -170,12 +170,19 @@ def flex_scored_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     s = q.shape[2]
     mask = create_block_mask(allowed, None, None, s, s, device=q.device)
     kernel = _compiled_flex() if compiled else flex_attention
-    score_mod = None if softcap is None else cap
+    where = dict(score_mod=None if softcap is None else cap, block_mask=mask, scale=scale, enable_gqa=True,
+                 kernel_options=FLEX_KERNEL if compiled else None)
     if sinks is None:
-        return kernel(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=True)
-    out, aux = kernel(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=True,
-                      return_aux=AuxRequest(lse=True))
+        return kernel(q, k, v, **where)
+    out, aux = kernel(q, k, v, **where, return_aux=AuxRequest(lse=True))
     return with_sinks(out, aux.lse, sinks)
+
+
+#: FlexAttention's main Triton kernel for every length. Its default (AUTO) takes the decoding kernel for queries
+#: shorter than a block, which torch 2.11 could not lower for GPT-OSS's 64 query heads over 8 KV heads of 64 with
+#: the log-sum-exp returned ("NoValidChoicesError: No choices exist for backend", a 24-token prompt on an H100);
+#: the main kernel takes any length and GQA.
+FLEX_KERNEL = {"BACKEND": "TRITON"}
 
 
 @functools.cache
