@@ -304,3 +304,14 @@ def test_push_adapter_with_its_card(env: dict[str, Any], hub, capsys: pytest.Cap
     assert "| Rank (r) | 4 |" in card and "| Alpha | 8 |" in card and "`q_proj`" in card and "`linear_qkv`" in card
     assert "![training loss](loss_curve.png)" in card and "PeftModel.from_pretrained(base" in card
     assert "| Base model | a local folder `hf-llama31" in card and str(env["hf"]["llama31"]) not in card
+
+
+def test_model_flops_leave_out_the_frozen_base_weight_gradients(env: dict[str, Any]) -> None:
+    """TFLOP/s and MFU of a LoRA run count 4 FLOPs per base weight (forward, input gradient), not 6."""
+    from bridge.api import load_hf_config
+    from bridge.training.metrics import flops_per_token
+
+    record = run(env, "llama31", "single")["summary"]["records"][-1]
+    flops = record["tflops_per_gpu"] * 1e12 * record["step_s"]
+    cfg = load_hf_config(env["hf"]["llama31"])
+    assert flops == pytest.approx(flops_per_token(cfg, 32, frozen_base=True) * 4 * 32, rel=1e-9)

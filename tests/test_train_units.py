@@ -90,6 +90,8 @@ def test_flops_formula_llama_3_2_1b() -> None:
     per_layer = 2048 * 3072 + 2048 * 2048 + 2048 * 16384 + 8192 * 2048
     assert matmul_params(cfg) == 16 * per_layer + 2048 * 128256
     assert flops_per_token(cfg, 2048) == 6 * matmul_params(cfg) + 12 * 16 * 2048 * 2048
+    # LoRA: the frozen base's weight-gradient GEMMs (2 of the 6 FLOPs per weight) never run
+    assert flops_per_token(cfg, 2048, frozen_base=True) == 4 * matmul_params(cfg) + 12 * 16 * 2048 * 2048
 
 
 def test_event_file_round_trip(tmp_path: Path) -> None:

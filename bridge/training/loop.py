@@ -163,7 +163,8 @@ class Trainer:
         self.rs, self.cfg, self.ps = rs, rs.cfg, rs.ps
         self.stop = _StopFlag()
         self.tokens_per_step = self.cfg.global_batch_size * self.cfg.seq_length
-        self.flops_per_step = flops_per_token(rs.plan.model, self.cfg.seq_length) * self.tokens_per_step
+        self.flops_per_step = flops_per_token(rs.plan.model, self.cfg.seq_length,
+                                              frozen_base=self.cfg.lora_rank is not None) * self.tokens_per_step
         self.peak = peak_tflops(self.cfg.peak_tflops)
         is_logger = self.ps.rank == 0
         save = Path(self.cfg.save) if self.cfg.save else None

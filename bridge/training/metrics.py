@@ -3,7 +3,7 @@
 FLOPs per token (docs/training.md), the PaLM / Megatron model-FLOPs convention (no causal-mask
 discount, recomputation not counted):
 
-    6 * N  +  12 * L * (n_heads * head_dim) * s
+    6 * N  +  12 * L * (n_heads * head_dim) * s          (4 * N with a frozen base: LoRA, DoRA)
 
 N counts the weights of every matrix multiply (attention and MLP projections of each layer and the
 output layer, whose V x h matrix is multiplied whether or not it is tied); the embedding lookup is
@@ -49,9 +49,12 @@ def matmul_params(cfg: ModelConfig) -> int:
     return total + h * cfg.vocab_size
 
 
-def flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
+def flops_per_token(cfg: ModelConfig, seq_length: int, *, frozen_base: bool = False) -> float:
+    """Model FLOPs per trained token. `frozen_base` (LoRA, DoRA): the base weights get no gradient, so their
+    weight-gradient GEMMs are never run: 4 FLOPs per weight (forward, input gradient) instead of 6. The adapters'
+    own GEMMs (under 1% of the base's at rank 16) are not counted."""
     attention = 12 * cfg.num_layers * cfg.num_attention_heads * cfg.kv_channels * seq_length
-    return 6.0 * matmul_params(cfg) + attention
+    return (4.0 if frozen_base else 6.0) * matmul_params(cfg) + attention
 
 
 def peak_tflops(override: float | None) -> float | None:
