@@ -5,7 +5,8 @@
 Every model is built here with random weights (no download). With purely random weights the top logits of a large
 vocabulary lie within bf16 noise of each other, so bf16 top-1 agreement would measure rounding: the embedding is
 scaled to unit variance (the residual stream then carries the token, and the model has clear preferences as a
-trained one does) and the norms are perturbed; attention and MLP still contribute to every logit checked.
+trained one does; under a final logit softcap, less: see random_hf) and the norms are perturbed; attention and MLP
+still contribute to every logit checked.
 """
 from __future__ import annotations
 
@@ -281,3 +282,27 @@ def test_packed_training_compiles_in_bf16_and_fp8(tmp_path: Path) -> None:
     assert max_rel_diff(runs["compiled"], runs["eager"]) < 2e-2, runs
     if "fp8" in runs:
         assert max_rel_diff(runs["fp8"], runs["eager"]) < 5e-2, runs
+
+
+@pytest.mark.parametrize("s", [24, 300], ids=["one-block", "windowed"])
+@pytest.mark.parametrize("shape", ["gemma2", "gpt-oss"])
+def test_compiled_flex_attention_matches_the_math_with_gradients(shape: str, s: int) -> None:
+    """Compiled FlexAttention in bf16, as training and verify run it on CUDA, against the plain math in fp32: outputs
+    and the gradients of q, k, v (and the sinks). Gemma 2's heads (8 over 4 KV heads of 256, softcap 50) and GPT-OSS's
+    (64 over 8 KV heads of 64, sinks), both with a window of 128; a sequence shorter than one block (a verify prompt)
+    and one the window cuts."""
+    from bridge.nn.core_attention import flex_scored_attention, math_scored_attention
+
+    nq, ng, d, softcap, sinks = (8, 4, 256, 50.0, False) if shape == "gemma2" else (64, 8, 64, None, True)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    leaves = [torch.randn(1, h, s, d, device="cuda", generator=g) for h in (nq, ng, ng)]
+    leaves += [torch.randn(nq, device="cuda", generator=g) * 2] if sinks else []
+    grad_out = torch.randn(1, nq, s, d, device="cuda", generator=g)
+    results = []
+    for dtype, attention in ((torch.bfloat16, flex_scored_attention), (torch.float32, math_scored_attention)):
+        inputs = [t.to(dtype).requires_grad_() for t in leaves]
+        out = attention(*inputs[:3], d ** -0.5, 128, softcap, inputs[3] if sinks else None)
+        out.backward(grad_out.to(dtype))
+        results.append([out.float()] + [t.grad.float() for t in inputs])
+    for fast, exact in zip(*results):
+        assert (fast - exact).abs().max().item() < 3e-2 * exact.abs().max().item()
