@@ -53,7 +53,7 @@ def write_checkpoint(config_dir: Path, out: Path, seed: int) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir), torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir), dtype=torch.float32)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.to(torch.bfloat16))
@@ -70,7 +70,7 @@ def hf_train(folder: str, opts: dict[str, Any]) -> dict[str, Any]:
     from bridge.training.data import Documents, PackedDataset, micro_batch, split_documents
 
     device = torch.device(opts["device"])
-    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32, attn_implementation="sdpa").to(device)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").to(device)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
