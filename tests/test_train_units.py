@@ -94,6 +94,17 @@ def test_flops_formula_llama_3_2_1b() -> None:
     assert flops_per_token(cfg, 2048, frozen_base=True) == 4 * matmul_params(cfg) + 12 * 16 * 2048 * 2048
 
 
+def test_flops_of_windowed_layers_count_the_window() -> None:
+    """Gemma-2-2B: 13 of its 26 layers attend within 4096 tokens; at 8192 they count 4096 keys per query, not 8192."""
+    from bridge.api import load_hf_config
+
+    cfg = load_hf_config(CONFIGS / "google--gemma-2-2b")
+    heads_dim = cfg.num_attention_heads * cfg.kv_channels
+    assert sum(cfg.window(i) == 4096 for i in range(26)) == 13
+    assert flops_per_token(cfg, 8192) == 6 * matmul_params(cfg) + 12 * heads_dim * (13 * 8192 + 13 * 4096)
+    assert flops_per_token(cfg, 2048) == 6 * matmul_params(cfg) + 12 * heads_dim * 26 * 2048  # windows wider
+
+
 def test_event_file_round_trip(tmp_path: Path) -> None:
     assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
     writer = EventWriter(tmp_path)

@@ -8,7 +8,7 @@ discount, recomputation not counted):
 N counts the weights of every matrix multiply (attention and MLP projections of each layer and the
 output layer, whose V x h matrix is multiplied whether or not it is tied); the embedding lookup is
 not a matmul. The second term is QK^T and AV: 2 * 2 * s * (n_heads * head_dim) per token per layer
-forward, times 3 for forward + backward.
+forward, times 3 for forward + backward; a layer with a sliding window W < s counts W keys per query, not s.
 
 TensorBoard: `torch.utils.tensorboard` needs the `tensorboard` package (and protobuf, grpc); to
 avoid that dependency the scalars are written by `EventWriter`, ~50 lines that emit the same
@@ -53,7 +53,8 @@ def flops_per_token(cfg: ModelConfig, seq_length: int, *, frozen_base: bool = Fa
     """Model FLOPs per trained token. `frozen_base` (LoRA, DoRA): the base weights get no gradient, so their
     weight-gradient GEMMs are never run: 4 FLOPs per weight (forward, input gradient) instead of 6. The adapters'
     own GEMMs (under 1% of the base's at rank 16) are not counted."""
-    attention = 12 * cfg.num_layers * cfg.num_attention_heads * cfg.kv_channels * seq_length
+    keys = sum(min(seq_length, cfg.window(i) or seq_length) for i in range(cfg.num_layers))
+    attention = 12 * cfg.num_attention_heads * cfg.kv_channels * keys
     return (4.0 if frozen_base else 6.0) * matmul_params(cfg) + attention
 
 
