@@ -222,6 +222,8 @@ def configure(p: argparse.ArgumentParser, suite: str) -> None:
     p.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion", action="store_false")
     p.add_argument("--grad-reduce-in-bf16", action="store_true", help="bf16 gradients (the default is fp32)")
     p.add_argument("--no-rope-fusion", dest="rope_fusion", action="store_false")
+    p.add_argument("--no-linear-cross-entropy-fusion", dest="linear_cross_entropy_fusion", action="store_false",
+                   help="all the logits at once, kept for backward (the memory the fused loss saves)")
     p.add_argument("--fp8", choices=["tensorwise", "rowwise"], help="bridge trains with FP8 linear layers (torchao)")
     p.add_argument("--fp8-output-proj", action="store_true", help="the output layer in FP8 too")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager mode on both sides")
@@ -246,6 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            compile=args.compile, recompute=args.recompute, device=device,
                            attention_backend=args.attention_backend,
                            gradient_accumulation_fusion=args.gradient_accumulation_fusion, rope_fusion=args.rope_fusion,
+                           linear_cross_entropy_fusion=args.linear_cross_entropy_fusion,
                            grad_reduce_in_bf16=args.grad_reduce_in_bf16, fp8=args.fp8,
                            fp8_output_proj=args.fp8_output_proj, profile=args.profile is not None,
                            profile_step_start=args.warmup + 1, profile_step_end=args.warmup + 3,

@@ -80,6 +80,8 @@ _FLAGS: list[tuple[tuple[str, ...], dict]] = [
                                       help="under --bf16, accumulate and all-reduce gradients in bf16 instead of fp32")),
     (("--no-gradient-accumulation-fusion",), dict(dest="gradient_accumulation_fusion", action="store_false",
                                                   help="add weight gradients to the buffer in a separate pass")),
+    (("--no-linear-cross-entropy-fusion",), dict(dest="linear_cross_entropy_fusion", action="store_false",
+                                                  help="compute all the logits, then the loss; keep them for backward")),
     (("--no-rope-fusion",), dict(dest="rope_fusion", action="store_false",
                                  help="split q/k/v and apply RoPE without the fused Triton kernel")),
     (("--recompute", "--recompute-granularity"), dict(dest="recompute", choices=["full", "selective"],

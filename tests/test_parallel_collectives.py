@@ -12,6 +12,7 @@ def _check_collectives() -> dict[str, float]:
     import torch.distributed as dist
 
     from bridge.nn.cross_entropy import vocab_parallel_cross_entropy
+    from bridge.nn.linear_cross_entropy import linear_cross_entropy
     from bridge.parallel import collectives as C
 
     group, rank, world = dist.group.WORLD, dist.get_rank(), dist.get_world_size()
@@ -57,6 +58,24 @@ def _check_collectives() -> dict[str, float]:
         loss.sum().backward()
         grad_ref = ref_logits.grad.chunk(world, -1)[rank]
         err[f"cross_entropy_{vocab}"] = max((loss - ref).abs().max().item(), (shard.grad - grad_ref).abs().max().item())
+
+    # the output layer fused with the loss over vocabulary shards, in chunks of 3 tokens: the hidden's gradient is
+    # this rank's partial sum (the model's copy_to_tp all-reduces it), the weight's its vocabulary rows'
+    hidden, weight = torch.randn(5, 2, 6), torch.randn(8, 6)
+    weights = torch.rand(5, 2)
+    for vocab in (None, 7):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        logits = F.linear(h, w)
+        masked = logits if vocab is None else logits.masked_fill(torch.arange(8) >= vocab, float("-inf"))
+        ref = (F.cross_entropy(masked.reshape(-1, 8), target.reshape(-1), reduction="none") * weights.reshape(-1)).sum()
+        ref.backward()
+        mine_h, mine_w = hidden.clone().requires_grad_(), weight.chunk(world)[rank].clone().requires_grad_()
+        loss = linear_cross_entropy(mine_h, mine_w, target, weights, group, rank * 8 // world, vocab, rows=3)
+        loss.backward()
+        dh = mine_h.grad.clone()
+        dist.all_reduce(dh, group=group)
+        err[f"linear_cross_entropy_{vocab}"] = max(abs(loss.item() - ref.item()), (dh - h.grad).abs().max().item(),
+                                                   (mine_w.grad - w.grad.chunk(world)[rank]).abs().max().item())
     return err
 
 

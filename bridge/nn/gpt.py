@@ -23,9 +23,11 @@ from bridge.errors import BridgeError
 from bridge.models import conversions
 from bridge.nn.attention import Documents
 from bridge.nn.cross_entropy import vocab_parallel_cross_entropy
+from bridge.nn.linear_cross_entropy import linear_cross_entropy
 from bridge.nn.layers import ColumnParallelLinear, RMSNorm, VocabParallelEmbedding
 from bridge.nn.rope import RotaryEmbedding
 from bridge.nn.transformer import TransformerLayer
+from bridge.parallel import collectives as C
 from bridge.parallel.context import local_positions
 from bridge.parallel.state import ParallelState
 from bridge.params import Partial, Split, kind_of
@@ -131,9 +133,12 @@ class GPTModel(nn.Module):
 
     def forward(self, tokens_or_hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                max_seqlen: int | torch.Tensor | None = None) -> torch.Tensor:
+                max_seqlen: int | torch.Tensor | None = None, loss_weights: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [b, s] (first chunk) or hidden [s(/tp), b, h] -> hidden, logits [s, b, V_pad/tp] or loss [b, s].
-        `cu_seqlens`/`max_seqlen`: packed documents (bridge.training.packing), attention stays within each."""
+        `cu_seqlens`/`max_seqlen`: packed documents (bridge.training.packing), attention stays within each.
+        `loss_weights` [b, s] with labels: the loss is sum(loss * loss_weights), a scalar, formed with its
+        gradients chunk by chunk without the logits where the output layer is a plain GEMM
+        (bridge.nn.linear_cross_entropy: differentiate it as it is, with gradient 1)."""
         if self.pre_process:
             b, s = tokens_or_hidden.shape
             if self.sequence_parallel and s % self.ps.tp:
@@ -157,15 +162,25 @@ class GPTModel(nn.Module):
         if not self.post_process:
             return hidden
         weight = self.embedding.word_embeddings.weight if self.output_layer.weight is None else None
-        logits = self.output_layer(hidden, weight)  # [s, b, V_pad/tp]
         cap = self.cfg.final_logit_softcap
+        vocab = self.cfg.vocab_size if self.mask_padded_vocab else None
+        if labels is not None and loss_weights is not None and self.output_layer.plain_gemm:
+            return self._output_loss(hidden, weight, labels, loss_weights, vocab, cap)
+        logits = self.output_layer(hidden, weight)  # [s, b, V_pad/tp]
         if cap is not None:  # elementwise, so each TP rank caps its vocabulary shard; HF's order of operations
             logits = torch.tanh(logits / cap) * cap
         if labels is None:
             return logits
-        vocab = self.cfg.vocab_size if self.mask_padded_vocab else None
-        loss = vocab_parallel_cross_entropy(logits, labels.t(), self.ps.tp_group, self.vocab_start, vocab)
-        return loss.t()  # [b, s]
+        loss = vocab_parallel_cross_entropy(logits, labels.t(), self.ps.tp_group, self.vocab_start, vocab).t()  # [b, s]
+        return loss if loss_weights is None else (loss * loss_weights).sum()
+
+    def _output_loss(self, hidden: torch.Tensor, weight: torch.Tensor | None, labels: torch.Tensor,
+                     loss_weights: torch.Tensor, vocab: int | None, cap: float | None) -> torch.Tensor:
+        """The output layer and the weighted loss in one pass, without the logits (bridge.nn.linear_cross_entropy)."""
+        layer = self.output_layer
+        x = C.gather_from_sp(hidden, layer.group) if layer.sequence_parallel else C.copy_to_tp(hidden, layer.group)
+        return linear_cross_entropy(x, layer.weight if weight is None else weight, labels.t(), loss_weights.t(),
+                                    layer.group, self.vocab_start, vocab, cap)
 
 
 def build_model_chunks(cfg: ModelConfig, ps: ParallelState, **kwargs: Any) -> list[GPTModel]:

@@ -195,6 +195,11 @@ class ColumnParallelLinear(nn.Module):
         # a LoRA/DoRA adapter (bridge.nn.lora) sees what the matrix multiplies: the normed input, as peft's on q_proj
         return out if self.adapter is None else self.adapter(x, out, self.bias, self.weight)
 
+    @property
+    def plain_gemm(self) -> bool:
+        """x W^T alone: no norm, bias, adapter or FP8 cast (what bridge.nn.linear_cross_entropy fuses with the loss)."""
+        return self.norm_eps is None and self.bias is None and self.adapter is None and self.fp8 is None
+
     def _project(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         weight = self.weight if weight is None else weight  # `weight` given: the tied output layer's embedding
         if fuses_weight_grad(weight, self.group, self.fp8):

@@ -111,6 +111,9 @@ class TrainConfig:
     mtp_num_layers: int | None = None
     """Megatron's multi-token prediction training: not available (refused); a checkpoint's MTP layers (GLM-4.5) are
     carried unchanged into the saves."""
+    linear_cross_entropy_fusion: bool = True
+    """The output layer and the loss in one pass over chunks of tokens, gradients formed in the forward: the
+    [tokens, V/tp] logits and their gradient never exist whole (bridge.nn.linear_cross_entropy)."""
     rope_fusion: bool = True
     """Split q/k/v and apply RoPE in one Triton kernel on CUDA (Megatron's default; bridge.nn.rope_qkv)."""
     recompute: str | None = None

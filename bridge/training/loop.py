@@ -63,13 +63,17 @@ def train_step(rs: RankSetup, micro_batches: list[dict[str, torch.Tensor]]) -> l
 
     def forward_step(c: int, x: torch.Tensor | None, m: int) -> torch.Tensor:
         mb, model = micro_batches[m], chunks[c]
-        out = model(mb["tokens"] if model.pre_process else x, labels=mb["labels"] if model.post_process else None,
-                    **model_inputs(mb))
+        x = mb["tokens"] if model.pre_process else x
         if not model.post_process:
-            return out
-        loss = masked_mean(out, mb)
-        losses.append(loss.detach())
-        return loss / plan.global_microbatches
+            return model(x, **model_inputs(mb))
+        # each token's factor in the step's objective: its share of the micro-batch mean, over the micro-batches
+        weights = mb["loss_mask"] / (mb["loss_tokens"].clamp(min=1.0) * plan.global_microbatches)
+        if rs.cfg.linear_cross_entropy_fusion:  # the loss with its gradients, chunk by chunk, without the logits
+            loss = model(x, labels=mb["labels"], loss_weights=weights, **model_inputs(mb))
+        else:
+            loss = (model(x, labels=mb["labels"], **model_inputs(mb)).float() * weights).sum()
+        losses.append(loss.detach() * plan.global_microbatches)
+        return loss
 
     shape = activation_shape(micro_batches[0]["tokens"], plan.model.hidden_size, ps.tp, chunks[0].sequence_parallel)
     forward_backward(chunks, ps, len(micro_batches), forward_step, rs.buffer.enable_sync, activation_shape=shape,
