@@ -268,6 +268,26 @@ class TERowParallelLinear(TEExtraState, RowParallelLinear):
     post_norm_class = TENorm
 
 
+class _EmbeddingIntoMainGrad(torch.autograd.Function):
+    """Embedding lookup whose backward adds each token's gradient row into the fp32 `main_grad` (a sorted,
+    deterministic scatter-add) and gives autograd none: the dense [V/tp, h] gradient that F.embedding's backward
+    writes, and the pass adding it to the buffer, are never made. For weights the trainer marks
+    (`fuse_wgrad_accumulation`, see _LinearIntoMainGrad)."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, weight: torch.Tensor, main_grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.main_grad = main_grad  # not saved: other views of the buffer change it before backward
+        ctx.save_for_backward(local)
+        return F.embedding(local, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        (local,) = ctx.saved_tensors
+        rows = grad.reshape(-1, grad.shape[-1]).to(ctx.main_grad.dtype)
+        ctx.main_grad.index_put_((local.reshape(-1),), rows, accumulate=True)
+        return None, None, None
+
+
 class VocabParallelEmbedding(nn.Module):
     """Embedding whose (padded) vocabulary rows are split over TP: tokens [b, s] -> [s, b, h].
 
@@ -288,6 +308,12 @@ class VocabParallelEmbedding(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         outside = (tokens < self.start) | (tokens >= self.end)
         local = (tokens - self.start).masked_fill(outside, 0)
-        emb = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)  # [b, s, h]
+        main_grad = getattr(self.weight, "main_grad", None)
+        if (getattr(self.weight, "fuse_wgrad_accumulation", False) and self.weight.requires_grad
+                and main_grad.dtype == torch.float32):
+            emb = _EmbeddingIntoMainGrad.apply(local, self.weight, main_grad)
+        else:
+            emb = F.embedding(local, self.weight)
+        emb = emb.masked_fill(outside.unsqueeze(-1), 0.0)  # [b, s, h]
         emb = emb.transpose(0, 1).contiguous()  # [s, b, h]
         return C.reduce_scatter_to_sp(emb, self.group) if self.sequence_parallel else C.reduce_from_tp(emb, self.group)

@@ -105,7 +105,8 @@ class TrainConfig:
     over micro-batches and ranks) instead of Megatron-LM's default fp32."""
     gradient_accumulation_fusion: bool = True
     """Linear layers' weight-gradient GEMMs add into the gradient buffer (Megatron's default; bf16 GEMMs accumulate
-    in fp32 into an fp32 buffer). Applies without TP and DP (bridge.nn.layers._LinearIntoMainGrad)."""
+    in fp32 into an fp32 buffer), and so does the embedding's backward, row by row. Applies without DP, the linear
+    layers' without TP (bridge.nn.layers._LinearIntoMainGrad, _EmbeddingIntoMainGrad)."""
     moe_router_bias_update_rate: float = 1e-3
     """DeepSeek-V3's expert-bias step after every optimizer step (Megatron's default); routers without a bias ignore it."""
     mtp_num_layers: int | None = None
