@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from bridge.cli.main import main
 from bridge.data.indexed import IndexedDatasetWriter
@@ -320,3 +321,20 @@ def test_cuda_allocator_default_leaves_the_users_choice(monkeypatch: pytest.Monk
         monkeypatch.setenv(name, value)
     default_cuda_allocator(device)
     assert os.environ.get("PYTORCH_CUDA_ALLOC_CONF") == expected
+
+
+def test_peak_memory_keeps_the_runs_peak_and_each_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA each reading is the peak since the last one (the allocator's statistic, then reset) and the run's
+    peak is the largest of them: a compilation's transient in the first steps does not hide a later step's."""
+    from bridge.training.metrics import PeakMemory
+
+    allocator = {"peak": 0}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: allocator["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: allocator.update(peak=0))
+    memory, readings = PeakMemory(), []
+    for peak in (50, 30, 40):  # GiB: compilation, then steps
+        allocator["peak"] = peak * 2**30
+        readings.append(memory.read())
+    assert readings == [(50, 50), (50, 30), (50, 40)]

@@ -26,7 +26,7 @@ from bridge.parallel.pipeline import activation_shape, forward_only, model_input
 from bridge.parallel.schedules import forward_backward
 from bridge.parallel.state import ParallelState
 from bridge.training.config import TrainConfig
-from bridge.training.metrics import MetricsLog, flops_per_token, peak_memory_gib, peak_tflops
+from bridge.training.metrics import MetricsLog, PeakMemory, flops_per_token, peak_tflops
 from bridge.training.plan import Plan
 from bridge.training.profiling import StepProfiler
 from bridge.training.saver import Checkpointer
@@ -170,6 +170,7 @@ class Trainer:
         self.flops_per_step = flops_per_token(rs.plan.model, self.cfg.seq_length,
                                               frozen_base=self.cfg.lora_rank is not None) * self.tokens_per_step
         self.peak = peak_tflops(self.cfg.peak_tflops)
+        self.memory = PeakMemory()
         is_logger = self.ps.rank == 0
         save = Path(self.cfg.save) if self.cfg.save else None
         self.log = MetricsLog(save / "train_log.jsonl" if save and is_logger else None,
@@ -284,11 +285,12 @@ class Trainer:
         rs.loss_curve.append([rs.iteration, loss])
         tflops = self.flops_per_step / elapsed / 1e12 / rs.plan.world_size
         moe = {"moe_aux_loss": aux_sum / rs.plan.global_microbatches} if self.moe_layers else {}
+        run_peak, step_peak = self.memory.read()
         return {"iteration": rs.iteration, "loss": loss, **moe, "lr": queued.lr, "grad_norm": grad_norm,
                 "tokens_per_s": self.tokens_per_step / elapsed, "real_tokens_per_s": real / elapsed,
                 "packing_efficiency": real / self.tokens_per_step, "tflops_per_gpu": tflops,
                 "mfu": tflops / self.peak if self.peak else None, "step_s": elapsed,
-                "peak_mem_gib": peak_memory_gib(), "_stop": stop > 0}
+                "peak_mem_gib": run_peak, "step_peak_mem_gib": step_peak, "_stop": stop > 0}
 
     def moe_step(self) -> float:
         """After the optimizer step: DeepSeek's expert-bias update (loads summed over DP, as Megatron's

@@ -67,11 +67,22 @@ def peak_tflops(override: float | None) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def peak_memory_gib() -> float:
-    """Peak allocated GPU memory of this process, or its peak resident set size on CPU."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+class PeakMemory:
+    """Peak allocated GPU memory of the run so far and since the last reading (a step's, once steps are queued one
+    ahead: the allocator counts at launch). The run's peak includes the first steps' compilation; a step's peak is
+    what training needs once it runs. On CPU: the run's peak resident set size, no step peak."""
+
+    def __init__(self) -> None:
+        self.run_gib = 0.0
+
+    def read(self) -> tuple[float, float | None]:
+        """-> (run peak, peak since the last read) in GiB; starts the next interval."""
+        if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, None
+        step = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+        self.run_gib = max(self.run_gib, step)
+        return self.run_gib, step
 
 
 # ---- TensorBoard event files ---------------------------------------------------------------------
