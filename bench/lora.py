@@ -35,7 +35,7 @@ def configure(p: argparse.ArgumentParser, suite: str) -> None:
     p.add_argument("--alpha", type=float, default=32.0)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=4, help="untimed first steps (compilation)")
-    p.add_argument("--recompute", choices=["full", "selective"])
+    p.add_argument("--recompute", choices=["full", "selective", "elementwise"])
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager mode on both sides")
 
 

@@ -224,7 +224,7 @@ def configure(p: argparse.ArgumentParser, suite: str) -> None:
                    help="comma-separated bridge layouts, e.g. tp4,tp2pp2,tp4-sp,dp4-distopt,pp2vpp2")
     p.add_argument("--no-baseline", dest="baseline", action="store_false", default=not four,
                    help="skip the HF run")
-    p.add_argument("--recompute", choices=["full", "selective"])
+    p.add_argument("--recompute", choices=["full", "selective", "elementwise"])
     p.add_argument("--attention-backend", default="auto", choices=["auto", "flash", "fused", "unfused"])
     p.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion", action="store_false")
     p.add_argument("--grad-reduce-in-bf16", action="store_true", help="bf16 gradients (the default is fp32)")

@@ -84,9 +84,10 @@ _FLAGS: list[tuple[tuple[str, ...], dict]] = [
                                                   help="compute all the logits, then the loss; keep them for backward")),
     (("--no-rope-fusion",), dict(dest="rope_fusion", action="store_false",
                                  help="split q/k/v and apply RoPE without the fused Triton kernel")),
-    (("--recompute", "--recompute-granularity"), dict(dest="recompute", choices=["full", "selective"],
+    (("--recompute", "--recompute-granularity"), dict(dest="recompute", choices=["full", "selective", "elementwise"],
                                                   help="recompute activations in backward to save memory: whole "
-                                                       "layers (full) or attention only (selective)")),
+                                                       "layers (full), attention only (selective) or all but what "
+                                                       "matmuls and attention produce (elementwise)")),
     (("--attention-backend",), dict(choices=["auto", "flash", "fused", "unfused"],
                                     help="attention kernel on CUDA: fused = cuDNN (default auto: measured fastest)")),
     (("--compile",), dict(action="store_true", help="torch.compile every transformer layer")),

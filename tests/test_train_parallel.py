@@ -27,6 +27,10 @@ LAYOUTS = {
     # one process: weight gradients added into the buffer by the GEMMs (the reference) or by autograd
     "no-gradient-accumulation-fusion": dict(nproc=1, gradient_accumulation_fusion=False),
     "recompute-full-fused": dict(nproc=1, recompute="full"),
+    # what matmuls and attention produce kept, the rest recomputed, inside the compiled layers
+    "recompute-elementwise-compiled": dict(nproc=1, recompute="elementwise", compile=True),
+    # all the logits at once (the reference fuses the output layer with the loss)
+    "no-linear-cross-entropy-fusion": dict(nproc=1, linear_cross_entropy_fusion=False),
 }
 
 

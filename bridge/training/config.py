@@ -14,7 +14,7 @@ from typing import Any
 from bridge.errors import BridgeError
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
-RECOMPUTE = ("full", "selective")
+RECOMPUTE = ("full", "selective", "elementwise")
 #: Megatron-Bridge's LoRA target names (bridge.nn.lora.TARGETS), all adapted by default as there.
 LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
