@@ -228,6 +228,8 @@ def configure(p: argparse.ArgumentParser, suite: str) -> None:
     p.add_argument("--attention-backend", default="auto", choices=["auto", "flash", "fused", "unfused"])
     p.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion", action="store_false")
     p.add_argument("--grad-reduce-in-bf16", action="store_true", help="bf16 gradients (the default is fp32)")
+    p.add_argument("--use-precision-aware-optimizer", action="store_true",
+                   help="fp32 masters kept as 16-bit remainders beside the bf16 weights")
     p.add_argument("--no-rope-fusion", dest="rope_fusion", action="store_false")
     p.add_argument("--no-linear-cross-entropy-fusion", dest="linear_cross_entropy_fusion", action="store_false",
                    help="all the logits at once, kept for backward (the memory the fused loss saves)")
@@ -257,6 +259,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            gradient_accumulation_fusion=args.gradient_accumulation_fusion, rope_fusion=args.rope_fusion,
                            linear_cross_entropy_fusion=args.linear_cross_entropy_fusion,
                            grad_reduce_in_bf16=args.grad_reduce_in_bf16, fp8=args.fp8,
+                           use_precision_aware_optimizer=args.use_precision_aware_optimizer,
                            fp8_output_proj=args.fp8_output_proj, profile=args.profile is not None,
                            profile_step_start=args.warmup + 1, profile_step_end=args.warmup + 3,
                            tensorboard_dir=args.profile, **lay)

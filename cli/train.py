@@ -39,6 +39,9 @@ _FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--sequence-parallel",), dict(action="store_true", help="split layer norms and dropout over the TP ranks "
                                                                 "along the sequence (needs --tp > 1)")),
     (("--use-distributed-optimizer",), dict(action="store_true", help="shard fp32 masters and Adam state over DP")),
+    (("--use-precision-aware-optimizer",), dict(action="store_true",
+                                                help="under --bf16, keep fp32 masters as 16-bit remainders beside the "
+                                                     "bf16 parameters (the same masters, 2 bytes per parameter less)")),
     (("--ddp-bucket-size",), dict(type=int, help="elements per gradient all-reduce bucket")),
     (("--micro-batch-size",), dict(type=int, help="samples per forward/backward on one rank")),
     (("--global-batch-size",), dict(type=int, help="samples per step (default micro-batch-size x DP)")),

@@ -204,3 +204,49 @@ def test_building_the_optimizer_peaks_at_what_it_keeps() -> None:
     overshoot = _rss("VmHWM:") - _rss("VmRSS:")
     assert opt.spans  # alive until the RSS is read
     assert overshoot < fp32_bytes // 4, f"peak RSS was {overshoot / 2**20:.0f} MiB above what the optimizer keeps"
+
+
+def test_masters_split_into_bf16_and_a_remainder_and_join_bit_for_bit() -> None:
+    """fp32 -> (bf16, int16) -> fp32 is the identity on every finite value, signed zeros and subnormals included;
+    the bf16 half is torch's round-to-nearest except at exact ties, which go away from zero."""
+    from bridge.training.optimizer import join_master, split_master
+
+    gen = torch.Generator().manual_seed(0)
+    values = torch.cat([torch.randn(10_000, generator=gen) * 10.0 ** torch.randint(-30, 30, (10_000,), generator=gen),
+                        torch.tensor([0.0, -0.0, 1e-40, -1e-40, 3.0e38, -3.0e38, 1.0, -1.0])])
+    high, low = split_master(values)
+    assert high.dtype == torch.bfloat16 and low.dtype == torch.int16
+    assert torch.equal(join_master(high, low).view(torch.int32), values.view(torch.int32))
+    assert torch.equal(high, values.to(torch.bfloat16))  # no exact ties among these
+    ties = torch.tensor([1.0 + 2.0**-8, -(1.0 + 2.0**-8), 1.0 + 3 * 2.0**-8])  # halfway between bf16 neighbours
+    high, low = split_master(ties)
+    assert high.tolist() == [1.0 + 2.0**-7, -(1.0 + 2.0**-7), 1.0 + 2 * 2.0**-7]  # away from zero (RNE: 1, -1, 1+2^-6)
+    assert torch.equal(join_master(high, low), ties)
+
+
+def test_remainders_keep_the_same_masters_in_half_the_bytes() -> None:
+    """--use-precision-aware-optimizer: the same fp32 masters bit for bit after every step, kept as int16 beside the
+    bf16 parameters, which are the masters rounded; the state a checkpoint takes is the fp32 masters, and a run
+    without remainders continues from it identically."""
+    grads = random_grads(6, 1.0)
+    plain = setup(torch.bfloat16, 100)
+    torch.manual_seed(0)
+    chunk = TinyChunk()
+    ps = ParallelState(ParallelLayout(), 1, 0, create_groups=False)
+    buffer = ParamAndGradBuffer([chunk], ps, param_dtype=torch.bfloat16, grad_dtype=torch.bfloat16, bucket_size=100,
+                                distributed=False, sequence_parallel=False)
+    opt = MixedPrecisionAdamW(buffer, ps, AdamConfig(**{**vars(CFG), "param_remainders": True}))
+    assert all(span.master.dtype == torch.int16 for span in opt.spans)
+    for g in (grads[:1], grads[1:3]):
+        train(*plain, g)
+        train(chunk, buffer, opt, g)
+        for mine, theirs in zip(opt.pieces, plain[2].pieces):
+            assert torch.equal(mine.state("master"), theirs.state("master"))
+            assert torch.equal(buffer.param_data[mine.lo:mine.hi], mine.state("master").to(torch.bfloat16))
+    state = whole_state(opt)
+    chunk2, buffer2, opt2 = setup(torch.bfloat16, 10_000)
+    opt2.load_state_dict(state)
+    train(chunk2, buffer2, opt2, grads[3:])
+    train(chunk, buffer, opt, grads[3:])
+    for mine, theirs in zip(opt.pieces, opt2.pieces):
+        assert torch.equal(mine.state("master"), theirs.state("master"))

@@ -127,6 +127,19 @@ def test_resume_at_the_same_layout_is_bitwise_exact(dense: dict[str, Any]) -> No
     _assert_same_state(root / "full" / "iter_0000005", root / "same" / "iter_0000005")
 
 
+def test_master_remainders_are_saved_whole_and_resume_bitwise(dense: dict[str, Any]) -> None:
+    """bf16 with --use-precision-aware-optimizer and the distributed optimizer: the checkpoint holds fp32 masters
+    (rebuilt from the bf16 weights and their remainders), and a resume splits them again into the same state."""
+    root, flags = dense["root"], dict(use_distributed_optimizer=True, bf16=True, use_precision_aware_optimizer=True)
+    full = train(_config(dense["ckpt"], dense["data"], root / "rem-full", **flags))
+    at2 = _at(root / "rem-full", 2, root / "rem-at2")
+    assert DcpReader(at2 / "iter_0000002").tensor_meta(
+        "optimizer.state.fp32_param.decoder.layers.self_attention.linear_proj.weight").properties.dtype == torch.float32
+    resumed = train(_config(at2, dense["data"], root / "rem-same", **flags))
+    assert _losses(resumed) == _losses(full)
+    _assert_same_state(root / "rem-full" / "iter_0000005", root / "rem-same" / "iter_0000005")
+
+
 @pytest.mark.parametrize("layout", [{"tp": 2}, {"pp": 2}], ids=["tp2", "pp2"])
 def test_resume_on_another_layout(dense: dict[str, Any], layout: dict[str, int]) -> None:
     name = "-".join(f"{k}{v}" for k, v in layout.items())

@@ -119,20 +119,26 @@ def _master_weights(run: Path, iteration: int, out: Path) -> dict[str, torch.Ten
     return load_file(export_hf(copy, out, iteration=iteration, dtype="fp32") / "model.safetensors")
 
 
-@pytest.mark.parametrize("tp,bf16_grads", [(2, False), (2, True), (1, False), (1, True)],
+@pytest.mark.parametrize("tp,bf16_grads,remainders", [(2, False, False), (2, True, False), (1, False, False),
+                                                       (1, True, False), (2, False, True)],
                          ids=["tp2-fp32-grads", "tp2-bf16-grads", "single-fp32-grads-fused-accumulation",
-                              "single-bf16-grads-fused-accumulation"])
-def test_bf16_params_with_fp32_masters(setup: dict[str, Path], reference: dict, tp: int, bf16_grads: bool) -> None:
+                              "single-bf16-grads-fused-accumulation", "tp2-master-remainders"])
+def test_bf16_params_with_fp32_masters(setup: dict[str, Path], reference: dict, tp: int, bf16_grads: bool,
+                                       remainders: bool) -> None:
     """bf16 training (CPU): the fp32 run's weight updates to bf16 precision; bf16 model and fp32 masters in the
     checkpoint. Gradients are fp32 by default (Megatron-LM's rule); with --grad-reduce-in-bf16 the optimizer reads the
     bf16 buffer directly. In one process the GEMMs accumulate into the buffer, also bf16 products into the fp32 one.
 
     On random tokens a run that does not train at all (lr 0) stays within 0.14% of the fp32 losses over 6 steps, so
     the 1% loss check only catches a broken bf16 forward; whether the run trains as the fp32 one does is judged on
-    the weight updates (fp32 masters against the fp32 run's weights at iteration 6): 3.4% apart, lr 0 is 100%."""
-    name = f"bf16-tp{tp}-{bf16_grads}"
+    the weight updates (fp32 masters against the fp32 run's weights at iteration 6): 3.4% apart, lr 0 is 100%.
+    With --use-precision-aware-optimizer the masters live as remainders beside the bf16 weights and the checkpoint
+    still holds them whole; the weights are the masters rounded with ties away from zero."""
+    from bridge.training.optimizer import split_master
+
+    name = f"bf16-tp{tp}-{bf16_grads}-{remainders}"
     summary = train(config(setup, name, nproc=tp, tp=tp, bf16=True, grad_reduce_in_bf16=bf16_grads,
-                           exit_interval=6, eval_interval=0))
+                           use_precision_aware_optimizer=remainders, exit_interval=6, eval_interval=0))
     losses = [loss for _, loss in summary["loss_curve"]]
     fp32 = [loss for _, loss in reference["loss_curve"]][:6]
     assert all(abs(a - b) / b < 1e-2 for a, b in zip(losses, fp32)), (losses, fp32)
@@ -140,7 +146,7 @@ def test_bf16_params_with_fp32_masters(setup: dict[str, Path], reference: dict, 
     weight = state["model"]["decoder.layers.0.mlp.linear_fc1.weight"]
     master = state["optimizer"]["params"]["model.decoder.layers.0.mlp.linear_fc1.weight"]["master"]
     assert weight.dtype == torch.bfloat16 and master.dtype == torch.float32
-    assert torch.equal(master.to(torch.bfloat16), weight)
+    assert torch.equal(split_master(master)[0] if remainders else master.to(torch.bfloat16), weight)
     start = load_file(setup["hf"] / "model.safetensors")
     ours = _master_weights(setup["root"] / "runs" / name, 6, setup["root"] / f"hf-{name}")
     theirs = load_file(setup["root"] / "hf-single-6" / "model.safetensors")

@@ -137,16 +137,22 @@ def test_jsonl_training_exports_loads_and_verifies(tmp_path: Path) -> None:
     assert verify(out, save, write_json=False).passed
 
 
-def test_distributed_optimizer_resume_in_the_legacy_format_is_bitwise_identical(setup: dict[str, Path]) -> None:
+@pytest.mark.parametrize("extra", [{}, dict(bf16=True, use_precision_aware_optimizer=True)],
+                         ids=["fp32", "bf16-master-remainders"])
+def test_distributed_optimizer_resume_in_the_legacy_format_is_bitwise_identical(setup: dict[str, Path],
+                                                                                extra: dict) -> None:
     """DP=2 with the distributed optimizer, Megatron's legacy layout (`distrib_optim.pt` beside the model file):
-    the optimizer state each DP rank owns must come back, or the losses after the resume move."""
-    dist_opt = dict(pp=1, use_distributed_optimizer=True, train_iters=6, eval_interval=0)
-    full = train(config(setup, "dist-opt-full", **dist_opt))
-    first = train(config(setup, "dist-opt-split", exit_interval=3, **dist_opt))
-    assert first["stopped_by"] == "exit-interval" and read_tracker(setup["root"] / "dist-opt-split") == 3
-    assert (setup["root"] / "dist-opt-split" / "iter_0000003" / "mp_rank_00" / "distrib_optim.pt").is_file()
-    resumed = train(config(setup, "dist-opt-split", load=str(setup["root"] / "dist-opt-split"), **dist_opt))
+    the optimizer state each DP rank owns must come back, or the losses after the resume move. Also with the fp32
+    masters kept as remainders beside bf16 weights: saved whole, split again on resume."""
+    dist_opt = dict(pp=1, use_distributed_optimizer=True, train_iters=6, eval_interval=0, **extra)
+    tag = "-".join(extra) or "fp32"
+    full = train(config(setup, f"dist-opt-full-{tag}", **dist_opt))
+    first = train(config(setup, f"dist-opt-split-{tag}", exit_interval=3, **dist_opt))
+    split = setup["root"] / f"dist-opt-split-{tag}"
+    assert first["stopped_by"] == "exit-interval" and read_tracker(split) == 3
+    assert (split / "iter_0000003" / "mp_rank_00" / "distrib_optim.pt").is_file()
+    resumed = train(config(setup, f"dist-opt-split-{tag}", load=str(split), **dist_opt))
     assert resumed["loss_curve"] == full["loss_curve"]  # bitwise
     a, b = (load_pt(setup["root"] / run / "iter_0000006" / "mp_rank_00" / "model_optim_rng.pt")
-            for run in ("dist-opt-full", "dist-opt-split"))
+            for run in (f"dist-opt-full-{tag}", f"dist-opt-split-{tag}"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -62,6 +62,10 @@ class TrainConfig:
     sliding window (bridge.parallel.state.CP_COMM_TYPES)."""
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    use_precision_aware_optimizer: bool = False
+    """Megatron-LM's flag, with its param-remainder storage: under --bf16 the fp32 master weights are kept as 16-bit
+    remainders beside the bf16 parameters (their rounded upper halves), bit for bit the same masters in 2 bytes per
+    parameter less (bridge.training.optimizer)."""
     ddp_bucket_size: int = 40_000_000
     """Elements per gradient bucket; a full bucket starts its all-reduce while backward goes on."""
     # batch

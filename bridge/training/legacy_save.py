@@ -81,7 +81,7 @@ def _optimizer_tensors(optimizer: MixedPrecisionAdamW, ps: ParallelState, stager
         lo, hi = buffer.shard(bucket)
         span = next(s for s in optimizer.spans if s.lo <= lo and hi <= s.hi)
         for name in STATE_NAMES:
-            shard = getattr(span, name)[lo - span.lo:hi - span.lo]
+            shard = span.state(name, lo - span.lo, hi - span.lo)
             full = shard
             if n > 1:
                 full = torch.empty(bucket.end - bucket.start, dtype=shard.dtype, device=shard.device)

@@ -16,6 +16,12 @@ the device, so the host never waits for the norm). Compared with torch's fused A
 an fp32 copy of the gradients, a clipping pass and a copy back into the parameters, this moves
 about half the bytes (29 instead of ~52 per parameter with bf16 gradients).
 
+With `--use-precision-aware-optimizer` (Megatron-LM's flag; its optimizer then stores "param remainders" too) a bf16
+model keeps no separate fp32 masters: an fp32 master's upper 16 bits, rounded, are the bf16 parameter itself, and
+only the lower 16 bits are kept beside it (`split_master` / `join_master`). The master is the same fp32 number, bit
+for bit, in 2 bytes per parameter instead of 4; the parameter is the master rounded to nearest as before, ties
+(one value in 65,536) going away from zero instead of to even.
+
 Checkpoints take the state piece by piece (`pieces`, `header`; bridge/training/legacy_save.py and
 dist_save.py) and never as whole-model buffers; `restore` refills the pieces from any layout's state.
 """
@@ -36,6 +42,19 @@ from bridge.training.grads import Entry, ParamAndGradBuffer
 log = logging.getLogger(__name__)
 
 
+def split_master(master: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 -> (bf16 rounded to nearest, ties away from zero; int16 remainder) with join_master(*result) == master
+    bit for bit: the fp32 bit pattern is the bf16 one times 2^16 plus the remainder, which lies in [-2^15, 2^15)."""
+    bits = master.view(torch.int32)
+    high = (bits + 0x8000) >> 16
+    return high.to(torch.int16).view(torch.bfloat16), (bits - (high << 16)).to(torch.int16)
+
+
+def join_master(param: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
+    """The fp32 master that split_master gave `param` (bf16) and `remainder` (int16) for."""
+    return ((param.view(torch.int16).to(torch.int32) << 16) + remainder.to(torch.int32)).view(torch.float32)
+
+
 @dataclass
 class Span:
     """A contiguous range [lo, hi) of the flat buffers that this rank updates, with its fp32 optimizer state."""
@@ -43,10 +62,34 @@ class Span:
     lo: int
     hi: int
     master: torch.Tensor
+    """fp32 master weights, or with `remainders` their int16 lower halves (the upper ones are `param`)."""
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
     decay: torch.Tensor
     """bool per element: weight decay applies (matrices yes; norms, biases and bucket padding no)."""
+    param: torch.Tensor
+    """The parameters of [lo, hi): a view of the model's flat buffer."""
+    remainders: bool = False
+
+    def state(self, name: str, a: int, b: int) -> torch.Tensor:
+        """fp32 `master`, `exp_avg` or `exp_avg_sq` of [lo + a, lo + b): a view, or a master rebuilt from remainders."""
+        if name == "master" and self.remainders:
+            return join_master(self.param[a:b], self.master[a:b])
+        return getattr(self, name)[a:b]
+
+    def set_state(self, name: str, a: int, b: int, value: torch.Tensor) -> None:
+        """Write fp32 `value` (which may be the state's own view) as state `name` of [lo + a, lo + b); a master also
+        sets the parameters."""
+        if name == "master" and self.remainders:
+            param, remainder = split_master(value.contiguous())
+            self.param[a:b].copy_(param)
+            self.master[a:b].copy_(remainder)
+            return
+        view = getattr(self, name)[a:b]
+        if value.data_ptr() != view.data_ptr():
+            view.copy_(value)
+        if name == "master":
+            self.param[a:b].copy_(value)
 
 
 @dataclass
@@ -59,8 +102,8 @@ class Piece:
     span: Span
 
     def state(self, name: str) -> torch.Tensor:
-        """View of `master`, `exp_avg` or `exp_avg_sq` for this piece."""
-        return getattr(self.span, name)[self.lo - self.span.lo:self.hi - self.span.lo]
+        """fp32 `master`, `exp_avg` or `exp_avg_sq` of this piece (see Span.state)."""
+        return self.span.state(name, self.lo - self.span.lo, self.hi - self.span.lo)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,6 +114,8 @@ class AdamConfig:
     beta2: float
     eps: float
     clip_grad: float
+    param_remainders: bool = False
+    """bf16 parameters: keep the fp32 masters as 16-bit remainders beside them (--use-precision-aware-optimizer)."""
 
 
 STATE_NAMES = ("master", "exp_avg", "exp_avg_sq")
@@ -81,10 +126,10 @@ def state_key(chunks: int, entry: Entry) -> str:
     return f"model.{entry.name}" if chunks == 1 else f"model{entry.chunk}.{entry.name}"
 
 
-def adamw_update(master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor,
-                 decay: torch.Tensor, param: torch.Tensor, scalars: torch.Tensor, beta1: float, beta2: float,
-                 eps: float, weight_decay: float) -> None:
-    """One AdamW step of a flat range, in place (torch.optim.AdamW's formula, decoupled weight decay).
+def _adamw(master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor,
+           decay: torch.Tensor, scalars: torch.Tensor, beta1: float, beta2: float, eps: float,
+           weight_decay: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(master, exp_avg, exp_avg_sq) after one AdamW step (torch.optim.AdamW's formula, decoupled weight decay).
 
     `scalars` (fp32 device tensor): lr, 1 - beta1^t, sqrt(1 - beta2^t), gradient scale (clipping), apply (1/0).
     """
@@ -95,11 +140,31 @@ def adamw_update(master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.
     w = master * torch.where(decay, 1 - lr * weight_decay, 1.0)
     w = w - (lr / correction1) * m / (v.sqrt() / correction2_sqrt + eps)
     keep = apply == 0
-    w, m, v = torch.where(keep, master, w), torch.where(keep, exp_avg, m), torch.where(keep, exp_avg_sq, v)
+    return torch.where(keep, master, w), torch.where(keep, exp_avg, m), torch.where(keep, exp_avg_sq, v)
+
+
+def adamw_update(master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor,
+                 decay: torch.Tensor, param: torch.Tensor, scalars: torch.Tensor, beta1: float, beta2: float,
+                 eps: float, weight_decay: float) -> None:
+    """One AdamW step of a flat range, in place: masters, moments and the parameters' copy."""
+    w, m, v = _adamw(master, exp_avg, exp_avg_sq, grad, decay, scalars, beta1, beta2, eps, weight_decay)
     master.copy_(w)
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
     param.copy_(w)
+
+
+def adamw_update_remainders(remainder: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                            grad: torch.Tensor, decay: torch.Tensor, param: torch.Tensor, scalars: torch.Tensor,
+                            beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """adamw_update for masters kept as bf16 parameters + int16 remainders: joined, stepped, split again."""
+    w, m, v = _adamw(join_master(param, remainder), exp_avg, exp_avg_sq, grad, decay, scalars, beta1, beta2, eps,
+                     weight_decay)
+    high, low = split_master(w)
+    remainder.copy_(low)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    param.copy_(high)
 
 
 class MixedPrecisionAdamW:
@@ -109,6 +174,9 @@ class MixedPrecisionAdamW:
         self.buffer, self.ps, self.cfg = buffer, ps, cfg
         self.chunks = len(buffer.sync_enabled)
         self.device = buffer.param_data.device
+        self.remainders = cfg.param_remainders
+        if self.remainders and buffer.param_data.dtype != torch.bfloat16:
+            raise BridgeError("internal: master-weight remainders need bf16 parameters (the plan checks --bf16)")
         self.spans = self._spans(self._owned_ranges())
         self.pieces: list[Piece] = []
         for span in self.spans:
@@ -118,7 +186,8 @@ class MixedPrecisionAdamW:
                     self.pieces.append(Piece(e, a, b, span))
                     span.decay[a - span.lo:b - span.lo] = not e.no_decay
         self.step_count = torch.zeros((), dtype=torch.float32, device=self.device)
-        self._update = fused(adamw_update, self.device, dynamic=True, in_place=True)
+        update = adamw_update_remainders if self.remainders else adamw_update
+        self._update = fused(update, self.device, dynamic=True, in_place=True)
         # the gradient views the norm reads, per kind [dense, expert], each distinct weight once: built once (the
         # buffer is never reallocated), not on every step
         self._norm_views = [[buffer.grad_data[p.lo:p.hi] for p in self.pieces
@@ -139,12 +208,19 @@ class MixedPrecisionAdamW:
         """The state of each owned range. Why in this order: the buffer's fp32 copy of the weights is as large as all
         the masters together (without sharding, it is them), so it is taken or copied first and freed before the
         moments are allocated: the fp32 copy, masters and moments never coexist (2.8B parameters: 10.4 GiB less)."""
-        init = self.buffer.fp32_init
-        masters = [init if (lo, hi) == (0, init.numel()) else init[lo:hi].clone() for lo, hi in ranges]
+        init, params = self.buffer.fp32_init, self.buffer.param_data
+        if self.remainders:  # the parameters become the masters' rounded upper halves, the remainders the rest
+            masters = []
+            for lo, hi in ranges:
+                high, low = split_master(init[lo:hi])
+                params[lo:hi].copy_(high)
+                masters.append(low)
+        else:
+            masters = [init if (lo, hi) == (0, init.numel()) else init[lo:hi].clone() for lo, hi in ranges]
         self.buffer.fp32_init = init = None
         zeros = lambda n, dtype=torch.float32: torch.zeros(n, dtype=dtype, device=self.device)  # noqa: E731
-        return [Span(lo, hi, master, zeros(hi - lo), zeros(hi - lo), zeros(hi - lo, torch.bool))
-                for (lo, hi), master in zip(ranges, masters)]
+        return [Span(lo, hi, master, zeros(hi - lo), zeros(hi - lo), zeros(hi - lo, torch.bool), params[lo:hi],
+                     self.remainders) for (lo, hi), master in zip(ranges, masters)]
 
     # ---- one step --------------------------------------------------------------------------
     def grad_norm(self) -> torch.Tensor:
@@ -193,9 +269,12 @@ class MixedPrecisionAdamW:
         """Refill every piece's state (`fill(piece, state name, view to write)`); the parameters take the masters."""
         with torch.no_grad():
             for p in self.pieces:
+                a, b = p.lo - p.span.lo, p.hi - p.span.lo
                 for n in STATE_NAMES:
-                    fill(p, n, p.state(n))
-                self.buffer.param_data[p.lo:p.hi].copy_(p.state("master"))
+                    value = p.state(n)  # a view of the state, or a master rebuilt from remainders, to overwrite
+                    fill(p, n, value)
+                    if n == "master":  # the parameters (and remainders) follow from it
+                        p.span.set_state(n, a, b, value)
             self.step_count.fill_(float(step))
         self.buffer.gather_params()
 

@@ -231,6 +231,9 @@ def _check_grad_dtype(cfg: TrainConfig) -> None:
                           "keep one (fp32 gradients are the default)")
     if not cfg.bf16 and cfg.grad_reduce_in_bf16:
         raise BridgeError("--grad-reduce-in-bf16 needs --bf16: fp32 training keeps fp32 gradients")
+    if not cfg.bf16 and cfg.use_precision_aware_optimizer:
+        raise BridgeError("--use-precision-aware-optimizer keeps fp32 master weights as 16-bit remainders of bf16 "
+                          "parameters; add --bf16")
 
 
 def _check_fp8(cfg: TrainConfig, model: ModelConfig) -> None:

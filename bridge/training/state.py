@@ -168,7 +168,7 @@ def setup_rank(cfg: TrainConfig, plan: Plan) -> RankSetup:
                                 gradient_accumulation_fusion=cfg.gradient_accumulation_fusion)
     optimizer = MixedPrecisionAdamW(buffer, ps, AdamConfig(
         lr=cfg.lr, weight_decay=cfg.weight_decay, beta1=cfg.adam_beta1, beta2=cfg.adam_beta2, eps=cfg.adam_eps,
-        clip_grad=cfg.clip_grad))
+        clip_grad=cfg.clip_grad, param_remainders=cfg.use_precision_aware_optimizer))
     schedule = LRSchedule(lr=cfg.lr, min_lr=cfg.min_lr, warmup_iters=cfg.lr_warmup_iters,
                           decay_iters=cfg.lr_decay_iters or cfg.train_iters, style=cfg.lr_decay_style)
     train, valid = build_datasets(cfg, plan)
