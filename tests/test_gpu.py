@@ -250,6 +250,32 @@ def test_fused_embedding_gradient_is_the_dense_one_and_deterministic() -> None:
     assert ((runs[0] - dense).abs().max() / dense.abs().max()).item() < 1e-2  # dense: rounded to bf16 once
 
 
+def test_compiled_update_with_master_remainders_keeps_the_fp32_masters() -> None:
+    """The optimizer's compiled update on CUDA with masters as bf16 + int16 remainders against the one on fp32
+    masters, three steps over 10M elements with the same gradients: the same masters (to fp32 rounding: two kernels
+    may contract multiply-adds differently; bit for bit on the CPU, test_optimizer), the weights exactly the rounded
+    upper halves of their own masters."""
+    from bridge.fused import fused
+    from bridge.training.optimizer import adamw_update, adamw_update_remainders, join_master, split_master
+
+    n, g = 10_000_000, torch.Generator(device="cuda").manual_seed(0)
+    master = torch.randn(n, device="cuda", generator=g) * 0.02
+    param, remainder = split_master(master.clone())
+    plain_param = master.to(torch.bfloat16)
+    moments = [torch.zeros(n, device="cuda") for _ in range(4)]
+    decay = torch.rand(n, device="cuda", generator=g) > 0.1
+    plain, ours = (fused(f, torch.device("cuda"), dynamic=True, in_place=True)
+                   for f in (adamw_update, adamw_update_remainders))
+    for step in range(1, 4):
+        grad = (torch.randn(n, device="cuda", generator=g) * 1e-3).bfloat16()
+        scalars = torch.tensor([1e-3, 1 - 0.9**step, (1 - 0.95**step) ** 0.5, 1.0, 1.0], device="cuda")
+        plain(master, moments[0], moments[1], grad, decay, plain_param, scalars, 0.9, 0.95, 1e-8, 0.1)
+        ours(remainder, moments[2], moments[3], grad, decay, param, scalars, 0.9, 0.95, 1e-8, 0.1)
+        joined = join_master(param, remainder)
+        assert ((joined - master).abs() <= 2 * torch.finfo(torch.float32).eps * master.abs()).all(), step
+        assert torch.equal(param, split_master(joined)[0]), step
+
+
 def test_rope_kernels_stay_in_the_compiled_graph() -> None:
     """bridge.nn.rope_qkv's Triton kernels are torch.library ops: the compiled split + RoPE is one graph, no break."""
     from bridge.nn.rope_qkv import rope_qkv
