@@ -10,7 +10,8 @@ where the trainer fuses that (`fuse_wgrad_accumulation`), otherwise summed in an
 Nothing of size [tokens, V] outlives its chunk.
 
 Cost: none in FLOPs. The same three GEMMs per token are run, the forward's, the input gradient's and the weight
-gradient's, only earlier and in chunks of about CHUNK_LOGITS logits each; the cross entropy's passes are those of
+gradient's, only earlier and in chunks of about CHUNK_LOGITS logits each (the weight gradient's fp32 buffer is
+read and written once per chunk, not once per micro-batch); the cross entropy's passes are those of
 bridge.nn.cross_entropy (fused kernels on CUDA), with one all-reduce of the row max and one of the sums per chunk.
 
 The result is the weighted sum of the per-token losses, a scalar that must be differentiated as it is (gradient 1,
@@ -27,8 +28,11 @@ from bridge.nn.cross_entropy import local_max, local_terms, logits_grad
 from bridge.nn.layers import accumulate_weight_grad
 from bridge.parallel.collectives import Group, all_reduce
 
-#: Logits per chunk (bf16: 256 MiB); a chunk's temporaries are a few times this, whatever the batch.
-CHUNK_LOGITS = 2**27
+#: Logits per chunk (bf16: 512 MiB; 2,048 tokens of a 128k vocabulary); a chunk's temporaries are a few times this,
+#: whatever the batch. Why not smaller: every chunk's weight-gradient GEMM reads and writes the fp32 [V/tp, h]
+#: gradient once more (4.2 GB at the 8B shape's vocabulary, ~1.3 ms on an H100), while its compute grows with the
+#: chunk's tokens; at 2,048 tokens the GEMM's own work is still the larger part.
+CHUNK_LOGITS = 2**28
 
 
 def _softcapped(logits: torch.Tensor, cap: float) -> torch.Tensor:
