@@ -250,3 +250,20 @@ def test_remainders_keep_the_same_masters_in_half_the_bytes() -> None:
     train(chunk, buffer, opt, grads[3:])
     for mine, theirs in zip(opt.pieces, opt2.pieces):
         assert torch.equal(mine.state("master"), theirs.state("master"))
+
+
+def test_remainders_round_every_weight_the_same_way_on_every_dp_rank() -> None:
+    """With the distributed optimizer a rank owns part of the masters, yet it rounds all the weights as their owners
+    do (ties away from zero), so data-parallel replicas compute with the same weights from the first step."""
+    torch.manual_seed(0)
+    chunk = TinyChunk()
+    with torch.no_grad():
+        for p in chunk.parameters():
+            p.fill_(1.0 + 2.0**-8)  # halfway between two bf16 values: round-to-nearest-even goes down, ours up
+    ps = ParallelState(ParallelLayout(), 2, 0, create_groups=False)  # DP rank 0 of 2
+    buffer = ParamAndGradBuffer([chunk], ps, param_dtype=torch.bfloat16, grad_dtype=torch.float32, bucket_size=100,
+                                distributed=True, sequence_parallel=False)
+    opt = MixedPrecisionAdamW(buffer, ps, AdamConfig(**{**vars(CFG), "param_remainders": True}))
+    owned = sum(span.hi - span.lo for span in opt.spans)
+    assert owned < buffer.param_data.numel()  # some weights belong to the other rank
+    assert all(p.eq(1.0 + 2.0**-7).all() for p in chunk.parameters())

@@ -210,11 +210,10 @@ class MixedPrecisionAdamW:
         moments are allocated: the fp32 copy, masters and moments never coexist (2.8B parameters: 10.4 GiB less)."""
         init, params = self.buffer.fp32_init, self.buffer.param_data
         if self.remainders:  # the parameters become the masters' rounded upper halves, the remainders the rest
-            masters = []
-            for lo, hi in ranges:
-                high, low = split_master(init[lo:hi])
-                params[lo:hi].copy_(high)
-                masters.append(low)
+            block = 1 << 24  # every rank rounds every parameter so (also those other DP ranks own): replicas agree
+            for lo in range(0, init.numel(), block):
+                params[lo:lo + block].copy_(split_master(init[lo:lo + block])[0])
+            masters = [split_master(init[lo:hi])[1] for lo, hi in ranges]
         else:
             masters = [init if (lo, hi) == (0, init.numel()) else init[lo:hi].clone() for lo, hi in ranges]
         self.buffer.fp32_init = init = None
