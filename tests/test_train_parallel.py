@@ -29,6 +29,8 @@ LAYOUTS = {
     "recompute-full-fused": dict(nproc=1, recompute="full"),
     # what matmuls and attention produce kept, the rest recomputed, inside the compiled layers
     "recompute-elementwise-compiled": dict(nproc=1, recompute="elementwise", compile=True),
+    "tp2-sp-recompute-elementwise-compiled": dict(nproc=2, tp=2, sequence_parallel=True, recompute="elementwise",
+                                                  compile=True),
     # all the logits at once (the reference fuses the output layer with the loss)
     "no-linear-cross-entropy-fusion": dict(nproc=1, linear_cross_entropy_fusion=False),
 }
