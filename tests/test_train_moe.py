@@ -43,6 +43,8 @@ RUNS = {
     # sinks, router and expert biases (fc2's added on one TP rank, its gradient on all), the clamped SwiGLU
     ("gpt-oss", "ep2"): dict(nproc=2, ep=2),
     ("gpt-oss", "ep2-tp2"): dict(nproc=4, ep=2, tp=2),
+    # the attention blocks of MoE layers recomputed but for their matmuls and attention (sinks through FlexAttention)
+    ("gpt-oss", "ep2-recompute-elementwise"): dict(nproc=2, ep=2, recompute="elementwise"),
 }
 
 

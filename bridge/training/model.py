@@ -17,6 +17,7 @@ from bridge.models import conversions
 from bridge.nn import build_model_chunks, load_rank_checkpoint, sync_tied_embeddings
 from bridge.nn.fp8 import apply_fp8, first_last_layers
 from bridge.nn.lora import apply_lora, load_adapter_state
+from bridge.nn.moe import MoELayer
 from bridge.converters.megatron_legacy import LegacyCheckpointReader, model_keys
 from bridge.parallel.state import ParallelState
 from bridge.training.config import TrainConfig
@@ -129,15 +130,19 @@ def apply_recompute(chunks: Sequence[nn.Module], granularity: str) -> None:
     """full: recompute every transformer layer in backward; selective: only core attention (Megatron's split);
     elementwise: keep what each layer's matmuls and attention produce and recompute the rest (norms, activation
     functions, RoPE, residual sums), bridge's own level: about a third less activation memory for elementwise
-    kernels run again, which torch.compile fuses into the backward's.
+    kernels run again, which torch.compile fuses into the backward's. In MoE layers only the attention block: the
+    experts' dispatch fills buffers in place, which a selective checkpoint cannot keep.
 
     The wrapper replaces the instance's `forward`, so module names (and the checkpoint) are unchanged.
     """
     for chunk in chunks:
         for layer in chunk.decoder.layers:
-            target = layer if granularity in ("full", "elementwise") else layer.self_attention.core_attention
-            wrap = _elementwise_checkpointed if granularity == "elementwise" else _checkpointed
-            target.forward = functools.partial(wrap, target.forward)
+            if granularity == "elementwise":
+                target = layer.self_attention if isinstance(layer.mlp, MoELayer) else layer
+                target.forward = functools.partial(_elementwise_checkpointed, target.forward)
+            else:
+                target = layer if granularity == "full" else layer.self_attention.core_attention
+                target.forward = functools.partial(_checkpointed, target.forward)
 
 
 def resume_state(state: dict[str, Any] | None, cfg: TrainConfig) -> dict[str, Any] | None:
