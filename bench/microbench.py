@@ -1,6 +1,8 @@
-"""Kernel micro-benchmarks (suite kernels): attention backends, RoPE formulations, context-parallel attention.
+"""Kernel micro-benchmarks (suite kernels): attention backends, RoPE formulations, context-parallel attention, the
+output layer with its loss.
 
     python bench/run.py kernels --parts attention,rope          # one H100
+    python bench/run.py kernels --parts loss                    # one H100
     python bench/run.py kernels --parts ring --cps 2,4          # four H100s: the K/V exchanges of CP attention
     python bench/run.py kernels --parts ring --cps 2 --ring-shape mla
 
@@ -10,6 +12,11 @@ attention: causal grouped-query attention forward + backward per SDPA backend (f
 rope: the attention block between linear_qkv and linear_proj (split, RoPE, SDPA), forward + backward, compiled,
   per way of writing the rotation: `cat` (transformers' rotate_half), `halves`, `flip`, and `triton`
   (bridge.nn.rope_qkv, what `bridge train` runs on CUDA), each checked against `cat`.
+loss: the output layer and the cross entropy, forward + backward, bf16, at the 8B shape's step (8,192 tokens, hidden
+  4,096, vocabulary 128,256) and the 1B shape's (hidden 2,048), the weight gradient into an fp32 buffer: the logits
+  whole (`--no-linear-cross-entropy-fusion`), bridge's chunks (bridge.nn.linear_cross_entropy) at each of
+  --loss-chunks logits per chunk, and HF's way (fp32 logits, F.cross_entropy, compiled): ms and the peak memory
+  above the inputs and buffers, each against the logits path's loss and gradients.
 ring: one layer's attention under CP, one GPU per rank (NCCL): each exchange (the ring `p2p`, `all_gather`,
   `a2a`) per --attention-backend, forward + backward of the rank's two chunks, the slowest rank's median; CP=1 is
   SDPA over the whole sequence on one GPU. Each exchange is first checked at --check-length against fp32
@@ -29,12 +36,15 @@ ATTENTION_SHAPES = {"1b-mbs4": (4, 32, 8, 2048, 64), "8b-tp4": (1, 8, 2, 4096, 1
                     "1b-seq32k-cp4": (1, 32, 8, 8192, 64)}
 #: RoPE block shapes: (sequence, batch, query groups, heads per group, head dim)
 ROPE_SHAPES = {"1b-mbs4": (2048, 4, 8, 4, 64), "8b-tp4-mbs2": (4096, 2, 2, 4, 128)}
+#: loss shapes: (tokens, hidden, vocabulary)
+LOSS_SHAPES = {"8b-mbs2-seq4096": (8192, 4096, 128256), "1b-mbs4-seq2048": (8192, 2048, 128256)}
 #: ring shapes: (query heads, K/V heads, q/k head size, v head size)
 RING_SHAPES = {"llama-1b": (32, 8, 64, 64), "mla": (16, 16, 192, 128), "mla-v192": (16, 16, 192, 192)}
 
 
 def configure(p: argparse.ArgumentParser, suite: str) -> None:
-    p.add_argument("--parts", default="attention,rope,ring", help="of attention, rope, ring")
+    p.add_argument("--parts", default="attention,rope,ring,loss", help="of attention, rope, ring, loss")
+    p.add_argument("--loss-chunks", default="27,28,29", help="loss: log2 of the logits per chunk, comma-separated")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--cps", default="2,4", help="ring: CP degrees (one GPU per rank)")
     p.add_argument("--seq-length", type=int, default=32768, help="ring: sequence length timed")
@@ -290,6 +300,82 @@ def ring_rows(args: argparse.Namespace, device: str, backends: list[str]) -> lis
     return rows
 
 
+def _loss_variants(tokens: int, hidden: int, vocab: int, device: str, chunks: list[int]) -> dict[str, Callable]:
+    """name -> fn(hidden, weight, target, weights, main_grad) -> loss, gradients left in hidden.grad / main_grad."""
+    import torch
+    import torch.nn.functional as F
+
+    from bridge.nn import linear_cross_entropy as lce
+    from bridge.nn.cross_entropy import vocab_parallel_cross_entropy
+
+    def logits_path(h, w, t, tw, main_grad):  # noqa: ANN001, ANN202
+        loss = (vocab_parallel_cross_entropy(F.linear(h, w), t, None, 0) * tw).sum()
+        loss.backward()
+        main_grad.add_(w.grad)
+        w.grad = None
+        return loss
+
+    def chunked(log2: int) -> Callable:
+        def fn(h, w, t, tw, main_grad):  # noqa: ANN001, ANN202
+            w.fuse_wgrad_accumulation, w.main_grad = True, main_grad
+            loss = lce.linear_cross_entropy(h, w, t, tw, None, 0, rows=lce.chunk_rows(tokens, vocab, 2**log2))
+            loss.backward()
+            del w.fuse_wgrad_accumulation, w.main_grad
+            return loss
+        return fn
+
+    def hf_loss(logits, t, tw):  # noqa: ANN001, ANN202
+        return (F.cross_entropy(logits.float().flatten(0, 1), t.flatten(), reduction="none") * tw.flatten()).sum()
+
+    hf_compiled = torch.compile(hf_loss) if device == "cuda" else hf_loss
+
+    def hf_path(h, w, t, tw, main_grad):  # noqa: ANN001, ANN202
+        loss = hf_compiled(F.linear(h, w), t, tw)
+        loss.backward()
+        main_grad.add_(w.grad)
+        w.grad = None
+        return loss
+
+    return {"logits whole": logits_path, **{f"chunks of 2^{c} logits": chunked(c) for c in chunks},
+            "HF: fp32 logits, compiled": hf_path}
+
+
+def loss_rows(shapes: dict, device: str, iters: int, chunks: list[int]) -> list[dict[str, Any]]:
+    import torch
+
+    rows = []
+    for shape, (tokens, hidden, vocab) in shapes.items():
+        g = torch.Generator(device=device).manual_seed(0)
+        h = torch.randn(tokens, 1, hidden, device=device, generator=g).bfloat16().requires_grad_()
+        w = (torch.randn(vocab, hidden, device=device, generator=g) * 0.02).bfloat16().requires_grad_()
+        t = torch.randint(0, vocab, (tokens, 1), device=device, generator=g)
+        tw = torch.full((tokens, 1), 1.0 / tokens, device=device)
+        main_grad = torch.zeros(vocab, hidden, device=device)
+        ref = None
+        for name, fn in _loss_variants(tokens, hidden, vocab, device, chunks).items():
+            def step() -> Any:  # noqa: ANN401
+                h.grad = None
+                main_grad.zero_()
+                return fn(h, w, t, tw, main_grad)
+
+            loss = step()
+            got = (loss.item(), h.grad.float().clone(), main_grad.clone())
+            ref = ref or got
+            err = max(abs(got[0] - ref[0]) / abs(ref[0]), *(((a - b).abs().max() / b.abs().max()).item()
+                                                             for a, b in zip(got[1:], ref[1:])))
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                step()
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+            else:
+                peak = None
+            rows.append({"part": "loss", "shape": shape, "variant": name, "ms": _ms(step, device, iters),
+                         "peak_above_inputs_gib": peak, "max_rel_diff_vs_logits": err})
+    return rows
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from torch.nn.attention import SDPBackend
@@ -298,8 +384,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     attention_shapes, rope_shapes, backends = ATTENTION_SHAPES, ROPE_SHAPES, args.backends.split(",")
     sdpa_backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                      "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    loss_shapes, loss_chunks = LOSS_SHAPES, [int(c) for c in args.loss_chunks.split(",")]
     if device == "cpu":  # CPU: the plain math only, tiny shapes, no compile: checks the code
         attention_shapes, rope_shapes = {"tiny": (1, 4, 2, 64, 16)}, {"tiny": (64, 1, 2, 2, 16)}
+        loss_shapes, loss_chunks = {"tiny": (64, 16, 1000)}, [13]
         sdpa_backends, backends = {"math": SDPBackend.MATH}, ["auto"]
         args.seq_length, args.check_length, args.iters, args.cps = 128, 64, 2, "2"
     rows = []
@@ -310,4 +398,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows += rope_rows(rope_shapes, device, args.iters, compile=device == "cuda")
     if "ring" in parts:
         rows += ring_rows(args, device, backends)
+    if "loss" in parts:
+        rows += loss_rows(loss_shapes, device, args.iters, loss_chunks)
     return {"rows": rows}

@@ -45,9 +45,10 @@ def _softcap_grad(grad: torch.Tensor, logits: torch.Tensor, cap: float) -> torch
     return torch.ops.aten.tanh_backward(grad * cap, torch.tanh(logits / cap)) / cap
 
 
-def chunk_rows(tokens: int, v_local: int) -> int:
-    """Rows per chunk: the tokens split evenly (one compiled kernel shape) into chunks of at most ~CHUNK_LOGITS."""
-    n = max(1, -(-tokens * v_local // CHUNK_LOGITS))
+def chunk_rows(tokens: int, v_local: int, logits: int | None = None) -> int:
+    """Rows per chunk: the tokens split evenly (one compiled kernel shape) into chunks of at most ~`logits` logits
+    (default CHUNK_LOGITS)."""
+    n = max(1, -(-tokens * v_local // (logits or CHUNK_LOGITS)))
     while tokens % n:
         n += 1
     return tokens // n
