@@ -59,14 +59,21 @@ def logits_grad(logits: torch.Tensor, logits_max: torch.Tensor, sum_exp: torch.T
     return ((softmax - one_hot.float()) * grad_loss.float().unsqueeze(-1)).to(logits.dtype)
 
 
+def softmax_terms(logits: torch.Tensor, target: torch.Tensor, group: Group, vocab_start: int,
+                  vocab_size: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Over the whole vocabulary (this shard's terms summed over `group`), fp32 per row: the max logit, the sum of
+    exp(logit - max) and the target's logit - max. The loss is log(sum) - that last term."""
+    logits_max = all_reduce(fused(local_max, logits.device)(logits, vocab_start, vocab_size), group, "max")
+    sum_exp, predicted = fused(local_terms, logits.device)(logits, logits_max, target, vocab_start, vocab_size)
+    sums = all_reduce(torch.stack([sum_exp, predicted]), group)  # one collective for both
+    return logits_max, sums[0], sums[1]
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, group: Group, vocab_start: int,  # noqa: ANN001
                 vocab_size: int | None) -> torch.Tensor:
-        logits_max = all_reduce(fused(local_max, logits.device)(logits, vocab_start, vocab_size), group, "max")
-        sum_exp, predicted = fused(local_terms, logits.device)(logits, logits_max, target, vocab_start, vocab_size)
-        sums = all_reduce(torch.stack([sum_exp, predicted]), group)  # one collective for both
-        sum_exp, predicted = sums[0], sums[1]
+        logits_max, sum_exp, predicted = softmax_terms(logits, target, group, vocab_start, vocab_size)
         ctx.vocab_start, ctx.vocab_size = vocab_start, vocab_size
         ctx.save_for_backward(logits, logits_max, sum_exp, target)
         return sum_exp.log() - predicted  # [s, b]

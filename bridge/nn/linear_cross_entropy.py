@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from bridge.fused import fused
-from bridge.nn.cross_entropy import local_max, local_terms, logits_grad
+from bridge.nn.cross_entropy import logits_grad, softmax_terms
 from bridge.nn.layers import accumulate_weight_grad
-from bridge.parallel.collectives import Group, all_reduce
+from bridge.parallel.collectives import Group
 
 #: Logits per chunk (bf16: 512 MiB; 2,048 tokens of a 128k vocabulary); a chunk's temporaries are a few times this,
 #: whatever the batch. Why not smaller: every chunk's weight-gradient GEMM reads and writes the fp32 [V/tp, h]
@@ -73,12 +73,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h, t, w = hidden[lo:lo + rows], target[lo:lo + rows], token_weights[lo:lo + rows]
             logits = F.linear(h, weight)  # [rows, V/tp]
             z = logits if softcap is None else fused(_softcapped, h.device)(logits, softcap)
-            row_max = all_reduce(fused(local_max, h.device)(z, vocab_start, vocab_size), group, "max")
-            sums = all_reduce(torch.stack(fused(local_terms, h.device)(z, row_max, t, vocab_start, vocab_size)), group)
-            total += ((sums[0].log() - sums[1]) * w).sum()
+            row_max, sum_exp, predicted = softmax_terms(z, t, group, vocab_start, vocab_size)
+            total += ((sum_exp.log() - predicted) * w).sum()
             if not (wants_hidden or wants_weight):
                 continue
-            grad = fused(logits_grad, h.device)(z, row_max, sums[0], t, w, vocab_start, vocab_size)
+            grad = fused(logits_grad, h.device)(z, row_max, sum_exp, t, w, vocab_start, vocab_size)
             del z
             if softcap is not None:
                 grad = fused(_softcap_grad, h.device)(grad, logits, softcap)
